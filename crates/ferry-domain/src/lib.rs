@@ -1,0 +1,13 @@
+//! Ferry's domain model: what a VM is, what makes a VM spec valid, and how a VM's
+//! lifecycle moves between states. Pure: no IO, no tokio, no clock — callers pass in
+//! whatever they observed, and get back the next state and the actions to perform.
+
+pub mod lifecycle;
+pub mod name;
+pub mod size;
+pub mod spec;
+
+pub use lifecycle::{Action, LifecycleError, Operation, VmState};
+pub use name::{NameError, VmName};
+pub use size::{parse_size, SizeError};
+pub use spec::{Boot, DiskSpec, NicKind, NicSpec, ValidationError, VmSpec};
