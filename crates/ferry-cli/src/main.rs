@@ -1,1 +1,372 @@
-fn main() {}
+//! `ferry`: the command-line interface to ferryd, local (unix socket) or remote (TLS).
+
+mod console;
+mod hosts;
+mod output;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand, ValueEnum};
+use ferry_api_types::{
+    ActionReply, ConsoleLog, DiskRequest, NicRequest, ServerInfo, ShutdownRequest,
+    VmCreateRequest, VmInfo,
+};
+use ferry_client::{Client, Endpoint};
+
+use crate::output::Output;
+
+/// Ferry: replication and disaster recovery for QEMU/KVM hosts.
+#[derive(Parser)]
+#[command(version, about, propagate_version = true)]
+struct Cli {
+    /// The host to talk to: a name from `ferry host list`, an https://ADDR:PORT URL, or a
+    /// unix socket path. Default: the local ferryd's socket.
+    #[arg(long, global = true, env = "FERRY_HOST")]
+    host: Option<String>,
+    /// The local ferryd's admin socket.
+    #[arg(long, global = true, env = "FERRY_SOCKET", default_value = "/run/ferry/ferryd.sock")]
+    socket: PathBuf,
+    /// API token, for an https:// URL given with --host.
+    #[arg(long, global = true, env = "FERRY_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Certificate fingerprint to pin, for an https:// URL given with --host.
+    #[arg(long, global = true, env = "FERRY_FINGERPRINT")]
+    fingerprint: Option<String>,
+    /// Output format.
+    #[arg(long, short, global = true, value_enum, default_value_t = Format::Text)]
+    output: Format,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Output formats.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    /// For people.
+    Text,
+    /// For scripts.
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// This host's ferryd.
+    #[command(subcommand)]
+    Server(ServerCmd),
+    /// Virtual machines.
+    #[command(subcommand)]
+    Vm(VmCmd),
+    /// Other hosts this CLI knows (for --host NAME and the console).
+    #[command(subcommand)]
+    Host(HostCmd),
+}
+
+#[derive(Subcommand)]
+enum ServerCmd {
+    /// Name, version, certificate fingerprint, accelerator, paths.
+    Show,
+}
+
+#[derive(Subcommand)]
+enum HostCmd {
+    /// Known hosts.
+    List,
+    /// Remember a remote host: its URL, certificate fingerprint and API token.
+    Add {
+        /// A short name to use with --host.
+        name: String,
+        /// https://ADDR:PORT of its TLS API.
+        url: String,
+        /// Its certificate fingerprint (`ferry server show` on that host).
+        #[arg(long)]
+        fingerprint: String,
+        /// Its API token (the api.token file in its data dir).
+        #[arg(long)]
+        token: String,
+    },
+    /// Forget a host.
+    Remove {
+        /// Its name.
+        name: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum VmCmd {
+    /// Create a VM (it stays off until started).
+    Create {
+        /// The VM's name.
+        name: String,
+        /// Virtual CPUs.
+        #[arg(long, default_value_t = 1)]
+        cpus: u32,
+        /// Memory, e.g. 512M or 2G.
+        #[arg(long, default_value = "512M")]
+        memory: String,
+        /// A disk: a size for a new qcow2 (e.g. 20G), or a path of an image to import.
+        /// Repeat for more disks.
+        #[arg(long)]
+        disk: Vec<String>,
+        /// Boot this kernel directly instead of from disk.
+        #[arg(long)]
+        kernel: Option<PathBuf>,
+        /// Initrd for --kernel.
+        #[arg(long)]
+        initrd: Option<PathBuf>,
+        /// Kernel command line for --kernel.
+        #[arg(long)]
+        append: Option<String>,
+        /// A NIC: bridge=BR, bridge (the host's default bridge), user, or none. Repeatable.
+        #[arg(long)]
+        nic: Vec<String>,
+    },
+    /// List VMs.
+    List,
+    /// Show a VM: state, pid, uptime, disks, NICs.
+    Show {
+        /// The VM.
+        vm: String,
+    },
+    /// Start a VM.
+    Start {
+        /// The VM.
+        vm: String,
+    },
+    /// Ask the guest to power off (ACPI) and wait for it.
+    Shutdown {
+        /// The VM.
+        vm: String,
+        /// Seconds to wait before giving up (the VM then keeps running).
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+    },
+    /// Power a VM off now (like pulling the plug; disks are closed cleanly).
+    Stop {
+        /// The VM.
+        vm: String,
+    },
+    /// Pause a VM's vCPUs.
+    Pause {
+        /// The VM.
+        vm: String,
+    },
+    /// Resume a paused VM.
+    Resume {
+        /// The VM.
+        vm: String,
+    },
+    /// Delete a VM that is off, with its disks.
+    Delete {
+        /// The VM.
+        vm: String,
+    },
+    /// Attach to the VM's serial console (detach with Ctrl-]), or print what it printed.
+    Console {
+        /// The VM.
+        vm: String,
+        /// Print the console output captured so far instead of attaching.
+        #[arg(long)]
+        log: bool,
+        /// With --log: keep printing new output until interrupted.
+        #[arg(long, requires = "log")]
+        follow: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let out = Output::new(cli.output);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match runtime.block_on(run(cli, &out)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            out.error(&e);
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn endpoint(cli: &Cli) -> anyhow::Result<Endpoint> {
+    let Some(host) = cli.host.as_deref() else {
+        return Ok(Endpoint::Unix(cli.socket.clone()));
+    };
+    if host.starts_with('/') {
+        return Ok(Endpoint::Unix(PathBuf::from(host)));
+    }
+    if let Some(addr) = host.strip_prefix("https://") {
+        let (Some(token), Some(fingerprint)) = (cli.token.clone(), cli.fingerprint.clone()) else {
+            bail!("--host {host} needs --token and --fingerprint (or `ferry host add` it first)");
+        };
+        return Ok(Endpoint::Tls {
+            addr: addr.trim_end_matches('/').to_owned(),
+            fingerprint,
+            token,
+        });
+    }
+    hosts::load()?.endpoint(host)
+}
+
+async fn run(cli: Cli, out: &Output) -> anyhow::Result<()> {
+    if let Command::Host(cmd) = &cli.command {
+        return hosts::run(cmd_host(cmd), out);
+    }
+    let client = Client::new(endpoint(&cli)?);
+    match cli.command {
+        Command::Host(_) => unreachable!("handled above"),
+        Command::Server(ServerCmd::Show) => {
+            let info: ServerInfo = client.get("/v1/server").await?;
+            out.server(&info);
+        }
+        Command::Vm(cmd) => vm(&client, cmd, out).await?,
+    }
+    Ok(())
+}
+
+fn cmd_host(cmd: &HostCmd) -> hosts::HostAction {
+    match cmd {
+        HostCmd::List => hosts::HostAction::List,
+        HostCmd::Add {
+            name,
+            url,
+            fingerprint,
+            token,
+        } => hosts::HostAction::Add {
+            name: name.clone(),
+            url: url.clone(),
+            fingerprint: fingerprint.clone(),
+            token: token.clone(),
+        },
+        HostCmd::Remove { name } => hosts::HostAction::Remove { name: name.clone() },
+    }
+}
+
+/// URL path segment for a VM name (names may hold spaces).
+fn vm_path(name: &str, suffix: &str) -> String {
+    let enc: String = name
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect();
+    format!("/v1/vms/{enc}{suffix}")
+}
+
+async fn vm(client: &Client, cmd: VmCmd, out: &Output) -> anyhow::Result<()> {
+    let action = |reply: ActionReply| out.action(&reply);
+    match cmd {
+        VmCmd::Create {
+            name,
+            cpus,
+            memory,
+            disk,
+            kernel,
+            initrd,
+            append,
+            nic,
+        } => {
+            let memory_bytes =
+                ferry_domain_size(&memory).with_context(|| format!("--memory {memory}"))?;
+            let mut disks = Vec::new();
+            for d in &disk {
+                disks.push(match ferry_domain_size(d) {
+                    Ok(size_bytes) => DiskRequest::New { size_bytes },
+                    Err(_) => DiskRequest::Import {
+                        path: absolute(PathBuf::from(d))?,
+                    },
+                });
+            }
+            let mut nics = Vec::new();
+            for n in &nic {
+                match n.as_str() {
+                    "none" => {}
+                    "user" => nics.push(NicRequest::User),
+                    "bridge" => nics.push(NicRequest::Bridge { bridge: None }),
+                    other => match other.strip_prefix("bridge=") {
+                        Some(br) => nics.push(NicRequest::Bridge {
+                            bridge: Some(br.to_owned()),
+                        }),
+                        None => bail!("--nic {other}: use bridge=BR, bridge, user or none"),
+                    },
+                }
+            }
+            let req = VmCreateRequest {
+                name,
+                cpus,
+                memory_mib: memory_bytes >> 20,
+                disks,
+                kernel: kernel.map(absolute).transpose()?,
+                initrd: initrd.map(absolute).transpose()?,
+                append,
+                nics,
+            };
+            let info: VmInfo = client.post("/v1/vms", &req).await?;
+            out.vm_created(&info);
+        }
+        VmCmd::List => {
+            let vms: Vec<VmInfo> = client.get("/v1/vms").await?;
+            out.vm_list(&vms);
+        }
+        VmCmd::Show { vm } => {
+            let info: VmInfo = client.get(&vm_path(&vm, "")).await?;
+            out.vm_show(&info);
+        }
+        VmCmd::Start { vm } => action(client.post(&vm_path(&vm, "/start"), &()).await?),
+        VmCmd::Stop { vm } => action(client.post(&vm_path(&vm, "/stop"), &()).await?),
+        VmCmd::Pause { vm } => action(client.post(&vm_path(&vm, "/pause"), &()).await?),
+        VmCmd::Resume { vm } => action(client.post(&vm_path(&vm, "/resume"), &()).await?),
+        VmCmd::Shutdown { vm, timeout } => {
+            out.progress(&format!("waiting up to {timeout} s for {vm} to power off…"));
+            let req = ShutdownRequest {
+                timeout_s: Some(timeout),
+            };
+            action(client.post(&vm_path(&vm, "/shutdown"), &req).await?)
+        }
+        VmCmd::Delete { vm } => action(client.delete(&vm_path(&vm, "")).await?),
+        VmCmd::Console { vm, log, follow } => {
+            if log {
+                let mut offset = 0;
+                loop {
+                    let chunk: ConsoleLog = client
+                        .get(&vm_path(&vm, &format!("/console/log?offset={offset}")))
+                        .await?;
+                    out.console_text(&chunk);
+                    offset = chunk.next_offset;
+                    if !follow {
+                        if chunk.text.is_empty() {
+                            break;
+                        }
+                        continue;
+                    }
+                    if chunk.text.is_empty() {
+                        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                    }
+                }
+            } else {
+                let stream = client
+                    .upgrade(&vm_path(&vm, "/console"), ferry_api_types::CONSOLE_UPGRADE)
+                    .await?;
+                console::attach(stream, &vm).await?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn ferry_domain_size(s: &str) -> anyhow::Result<u64> {
+    ferry_api_types::parse_size(s).map_err(|e| anyhow::anyhow!(e))
+}
+
+fn absolute(p: PathBuf) -> anyhow::Result<String> {
+    let abs = if p.is_absolute() {
+        p
+    } else {
+        std::env::current_dir()?.join(p)
+    };
+    Ok(abs.display().to_string())
+}

@@ -1,1 +1,156 @@
-fn main() {}
+//! `ferryd`: the per-host daemon. It owns the host's QEMU VMs and serves the admin API on
+//! a unix socket and the remote API over TLS.
+
+mod api;
+mod config;
+mod error;
+mod identity;
+mod server;
+mod vms;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use ferry_api_types::ServerInfo;
+use ferry_qemu::process::{self, Accel};
+use tracing::{error, info};
+
+use crate::config::{AccelChoice, Config};
+
+/// ferryd: Ferry's host daemon.
+#[derive(Parser)]
+#[command(version, about)]
+struct Args {
+    /// The configuration file.
+    #[arg(long, short, default_value = "/etc/ferry/ferryd.toml", env = "FERRYD_CONFIG")]
+    config: PathBuf,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    init_logging();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("ferryd: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e:#}");
+            eprintln!("ferryd: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Log levels: error = an operation failed; warn = something a user should know (a VM
+/// crashed); info = lifecycle of VMs and the daemon; debug = per-request detail.
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// config → identity → store → accelerator → VMs re-attached → servers → shutdown.
+async fn run(args: Args) -> anyhow::Result<()> {
+    let cfg = Arc::new(Config::load(&args.config)?);
+    for dir in [&cfg.data_dir, &cfg.vm_storage] {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let identity = identity::Identity::load_or_create(&cfg.data_dir, &cfg.name)?;
+    let store = Arc::new(ferry_store::Store::open(&cfg.data_dir.join("ferry.db"))?);
+    let (accel, accel_reason) = choose_accel(&cfg).await;
+    info!(accel = accel.as_str(), reason = %accel_reason, "accelerator chosen");
+
+    let vms = vms::VmManager::new(cfg.clone(), store, accel);
+    vms.reattach_all().await.map_err(|e| anyhow::anyhow!(e.message))?;
+
+    let state = Arc::new(api::AppState {
+        vms: vms.clone(),
+        server: ServerInfo {
+            name: cfg.name.clone(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            fingerprint: identity.fingerprint.clone(),
+            tls_listen: cfg.tls_listen.to_string(),
+            token_file: identity.token_path.display().to_string(),
+            accel: accel.as_str().to_owned(),
+            accel_reason,
+            data_dir: cfg.data_dir.display().to_string(),
+            vm_storage: cfg.vm_storage.display().to_string(),
+            default_bridge: cfg.default_bridge.clone(),
+            vm_count: 0,
+        },
+        token: identity.token.clone(),
+    });
+
+    let unix = server::bind_unix(&cfg.admin_socket)
+        .with_context(|| format!("cannot listen on {}", cfg.admin_socket.display()))?;
+    let tcp = tokio::net::TcpListener::bind(cfg.tls_listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", cfg.tls_listen))?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let unix_task = tokio::spawn(server::serve_unix(unix, api::router(state.clone()), stop_rx.clone()));
+    let tls_task = tokio::spawn(server::serve_tls(
+        tcp,
+        identity.server_config()?,
+        api::tls_router(state.clone()),
+        stop_rx,
+    ));
+    info!(
+        name = %cfg.name,
+        admin_socket = %cfg.admin_socket.display(),
+        tls = %cfg.tls_listen,
+        fingerprint = %identity.fingerprint,
+        "ferryd ready"
+    );
+
+    wait_for_signal().await;
+    info!("shutting down; VMs keep running and are re-attached at the next start");
+    let _ = stop_tx.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(10), async {
+        let _ = unix_task.await;
+        let _ = tls_task.await;
+    })
+    .await;
+    vms.detach_all();
+    let _ = std::fs::remove_file(&cfg.admin_socket);
+    info!("ferryd stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+async fn choose_accel(cfg: &Config) -> (Accel, String) {
+    match cfg.accel {
+        AccelChoice::Kvm => (Accel::Kvm, "set to kvm in the config".to_owned()),
+        AccelChoice::Tcg => (Accel::Tcg, "set to tcg in the config".to_owned()),
+        AccelChoice::Auto => {
+            if process::probe_kvm(&cfg.qemu_binary, Duration::from_secs(3)).await {
+                (Accel::Kvm, "a test boot under KVM succeeded".to_owned())
+            } else {
+                (
+                    Accel::Tcg,
+                    "a test boot under KVM did not complete in 3 s (or /dev/kvm is missing); using TCG".to_owned(),
+                )
+            }
+        }
+    }
+}

@@ -1,1 +1,15 @@
+//! The QEMU driver: everything ferryd knows about running `qemu-system-x86_64`
+//! and `qemu-img` on the host.
+//!
+//! - [`process`] builds the QEMU command line, starts daemonized VMs, tracks
+//!   them by pid and probes whether KVM actually works.
+//! - [`qmp`] is an async QMP client with typed commands written by hand for
+//!   QEMU 7.2 and an untyped escape hatch for everything else.
+//! - [`img`] wraps `qemu-img` (info, create, convert).
+//!
+//! The crate targets QEMU 7.2 (Debian bookworm) and is deliberately tolerant
+//! of newer versions: replies are decoded leniently and unknown fields ignored.
 
+pub mod img;
+pub mod process;
+pub mod qmp;

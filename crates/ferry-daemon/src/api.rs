@@ -1,0 +1,192 @@
+//! The HTTP API: one router, served on the admin unix socket as is and on the TLS port
+//! behind bearer-token authorization. Handlers only translate HTTP to [`VmManager`] calls.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use ferry_api_types::{
+    ActionReply, ConsoleLog, ServerInfo, ShutdownRequest, VmCreateRequest, VmInfo,
+    CONSOLE_UPGRADE,
+};
+use hyper_util::rt::TokioIo;
+use serde::Deserialize;
+use tracing::warn;
+
+use crate::error::ApiFailure;
+use crate::vms::{VmManager, DEFAULT_SHUTDOWN_TIMEOUT};
+
+/// What handlers share.
+pub struct AppState {
+    /// The VM manager.
+    pub vms: Arc<VmManager>,
+    /// What `GET /v1/server` returns (minus the VM count).
+    pub server: ServerInfo,
+    /// The bearer token for the TLS API.
+    pub token: String,
+}
+
+type Shared = Arc<AppState>;
+type ApiResult<T> = Result<Json<T>, ApiFailure>;
+
+/// The API router.
+pub fn router(state: Shared) -> Router {
+    Router::new()
+        .route("/v1/server", get(server_info))
+        .route("/v1/vms", get(list_vms).post(create_vm))
+        .route("/v1/vms/{name}", get(show_vm).delete(delete_vm))
+        .route("/v1/vms/{name}/start", post(start_vm))
+        .route("/v1/vms/{name}/shutdown", post(shutdown_vm))
+        .route("/v1/vms/{name}/stop", post(stop_vm))
+        .route("/v1/vms/{name}/pause", post(pause_vm))
+        .route("/v1/vms/{name}/resume", post(resume_vm))
+        .route("/v1/vms/{name}/console/log", get(console_log))
+        .route("/v1/vms/{name}/console", get(console))
+        .fallback(|| async {
+            ApiFailure::not_found("no such API endpoint".to_owned())
+        })
+        .with_state(state)
+}
+
+/// The router for the TLS port: every request needs `Authorization: Bearer <token>`.
+pub fn tls_router(state: Shared) -> Router {
+    let token = state.token.clone();
+    router(state).layer(axum::middleware::from_fn(move |req: Request, next: Next| {
+        let token = token.clone();
+        async move {
+            let ok = req
+                .headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .is_some_and(|given| constant_time_eq(given.as_bytes(), token.as_bytes()));
+            if ok {
+                next.run(req).await
+            } else {
+                ApiFailure {
+                    status: 401,
+                    code: "unauthorized",
+                    message: "missing or wrong API token; use the token in the host's data dir (api.token)".to_owned(),
+                }
+                .into_response()
+            }
+        }
+    }))
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn server_info(State(s): State<Shared>) -> ApiResult<ServerInfo> {
+    let mut info = s.server.clone();
+    info.vm_count = s.vms.count();
+    Ok(Json(info))
+}
+
+async fn list_vms(State(s): State<Shared>) -> ApiResult<Vec<VmInfo>> {
+    Ok(Json(s.vms.list()?))
+}
+
+async fn create_vm(
+    State(s): State<Shared>,
+    body: Result<Json<VmCreateRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<(StatusCode, Json<VmInfo>), ApiFailure> {
+    let Json(req) = body.map_err(|e| ApiFailure::invalid(e.body_text()))?;
+    Ok((StatusCode::CREATED, Json(s.vms.create(req).await?)))
+}
+
+async fn show_vm(State(s): State<Shared>, Path(name): Path<String>) -> ApiResult<VmInfo> {
+    Ok(Json(s.vms.show(&name)?))
+}
+
+async fn delete_vm(State(s): State<Shared>, Path(name): Path<String>) -> ApiResult<ActionReply> {
+    Ok(Json(s.vms.delete(&name).await?))
+}
+
+async fn start_vm(State(s): State<Shared>, Path(name): Path<String>) -> ApiResult<ActionReply> {
+    Ok(Json(s.vms.start(&name).await?))
+}
+
+async fn shutdown_vm(
+    State(s): State<Shared>,
+    Path(name): Path<String>,
+    body: Option<Json<ShutdownRequest>>,
+) -> ApiResult<ActionReply> {
+    let timeout = body
+        .and_then(|Json(b)| b.timeout_s)
+        .map(Duration::from_secs)
+        .unwrap_or(DEFAULT_SHUTDOWN_TIMEOUT);
+    Ok(Json(s.vms.shutdown(&name, timeout).await?))
+}
+
+async fn stop_vm(State(s): State<Shared>, Path(name): Path<String>) -> ApiResult<ActionReply> {
+    Ok(Json(s.vms.stop(&name).await?))
+}
+
+async fn pause_vm(State(s): State<Shared>, Path(name): Path<String>) -> ApiResult<ActionReply> {
+    Ok(Json(s.vms.pause(&name).await?))
+}
+
+async fn resume_vm(State(s): State<Shared>, Path(name): Path<String>) -> ApiResult<ActionReply> {
+    Ok(Json(s.vms.resume(&name).await?))
+}
+
+#[derive(Deserialize)]
+struct LogQuery {
+    #[serde(default)]
+    offset: u64,
+}
+
+async fn console_log(
+    State(s): State<Shared>,
+    Path(name): Path<String>,
+    Query(q): Query<LogQuery>,
+) -> ApiResult<ConsoleLog> {
+    Ok(Json(s.vms.console_log(&name, q.offset).await?))
+}
+
+/// Upgrades the connection to a raw byte stream joined to the VM's serial console.
+async fn console(
+    State(s): State<Shared>,
+    Path(name): Path<String>,
+    mut req: Request,
+) -> Result<Response, ApiFailure> {
+    let wants_upgrade = req
+        .headers()
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case(CONSOLE_UPGRADE));
+    if !wants_upgrade {
+        return Err(ApiFailure::invalid(format!(
+            "the console needs `Upgrade: {CONSOLE_UPGRADE}`; use `ferry vm console`"
+        )));
+    }
+    let path = s.vms.console_socket(&name)?;
+    let mut serial = tokio::net::UnixStream::connect(&path)
+        .await
+        .map_err(|e| ApiFailure::qemu(format!("cannot open the serial console: {e}")))?;
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => {
+                let mut client = TokioIo::new(upgraded);
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut serial).await;
+            }
+            Err(e) => warn!(error = %e, "console upgrade failed"),
+        }
+    });
+    let mut resp = Response::new(Body::empty());
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    resp.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    resp.headers_mut()
+        .insert(header::UPGRADE, HeaderValue::from_static(CONSOLE_UPGRADE));
+    Ok(resp)
+}

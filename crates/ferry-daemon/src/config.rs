@@ -1,0 +1,258 @@
+//! ferryd's configuration file (TOML): parsed into a raw struct that refuses unknown keys,
+//! then validated into [`Config`] with defaults filled in.
+//!
+//! ```toml
+//! name = "host-a"                       # shown to other hosts; default: the hostname
+//! data_dir = "/var/lib/ferry"           # database, certificate, token, runtime sockets
+//! vm_storage = "/var/lib/ferry/vms"     # VM disks; default: <data_dir>/vms
+//! admin_socket = "/run/ferry/ferryd.sock"
+//! tls_listen = "0.0.0.0:7443"           # remote admin API (token auth)
+//! default_bridge = "br0"                # NICs with no bridge named attach here
+//! accel = "auto"                        # auto | kvm | tcg
+//! qemu_binary = "qemu-system-x86_64"
+//! qemu_img = "qemu-img"
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Which accelerator VMs get.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AccelChoice {
+    /// KVM if a bounded test boot under KVM succeeds, else TCG.
+    #[default]
+    Auto,
+    /// Always KVM.
+    Kvm,
+    /// Always TCG (software emulation).
+    Tcg,
+}
+
+/// The file as written; every key optional except the data dir.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    /// The host's name, shown to other hosts and in the console.
+    name: Option<String>,
+    /// Where ferryd keeps its database, certificate, token and runtime sockets.
+    data_dir: PathBuf,
+    /// Where VM disks live (one directory per VM).
+    vm_storage: Option<PathBuf>,
+    /// The admin API's unix socket.
+    admin_socket: Option<PathBuf>,
+    /// The TLS API's listen address.
+    tls_listen: Option<String>,
+    /// The bridge for NICs created without one.
+    default_bridge: Option<String>,
+    /// `auto`, `kvm` or `tcg`.
+    #[serde(default)]
+    accel: AccelChoice,
+    /// The QEMU system emulator.
+    qemu_binary: Option<PathBuf>,
+    /// qemu-img.
+    qemu_img: Option<PathBuf>,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The host's name.
+    pub name: String,
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// VM storage directory.
+    pub vm_storage: PathBuf,
+    /// Admin unix socket.
+    pub admin_socket: PathBuf,
+    /// TLS listen address.
+    pub tls_listen: SocketAddr,
+    /// Default bridge.
+    pub default_bridge: Option<String>,
+    /// Accelerator choice.
+    pub accel: AccelChoice,
+    /// QEMU binary.
+    pub qemu_binary: PathBuf,
+    /// qemu-img binary.
+    pub qemu_img: PathBuf,
+}
+
+/// Why the configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The TOML is malformed or has unknown keys.
+    #[error("config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: String,
+        /// toml's message, on one line.
+        message: String,
+    },
+    /// A value is not acceptable.
+    #[error("config file {path}: {message}")]
+    Invalid {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+impl Config {
+    /// Reads and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates `text`; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_owned(),
+            message: one_line(&e.to_string()),
+        })?;
+        let invalid = |message: String| ConfigError::Invalid {
+            path: origin.to_owned(),
+            message,
+        };
+        let absolute = |key: &str, p: &Path| {
+            if p.is_absolute() {
+                Ok(())
+            } else {
+                Err(invalid(format!("{key} must be an absolute path, got {:?}", p)))
+            }
+        };
+        absolute("data_dir", &raw.data_dir)?;
+        let vm_storage = raw.vm_storage.unwrap_or_else(|| raw.data_dir.join("vms"));
+        absolute("vm_storage", &vm_storage)?;
+        let admin_socket = raw
+            .admin_socket
+            .unwrap_or_else(|| PathBuf::from("/run/ferry/ferryd.sock"));
+        absolute("admin_socket", &admin_socket)?;
+        let tls_listen = raw.tls_listen.as_deref().unwrap_or("0.0.0.0:7443");
+        let tls_listen: SocketAddr = tls_listen.parse().map_err(|_| {
+            invalid(format!(
+                "tls_listen {tls_listen:?} is not an address:port such as 0.0.0.0:7443"
+            ))
+        })?;
+        if let Some(br) = &raw.default_bridge {
+            if !ferry_domain::spec::is_valid_ifname(br) {
+                return Err(invalid(format!(
+                    "default_bridge {br:?} is not a valid interface name"
+                )));
+            }
+        }
+        let name = match raw.name {
+            Some(n) => n,
+            None => hostname(),
+        };
+        if name.is_empty()
+            || name.len() > 64
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        {
+            return Err(invalid(format!(
+                "name {name:?} must be 1-64 letters, digits, '-', '_' or '.'"
+            )));
+        }
+        Ok(Self {
+            name,
+            data_dir: raw.data_dir,
+            vm_storage,
+            admin_socket,
+            tls_listen,
+            default_bridge: raw.default_bridge,
+            accel: raw.accel,
+            qemu_binary: raw
+                .qemu_binary
+                .unwrap_or_else(|| PathBuf::from("qemu-system-x86_64")),
+            qemu_img: raw.qemu_img.unwrap_or_else(|| PathBuf::from("qemu-img")),
+        })
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "localhost".into())
+}
+
+fn one_line(s: &str) -> String {
+    s.split('\n')
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.chars().all(|c| matches!(c, '|' | '^' | ' ')))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = Config::parse("data_dir = \"/var/lib/ferry\"\nname = \"a\"", "t").unwrap();
+        assert_eq!(c.vm_storage, PathBuf::from("/var/lib/ferry/vms"));
+        assert_eq!(c.admin_socket, PathBuf::from("/run/ferry/ferryd.sock"));
+        assert_eq!(c.tls_listen.to_string(), "0.0.0.0:7443");
+        assert_eq!(c.accel, AccelChoice::Auto);
+        assert_eq!(c.default_bridge, None);
+    }
+
+    #[test]
+    fn full_config_parses() {
+        let c = Config::parse(
+            r#"
+            name = "host-b"
+            data_dir = "/d"
+            vm_storage = "/s"
+            admin_socket = "/d/sock"
+            tls_listen = "127.0.0.2:7443"
+            default_bridge = "br0"
+            accel = "tcg"
+            qemu_binary = "/usr/bin/qemu-system-x86_64"
+            qemu_img = "/usr/bin/qemu-img"
+            "#,
+            "t",
+        )
+        .unwrap();
+        assert_eq!(
+            (c.name.as_str(), c.accel, c.default_bridge.as_deref()),
+            ("host-b", AccelChoice::Tcg, Some("br0"))
+        );
+    }
+
+    #[test]
+    fn bad_configs_are_refused_with_one_line() {
+        let cases = [
+            ("data_dir = \"/d\"\nbogus = 1", "unknown field `bogus`"),
+            ("data_dir = \"rel\"", "data_dir must be an absolute path"),
+            ("data_dir = \"/d\"\ntls_listen = \"nope\"", "tls_listen"),
+            ("data_dir = \"/d\"\naccel = \"xen\"", "unknown variant `xen`"),
+            ("data_dir = \"/d\"\ndefault_bridge = \"a/b\"", "default_bridge"),
+            ("name = \"x\"", "missing field `data_dir`"),
+            ("data_dir = \"/d\"\nname = \"a b\"", "name"),
+            ("data_dir = [", "config file t"),
+        ];
+        for (text, want) in cases {
+            let err = Config::parse(text, "t").unwrap_err().to_string();
+            assert!(err.contains(want), "{text:?}: {err}");
+            assert!(!err.contains('\n'), "{err}");
+        }
+    }
+}

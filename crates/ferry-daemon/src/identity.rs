@@ -1,0 +1,198 @@
+//! The host's identity: a self-signed certificate and key created at first start (other
+//! hosts pin its fingerprint), and the API token that authorizes remote admin over TLS.
+//! Files are written temp → fsync → rename, mode 0600, so a crash never leaves half a key.
+
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use ring::rand::SecureRandom;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+/// The host's certificate, key and API token.
+pub struct Identity {
+    /// The certificate (DER).
+    pub cert: CertificateDer<'static>,
+    /// The private key (DER).
+    key: PrivateKeyDer<'static>,
+    /// SHA-256 fingerprint of the certificate, `AA:BB:…`.
+    pub fingerprint: String,
+    /// The bearer token for the TLS API.
+    pub token: String,
+    /// Where the token is stored (shown to the admin).
+    pub token_path: PathBuf,
+}
+
+/// Why the identity could not be loaded or created.
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    /// Reading or writing a file failed.
+    #[error("cannot {action} {path}")]
+    File {
+        /// What we were doing.
+        action: &'static str,
+        /// The file.
+        path: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The stored certificate or key is unusable.
+    #[error("{path} is not a valid PEM {what}; move it away to have a new one created")]
+    BadPem {
+        /// The file.
+        path: String,
+        /// `certificate` or `private key`.
+        what: &'static str,
+    },
+    /// Generating the certificate failed.
+    #[error("cannot generate the host certificate")]
+    Generate(#[from] rcgen::Error),
+    /// rustls refused the certificate/key pair.
+    #[error("the host certificate and key do not form a usable TLS identity")]
+    Tls(#[from] rustls::Error),
+}
+
+impl Identity {
+    /// Loads the identity from `dir`, creating whatever is missing.
+    pub fn load_or_create(dir: &Path, host_name: &str) -> Result<Self, IdentityError> {
+        let cert_path = dir.join("host.crt");
+        let key_path = dir.join("host.key");
+        let token_path = dir.join("api.token");
+        if !cert_path.exists() || !key_path.exists() {
+            let mut params = rcgen::CertificateParams::new(vec![
+                "ferryd".to_owned(),
+                host_name.to_owned(),
+            ])?;
+            params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, format!("ferryd {host_name}"));
+            let key = rcgen::KeyPair::generate()?;
+            let cert = params.self_signed(&key)?;
+            // Key first: a cert without its key is useless, a key without cert is remade.
+            write_secret(&key_path, key.serialize_pem().as_bytes())?;
+            write_secret(&cert_path, cert.pem().as_bytes())?;
+        }
+        if !token_path.exists() {
+            let mut bytes = [0u8; 32];
+            ring::rand::SystemRandom::new()
+                .fill(&mut bytes)
+                .expect("system randomness");
+            let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+            write_secret(&token_path, format!("{token}\n").as_bytes())?;
+        }
+        let read = |path: &Path| {
+            std::fs::read(path).map_err(|source| IdentityError::File {
+                action: "read",
+                path: path.display().to_string(),
+                source,
+            })
+        };
+        let cert_pem = read(&cert_path)?;
+        let key_pem = read(&key_path)?;
+        let cert = rustls_pemfile::certs(&mut cert_pem.as_slice())
+            .next()
+            .and_then(Result::ok)
+            .ok_or_else(|| IdentityError::BadPem {
+                path: cert_path.display().to_string(),
+                what: "certificate",
+            })?;
+        let key = rustls_pemfile::private_key(&mut key_pem.as_slice())
+            .ok()
+            .flatten()
+            .ok_or_else(|| IdentityError::BadPem {
+                path: key_path.display().to_string(),
+                what: "private key",
+            })?;
+        let token = String::from_utf8_lossy(&read(&token_path)?).trim().to_owned();
+        Ok(Self {
+            fingerprint: fingerprint(&cert),
+            cert,
+            key,
+            token,
+            token_path,
+        })
+    }
+
+    /// A rustls server config presenting this identity.
+    pub fn server_config(&self) -> Result<Arc<rustls::ServerConfig>, IdentityError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_single_cert(vec![self.cert.clone()], self.key.clone_key())?;
+        Ok(Arc::new(config))
+    }
+}
+
+/// SHA-256 of a DER certificate as `AA:BB:…`.
+pub fn fingerprint(der: &[u8]) -> String {
+    ring::digest::digest(&ring::digest::SHA256, der)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02X}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// Writes `bytes` to `path` with mode 0600: temp file, fsync, rename, fsync the directory.
+pub fn write_secret(path: &Path, bytes: &[u8]) -> Result<(), IdentityError> {
+    let err = |action, source| IdentityError::File {
+        action,
+        path: path.display().to_string(),
+        source,
+    };
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(|e| err("create", e))?;
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| err("chmod", e))?;
+    f.write_all(bytes).map_err(|e| err("write", e))?;
+    f.sync_all().map_err(|e| err("fsync", e))?;
+    std::fs::rename(&tmp, path).map_err(|e| err("rename", e))?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| err("fsync the directory of", e))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn created_once_then_stable() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Identity::load_or_create(dir.path(), "h").unwrap();
+        let b = Identity::load_or_create(dir.path(), "h").unwrap();
+        assert_eq!(a.fingerprint, b.fingerprint);
+        assert_eq!(a.token, b.token);
+        assert_eq!(a.token.len(), 64);
+        let mode = std::fs::metadata(dir.path().join("host.key"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        a.server_config().unwrap();
+    }
+
+    #[test]
+    fn corrupt_certificate_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        Identity::load_or_create(dir.path(), "h").unwrap();
+        std::fs::write(dir.path().join("host.crt"), "garbage").unwrap();
+        let err = Identity::load_or_create(dir.path(), "h")
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("not a valid PEM certificate"), "{err}");
+    }
+}

@@ -1,0 +1,764 @@
+//! The VM manager: the host's inventory joined with the QEMU processes that run it.
+//! Every operation goes through the domain's lifecycle state machine; the resulting state
+//! is persisted before and after the QEMU side effect, so a restarted ferryd knows where
+//! each VM was and can re-attach to the processes that survived it.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ferry_api_types::{
+    ActionReply, ConsoleLog, DiskInfo, DiskRequest, NicInfo, NicRequest, VmCreateRequest, VmInfo,
+};
+use ferry_domain::lifecycle::{self, Action, Operation};
+use ferry_domain::spec::mac_from_seed;
+use ferry_domain::{Boot, DiskSpec, NicKind, NicSpec, VmName, VmSpec, VmState};
+use ferry_qemu::process::{self, Accel, NicArg, NicBackend, QemuCommand};
+use ferry_qemu::qmp::{self, Qmp};
+use ferry_qemu::img;
+use ferry_store::{Store, StoreError, VmRow};
+use ring::rand::SecureRandom;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::error::ApiFailure;
+
+/// How long QEMU may take to start and answer QMP.
+const QMP_CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long `quit` may take before the process is killed.
+const QUIT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The default ACPI shutdown timeout.
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(60);
+/// Most console log returned by one request.
+const CONSOLE_CHUNK: u64 = 1 << 20;
+
+/// A live QEMU process of a VM.
+struct Instance {
+    pid: u32,
+    qmp: Qmp,
+    /// Becomes true once the process is gone.
+    exited: watch::Receiver<bool>,
+}
+
+/// The VM manager.
+pub struct VmManager {
+    cfg: Arc<Config>,
+    store: Arc<Store>,
+    accel: Accel,
+    instances: Mutex<HashMap<String, Arc<Instance>>>,
+    /// Serializes operations on one VM (start vs delete, …) without blocking others.
+    op_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// Runtime file paths of a VM. Sockets live in the data dir under the VM's numeric id,
+/// because unix socket paths are limited to 108 bytes and VM names may be long.
+struct RuntimePaths {
+    qmp: PathBuf,
+    console: PathBuf,
+    pidfile: PathBuf,
+}
+
+fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+impl VmManager {
+    /// A manager over `store`, giving VMs `accel`.
+    pub fn new(cfg: Arc<Config>, store: Arc<Store>, accel: Accel) -> Arc<Self> {
+        Arc::new(Self {
+            cfg,
+            store,
+            accel,
+            instances: Mutex::new(HashMap::new()),
+            op_locks: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn run_dir(&self) -> PathBuf {
+        self.cfg.data_dir.join("run")
+    }
+
+    fn runtime_paths(&self, id: i64) -> RuntimePaths {
+        let dir = self.run_dir();
+        RuntimePaths {
+            qmp: dir.join(format!("{id}.qmp")),
+            console: dir.join(format!("{id}.console")),
+            pidfile: dir.join(format!("{id}.pid")),
+        }
+    }
+
+    fn vm_dir(&self, name: &VmName) -> PathBuf {
+        self.cfg.vm_storage.join(name.as_str())
+    }
+
+    fn console_log_path(&self, name: &VmName) -> PathBuf {
+        self.vm_dir(name).join("console.log")
+    }
+
+    async fn lock_vm(&self, name: &VmName) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = self
+            .op_locks
+            .lock()
+            .expect("op_locks")
+            .entry(name.to_string())
+            .or_default()
+            .clone();
+        lock.lock_owned().await
+    }
+
+    fn instance(&self, name: &VmName) -> Option<Arc<Instance>> {
+        self.instances
+            .lock()
+            .expect("instances")
+            .get(name.as_str())
+            .cloned()
+    }
+
+    fn row(&self, name: &str) -> Result<(VmName, VmRow), ApiFailure> {
+        let vm = VmName::new(name).map_err(|e| ApiFailure::invalid(e.to_string()))?;
+        let row = self.store.get_vm(&vm)?;
+        Ok((vm, row))
+    }
+
+    /// Applies `op` to the VM's stored state, persists the new state, returns the actions.
+    fn transition(&self, row: &VmRow, op: Operation) -> Result<(VmState, Vec<Action>), ApiFailure> {
+        let (next, actions) = lifecycle::step(row.state, op)
+            .map_err(|e| ApiFailure::conflict(format!("{}: {e}", row.spec.name)))?;
+        if next != row.state {
+            let (pid, started) = if next.has_process() {
+                (row.pid, row.started_at)
+            } else {
+                (None, None)
+            };
+            self.store.set_runtime(&row.spec.name, next, pid, started)?;
+        }
+        Ok((next, actions))
+    }
+
+    // ---- re-attach --------------------------------------------------------------------
+
+    /// After a ferryd restart: re-attach to every QEMU that survived, mark the rest off.
+    pub async fn reattach_all(self: &Arc<Self>) -> Result<(), ApiFailure> {
+        std::fs::create_dir_all(self.run_dir())
+            .map_err(|e| ApiFailure::internal(format!("cannot create {}: {e}", self.run_dir().display())))?;
+        for row in self.store.list_vms()? {
+            if !row.state.has_process() {
+                continue;
+            }
+            let name = row.spec.name.clone();
+            let paths = self.runtime_paths(row.id);
+            let alive = row.pid.is_some_and(|pid| {
+                process::pid_alive(pid)
+                    && process::pid_cmdline_contains(pid, &paths.qmp.display().to_string())
+            });
+            if !alive {
+                warn!(vm = %name, "QEMU exited while ferryd was not running");
+                self.store.set_runtime(&name, VmState::Off, None, None)?;
+                self.store
+                    .set_last_error(&name, Some("QEMU exited while ferryd was not running"))?;
+                cleanup_runtime(&paths);
+                continue;
+            }
+            let pid = row.pid.expect("alive implies pid");
+            match Qmp::connect(&paths.qmp, QMP_CONNECT_TIMEOUT).await {
+                Ok(qmp) => {
+                    let status = qmp.execute(&qmp::QueryStatus {}).await;
+                    let state = match status {
+                        Ok(s) if s.running => VmState::Running,
+                        Ok(_) => VmState::Paused,
+                        Err(e) => {
+                            warn!(vm = %name, error = %e, "query-status failed on re-attach");
+                            VmState::Running
+                        }
+                    };
+                    self.store
+                        .set_runtime(&name, state, Some(pid), row.started_at)?;
+                    self.track(&name, pid, qmp);
+                    info!(vm = %name, pid, %state, "re-attached to running VM");
+                }
+                Err(e) => {
+                    warn!(vm = %name, pid, error = %e, "cannot re-attach to QEMU; it keeps running untracked");
+                    self.store.set_last_error(
+                        &name,
+                        Some(&format!("cannot re-attach to QEMU pid {pid}: {e}")),
+                    )?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Registers a live process and watches for its end.
+    fn track(self: &Arc<Self>, name: &VmName, pid: u32, qmp: Qmp) {
+        let (tx, rx) = watch::channel(false);
+        let instance = Arc::new(Instance {
+            pid,
+            qmp: qmp.clone(),
+            exited: rx,
+        });
+        self.instances
+            .lock()
+            .expect("instances")
+            .insert(name.to_string(), instance);
+        let this = Arc::clone(self);
+        let name = name.clone();
+        let mut events = qmp.events();
+        tokio::spawn(async move {
+            // Remember why QEMU ended, from its SHUTDOWN event, to tell a guest power-off
+            // from a crash.
+            let mut shutdown_reason: Option<String> = None;
+            loop {
+                tokio::select! {
+                    ev = events.recv() => match ev {
+                        Ok(ev) if ev.event == "SHUTDOWN" => {
+                            shutdown_reason = ev.data.get("reason").and_then(|r| r.as_str()).map(str::to_owned);
+                        }
+                        Ok(_) => {}
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                        Err(_) => break,
+                    },
+                    _ = qmp.closed() => break,
+                }
+            }
+            // QMP closes a moment before the process is gone.
+            if !process::wait_exit(pid, Duration::from_secs(10)).await {
+                warn!(vm = %name, pid, "QMP closed but QEMU still runs; killing it");
+                let _ = process::signal(pid, libc::SIGKILL);
+                process::wait_exit(pid, Duration::from_secs(5)).await;
+            }
+            this.on_exit(&name, shutdown_reason.as_deref());
+            let _ = tx.send(true);
+        });
+    }
+
+    fn on_exit(&self, name: &VmName, reason: Option<&str>) {
+        self.instances.lock().expect("instances").remove(name.as_str());
+        let Ok(row) = self.store.get_vm(name) else {
+            return;
+        };
+        let was = row.state;
+        if let Err(e) = self.transition(&row, Operation::Exited) {
+            warn!(vm = %name, error = %e.message, "exit transition");
+        }
+        cleanup_runtime(&self.runtime_paths(row.id));
+        let error = match (was, reason) {
+            (VmState::Stopping | VmState::ShuttingDown, _) => None,
+            (_, Some("guest-shutdown")) => None,
+            (_, Some(r)) => Some(format!("QEMU exited ({r})")),
+            (_, None) => Some("QEMU exited unexpectedly (crashed or was killed)".to_owned()),
+        };
+        if let Some(e) = &error {
+            warn!(vm = %name, "{e}");
+        } else {
+            info!(vm = %name, "VM is off");
+        }
+        let _ = self.store.set_last_error(name, error.as_deref());
+    }
+
+    // ---- queries ----------------------------------------------------------------------
+
+    /// Every VM.
+    pub fn list(&self) -> Result<Vec<VmInfo>, ApiFailure> {
+        Ok(self
+            .store
+            .list_vms()?
+            .iter()
+            .map(|r| self.info(r))
+            .collect())
+    }
+
+    /// One VM.
+    pub fn show(&self, name: &str) -> Result<VmInfo, ApiFailure> {
+        let (_, row) = self.row(name)?;
+        Ok(self.info(&row))
+    }
+
+    /// Number of VMs.
+    pub fn count(&self) -> usize {
+        self.store.list_vms().map(|v| v.len()).unwrap_or(0)
+    }
+
+    fn info(&self, row: &VmRow) -> VmInfo {
+        let dir = self.vm_dir(&row.spec.name);
+        let (boot, append) = match &row.spec.boot {
+            Boot::Disk => ("disk".to_owned(), None),
+            Boot::Kernel { append, .. } => ("kernel".to_owned(), append.clone()),
+        };
+        VmInfo {
+            name: row.spec.name.to_string(),
+            state: row.state,
+            pid: row.pid,
+            uptime_s: row
+                .started_at
+                .filter(|_| row.state.has_process())
+                .map(|t| (now_unix() - t).max(0) as u64),
+            cpus: row.spec.cpus,
+            memory_mib: row.spec.memory_mib,
+            disks: row
+                .spec
+                .disks
+                .iter()
+                .enumerate()
+                .map(|(i, d)| DiskInfo {
+                    path: dir.join(&d.file).display().to_string(),
+                    size_bytes: d.size_bytes,
+                    node: format!("drive{i}"),
+                })
+                .collect(),
+            nics: row
+                .spec
+                .nics
+                .iter()
+                .map(|n| NicInfo {
+                    kind: match n.kind {
+                        NicKind::Bridge(_) => "bridge".into(),
+                        NicKind::User => "user".into(),
+                    },
+                    bridge: match &n.kind {
+                        NicKind::Bridge(b) => Some(b.clone()),
+                        NicKind::User => None,
+                    },
+                    mac: n.mac.clone(),
+                })
+                .collect(),
+            boot,
+            append,
+            last_error: row.last_error.clone(),
+        }
+    }
+
+    // ---- create / delete --------------------------------------------------------------
+
+    /// Creates a VM: validates everything first, then makes its directory and disks, then
+    /// records it. A failure at any step removes what was made.
+    pub async fn create(&self, req: VmCreateRequest) -> Result<VmInfo, ApiFailure> {
+        let name = VmName::new(&req.name).map_err(|e| ApiFailure::invalid(e.to_string()))?;
+        let _guard = self.lock_vm(&name).await;
+        match self.store.get_vm(&name) {
+            Ok(_) => {
+                return Err(ApiFailure::conflict(format!(
+                    "a VM named {name:?} already exists; choose another name or delete it first"
+                )))
+            }
+            Err(StoreError::NotFound(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+        // Resolve disks: sizes of new ones, existence and size of imported ones.
+        let mut disks = Vec::new();
+        let mut imports = Vec::new();
+        for (i, d) in req.disks.iter().enumerate() {
+            let file = format!("disk{i}.qcow2");
+            match d {
+                DiskRequest::New { size_bytes } => {
+                    disks.push(DiskSpec {
+                        file,
+                        size_bytes: *size_bytes,
+                    });
+                    imports.push(None);
+                }
+                DiskRequest::Import { path } => {
+                    let p = Path::new(path);
+                    if !p.is_absolute() {
+                        return Err(ApiFailure::invalid(format!(
+                            "disk image path {path:?} must be absolute"
+                        )));
+                    }
+                    if !p.is_file() {
+                        return Err(ApiFailure::invalid(format!(
+                            "disk image {path} not found"
+                        )));
+                    }
+                    let info = img::info(&self.cfg.qemu_img, p)
+                        .await
+                        .map_err(|e| ApiFailure::invalid(format!("disk image {path}: {e}")))?;
+                    disks.push(DiskSpec {
+                        file,
+                        size_bytes: info.virtual_size,
+                    });
+                    imports.push(Some(p.to_path_buf()));
+                }
+            }
+        }
+        for (what, path) in [("kernel", &req.kernel), ("initrd", &req.initrd)] {
+            if let Some(p) = path {
+                if Path::new(p).is_absolute() && !Path::new(p).is_file() {
+                    return Err(ApiFailure::invalid(format!("{what} {p} not found")));
+                }
+            }
+        }
+        if req.kernel.is_none() && (req.initrd.is_some() || req.append.is_some()) {
+            return Err(ApiFailure::invalid(
+                "--initrd and --append need --kernel".to_owned(),
+            ));
+        }
+        let mut nics = Vec::new();
+        for n in &req.nics {
+            let kind = match n {
+                NicRequest::User => NicKind::User,
+                NicRequest::Bridge { bridge } => {
+                    let br = bridge.clone().or_else(|| self.cfg.default_bridge.clone()).ok_or_else(|| {
+                        ApiFailure::invalid(
+                            "no bridge named and no default_bridge in ferryd's config; use --nic bridge=BR".to_owned(),
+                        )
+                    })?;
+                    NicKind::Bridge(br)
+                }
+            };
+            nics.push(NicSpec {
+                kind,
+                mac: random_mac(),
+            });
+        }
+        let spec = VmSpec {
+            name: name.clone(),
+            cpus: req.cpus,
+            memory_mib: req.memory_mib,
+            disks,
+            boot: match req.kernel {
+                Some(kernel) => Boot::Kernel {
+                    kernel,
+                    initrd: req.initrd,
+                    append: req.append,
+                },
+                None => Boot::Disk,
+            },
+            nics,
+        };
+        spec.validate()
+            .map_err(|e| ApiFailure::invalid(e.to_string()))?;
+        for nic in &spec.nics {
+            if let NicKind::Bridge(br) = &nic.kind {
+                if !Path::new("/sys/class/net").join(br).join("bridge").exists() {
+                    return Err(ApiFailure::invalid(format!(
+                        "bridge {br} does not exist on this host; create it (ip link add {br} type bridge) or pick another"
+                    )));
+                }
+            }
+        }
+
+        let dir = self.vm_dir(&name);
+        if dir.exists() {
+            return Err(ApiFailure::conflict(format!(
+                "{} already exists but belongs to no VM; move it away or choose another name",
+                dir.display()
+            )));
+        }
+        std::fs::create_dir_all(&dir).map_err(|e| {
+            ApiFailure::internal(format!("cannot create {}: {e}", dir.display()))
+        })?;
+        let made = async {
+            for (d, import) in spec.disks.iter().zip(&imports) {
+                let target = dir.join(&d.file);
+                match import {
+                    None => img::create_qcow2(&self.cfg.qemu_img, &target, d.size_bytes).await,
+                    Some(src) => img::convert_to_qcow2(&self.cfg.qemu_img, src, &target).await,
+                }
+                .map_err(|e| ApiFailure::qemu(e.to_string()))?;
+            }
+            let row = self.store.insert_vm(&spec, now_unix())?;
+            Ok::<_, ApiFailure>(row)
+        }
+        .await;
+        match made {
+            Ok(row) => {
+                info!(vm = %name, "created");
+                Ok(self.info(&row))
+            }
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                Err(e)
+            }
+        }
+    }
+
+    /// Deletes a VM that is off: its inventory entry, disks and directory.
+    pub async fn delete(&self, name: &str) -> Result<ActionReply, ApiFailure> {
+        let (vm, _) = self.row(name)?;
+        let _guard = self.lock_vm(&vm).await;
+        let row = self.store.get_vm(&vm)?;
+        self.transition(&row, Operation::Delete)?;
+        self.store.delete_vm(&vm)?;
+        let dir = self.vm_dir(&vm);
+        if let Err(e) = std::fs::remove_dir_all(&dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                warn!(vm = %vm, error = %e, "cannot remove {}", dir.display());
+            }
+        }
+        cleanup_runtime(&self.runtime_paths(row.id));
+        info!(vm = %vm, "deleted");
+        Ok(ActionReply {
+            state: VmState::Off,
+            message: format!("VM {vm} deleted with its disks"),
+        })
+    }
+
+    // ---- lifecycle --------------------------------------------------------------------
+
+    /// Starts a VM.
+    pub async fn start(self: &Arc<Self>, name: &str) -> Result<ActionReply, ApiFailure> {
+        let (vm, _) = self.row(name)?;
+        let _guard = self.lock_vm(&vm).await;
+        let row = self.store.get_vm(&vm)?;
+        self.transition(&row, Operation::Start)?;
+        match self.spawn(&row).await {
+            Ok((pid, qmp)) => {
+                let started = now_unix();
+                self.store
+                    .set_runtime(&vm, VmState::Running, Some(pid), Some(started))?;
+                self.store.set_last_error(&vm, None)?;
+                self.track(&vm, pid, qmp);
+                info!(vm = %vm, pid, accel = self.accel.as_str(), "started");
+                Ok(ActionReply {
+                    state: VmState::Running,
+                    message: format!("VM {vm} started (pid {pid}, {})", self.accel.as_str()),
+                })
+            }
+            Err(e) => {
+                self.store.set_runtime(&vm, VmState::Off, None, None)?;
+                self.store.set_last_error(&vm, Some(&e.message))?;
+                Err(e)
+            }
+        }
+    }
+
+    async fn spawn(&self, row: &VmRow) -> Result<(u32, Qmp), ApiFailure> {
+        let paths = self.runtime_paths(row.id);
+        let dir = self.vm_dir(&row.spec.name);
+        for d in &row.spec.disks {
+            let p = dir.join(&d.file);
+            if !p.is_file() {
+                return Err(ApiFailure::qemu(format!(
+                    "disk {} is missing; restore it or delete the VM",
+                    p.display()
+                )));
+            }
+        }
+        let (kernel, initrd, append) = match &row.spec.boot {
+            Boot::Disk => (None, None, None),
+            Boot::Kernel {
+                kernel,
+                initrd,
+                append,
+            } => (
+                Some(PathBuf::from(kernel)),
+                initrd.as_ref().map(PathBuf::from),
+                append.clone(),
+            ),
+        };
+        let cmd = QemuCommand {
+            binary: self.cfg.qemu_binary.clone(),
+            name: row.spec.name.to_string(),
+            accel: self.accel,
+            cpus: row.spec.cpus,
+            memory_mib: row.spec.memory_mib,
+            kernel,
+            initrd,
+            append,
+            disks: row.spec.disks.iter().map(|d| dir.join(&d.file)).collect(),
+            nics: row
+                .spec
+                .nics
+                .iter()
+                .map(|n| NicArg {
+                    backend: match &n.kind {
+                        NicKind::Bridge(b) => NicBackend::Bridge { bridge: b.clone() },
+                        NicKind::User => NicBackend::User,
+                    },
+                    mac: n.mac.clone(),
+                })
+                .collect(),
+            qmp_socket: paths.qmp.clone(),
+            console_socket: paths.console.clone(),
+            console_log: self.console_log_path(&row.spec.name),
+            pidfile: paths.pidfile.clone(),
+        };
+        let pid = process::spawn_daemonized(&cmd)
+            .await
+            .map_err(|e| ApiFailure::qemu(e.to_string()))?;
+        match Qmp::connect(&paths.qmp, QMP_CONNECT_TIMEOUT).await {
+            Ok(qmp) => Ok((pid, qmp)),
+            Err(e) => {
+                let _ = process::signal(pid, libc::SIGKILL);
+                Err(ApiFailure::qemu(format!("QEMU started but QMP did not answer: {e}")))
+            }
+        }
+    }
+
+    fn live(&self, vm: &VmName) -> Result<Arc<Instance>, ApiFailure> {
+        self.instance(vm).ok_or_else(|| {
+            ApiFailure::conflict(format!(
+                "VM {vm} has no QEMU process ferryd can control; see `ferry vm show {vm}`"
+            ))
+        })
+    }
+
+    /// Pauses a running VM's vCPUs.
+    pub async fn pause(&self, name: &str) -> Result<ActionReply, ApiFailure> {
+        self.simple(name, Operation::Pause, VmState::Paused, "paused").await
+    }
+
+    /// Resumes a paused VM.
+    pub async fn resume(&self, name: &str) -> Result<ActionReply, ApiFailure> {
+        self.simple(name, Operation::Resume, VmState::Running, "resumed").await
+    }
+
+    async fn simple(
+        &self,
+        name: &str,
+        op: Operation,
+        target: VmState,
+        verb: &str,
+    ) -> Result<ActionReply, ApiFailure> {
+        let (vm, _) = self.row(name)?;
+        let _guard = self.lock_vm(&vm).await;
+        let row = self.store.get_vm(&vm)?;
+        lifecycle::step(row.state, op)
+            .map_err(|e| ApiFailure::conflict(format!("{vm}: {e}")))?;
+        let inst = self.live(&vm)?;
+        let res = match op {
+            Operation::Pause => inst.qmp.execute(&qmp::Stop {}).await.map(|_| ()),
+            Operation::Resume => inst.qmp.execute(&qmp::Cont {}).await.map(|_| ()),
+            _ => unreachable!("simple() handles pause and resume"),
+        };
+        res.map_err(|e| ApiFailure::qemu(format!("{vm}: QEMU refused to {verb}: {e}")))?;
+        self.transition(&row, op)?;
+        Ok(ActionReply {
+            state: target,
+            message: format!("VM {vm} {verb}"),
+        })
+    }
+
+    /// Asks the guest to power off (ACPI) and waits up to `timeout` for it.
+    pub async fn shutdown(&self, name: &str, timeout: Duration) -> Result<ActionReply, ApiFailure> {
+        let (vm, _) = self.row(name)?;
+        let inst = {
+            let _guard = self.lock_vm(&vm).await;
+            let row = self.store.get_vm(&vm)?;
+            lifecycle::step(row.state, Operation::Shutdown)
+                .map_err(|e| ApiFailure::conflict(format!("{vm}: {e}")))?;
+            let inst = self.live(&vm)?;
+            inst.qmp
+                .execute(&qmp::SystemPowerdown {})
+                .await
+                .map_err(|e| ApiFailure::qemu(format!("{vm}: cannot send the ACPI power-off: {e}")))?;
+            self.transition(&row, Operation::Shutdown)?;
+            inst
+        };
+        // Wait without holding the VM's lock, so `stop` can cut a slow shutdown short.
+        let began = Instant::now();
+        let mut exited = inst.exited.clone();
+        let done = tokio::time::timeout(timeout, exited.wait_for(|e| *e)).await.is_ok();
+        if done {
+            return Ok(ActionReply {
+                state: VmState::Off,
+                message: format!(
+                    "VM {vm} shut down by the guest in {:.1} s",
+                    began.elapsed().as_secs_f64()
+                ),
+            });
+        }
+        let _guard = self.lock_vm(&vm).await;
+        let row = self.store.get_vm(&vm)?;
+        if row.state == VmState::ShuttingDown {
+            self.transition(&row, Operation::ShutdownTimedOut)?;
+        }
+        Err(ApiFailure {
+            status: 504,
+            code: "shutdown_timeout",
+            message: format!(
+                "VM {vm} did not power off within {} s (does the guest handle the ACPI power button?); it is still running: retry, or power it off with `ferry vm stop {vm}`",
+                timeout.as_secs()
+            ),
+        })
+    }
+
+    /// Powers a VM off now: QMP `quit` (QEMU closes its disks cleanly), SIGKILL if QEMU
+    /// does not end in time.
+    pub async fn stop(&self, name: &str) -> Result<ActionReply, ApiFailure> {
+        let (vm, _) = self.row(name)?;
+        let inst = {
+            let _guard = self.lock_vm(&vm).await;
+            let row = self.store.get_vm(&vm)?;
+            lifecycle::step(row.state, Operation::Stop)
+                .map_err(|e| ApiFailure::conflict(format!("{vm}: {e}")))?;
+            let inst = self.live(&vm)?;
+            self.transition(&row, Operation::Stop)?;
+            inst
+        };
+        if let Err(e) = inst.qmp.quit().await {
+            warn!(vm = %vm, error = %e, "quit failed; killing QEMU");
+            let _ = process::signal(inst.pid, libc::SIGKILL);
+        }
+        let mut exited = inst.exited.clone();
+        if tokio::time::timeout(QUIT_TIMEOUT, exited.wait_for(|e| *e))
+            .await
+            .is_err()
+        {
+            warn!(vm = %vm, "QEMU did not quit in time; killing it");
+            let _ = process::signal(inst.pid, libc::SIGKILL);
+            let _ = tokio::time::timeout(QUIT_TIMEOUT, exited.wait_for(|e| *e)).await;
+        }
+        let state = self.store.get_vm(&vm)?.state;
+        Ok(ActionReply {
+            state,
+            message: format!("VM {vm} powered off"),
+        })
+    }
+
+    // ---- console ----------------------------------------------------------------------
+
+    /// What the serial console printed, from `offset`.
+    pub async fn console_log(&self, name: &str, offset: u64) -> Result<ConsoleLog, ApiFailure> {
+        let (vm, _) = self.row(name)?;
+        let path = self.console_log_path(&vm);
+        let bytes = match tokio::fs::read(&path).await {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => {
+                return Err(ApiFailure::internal(format!(
+                    "cannot read {}: {e}",
+                    path.display()
+                )))
+            }
+        };
+        let len = bytes.len() as u64;
+        let start = offset.min(len);
+        let end = (start + CONSOLE_CHUNK).min(len);
+        Ok(ConsoleLog {
+            offset: start,
+            next_offset: end,
+            text: String::from_utf8_lossy(&bytes[start as usize..end as usize]).into_owned(),
+        })
+    }
+
+    /// The serial console socket of a running VM.
+    pub fn console_socket(&self, name: &str) -> Result<PathBuf, ApiFailure> {
+        let (vm, row) = self.row(name)?;
+        self.live(&vm)?;
+        Ok(self.runtime_paths(row.id).console)
+    }
+
+    /// Drops QMP connections without touching the VMs (daemon shutdown: VMs keep running).
+    pub fn detach_all(&self) {
+        self.instances.lock().expect("instances").clear();
+    }
+}
+
+fn cleanup_runtime(paths: &RuntimePaths) {
+    for p in [&paths.qmp, &paths.console, &paths.pidfile] {
+        let _ = std::fs::remove_file(p);
+    }
+}
+
+fn random_mac() -> String {
+    let mut b = [0u8; 3];
+    ring::rand::SystemRandom::new()
+        .fill(&mut b)
+        .expect("system randomness");
+    mac_from_seed(b)
+}

@@ -1,0 +1,852 @@
+//! An async QMP client for QEMU's monitor socket.
+//!
+//! The split follows qapi-rs: [`Qmp`] holds the writer behind a mutex plus a
+//! map from command `id` to a oneshot sender; a reader task routes each reply
+//! to its waiter by `id` and publishes events on a broadcast channel, so
+//! several consumers (replication, health, the UI feed) can each subscribe.
+//!
+//! Commands are typed by hand, only the ones ferryd uses ([`Command`]), and
+//! decoded leniently: unknown fields are ignored and fields QEMU 7.2 may omit
+//! have defaults. For replies whose structs changed across QEMU versions
+//! (e.g. `query-blockstats`), use [`Qmp::execute_raw`] and pick fields from
+//! the JSON.
+//!
+//! Every call has a timeout. When QEMU exits, the socket reaches EOF, pending
+//! calls fail with [`QmpError::Closed`] and [`Qmp::closed`] resolves.
+
+use std::collections::HashMap;
+use std::io::ErrorKind;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::UnixStream;
+use tokio::sync::{broadcast, oneshot, watch};
+use tokio::time::Instant;
+
+/// Per-call timeout unless [`Qmp::with_timeout`] sets another.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Events buffered per subscriber before a slow one starts missing some
+/// (it then sees `RecvError::Lagged`).
+const EVENT_CAPACITY: usize = 256;
+
+/// Pause between connection attempts while the socket is not there yet.
+const CONNECT_RETRY: Duration = Duration::from_millis(50);
+
+/// Errors of this module.
+#[derive(Debug, thiserror::Error)]
+pub enum QmpError {
+    /// The socket could not be connected to within the timeout.
+    #[error("Failed to connect to QMP socket {path:?}")]
+    Connect {
+        /// The socket path.
+        path: PathBuf,
+        /// The last connection error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// QEMU accepted the connection but sent no greeting. The monitor serves
+    /// one client at a time, so another client is probably attached.
+    #[error("No QMP greeting within {timeout:?}; another client may be attached to the monitor")]
+    Greeting {
+        /// The timeout that elapsed.
+        timeout: Duration,
+    },
+    /// Writing to the socket failed.
+    #[error("QMP socket I/O failed")]
+    Io {
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A command got no reply in time.
+    #[error("QMP command {command} got no reply within {timeout:?}")]
+    Timeout {
+        /// The command name.
+        command: String,
+        /// The timeout that elapsed.
+        timeout: Duration,
+    },
+    /// The connection is closed: QEMU exited or closed the socket.
+    #[error("QMP connection closed (QEMU exited or closed the monitor)")]
+    Closed,
+    /// QEMU sent something that is not QMP, or the connection became
+    /// unusable.
+    #[error("QMP protocol violation: {detail}")]
+    Protocol {
+        /// What went wrong.
+        detail: String,
+    },
+    /// The arguments of a command could not be serialized.
+    #[error("Failed to encode the arguments of QMP command {command}")]
+    Encode {
+        /// The command name.
+        command: String,
+        /// The serializer's error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The reply of a command did not match its typed reply struct.
+    #[error("Failed to decode the reply to QMP command {command}")]
+    Decode {
+        /// The command name.
+        command: String,
+        /// The deserializer's error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// QEMU rejected the command; the message is QEMU's `desc`.
+    #[error("{desc}")]
+    Command {
+        /// QMP error class, e.g. `GenericError`, `CommandNotFound`.
+        class: String,
+        /// QEMU's human-readable description.
+        desc: String,
+    },
+}
+
+/// A QMP command with its typed reply.
+///
+/// The command struct serializes to the `arguments` object; a unit struct
+/// (serialized as `null`) or an empty struct sends no arguments.
+pub trait Command: Serialize {
+    /// The QMP command name, e.g. `query-status`.
+    const NAME: &'static str;
+    /// The type of the `return` value.
+    type Ok: DeserializeOwned;
+}
+
+/// An asynchronous event from QEMU.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct Event {
+    /// Event name, e.g. `STOP`, `BLOCK_JOB_CANCELLED`.
+    pub event: String,
+    /// Event payload; `Null` for events without data.
+    #[serde(default)]
+    pub data: Value,
+    /// When QEMU emitted the event.
+    #[serde(default)]
+    pub timestamp: Option<Timestamp>,
+}
+
+/// QMP event timestamp (host wall clock).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub struct Timestamp {
+    /// Seconds since the Unix epoch.
+    pub seconds: i64,
+    /// Microseconds within the second.
+    pub microseconds: i64,
+}
+
+/// QEMU version from the QMP greeting.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+pub struct QemuVersion {
+    /// Major version.
+    pub major: u32,
+    /// Minor version.
+    pub minor: u32,
+    /// Micro version.
+    pub micro: u32,
+    /// Distribution package string, e.g. `Debian 1:7.2+dfsg-7+deb12u18`.
+    #[serde(default)]
+    pub package: String,
+}
+
+/// A connected QMP client. Cheap to clone; all clones share the connection,
+/// which closes when the last clone is dropped.
+#[derive(Clone)]
+pub struct Qmp {
+    inner: Arc<Inner>,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for Qmp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Qmp")
+            .field("version", &self.inner.version)
+            .field("timeout", &self.timeout)
+            .field("closed", &self.is_closed())
+            .finish()
+    }
+}
+
+struct Inner {
+    writer: tokio::sync::Mutex<Writer>,
+    shared: Arc<Shared>,
+    next_id: AtomicU64,
+    version: QemuVersion,
+    reader: tokio::task::AbortHandle,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // The reader task owns the read half; stopping it closes the
+        // connection so QEMU accepts the next client.
+        self.reader.abort();
+    }
+}
+
+struct Writer {
+    half: OwnedWriteHalf,
+    /// Set while a line is being written. A call cancelled (timeout, drop)
+    /// in the middle of a write leaves a partial line that would corrupt
+    /// every later command, so the connection is then refused.
+    torn: bool,
+}
+
+/// State shared between the handle and the reader task.
+struct Shared {
+    pending: std::sync::Mutex<Pending>,
+    events: broadcast::Sender<Event>,
+    closed: watch::Sender<bool>,
+}
+
+#[derive(Default)]
+struct Pending {
+    /// Set under the same lock as `waiters` so no call can register after
+    /// the reader drained the map at EOF.
+    closed: bool,
+    waiters: HashMap<u64, oneshot::Sender<Reply>>,
+}
+
+type Reply = Result<Value, (String, String)>;
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Pending> {
+        // A panic while holding this lock leaves the map consistent.
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn close(&self) {
+        let mut pending = self.lock();
+        pending.closed = true;
+        // Dropping the senders fails every waiting call with Closed.
+        pending.waiters.clear();
+        drop(pending);
+        self.closed.send_replace(true);
+    }
+}
+
+/// Removes a waiter whose call gave up (timeout or cancellation).
+struct WaiterGuard<'a> {
+    shared: &'a Shared,
+    id: u64,
+}
+
+impl Drop for WaiterGuard<'_> {
+    fn drop(&mut self) {
+        self.shared.lock().waiters.remove(&self.id);
+    }
+}
+
+/// One line from QEMU: a greeting, a reply or an event.
+#[derive(Deserialize)]
+struct Message {
+    #[serde(rename = "QMP")]
+    greeting: Option<Greeting>,
+    event: Option<String>,
+    data: Option<Value>,
+    timestamp: Option<Timestamp>,
+    #[serde(rename = "return")]
+    ret: Option<Value>,
+    error: Option<ErrorBody>,
+    id: Option<Value>,
+}
+
+#[derive(Deserialize)]
+struct Greeting {
+    version: GreetingVersion,
+}
+
+#[derive(Deserialize)]
+struct GreetingVersion {
+    qemu: QemuVersion,
+    #[serde(default)]
+    package: String,
+}
+
+#[derive(Deserialize)]
+struct ErrorBody {
+    #[serde(default)]
+    class: String,
+    #[serde(default)]
+    desc: String,
+}
+
+impl Qmp {
+    /// Connects to QEMU's QMP socket, retrying until `timeout` while the
+    /// socket does not exist yet (it appears a moment after spawn), then
+    /// reads the greeting and negotiates capabilities.
+    pub async fn connect(path: &Path, timeout: Duration) -> Result<Qmp, QmpError> {
+        let deadline = Instant::now() + timeout;
+        let stream = loop {
+            match UnixStream::connect(path).await {
+                Ok(stream) => break stream,
+                // NotFound: not created yet; ConnectionRefused: a stale file
+                // QEMU is about to replace.
+                Err(e)
+                    if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::ConnectionRefused)
+                        && Instant::now() + CONNECT_RETRY < deadline =>
+                {
+                    tokio::time::sleep(CONNECT_RETRY).await;
+                }
+                Err(source) => {
+                    return Err(QmpError::Connect {
+                        path: path.into(),
+                        source,
+                    })
+                }
+            }
+        };
+        let (read, write) = stream.into_split();
+        let mut reader = BufReader::new(read);
+
+        let mut line = Vec::new();
+        let n = tokio::time::timeout_at(deadline, reader.read_until(b'\n', &mut line))
+            .await
+            .map_err(|_| QmpError::Greeting { timeout })?
+            .map_err(|source| QmpError::Io { source })?;
+        if n == 0 {
+            return Err(QmpError::Closed);
+        }
+        let greeting = serde_json::from_slice::<Message>(&line)
+            .ok()
+            .and_then(|m| m.greeting)
+            .ok_or_else(|| QmpError::Protocol {
+                detail: format!("expected the QMP greeting, got {}", String::from_utf8_lossy(&line).trim()),
+            })?;
+        let mut version = greeting.version.qemu;
+        version.package = greeting.version.package;
+
+        let (events, _) = broadcast::channel(EVENT_CAPACITY);
+        let (closed, _) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            pending: Default::default(),
+            events,
+            closed,
+        });
+        let task = tokio::spawn(read_loop(reader, shared.clone()));
+        let qmp = Qmp {
+            inner: Arc::new(Inner {
+                writer: tokio::sync::Mutex::new(Writer {
+                    half: write,
+                    torn: false,
+                }),
+                shared,
+                next_id: AtomicU64::new(1),
+                version,
+                reader: task.abort_handle(),
+            }),
+            timeout: DEFAULT_TIMEOUT,
+        };
+
+        // Until capabilities are negotiated QEMU accepts no other command.
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        qmp.clone()
+            .with_timeout(remaining.max(Duration::from_millis(100)))
+            .execute(&QmpCapabilities)
+            .await?;
+        tracing::debug!(path = %path.display(), version = ?qmp.inner.version, "QMP connected");
+        Ok(qmp)
+    }
+
+    /// The same connection with another per-call timeout.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// The QEMU version from the greeting.
+    pub fn version(&self) -> &QemuVersion {
+        &self.inner.version
+    }
+
+    /// Runs a typed command and decodes its reply.
+    pub async fn execute<C: Command>(&self, cmd: &C) -> Result<C::Ok, QmpError> {
+        let args = serde_json::to_value(cmd).map_err(|source| QmpError::Encode {
+            command: C::NAME.into(),
+            source,
+        })?;
+        let ret = self.call(C::NAME, Some(args)).await?;
+        serde_json::from_value(ret).map_err(|source| QmpError::Decode {
+            command: C::NAME.into(),
+            source,
+        })
+    }
+
+    /// Runs any command and returns its raw `return` value: the escape hatch
+    /// for commands without a typed struct, or whose reply structs differ
+    /// between QEMU versions.
+    pub async fn execute_raw(&self, name: &str, args: Option<Value>) -> Result<Value, QmpError> {
+        self.call(name, args).await
+    }
+
+    /// Sends `quit`. QEMU may exit before its reply arrives, so a closed
+    /// connection counts as success. Await [`closed`](Self::closed) or
+    /// poll the pid to know the process is gone.
+    pub async fn quit(&self) -> Result<(), QmpError> {
+        match self.execute(&Quit).await {
+            Ok(_) | Err(QmpError::Closed) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Subscribes to events from now on.
+    pub fn events(&self) -> broadcast::Receiver<Event> {
+        self.inner.shared.events.subscribe()
+    }
+
+    /// Resolves once the connection is closed (QEMU exited or closed the
+    /// socket).
+    pub async fn closed(&self) {
+        let mut rx = self.inner.shared.closed.subscribe();
+        // The sender lives as long as `self`, so this can't fail early.
+        let _ = rx.wait_for(|closed| *closed).await;
+    }
+
+    /// Whether the connection is closed.
+    pub fn is_closed(&self) -> bool {
+        *self.inner.shared.closed.borrow()
+    }
+
+    async fn call(&self, name: &str, args: Option<Value>) -> Result<Value, QmpError> {
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut msg = serde_json::json!({ "execute": name, "id": id });
+        match args {
+            // Unit structs serialize to null; QEMU wants no arguments then.
+            None | Some(Value::Null) => {}
+            Some(Value::Object(map)) if map.is_empty() => {}
+            Some(args) => {
+                msg["arguments"] = args;
+            }
+        }
+        let mut line = serde_json::to_vec(&msg).map_err(|source| QmpError::Encode {
+            command: name.into(),
+            source,
+        })?;
+        line.push(b'\n');
+
+        let shared = &*self.inner.shared;
+        let rx = {
+            let mut pending = shared.lock();
+            if pending.closed {
+                return Err(QmpError::Closed);
+            }
+            let (tx, rx) = oneshot::channel();
+            pending.waiters.insert(id, tx);
+            rx
+        };
+        let _guard = WaiterGuard { shared, id };
+        tracing::debug!(command = name, id, "QMP execute");
+
+        let exchange = async {
+            {
+                let mut writer = self.inner.writer.lock().await;
+                if writer.torn {
+                    return Err(QmpError::Protocol {
+                        detail: "an earlier command was cancelled mid-write; reconnect".into(),
+                    });
+                }
+                writer.torn = true;
+                writer.half.write_all(&line).await.map_err(|source| match source.kind() {
+                    ErrorKind::BrokenPipe | ErrorKind::ConnectionReset => QmpError::Closed,
+                    _ => QmpError::Io { source },
+                })?;
+                writer.torn = false;
+            }
+            rx.await.map_err(|_| QmpError::Closed)
+        };
+        let reply = tokio::time::timeout(self.timeout, exchange)
+            .await
+            .map_err(|_| QmpError::Timeout {
+                command: name.into(),
+                timeout: self.timeout,
+            })??;
+        reply.map_err(|(class, desc)| {
+            tracing::debug!(command = name, id, class, desc, "QMP error");
+            QmpError::Command { class, desc }
+        })
+    }
+}
+
+/// Reads lines until EOF, routing replies and publishing events.
+async fn read_loop(mut reader: BufReader<OwnedReadHalf>, shared: Arc<Shared>) {
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        match reader.read_until(b'\n', &mut line).await {
+            Ok(0) => break,
+            Ok(_) => dispatch(&shared, &line),
+            Err(e) => {
+                // ECONNRESET is how a QEMU that exits with unread input ends.
+                tracing::debug!("QMP read failed, treating as closed: {e}");
+                break;
+            }
+        }
+    }
+    tracing::debug!("QMP connection closed");
+    shared.close();
+}
+
+fn dispatch(shared: &Shared, line: &[u8]) {
+    let text = String::from_utf8_lossy(line);
+    let msg: Message = match serde_json::from_slice(line) {
+        Ok(msg) => msg,
+        Err(e) => {
+            tracing::warn!("Ignoring unparsable QMP line ({e}): {}", text.trim());
+            return;
+        }
+    };
+    if let Some(event) = msg.event {
+        let event = Event {
+            event,
+            data: msg.data.unwrap_or(Value::Null),
+            timestamp: msg.timestamp,
+        };
+        tracing::debug!(event = %event.event, data = %event.data, "QMP event");
+        // No subscribers is fine: events nobody listens for are dropped.
+        let _ = shared.events.send(event);
+        return;
+    }
+    let reply: Reply = match (msg.ret, msg.error) {
+        (Some(ret), _) => Ok(ret),
+        (None, Some(err)) => Err((err.class, err.desc)),
+        (None, None) => {
+            tracing::warn!("Ignoring unexpected QMP message: {}", text.trim());
+            return;
+        }
+    };
+    // We always send numeric ids; QEMU omits the id only when it could not
+    // parse the request at all.
+    let Some(id) = msg.id.as_ref().and_then(Value::as_u64) else {
+        tracing::warn!("Ignoring QMP reply without our id: {}", text.trim());
+        return;
+    };
+    let waiter = shared.lock().waiters.remove(&id);
+    match waiter {
+        Some(tx) => {
+            let _ = tx.send(reply);
+        }
+        None => tracing::debug!(id, "Dropping QMP reply to a call that gave up"),
+    }
+}
+
+/// The reply of commands that return nothing (`{}`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub struct Empty {}
+
+/// `qmp_capabilities`: leaves capabilities negotiation mode.
+#[derive(Debug, Clone, Copy, Serialize)]
+struct QmpCapabilities;
+
+impl Command for QmpCapabilities {
+    const NAME: &'static str = "qmp_capabilities";
+    type Ok = Empty;
+}
+
+/// `query-status`: whether the guest CPUs run.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct QueryStatus;
+
+impl Command for QueryStatus {
+    const NAME: &'static str = "query-status";
+    type Ok = StatusInfo;
+}
+
+/// Reply of [`QueryStatus`].
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct StatusInfo {
+    /// Whether the vCPUs run.
+    pub running: bool,
+    /// Run state, e.g. `running`, `paused`, `io-error`, `shutdown`.
+    pub status: String,
+}
+
+/// `stop`: pauses the vCPUs (emits `STOP`).
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Stop;
+
+impl Command for Stop {
+    const NAME: &'static str = "stop";
+    type Ok = Empty;
+}
+
+/// `cont`: resumes the vCPUs (emits `RESUME`).
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Cont;
+
+impl Command for Cont {
+    const NAME: &'static str = "cont";
+    type Ok = Empty;
+}
+
+/// `system_powerdown`: presses the ACPI power button; the guest decides
+/// whether and when to shut down.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct SystemPowerdown;
+
+impl Command for SystemPowerdown {
+    const NAME: &'static str = "system_powerdown";
+    type Ok = Empty;
+}
+
+/// `quit`: QEMU closes its images (storing persistent bitmaps) and exits.
+/// Prefer [`Qmp::quit`], which tolerates the connection closing first.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Quit;
+
+impl Command for Quit {
+    const NAME: &'static str = "quit";
+    type Ok = Empty;
+}
+
+/// `query-named-block-nodes`: every named block node with its dirty
+/// bitmaps.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct QueryNamedBlockNodes {
+    /// Omit the nested `backing-image` chains (QEMU 5.0+).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub flat: Option<bool>,
+}
+
+impl Command for QueryNamedBlockNodes {
+    const NAME: &'static str = "query-named-block-nodes";
+    type Ok = Vec<BlockNodeInfo>;
+}
+
+/// One block node from [`QueryNamedBlockNodes`] (a subset of QEMU's
+/// `BlockDeviceInfo`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct BlockNodeInfo {
+    /// Node name, e.g. `drive0`, or QEMU's generated `#block123`.
+    #[serde(rename = "node-name")]
+    pub node_name: String,
+    /// Block driver, e.g. `qcow2`, `file`.
+    pub drv: String,
+    /// Filename of the node (for filters, that of the child).
+    #[serde(default)]
+    pub file: String,
+    /// Dirty bitmaps on this node.
+    #[serde(default, rename = "dirty-bitmaps")]
+    pub dirty_bitmaps: Vec<DirtyBitmapInfo>,
+}
+
+/// A dirty bitmap as QMP reports it (`BlockDirtyInfo`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct DirtyBitmapInfo {
+    /// Bitmap name; `None` for the anonymous copy bitmap a backup job keeps
+    /// while it runs.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Dirty bytes.
+    pub count: u64,
+    /// Bytes per bit.
+    pub granularity: u64,
+    /// Whether guest writes are being recorded (enabled).
+    pub recording: bool,
+    /// Whether the bitmap is stored in the qcow2 on clean close.
+    #[serde(default)]
+    pub persistent: bool,
+    /// Whether an operation (export, job) holds the bitmap.
+    #[serde(default)]
+    pub busy: bool,
+    /// Whether the bitmap was loaded after an unclean shutdown and can't be
+    /// trusted; QEMU only reports the field when it is true.
+    #[serde(default)]
+    pub inconsistent: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::AsyncReadExt;
+    use tokio::net::UnixListener;
+
+    use super::*;
+
+    /// A scripted fake QEMU monitor: sends the greeting and acknowledges
+    /// capabilities, then hands the stream to the test.
+    async fn fake_qemu(listener: &UnixListener) -> (BufReader<OwnedReadHalf>, OwnedWriteHalf) {
+        let (stream, _) = listener.accept().await.unwrap();
+        let (read, mut write) = stream.into_split();
+        let mut read = BufReader::new(read);
+        write
+            .write_all(b"{\"QMP\": {\"version\": {\"qemu\": {\"micro\": 22, \"minor\": 2, \"major\": 7}, \"package\": \"Debian\"}, \"capabilities\": [\"oob\"]}}\n")
+            .await
+            .unwrap();
+        let req = next_request(&mut read).await;
+        assert_eq!(req["execute"], "qmp_capabilities");
+        assert!(req.get("arguments").is_none());
+        reply(&mut write, &format!("{{\"return\": {{}}, \"id\": {}}}", req["id"])).await;
+        (read, write)
+    }
+
+    async fn next_request(read: &mut BufReader<OwnedReadHalf>) -> Value {
+        let mut line = String::new();
+        read.read_line(&mut line).await.unwrap();
+        serde_json::from_str(&line).unwrap()
+    }
+
+    async fn reply(write: &mut OwnedWriteHalf, line: &str) {
+        write.write_all(line.as_bytes()).await.unwrap();
+        write.write_all(b"\n").await.unwrap();
+    }
+
+    fn socket() -> (tempfile::TempDir, PathBuf, UnixListener) {
+        let dir = tempfile::Builder::new().prefix("fq").tempdir_in("/tmp").unwrap();
+        let path = dir.path().join("qmp.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        (dir, path, listener)
+    }
+
+    #[tokio::test]
+    async fn routes_out_of_order_replies_and_events() {
+        let (_dir, path, listener) = socket();
+        let server = tokio::spawn(async move {
+            let (mut read, mut write) = fake_qemu(&listener).await;
+            let a = next_request(&mut read).await;
+            let b = next_request(&mut read).await;
+            let (status, nodes) = if a["execute"] == "query-status" { (a, b) } else { (b, a) };
+            assert_eq!(nodes["arguments"], serde_json::json!({"flat": true}));
+            reply(&mut write, r#"{"timestamp": {"seconds": 1, "microseconds": 2}, "event": "STOP"}"#).await;
+            // Answer the second request first.
+            let nodes_reply = serde_json::json!({
+                "return": [{
+                    "node-name": "drive0", "drv": "qcow2", "file": "/d.qcow2", "ro": false,
+                    "dirty-bitmaps": [
+                        {"name": "cbt-1", "recording": true, "persistent": true, "busy": false,
+                         "granularity": 65536, "count": 0},
+                        // The backup job's copy bitmap has no name.
+                        {"recording": false, "busy": true, "granularity": 65536,
+                         "count": 67108864, "persistent": false},
+                    ],
+                }],
+                "id": nodes["id"],
+            });
+            reply(&mut write, &nodes_reply.to_string()).await;
+            reply(
+                &mut write,
+                &format!(r#"{{"return": {{"status": "paused", "singlestep": false, "running": false}}, "id": {}}}"#, status["id"]),
+            )
+            .await;
+            let err = next_request(&mut read).await;
+            reply(
+                &mut write,
+                &format!(r#"{{"id": {}, "error": {{"class": "CommandNotFound", "desc": "The command nope has not been found"}}}}"#, err["id"]),
+            )
+            .await;
+            // Hold the connection until the client is done.
+            let mut rest = Vec::new();
+            let _ = read.read_to_end(&mut rest).await;
+        });
+
+        let qmp = Qmp::connect(&path, Duration::from_secs(5)).await.unwrap();
+        assert_eq!(qmp.version().major, 7);
+        assert_eq!(qmp.version().package, "Debian");
+        let mut events = qmp.events();
+        let (status, nodes) = tokio::join!(
+            qmp.execute(&QueryStatus),
+            qmp.execute(&QueryNamedBlockNodes { flat: Some(true) })
+        );
+        let status = status.unwrap();
+        assert!(!status.running);
+        assert_eq!(status.status, "paused");
+        let nodes = nodes.unwrap();
+        assert_eq!(nodes[0].node_name, "drive0");
+        assert_eq!(nodes[0].dirty_bitmaps.len(), 2);
+        assert_eq!(nodes[0].dirty_bitmaps[0].name.as_deref(), Some("cbt-1"));
+        assert!(!nodes[0].dirty_bitmaps[0].inconsistent);
+        assert_eq!(nodes[0].dirty_bitmaps[1].name, None);
+
+        let event = events.recv().await.unwrap();
+        assert_eq!(event.event, "STOP");
+        assert_eq!(event.data, Value::Null);
+        assert_eq!(event.timestamp, Some(Timestamp { seconds: 1, microseconds: 2 }));
+
+        let err = qmp.execute_raw("nope", None).await.unwrap_err();
+        match &err {
+            QmpError::Command { class, .. } => assert_eq!(class, "CommandNotFound"),
+            other => panic!("unexpected {other:?}"),
+        }
+        assert_eq!(err.to_string(), "The command nope has not been found");
+        drop(qmp);
+        server.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn eof_fails_pending_calls_and_resolves_closed() {
+        let (_dir, path, listener) = socket();
+        let server = tokio::spawn(async move {
+            let (mut read, write) = fake_qemu(&listener).await;
+            let req = next_request(&mut read).await;
+            assert_eq!(req["execute"], "quit");
+            // Exit without replying, like QEMU racing its reply.
+            drop((read, write));
+        });
+        let qmp = Qmp::connect(&path, Duration::from_secs(5)).await.unwrap();
+        assert!(!qmp.is_closed());
+        assert!(matches!(qmp.execute(&Quit).await, Err(QmpError::Closed)));
+        tokio::time::timeout(Duration::from_secs(5), qmp.closed()).await.unwrap();
+        assert!(qmp.is_closed());
+        assert!(matches!(qmp.execute(&QueryStatus).await, Err(QmpError::Closed)));
+        // quit() treats the closed connection as success.
+        qmp.quit().await.unwrap();
+        server.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn call_times_out_and_late_reply_is_dropped() {
+        let (_dir, path, listener) = socket();
+        let server = tokio::spawn(async move {
+            let (mut read, mut write) = fake_qemu(&listener).await;
+            let slow = next_request(&mut read).await;
+            let fast = next_request(&mut read).await;
+            // The late reply to the timed-out call must not confuse routing.
+            reply(&mut write, &format!(r#"{{"return": {{}}, "id": {}}}"#, slow["id"])).await;
+            reply(&mut write, &format!(r#"{{"return": {{"running": true, "status": "running"}}, "id": {}}}"#, fast["id"])).await;
+            let mut rest = Vec::new();
+            let _ = read.read_to_end(&mut rest).await;
+        });
+        let qmp = Qmp::connect(&path, Duration::from_secs(5)).await.unwrap();
+        let err = qmp.clone().with_timeout(Duration::from_millis(100)).execute(&Stop).await.unwrap_err();
+        assert!(matches!(err, QmpError::Timeout { .. }), "{err:?}");
+        assert!(qmp.execute(&QueryStatus).await.unwrap().running);
+        drop(qmp);
+        server.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn connect_retries_until_socket_appears() {
+        let dir = tempfile::Builder::new().prefix("fq").tempdir_in("/tmp").unwrap();
+        let path = dir.path().join("qmp.sock");
+        let server_path = path.clone();
+        let server = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let listener = UnixListener::bind(&server_path).unwrap();
+            let (mut read, _write) = fake_qemu(&listener).await;
+            let mut rest = Vec::new();
+            let _ = read.read_to_end(&mut rest).await;
+        });
+        let qmp = Qmp::connect(&path, Duration::from_secs(5)).await.unwrap();
+        drop(qmp);
+        server.await.unwrap();
+
+        let missing = dir.path().join("missing.sock");
+        let err = Qmp::connect(&missing, Duration::from_millis(200)).await.unwrap_err();
+        assert!(matches!(err, QmpError::Connect { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn empty_decodes_from_object() {
+        let e: Empty = serde_json::from_str("{}").unwrap();
+        assert_eq!(e, Empty {});
+        assert_eq!(serde_json::to_value(Stop).unwrap(), Value::Null);
+        assert_eq!(serde_json::to_value(QueryNamedBlockNodes::default()).unwrap(), serde_json::json!({}));
+    }
+}
