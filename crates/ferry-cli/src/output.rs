@@ -42,9 +42,11 @@ impl Output {
         }
     }
 
-    /// A note while waiting (text mode only, on stderr so stdout stays clean).
+    /// A note while waiting: text mode, on a terminal only (scripts get results and
+    /// one-line errors, nothing else).
     pub fn progress(&self, msg: &str) {
-        if self.format == Format::Text {
+        use std::io::IsTerminal;
+        if self.format == Format::Text && std::io::stderr().is_terminal() {
             eprintln!("{msg}");
         }
     }

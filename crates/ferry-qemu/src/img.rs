@@ -150,7 +150,8 @@ struct RawBitmap {
 
 /// Parses `qemu-img info --output=json` of a single image.
 pub fn parse_info(json: &str) -> Result<ImageInfo, ImgError> {
-    let raw: RawInfo = serde_json::from_str(json).map_err(|source| ImgError::ParseInfo { source })?;
+    let raw: RawInfo =
+        serde_json::from_str(json).map_err(|source| ImgError::ParseInfo { source })?;
     let dirty_bitmaps = match raw.format_specific {
         // Only qcow2 stores bitmaps; other formats' data has other shapes.
         Some(fs) if fs.kind == "qcow2" => fs.data.bitmaps.into_iter().map(|b| b.name).collect(),
@@ -170,7 +171,12 @@ pub fn parse_info(json: &str) -> Result<ImageInfo, ImgError> {
 /// slightly stale.
 pub async fn info(qemu_img: &Path, path: &Path) -> Result<ImageInfo, ImgError> {
     require_input(path).await?;
-    let args = [OsStr::new("info"), OsStr::new("--output=json"), OsStr::new("-U"), path.as_os_str()];
+    let args = [
+        OsStr::new("info"),
+        OsStr::new("--output=json"),
+        OsStr::new("-U"),
+        path.as_os_str(),
+    ];
     let out = run(qemu_img, &args, Some(("info", path))).await?;
     if !out.status.success() {
         return Err(ImgError::Info {
@@ -237,7 +243,9 @@ async fn convert(qemu_img: &Path, src: &Path, dst: &Path, opts: &[&str]) -> Resu
 
 async fn require_input(path: &Path) -> Result<(), ImgError> {
     match tokio::fs::metadata(path).await {
-        Err(e) if e.kind() == ErrorKind::NotFound => Err(ImgError::ImageNotFound { path: path.into() }),
+        Err(e) if e.kind() == ErrorKind::NotFound => {
+            Err(ImgError::ImageNotFound { path: path.into() })
+        }
         // Other errors (permissions) are left for qemu-img to report.
         _ => Ok(()),
     }
@@ -343,7 +351,10 @@ mod tests {
     fn parses_bitmap_in_use_by_running_vm() {
         // Captured with -U while QEMU held the image: the bitmap is flagged
         // in-use but is still listed.
-        let info = parse_info(include_str!("../tests/fixtures/info-qcow2-bitmap-in-use.json")).unwrap();
+        let info = parse_info(include_str!(
+            "../tests/fixtures/info-qcow2-bitmap-in-use.json"
+        ))
+        .unwrap();
         assert_eq!(info.dirty_bitmaps, ["cbt-1"]);
     }
 
@@ -364,7 +375,10 @@ mod tests {
 
     #[test]
     fn rejects_garbage() {
-        assert!(matches!(parse_info("qemu-img: oops"), Err(ImgError::ParseInfo { .. })));
+        assert!(matches!(
+            parse_info("qemu-img: oops"),
+            Err(ImgError::ParseInfo { .. })
+        ));
         assert!(matches!(parse_info("{}"), Err(ImgError::ParseInfo { .. })));
     }
 }

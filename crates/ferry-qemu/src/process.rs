@@ -42,7 +42,9 @@ pub enum ProcessError {
     },
     /// A path is relative; QEMU changes to `/` when it daemonizes, so later
     /// uses of a relative path (socket unlink, pidfile removal) would miss.
-    #[error("{what} path {path:?} is relative; a daemonized QEMU runs in / and needs absolute paths")]
+    #[error(
+        "{what} path {path:?} is relative; a daemonized QEMU runs in / and needs absolute paths"
+    )]
     RelativePath {
         /// Which path.
         what: String,
@@ -50,7 +52,9 @@ pub enum ProcessError {
         path: PathBuf,
     },
     /// A unix socket path does not fit into `sockaddr_un`.
-    #[error("{what} socket path {path:?} is {len} bytes; unix sockets allow at most {SUN_PATH_MAX}")]
+    #[error(
+        "{what} socket path {path:?} is {len} bytes; unix sockets allow at most {SUN_PATH_MAX}"
+    )]
     SocketPathTooLong {
         /// Which socket.
         what: String,
@@ -68,6 +72,13 @@ pub enum ProcessError {
         value: String,
         /// Why it was rejected.
         reason: &'static str,
+    },
+    /// The pidfile names a live QEMU of this VM; starting another would
+    /// unlink its sockets and leave it unreachable.
+    #[error("QEMU for this VM is already running as pid {pid}")]
+    AlreadyRunning {
+        /// The running QEMU.
+        pid: u32,
     },
     /// A stale socket or pidfile of an earlier run could not be removed.
     #[error("Failed to remove stale file {path:?}")]
@@ -313,12 +324,23 @@ impl QemuCommand {
         a.push("-daemonize");
         a.push2("-pidfile", &self.pidfile);
 
-        a.push2("-chardev", opt("socket,id=qmp,path=", &self.qmp_socket, ",server=on,wait=off"));
+        a.push2(
+            "-chardev",
+            opt(
+                "socket,id=qmp,path=",
+                &self.qmp_socket,
+                ",server=on,wait=off",
+            ),
+        );
         a.push2("-mon", "chardev=qmp,mode=control");
 
         // logfile= records console output even when no client is attached to
         // the socket; logappend keeps earlier boots.
-        let mut serial = opt("socket,id=serial0,path=", &self.console_socket, ",server=on,wait=off,logfile=");
+        let mut serial = opt(
+            "socket,id=serial0,path=",
+            &self.console_socket,
+            ",server=on,wait=off,logfile=",
+        );
         serial.push(&self.console_log);
         serial.push(",logappend=on");
         a.push2("-chardev", serial);
@@ -328,8 +350,14 @@ impl QemuCommand {
             let file = format!("driver=file,node-name=file{i},filename=");
             a.push2("-blockdev", opt(&file, disk, ",cache.direct=off"));
             // Replication addresses the qcow2 node by this name.
-            a.push2("-blockdev", format!("driver=qcow2,node-name=drive{i},file=file{i}"));
-            a.push2("-device", format!("virtio-blk-pci,drive=drive{i},id=vblk{i}"));
+            a.push2(
+                "-blockdev",
+                format!("driver=qcow2,node-name=drive{i},file=file{i}"),
+            );
+            a.push2(
+                "-device",
+                format!("virtio-blk-pci,drive=drive{i},id=vblk{i}"),
+            );
         }
 
         if self.nics.is_empty() {
@@ -341,7 +369,10 @@ impl QemuCommand {
                 NicBackend::User => format!("user,id=net{j}"),
             };
             a.push2("-netdev", netdev);
-            a.push2("-device", format!("virtio-net-pci,netdev=net{j},mac={}", nic.mac));
+            a.push2(
+                "-device",
+                format!("virtio-net-pci,netdev=net{j},mac={}", nic.mac),
+            );
         }
 
         match &self.kernel {
@@ -396,7 +427,11 @@ fn check_value(what: &str, value: &str) -> Result<(), ProcessError> {
         return Err(invalid(what, value, "must not be empty"));
     }
     if value.contains(',') {
-        return Err(invalid(what, value, "contains a comma, which QEMU's option syntax cannot take"));
+        return Err(invalid(
+            what,
+            value,
+            "contains a comma, which QEMU's option syntax cannot take",
+        ));
     }
     Ok(())
 }
@@ -419,10 +454,16 @@ fn check_path(what: &str, path: &Path) -> Result<(), ProcessError> {
 
 fn check_mac(what: &str, mac: &str) -> Result<(), ProcessError> {
     let octets: Vec<&str> = mac.split(':').collect();
-    let well_formed =
-        octets.len() == 6 && octets.iter().all(|o| o.len() == 2 && o.bytes().all(|b| b.is_ascii_hexdigit()));
+    let well_formed = octets.len() == 6
+        && octets
+            .iter()
+            .all(|o| o.len() == 2 && o.bytes().all(|b| b.is_ascii_hexdigit()));
     if !well_formed {
-        return Err(invalid(what, mac, "expected six hex octets like 52:54:00:12:34:56"));
+        return Err(invalid(
+            what,
+            mac,
+            "expected six hex octets like 52:54:00:12:34:56",
+        ));
     }
     // The low bit of the first octet marks a multicast address, which a NIC
     // can't own: the guest would see no unicast traffic.
@@ -468,10 +509,13 @@ fn read_pidfile(path: &Path) -> Result<u32, ProcessError> {
         path: path.into(),
         source,
     })?;
-    content.trim().parse().map_err(|_| ProcessError::ParsePidfile {
-        path: path.into(),
-        content,
-    })
+    content
+        .trim()
+        .parse()
+        .map_err(|_| ProcessError::ParsePidfile {
+            path: path.into(),
+            content,
+        })
 }
 
 /// Starts the VM as a daemonized QEMU and returns the pid of the daemon.
@@ -483,6 +527,11 @@ fn read_pidfile(path: &Path) -> Result<u32, ProcessError> {
 /// startup error; a failure is returned as that stderr on one line.
 pub async fn spawn_daemonized(cmd: &QemuCommand) -> Result<u32, ProcessError> {
     cmd.validate()?;
+    if let Ok(pid) = read_pidfile(&cmd.pidfile) {
+        if pid_alive(pid) && pid_cmdline_contains(pid, &cmd.qmp_socket.to_string_lossy()) {
+            return Err(ProcessError::AlreadyRunning { pid });
+        }
+    }
     // A stale socket would make QEMU fail to bind; a stale pidfile would be
     // mistaken for the new VM's if QEMU failed before writing it.
     for path in [&cmd.qmp_socket, &cmd.console_socket, &cmd.pidfile] {
@@ -536,14 +585,19 @@ pub async fn spawn_daemonized(cmd: &QemuCommand) -> Result<u32, ProcessError> {
             if let Ok(pid) = read_pidfile(&cmd.pidfile) {
                 let _ = signal(pid, libc::SIGKILL);
             }
-            return Err(ProcessError::StartTimeout { timeout: SPAWN_TIMEOUT });
+            return Err(ProcessError::StartTimeout {
+                timeout: SPAWN_TIMEOUT,
+            });
         }
     };
 
     let stderr = one_line(&output.stderr);
     if !output.status.success() {
         let stderr = if stderr.is_empty() {
-            format!("QEMU exited with {} during startup and printed nothing", output.status)
+            format!(
+                "QEMU exited with {} during startup and printed nothing",
+                output.status
+            )
         } else {
             stderr
         };
@@ -686,7 +740,12 @@ async fn probe_boot(binary: &Path, accel: Accel, timeout: Duration) -> bool {
     }
 }
 
-async fn run_probe(binary: &Path, accel: Accel, timeout: Duration, dir: &Path) -> std::io::Result<bool> {
+async fn run_probe(
+    binary: &Path,
+    accel: Accel,
+    timeout: Duration,
+    dir: &Path,
+) -> std::io::Result<bool> {
     tokio::fs::create_dir_all(dir).await?;
     let mbr = dir.join("mbr.raw");
     let out = dir.join("debugcon.out");
@@ -701,7 +760,16 @@ async fn run_probe(binary: &Path, accel: Accel, timeout: Duration, dir: &Path) -
 
     let mut child = Command::new(binary)
         .args(["-accel", accel.as_str(), "-cpu", accel.cpu_model()])
-        .args(["-machine", "pc", "-m", "16", "-nodefaults", "-display", "none", "-no-user-config"])
+        .args([
+            "-machine",
+            "pc",
+            "-m",
+            "16",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-no-user-config",
+        ])
         .arg("-drive")
         .arg(drive)
         .arg("-chardev")
@@ -715,13 +783,13 @@ async fn run_probe(binary: &Path, accel: Accel, timeout: Duration, dir: &Path) -
 
     let deadline = Instant::now() + timeout;
     let booted = loop {
-        let printed = tokio::fs::read(&out).await.map(|b| b.contains(&b'K')).unwrap_or(false);
-        if printed {
+        if printed_k(&out).await {
             break true;
         }
-        // QEMU exiting on its own means it failed (e.g. KVM vCPU setup).
+        // QEMU exiting on its own means it failed (e.g. KVM vCPU setup);
+        // look once more in case it printed just before.
         if child.try_wait()?.is_some() {
-            break tokio::fs::read(&out).await.map(|b| b.contains(&b'K')).unwrap_or(false);
+            break printed_k(&out).await;
         }
         if Instant::now() >= deadline {
             break false;
@@ -731,9 +799,17 @@ async fn run_probe(binary: &Path, accel: Accel, timeout: Duration, dir: &Path) -
     let _ = child.kill().await;
     if !booted {
         let stderr = one_line(&tokio::fs::read(&err).await.unwrap_or_default());
-        tracing::info!(accel = accel.as_str(), "Boot probe did not boot within {timeout:?}: {stderr}");
+        tracing::info!(
+            accel = accel.as_str(),
+            "Boot probe did not boot within {timeout:?}: {stderr}"
+        );
     }
     Ok(booted)
+}
+
+/// Whether the probe MBR's 'K' reached the debug console file.
+async fn printed_k(out: &Path) -> bool {
+    tokio::fs::read(out).await.is_ok_and(|b| b.contains(&b'K'))
 }
 
 #[cfg(test)]
@@ -750,7 +826,10 @@ mod tests {
             kernel: None,
             initrd: None,
             append: None,
-            disks: vec!["/vms/web1/disk0.qcow2".into(), "/vms/web1/disk1.qcow2".into()],
+            disks: vec![
+                "/vms/web1/disk0.qcow2".into(),
+                "/vms/web1/disk1.qcow2".into(),
+            ],
             nics: vec![],
             qmp_socket: "/run/ferry/web1/qmp.sock".into(),
             console_socket: "/run/ferry/web1/console.sock".into(),
@@ -760,12 +839,18 @@ mod tests {
     }
 
     fn argv(cmd: &QemuCommand) -> Vec<String> {
-        cmd.args().into_iter().map(|a| a.into_string().unwrap()).collect()
+        cmd.args()
+            .into_iter()
+            .map(|a| a.into_string().unwrap())
+            .collect()
     }
 
     /// The value following `flag`, for every occurrence.
     fn values(args: &[String], flag: &str) -> Vec<String> {
-        args.windows(2).filter(|w| w[0] == flag).map(|w| w[1].clone()).collect()
+        args.windows(2)
+            .filter(|w| w[0] == flag)
+            .map(|w| w[1].clone())
+            .collect()
     }
 
     #[test]
@@ -807,7 +892,9 @@ mod tests {
         cmd.append = Some("console=ttyS0 root=/dev/vda,x".into());
         cmd.nics = vec![
             NicArg {
-                backend: NicBackend::Bridge { bridge: "br0".into() },
+                backend: NicBackend::Bridge {
+                    bridge: "br0".into(),
+                },
                 mac: "52:54:00:00:00:01".into(),
             },
             NicArg {
@@ -818,7 +905,10 @@ mod tests {
         let args = argv(&cmd);
         assert_eq!(values(&args, "-accel"), ["kvm"]);
         assert_eq!(values(&args, "-cpu"), ["host"]);
-        assert_eq!(values(&args, "-netdev"), ["bridge,id=net0,br=br0", "user,id=net1"]);
+        assert_eq!(
+            values(&args, "-netdev"),
+            ["bridge,id=net0,br=br0", "user,id=net1"]
+        );
         let devices = values(&args, "-device");
         assert!(devices.contains(&"virtio-net-pci,netdev=net0,mac=52:54:00:00:00:01".to_string()));
         assert!(devices.contains(&"virtio-net-pci,netdev=net1,mac=52:54:00:00:00:02".to_string()));
@@ -841,7 +931,10 @@ mod tests {
         let mut cmd = sample();
         cmd.disks[1] = "/vms/a,b.qcow2".into();
         let err = cmd.validate().unwrap_err();
-        assert!(matches!(err, ProcessError::PathContainsComma { .. }), "{err:?}");
+        assert!(
+            matches!(err, ProcessError::PathContainsComma { .. }),
+            "{err:?}"
+        );
         assert_eq!(
             err.to_string(),
             "disk 1 path \"/vms/a,b.qcow2\" contains a comma, which QEMU's option syntax cannot take"
@@ -852,11 +945,18 @@ mod tests {
     fn validate_rejects_comma_in_sockets_and_name() {
         let mut cmd = sample();
         cmd.console_log = "/var/log/a,b".into();
-        assert!(cmd.validate().unwrap_err().to_string().starts_with("console log path"));
+        assert!(cmd
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .starts_with("console log path"));
 
         let mut cmd = sample();
         cmd.name = "a,b".into();
-        assert!(matches!(cmd.validate(), Err(ProcessError::InvalidSetting { .. })));
+        assert!(matches!(
+            cmd.validate(),
+            Err(ProcessError::InvalidSetting { .. })
+        ));
     }
 
     #[test]
@@ -866,7 +966,10 @@ mod tests {
         assert_eq!(long.len(), 110);
         cmd.qmp_socket = long.into();
         let err = cmd.validate().unwrap_err();
-        assert!(matches!(err, ProcessError::SocketPathTooLong { len: 110, .. }), "{err:?}");
+        assert!(
+            matches!(err, ProcessError::SocketPathTooLong { len: 110, .. }),
+            "{err:?}"
+        );
         assert!(err.to_string().contains("at most 107"), "{err}");
 
         // 107 bytes is the longest that fits.
@@ -879,12 +982,20 @@ mod tests {
     fn validate_rejects_relative_path() {
         let mut cmd = sample();
         cmd.pidfile = "qemu.pid".into();
-        assert!(matches!(cmd.validate(), Err(ProcessError::RelativePath { .. })));
+        assert!(matches!(
+            cmd.validate(),
+            Err(ProcessError::RelativePath { .. })
+        ));
     }
 
     #[test]
     fn validate_checks_nics() {
-        for mac in ["52:54:00:00:00", "52-54-00-00-00-01", "52:54:00:00:00:0g", "01:00:5e:00:00:01"] {
+        for mac in [
+            "52:54:00:00:00",
+            "52-54-00-00-00-01",
+            "52:54:00:00:00:0g",
+            "01:00:5e:00:00:01",
+        ] {
             let mut cmd = sample();
             cmd.nics = vec![NicArg {
                 backend: NicBackend::User,
@@ -894,7 +1005,9 @@ mod tests {
         }
         let mut cmd = sample();
         cmd.nics = vec![NicArg {
-            backend: NicBackend::Bridge { bridge: "br0,x=y".into() },
+            backend: NicBackend::Bridge {
+                bridge: "br0,x=y".into(),
+            },
             mac: "52:54:00:00:00:01".into(),
         }];
         assert!(cmd.validate().is_err());
@@ -902,7 +1015,10 @@ mod tests {
 
     #[test]
     fn one_line_condenses() {
-        assert_eq!(one_line(b"a: warning\n\n  b: error  \n"), "a: warning; b: error");
+        assert_eq!(
+            one_line(b"a: warning\n\n  b: error  \n"),
+            "a: warning; b: error"
+        );
         assert_eq!(one_line(b""), "");
     }
 
@@ -922,9 +1038,18 @@ mod tests {
         assert!(pid_alive(me));
         assert!(!pid_alive(0));
         assert!(pid_cmdline_contains(me, ""));
-        assert!(!pid_cmdline_contains(me, "definitely-not-in-our-cmdline-\u{1}"));
-        assert!(matches!(signal(0, 0), Err(ProcessError::InvalidPid { pid: 0 })));
-        assert!(matches!(signal(u32::MAX, 0), Err(ProcessError::InvalidPid { .. })));
+        assert!(!pid_cmdline_contains(
+            me,
+            "definitely-not-in-our-cmdline-\u{1}"
+        ));
+        assert!(matches!(
+            signal(0, 0),
+            Err(ProcessError::InvalidPid { pid: 0 })
+        ));
+        assert!(matches!(
+            signal(u32::MAX, 0),
+            Err(ProcessError::InvalidPid { .. })
+        ));
         signal(me, 0).unwrap();
     }
 }

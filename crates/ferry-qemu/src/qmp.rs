@@ -320,7 +320,10 @@ impl Qmp {
             .ok()
             .and_then(|m| m.greeting)
             .ok_or_else(|| QmpError::Protocol {
-                detail: format!("expected the QMP greeting, got {}", String::from_utf8_lossy(&line).trim()),
+                detail: format!(
+                    "expected the QMP greeting, got {}",
+                    String::from_utf8_lossy(&line).trim()
+                ),
             })?;
         let mut version = greeting.version.qemu;
         version.package = greeting.version.package;
@@ -455,10 +458,14 @@ impl Qmp {
                     });
                 }
                 writer.torn = true;
-                writer.half.write_all(&line).await.map_err(|source| match source.kind() {
-                    ErrorKind::BrokenPipe | ErrorKind::ConnectionReset => QmpError::Closed,
-                    _ => QmpError::Io { source },
-                })?;
+                writer
+                    .half
+                    .write_all(&line)
+                    .await
+                    .map_err(|source| match source.kind() {
+                        ErrorKind::BrokenPipe | ErrorKind::ConnectionReset => QmpError::Closed,
+                        _ => QmpError::Io { source },
+                    })?;
                 writer.torn = false;
             }
             rx.await.map_err(|_| QmpError::Closed)
@@ -683,7 +690,11 @@ mod tests {
         let req = next_request(&mut read).await;
         assert_eq!(req["execute"], "qmp_capabilities");
         assert!(req.get("arguments").is_none());
-        reply(&mut write, &format!("{{\"return\": {{}}, \"id\": {}}}", req["id"])).await;
+        reply(
+            &mut write,
+            &format!("{{\"return\": {{}}, \"id\": {}}}", req["id"]),
+        )
+        .await;
         (read, write)
     }
 
@@ -699,7 +710,10 @@ mod tests {
     }
 
     fn socket() -> (tempfile::TempDir, PathBuf, UnixListener) {
-        let dir = tempfile::Builder::new().prefix("fq").tempdir_in("/tmp").unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("fq")
+            .tempdir_in("/tmp")
+            .unwrap();
         let path = dir.path().join("qmp.sock");
         let listener = UnixListener::bind(&path).unwrap();
         (dir, path, listener)
@@ -712,9 +726,17 @@ mod tests {
             let (mut read, mut write) = fake_qemu(&listener).await;
             let a = next_request(&mut read).await;
             let b = next_request(&mut read).await;
-            let (status, nodes) = if a["execute"] == "query-status" { (a, b) } else { (b, a) };
+            let (status, nodes) = if a["execute"] == "query-status" {
+                (a, b)
+            } else {
+                (b, a)
+            };
             assert_eq!(nodes["arguments"], serde_json::json!({"flat": true}));
-            reply(&mut write, r#"{"timestamp": {"seconds": 1, "microseconds": 2}, "event": "STOP"}"#).await;
+            reply(
+                &mut write,
+                r#"{"timestamp": {"seconds": 1, "microseconds": 2}, "event": "STOP"}"#,
+            )
+            .await;
             // Answer the second request first.
             let nodes_reply = serde_json::json!({
                 "return": [{
@@ -767,7 +789,13 @@ mod tests {
         let event = events.recv().await.unwrap();
         assert_eq!(event.event, "STOP");
         assert_eq!(event.data, Value::Null);
-        assert_eq!(event.timestamp, Some(Timestamp { seconds: 1, microseconds: 2 }));
+        assert_eq!(
+            event.timestamp,
+            Some(Timestamp {
+                seconds: 1,
+                microseconds: 2
+            })
+        );
 
         let err = qmp.execute_raw("nope", None).await.unwrap_err();
         match &err {
@@ -792,9 +820,14 @@ mod tests {
         let qmp = Qmp::connect(&path, Duration::from_secs(5)).await.unwrap();
         assert!(!qmp.is_closed());
         assert!(matches!(qmp.execute(&Quit).await, Err(QmpError::Closed)));
-        tokio::time::timeout(Duration::from_secs(5), qmp.closed()).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(5), qmp.closed())
+            .await
+            .unwrap();
         assert!(qmp.is_closed());
-        assert!(matches!(qmp.execute(&QueryStatus).await, Err(QmpError::Closed)));
+        assert!(matches!(
+            qmp.execute(&QueryStatus).await,
+            Err(QmpError::Closed)
+        ));
         // quit() treats the closed connection as success.
         qmp.quit().await.unwrap();
         server.await.unwrap();
@@ -808,13 +841,29 @@ mod tests {
             let slow = next_request(&mut read).await;
             let fast = next_request(&mut read).await;
             // The late reply to the timed-out call must not confuse routing.
-            reply(&mut write, &format!(r#"{{"return": {{}}, "id": {}}}"#, slow["id"])).await;
-            reply(&mut write, &format!(r#"{{"return": {{"running": true, "status": "running"}}, "id": {}}}"#, fast["id"])).await;
+            reply(
+                &mut write,
+                &format!(r#"{{"return": {{}}, "id": {}}}"#, slow["id"]),
+            )
+            .await;
+            reply(
+                &mut write,
+                &format!(
+                    r#"{{"return": {{"running": true, "status": "running"}}, "id": {}}}"#,
+                    fast["id"]
+                ),
+            )
+            .await;
             let mut rest = Vec::new();
             let _ = read.read_to_end(&mut rest).await;
         });
         let qmp = Qmp::connect(&path, Duration::from_secs(5)).await.unwrap();
-        let err = qmp.clone().with_timeout(Duration::from_millis(100)).execute(&Stop).await.unwrap_err();
+        let err = qmp
+            .clone()
+            .with_timeout(Duration::from_millis(100))
+            .execute(&Stop)
+            .await
+            .unwrap_err();
         assert!(matches!(err, QmpError::Timeout { .. }), "{err:?}");
         assert!(qmp.execute(&QueryStatus).await.unwrap().running);
         drop(qmp);
@@ -823,7 +872,10 @@ mod tests {
 
     #[tokio::test]
     async fn connect_retries_until_socket_appears() {
-        let dir = tempfile::Builder::new().prefix("fq").tempdir_in("/tmp").unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("fq")
+            .tempdir_in("/tmp")
+            .unwrap();
         let path = dir.path().join("qmp.sock");
         let server_path = path.clone();
         let server = tokio::spawn(async move {
@@ -838,7 +890,9 @@ mod tests {
         server.await.unwrap();
 
         let missing = dir.path().join("missing.sock");
-        let err = Qmp::connect(&missing, Duration::from_millis(200)).await.unwrap_err();
+        let err = Qmp::connect(&missing, Duration::from_millis(200))
+            .await
+            .unwrap_err();
         assert!(matches!(err, QmpError::Connect { .. }), "{err:?}");
     }
 
@@ -847,6 +901,9 @@ mod tests {
         let e: Empty = serde_json::from_str("{}").unwrap();
         assert_eq!(e, Empty {});
         assert_eq!(serde_json::to_value(Stop).unwrap(), Value::Null);
-        assert_eq!(serde_json::to_value(QueryNamedBlockNodes::default()).unwrap(), serde_json::json!({}));
+        assert_eq!(
+            serde_json::to_value(QueryNamedBlockNodes::default()).unwrap(),
+            serde_json::json!({})
+        );
     }
 }
