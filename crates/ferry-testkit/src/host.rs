@@ -224,6 +224,11 @@ impl Host {
         }
     }
 
+    /// The console log read from disk, for when ferryd is down.
+    pub fn offline_console(host: &Host, vm: &str) -> String {
+        std::fs::read_to_string(host.vm_storage.join(vm).join("console.log")).unwrap_or_default()
+    }
+
     /// ferryd's log.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
