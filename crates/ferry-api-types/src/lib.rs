@@ -17,9 +17,9 @@
 
 use serde::{Deserialize, Serialize};
 
-pub use ferry_domain::{VmName, VmState};
 /// Parses sizes such as `512M` or `8G`, as the CLI accepts them.
 pub use ferry_domain::parse_size;
+pub use ferry_domain::{VmName, VmState};
 
 /// The upgrade protocol name of the console stream.
 pub const CONSOLE_UPGRADE: &str = "ferry-console";

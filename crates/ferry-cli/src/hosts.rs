@@ -78,7 +78,11 @@ impl Hosts {
             bail!("unknown host {name:?}: add it with `ferry host add {name} https://ADDR:PORT --fingerprint F --token T`, or pass a URL or socket path");
         };
         Ok(Endpoint::Tls {
-            addr: h.url.trim_start_matches("https://").trim_end_matches('/').to_owned(),
+            addr: h
+                .url
+                .trim_start_matches("https://")
+                .trim_end_matches('/')
+                .to_owned(),
             fingerprint: h.fingerprint.clone(),
             token: h.token.clone(),
         })
@@ -112,7 +116,12 @@ pub fn run(action: HostAction, out: &Output) -> anyhow::Result<()> {
             let view: BTreeMap<_, _> = hosts
                 .hosts
                 .iter()
-                .map(|(n, h)| (n.clone(), serde_json::json!({"url": h.url, "fingerprint": h.fingerprint})))
+                .map(|(n, h)| {
+                    (
+                        n.clone(),
+                        serde_json::json!({"url": h.url, "fingerprint": h.fingerprint}),
+                    )
+                })
                 .collect();
             out.hosts(&view);
         }

@@ -10,8 +10,8 @@ use std::process::ExitCode;
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand, ValueEnum};
 use ferry_api_types::{
-    ActionReply, ConsoleLog, DiskRequest, NicRequest, ServerInfo, ShutdownRequest,
-    VmCreateRequest, VmInfo,
+    ActionReply, ConsoleLog, DiskRequest, NicRequest, ServerInfo, ShutdownRequest, VmCreateRequest,
+    VmInfo,
 };
 use ferry_client::{Client, Endpoint};
 
@@ -26,7 +26,12 @@ struct Cli {
     #[arg(long, global = true, env = "FERRY_HOST")]
     host: Option<String>,
     /// The local ferryd's admin socket.
-    #[arg(long, global = true, env = "FERRY_SOCKET", default_value = "/run/ferry/ferryd.sock")]
+    #[arg(
+        long,
+        global = true,
+        env = "FERRY_SOCKET",
+        default_value = "/run/ferry/ferryd.sock"
+    )]
     socket: PathBuf,
     /// API token, for an https:// URL given with --host.
     #[arg(long, global = true, env = "FERRY_TOKEN", hide_env_values = true)]
@@ -176,6 +181,12 @@ enum VmCmd {
 }
 
 fn main() -> ExitCode {
+    // Like any Unix filter: `ferry vm list | head` ends quietly when the reader goes away,
+    // instead of panicking on a broken pipe.
+    // SAFETY: called first thing in main, before any thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     let out = Output::new(cli.output);
     let runtime = tokio::runtime::Builder::new_current_thread()

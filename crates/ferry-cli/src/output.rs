@@ -203,7 +203,11 @@ impl Output {
             println!("No hosts. Add one with `ferry host add NAME https://ADDR:PORT --fingerprint F --token T`.");
         }
         for (name, h) in hosts {
-            println!("{name:<16} {}  {}", h["url"].as_str().unwrap_or(""), h["fingerprint"].as_str().unwrap_or(""));
+            println!(
+                "{name:<16} {}  {}",
+                h["url"].as_str().unwrap_or(""),
+                h["fingerprint"].as_str().unwrap_or("")
+            );
         }
     }
 }

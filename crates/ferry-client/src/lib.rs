@@ -52,7 +52,7 @@ impl std::fmt::Display for Endpoint {
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// No connection could be made.
-    #[error("cannot connect to ferryd at {endpoint}: {source} (is ferryd running there?)")]
+    #[error("cannot connect to ferryd at {endpoint} (is ferryd running there?)")]
     Connect {
         /// Where we tried.
         endpoint: String,
@@ -61,7 +61,7 @@ pub enum ClientError {
         source: std::io::Error,
     },
     /// The TLS handshake failed (wrong fingerprint, not a ferryd, …).
-    #[error("TLS handshake with {endpoint} failed: {source}")]
+    #[error("TLS handshake with {endpoint} failed")]
     Tls {
         /// Where we tried.
         endpoint: String,
@@ -186,7 +186,9 @@ impl Client {
         let io = self.connect().await?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
         tokio::spawn(conn);
-        let resp = sender.send_request(self.request(method, path, body)).await?;
+        let resp = sender
+            .send_request(self.request(method, path, body))
+            .await?;
         let status = resp.status();
         let bytes = resp.into_body().collect().await?.to_bytes();
         if !status.is_success() {
@@ -221,11 +223,15 @@ impl Client {
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
         tokio::spawn(conn.with_upgrades());
         let mut req = self.request(Method::GET, path, None);
-        req.headers_mut()
-            .insert(hyper::header::CONNECTION, "upgrade".parse().expect("static"));
+        req.headers_mut().insert(
+            hyper::header::CONNECTION,
+            "upgrade".parse().expect("static"),
+        );
         req.headers_mut().insert(
             hyper::header::UPGRADE,
-            protocol.parse().map_err(|_| ClientError::Decode("bad protocol".into()))?,
+            protocol
+                .parse()
+                .map_err(|_| ClientError::Decode("bad protocol".into()))?,
         );
         let resp = sender.send_request(req).await?;
         let status = resp.status();

@@ -12,8 +12,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use ferry_api_types::{
-    ActionReply, ConsoleLog, ServerInfo, ShutdownRequest, VmCreateRequest, VmInfo,
-    CONSOLE_UPGRADE,
+    ActionReply, ConsoleLog, ServerInfo, ShutdownRequest, VmCreateRequest, VmInfo, CONSOLE_UPGRADE,
 };
 use hyper_util::rt::TokioIo;
 use serde::Deserialize;
@@ -48,9 +47,7 @@ pub fn router(state: Shared) -> Router {
         .route("/v1/vms/{name}/resume", post(resume_vm))
         .route("/v1/vms/{name}/console/log", get(console_log))
         .route("/v1/vms/{name}/console", get(console))
-        .fallback(|| async {
-            ApiFailure::not_found("no such API endpoint".to_owned())
-        })
+        .fallback(|| async { ApiFailure::not_found("no such API endpoint".to_owned()) })
         .with_state(state)
 }
 

@@ -133,7 +133,10 @@ impl Config {
             if p.is_absolute() {
                 Ok(())
             } else {
-                Err(invalid(format!("{key} must be an absolute path, got {:?}", p)))
+                Err(invalid(format!(
+                    "{key} must be an absolute path, got {:?}",
+                    p
+                )))
             }
         };
         absolute("data_dir", &raw.data_dir)?;
@@ -243,8 +246,14 @@ mod tests {
             ("data_dir = \"/d\"\nbogus = 1", "unknown field `bogus`"),
             ("data_dir = \"rel\"", "data_dir must be an absolute path"),
             ("data_dir = \"/d\"\ntls_listen = \"nope\"", "tls_listen"),
-            ("data_dir = \"/d\"\naccel = \"xen\"", "unknown variant `xen`"),
-            ("data_dir = \"/d\"\ndefault_bridge = \"a/b\"", "default_bridge"),
+            (
+                "data_dir = \"/d\"\naccel = \"xen\"",
+                "unknown variant `xen`",
+            ),
+            (
+                "data_dir = \"/d\"\ndefault_bridge = \"a/b\"",
+                "default_bridge",
+            ),
             ("name = \"x\"", "missing field `data_dir`"),
             ("data_dir = \"/d\"\nname = \"a b\"", "name"),
             ("data_dir = [", "config file t"),

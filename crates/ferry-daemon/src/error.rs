@@ -21,23 +21,43 @@ pub struct ApiFailure {
 impl ApiFailure {
     /// Bad input (400).
     pub fn invalid(message: String) -> Self {
-        Self { status: 400, code: "invalid", message }
+        Self {
+            status: 400,
+            code: "invalid",
+            message,
+        }
     }
     /// Not allowed in the current state (409).
     pub fn conflict(message: String) -> Self {
-        Self { status: 409, code: "conflict", message }
+        Self {
+            status: 409,
+            code: "conflict",
+            message,
+        }
     }
     /// Not found (404).
     pub fn not_found(message: String) -> Self {
-        Self { status: 404, code: "not_found", message }
+        Self {
+            status: 404,
+            code: "not_found",
+            message,
+        }
     }
     /// QEMU or qemu-img failed (502: the daemon is fine, its backend is not).
     pub fn qemu(message: String) -> Self {
-        Self { status: 502, code: "qemu", message }
+        Self {
+            status: 502,
+            code: "qemu",
+            message,
+        }
     }
     /// Anything else (500).
     pub fn internal(message: String) -> Self {
-        Self { status: 500, code: "internal", message }
+        Self {
+            status: 500,
+            code: "internal",
+            message,
+        }
     }
 }
 

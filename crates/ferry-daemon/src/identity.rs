@@ -61,10 +61,8 @@ impl Identity {
         let key_path = dir.join("host.key");
         let token_path = dir.join("api.token");
         if !cert_path.exists() || !key_path.exists() {
-            let mut params = rcgen::CertificateParams::new(vec![
-                "ferryd".to_owned(),
-                host_name.to_owned(),
-            ])?;
+            let mut params =
+                rcgen::CertificateParams::new(vec!["ferryd".to_owned(), host_name.to_owned()])?;
             params
                 .distinguished_name
                 .push(rcgen::DnType::CommonName, format!("ferryd {host_name}"));
@@ -105,7 +103,9 @@ impl Identity {
                 path: key_path.display().to_string(),
                 what: "private key",
             })?;
-        let token = String::from_utf8_lossy(&read(&token_path)?).trim().to_owned();
+        let token = String::from_utf8_lossy(&read(&token_path)?)
+            .trim()
+            .to_owned();
         Ok(Self {
             fingerprint: fingerprint(&cert),
             cert,

@@ -26,14 +26,22 @@ use crate::config::{AccelChoice, Config};
 #[command(version, about)]
 struct Args {
     /// The configuration file.
-    #[arg(long, short, default_value = "/etc/ferry/ferryd.toml", env = "FERRYD_CONFIG")]
+    #[arg(
+        long,
+        short,
+        default_value = "/etc/ferry/ferryd.toml",
+        env = "FERRYD_CONFIG"
+    )]
     config: PathBuf,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
     init_logging();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("ferryd: cannot start the async runtime: {e}");
@@ -73,7 +81,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     info!(accel = accel.as_str(), reason = %accel_reason, "accelerator chosen");
 
     let vms = vms::VmManager::new(cfg.clone(), store, accel);
-    vms.reattach_all().await.map_err(|e| anyhow::anyhow!(e.message))?;
+    vms.reattach_all()
+        .await
+        .map_err(|e| anyhow::anyhow!(e.message))?;
 
     let state = Arc::new(api::AppState {
         vms: vms.clone(),
@@ -99,7 +109,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", cfg.tls_listen))?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let unix_task = tokio::spawn(server::serve_unix(unix, api::router(state.clone()), stop_rx.clone()));
+    let unix_task = tokio::spawn(server::serve_unix(
+        unix,
+        api::router(state.clone()),
+        stop_rx.clone(),
+    ));
     let tls_task = tokio::spawn(server::serve_tls(
         tcp,
         identity.server_config()?,

@@ -14,9 +14,9 @@ use ferry_api_types::{
 use ferry_domain::lifecycle::{self, Action, Operation};
 use ferry_domain::spec::mac_from_seed;
 use ferry_domain::{Boot, DiskSpec, NicKind, NicSpec, VmName, VmSpec, VmState};
+use ferry_qemu::img;
 use ferry_qemu::process::{self, Accel, NicArg, NicBackend, QemuCommand};
 use ferry_qemu::qmp::{self, Qmp};
-use ferry_qemu::img;
 use ferry_store::{Store, StoreError, VmRow};
 use ring::rand::SecureRandom;
 use tokio::sync::watch;
@@ -144,8 +144,9 @@ impl VmManager {
 
     /// After a ferryd restart: re-attach to every QEMU that survived, mark the rest off.
     pub async fn reattach_all(self: &Arc<Self>) -> Result<(), ApiFailure> {
-        std::fs::create_dir_all(self.run_dir())
-            .map_err(|e| ApiFailure::internal(format!("cannot create {}: {e}", self.run_dir().display())))?;
+        std::fs::create_dir_all(self.run_dir()).map_err(|e| {
+            ApiFailure::internal(format!("cannot create {}: {e}", self.run_dir().display()))
+        })?;
         for row in self.store.list_vms()? {
             if !row.state.has_process() {
                 continue;
@@ -237,7 +238,10 @@ impl VmManager {
     }
 
     fn on_exit(&self, name: &VmName, reason: Option<&str>) {
-        self.instances.lock().expect("instances").remove(name.as_str());
+        self.instances
+            .lock()
+            .expect("instances")
+            .remove(name.as_str());
         let Ok(row) = self.store.get_vm(name) else {
             return;
         };
@@ -369,9 +373,7 @@ impl VmManager {
                         )));
                     }
                     if !p.is_file() {
-                        return Err(ApiFailure::invalid(format!(
-                            "disk image {path} not found"
-                        )));
+                        return Err(ApiFailure::invalid(format!("disk image {path} not found")));
                     }
                     let info = img::info(&self.cfg.qemu_img, p)
                         .await
@@ -448,9 +450,8 @@ impl VmManager {
                 dir.display()
             )));
         }
-        std::fs::create_dir_all(&dir).map_err(|e| {
-            ApiFailure::internal(format!("cannot create {}: {e}", dir.display()))
-        })?;
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| ApiFailure::internal(format!("cannot create {}: {e}", dir.display())))?;
         let made = async {
             for (d, import) in spec.disks.iter().zip(&imports) {
                 let target = dir.join(&d.file);
@@ -584,7 +585,9 @@ impl VmManager {
             Ok(qmp) => Ok((pid, qmp)),
             Err(e) => {
                 let _ = process::signal(pid, libc::SIGKILL);
-                Err(ApiFailure::qemu(format!("QEMU started but QMP did not answer: {e}")))
+                Err(ApiFailure::qemu(format!(
+                    "QEMU started but QMP did not answer: {e}"
+                )))
             }
         }
     }
@@ -599,12 +602,14 @@ impl VmManager {
 
     /// Pauses a running VM's vCPUs.
     pub async fn pause(&self, name: &str) -> Result<ActionReply, ApiFailure> {
-        self.simple(name, Operation::Pause, VmState::Paused, "paused").await
+        self.simple(name, Operation::Pause, VmState::Paused, "paused")
+            .await
     }
 
     /// Resumes a paused VM.
     pub async fn resume(&self, name: &str) -> Result<ActionReply, ApiFailure> {
-        self.simple(name, Operation::Resume, VmState::Running, "resumed").await
+        self.simple(name, Operation::Resume, VmState::Running, "resumed")
+            .await
     }
 
     async fn simple(
@@ -617,8 +622,7 @@ impl VmManager {
         let (vm, _) = self.row(name)?;
         let _guard = self.lock_vm(&vm).await;
         let row = self.store.get_vm(&vm)?;
-        lifecycle::step(row.state, op)
-            .map_err(|e| ApiFailure::conflict(format!("{vm}: {e}")))?;
+        lifecycle::step(row.state, op).map_err(|e| ApiFailure::conflict(format!("{vm}: {e}")))?;
         let inst = self.live(&vm)?;
         let res = match op {
             Operation::Pause => inst.qmp.execute(&qmp::Stop {}).await.map(|_| ()),
@@ -645,14 +649,18 @@ impl VmManager {
             inst.qmp
                 .execute(&qmp::SystemPowerdown {})
                 .await
-                .map_err(|e| ApiFailure::qemu(format!("{vm}: cannot send the ACPI power-off: {e}")))?;
+                .map_err(|e| {
+                    ApiFailure::qemu(format!("{vm}: cannot send the ACPI power-off: {e}"))
+                })?;
             self.transition(&row, Operation::Shutdown)?;
             inst
         };
         // Wait without holding the VM's lock, so `stop` can cut a slow shutdown short.
         let began = Instant::now();
         let mut exited = inst.exited.clone();
-        let done = tokio::time::timeout(timeout, exited.wait_for(|e| *e)).await.is_ok();
+        let done = tokio::time::timeout(timeout, exited.wait_for(|e| *e))
+            .await
+            .is_ok();
         if done {
             return Ok(ActionReply {
                 state: VmState::Off,

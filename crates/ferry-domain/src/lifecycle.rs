@@ -227,7 +227,12 @@ mod tests {
             (S::Starting, O::Exited, S::Off, &[CleanUpProcess]),
             (S::Running, O::Pause, S::Paused, &[PauseVcpus]),
             (S::Paused, O::Resume, S::Running, &[ResumeVcpus]),
-            (S::Running, O::Shutdown, S::ShuttingDown, &[SendAcpiPowerdown]),
+            (
+                S::Running,
+                O::Shutdown,
+                S::ShuttingDown,
+                &[SendAcpiPowerdown],
+            ),
             (S::ShuttingDown, O::ShutdownTimedOut, S::Running, &[]),
             (S::ShuttingDown, O::Exited, S::Off, &[CleanUpProcess]),
             (S::Running, O::Stop, S::Stopping, &[QuitQemu]),
@@ -239,7 +244,11 @@ mod tests {
         ];
         for (from, op, to, actions) in table {
             let (got, got_actions) = step(*from, *op).unwrap();
-            assert_eq!((got, got_actions.as_slice()), (*to, *actions), "{from} {op:?}");
+            assert_eq!(
+                (got, got_actions.as_slice()),
+                (*to, *actions),
+                "{from} {op:?}"
+            );
         }
     }
 

@@ -86,7 +86,14 @@ mod tests {
 
     #[test]
     fn accepts_ordinary_names() {
-        for ok in ["web01", "SQL Server 2", "db-1.prod", "a", "x_y", "VM - Test"] {
+        for ok in [
+            "web01",
+            "SQL Server 2",
+            "db-1.prod",
+            "a",
+            "x_y",
+            "VM - Test",
+        ] {
             assert_eq!(VmName::new(ok).unwrap().as_str(), ok);
         }
     }

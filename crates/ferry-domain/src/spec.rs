@@ -113,7 +113,9 @@ pub enum ValidationError {
     #[error("MAC address {0:?} is not of the form 52:54:00:12:34:56 (unicast)")]
     Mac(String),
     /// A malformed bridge name.
-    #[error("bridge name {0:?} is not a valid interface name (1-15 of letters, digits, '-', '_', '.')")]
+    #[error(
+        "bridge name {0:?} is not a valid interface name (1-15 of letters, digits, '-', '_', '.')"
+    )]
     Bridge(String),
     /// A kernel or initrd path that is not absolute or holds characters QEMU can't take.
     #[error("{what} path {path:?} must be absolute and contain no ','")]

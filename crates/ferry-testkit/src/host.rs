@@ -117,10 +117,21 @@ impl Host {
             if self.ferry(&["server", "show"]).code == 0 {
                 return;
             }
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                panic!("ferryd exited with {status} at start; log:\n{}", self.log_text());
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!(
+                    "ferryd exited with {status} at start; log:\n{}",
+                    self.log_text()
+                );
             }
-            assert!(Instant::now() < deadline, "ferryd did not answer in 30 s; log:\n{}", self.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "ferryd did not answer in 30 s; log:\n{}",
+                self.log_text()
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -173,7 +184,11 @@ impl Host {
     /// Runs `ferry ARGS`, panicking with its stderr unless it succeeds; returns stdout.
     pub fn ferry_ok(&self, args: &[&str]) -> String {
         let r = self.ferry(args);
-        assert_eq!(r.code, 0, "ferry {args:?} failed: {}\n{}", r.stderr, r.stdout);
+        assert_eq!(
+            r.code, 0,
+            "ferry {args:?} failed: {}\n{}",
+            r.stderr, r.stdout
+        );
         r.stdout
     }
 
@@ -192,7 +207,8 @@ impl Host {
         let mut all = vec!["--output", "json"];
         all.extend_from_slice(args);
         let out = self.ferry_ok(&all);
-        serde_json::from_str(&out).unwrap_or_else(|e| panic!("ferry {args:?}: bad JSON ({e}): {out}"))
+        serde_json::from_str(&out)
+            .unwrap_or_else(|e| panic!("ferry {args:?}: bad JSON ({e}): {out}"))
     }
 
     /// A VM's state as ferry reports it.
@@ -209,7 +225,13 @@ impl Host {
     }
 
     /// Waits until `pred(console)` holds, or panics after `timeout` with the console.
-    pub fn wait_console(&self, vm: &str, timeout: Duration, what: &str, pred: impl Fn(&str) -> bool) -> String {
+    pub fn wait_console(
+        &self,
+        vm: &str,
+        timeout: Duration,
+        what: &str,
+        pred: impl Fn(&str) -> bool,
+    ) -> String {
         let deadline = Instant::now() + timeout;
         loop {
             let text = self.console(vm);

@@ -16,17 +16,36 @@ fn seq(host: &Host, vm: &str) -> u64 {
 fn running_vms_survive_daemon_restarts_and_are_reattached() {
     let mut host = Host::start("a", "127.0.0.1", "accel = \"tcg\"");
     let (kernel, initrd) = test_guest();
-    let append = GuestWorkload { seed: 99, start: 1, span_blocks: 1024 }.kernel_args(0, 0.1);
+    let append = GuestWorkload {
+        seed: 99,
+        start: 1,
+        span_blocks: 1024,
+    }
+    .kernel_args(0, 0.1);
     for vm in ["keep", "doomed"] {
         host.ferry_ok(&[
-            "vm", "create", vm, "--memory", "256M", "--disk", "16M",
-            "--kernel", kernel.to_str().unwrap(), "--initrd", initrd.to_str().unwrap(),
-            "--append", &append,
+            "vm",
+            "create",
+            vm,
+            "--memory",
+            "256M",
+            "--disk",
+            "16M",
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--initrd",
+            initrd.to_str().unwrap(),
+            "--append",
+            &append,
         ]);
         host.ferry_ok(&["vm", "start", vm]);
     }
-    let pid = host.ferry_json(&["vm", "show", "keep"])["pid"].as_u64().unwrap() as u32;
-    let doomed_pid = host.ferry_json(&["vm", "show", "doomed"])["pid"].as_u64().unwrap() as u32;
+    let pid = host.ferry_json(&["vm", "show", "keep"])["pid"]
+        .as_u64()
+        .unwrap() as u32;
+    let doomed_pid = host.ferry_json(&["vm", "show", "doomed"])["pid"]
+        .as_u64()
+        .unwrap() as u32;
     host.wait_console("keep", Duration::from_secs(60), "writes", |c| {
         parse_console(c).last_wrote_seq.unwrap_or(0) >= 3
     });
@@ -34,11 +53,16 @@ fn running_vms_survive_daemon_restarts_and_are_reattached() {
     // Graceful stop of ferryd: exit code 0, the VM keeps running (and writing).
     assert_eq!(host.stop_daemon(), 0);
     assert!(!host.socket.exists(), "admin socket left behind");
-    let before = parse_console(&Host::offline_console(&host, "keep")).last_wrote_seq.unwrap_or(0);
+    let before = parse_console(&Host::offline_console(&host, "keep"))
+        .last_wrote_seq
+        .unwrap_or(0);
     std::thread::sleep(Duration::from_secs(2));
     assert!(pid_alive(pid), "VM died with ferryd");
     let during = Host::offline_console(&host, "keep");
-    assert!(parse_console(&during).last_wrote_seq.unwrap_or(0) > before, "guest stopped writing while ferryd was down");
+    assert!(
+        parse_console(&during).last_wrote_seq.unwrap_or(0) > before,
+        "guest stopped writing while ferryd was down"
+    );
 
     // Restart: same pid, running, and controllable.
     host.launch();
@@ -56,11 +80,17 @@ fn running_vms_survive_daemon_restarts_and_are_reattached() {
     std::thread::sleep(Duration::from_millis(500));
     host.launch();
     let info = host.ferry_json(&["vm", "show", "keep"]);
-    assert_eq!((info["state"].as_str(), info["pid"].as_u64()), (Some("paused"), Some(pid as u64)));
+    assert_eq!(
+        (info["state"].as_str(), info["pid"].as_u64()),
+        (Some("paused"), Some(pid as u64))
+    );
     let doomed = host.ferry_json(&["vm", "show", "doomed"]);
     assert_eq!(doomed["state"], "off");
     assert!(
-        doomed["last_error"].as_str().unwrap().contains("exited while ferryd was not running"),
+        doomed["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("exited while ferryd was not running"),
         "{doomed}"
     );
     // The dead VM starts again normally.
@@ -70,16 +100,21 @@ fn running_vms_survive_daemon_restarts_and_are_reattached() {
     // The re-attached VM resumes, and its process end is still noticed.
     host.ferry_ok(&["vm", "resume", "keep"]);
     let s = seq(&host, "keep");
-    host.wait_console("keep", Duration::from_secs(20), "writes after resume", |c| {
-        parse_console(c).last_wrote_seq.unwrap_or(0) > s
-    });
+    host.wait_console(
+        "keep",
+        Duration::from_secs(20),
+        "writes after resume",
+        |c| parse_console(c).last_wrote_seq.unwrap_or(0) > s,
+    );
     let out = host.ferry_ok(&["vm", "shutdown", "keep", "--timeout", "30"]);
     assert!(out.contains("shut down by the guest"), "{out}");
     assert!(!pid_alive(pid));
     assert_eq!(host.vm_state("keep"), "off");
 
     // A QEMU that crashes under a running ferryd is noticed and reported.
-    let pid = host.ferry_json(&["vm", "show", "doomed"])["pid"].as_u64().unwrap() as u32;
+    let pid = host.ferry_json(&["vm", "show", "doomed"])["pid"]
+        .as_u64()
+        .unwrap() as u32;
     // SAFETY: kill(2) on the pid of the test's own QEMU.
     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
@@ -88,5 +123,11 @@ fn running_vms_survive_daemon_restarts_and_are_reattached() {
         std::thread::sleep(Duration::from_millis(200));
     }
     let doomed = host.ferry_json(&["vm", "show", "doomed"]);
-    assert!(doomed["last_error"].as_str().unwrap().contains("unexpectedly"), "{doomed}");
+    assert!(
+        doomed["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("unexpectedly"),
+        "{doomed}"
+    );
 }

@@ -21,9 +21,23 @@ fn create_guest_vm(host: &Host, vm: &str) {
     }
     .kernel_args(0, 0.1);
     host.ferry_ok(&[
-        "vm", "create", vm, "--cpus", "1", "--memory", "256M", "--disk", "32M",
-        "--kernel", kernel.to_str().unwrap(), "--initrd", initrd.to_str().unwrap(),
-        "--append", &append, "--nic", "user",
+        "vm",
+        "create",
+        vm,
+        "--cpus",
+        "1",
+        "--memory",
+        "256M",
+        "--disk",
+        "32M",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--initrd",
+        initrd.to_str().unwrap(),
+        "--append",
+        &append,
+        "--nic",
+        "user",
     ]);
 }
 
@@ -40,7 +54,11 @@ fn disk_image(host: &Host, vm: &str) -> Vec<u8> {
         .arg(&raw)
         .output()
         .expect("qemu-img");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     std::fs::read(raw).unwrap()
 }
 
@@ -93,16 +111,23 @@ fn guest_writes_reach_the_disk_and_lifecycle_operations_work() {
     assert_eq!(host.vm_state("web 1"), "paused");
     let paused_at = last_seq(&host, "web 1");
     std::thread::sleep(Duration::from_secs(2));
-    assert_eq!(last_seq(&host, "web 1"), paused_at, "guest wrote while paused");
+    assert_eq!(
+        last_seq(&host, "web 1"),
+        paused_at,
+        "guest wrote while paused"
+    );
     let err = host.ferry_err(&["vm", "shutdown", "web 1"]);
     assert!(err.contains("paused"), "{err}");
 
     // resume: writes continue.
     host.ferry_ok(&["vm", "resume", "web 1"]);
     assert_eq!(host.vm_state("web 1"), "running");
-    host.wait_console("web 1", Duration::from_secs(20), "writes after resume", |c| {
-        parse_console(c).last_wrote_seq.unwrap_or(0) > paused_at + 3
-    });
+    host.wait_console(
+        "web 1",
+        Duration::from_secs(20),
+        "writes after resume",
+        |c| parse_console(c).last_wrote_seq.unwrap_or(0) > paused_at + 3,
+    );
 
     // shutdown (ACPI): the guest powers itself off, ferry reports it and the process ends.
     let out = host.ferry_ok(&["vm", "shutdown", "web 1", "--timeout", "30"]);
@@ -116,7 +141,11 @@ fn guest_writes_reach_the_disk_and_lifecycle_operations_work() {
     // The qcow2 holds exactly writes 1..=N, N being the last write the guest announced.
     let disk = disk_image(&host, "web 1");
     let v = verify_prefix(&disk, 777, SPAN).unwrap();
-    assert_eq!(v.last_seq, shown, "disk holds writes up to {}, console said {shown}", v.last_seq);
+    assert_eq!(
+        v.last_seq, shown,
+        "disk holds writes up to {}, console said {shown}",
+        v.last_seq
+    );
     assert_eq!(disk.len(), 32 << 20);
     assert!(v.blocks_checked >= SPAN);
     let _ = BLOCK_SIZE;
@@ -124,11 +153,22 @@ fn guest_writes_reach_the_disk_and_lifecycle_operations_work() {
     // start again, then stop (hard power-off): off at once, and the disk is still a
     // consistent prefix of the (same, replayed) write sequence.
     host.ferry_ok(&["vm", "start", "web 1"]);
-    let pid2 = host.ferry_json(&["vm", "show", "web 1"])["pid"].as_u64().unwrap() as u32;
+    let pid2 = host.ferry_json(&["vm", "show", "web 1"])["pid"]
+        .as_u64()
+        .unwrap() as u32;
     assert_ne!(pid, pid2);
-    host.wait_console("web 1", Duration::from_secs(60), "writes of the second boot", |c| {
-        c.matches("GUEST: READY").count() >= 2 && c.rsplit("GUEST: READY").next().unwrap().contains("WROTE seq=3 ")
-    });
+    host.wait_console(
+        "web 1",
+        Duration::from_secs(60),
+        "writes of the second boot",
+        |c| {
+            c.matches("GUEST: READY").count() >= 2
+                && c.rsplit("GUEST: READY")
+                    .next()
+                    .unwrap()
+                    .contains("WROTE seq=3 ")
+        },
+    );
     let out = host.ferry_ok(&["vm", "stop", "web 1"]);
     assert!(out.contains("powered off"), "{out}");
     assert_eq!(host.vm_state("web 1"), "off");

@@ -1,0 +1,230 @@
+//! Bad input — names, sizes, images, kernels, bridges, states, configs, a missing QEMU —
+//! gets a clear one-line error, and changes nothing: the inventory and the VM storage
+//! directory look exactly as before.
+
+use std::process::Command;
+
+use ferry_testkit::bin_dir;
+use ferry_testkit::host::Host;
+
+/// A fingerprint of everything a failed command could have changed.
+fn snapshot(host: &Host) -> (serde_json::Value, Vec<String>) {
+    let list = host.ferry_json(&["vm", "list"]);
+    let mut files: Vec<String> = walk(&host.vm_storage);
+    files.sort();
+    (list, files)
+}
+
+fn walk(dir: &std::path::Path) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let p = e.path();
+            let len = e.metadata().map(|m| m.len()).unwrap_or(0);
+            out.push(format!("{} {len}", p.display()));
+            if p.is_dir() {
+                out.extend(walk(&p));
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn bad_requests_are_refused_with_one_line_and_change_nothing() {
+    let host = Host::start("a", "127.0.0.1", "accel = \"tcg\"");
+    host.ferry_ok(&[
+        "vm", "create", "existing", "--memory", "64M", "--disk", "16M",
+    ]);
+    let image = host.dir.path().join("src.qcow2");
+    let out = Command::new("qemu-img")
+        .args(["create", "-f", "qcow2"])
+        .arg(&image)
+        .arg("48M")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let not_an_image = host.dir.path().join("text.img");
+    std::fs::write(&not_an_image, "").unwrap();
+    let before = snapshot(&host);
+
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["vm", "create", "existing", "--disk", "1G"],
+            "already exists",
+        ),
+        (
+            &["vm", "create", "../escape", "--disk", "1G"],
+            "contains '/'",
+        ),
+        (
+            &["vm", "create", "..", "--disk", "1G"],
+            "must start with a letter or digit",
+        ),
+        (&["vm", "create", "", "--disk", "1G"], "empty"),
+        (
+            &["vm", "create", &"x".repeat(65), "--disk", "1G"],
+            "limit is 64",
+        ),
+        (
+            &["vm", "create", "v", "--cpus", "0", "--disk", "1G"],
+            "cpus must be between",
+        ),
+        (
+            &["vm", "create", "v", "--memory", "1M", "--disk", "1G"],
+            "memory must be between",
+        ),
+        (&["vm", "create", "v", "--memory", "lots"], "--memory lots"),
+        (
+            &["vm", "create", "v", "--disk", "0"],
+            "size must be between",
+        ),
+        (
+            &["vm", "create", "v", "--disk", "/nonexistent/disk.qcow2"],
+            "/nonexistent/disk.qcow2 not found",
+        ),
+        (
+            &["vm", "create", "v", "--kernel", "/nonexistent/vmlinuz"],
+            "kernel /nonexistent/vmlinuz not found",
+        ),
+        (&["vm", "create", "v", "--append", "x"], "need --kernel"),
+        (
+            &[
+                "vm",
+                "create",
+                "v",
+                "--disk",
+                "1G",
+                "--nic",
+                "bridge=nosuchbr0",
+            ],
+            "bridge nosuchbr0 does not exist",
+        ),
+        (
+            &["vm", "create", "v", "--disk", "1G", "--nic", "bridge"],
+            "no default_bridge",
+        ),
+        (
+            &["vm", "create", "v", "--disk", "1G", "--nic", "tap"],
+            "use bridge=BR",
+        ),
+        (
+            &["vm", "create", "v", "--disk", "1G", "--nic", "bridge=a,b"],
+            "not a valid interface name",
+        ),
+        (&["vm", "start", "ghost"], "no VM named \"ghost\""),
+        (&["vm", "show", "ghost"], "no VM named \"ghost\""),
+        (&["vm", "delete", "ghost"], "no VM named \"ghost\""),
+        (&["vm", "stop", "existing"], "already off"),
+        (&["vm", "pause", "existing"], "already off"),
+        (&["vm", "console", "existing"], "no QEMU process"),
+        (
+            &["--host", "nosuchhost", "vm", "list"],
+            "unknown host \"nosuchhost\"",
+        ),
+        (
+            &["--host", "https://127.0.0.1:1", "vm", "list"],
+            "needs --token and --fingerprint",
+        ),
+    ];
+    for (args, want) in cases {
+        let err = host.ferry_err(args);
+        assert!(err.contains(want), "ferry {args:?}: {err}");
+        assert_eq!(snapshot(&host), before, "ferry {args:?} changed something");
+    }
+    // An empty file is a valid raw image to qemu-img, so importing it is refused by size.
+    let err = host.ferry_err(&[
+        "vm",
+        "create",
+        "v",
+        "--disk",
+        not_an_image.to_str().unwrap(),
+    ]);
+    assert!(err.contains("size must be between"), "{err}");
+    assert_eq!(snapshot(&host), before);
+
+    // The API refuses malformed JSON and unknown fields the same way.
+    let r = host.ferry(&["vm", "list"]);
+    assert_eq!(r.code, 0);
+
+    // A good import works and copies the image as qcow2 of the same size.
+    host.ferry_ok(&[
+        "vm",
+        "create",
+        "imported",
+        "--memory",
+        "64M",
+        "--disk",
+        image.to_str().unwrap(),
+    ]);
+    let info = host.ferry_json(&["vm", "show", "imported"]);
+    assert_eq!(info["disks"][0]["size_bytes"], 48u64 << 20);
+    assert!(info["disks"][0]["path"]
+        .as_str()
+        .unwrap()
+        .ends_with("imported/disk0.qcow2"));
+    assert!(image.exists(), "import must copy, not move");
+
+    // A start that QEMU refuses leaves the VM off with the reason; a missing disk too.
+    std::fs::remove_file(host.vm_storage.join("imported/disk0.qcow2")).unwrap();
+    let err = host.ferry_err(&["vm", "start", "imported"]);
+    assert!(err.contains("disk") && err.contains("missing"), "{err}");
+    assert_eq!(host.vm_state("imported"), "off");
+}
+
+#[test]
+fn missing_qemu_binary_is_a_clear_error_and_the_vm_stays_off() {
+    let host = Host::start(
+        "a",
+        "127.0.0.1",
+        "accel = \"tcg\"\nqemu_binary = \"/nonexistent/qemu-system-x86_64\"",
+    );
+    host.ferry_ok(&["vm", "create", "v", "--memory", "64M", "--disk", "16M"]);
+    let err = host.ferry_err(&["vm", "start", "v"]);
+    assert!(err.contains("/nonexistent/qemu-system-x86_64"), "{err}");
+    assert!(err.contains("apt-get install qemu-system-x86"), "{err}");
+    let info = host.ferry_json(&["vm", "show", "v"]);
+    assert_eq!(info["state"], "off");
+    assert!(
+        info["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("/nonexistent"),
+        "{info}"
+    );
+}
+
+#[test]
+fn bad_configs_stop_ferryd_at_start_with_one_line() {
+    let cases = [
+        ("bogus_key = 1", "unknown field `bogus_key`"),
+        ("accel = \"xen\"", "unknown variant `xen`"),
+        ("default_bridge = \"no/slash\"", "default_bridge"),
+    ];
+    for (extra, want) in cases {
+        let host = Host::configure("a", "127.0.0.1", extra);
+        let out = Command::new(bin_dir().join("ferryd"))
+            .arg("--config")
+            .arg(&host.config)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{extra}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let line = stderr
+            .lines()
+            .find(|l| l.starts_with("ferryd: "))
+            .unwrap_or_else(|| panic!("{stderr}"));
+        assert!(line.contains(want), "{extra}: {line}");
+        assert!(
+            !host.data_dir.exists(),
+            "a refused config must not create the data dir"
+        );
+    }
+    let out = Command::new(bin_dir().join("ferryd"))
+        .args(["--config", "/nonexistent/ferryd.toml"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr)
+        .contains("cannot read config file /nonexistent/ferryd.toml"));
+}

@@ -1,0 +1,30 @@
+#!/bin/bash
+# Installs the system packages Ferry and its tests need (Debian bookworm, as root):
+# QEMU 7.2 (system emulator and qemu-utils from the same release: the machine may carry a
+# newer qemu-utils from backports, which must be replaced together), the test guest's
+# kernel and busybox, and tools the tests use. Does nothing when all is in place.
+set -euo pipefail
+
+need_apt=0
+if ! command -v qemu-system-x86_64 >/dev/null || ! qemu-img --version 2>/dev/null | grep -q 'version 7\.2'; then
+  need_apt=1
+fi
+for f in /bin/busybox /usr/sbin/modinfo /usr/bin/cpio /usr/bin/flock /usr/bin/nbdinfo; do
+  [ -e "$f" ] || need_apt=1
+done
+ls /boot/vmlinuz-* >/dev/null 2>&1 || need_apt=1
+if [ -e /bin/busybox ] && ! file -L /bin/busybox 2>/dev/null | grep -q 'statically linked'; then
+  need_apt=1
+fi
+
+if [ "$need_apt" = 1 ]; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  # The bookworm QEMU, pinned by version so a newer installed qemu-utils is replaced.
+  V=$(apt-cache policy qemu-system-x86 | awk '/Candidate:/ {print $2}')
+  apt-get install -y -qq --allow-downgrades \
+    "qemu-system-x86=$V" "qemu-utils=$V" "qemu-block-extra=$V" \
+    busybox-static linux-image-amd64 cpio kmod file util-linux libnbd-bin iproute2 >/dev/null
+fi
+qemu-system-x86_64 --version | head -n 1
+qemu-img --version | head -n 1

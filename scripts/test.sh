@@ -1,0 +1,10 @@
+#!/bin/bash
+# Runs Ferry's whole test suite: installs what it needs, builds the test guest, then
+# unit and integration tests (real QEMU guests under TCG, real ferryd daemons).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/cache/ferry-target}
+scripts/install-deps.sh
+guest/build.sh
+cargo fmt --all --check
+cargo nextest run --workspace --profile ci
