@@ -1,0 +1,406 @@
+//! Replication as the user sees it (Hyper-V Replica's vocabulary): a relationship's
+//! settings and their validation, its state, and which recovery points the retention
+//! policy keeps. Pure: times are passed in as UNIX seconds.
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// The shortest replication interval Ferry accepts. Hyper-V's shortest is 30 s.
+pub const MIN_INTERVAL: Duration = Duration::from_secs(5);
+/// The longest: a day. Longer gaps are a schedule, not replication.
+pub const MAX_INTERVAL: Duration = Duration::from_secs(86_400);
+/// Hyper-V allows 0–24 additional recovery points; Ferry allows up to this many.
+pub const MAX_RECOVERY_POINTS: u32 = 96;
+
+/// Which side of a relationship this host is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Runs the VM and sends changes.
+    Primary,
+    /// Keeps recovery points of the VM.
+    Replica,
+}
+
+impl Role {
+    /// The role's name as shown to users.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Primary => "primary",
+            Self::Replica => "replica",
+        }
+    }
+}
+
+/// A relationship's replication state (a subset of Hyper-V's `VMReplicationState`, same
+/// meanings; failover states arrive with failover).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReplicationState {
+    /// Enabled; the initial copy has not started (e.g. scheduled for later).
+    ReadyForInitialReplication,
+    /// The initial copy is being sent.
+    InitialReplicationInProgress,
+    /// Replica side: waiting for the initial copy (network, or an import from a folder).
+    WaitingForInitialReplication,
+    /// Normal: cycles run at the interval.
+    Replicating,
+    /// Paused by an administrator; changes are still tracked on the primary.
+    Suspended,
+    /// Cycles fail; the reason is in `last_error`. Tracking continues; retried.
+    Error,
+    /// Change tracking was lost (QEMU or host crash, disk edited offline): the replica
+    /// must be compared with the primary and the differences sent.
+    ResynchronizationRequired,
+    /// The comparison is running.
+    Resynchronizing,
+}
+
+impl ReplicationState {
+    /// The state's name as shown to users.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ReadyForInitialReplication => "ready_for_initial_replication",
+            Self::InitialReplicationInProgress => "initial_replication_in_progress",
+            Self::WaitingForInitialReplication => "waiting_for_initial_replication",
+            Self::Replicating => "replicating",
+            Self::Suspended => "suspended",
+            Self::Error => "error",
+            Self::ResynchronizationRequired => "resynchronization_required",
+            Self::Resynchronizing => "resynchronizing",
+        }
+    }
+
+    /// Hyper-V's UI label for the state.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::ReadyForInitialReplication | Self::WaitingForInitialReplication => {
+                "Pending Initial Replication"
+            }
+            Self::InitialReplicationInProgress => "Initial Replication in Progress",
+            Self::Replicating => "Replication Enabled",
+            Self::Suspended => "Replication Paused",
+            Self::Error => "Replication Error",
+            Self::ResynchronizationRequired => "Resynchronization Required",
+            Self::Resynchronizing => "Resynchronizing",
+        }
+    }
+
+    /// Whether the scheduler runs cycles in this state.
+    pub fn runs_cycles(self) -> bool {
+        matches!(
+            self,
+            Self::InitialReplicationInProgress
+                | Self::Replicating
+                | Self::Error
+                | Self::Resynchronizing
+        )
+    }
+}
+
+impl fmt::Display for ReplicationState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for ReplicationState {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        [
+            Self::ReadyForInitialReplication,
+            Self::InitialReplicationInProgress,
+            Self::WaitingForInitialReplication,
+            Self::Replicating,
+            Self::Suspended,
+            Self::Error,
+            Self::ResynchronizationRequired,
+            Self::Resynchronizing,
+        ]
+        .into_iter()
+        .find(|st| st.as_str() == s)
+        .ok_or_else(|| format!("unknown replication state {s:?}"))
+    }
+}
+
+/// What an administrator asks of a relationship.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Request {
+    /// Start the initial copy now.
+    StartInitial,
+    /// Pause replication.
+    Suspend,
+    /// Resume replication.
+    Resume,
+    /// Resume by comparing both sides first (resynchronization).
+    Resync,
+}
+
+/// A request refused in the current state.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("cannot {request} while replication is {state}: {hint}")]
+pub struct StateError {
+    /// What was asked.
+    pub request: &'static str,
+    /// The state it was asked in.
+    pub state: ReplicationState,
+    /// What to do instead.
+    pub hint: &'static str,
+}
+
+/// The state a request leads to, or why it is refused (Hyper-V's preconditions).
+pub fn on_request(state: ReplicationState, req: Request) -> Result<ReplicationState, StateError> {
+    use ReplicationState as S;
+    let refuse = |request, hint| {
+        Err(StateError {
+            request,
+            state,
+            hint,
+        })
+    };
+    match (req, state) {
+        (Request::StartInitial, S::ReadyForInitialReplication) => {
+            Ok(S::InitialReplicationInProgress)
+        }
+        (Request::StartInitial, _) => {
+            refuse("start the initial replication", "it has already started")
+        }
+        (Request::Suspend, S::Suspended) => refuse("suspend", "it is already suspended"),
+        (Request::Suspend, _) => Ok(S::Suspended),
+        (Request::Resume, S::Suspended) | (Request::Resume, S::Error) => Ok(S::Replicating),
+        (Request::Resume, S::ResynchronizationRequired) => refuse(
+            "resume",
+            "resume with --resync to compare both sides and send the differences",
+        ),
+        (Request::Resume, _) => refuse("resume", "it is not suspended"),
+        (Request::Resync, S::ReadyForInitialReplication | S::WaitingForInitialReplication) => {
+            refuse("resynchronize", "the initial replication has not run yet")
+        }
+        (Request::Resync, _) => Ok(S::Resynchronizing),
+    }
+}
+
+/// A replication interval: any duration from 5 s to a day; `30s`, `5m` and `15m` are
+/// Hyper-V's choices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Interval(pub Duration);
+
+impl Interval {
+    /// The presets Hyper-V offers.
+    pub const PRESETS: [&'static str; 3] = ["30s", "5m", "15m"];
+
+    /// The interval in whole seconds.
+    pub fn secs(self) -> u64 {
+        self.0.as_secs()
+    }
+}
+
+impl FromStr for Interval {
+    type Err = String;
+    /// `30s`, `5m`, `15m`, `1h`, `90` (seconds), `2m30s`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let d = parse_duration(s)?;
+        if d < MIN_INTERVAL || d > MAX_INTERVAL {
+            return Err(format!(
+                "interval {s:?} is out of range: use 5s to 24h (Hyper-V's are 30s, 5m, 15m)"
+            ));
+        }
+        Ok(Interval(d))
+    }
+}
+
+/// Parses `1h30m`, `45s`, `5m`, `120` (seconds).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let bad = || format!("{s:?} is not a duration: use e.g. 30s, 5m, 1h30m");
+    let t = s.trim();
+    if t.is_empty() {
+        return Err(bad());
+    }
+    if let Ok(n) = t.parse::<u64>() {
+        return Ok(Duration::from_secs(n));
+    }
+    let mut total: u64 = 0;
+    let mut num = String::new();
+    for c in t.chars() {
+        if c.is_ascii_digit() {
+            num.push(c);
+            continue;
+        }
+        let unit = match c {
+            's' => 1,
+            'm' => 60,
+            'h' => 3600,
+            'd' => 86_400,
+            _ => return Err(bad()),
+        };
+        let n: u64 = num.parse().map_err(|_| bad())?;
+        total = n
+            .checked_mul(unit)
+            .and_then(|v| total.checked_add(v))
+            .ok_or_else(bad)?;
+        num.clear();
+    }
+    if !num.is_empty() {
+        return Err(bad());
+    }
+    Ok(Duration::from_secs(total))
+}
+
+/// Which recovery points to keep: the latest, plus up to `additional` older ones spaced at
+/// least `spacing` apart (Hyper-V: 0–24 additional points, hourly).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RetentionPolicy {
+    /// Additional recovery points besides the latest.
+    pub additional: u32,
+    /// Minimum age difference between kept points, in seconds (Hyper-V: 3600).
+    pub spacing_secs: u64,
+}
+
+impl RetentionPolicy {
+    /// Hyper-V's policy: latest + `additional` hourly points.
+    pub fn hourly(additional: u32) -> Self {
+        Self {
+            additional,
+            spacing_secs: 3600,
+        }
+    }
+
+    /// Checks the limits.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.additional > MAX_RECOVERY_POINTS {
+            return Err(format!(
+                "{} additional recovery points is too many: at most {MAX_RECOVERY_POINTS}",
+                self.additional
+            ));
+        }
+        if self.spacing_secs == 0 {
+            return Err("recovery point spacing must be at least 1s".into());
+        }
+        Ok(())
+    }
+
+    /// Given points as `(id, created_at)` in any order, the ids to drop. The newest point is
+    /// always kept; walking back in time, a point is kept when it is at least `spacing`
+    /// older than the last kept one, until `additional` are kept. `pinned` points (in use by
+    /// a test failover or a failover) are never dropped and do not count.
+    pub fn to_drop(&self, points: &[(i64, i64)], pinned: &[i64]) -> Vec<i64> {
+        let mut sorted: Vec<(i64, i64)> = points.to_vec();
+        sorted.sort_by_key(|&(id, at)| std::cmp::Reverse((at, id)));
+        let mut drop = Vec::new();
+        let Some(&(_, newest_at)) = sorted.first() else {
+            return drop;
+        };
+        let mut last_kept_at = newest_at;
+        let mut kept = 0u32;
+        for &(id, at) in sorted.iter().skip(1) {
+            if pinned.contains(&id) {
+                continue;
+            }
+            let spaced = last_kept_at.saturating_sub(at) >= self.spacing_secs as i64;
+            if spaced && kept < self.additional {
+                kept += 1;
+                last_kept_at = at;
+            } else {
+                drop.push(id);
+            }
+        }
+        drop
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ReplicationState as S;
+
+    #[test]
+    fn intervals_parse_presets_and_any_value_from_5s() {
+        assert_eq!("30s".parse::<Interval>().unwrap().secs(), 30);
+        assert_eq!("5m".parse::<Interval>().unwrap().secs(), 300);
+        assert_eq!("15m".parse::<Interval>().unwrap().secs(), 900);
+        assert_eq!("5".parse::<Interval>().unwrap().secs(), 5);
+        assert_eq!("1m30s".parse::<Interval>().unwrap().secs(), 90);
+        for bad in [
+            "4s",
+            "0",
+            "",
+            "5x",
+            "m",
+            "25h",
+            "1.5m",
+            "-5s",
+            "99999999999999999999h",
+        ] {
+            assert!(bad.parse::<Interval>().is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn retention_keeps_latest_and_spaced_points() {
+        // Points every 10 minutes over 3 hours; keep latest + 2 hourly.
+        let points: Vec<(i64, i64)> = (0..19).map(|i| (i, i * 600)).collect();
+        let drop = RetentionPolicy::hourly(2).to_drop(&points, &[]);
+        let kept: Vec<i64> = points
+            .iter()
+            .map(|p| p.0)
+            .filter(|id| !drop.contains(id))
+            .collect();
+        assert_eq!(kept, vec![6, 12, 18]);
+    }
+
+    #[test]
+    fn retention_zero_keeps_only_latest_and_pins_survive() {
+        let points = [(1, 100), (2, 200), (3, 300)];
+        assert_eq!(RetentionPolicy::hourly(0).to_drop(&points, &[]), vec![2, 1]);
+        assert_eq!(RetentionPolicy::hourly(0).to_drop(&points, &[1]), vec![2]);
+        assert!(RetentionPolicy::hourly(0).to_drop(&[], &[]).is_empty());
+        let p = RetentionPolicy {
+            additional: 2,
+            spacing_secs: 1,
+        };
+        assert!(p.to_drop(&points, &[]).is_empty());
+        assert!(RetentionPolicy::hourly(MAX_RECOVERY_POINTS + 1)
+            .validate()
+            .is_err());
+    }
+
+    #[test]
+    fn requests_follow_hyper_v_preconditions() {
+        assert_eq!(
+            on_request(S::Replicating, Request::Suspend),
+            Ok(S::Suspended)
+        );
+        assert_eq!(
+            on_request(S::Suspended, Request::Resume),
+            Ok(S::Replicating)
+        );
+        assert!(on_request(S::Replicating, Request::Resume).is_err());
+        let e = on_request(S::ResynchronizationRequired, Request::Resume).unwrap_err();
+        assert!(e.to_string().contains("--resync"), "{e}");
+        assert_eq!(
+            on_request(S::ResynchronizationRequired, Request::Resync),
+            Ok(S::Resynchronizing)
+        );
+        assert!(on_request(S::ReadyForInitialReplication, Request::Resync).is_err());
+        assert_eq!(
+            on_request(S::ReadyForInitialReplication, Request::StartInitial),
+            Ok(S::InitialReplicationInProgress)
+        );
+    }
+
+    #[test]
+    fn states_round_trip_through_their_names() {
+        for s in [
+            S::Replicating,
+            S::Suspended,
+            S::ResynchronizationRequired,
+            S::Error,
+        ] {
+            assert_eq!(s.as_str().parse::<S>().unwrap(), s);
+        }
+        assert!("bogus".parse::<S>().is_err());
+    }
+}
