@@ -5,6 +5,10 @@
 //! Domain types are never persisted directly: each table has a `*Row` type, and blob
 //! columns carry a version marker so their encoding can change later.
 
+mod replication;
+
+pub use replication::{CycleRow, PointRow, ReplicationRow};
+
 use std::path::Path;
 use std::sync::Mutex;
 
@@ -27,6 +31,8 @@ const MIGRATIONS: &[&str] = &[
         last_error TEXT
     );
     CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);",
+    // 2: replication relationships, recovery points, cycle history.
+    replication::MIGRATION,
 ];
 
 /// The encoding version of `vms.spec` (JSON of [`VmSpec`]).

@@ -1,0 +1,466 @@
+//! Replication relationships, recovery points and the history of cycles.
+
+use ferry_domain::replication::ReplicationSettings;
+use ferry_domain::{ReplicationState, Role};
+use rusqlite::{params, OptionalExtension};
+use serde::{Deserialize, Serialize};
+
+use crate::{Store, StoreError};
+
+/// One relationship, as stored on either side (keyed by the local VM).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicationRow {
+    /// The local VM's id.
+    pub vm_id: i64,
+    /// Which side this host is.
+    pub role: Role,
+    /// The other host's name.
+    pub partner_name: String,
+    /// Primary: the replica server's `host:port`. Replica: the primary's last address.
+    pub partner_addr: String,
+    /// The other host's certificate fingerprint (pinned).
+    pub partner_fingerprint: String,
+    /// Settings chosen at enable.
+    pub settings: ReplicationSettings,
+    /// Where it stands.
+    pub state: ReplicationState,
+    /// Primary: the number of the current dirty-bitmap generation (0 = none yet).
+    pub generation: i64,
+    /// The last cycle committed on the replica (0 = none).
+    pub last_cycle: i64,
+    /// When the newest recovery point was taken (UNIX s).
+    pub last_point_at: Option<i64>,
+    /// The last failure, shown until a cycle succeeds.
+    pub last_error: Option<String>,
+    /// When replication was enabled.
+    pub created_at: i64,
+}
+
+/// One recovery point on the replica: a complete, crash-consistent image of every
+/// replicated disk as of `taken_at` on the primary.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PointRow {
+    /// Id, stable for the point's life.
+    pub id: i64,
+    /// The local (replica) VM.
+    pub vm_id: i64,
+    /// The primary's cycle number that produced it.
+    pub cycle: i64,
+    /// The instant the primary froze the disks (UNIX s).
+    pub taken_at: i64,
+    /// When the replica committed it (UNIX s).
+    pub applied_at: i64,
+    /// `initial`, `delta`, `resync`, `final`.
+    pub kind: String,
+    /// Per replicated disk index, the top qcow2 layer that holds this point.
+    pub layers: Vec<(usize, String)>,
+    /// Bytes received for it.
+    pub bytes: i64,
+}
+
+/// One finished cycle (either outcome), for statistics.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CycleRow {
+    /// The local VM.
+    pub vm_id: i64,
+    /// Cycle number.
+    pub cycle: i64,
+    /// `initial`, `delta`, `resync`, `final`.
+    pub kind: String,
+    /// UNIX ms.
+    pub started_ms: i64,
+    /// UNIX ms.
+    pub ended_ms: i64,
+    /// Bytes marked dirty (or allocated, for a full copy).
+    pub dirty_bytes: i64,
+    /// Bytes sent on the wire.
+    pub sent_bytes: i64,
+    /// Success?
+    pub ok: bool,
+    /// The failure.
+    pub error: Option<String>,
+}
+
+pub(crate) const MIGRATION: &str = "
+    CREATE TABLE replications (
+        vm_id INTEGER PRIMARY KEY REFERENCES vms(id) ON DELETE CASCADE,
+        role TEXT NOT NULL,
+        partner_name TEXT NOT NULL,
+        partner_addr TEXT NOT NULL,
+        partner_fingerprint TEXT NOT NULL,
+        settings TEXT NOT NULL,
+        state TEXT NOT NULL,
+        generation INTEGER NOT NULL DEFAULT 0,
+        last_cycle INTEGER NOT NULL DEFAULT 0,
+        last_point_at INTEGER,
+        last_error TEXT,
+        created_at INTEGER NOT NULL
+    );
+    CREATE TABLE recovery_points (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        vm_id INTEGER NOT NULL REFERENCES vms(id) ON DELETE CASCADE,
+        cycle INTEGER NOT NULL,
+        taken_at INTEGER NOT NULL,
+        applied_at INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        layers TEXT NOT NULL,
+        bytes INTEGER NOT NULL,
+        UNIQUE (vm_id, cycle)
+    );
+    CREATE TABLE cycles (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        vm_id INTEGER NOT NULL REFERENCES vms(id) ON DELETE CASCADE,
+        cycle INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        started_ms INTEGER NOT NULL,
+        ended_ms INTEGER NOT NULL,
+        dirty_bytes INTEGER NOT NULL,
+        sent_bytes INTEGER NOT NULL,
+        ok INTEGER NOT NULL,
+        error TEXT
+    );
+    CREATE INDEX cycles_by_vm ON cycles (vm_id, id);";
+
+const COLS: &str = "vm_id, role, partner_name, partner_addr, partner_fingerprint, settings, state, generation, last_cycle, last_point_at, last_error, created_at";
+
+fn corrupt(what: &str, why: impl ToString) -> StoreError {
+    StoreError::Corrupt {
+        name: what.to_owned(),
+        why: why.to_string(),
+    }
+}
+
+fn read_rel(r: &rusqlite::Row<'_>) -> rusqlite::Result<[Option<String>; 12]> {
+    let mut out: [Option<String>; 12] = Default::default();
+    for (i, slot) in out.iter_mut().enumerate() {
+        let v: rusqlite::types::Value = r.get(i)?;
+        *slot = match v {
+            rusqlite::types::Value::Null => None,
+            rusqlite::types::Value::Integer(n) => Some(n.to_string()),
+            rusqlite::types::Value::Text(s) => Some(s),
+            _ => None,
+        };
+    }
+    Ok(out)
+}
+
+fn decode_rel(c: [Option<String>; 12]) -> Result<ReplicationRow, StoreError> {
+    let get = |i: usize| c[i].clone().unwrap_or_default();
+    let int = |i: usize| get(i).parse::<i64>().map_err(|e| corrupt("replication", e));
+    let role = match get(1).as_str() {
+        "primary" => Role::Primary,
+        "replica" => Role::Replica,
+        other => return Err(corrupt("replication", format!("unknown role {other:?}"))),
+    };
+    Ok(ReplicationRow {
+        vm_id: int(0)?,
+        role,
+        partner_name: get(2),
+        partner_addr: get(3),
+        partner_fingerprint: get(4),
+        settings: serde_json::from_str(&get(5)).map_err(|e| corrupt("replication settings", e))?,
+        state: get(6)
+            .parse()
+            .map_err(|e: String| corrupt("replication", e))?,
+        generation: int(7)?,
+        last_cycle: int(8)?,
+        last_point_at: c[9]
+            .as_deref()
+            .map(str::parse)
+            .transpose()
+            .map_err(|e| corrupt("replication", e))?,
+        last_error: c[10].clone(),
+        created_at: int(11)?,
+    })
+}
+
+impl Store {
+    /// Records a new relationship; refuses a second one for the same VM.
+    pub fn insert_replication(&self, r: &ReplicationRow) -> Result<(), StoreError> {
+        let res = self.conn().execute(
+            &format!(
+                "INSERT INTO replications ({COLS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12)"
+            ),
+            params![
+                r.vm_id,
+                r.role.as_str(),
+                r.partner_name,
+                r.partner_addr,
+                r.partner_fingerprint,
+                serde_json::to_string(&r.settings).expect("settings serialize"),
+                r.state.as_str(),
+                r.generation,
+                r.last_cycle,
+                r.last_point_at,
+                r.last_error,
+                r.created_at
+            ],
+        );
+        match res {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+            {
+                Err(StoreError::Duplicate(format!(
+                    "replication of VM #{}",
+                    r.vm_id
+                )))
+            }
+            other => other.map(|_| ()).map_err(Into::into),
+        }
+    }
+
+    /// Writes every field of an existing relationship.
+    pub fn update_replication(&self, r: &ReplicationRow) -> Result<(), StoreError> {
+        self.conn().execute(
+            "UPDATE replications SET partner_name=?2, partner_addr=?3, partner_fingerprint=?4, settings=?5, state=?6, generation=?7, last_cycle=?8, last_point_at=?9, last_error=?10 WHERE vm_id=?1",
+            params![
+                r.vm_id,
+                r.partner_name,
+                r.partner_addr,
+                r.partner_fingerprint,
+                serde_json::to_string(&r.settings).expect("settings serialize"),
+                r.state.as_str(),
+                r.generation,
+                r.last_cycle,
+                r.last_point_at,
+                r.last_error
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// The relationship of a VM, if it has one.
+    pub fn replication(&self, vm_id: i64) -> Result<Option<ReplicationRow>, StoreError> {
+        let conn = self.conn();
+        let raw = conn
+            .query_row(
+                &format!("SELECT {COLS} FROM replications WHERE vm_id = ?1"),
+                [vm_id],
+                read_rel,
+            )
+            .optional()?;
+        raw.map(decode_rel).transpose()
+    }
+
+    /// Every relationship.
+    pub fn list_replications(&self) -> Result<Vec<ReplicationRow>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&format!("SELECT {COLS} FROM replications ORDER BY vm_id"))?;
+        let raws = stmt
+            .query_map([], read_rel)?
+            .collect::<Result<Vec<_>, _>>()?;
+        raws.into_iter().map(decode_rel).collect()
+    }
+
+    /// Removes a relationship and its recovery points' records (not their files).
+    pub fn delete_replication(&self, vm_id: i64) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute("DELETE FROM recovery_points WHERE vm_id = ?1", [vm_id])?;
+        tx.execute("DELETE FROM replications WHERE vm_id = ?1", [vm_id])?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Commits a recovery point and the relationship's progress in one transaction: the
+    /// point exists exactly when the relationship says its cycle was applied.
+    pub fn commit_point(&self, p: &PointRow, rel: &ReplicationRow) -> Result<i64, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute(
+            "INSERT INTO recovery_points (vm_id, cycle, taken_at, applied_at, kind, layers, bytes) VALUES (?1,?2,?3,?4,?5,?6,?7)",
+            params![
+                p.vm_id,
+                p.cycle,
+                p.taken_at,
+                p.applied_at,
+                p.kind,
+                serde_json::to_string(&p.layers).expect("layers serialize"),
+                p.bytes
+            ],
+        )?;
+        let id = tx.last_insert_rowid();
+        tx.execute(
+            "UPDATE replications SET state=?2, last_cycle=?3, last_point_at=?4, last_error=NULL WHERE vm_id=?1",
+            params![rel.vm_id, rel.state.as_str(), rel.last_cycle, rel.last_point_at],
+        )?;
+        tx.commit()?;
+        Ok(id)
+    }
+
+    /// A VM's recovery points, oldest first.
+    pub fn list_points(&self, vm_id: i64) -> Result<Vec<PointRow>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT id, vm_id, cycle, taken_at, applied_at, kind, layers, bytes FROM recovery_points WHERE vm_id = ?1 ORDER BY cycle",
+        )?;
+        let rows = stmt
+            .query_map([vm_id], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, i64>(4)?,
+                    r.get::<_, String>(5)?,
+                    r.get::<_, String>(6)?,
+                    r.get::<_, i64>(7)?,
+                ))
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        rows.into_iter()
+            .map(
+                |(id, vm_id, cycle, taken_at, applied_at, kind, layers, bytes)| {
+                    Ok(PointRow {
+                        id,
+                        vm_id,
+                        cycle,
+                        taken_at,
+                        applied_at,
+                        kind,
+                        layers: serde_json::from_str(&layers)
+                            .map_err(|e| corrupt("recovery point", e))?,
+                        bytes,
+                    })
+                },
+            )
+            .collect()
+    }
+
+    /// Replaces a point's layer paths (after retention merged layers under it).
+    pub fn set_point_layers(&self, id: i64, layers: &[(usize, String)]) -> Result<(), StoreError> {
+        self.conn().execute(
+            "UPDATE recovery_points SET layers = ?2 WHERE id = ?1",
+            params![id, serde_json::to_string(layers).expect("layers serialize")],
+        )?;
+        Ok(())
+    }
+
+    /// Forgets a recovery point (its files are the caller's).
+    pub fn delete_point(&self, id: i64) -> Result<(), StoreError> {
+        self.conn()
+            .execute("DELETE FROM recovery_points WHERE id = ?1", [id])?;
+        Ok(())
+    }
+
+    /// Appends a finished cycle to the history.
+    pub fn record_cycle(&self, c: &CycleRow) -> Result<(), StoreError> {
+        self.conn().execute(
+            "INSERT INTO cycles (vm_id, cycle, kind, started_ms, ended_ms, dirty_bytes, sent_bytes, ok, error) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9)",
+            params![c.vm_id, c.cycle, c.kind, c.started_ms, c.ended_ms, c.dirty_bytes, c.sent_bytes, c.ok, c.error],
+        )?;
+        Ok(())
+    }
+
+    /// The newest `limit` cycles of a VM, newest first.
+    pub fn recent_cycles(&self, vm_id: i64, limit: u32) -> Result<Vec<CycleRow>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT vm_id, cycle, kind, started_ms, ended_ms, dirty_bytes, sent_bytes, ok, error FROM cycles WHERE vm_id = ?1 ORDER BY id DESC LIMIT ?2",
+        )?;
+        let rows = stmt
+            .query_map(params![vm_id, limit], |r| {
+                Ok(CycleRow {
+                    vm_id: r.get(0)?,
+                    cycle: r.get(1)?,
+                    kind: r.get(2)?,
+                    started_ms: r.get(3)?,
+                    ended_ms: r.get(4)?,
+                    dirty_bytes: r.get(5)?,
+                    sent_bytes: r.get(6)?,
+                    ok: r.get(7)?,
+                    error: r.get(8)?,
+                })
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use ferry_domain::replication::{InitialMethod, RetentionPolicy};
+    use ferry_domain::{Boot, DiskSpec, Interval, VmName, VmSpec};
+
+    use super::*;
+
+    fn rel(vm_id: i64) -> ReplicationRow {
+        ReplicationRow {
+            vm_id,
+            role: Role::Primary,
+            partner_name: "b".into(),
+            partner_addr: "127.0.0.2:7444".into(),
+            partner_fingerprint: "AB".into(),
+            settings: ReplicationSettings {
+                interval: "30s".parse::<Interval>().unwrap(),
+                retention: RetentionPolicy::hourly(4),
+                compression: true,
+                excluded_disks: vec![],
+                initial: InitialMethod::Network,
+                bandwidth_limit: None,
+                granularity: 4096,
+            },
+            state: ReplicationState::InitialReplicationInProgress,
+            generation: 1,
+            last_cycle: 0,
+            last_point_at: None,
+            last_error: None,
+            created_at: 10,
+        }
+    }
+
+    #[test]
+    fn relationship_and_points_commit_together_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.db");
+        let vm_id;
+        {
+            let store = Store::open(&path).unwrap();
+            let spec = VmSpec {
+                name: VmName::new("v").unwrap(),
+                cpus: 1,
+                memory_mib: 64,
+                disks: vec![DiskSpec {
+                    file: "disk0.qcow2".into(),
+                    size_bytes: 1 << 20,
+                }],
+                boot: Boot::Disk,
+                nics: vec![],
+            };
+            vm_id = store.insert_vm(&spec, 1).unwrap().id;
+            let mut r = rel(vm_id);
+            store.insert_replication(&r).unwrap();
+            assert!(matches!(
+                store.insert_replication(&r),
+                Err(StoreError::Duplicate(_))
+            ));
+            r.state = ReplicationState::Replicating;
+            r.last_cycle = 1;
+            r.last_point_at = Some(100);
+            let p = PointRow {
+                id: 0,
+                vm_id,
+                cycle: 1,
+                taken_at: 100,
+                applied_at: 101,
+                kind: "initial".into(),
+                layers: vec![(0, "/x/p1/disk0.qcow2".into())],
+                bytes: 4096,
+            };
+            store.commit_point(&p, &r).unwrap();
+            // The same cycle twice is refused: a point is committed once.
+            assert!(store.commit_point(&p, &r).is_err());
+        }
+        let store = Store::open(&path).unwrap();
+        let got = store.replication(vm_id).unwrap().unwrap();
+        assert_eq!(got.state, ReplicationState::Replicating);
+        assert_eq!((got.last_cycle, got.last_point_at), (1, Some(100)));
+        assert_eq!(got.settings, rel(vm_id).settings);
+        let points = store.list_points(vm_id).unwrap();
+        assert_eq!(points.len(), 1);
+        assert_eq!(points[0].layers, vec![(0, "/x/p1/disk0.qcow2".to_owned())]);
+        store.delete_replication(vm_id).unwrap();
+        assert!(store.replication(vm_id).unwrap().is_none());
+        assert!(store.list_points(vm_id).unwrap().is_empty());
+    }
+}
