@@ -6,10 +6,18 @@
 //! - [`qmp`] is an async QMP client with typed commands written by hand for
 //!   QEMU 7.2 and an untyped escape hatch for everything else.
 //! - [`img`] wraps `qemu-img` (info, create, convert).
+//! - [`cbt`] is changed-block tracking: dirty-bitmap generations, fleecing
+//!   points exported over NBD, and the offline helpers for a VM that is off.
 //!
 //! The crate targets QEMU 7.2 (Debian bookworm) and is deliberately tolerant
 //! of newer versions: replies are decoded leniently and unknown fields ignored.
 
+pub mod cbt;
 pub mod img;
 pub mod process;
 pub mod qmp;
+
+pub use cbt::{
+    bitmap_state, cleanup_stale, rotate_bitmap_offline, start_tracking, BitmapState, CbtError,
+    FleeceDisk, FleecePoint, NodeSpec, OfflineExport, ReleaseReport,
+};

@@ -670,6 +670,398 @@ pub struct DirtyBitmapInfo {
     pub inconsistent: bool,
 }
 
+// ---------------------------------------------------------------------------
+// Changed-block tracking and fleecing (used by `crate::cbt`).
+//
+// QEMU 7.2 answers every command below with an empty object, decoded as
+// [`Empty`]. Argument structs that also appear inside a `transaction` are
+// shared between the standalone command and the [`TransactionAction`].
+// ---------------------------------------------------------------------------
+
+/// How `blockdev-add` finds a child node: by name, or as an inline `file`
+/// node QEMU names itself (`#blockNNN`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum BlockdevRef {
+    /// An existing node.
+    Node(String),
+    /// A new `driver=file` node on a host file.
+    File {
+        /// Always `file`.
+        driver: &'static str,
+        /// The host file.
+        filename: PathBuf,
+    },
+}
+
+/// `blockdev-add` of a qcow2 node, e.g. a fleecing overlay whose backing
+/// node is the live disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BlockdevAdd {
+    /// Name of the new node.
+    #[serde(rename = "node-name")]
+    pub node_name: String,
+    /// Block driver; [`BlockdevAdd::qcow2`] sets `qcow2`.
+    pub driver: &'static str,
+    /// The protocol child holding the image.
+    pub file: BlockdevRef,
+    /// Backing node; `None` opens the backing file named in the image.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backing: Option<String>,
+}
+
+impl BlockdevAdd {
+    /// A qcow2 node on `filename` with the node `backing` (if any) as its
+    /// backing node.
+    pub fn qcow2(node_name: &str, filename: &Path, backing: Option<&str>) -> Self {
+        BlockdevAdd {
+            node_name: node_name.into(),
+            driver: "qcow2",
+            file: BlockdevRef::File {
+                driver: "file",
+                filename: filename.into(),
+            },
+            backing: backing.map(Into::into),
+        }
+    }
+}
+
+impl Command for BlockdevAdd {
+    const NAME: &'static str = "blockdev-add";
+    type Ok = Empty;
+}
+
+/// `blockdev-del`: removes a node added with `blockdev-add` (and its inline
+/// children). Fails while a job, export or device still uses it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BlockdevDel {
+    /// The node.
+    #[serde(rename = "node-name")]
+    pub node_name: String,
+}
+
+impl Command for BlockdevDel {
+    const NAME: &'static str = "blockdev-del";
+    type Ok = Empty;
+}
+
+/// `block-dirty-bitmap-add`: a new, empty dirty bitmap that records writes
+/// from now on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BlockDirtyBitmapAdd {
+    /// The node to track.
+    pub node: String,
+    /// Bitmap name.
+    pub name: String,
+    /// Store the bitmap in the qcow2 on clean close (qcow2 nodes only).
+    pub persistent: bool,
+    /// Bytes per bit, a power of two from 512; `None` means the qcow2
+    /// cluster size (64 KiB by default).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub granularity: Option<u64>,
+}
+
+impl Command for BlockDirtyBitmapAdd {
+    const NAME: &'static str = "block-dirty-bitmap-add";
+    type Ok = Empty;
+}
+
+/// `block-dirty-bitmap-remove`: deletes a bitmap (also from the qcow2 if it
+/// is persistent). Works on an inconsistent bitmap.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BlockDirtyBitmapRemove {
+    /// The node.
+    pub node: String,
+    /// Bitmap name.
+    pub name: String,
+}
+
+impl Command for BlockDirtyBitmapRemove {
+    const NAME: &'static str = "block-dirty-bitmap-remove";
+    type Ok = Empty;
+}
+
+/// `block-dirty-bitmap-disable`: freezes a bitmap (it stops recording).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BlockDirtyBitmapDisable {
+    /// The node.
+    pub node: String,
+    /// Bitmap name.
+    pub name: String,
+}
+
+impl Command for BlockDirtyBitmapDisable {
+    const NAME: &'static str = "block-dirty-bitmap-disable";
+    type Ok = Empty;
+}
+
+/// `block-dirty-bitmap-enable`: makes a frozen bitmap record again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BlockDirtyBitmapEnable {
+    /// The node.
+    pub node: String,
+    /// Bitmap name.
+    pub name: String,
+}
+
+impl Command for BlockDirtyBitmapEnable {
+    const NAME: &'static str = "block-dirty-bitmap-enable";
+    type Ok = Empty;
+}
+
+/// `block-dirty-bitmap-merge`: ORs `bitmaps` into `target` (all on `node`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BlockDirtyBitmapMerge {
+    /// The node holding all bitmaps.
+    pub node: String,
+    /// The bitmap that receives the union.
+    pub target: String,
+    /// Source bitmaps, unchanged by the merge.
+    pub bitmaps: Vec<String>,
+}
+
+impl Command for BlockDirtyBitmapMerge {
+    const NAME: &'static str = "block-dirty-bitmap-merge";
+    type Ok = Empty;
+}
+
+/// `sync` mode of a backup job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackupSync {
+    /// Copy nothing up front; only copy-before-write of the regions the
+    /// guest overwrites (image fleecing).
+    None,
+    /// Copy the whole device.
+    Full,
+}
+
+/// `blockdev-backup`: starts a backup job from `device` into `target`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BlockdevBackup {
+    /// Job id, used by `block-job-cancel` and in job events.
+    #[serde(rename = "job-id")]
+    pub job_id: String,
+    /// Source node.
+    pub device: String,
+    /// Target node.
+    pub target: String,
+    /// What to copy.
+    pub sync: BackupSync,
+}
+
+impl Command for BlockdevBackup {
+    const NAME: &'static str = "blockdev-backup";
+    type Ok = Empty;
+}
+
+/// One action of a [`Transaction`]; the serialized form is
+/// `{"type": "block-dirty-bitmap-add", "data": {...}}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "type", content = "data", rename_all = "kebab-case")]
+pub enum TransactionAction {
+    /// `block-dirty-bitmap-add`.
+    BlockDirtyBitmapAdd(BlockDirtyBitmapAdd),
+    /// `block-dirty-bitmap-remove`.
+    BlockDirtyBitmapRemove(BlockDirtyBitmapRemove),
+    /// `block-dirty-bitmap-disable`.
+    BlockDirtyBitmapDisable(BlockDirtyBitmapDisable),
+    /// `block-dirty-bitmap-enable`.
+    BlockDirtyBitmapEnable(BlockDirtyBitmapEnable),
+    /// `block-dirty-bitmap-merge`.
+    BlockDirtyBitmapMerge(BlockDirtyBitmapMerge),
+    /// `blockdev-backup`.
+    BlockdevBackup(BlockdevBackup),
+}
+
+/// `transaction`: runs all actions atomically: either every action takes
+/// effect at the same instant, or none does.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Transaction {
+    /// The actions, applied in order.
+    pub actions: Vec<TransactionAction>,
+}
+
+impl Command for Transaction {
+    const NAME: &'static str = "transaction";
+    type Ok = Empty;
+}
+
+/// Address of QEMU's NBD server (QAPI `SocketAddressLegacy`, which
+/// `nbd-server-start` still takes in 7.2).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "type", content = "data", rename_all = "lowercase")]
+pub enum NbdServerAddr {
+    /// A unix socket QEMU creates.
+    Unix {
+        /// Socket path.
+        path: PathBuf,
+    },
+}
+
+/// `nbd-server-start`: QEMU's built-in NBD server. One per QEMU process; a
+/// second start fails with "NBD server already running".
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NbdServerStart {
+    /// Where to listen.
+    pub addr: NbdServerAddr,
+}
+
+impl Command for NbdServerStart {
+    const NAME: &'static str = "nbd-server-start";
+    type Ok = Empty;
+}
+
+/// `nbd-server-stop`: stops the NBD server and removes its exports.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct NbdServerStop;
+
+impl Command for NbdServerStop {
+    const NAME: &'static str = "nbd-server-stop";
+    type Ok = Empty;
+}
+
+/// Export type of [`BlockExportAdd`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BlockExportType {
+    /// Through the server of `nbd-server-start`.
+    Nbd,
+}
+
+/// `block-export-add`: exports a node over the running NBD server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BlockExportAdd {
+    /// Export type.
+    #[serde(rename = "type")]
+    pub kind: BlockExportType,
+    /// Export id, for `block-export-del` and events.
+    pub id: String,
+    /// The exported node.
+    #[serde(rename = "node-name")]
+    pub node_name: String,
+    /// NBD export name clients ask for; defaults to the node name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Whether clients may write.
+    pub writable: bool,
+    /// Dirty bitmaps offered as `qemu:dirty-bitmap:NAME` meta contexts.
+    /// They may live on the node or a node of its backing chain, and must be
+    /// disabled for a read-only export.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub bitmaps: Vec<String>,
+}
+
+impl BlockExportAdd {
+    /// A read-only NBD export.
+    pub fn nbd_read_only(id: &str, node_name: &str, name: &str, bitmaps: Vec<String>) -> Self {
+        BlockExportAdd {
+            kind: BlockExportType::Nbd,
+            id: id.into(),
+            node_name: node_name.into(),
+            name: Some(name.into()),
+            writable: false,
+            bitmaps,
+        }
+    }
+}
+
+impl Command for BlockExportAdd {
+    const NAME: &'static str = "block-export-add";
+    type Ok = Empty;
+}
+
+/// How [`BlockExportDel`] treats connected clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BlockExportRemoveMode {
+    /// Fail with "still in use" while clients are connected.
+    Safe,
+    /// Disconnect clients.
+    Hard,
+}
+
+/// `block-export-del`: starts removing an export; `BLOCK_EXPORT_DELETED`
+/// follows once it is gone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BlockExportDel {
+    /// Export id.
+    pub id: String,
+    /// Client handling; QEMU's default is safe.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mode: Option<BlockExportRemoveMode>,
+}
+
+impl Command for BlockExportDel {
+    const NAME: &'static str = "block-export-del";
+    type Ok = Empty;
+}
+
+/// `query-block-exports`: the exports, including those shutting down.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct QueryBlockExports;
+
+impl Command for QueryBlockExports {
+    const NAME: &'static str = "query-block-exports";
+    type Ok = Vec<BlockExportInfo>;
+}
+
+/// One export from [`QueryBlockExports`].
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct BlockExportInfo {
+    /// Export id.
+    pub id: String,
+    /// Exported node.
+    #[serde(rename = "node-name")]
+    pub node_name: String,
+    /// Whether `block-export-del` was called and it waits for clients.
+    #[serde(default, rename = "shutting-down")]
+    pub shutting_down: bool,
+}
+
+/// `block-job-cancel`: stops a block job; `BLOCK_JOB_CANCELLED` follows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BlockJobCancel {
+    /// Job id (QMP calls it `device` for historical reasons).
+    pub device: String,
+    /// Cancel even a paused job, and skip a mirror's graceful completion.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub force: Option<bool>,
+}
+
+impl Command for BlockJobCancel {
+    const NAME: &'static str = "block-job-cancel";
+    type Ok = Empty;
+}
+
+/// `query-block-jobs`: the running block jobs.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct QueryBlockJobs;
+
+impl Command for QueryBlockJobs {
+    const NAME: &'static str = "query-block-jobs";
+    type Ok = Vec<BlockJobInfo>;
+}
+
+/// One job from [`QueryBlockJobs`] (a subset of `BlockJobInfo`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct BlockJobInfo {
+    /// Job id.
+    pub device: String,
+    /// Job type, e.g. `backup`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Progress: for a `sync=none` backup, the bytes copied before write.
+    #[serde(default)]
+    pub offset: u64,
+    /// Total work.
+    #[serde(default)]
+    pub len: u64,
+    /// Job state, e.g. `running`, `paused`, `concluded`.
+    #[serde(default)]
+    pub status: String,
+}
+
 #[cfg(test)]
 mod tests {
     use tokio::io::AsyncReadExt;
