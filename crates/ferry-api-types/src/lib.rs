@@ -159,6 +159,10 @@ pub struct VmInfo {
     pub append: Option<String>,
     /// The last problem worth knowing about.
     pub last_error: Option<String>,
+    /// `primary` or `replica` when the VM is replicated. A replica VM starts only through
+    /// failover.
+    #[serde(default)]
+    pub replication: Option<String>,
 }
 
 /// `POST /v1/vms/{name}/shutdown`.
@@ -187,4 +191,173 @@ pub struct ConsoleLog {
     pub next_offset: u64,
     /// The output (lossy UTF-8).
     pub text: String,
+}
+
+// ---- replication ------------------------------------------------------------------------
+//
+// | GET | `/v1/replica-server` | → [`ReplicaServerInfo`] |
+// | POST | `/v1/replica-server` | [`ReplicaServerSetRequest`] → [`ReplicaServerInfo`] |
+// | GET | `/v1/replication` | → `Vec<`[`ReplicationInfo`]`>` |
+// | GET | `/v1/vms/{name}/replication` | → [`ReplicationInfo`] |
+// | POST | `/v1/vms/{name}/replication` | [`EnableReplicationRequest`] → [`ReplicationInfo`] |
+// | DELETE | `/v1/vms/{name}/replication` | → [`ActionReply`] |
+// | POST | `/v1/vms/{name}/replication/{start,suspend,resume,resync,cycle}` | → [`ReplicationInfo`] |
+// | GET | `/v1/vms/{name}/replication/points` | → `Vec<`[`RecoveryPointInfo`]`>` |
+
+/// One primary allowed to replicate to this replica server (Hyper-V's authorization entry).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuthorizationEntry {
+    /// The primary's host name, as it introduces itself.
+    pub primary: String,
+    /// The SHA-256 fingerprint of the primary's host certificate (what authenticates it).
+    pub fingerprint: String,
+    /// Where its replica VMs are stored.
+    pub storage: String,
+    /// Primaries in one trust group may take over each other's relationships.
+    pub trust_group: String,
+}
+
+/// The replica-server role of a host (Hyper-V's Replication Configuration).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct ReplicaServerConfig {
+    /// Whether this host accepts replication.
+    pub enabled: bool,
+    /// The port for host-to-host replication (mutual TLS).
+    pub port: u16,
+    /// Accept any primary that authenticates with its host certificate.
+    pub allow_any: bool,
+    /// Storage for replicas from any primary (with `allow_any`).
+    pub default_storage: Option<String>,
+    /// Listed primaries.
+    pub entries: Vec<AuthorizationEntry>,
+}
+
+/// The replica-server role and how to reach it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaServerInfo {
+    /// The host's name.
+    pub name: String,
+    /// Its certificate fingerprint (primaries pin it).
+    pub fingerprint: String,
+    /// The configuration.
+    pub config: ReplicaServerConfig,
+    /// `ip:port` it listens on when enabled.
+    pub listening: Option<String>,
+}
+
+/// Changes to the replica-server role; absent fields stay as they are.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct ReplicaServerSetRequest {
+    /// Enable (true) or disable (false).
+    pub enabled: Option<bool>,
+    /// Listen port.
+    pub port: Option<u16>,
+    /// Allow any authenticated primary, storing in `storage`.
+    pub allow_any: Option<bool>,
+    /// Default storage (with `allow_any`) or the storage of the entry being added.
+    pub storage: Option<String>,
+    /// Add (or replace, by primary name) an authorization entry.
+    pub allow: Option<AuthorizationEntry>,
+    /// Remove the entry of this primary.
+    pub disallow: Option<String>,
+}
+
+/// `ferry replication enable`: the wizard's choices.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnableReplicationRequest {
+    /// The replica server's name.
+    pub replica_name: String,
+    /// Its replication address, `host:port`.
+    pub replica_addr: String,
+    /// Its certificate fingerprint.
+    pub replica_fingerprint: String,
+    /// `30s`, `5m`, `15m`, or any duration from 5s.
+    pub interval: String,
+    /// Additional recovery points besides the latest (0–96; Hyper-V: 0–24).
+    pub recovery_points: u32,
+    /// Minimum spacing between kept recovery points (default `1h`, as Hyper-V).
+    pub point_spacing: Option<String>,
+    /// zstd-compress what is sent.
+    pub compression: bool,
+    /// Disk indexes not to replicate.
+    pub exclude_disks: Vec<usize>,
+    /// `network` (default), `at:UNIX_TIME`, `export:DIR`, `existing`.
+    pub initial: Option<String>,
+    /// Bandwidth limit, bytes/s (e.g. from `10M`), or none.
+    pub bandwidth_limit: Option<u64>,
+    /// Change-tracking granularity in bytes (default 4096).
+    pub granularity: Option<u32>,
+}
+
+/// A long operation's progress.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Progress {
+    /// What is being done: `reading`, `sending`, `applying`.
+    pub phase: String,
+    /// Bytes done.
+    pub done_bytes: u64,
+    /// Bytes in all (0 when unknown yet).
+    pub total_bytes: u64,
+    /// Percent done, 0–100.
+    pub percent: u8,
+}
+
+/// A replication relationship as seen from one side.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicationInfo {
+    /// The VM.
+    pub vm: String,
+    /// `primary` or `replica`.
+    pub role: String,
+    /// Machine state name (Hyper-V's, snake case).
+    pub state: String,
+    /// Hyper-V's UI label of the state.
+    pub state_label: String,
+    /// The other host's name.
+    pub partner: String,
+    /// The other host's address.
+    pub partner_addr: String,
+    /// Interval in seconds.
+    pub interval_s: u64,
+    /// Additional recovery points kept.
+    pub recovery_points: u32,
+    /// Compression on?
+    pub compression: bool,
+    /// Excluded disk indexes.
+    pub excluded_disks: Vec<usize>,
+    /// Tracking granularity.
+    pub granularity: u32,
+    /// Bandwidth limit, bytes/s.
+    pub bandwidth_limit: Option<u64>,
+    /// The last cycle applied on the replica.
+    pub last_cycle: i64,
+    /// When the newest recovery point was taken (UNIX s).
+    pub last_point_at: Option<i64>,
+    /// The last failure.
+    pub last_error: Option<String>,
+    /// Bytes captured on the primary, not yet acknowledged by the replica.
+    pub pending_bytes: u64,
+    /// What is running now.
+    pub progress: Option<Progress>,
+    /// Recovery points on the replica (replica side).
+    pub points: usize,
+}
+
+/// One recovery point.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecoveryPointInfo {
+    /// Its id (for `failover --point`).
+    pub id: i64,
+    /// The primary's cycle number.
+    pub cycle: i64,
+    /// When the primary froze the disks (UNIX s).
+    pub taken_at: i64,
+    /// When the replica committed it.
+    pub applied_at: i64,
+    /// `initial`, `delta`, `resync`.
+    pub kind: String,
+    /// Bytes received for it.
+    pub bytes: i64,
+    /// Per disk index, the image holding the point (top of a qcow2 chain).
+    pub layers: Vec<(usize, String)>,
 }

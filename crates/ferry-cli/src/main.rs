@@ -3,6 +3,7 @@
 mod console;
 mod hosts;
 mod output;
+mod replication;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -66,6 +67,12 @@ enum Command {
     /// Other hosts this CLI knows (for --host NAME and the console).
     #[command(subcommand)]
     Host(HostCmd),
+    /// This host's replica-server role: who may replicate to it, stored where.
+    #[command(subcommand, name = "replica-server")]
+    ReplicaServer(replication::ReplicaServerCmd),
+    /// Replication of VMs: enable, status, recovery points, suspend/resume, remove.
+    #[command(subcommand)]
+    Replication(replication::ReplicationCmd),
 }
 
 #[derive(Subcommand)]
@@ -234,6 +241,8 @@ async fn run(cli: Cli, out: &Output) -> anyhow::Result<()> {
             out.server(&info);
         }
         Command::Vm(cmd) => vm(&client, cmd, out).await?,
+        Command::ReplicaServer(cmd) => replication::replica_server(&client, cmd, out).await?,
+        Command::Replication(cmd) => replication::replication(&client, cmd, out).await?,
     }
     Ok(())
 }
@@ -257,7 +266,7 @@ fn cmd_host(cmd: &HostCmd) -> hosts::HostAction {
 }
 
 /// URL path segment for a VM name (names may hold spaces).
-fn vm_path(name: &str, suffix: &str) -> String {
+pub(crate) fn vm_path(name: &str, suffix: &str) -> String {
     let enc: String = name
         .bytes()
         .map(|b| match b {
@@ -373,7 +382,7 @@ fn ferry_domain_size(s: &str) -> anyhow::Result<u64> {
     ferry_api_types::parse_size(s).map_err(|e| anyhow::anyhow!(e))
 }
 
-fn absolute(p: PathBuf) -> anyhow::Result<String> {
+pub(crate) fn absolute(p: PathBuf) -> anyhow::Result<String> {
     let abs = if p.is_absolute() {
         p
     } else {

@@ -33,7 +33,13 @@ impl Output {
         Self { format }
     }
 
-    fn json<T: Serialize>(&self, v: &T) -> bool {
+    /// The output format.
+    pub fn format(&self) -> Format {
+        self.format
+    }
+
+    /// Prints `v` as JSON in JSON mode; says whether it did.
+    pub fn json<T: Serialize>(&self, v: &T) -> bool {
         if self.format == Format::Json {
             println!("{}", serde_json::to_string_pretty(v).expect("serializable"));
             true
@@ -118,18 +124,19 @@ impl Output {
             return;
         }
         println!(
-            "{:<24} {:<14} {:>8} {:>5} {:>9} {:>9}",
-            "NAME", "STATE", "PID", "CPUS", "MEMORY", "UPTIME"
+            "{:<24} {:<14} {:>8} {:>5} {:>9} {:>9}  {}",
+            "NAME", "STATE", "PID", "CPUS", "MEMORY", "UPTIME", "REPLICATION"
         );
         for vm in vms {
             println!(
-                "{:<24} {:<14} {:>8} {:>5} {:>9} {:>9}",
+                "{:<24} {:<14} {:>8} {:>5} {:>9} {:>9}  {}",
                 vm.name,
                 vm.state.as_str(),
                 vm.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
                 vm.cpus,
                 format!("{}M", vm.memory_mib),
                 vm.uptime_s.map(duration).unwrap_or_else(|| "-".into()),
+                vm.replication.as_deref().unwrap_or("-"),
             );
         }
     }

@@ -287,17 +287,31 @@ pub fn normalize_fingerprint(fp: &str) -> String {
 }
 
 fn pinned_config(fingerprint: &str) -> rustls::ClientConfig {
+    pinned_client_config(fingerprint, None).expect("no client certificate to refuse")
+}
+
+/// A TLS client config that trusts exactly the certificate with `fingerprint` and, for
+/// host-to-host connections (mutual TLS), presents `client_auth` (certificate chain, key).
+pub fn pinned_client_config(
+    fingerprint: &str,
+    client_auth: Option<(
+        Vec<CertificateDer<'static>>,
+        rustls::pki_types::PrivateKeyDer<'static>,
+    )>,
+) -> Result<rustls::ClientConfig, rustls::Error> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let verifier = Arc::new(PinnedCert {
         fingerprint: normalize_fingerprint(fingerprint),
         provider: provider.clone(),
     });
-    rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .expect("ring supports the default versions")
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
         .dangerous()
-        .with_custom_certificate_verifier(verifier)
-        .with_no_client_auth()
+        .with_custom_certificate_verifier(verifier);
+    match client_auth {
+        Some((certs, key)) => builder.with_client_auth_cert(certs, key),
+        None => Ok(builder.with_no_client_auth()),
+    }
 }
 
 /// Accepts exactly one certificate, by fingerprint: hosts use self-signed certificates

@@ -12,13 +12,16 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use ferry_api_types::{
-    ActionReply, ConsoleLog, ServerInfo, ShutdownRequest, VmCreateRequest, VmInfo, CONSOLE_UPGRADE,
+    ActionReply, ConsoleLog, EnableReplicationRequest, RecoveryPointInfo, ReplicaServerInfo,
+    ReplicaServerSetRequest, ReplicationInfo, ServerInfo, ShutdownRequest, VmCreateRequest, VmInfo,
+    CONSOLE_UPGRADE,
 };
 use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use tracing::warn;
 
 use crate::error::ApiFailure;
+use crate::replication;
 use crate::vms::{VmManager, DEFAULT_SHUTDOWN_TIMEOUT};
 
 /// What handlers share.
@@ -29,6 +32,8 @@ pub struct AppState {
     pub server: ServerInfo,
     /// The bearer token for the TLS API.
     pub token: String,
+    /// The replication engine.
+    pub replication: Arc<replication::Shared>,
 }
 
 type Shared = Arc<AppState>;
@@ -47,6 +52,22 @@ pub fn router(state: Shared) -> Router {
         .route("/v1/vms/{name}/resume", post(resume_vm))
         .route("/v1/vms/{name}/console/log", get(console_log))
         .route("/v1/vms/{name}/console", get(console))
+        .route(
+            "/v1/replica-server",
+            get(replica_server).post(set_replica_server),
+        )
+        .route("/v1/replication", get(list_replication))
+        .route(
+            "/v1/vms/{name}/replication",
+            get(replication_status)
+                .post(enable_replication)
+                .delete(remove_replication),
+        )
+        .route("/v1/vms/{name}/replication/points", get(recovery_points))
+        .route(
+            "/v1/vms/{name}/replication/{action}",
+            post(replication_request),
+        )
         .fallback(|| async { ApiFailure::not_found("no such API endpoint".to_owned()) })
         .with_state(state)
 }
@@ -186,4 +207,59 @@ async fn console(
     resp.headers_mut()
         .insert(header::UPGRADE, HeaderValue::from_static(CONSOLE_UPGRADE));
     Ok(resp)
+}
+
+// ---- replication ------------------------------------------------------------------------
+
+async fn replica_server(State(s): State<Shared>) -> ApiResult<ReplicaServerInfo> {
+    Ok(Json(replication::replica_server_info(&s.replication)))
+}
+
+async fn set_replica_server(
+    State(s): State<Shared>,
+    Json(req): Json<ReplicaServerSetRequest>,
+) -> ApiResult<ReplicaServerInfo> {
+    Ok(Json(
+        replication::replica_server_set(&s.replication, req).await?,
+    ))
+}
+
+async fn list_replication(State(s): State<Shared>) -> ApiResult<Vec<ReplicationInfo>> {
+    Ok(Json(replication::list(&s.replication)?))
+}
+
+async fn replication_status(
+    State(s): State<Shared>,
+    Path(name): Path<String>,
+) -> ApiResult<ReplicationInfo> {
+    Ok(Json(replication::status(&s.replication, &name)?))
+}
+
+async fn enable_replication(
+    State(s): State<Shared>,
+    Path(name): Path<String>,
+    Json(req): Json<EnableReplicationRequest>,
+) -> ApiResult<ReplicationInfo> {
+    Ok(Json(replication::enable(&s.replication, &name, req).await?))
+}
+
+async fn remove_replication(
+    State(s): State<Shared>,
+    Path(name): Path<String>,
+) -> ApiResult<ActionReply> {
+    Ok(Json(replication::remove(&s.replication, &name).await?))
+}
+
+async fn recovery_points(
+    State(s): State<Shared>,
+    Path(name): Path<String>,
+) -> ApiResult<Vec<RecoveryPointInfo>> {
+    Ok(Json(replication::points(&s.replication, &name)?))
+}
+
+async fn replication_request(
+    State(s): State<Shared>,
+    Path((name, action)): Path<(String, String)>,
+) -> ApiResult<ReplicationInfo> {
+    Ok(Json(replication::request(&s.replication, &name, &action)?))
 }

@@ -11,6 +11,7 @@
 //! accel = "auto"                        # auto | kvm | tcg
 //! qemu_binary = "qemu-system-x86_64"
 //! qemu_img = "qemu-img"
+//! replication_bandwidth_limit = "50M"  # bytes/s for all outgoing replication
 //! ```
 
 use std::net::SocketAddr;
@@ -54,6 +55,8 @@ struct RawConfig {
     qemu_binary: Option<PathBuf>,
     /// qemu-img.
     qemu_img: Option<PathBuf>,
+    /// Host-wide limit on outgoing replication traffic, e.g. `"100M"` (bytes/s).
+    replication_bandwidth_limit: Option<String>,
 }
 
 /// The validated configuration.
@@ -77,6 +80,8 @@ pub struct Config {
     pub qemu_binary: PathBuf,
     /// qemu-img binary.
     pub qemu_img: PathBuf,
+    /// Host-wide outgoing replication limit, bytes/s.
+    pub replication_bandwidth_limit: Option<u64>,
 }
 
 /// Why the configuration was refused.
@@ -173,7 +178,19 @@ impl Config {
                 "name {name:?} must be 1-64 letters, digits, '-', '_' or '.'"
             )));
         }
+        let replication_bandwidth_limit = match &raw.replication_bandwidth_limit {
+            None => None,
+            Some(s) => match ferry_domain::parse_size(s) {
+                Ok(n) if n > 0 => Some(n),
+                _ => {
+                    return Err(invalid(format!(
+                        "replication_bandwidth_limit {s:?} is not a rate such as \"50M\" (bytes per second)"
+                    )))
+                }
+            },
+        };
         Ok(Self {
+            replication_bandwidth_limit,
             name,
             data_dir: raw.data_dir,
             vm_storage,

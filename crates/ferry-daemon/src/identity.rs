@@ -115,6 +115,11 @@ impl Identity {
         })
     }
 
+    /// The private key, for TLS configs.
+    pub fn key(&self) -> PrivateKeyDer<'static> {
+        self.key.clone_key()
+    }
+
     /// A rustls server config presenting this identity.
     pub fn server_config(&self) -> Result<Arc<rustls::ServerConfig>, IdentityError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());

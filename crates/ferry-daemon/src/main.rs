@@ -5,6 +5,8 @@ mod api;
 mod config;
 mod error;
 mod identity;
+mod peer;
+mod replication;
 mod server;
 mod vms;
 
@@ -75,15 +77,21 @@ async fn run(args: Args) -> anyhow::Result<()> {
     for dir in [&cfg.data_dir, &cfg.vm_storage] {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
-    let identity = identity::Identity::load_or_create(&cfg.data_dir, &cfg.name)?;
+    let identity = Arc::new(identity::Identity::load_or_create(
+        &cfg.data_dir,
+        &cfg.name,
+    )?);
     let store = Arc::new(ferry_store::Store::open(&cfg.data_dir.join("ferry.db"))?);
     let (accel, accel_reason) = choose_accel(&cfg).await;
     info!(accel = accel.as_str(), reason = %accel_reason, "accelerator chosen");
 
-    let vms = vms::VmManager::new(cfg.clone(), store, accel);
+    let vms = vms::VmManager::new(cfg.clone(), store.clone(), accel);
     vms.reattach_all()
         .await
         .map_err(|e| anyhow::anyhow!(e.message))?;
+    let replication =
+        replication::Shared::new(cfg.clone(), store.clone(), identity.clone(), vms.clone());
+    replication::start(&replication).await?;
 
     let state = Arc::new(api::AppState {
         vms: vms.clone(),
@@ -101,6 +109,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             vm_count: 0,
         },
         token: identity.token.clone(),
+        replication: replication.clone(),
     });
 
     let unix = server::bind_unix(&cfg.admin_socket)

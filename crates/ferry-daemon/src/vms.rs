@@ -92,7 +92,7 @@ impl VmManager {
         }
     }
 
-    fn vm_dir(&self, name: &VmName) -> PathBuf {
+    pub(crate) fn vm_dir(&self, name: &VmName) -> PathBuf {
         self.cfg.vm_storage.join(name.as_str())
     }
 
@@ -100,7 +100,9 @@ impl VmManager {
         self.vm_dir(name).join("console.log")
     }
 
-    async fn lock_vm(&self, name: &VmName) -> tokio::sync::OwnedMutexGuard<()> {
+    /// Serializes operations on one VM; the replication engine holds it while it reads a
+    /// stopped VM's disks or holds a fleecing point, so the VM cannot start or stop under it.
+    pub(crate) async fn lock_vm(&self, name: &VmName) -> tokio::sync::OwnedMutexGuard<()> {
         let lock = self
             .op_locks
             .lock()
@@ -109,6 +111,13 @@ impl VmManager {
             .or_default()
             .clone();
         lock.lock_owned().await
+    }
+
+    /// The QMP connection of a VM whose QEMU process is alive.
+    pub(crate) fn live_qmp(&self, name: &VmName) -> Option<Qmp> {
+        self.instance(name)
+            .filter(|i| !*i.exited.borrow())
+            .map(|i| i.qmp.clone())
     }
 
     fn instance(&self, name: &VmName) -> Option<Arc<Instance>> {
@@ -333,6 +342,12 @@ impl VmManager {
             boot,
             append,
             last_error: row.last_error.clone(),
+            replication: self
+                .store
+                .replication(row.id)
+                .ok()
+                .flatten()
+                .map(|r| r.role.as_str().to_owned()),
         }
     }
 
@@ -482,6 +497,12 @@ impl VmManager {
         let (vm, _) = self.row(name)?;
         let _guard = self.lock_vm(&vm).await;
         let row = self.store.get_vm(&vm)?;
+        if let Some(rel) = self.store.replication(row.id)? {
+            return Err(ApiFailure::conflict(format!(
+                "VM {vm} is a {} of a replication relationship: remove replication first (ferry replication remove {vm})",
+                rel.role.as_str()
+            )));
+        }
         self.transition(&row, Operation::Delete)?;
         self.store.delete_vm(&vm)?;
         let dir = self.vm_dir(&vm);
@@ -505,6 +526,13 @@ impl VmManager {
         let (vm, _) = self.row(name)?;
         let _guard = self.lock_vm(&vm).await;
         let row = self.store.get_vm(&vm)?;
+        if let Some(rel) = self.store.replication(row.id)? {
+            if rel.role == ferry_domain::Role::Replica {
+                return Err(ApiFailure::conflict(format!(
+                    "VM {vm} is a replica: it starts only through failover (ferry failover start {vm})"
+                )));
+            }
+        }
         self.transition(&row, Operation::Start)?;
         match self.spawn(&row).await {
             Ok((pid, qmp)) => {

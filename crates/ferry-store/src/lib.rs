@@ -205,6 +205,16 @@ impl Store {
         Ok(())
     }
 
+    /// Replaces a VM's spec (same name).
+    pub fn set_vm_spec(&self, id: i64, spec: &VmSpec) -> Result<(), StoreError> {
+        let json = serde_json::to_string(spec).expect("VmSpec serializes");
+        self.conn().execute(
+            "UPDATE vms SET spec = ?2, spec_version = ?3 WHERE id = ?1",
+            params![id, json, SPEC_VERSION],
+        )?;
+        Ok(())
+    }
+
     /// Records (or clears) the last error shown for a VM.
     pub fn set_last_error(&self, name: &VmName, error: Option<&str>) -> Result<(), StoreError> {
         self.conn().execute(

@@ -1,0 +1,578 @@
+//! `ferry replica-server …` and `ferry replication …`.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Subcommand;
+use ferry_api_types::{
+    ActionReply, AuthorizationEntry, EnableReplicationRequest, RecoveryPointInfo,
+    ReplicaServerInfo, ReplicaServerSetRequest, ReplicationInfo,
+};
+use ferry_client::{Client, Endpoint};
+
+use crate::output::Output;
+use crate::{hosts, vm_path, Format};
+
+#[derive(Subcommand)]
+pub enum ReplicaServerCmd {
+    /// Whether this host accepts replication, on which port, from whom, stored where.
+    Show,
+    /// Configure the replica-server role (Hyper-V's Replication Configuration).
+    Set {
+        /// Accept replication.
+        #[arg(long, conflicts_with = "disable")]
+        enable: bool,
+        /// Stop accepting replication.
+        #[arg(long)]
+        disable: bool,
+        /// Port for host-to-host replication (mutual TLS); default 7444.
+        #[arg(long)]
+        port: Option<u16>,
+        /// Accept any primary that authenticates with its host certificate; needs --storage.
+        #[arg(long, conflicts_with_all = ["allow", "deny_any"])]
+        allow_any: bool,
+        /// Stop accepting primaries that are not listed.
+        #[arg(long)]
+        deny_any: bool,
+        /// Allow one primary: NAME=FINGERPRINT (`ferry server show` on it); needs --storage.
+        #[arg(long)]
+        allow: Option<String>,
+        /// Trust group of the primary given with --allow.
+        #[arg(long, requires = "allow")]
+        trust_group: Option<String>,
+        /// Where replicas go (of any primary with --allow-any, or of the --allow one).
+        #[arg(long)]
+        storage: Option<PathBuf>,
+        /// Remove the authorization entry of this primary.
+        #[arg(long)]
+        disallow: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum ReplicationCmd {
+    /// Replicate a VM to a replica server.
+    Enable {
+        /// The VM (on this host, which becomes its primary server).
+        vm: String,
+        /// The replica server: a name from `ferry host list`, or its admin socket path,
+        /// or ADDR:PORT of its replication port with --replica-fingerprint.
+        #[arg(long)]
+        to: String,
+        /// The replica server's certificate fingerprint, when --to is ADDR:PORT.
+        #[arg(long)]
+        replica_fingerprint: Option<String>,
+        /// Time between cycles: 30s, 5m, 15m (Hyper-V's), or any duration from 5s.
+        #[arg(long, default_value = "5m")]
+        interval: String,
+        /// Additional recovery points to keep besides the latest (Hyper-V: 0-24).
+        #[arg(long, default_value_t = 0)]
+        recovery_points: u32,
+        /// Minimum spacing of the additional points (Hyper-V: hourly).
+        #[arg(long, default_value = "1h")]
+        point_spacing: String,
+        /// Send uncompressed (compression is on by default).
+        #[arg(long)]
+        no_compression: bool,
+        /// Do not replicate this disk (index from `ferry vm show`). Repeatable.
+        #[arg(long)]
+        exclude_disk: Vec<usize>,
+        /// Initial replication: `network` (now) or `at:UNIX_TIME` (scheduled, up to 7 days).
+        #[arg(long, default_value = "network")]
+        initial: String,
+        /// Bandwidth limit for this VM's replication, e.g. 10M (bytes/s).
+        #[arg(long)]
+        bandwidth_limit: Option<String>,
+        /// Change-tracking granularity, 4K to 1M (4K ships exactly what 4K writes changed).
+        #[arg(long, default_value = "4K")]
+        granularity: String,
+        /// Wait for the initial replication to finish, showing progress.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Start a scheduled initial replication now.
+    Start {
+        /// The VM.
+        vm: String,
+    },
+    /// Run a replication cycle now (instead of waiting for the interval).
+    Now {
+        /// The VM.
+        vm: String,
+    },
+    /// A VM's replication state, settings and progress.
+    Status {
+        /// The VM.
+        vm: String,
+        /// Keep showing progress until the current cycle ends.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Every replicated VM on this host.
+    List,
+    /// The recovery points of a replica VM (on the replica server).
+    Points {
+        /// The VM.
+        vm: String,
+    },
+    /// Pause replication (changes are still tracked).
+    Suspend {
+        /// The VM.
+        vm: String,
+    },
+    /// Resume replication.
+    Resume {
+        /// The VM.
+        vm: String,
+        /// Compare both sides and send the differences (after "resynchronization required").
+        #[arg(long)]
+        resync: bool,
+    },
+    /// Remove replication on this side (the other side keeps its part until removed there).
+    Remove {
+        /// The VM.
+        vm: String,
+    },
+}
+
+pub async fn replica_server(
+    client: &Client,
+    cmd: ReplicaServerCmd,
+    out: &Output,
+) -> anyhow::Result<()> {
+    let info: ReplicaServerInfo = match cmd {
+        ReplicaServerCmd::Show => client.get("/v1/replica-server").await?,
+        ReplicaServerCmd::Set {
+            enable,
+            disable,
+            port,
+            allow_any,
+            deny_any,
+            allow,
+            trust_group,
+            storage,
+            disallow,
+        } => {
+            let storage = storage.map(crate::absolute).transpose()?;
+            let allow = match allow {
+                None => None,
+                Some(a) => {
+                    let Some((name, fp)) = a.split_once('=') else {
+                        bail!("--allow {a}: use NAME=FINGERPRINT");
+                    };
+                    Some(AuthorizationEntry {
+                        primary: name.to_owned(),
+                        fingerprint: fp.to_owned(),
+                        storage: storage.clone().unwrap_or_default(),
+                        trust_group: trust_group.unwrap_or_default(),
+                    })
+                }
+            };
+            let req = ReplicaServerSetRequest {
+                enabled: if enable {
+                    Some(true)
+                } else if disable {
+                    Some(false)
+                } else {
+                    None
+                },
+                port,
+                allow_any: if allow_any {
+                    Some(true)
+                } else if deny_any {
+                    Some(false)
+                } else {
+                    None
+                },
+                storage,
+                allow,
+                disallow,
+            };
+            client.post("/v1/replica-server", &req).await?
+        }
+    };
+    if out.json(&info) {
+        return Ok(());
+    }
+    let c = &info.config;
+    println!(
+        "Replica server: {}",
+        if c.enabled { "enabled" } else { "disabled" }
+    );
+    println!("Name:           {}", info.name);
+    println!("Fingerprint:    {}", info.fingerprint);
+    println!("Port:           {}", c.port);
+    println!(
+        "Listening:      {}",
+        info.listening.as_deref().unwrap_or("-")
+    );
+    if c.allow_any {
+        println!(
+            "Authorization:  any authenticated primary -> {}",
+            c.default_storage.as_deref().unwrap_or("-")
+        );
+    } else {
+        println!("Authorization:  listed primaries only");
+    }
+    for e in &c.entries {
+        println!(
+            "  allow {} ({}) -> {} [trust group {}]",
+            e.primary, e.fingerprint, e.storage, e.trust_group
+        );
+    }
+    Ok(())
+}
+
+/// Where the replica server is and who it is, from the name given to --to.
+async fn resolve_replica(
+    to: &str,
+    fingerprint: Option<String>,
+) -> anyhow::Result<(String, String, String)> {
+    let endpoint = if to.starts_with('/') {
+        Some(Endpoint::Unix(PathBuf::from(to)))
+    } else if let Ok(h) = hosts::load()?.endpoint(to) {
+        Some(h)
+    } else {
+        None
+    };
+    match endpoint {
+        Some(ep) => {
+            let url_host = match &ep {
+                Endpoint::Tls { addr, .. } => addr.rsplit_once(':').map(|(h, _)| h.to_owned()),
+                Endpoint::Unix(_) => None,
+            };
+            let info: ReplicaServerInfo = Client::new(ep)
+                .get("/v1/replica-server")
+                .await
+                .with_context(|| format!("cannot ask {to} for its replica-server settings"))?;
+            if !info.config.enabled {
+                bail!("{to} is not a replica server: on it, run `ferry replica-server set --enable --allow-any --storage DIR` (or --allow)");
+            }
+            let addr = match (url_host, &info.listening) {
+                (Some(h), _) => format!("{h}:{}", info.config.port),
+                (None, Some(l)) => l.clone(),
+                (None, None) => bail!("{to} is enabled as a replica server but not listening"),
+            };
+            Ok((info.name, addr, info.fingerprint))
+        }
+        None => {
+            let Some(fp) = fingerprint else {
+                bail!("--to {to}: not a known host; give a name from `ferry host list`, or ADDR:PORT with --replica-fingerprint");
+            };
+            if !to.contains(':') {
+                bail!("--to {to}: not a known host and not ADDR:PORT");
+            }
+            Ok((
+                to.rsplit_once(':').map(|(h, _)| h).unwrap_or(to).to_owned(),
+                to.to_owned(),
+                fp,
+            ))
+        }
+    }
+}
+
+pub async fn replication(client: &Client, cmd: ReplicationCmd, out: &Output) -> anyhow::Result<()> {
+    match cmd {
+        ReplicationCmd::Enable {
+            vm,
+            to,
+            replica_fingerprint,
+            interval,
+            recovery_points,
+            point_spacing,
+            no_compression,
+            exclude_disk,
+            initial,
+            bandwidth_limit,
+            granularity,
+            wait,
+        } => {
+            let bandwidth_limit = bandwidth_limit
+                .map(|b| {
+                    ferry_api_types::parse_size(&b)
+                        .map_err(|e| anyhow::anyhow!("--bandwidth-limit {b}: {e}"))
+                })
+                .transpose()?;
+            let granularity = ferry_api_types::parse_size(&granularity)
+                .map_err(|e| anyhow::anyhow!("--granularity {granularity}: {e}"))?;
+            let (replica_name, replica_addr, fp) =
+                resolve_replica(&to, replica_fingerprint).await?;
+            let req = EnableReplicationRequest {
+                replica_name,
+                replica_addr,
+                replica_fingerprint: fp,
+                interval,
+                recovery_points,
+                point_spacing: Some(point_spacing),
+                compression: !no_compression,
+                exclude_disks: exclude_disk,
+                initial: Some(initial),
+                bandwidth_limit,
+                granularity: Some(u32::try_from(granularity).unwrap_or(u32::MAX)),
+            };
+            let info: ReplicationInfo = client.post(&vm_path(&vm, "/replication"), &req).await?;
+            if wait {
+                let info = watch(client, &vm, out, |i| i.last_cycle >= 1).await?;
+                return show(out, &info);
+            }
+            show(out, &info)
+        }
+        ReplicationCmd::Start { vm } => show(
+            out,
+            &client
+                .post(&vm_path(&vm, "/replication/start"), &())
+                .await?,
+        ),
+        ReplicationCmd::Now { vm } => {
+            let before: ReplicationInfo = client
+                .post(&vm_path(&vm, "/replication/cycle"), &())
+                .await?;
+            let info = watch(client, &vm, out, |i| {
+                i.last_cycle > before.last_cycle || i.last_error.is_some()
+            })
+            .await?;
+            show(out, &info)
+        }
+        ReplicationCmd::Status { vm, watch: w } => {
+            let info: ReplicationInfo = client.get(&vm_path(&vm, "/replication")).await?;
+            if w {
+                let cycle = info.last_cycle;
+                let info = watch(client, &vm, out, |i| {
+                    i.progress.is_none() && (i.last_cycle > cycle || i.last_error.is_some())
+                })
+                .await?;
+                return show(out, &info);
+            }
+            show(out, &info)
+        }
+        ReplicationCmd::List => {
+            let all: Vec<ReplicationInfo> = client.get("/v1/replication").await?;
+            if out.json(&all) {
+                return Ok(());
+            }
+            if all.is_empty() {
+                println!(
+                    "No replicated VMs. Enable one with `ferry replication enable VM --to HOST`."
+                );
+                return Ok(());
+            }
+            println!(
+                "{:<20} {:<8} {:<34} {:<16} {:>8} {:>6} {:>20}",
+                "VM", "ROLE", "STATE", "PARTNER", "INTERVAL", "CYCLE", "LAST POINT"
+            );
+            for i in &all {
+                println!(
+                    "{:<20} {:<8} {:<34} {:<16} {:>8} {:>6} {:>20}",
+                    i.vm,
+                    i.role,
+                    i.state,
+                    i.partner,
+                    format!("{}s", i.interval_s),
+                    i.last_cycle,
+                    i.last_point_at.map(time).unwrap_or_else(|| "-".into())
+                );
+            }
+            Ok(())
+        }
+        ReplicationCmd::Points { vm } => {
+            let points: Vec<RecoveryPointInfo> =
+                client.get(&vm_path(&vm, "/replication/points")).await?;
+            if out.json(&points) {
+                return Ok(());
+            }
+            if points.is_empty() {
+                println!("No recovery points yet: the initial replication has not finished.");
+                return Ok(());
+            }
+            println!(
+                "{:>6} {:>6} {:<8} {:>20} {:>12}",
+                "ID", "CYCLE", "KIND", "TAKEN AT (UTC)", "BYTES"
+            );
+            for p in &points {
+                println!(
+                    "{:>6} {:>6} {:<8} {:>20} {:>12}",
+                    p.id,
+                    p.cycle,
+                    p.kind,
+                    time(p.taken_at),
+                    p.bytes
+                );
+            }
+            Ok(())
+        }
+        ReplicationCmd::Suspend { vm } => show(
+            out,
+            &client
+                .post(&vm_path(&vm, "/replication/suspend"), &())
+                .await?,
+        ),
+        ReplicationCmd::Resume { vm, resync } => {
+            let what = if resync { "resync" } else { "resume" };
+            show(
+                out,
+                &client
+                    .post(&vm_path(&vm, &format!("/replication/{what}")), &())
+                    .await?,
+            )
+        }
+        ReplicationCmd::Remove { vm } => {
+            let reply: ActionReply = client.delete(&vm_path(&vm, "/replication")).await?;
+            out.action(&reply);
+            Ok(())
+        }
+    }
+}
+
+/// Polls the relationship, drawing a progress bar on a terminal, until `done` holds or the
+/// state needs an administrator.
+async fn watch(
+    client: &Client,
+    vm: &str,
+    out: &Output,
+    done: impl Fn(&ReplicationInfo) -> bool,
+) -> anyhow::Result<ReplicationInfo> {
+    let tty = out.format() == Format::Text && std::io::stderr().is_terminal();
+    loop {
+        let info: ReplicationInfo = client.get(&vm_path(vm, "/replication")).await?;
+        if tty {
+            match &info.progress {
+                Some(p) => {
+                    let filled = p.percent as usize * 30 / 100;
+                    eprint!(
+                        "\r{:<9} [{}{}] {:>3}% {} / {}   ",
+                        p.phase,
+                        "#".repeat(filled),
+                        "-".repeat(30 - filled),
+                        p.percent,
+                        human(p.done_bytes),
+                        human(p.total_bytes)
+                    );
+                }
+                None => eprint!("\r{:<70}", info.state_label),
+            }
+        }
+        let stuck = matches!(
+            info.state.as_str(),
+            "resynchronization_required" | "suspended"
+        );
+        if done(&info) || stuck {
+            if tty {
+                eprintln!();
+            }
+            if stuck && !done(&info) {
+                bail!(
+                    "replication of {vm} is {}: {}",
+                    info.state_label,
+                    info.last_error
+                        .as_deref()
+                        .unwrap_or("see `ferry replication status`")
+                );
+            }
+            return Ok(info);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+fn human(b: u64) -> String {
+    match b {
+        0..=1023 => format!("{b} B"),
+        1024..=1048575 => format!("{:.1} KiB", b as f64 / 1024.0),
+        1048576..=1073741823 => format!("{:.1} MiB", b as f64 / 1048576.0),
+        _ => format!("{:.2} GiB", b as f64 / 1073741824.0),
+    }
+}
+
+/// UNIX seconds as `YYYY-MM-DD HH:MM:SS` (UTC).
+fn time(t: i64) -> String {
+    let days = t.div_euclid(86_400);
+    let secs = t.rem_euclid(86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        secs / 3600,
+        (secs % 3600) / 60,
+        secs % 60
+    )
+}
+
+fn show(out: &Output, i: &ReplicationInfo) -> anyhow::Result<()> {
+    if out.json(i) {
+        return Ok(());
+    }
+    println!("VM:              {}", i.vm);
+    println!("Role:            {}", i.role);
+    println!("State:           {} ({})", i.state_label, i.state);
+    println!(
+        "{:<17}{} ({})",
+        if i.role == "primary" {
+            "Replica server:"
+        } else {
+            "Primary server:"
+        },
+        i.partner,
+        i.partner_addr
+    );
+    println!("Interval:        {}s", i.interval_s);
+    println!(
+        "Recovery points: latest + {} additional{}",
+        i.recovery_points,
+        if i.role == "replica" {
+            format!(" ({} now)", i.points)
+        } else {
+            String::new()
+        }
+    );
+    println!(
+        "Compression:     {}",
+        if i.compression { "on" } else { "off" }
+    );
+    println!("Granularity:     {}", human(i.granularity as u64));
+    if !i.excluded_disks.is_empty() {
+        println!("Excluded disks:  {:?}", i.excluded_disks);
+    }
+    if let Some(b) = i.bandwidth_limit {
+        println!("Bandwidth limit: {}/s", human(b));
+    }
+    println!("Last cycle:      {}", i.last_cycle);
+    println!(
+        "Last point:      {}",
+        i.last_point_at.map(time).unwrap_or_else(|| "-".into())
+    );
+    if i.pending_bytes > 0 {
+        println!("Pending:         {}", human(i.pending_bytes));
+    }
+    if let Some(p) = &i.progress {
+        println!(
+            "Progress:        {} {}% ({} / {})",
+            p.phase,
+            p.percent,
+            human(p.done_bytes),
+            human(p.total_bytes)
+        );
+    }
+    if let Some(e) = &i.last_error {
+        println!("Last error:      {e}");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn times_format_as_utc() {
+        assert_eq!(super::time(0), "1970-01-01 00:00:00");
+        assert_eq!(super::time(1_795_000_000), "2026-11-18 11:06:40");
+    }
+}

@@ -1,0 +1,130 @@
+//! Host-to-host TLS: both hosts present their host certificates (mutual TLS). The primary
+//! pins the replica's certificate by fingerprint; the replica accepts any client
+//! certificate whose signature checks out and then decides by the certificate's
+//! fingerprint whether that primary is authorized — so an unknown primary gets a clear
+//! "not authorized" reply instead of an opaque handshake failure.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
+use tokio::net::TcpStream;
+use tokio_rustls::{client, server, TlsAcceptor, TlsConnector};
+
+use crate::identity::{fingerprint, Identity};
+
+/// How long connecting + handshaking may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Requires a client certificate; authorization happens after the handshake.
+#[derive(Debug)]
+struct AnyClientCert {
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl ClientCertVerifier for AnyClientCert {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        // Possession of the key is proven by the handshake signature (below); who the
+        // certificate belongs to is decided by its fingerprint, after the handshake.
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// The replica server's acceptor: presents the host certificate, requires the primary's.
+pub fn replica_acceptor(identity: &Identity) -> Result<TlsAcceptor, rustls::Error> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(Arc::new(AnyClientCert { provider }))
+        .with_single_cert(vec![identity.cert.clone()], identity.key())?;
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// The fingerprint of the certificate the peer presented.
+pub fn peer_fingerprint(conn: &server::TlsStream<TcpStream>) -> Option<String> {
+    conn.get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(|c| fingerprint(c))
+}
+
+/// Connects to a replica server at `addr`, trusting only `replica_fingerprint` and
+/// presenting this host's certificate.
+pub async fn connect(
+    identity: &Identity,
+    addr: &str,
+    replica_fingerprint: &str,
+) -> anyhow::Result<client::TlsStream<TcpStream>> {
+    let config = ferry_client::pinned_client_config(
+        replica_fingerprint,
+        Some((vec![identity.cert.clone()], identity.key())),
+    )?;
+    let connector = TlsConnector::from(Arc::new(config));
+    let host = addr.rsplit_once(':').map(|(h, _)| h).unwrap_or(addr);
+    let name = ServerName::try_from(host.trim_matches(['[', ']']).to_owned())
+        .unwrap_or_else(|_| ServerName::try_from("ferry-replica").expect("valid name"));
+    let work = async {
+        let tcp = TcpStream::connect(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot connect to the replica server at {addr}: {e}"))?;
+        tcp.set_nodelay(true)?;
+        connector
+            .connect(name, tcp)
+            .await
+            .map_err(|e| anyhow::anyhow!("TLS with the replica server at {addr} failed: {e}"))
+    };
+    tokio::time::timeout(CONNECT_TIMEOUT, work)
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "the replica server at {addr} did not answer within {CONNECT_TIMEOUT:?}"
+            )
+        })?
+}

@@ -1,0 +1,614 @@
+//! Replication: the primary's cycles ([`primary`]), the replica server ([`replica`]), the
+//! session protocol between them ([`proto`]), and the operations the API exposes.
+
+pub mod primary;
+pub mod proto;
+pub mod replica;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use ferry_api_types::{
+    ActionReply, EnableReplicationRequest, Progress, RecoveryPointInfo, ReplicaServerInfo,
+    ReplicaServerSetRequest, ReplicationInfo,
+};
+use ferry_domain::replication::{
+    on_request, parse_duration, InitialMethod, ReplicationSettings, Request,
+};
+use ferry_domain::{Interval, ReplicationState, RetentionPolicy, Role, VmName, VmState};
+use ferry_store::{ReplicationRow, Store};
+use ferry_wire::RateLimiter;
+use tokio::sync::Notify;
+use tracing::info;
+
+use crate::config::Config;
+use crate::error::ApiFailure;
+use crate::identity::Identity;
+use crate::vms::VmManager;
+
+/// UNIX seconds now.
+pub fn now_unix() -> i64 {
+    now_ms() / 1000
+}
+
+/// UNIX milliseconds now.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// `qemu-nbd` next to the configured `qemu-img`.
+pub fn qemu_nbd_path(cfg: &Config) -> PathBuf {
+    match cfg.qemu_img.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.join("qemu-nbd"),
+        _ => PathBuf::from("qemu-nbd"),
+    }
+}
+
+/// Replication events, logged (the event store arrives with health and statistics).
+#[derive(Default)]
+pub struct Events;
+
+impl Events {
+    /// Records an event about a VM.
+    pub fn emit(&self, vm: &VmName, kind: &str, message: &str) {
+        info!(vm = %vm, event = kind, "{message}");
+    }
+
+    /// Records an event about a VM known by id.
+    pub fn emit_id(&self, vm_id: i64, kind: &str, message: &str) {
+        info!(vm_id, event = kind, "{message}");
+    }
+}
+
+/// What the replication engine shares between its tasks and the API.
+pub struct Shared {
+    /// ferryd's configuration.
+    pub cfg: Arc<Config>,
+    /// The store.
+    pub store: Arc<Store>,
+    /// This host's certificate and key.
+    pub identity: Arc<Identity>,
+    /// The VM manager (locks, QMP of running VMs).
+    pub vms: Arc<VmManager>,
+    /// The replica-server role.
+    pub replica: replica::ReplicaServer,
+    /// Events.
+    pub events: Events,
+    /// Host-wide bandwidth limit for outgoing replication.
+    pub host_limiter: Option<Arc<RateLimiter>>,
+    progress: Mutex<HashMap<i64, Progress>>,
+    kicks: Mutex<HashMap<i64, Arc<Notify>>>,
+    limiters: Mutex<HashMap<i64, Arc<RateLimiter>>>,
+    tasks: Mutex<HashMap<i64, tokio::task::JoinHandle<()>>>,
+    /// Recovery points in use (test failover, failover), never merged away.
+    pinned: Mutex<HashMap<i64, Vec<i64>>>,
+}
+
+impl Shared {
+    /// The engine's shared state.
+    pub fn new(
+        cfg: Arc<Config>,
+        store: Arc<Store>,
+        identity: Arc<Identity>,
+        vms: Arc<VmManager>,
+    ) -> Arc<Self> {
+        let host_limiter = RateLimiter::shared(cfg.replication_bandwidth_limit);
+        Arc::new(Self {
+            cfg,
+            store,
+            identity,
+            vms,
+            replica: replica::ReplicaServer::default(),
+            events: Events,
+            host_limiter,
+            progress: Mutex::new(HashMap::new()),
+            kicks: Mutex::new(HashMap::new()),
+            limiters: Mutex::new(HashMap::new()),
+            tasks: Mutex::new(HashMap::new()),
+            pinned: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Records the progress of what a relationship is doing.
+    pub fn set_progress(&self, vm_id: i64, phase: &str, done: u64, total: u64) {
+        let percent = if total == 0 {
+            0
+        } else {
+            (done.min(total) * 100 / total) as u8
+        };
+        self.progress.lock().expect("progress").insert(
+            vm_id,
+            Progress {
+                phase: phase.to_owned(),
+                done_bytes: done,
+                total_bytes: total,
+                percent,
+            },
+        );
+    }
+
+    /// Clears a relationship's progress.
+    pub fn clear_progress(&self, vm_id: i64) {
+        self.progress.lock().expect("progress").remove(&vm_id);
+    }
+
+    /// The notifier that wakes a relationship's task early.
+    pub fn kick(&self, vm_id: i64) -> Arc<Notify> {
+        self.kicks
+            .lock()
+            .expect("kicks")
+            .entry(vm_id)
+            .or_default()
+            .clone()
+    }
+
+    /// The relationship's own limiter, following its current setting.
+    pub fn limiter(&self, rel: &ReplicationRow) -> Option<Arc<RateLimiter>> {
+        let limit = rel.settings.bandwidth_limit?;
+        let mut map = self.limiters.lock().expect("limiters");
+        let l = map
+            .entry(rel.vm_id)
+            .or_insert_with(|| Arc::new(RateLimiter::new(limit)));
+        if l.rate() != Some(limit) {
+            l.set_rate(limit);
+        }
+        Some(l.clone())
+    }
+
+    /// Recovery points that must not be merged away.
+    pub fn pinned_points(&self, vm_id: i64) -> Vec<i64> {
+        self.pinned
+            .lock()
+            .expect("pinned")
+            .get(&vm_id)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Starts the task of a primary relationship (once).
+    pub fn spawn_primary(self: &Arc<Self>, vm_id: i64) {
+        let mut tasks = self.tasks.lock().expect("tasks");
+        if tasks.get(&vm_id).is_some_and(|t| !t.is_finished()) {
+            return;
+        }
+        tasks.insert(vm_id, tokio::spawn(primary::run(self.clone(), vm_id)));
+    }
+
+    fn stop_primary(&self, vm_id: i64) {
+        if let Some(t) = self.tasks.lock().expect("tasks").remove(&vm_id) {
+            t.abort();
+        }
+    }
+}
+
+/// Starts the engine: replica layers of incomplete cycles removed, the replica server
+/// listening if enabled, one task per primary relationship.
+pub async fn start(shared: &Arc<Shared>) -> anyhow::Result<()> {
+    replica::remove_unreferenced_layers(&shared.store)?;
+    replica::apply_config(shared).await?;
+    for rel in shared.store.list_replications()? {
+        if rel.role == Role::Primary {
+            shared.spawn_primary(rel.vm_id);
+        }
+    }
+    Ok(())
+}
+
+fn vm_of(shared: &Shared, name: &str) -> Result<(VmName, ferry_store::VmRow), ApiFailure> {
+    let vm = VmName::new(name).map_err(|e| ApiFailure::invalid(e.to_string()))?;
+    let row = shared.store.get_vm(&vm)?;
+    Ok((vm, row))
+}
+
+fn rel_of(
+    shared: &Shared,
+    name: &str,
+) -> Result<(VmName, ferry_store::VmRow, ReplicationRow), ApiFailure> {
+    let (vm, row) = vm_of(shared, name)?;
+    let rel = shared.store.replication(row.id)?.ok_or_else(|| {
+        ApiFailure::not_found(format!(
+            "VM {vm} is not replicated: enable it with `ferry replication enable {vm} --to HOST`"
+        ))
+    })?;
+    Ok((vm, row, rel))
+}
+
+/// The API view of a relationship.
+pub fn info(shared: &Shared, vm: &VmName, rel: &ReplicationRow) -> ReplicationInfo {
+    let pending = if rel.role == Role::Primary {
+        primary::pending(shared, rel.vm_id)
+            .map(|p| p.spool_bytes)
+            .unwrap_or(0)
+    } else {
+        0
+    };
+    ReplicationInfo {
+        vm: vm.to_string(),
+        role: rel.role.as_str().to_owned(),
+        state: rel.state.as_str().to_owned(),
+        state_label: rel.state.label().to_owned(),
+        partner: rel.partner_name.clone(),
+        partner_addr: rel.partner_addr.clone(),
+        interval_s: rel.settings.interval.secs(),
+        recovery_points: rel.settings.retention.additional,
+        compression: rel.settings.compression,
+        excluded_disks: rel.settings.excluded_disks.clone(),
+        granularity: rel.settings.granularity,
+        bandwidth_limit: rel.settings.bandwidth_limit,
+        last_cycle: rel.last_cycle,
+        last_point_at: rel.last_point_at,
+        last_error: rel.last_error.clone(),
+        pending_bytes: pending,
+        progress: shared
+            .progress
+            .lock()
+            .expect("progress")
+            .get(&rel.vm_id)
+            .cloned(),
+        points: shared
+            .store
+            .list_points(rel.vm_id)
+            .map(|p| p.len())
+            .unwrap_or(0),
+    }
+}
+
+/// `GET /v1/vms/{name}/replication`.
+pub fn status(shared: &Shared, name: &str) -> Result<ReplicationInfo, ApiFailure> {
+    let (vm, _, rel) = rel_of(shared, name)?;
+    Ok(info(shared, &vm, &rel))
+}
+
+/// `GET /v1/replication`.
+pub fn list(shared: &Shared) -> Result<Vec<ReplicationInfo>, ApiFailure> {
+    let vms = shared.store.list_vms()?;
+    let mut out = Vec::new();
+    for rel in shared.store.list_replications()? {
+        if let Some(vm) = vms.iter().find(|v| v.id == rel.vm_id) {
+            out.push(info(shared, &vm.spec.name, &rel));
+        }
+    }
+    Ok(out)
+}
+
+/// `GET /v1/vms/{name}/replication/points`.
+pub fn points(shared: &Shared, name: &str) -> Result<Vec<RecoveryPointInfo>, ApiFailure> {
+    let (vm, _, rel) = rel_of(shared, name)?;
+    if rel.role != Role::Replica {
+        return Err(ApiFailure::invalid(format!(
+            "VM {vm} is the primary: its recovery points are on the replica server {} (ferry --host {} replication points {vm})",
+            rel.partner_name, rel.partner_name
+        )));
+    }
+    Ok(shared
+        .store
+        .list_points(rel.vm_id)?
+        .into_iter()
+        .map(|p| RecoveryPointInfo {
+            id: p.id,
+            cycle: p.cycle,
+            taken_at: p.taken_at,
+            applied_at: p.applied_at,
+            kind: p.kind,
+            bytes: p.bytes,
+            layers: p.layers,
+        })
+        .collect())
+}
+
+fn parse_settings(
+    req: &EnableReplicationRequest,
+    disks: usize,
+) -> Result<ReplicationSettings, ApiFailure> {
+    let bad = |m: String| ApiFailure::invalid(m);
+    let interval: Interval = req.interval.parse().map_err(bad)?;
+    let spacing = match &req.point_spacing {
+        Some(s) => parse_duration(s).map_err(bad)?.as_secs(),
+        None => 3600,
+    };
+    let initial = match req.initial.as_deref().unwrap_or("network") {
+        "network" => InitialMethod::Network,
+        s if s.starts_with("at:") => {
+            let t: i64 = s[3..].parse().map_err(|_| bad(format!("{s:?}: use at:UNIX_TIME")))?;
+            if t > now_unix() + 7 * 86_400 {
+                return Err(bad("an initial replication can be scheduled at most 7 days ahead".into()));
+            }
+            InitialMethod::At(t)
+        }
+        other => {
+            return Err(bad(format!(
+                "initial replication method {other:?} is not available yet: use network or at:UNIX_TIME"
+            )))
+        }
+    };
+    let settings = ReplicationSettings {
+        interval,
+        retention: RetentionPolicy {
+            additional: req.recovery_points,
+            spacing_secs: spacing,
+        },
+        compression: req.compression,
+        excluded_disks: req.exclude_disks.clone(),
+        initial,
+        bandwidth_limit: req.bandwidth_limit,
+        granularity: req.granularity.unwrap_or(4096),
+    };
+    settings.validate(disks).map_err(bad)?;
+    Ok(settings)
+}
+
+/// `POST /v1/vms/{name}/replication`: the VM becomes the primary of a new relationship.
+pub async fn enable(
+    shared: &Arc<Shared>,
+    name: &str,
+    req: EnableReplicationRequest,
+) -> Result<ReplicationInfo, ApiFailure> {
+    let (vm, row) = vm_of(shared, name)?;
+    if let Some(rel) = shared.store.replication(row.id)? {
+        return Err(ApiFailure::conflict(format!(
+            "VM {vm} is already replicated ({} of {}): remove replication first",
+            rel.role.as_str(),
+            rel.partner_name
+        )));
+    }
+    let settings = parse_settings(&req, row.spec.disks.len())?;
+    let fp = ferry_client::normalize_fingerprint(&req.replica_fingerprint);
+    if fp.len() != 95 {
+        return Err(ApiFailure::invalid(format!(
+            "{:?} is not a SHA-256 certificate fingerprint (AA:BB:… as `ferry replica-server show` prints it)",
+            req.replica_fingerprint
+        )));
+    }
+    if fp == shared.identity.fingerprint {
+        return Err(ApiFailure::invalid(
+            "a VM cannot replicate to its own host".into(),
+        ));
+    }
+    if req.replica_addr.parse::<std::net::SocketAddr>().is_err() && !req.replica_addr.contains(':')
+    {
+        return Err(ApiFailure::invalid(format!(
+            "{:?} is not host:port",
+            req.replica_addr
+        )));
+    }
+    let state = match settings.initial {
+        InitialMethod::At(_) => ReplicationState::ReadyForInitialReplication,
+        _ => ReplicationState::InitialReplicationInProgress,
+    };
+    let rel = ReplicationRow {
+        vm_id: row.id,
+        role: Role::Primary,
+        partner_name: req.replica_name.clone(),
+        partner_addr: req.replica_addr.clone(),
+        partner_fingerprint: fp,
+        settings,
+        state,
+        generation: 0,
+        last_cycle: 0,
+        last_point_at: None,
+        last_error: None,
+        created_at: now_unix(),
+    };
+    shared.store.insert_replication(&rel)?;
+    primary::discard_spool(shared, row.id);
+    shared.events.emit(
+        &vm,
+        "replication_enabled",
+        &format!("replication to {} enabled", rel.partner_name),
+    );
+    shared.spawn_primary(row.id);
+    Ok(info(shared, &vm, &rel))
+}
+
+/// Suspend, resume, resync, start the initial copy now, or run a cycle now.
+pub fn request(
+    shared: &Arc<Shared>,
+    name: &str,
+    what: &str,
+) -> Result<ReplicationInfo, ApiFailure> {
+    let (vm, _, mut rel) = rel_of(shared, name)?;
+    let req = match what {
+        "suspend" => Request::Suspend,
+        "resume" => Request::Resume,
+        "resync" => Request::Resync,
+        "start" => Request::StartInitial,
+        "cycle" => {
+            if rel.role != Role::Primary {
+                return Err(ApiFailure::invalid(format!(
+                    "VM {vm} is a replica: cycles are run by its primary {}",
+                    rel.partner_name
+                )));
+            }
+            shared.kick(rel.vm_id).notify_one();
+            return Ok(info(shared, &vm, &rel));
+        }
+        other => {
+            return Err(ApiFailure::not_found(format!(
+                "unknown replication request {other:?}"
+            )))
+        }
+    };
+    if rel.role == Role::Replica && matches!(req, Request::Resync | Request::StartInitial) {
+        return Err(ApiFailure::invalid(format!(
+            "run this on the primary {}: it compares and sends",
+            rel.partner_name
+        )));
+    }
+    // Resuming after an initial copy never finished goes back to it.
+    let next = match (req, rel.state, rel.last_cycle) {
+        (Request::Resume, ReplicationState::Suspended | ReplicationState::Error, 0)
+            if rel.role == Role::Primary =>
+        {
+            ReplicationState::InitialReplicationInProgress
+        }
+        (Request::Resume, ReplicationState::Suspended, 0) => {
+            ReplicationState::WaitingForInitialReplication
+        }
+        _ => on_request(rel.state, req).map_err(|e| ApiFailure::conflict(e.to_string()))?,
+    };
+    let before = rel.state;
+    rel.state = next;
+    if req != Request::Suspend {
+        rel.last_error = None;
+    }
+    shared.store.update_replication(&rel)?;
+    shared.events.emit(
+        &vm,
+        "replication_state",
+        &format!("{before} -> {next} ({what})"),
+    );
+    if rel.role == Role::Primary {
+        shared.kick(rel.vm_id).notify_one();
+    }
+    Ok(info(shared, &vm, &rel))
+}
+
+/// `DELETE /v1/vms/{name}/replication`: removes the relationship on this side. On the
+/// primary, change tracking and spooled data go; on the replica, the replica VM and its
+/// recovery points go.
+pub async fn remove(shared: &Arc<Shared>, name: &str) -> Result<ActionReply, ApiFailure> {
+    let (vm, row, rel) = rel_of(shared, name)?;
+    match rel.role {
+        Role::Primary => {
+            shared.stop_primary(row.id);
+            let _lock = shared.vms.lock_vm(&vm).await;
+            primary::remove_tracking(shared, &vm, &row, &rel).await;
+            primary::discard_spool(shared, row.id);
+            shared.store.delete_replication(row.id)?;
+            shared.events.emit(
+                &vm,
+                "replication_removed",
+                "replication removed on the primary",
+            );
+            Ok(ActionReply {
+                state: row.state,
+                message: format!(
+                    "replication of {vm} removed on this primary; its replica on {} stays until removed there",
+                    rel.partner_name
+                ),
+            })
+        }
+        Role::Replica => {
+            if row.state != VmState::Off {
+                return Err(ApiFailure::conflict(format!(
+                    "replica VM {vm} is running: stop it first"
+                )));
+            }
+            replica::remove_replica(shared, &vm)
+                .map_err(|e| ApiFailure::internal(format!("{e:#}")))?;
+            shared.events.emit(
+                &vm,
+                "replication_removed",
+                "replica VM and its recovery points removed",
+            );
+            Ok(ActionReply {
+                state: VmState::Off,
+                message: format!("replica VM {vm} and its recovery points removed"),
+            })
+        }
+    }
+}
+
+/// `GET /v1/replica-server`.
+pub fn replica_server_info(shared: &Shared) -> ReplicaServerInfo {
+    ReplicaServerInfo {
+        name: shared.cfg.name.clone(),
+        fingerprint: shared.identity.fingerprint.clone(),
+        config: replica::load_config(&shared.store),
+        listening: shared.replica.listening.lock().expect("listening").clone(),
+    }
+}
+
+/// `POST /v1/replica-server`.
+pub async fn replica_server_set(
+    shared: &Arc<Shared>,
+    req: ReplicaServerSetRequest,
+) -> Result<ReplicaServerInfo, ApiFailure> {
+    let mut cfg = replica::load_config(&shared.store);
+    let check_dir = |s: &str| -> Result<String, ApiFailure> {
+        let p = std::path::Path::new(s);
+        if !p.is_absolute() {
+            return Err(ApiFailure::invalid(format!(
+                "storage {s:?} must be an absolute path"
+            )));
+        }
+        std::fs::create_dir_all(p)
+            .map_err(|e| ApiFailure::invalid(format!("cannot use storage {s}: {e}")))?;
+        Ok(s.to_owned())
+    };
+    if let Some(port) = req.port {
+        if port == 0 {
+            return Err(ApiFailure::invalid("port 0 is not a port".into()));
+        }
+        cfg.port = port;
+    }
+    if let Some(mut entry) = req.allow.clone() {
+        if entry.primary.trim().is_empty() {
+            return Err(ApiFailure::invalid(
+                "--allow needs a primary name: NAME=FINGERPRINT".into(),
+            ));
+        }
+        entry.fingerprint = ferry_client::normalize_fingerprint(&entry.fingerprint);
+        if entry.fingerprint.len() != 95 {
+            return Err(ApiFailure::invalid(format!(
+                "{:?} is not a SHA-256 certificate fingerprint (AA:BB:…, from `ferry server show` on the primary)",
+                req.allow.as_ref().map(|a| a.fingerprint.clone()).unwrap_or_default()
+            )));
+        }
+        let storage = req
+            .storage
+            .as_deref()
+            .or(Some(entry.storage.as_str()))
+            .filter(|s| !s.is_empty());
+        entry.storage = check_dir(storage.ok_or_else(|| {
+            ApiFailure::invalid(
+                "--allow needs --storage DIR: where that primary's replicas go".into(),
+            )
+        })?)?;
+        if entry.trust_group.is_empty() {
+            entry.trust_group = "DEFAULT".into();
+        }
+        replica::upsert_entry(&mut cfg, entry);
+    } else if let Some(s) = &req.storage {
+        cfg.default_storage = Some(check_dir(s)?);
+    }
+    if let Some(any) = req.allow_any {
+        if any && cfg.default_storage.is_none() {
+            return Err(ApiFailure::invalid(
+                "--allow-any needs --storage DIR: where replicas go".into(),
+            ));
+        }
+        cfg.allow_any = any;
+    }
+    if let Some(p) = &req.disallow {
+        let before = cfg.entries.len();
+        cfg.entries.retain(|e| &e.primary != p);
+        if cfg.entries.len() == before {
+            return Err(ApiFailure::not_found(format!(
+                "no authorization entry for primary {p:?}"
+            )));
+        }
+    }
+    if let Some(e) = req.enabled {
+        cfg.enabled = e;
+    }
+    let old = replica::load_config(&shared.store);
+    shared.store.set_setting(
+        replica::CONFIG_KEY,
+        &serde_json::to_string(&cfg).expect("config serializes"),
+    )?;
+    if let Err(e) = replica::apply_config(shared).await {
+        // Put the previous configuration back: a bad port must not leave the role half-set.
+        let _ = shared.store.set_setting(
+            replica::CONFIG_KEY,
+            &serde_json::to_string(&old).expect("config serializes"),
+        );
+        let _ = replica::apply_config(shared).await;
+        return Err(ApiFailure::invalid(format!("{e:#}")));
+    }
+    Ok(replica_server_info(shared))
+}

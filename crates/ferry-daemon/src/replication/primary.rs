@@ -1,0 +1,805 @@
+//! The primary side: one task per relationship runs cycles at the interval.
+//!
+//! A cycle has two halves, so that the fleecing window never depends on the link:
+//! 1. **capture** (VM lock held, short): a fleecing point (running VM) or a `qemu-nbd`
+//!    export (VM off) gives a frozen view of every replicated disk; the dirty extents of the
+//!    frozen generation (or, for the initial copy and resynchronization, every allocated
+//!    extent) are read locally into a spool file of checksummed, optionally compressed
+//!    frames; the spool is fsynced and described by a `.meta` file (temp + rename); only then
+//!    does the old generation go. A failure before that merges the old generation back into
+//!    the new one: nothing is lost.
+//! 2. **ship**: the spool is sent over mutual TLS; the replica applies it as a new recovery
+//!    point and answers only once it is committed. A dropped link resumes at the first batch
+//!    the replica had not made durable. The spool is deleted after the replica's answer.
+//!
+//! While a spool is pending no new point is taken (the cycle counts as missed), so pending
+//! replication size stays one cycle's worth.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use bytes::Bytes;
+use ferry_domain::replication::InitialMethod;
+use ferry_domain::{ReplicationState, Role, VmName};
+use ferry_nbd::{Extent as NbdExtent, NbdClient, BASE_ALLOCATION, STATE_ZERO};
+use ferry_qemu::cbt::{self, BitmapState, FleecePoint, NodeSpec, OfflineExport};
+use ferry_store::{CycleRow, ReplicationRow, VmRow};
+use ferry_wire::{BatchBuilder, Extent, FrameReader, FrameWriter, SpoolReader, SpoolWriter};
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+use super::proto::{DiskMeta, Msg, PROTOCOL};
+use super::{now_ms, now_unix, qemu_nbd_path, Shared};
+use crate::peer;
+
+/// Bytes read from a disk per NBD request while capturing.
+const READ_CHUNK: u64 = 1 << 20;
+/// Payload of one extent batch (one frame).
+const BATCH_PAYLOAD: usize = 4 << 20;
+/// How long the replica may take to commit a point after the last batch.
+const COMMIT_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// The name of dirty-bitmap generation `n` of a VM's relationship (one per VM).
+pub fn generation_name(n: i64) -> String {
+    format!("ferry-r{n}")
+}
+
+/// A change tracking failure that only a resynchronization repairs.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ResyncRequired(pub String);
+
+/// A captured cycle waiting to be shipped (the `.meta` next to the spool).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Pending {
+    /// Cycle number.
+    pub cycle: i64,
+    /// `initial`, `delta`, `resync`.
+    pub kind: String,
+    /// When the disks were frozen (UNIX s).
+    pub taken_at: i64,
+    /// The generation tracking changes after this point.
+    pub generation: i64,
+    /// Frames (batches) in the spool.
+    pub frames: u64,
+    /// Data bytes in the spool (uncompressed).
+    pub data_bytes: u64,
+    /// Bytes marked dirty (or allocated) when captured.
+    pub dirty_bytes: u64,
+    /// Spool file size.
+    pub spool_bytes: u64,
+    /// When capture started (UNIX ms).
+    pub started_ms: i64,
+}
+
+fn spool_dir(shared: &Shared, vm_id: i64) -> PathBuf {
+    shared.cfg.data_dir.join("spool").join(vm_id.to_string())
+}
+
+fn spool_paths(dir: &Path, cycle: i64) -> (PathBuf, PathBuf) {
+    (
+        dir.join(format!("cycle-{cycle}.spool")),
+        dir.join(format!("cycle-{cycle}.meta")),
+    )
+}
+
+/// The captured cycle waiting to be shipped, if any.
+pub fn pending(shared: &Shared, vm_id: i64) -> Option<Pending> {
+    let dir = spool_dir(shared, vm_id);
+    let mut found: Vec<Pending> = std::fs::read_dir(&dir)
+        .ok()?
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".meta"))
+        .filter_map(|e| std::fs::read(e.path()).ok())
+        .filter_map(|b| serde_json::from_slice(&b).ok())
+        .collect();
+    found.sort_by_key(|p| p.cycle);
+    found.into_iter().next()
+}
+
+/// Removes everything spooled for a VM.
+pub fn discard_spool(shared: &Shared, vm_id: i64) {
+    let _ = std::fs::remove_dir_all(spool_dir(shared, vm_id));
+}
+
+/// Runs a relationship until it is removed.
+pub async fn run(shared: Arc<Shared>, vm_id: i64) {
+    let kick = shared.kick(vm_id);
+    loop {
+        let rel = match shared.store.replication(vm_id) {
+            Ok(Some(r)) if r.role == Role::Primary => r,
+            _ => return,
+        };
+        let started = tokio::time::Instant::now();
+        if let ReplicationState::ReadyForInitialReplication = rel.state {
+            if let InitialMethod::At(t) = rel.settings.initial {
+                if now_unix() >= t {
+                    set_state(
+                        &shared,
+                        vm_id,
+                        ReplicationState::InitialReplicationInProgress,
+                        None,
+                    );
+                    continue;
+                }
+            }
+        }
+        if rel.state.runs_cycles() {
+            run_cycle(&shared, &rel).await;
+        }
+        let rel = match shared.store.replication(vm_id) {
+            Ok(Some(r)) => r,
+            _ => return,
+        };
+        let wait = match rel.state {
+            ReplicationState::ReadyForInitialReplication => match rel.settings.initial {
+                InitialMethod::At(t) => Duration::from_secs((t - now_unix()).clamp(1, 3600) as u64),
+                _ => Duration::from_secs(3600),
+            },
+            // A failed cycle is retried at the next interval, but not sooner than 2 s.
+            _ => rel.settings.interval.0,
+        };
+        tokio::select! {
+            _ = tokio::time::sleep_until(started + wait) => {}
+            _ = kick.notified() => {}
+        }
+    }
+}
+
+fn set_state(shared: &Shared, vm_id: i64, state: ReplicationState, error: Option<String>) {
+    if let Ok(Some(mut r)) = shared.store.replication(vm_id) {
+        if r.state != state {
+            shared.events.emit_id(
+                vm_id,
+                "replication_state",
+                &format!("{} -> {}", r.state, state),
+            );
+        }
+        r.state = state;
+        r.last_error = error;
+        let _ = shared.store.update_replication(&r);
+    }
+}
+
+async fn run_cycle(shared: &Arc<Shared>, rel: &ReplicationRow) {
+    let started_ms = now_ms();
+    let result = async {
+        if pending(shared, rel.vm_id).is_none() {
+            capture(shared, rel).await?;
+        }
+        let p = pending(shared, rel.vm_id).ok_or_else(|| anyhow!("the captured cycle vanished"))?;
+        ship(shared, rel, &p).await?;
+        Ok::<Pending, anyhow::Error>(p)
+    }
+    .await;
+    shared.clear_progress(rel.vm_id);
+    match result {
+        Ok(p) => {
+            let _ = shared.store.record_cycle(&CycleRow {
+                vm_id: rel.vm_id,
+                cycle: p.cycle,
+                kind: p.kind.clone(),
+                started_ms: p.started_ms,
+                ended_ms: now_ms(),
+                dirty_bytes: p.dirty_bytes as i64,
+                sent_bytes: p.spool_bytes as i64,
+                ok: true,
+                error: None,
+            });
+        }
+        Err(e) => {
+            let msg = format!("{e:#}");
+            let cycle = pending(shared, rel.vm_id)
+                .map(|p| p.cycle)
+                .unwrap_or(rel.last_cycle + 1);
+            let _ = shared.store.record_cycle(&CycleRow {
+                vm_id: rel.vm_id,
+                cycle,
+                kind: "failed".into(),
+                started_ms,
+                ended_ms: now_ms(),
+                dirty_bytes: 0,
+                sent_bytes: 0,
+                ok: false,
+                error: Some(msg.clone()),
+            });
+            let state = if e.downcast_ref::<ResyncRequired>().is_some() {
+                ReplicationState::ResynchronizationRequired
+            } else if matches!(
+                rel.state,
+                ReplicationState::InitialReplicationInProgress | ReplicationState::Resynchronizing
+            ) {
+                rel.state
+            } else {
+                ReplicationState::Error
+            };
+            warn!(vm_id = rel.vm_id, error = %msg, "replication cycle failed");
+            set_state(shared, rel.vm_id, state, Some(msg));
+        }
+    }
+}
+
+fn vm_row(shared: &Shared, vm_id: i64) -> anyhow::Result<VmRow> {
+    shared
+        .store
+        .list_vms()?
+        .into_iter()
+        .find(|v| v.id == vm_id)
+        .ok_or_else(|| anyhow!("the VM of this relationship is gone"))
+}
+
+/// The replicated disks: (index, image path, size).
+fn disks(shared: &Shared, vm: &VmRow, rel: &ReplicationRow) -> Vec<(usize, PathBuf, u64)> {
+    let dir = shared.vms.vm_dir(&vm.spec.name);
+    rel.settings
+        .replicated_disks(vm.spec.disks.len())
+        .into_iter()
+        .map(|i| {
+            (
+                i,
+                dir.join(&vm.spec.disks[i].file),
+                vm.spec.disks[i].size_bytes,
+            )
+        })
+        .collect()
+}
+
+/// What a capture reads from each disk.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Scope {
+    /// Allocated data only: the replica starts from zeros (initial copy).
+    Allocated,
+    /// Everything: data, and zeroes where the primary reads zeros (resynchronization
+    /// onto a replica whose content is unknown).
+    Everything,
+    /// The dirty extents of the frozen generation.
+    Dirty,
+}
+
+async fn capture(shared: &Arc<Shared>, rel: &ReplicationRow) -> anyhow::Result<()> {
+    let vm = vm_row(shared, rel.vm_id)?;
+    let name = vm.spec.name.clone();
+    let _vm_lock = shared.vms.lock_vm(&name).await;
+    let cycle = rel.last_cycle + 1;
+    let resync = rel.state == ReplicationState::Resynchronizing;
+    let (scope, kind) = if rel.generation == 0 {
+        (Scope::Allocated, "initial")
+    } else if resync {
+        (Scope::Everything, "resync")
+    } else {
+        (Scope::Dirty, "delta")
+    };
+    let old_gen = (scope == Scope::Dirty).then(|| generation_name(rel.generation));
+    let new_gen_no = rel.generation + 1;
+    let new_gen = generation_name(new_gen_no);
+    let disks = disks(shared, &vm, rel);
+    let dir = spool_dir(shared, rel.vm_id);
+    std::fs::create_dir_all(&dir)?;
+    let (spool_path, meta_path) = spool_paths(&dir, cycle);
+    let started_ms = now_ms();
+    let gran = rel.settings.granularity as u64;
+
+    if let Some(qmp) = shared.vms.live_qmp(&name) {
+        let nodes: Vec<String> = disks.iter().map(|(i, _, _)| format!("drive{i}")).collect();
+        let run_dir = shared
+            .cfg
+            .data_dir
+            .join("run")
+            .join(format!("fleece-{}", rel.vm_id));
+        std::fs::create_dir_all(&run_dir)?;
+        cbt::cleanup_stale(&qmp, &run_dir).await?;
+        reconcile_generations(&qmp, &nodes, rel.generation, resync).await?;
+        if let Some(old) = &old_gen {
+            for node in &nodes {
+                match cbt::bitmap_state(&qmp, node, old).await? {
+                    BitmapState::Ok { .. } => {}
+                    BitmapState::Missing => {
+                        return Err(ResyncRequired(format!("change tracking of {node} was lost (generation {old} is missing, e.g. after QEMU was killed): resynchronization required — run `ferry replication resume {name} --resync`")).into())
+                    }
+                    BitmapState::Inconsistent => {
+                        return Err(ResyncRequired(format!("change tracking of {node} is inconsistent (QEMU or the host crashed while the VM ran): resynchronization required — run `ferry replication resume {name} --resync`")).into())
+                    }
+                }
+            }
+        }
+        let specs: Vec<NodeSpec> = disks
+            .iter()
+            .map(|(i, _, size)| NodeSpec {
+                node: format!("drive{i}"),
+                size: *size,
+            })
+            .collect();
+        let fleece = FleecePoint::create_with(
+            &shared.cfg.qemu_img,
+            &qmp,
+            &run_dir,
+            &specs,
+            old_gen.as_deref(),
+            &new_gen,
+            gran,
+            cycle as u64,
+        )
+        .await?;
+        let taken_at = now_unix();
+        let context = fleece.meta_context();
+        let sources: Vec<Source> = disks
+            .iter()
+            .zip(fleece.disks())
+            .map(|((i, _, size), d)| Source {
+                disk: *i,
+                socket: fleece.nbd_socket().to_path_buf(),
+                export: d.export_name.clone(),
+                size: *size,
+            })
+            .collect();
+        let read = read_to_spool(shared, rel, &sources, scope, &context, &spool_path).await;
+        match read {
+            Ok((frames, data_bytes, dirty_bytes, spool_bytes)) => {
+                let p = Pending {
+                    cycle,
+                    kind: kind.into(),
+                    taken_at,
+                    generation: new_gen_no,
+                    frames,
+                    data_bytes,
+                    dirty_bytes,
+                    spool_bytes,
+                    started_ms,
+                };
+                write_meta(&meta_path, &p)?;
+                set_generation(shared, rel.vm_id, new_gen_no);
+                let report = fleece.release(&qmp, true).await?;
+                if let Some(err) = report.io_error {
+                    warn!(vm = %name, ?err, "a guest write failed during the fleecing window");
+                }
+                if resync {
+                    // Every older generation is obsolete once a full comparison is captured.
+                    for g in 1..new_gen_no {
+                        let _ = cbt::remove_generation(&qmp, &nodes, &generation_name(g)).await;
+                    }
+                }
+                info!(vm = %name, cycle, kind, dirty_bytes, data_bytes, "cycle captured");
+                Ok(())
+            }
+            Err(e) => {
+                let _ = std::fs::remove_file(&spool_path);
+                if let Err(re) = fleece.release(&qmp, false).await {
+                    warn!(vm = %name, error = %re, "releasing the fleecing point after a failed read failed");
+                }
+                Err(e)
+            }
+        }
+    } else {
+        capture_offline(
+            shared,
+            rel,
+            &vm,
+            &disks,
+            cycle,
+            kind,
+            scope,
+            old_gen.as_deref(),
+            &new_gen,
+            new_gen_no,
+            &spool_path,
+            &meta_path,
+            started_ms,
+        )
+        .await
+    }
+}
+
+/// Leaves exactly the current generation on every node: strays from a crash between
+/// capture and release are merged into it (shipping a little more, losing nothing).
+async fn reconcile_generations(
+    qmp: &ferry_qemu::qmp::Qmp,
+    nodes: &[String],
+    current: i64,
+    resync: bool,
+) -> anyhow::Result<()> {
+    if current == 0 || resync {
+        return Ok(());
+    }
+    let infos = qmp
+        .execute(&ferry_qemu::qmp::QueryNamedBlockNodes { flat: Some(true) })
+        .await?;
+    let cur = generation_name(current);
+    for node in nodes {
+        let Some(info) = infos.iter().find(|n| &n.node_name == node) else {
+            continue;
+        };
+        let names: Vec<String> = info
+            .dirty_bitmaps
+            .iter()
+            .filter_map(|b| b.name.clone())
+            .filter(|n| n.starts_with("ferry-r") && *n != cur)
+            .collect();
+        for stray in names {
+            let stray_no: i64 = stray.trim_start_matches("ferry-r").parse().unwrap_or(0);
+            if stray_no > current {
+                // A newer generation than the store knows: the capture that made it did not
+                // finish; fold it into the current one.
+                cbt::rollback_generation(qmp, &[node.as_str()], &cur, &stray).await?;
+                qmp.execute_raw(
+                    "transaction",
+                    Some(serde_json::json!({"actions": [
+                        {"type": "block-dirty-bitmap-add", "data": {"node": node, "name": cur, "persistent": true}},
+                    ]})),
+                )
+                .await
+                .ok();
+            } else {
+                cbt::rollback_generation(qmp, &[node.as_str()], &stray, &cur).await?;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn capture_offline(
+    shared: &Arc<Shared>,
+    rel: &ReplicationRow,
+    vm: &VmRow,
+    disks: &[(usize, PathBuf, u64)],
+    cycle: i64,
+    kind: &str,
+    scope: Scope,
+    old_gen: Option<&str>,
+    new_gen: &str,
+    new_gen_no: i64,
+    spool_path: &Path,
+    meta_path: &Path,
+    started_ms: i64,
+) -> anyhow::Result<()> {
+    let qemu_img = &shared.cfg.qemu_img;
+    let gran = rel.settings.granularity as u64;
+    for (_, image, _) in disks {
+        let bitmaps = cbt::offline_bitmaps(qemu_img, image).await?;
+        if let Some(old) = old_gen {
+            match bitmaps.iter().find(|b| b.name == old) {
+                None => return Err(ResyncRequired(format!("change tracking of {} was lost (generation {old} is missing): resynchronization required — run `ferry replication resume {} --resync`", image.display(), vm.spec.name)).into()),
+                Some(b) if b.in_use() => return Err(ResyncRequired(format!("change tracking of {} is inconsistent (QEMU or the host crashed while the VM ran): resynchronization required — run `ferry replication resume {} --resync`", image.display(), vm.spec.name)).into()),
+                Some(_) => {}
+            }
+        }
+        // Start the new generation now: the VM is off and locked, so nothing is written
+        // between this instant and the read below.
+        if !bitmaps.iter().any(|b| b.name == new_gen) {
+            cbt::add_bitmap_offline(qemu_img, image, new_gen, gran).await?;
+        }
+    }
+    let taken_at = now_unix();
+    let qemu_nbd = qemu_nbd_path(&shared.cfg);
+    let mut exports = Vec::new();
+    let mut sources = Vec::new();
+    let result = async {
+        for (i, image, size) in disks {
+            let socket = shared
+                .cfg
+                .data_dir
+                .join("run")
+                .join(format!("off-{}-{i}.sock", rel.vm_id));
+            let export = OfflineExport::start(&qemu_nbd, image, old_gen, &socket).await?;
+            sources.push(Source {
+                disk: *i,
+                socket: socket.clone(),
+                export: export.export_name().to_owned(),
+                size: *size,
+            });
+            exports.push(export);
+        }
+        let context = old_gen
+            .map(ferry_nbd::dirty_bitmap_context)
+            .unwrap_or_else(|| BASE_ALLOCATION.to_owned());
+        read_to_spool(shared, rel, &sources, scope, &context, spool_path).await
+    }
+    .await;
+    for e in exports {
+        let _ = e.close().await;
+    }
+    match result {
+        Ok((frames, data_bytes, dirty_bytes, spool_bytes)) => {
+            let p = Pending {
+                cycle,
+                kind: kind.into(),
+                taken_at,
+                generation: new_gen_no,
+                frames,
+                data_bytes,
+                dirty_bytes,
+                spool_bytes,
+                started_ms,
+            };
+            write_meta(meta_path, &p)?;
+            set_generation(shared, rel.vm_id, new_gen_no);
+            for (_, image, _) in disks {
+                for b in cbt::offline_bitmaps(qemu_img, image).await? {
+                    if b.name.starts_with("ferry-r") && b.name != new_gen {
+                        cbt::remove_bitmap_offline(qemu_img, image, &b.name).await?;
+                    }
+                }
+            }
+            info!(vm = %vm.spec.name, cycle, kind, dirty_bytes, "offline cycle captured");
+            Ok(())
+        }
+        Err(e) => {
+            let _ = std::fs::remove_file(spool_path);
+            // The old generation still holds everything; the new one only what follows.
+            Err(e)
+        }
+    }
+}
+
+fn set_generation(shared: &Shared, vm_id: i64, generation: i64) {
+    if let Ok(Some(mut r)) = shared.store.replication(vm_id) {
+        r.generation = generation;
+        let _ = shared.store.update_replication(&r);
+    }
+}
+
+fn write_meta(path: &Path, p: &Pending) -> anyhow::Result<()> {
+    let tmp = path.with_extension("meta.tmp");
+    std::fs::write(&tmp, serde_json::to_vec(p)?)?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+struct Source {
+    disk: usize,
+    socket: PathBuf,
+    export: String,
+    size: u64,
+}
+
+/// Reads the extents in `scope` of every source into a spool. Returns (frames, data bytes,
+/// dirty bytes, spool bytes).
+async fn read_to_spool(
+    shared: &Shared,
+    rel: &ReplicationRow,
+    sources: &[Source],
+    scope: Scope,
+    context: &str,
+    spool_path: &Path,
+) -> anyhow::Result<(u64, u64, u64, u64)> {
+    let compress = rel.settings.compression;
+    let mut spool = SpoolWriter::create(spool_path).await?;
+    let mut builder = BatchBuilder::new(0, BATCH_PAYLOAD);
+    let mut data_bytes = 0u64;
+    let mut dirty_bytes = 0u64;
+    // Map first, so progress has a total.
+    let mut plans = Vec::new();
+    for s in sources {
+        let ctx = if scope == Scope::Dirty {
+            context.to_owned()
+        } else {
+            BASE_ALLOCATION.to_owned()
+        };
+        let mut client = NbdClient::connect_unix(&s.socket, &s.export, &[ctx.as_str()])
+            .await
+            .with_context(|| format!("cannot read disk {} of the frozen view", s.disk))?;
+        let map = client.map(&ctx).await?;
+        let ranges: Vec<(u64, u64, bool)> = map
+            .iter()
+            .filter_map(|e: &NbdExtent| match scope {
+                Scope::Dirty => (e.flags & 1 != 0).then_some((e.offset, e.length, false)),
+                Scope::Allocated => {
+                    (e.flags & STATE_ZERO == 0).then_some((e.offset, e.length, false))
+                }
+                Scope::Everything => Some((e.offset, e.length, e.flags & STATE_ZERO != 0)),
+            })
+            .collect();
+        dirty_bytes += ranges.iter().filter(|r| !r.2).map(|r| r.1).sum::<u64>();
+        plans.push((s, client, ranges));
+    }
+    shared.set_progress(rel.vm_id, "reading", 0, dirty_bytes);
+    let mut done = 0u64;
+    for (s, mut client, ranges) in plans {
+        for (offset, len, zero) in ranges {
+            if offset.checked_add(len).is_none_or(|end| end > s.size) {
+                bail!("the NBD server reported an extent beyond disk {}", s.disk);
+            }
+            if zero {
+                for b in builder.push(Extent::zeroes(s.disk as u16, offset, len)) {
+                    spool.append_batch(&b, compress).await?;
+                }
+                continue;
+            }
+            let mut pos = offset;
+            while pos < offset + len {
+                let n = READ_CHUNK.min(offset + len - pos);
+                let mut buf = vec![0u8; n as usize];
+                client.read(pos, &mut buf).await?;
+                let ext = if buf.iter().all(|&b| b == 0) {
+                    if scope == Scope::Allocated {
+                        pos += n;
+                        done += n;
+                        continue;
+                    }
+                    Extent::zeroes(s.disk as u16, pos, n)
+                } else {
+                    data_bytes += n;
+                    Extent::data(s.disk as u16, pos, Bytes::from(buf))
+                };
+                for b in builder.push(ext) {
+                    spool.append_batch(&b, compress).await?;
+                }
+                pos += n;
+                done += n;
+                shared.set_progress(rel.vm_id, "reading", done, dirty_bytes);
+            }
+        }
+        let _ = client.disconnect().await;
+    }
+    if let Some(b) = builder.finish() {
+        spool.append_batch(&b, compress).await?;
+    }
+    let summary = spool.finish().await?;
+    Ok((summary.frames, data_bytes, dirty_bytes, summary.bytes))
+}
+
+/// Sends a captured cycle and waits for the replica to commit it.
+async fn ship(shared: &Arc<Shared>, rel: &ReplicationRow, p: &Pending) -> anyhow::Result<()> {
+    let vm = vm_row(shared, rel.vm_id)?;
+    let disks: Vec<DiskMeta> = disks(shared, &vm, rel)
+        .into_iter()
+        .map(|(index, _, size_bytes)| DiskMeta { index, size_bytes })
+        .collect();
+    let tls = peer::connect(
+        &shared.identity,
+        &rel.partner_addr,
+        &rel.partner_fingerprint,
+    )
+    .await?;
+    let (r, w) = tokio::io::split(tls);
+    let mut reader = FrameReader::new(r);
+    let mut writer = FrameWriter::new(w);
+    if let Some(l) = shared.limiter(rel) {
+        writer.add_limiter(l);
+    }
+    if let Some(l) = shared.host_limiter.clone() {
+        writer.add_limiter(l);
+    }
+    writer
+        .write_control(&Msg::Hello {
+            protocol: PROTOCOL,
+            primary: shared.cfg.name.clone(),
+            spec: vm.spec.clone(),
+            disks,
+            settings: rel.settings.clone(),
+        })
+        .await?;
+    let (last_cycle, resume) = match next_control(&mut reader, peer::CONNECT_TIMEOUT).await? {
+        Msg::Welcome { last_cycle, resume } => (last_cycle, resume),
+        Msg::Refused { reason } => bail!("replica server {} refused: {reason}", rel.partner_name),
+        other => bail!("unexpected answer from the replica server: {other:?}"),
+    };
+    if last_cycle < p.cycle {
+        let from = resume
+            .filter(|r| r.cycle == p.cycle && r.next_batch <= p.frames)
+            .map(|r| r.next_batch)
+            .unwrap_or(0);
+        if from > 0 {
+            info!(vm = %vm.spec.name, cycle = p.cycle, from, "resuming an interrupted transfer");
+        }
+        let (spool_path, _) = spool_paths(&spool_dir(shared, rel.vm_id), p.cycle);
+        writer
+            .write_control(&Msg::CycleBegin {
+                cycle: p.cycle,
+                kind: p.kind.clone(),
+                taken_at: p.taken_at,
+                from_batch: from,
+                batches: p.frames,
+                bytes: p.data_bytes,
+            })
+            .await?;
+        let mut spool = SpoolReader::open_at(&spool_path, from).await?;
+        let mut sent = 0u64;
+        let total = p.spool_bytes;
+        shared.set_progress(rel.vm_id, "sending", 0, total);
+        while let Some(frame) = spool.next_encoded().await? {
+            writer.write_encoded(&frame).await?;
+            sent += frame.wire_len() as u64;
+            shared.set_progress(rel.vm_id, "sending", sent, total);
+        }
+        writer
+            .write_control(&Msg::CycleEnd { cycle: p.cycle })
+            .await?;
+        match next_control(&mut reader, COMMIT_TIMEOUT).await? {
+            Msg::Committed { cycle, .. } if cycle == p.cycle => {}
+            Msg::Failed { reason } => bail!(
+                "replica server {} could not apply cycle {}: {reason}",
+                rel.partner_name,
+                p.cycle
+            ),
+            other => bail!("unexpected answer from the replica server: {other:?}"),
+        }
+    }
+    let _ = writer.shutdown().await;
+    // The point exists on the replica: record it, then forget the spool.
+    if let Some(mut r) = shared.store.replication(rel.vm_id)? {
+        let before = r.state;
+        r.last_cycle = p.cycle;
+        r.last_point_at = Some(p.taken_at);
+        r.last_error = None;
+        r.state = match r.state {
+            ReplicationState::Suspended => ReplicationState::Suspended,
+            _ => ReplicationState::Replicating,
+        };
+        shared.store.update_replication(&r)?;
+        if before != r.state {
+            shared.events.emit_id(
+                rel.vm_id,
+                "replication_state",
+                &format!("{before} -> {}", r.state),
+            );
+        }
+    }
+    let (spool_path, meta_path) = spool_paths(&spool_dir(shared, rel.vm_id), p.cycle);
+    let _ = std::fs::remove_file(meta_path);
+    let _ = std::fs::remove_file(spool_path);
+    info!(vm = %vm.spec.name, cycle = p.cycle, kind = %p.kind, bytes = p.spool_bytes, "cycle replicated");
+    Ok(())
+}
+
+async fn next_control<R: tokio::io::AsyncRead + Unpin>(
+    reader: &mut FrameReader<R>,
+    timeout: Duration,
+) -> anyhow::Result<Msg> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let frame = tokio::time::timeout(left, reader.read_frame())
+            .await
+            .map_err(|_| anyhow!("the replica server did not answer within {timeout:?}"))??
+            .ok_or_else(|| anyhow!("the replica server closed the connection"))?;
+        if frame.kind != ferry_wire::FrameKind::Keepalive {
+            return Ok(frame.control()?);
+        }
+    }
+}
+
+/// Removes every generation of the relationship from a VM's disks (replication removed).
+pub async fn remove_tracking(
+    shared: &Arc<Shared>,
+    name: &VmName,
+    vm: &VmRow,
+    rel: &ReplicationRow,
+) {
+    let disks = disks(shared, vm, rel);
+    if let Some(qmp) = shared.vms.live_qmp(name) {
+        let nodes: Vec<String> = disks.iter().map(|(i, _, _)| format!("drive{i}")).collect();
+        if let Ok(infos) = qmp
+            .execute(&ferry_qemu::qmp::QueryNamedBlockNodes { flat: Some(true) })
+            .await
+        {
+            let mut names: Vec<String> = infos
+                .iter()
+                .flat_map(|n| n.dirty_bitmaps.iter().filter_map(|b| b.name.clone()))
+                .filter(|n| n.starts_with("ferry-r"))
+                .collect();
+            names.sort();
+            names.dedup();
+            for n in names {
+                let _ = cbt::remove_generation(&qmp, &nodes, &n).await;
+            }
+        }
+    } else {
+        for (_, image, _) in &disks {
+            if let Ok(bitmaps) = cbt::offline_bitmaps(&shared.cfg.qemu_img, image).await {
+                for b in bitmaps
+                    .into_iter()
+                    .filter(|b| b.name.starts_with("ferry-r"))
+                {
+                    let _ = cbt::remove_bitmap_offline(&shared.cfg.qemu_img, image, &b.name).await;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,103 @@
+//! The control messages of a replication session (JSON in `Control` frames; extents travel
+//! as binary `ExtentBatch` frames, see `ferry-wire`).
+//!
+//! One session ships one cycle:
+//! ```text
+//! primary                               replica
+//!   Hello{vm, disks, settings}   --->     authorize by certificate fingerprint
+//!                                <---     Welcome{last_cycle, resume} | Refused{reason}
+//!   CycleBegin{cycle, from_batch} --->    new qcow2 layer per disk (or the staged one)
+//!   ExtentBatch × n              --->     written through qemu-nbd
+//!   CycleEnd{cycle, batches}     --->     flush, fsync, commit the recovery point
+//!                                <---     Committed{cycle, point} | Failed{reason}
+//! ```
+//! A dropped connection leaves the staged layers on the replica with the number of batches
+//! durably written; the next session's Welcome says where to resume.
+
+use ferry_domain::replication::ReplicationSettings;
+use ferry_domain::VmSpec;
+use serde::{Deserialize, Serialize};
+
+/// Bumped on incompatible changes; the replica refuses other versions.
+pub const PROTOCOL: u32 = 1;
+
+/// A disk being replicated.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskMeta {
+    /// Index in the VM's disk list.
+    pub index: usize,
+    /// Virtual size in bytes.
+    pub size_bytes: u64,
+}
+
+/// Where an interrupted cycle can continue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resume {
+    /// The cycle staged on the replica.
+    pub cycle: i64,
+    /// The first batch not yet durably written.
+    pub next_batch: u64,
+}
+
+/// A control message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Msg {
+    /// Primary → replica: who is replicating what.
+    Hello {
+        /// Protocol version.
+        protocol: u32,
+        /// The primary's host name.
+        primary: String,
+        /// The VM's spec on the primary.
+        spec: VmSpec,
+        /// The replicated disks.
+        disks: Vec<DiskMeta>,
+        /// The relationship's settings.
+        settings: ReplicationSettings,
+    },
+    /// Replica → primary: accepted.
+    Welcome {
+        /// The last cycle committed as a recovery point (0 = none).
+        last_cycle: i64,
+        /// A partially received cycle.
+        resume: Option<Resume>,
+    },
+    /// Replica → primary: refused, with the reason (also logged on the replica).
+    Refused {
+        /// Why, and what to do.
+        reason: String,
+    },
+    /// Primary → replica: a cycle follows.
+    CycleBegin {
+        /// Cycle number (1 = initial copy).
+        cycle: i64,
+        /// `initial`, `delta`, `resync`.
+        kind: String,
+        /// When the primary froze the disks (UNIX s).
+        taken_at: i64,
+        /// The batch the stream starts at (0, or a resume point).
+        from_batch: u64,
+        /// Batches in the whole cycle.
+        batches: u64,
+        /// Data bytes in the whole cycle.
+        bytes: u64,
+    },
+    /// Primary → replica: every batch of the cycle was sent.
+    CycleEnd {
+        /// Cycle number.
+        cycle: i64,
+    },
+    /// Replica → primary: the recovery point exists.
+    Committed {
+        /// Cycle number.
+        cycle: i64,
+        /// The recovery point's id on the replica.
+        point: i64,
+    },
+    /// Replica → primary: the cycle could not be applied.
+    Failed {
+        /// Why.
+        reason: String,
+    },
+}

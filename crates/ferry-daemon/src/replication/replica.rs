@@ -1,0 +1,921 @@
+//! The replica server: authorizes primaries by their certificate, receives cycles, and
+//! keeps recovery points as a qcow2 chain per disk.
+//!
+//! Each cycle is written into a new qcow2 layer on top of the previous point's layer,
+//! through `qemu-nbd` (write, write-zeroes, flush); the layers are fsynced, and only then is
+//! the recovery point committed in the store, in the same transaction as the
+//! relationship's progress. So a point exists exactly when all of its data is durable, and
+//! a half-received cycle is never visible: its layers are not referenced by any point, and
+//! are deleted at startup (or continued, if the link dropped and the primary resumes).
+//!
+//! Retention merges the layer of a dropped point's successor into the dropped point's
+//! layer (`qemu-img commit`), re-points the successor's record to the merged layer, and
+//! rebases the layer above (`qemu-img rebase -u`: the content below is unchanged). At
+//! every step the chain stays valid, so a crash mid-merge loses nothing.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context};
+use ferry_api_types::{AuthorizationEntry, ReplicaServerConfig};
+use ferry_domain::replication::ReplicationSettings;
+use ferry_domain::{DiskSpec, ReplicationState, Role, VmName, VmSpec};
+use ferry_nbd::NbdClient;
+use ferry_store::{PointRow, ReplicationRow, Store};
+use ferry_wire::{ExtentKind, FrameKind, FrameReader, FrameWriter};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
+use tokio::process::{Child, Command};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use super::proto::{DiskMeta, Msg, Resume, PROTOCOL};
+use super::{now_unix, qemu_nbd_path, Shared};
+use crate::peer;
+
+/// Settings key of the replica-server configuration.
+pub const CONFIG_KEY: &str = "replica_server";
+/// Default replication port.
+pub const DEFAULT_PORT: u16 = 7444;
+/// Batches between durable checkpoints of a cycle being received (flush + resume mark).
+const FLUSH_EVERY: u64 = 16;
+/// A session with no frame for this long is dropped.
+const IDLE: Duration = Duration::from_secs(60);
+
+/// A cycle being received: its layers and how far it got durably.
+#[derive(Debug, Clone)]
+pub struct Staging {
+    cycle: i64,
+    layers: Vec<(usize, PathBuf)>,
+    next_batch: u64,
+}
+
+/// The replica-server role's runtime state.
+#[derive(Default)]
+pub struct ReplicaServer {
+    /// Stops the current listener.
+    stop: Mutex<Option<watch::Sender<bool>>>,
+    /// Where the listener listens.
+    pub listening: Mutex<Option<String>>,
+    /// Cycles partly received, by local VM id.
+    staging: Mutex<HashMap<i64, Staging>>,
+    /// One session per VM at a time.
+    sessions: Mutex<HashMap<i64, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// Loads the stored configuration (disabled by default).
+pub fn load_config(store: &Store) -> ReplicaServerConfig {
+    store
+        .setting(CONFIG_KEY)
+        .ok()
+        .flatten()
+        .and_then(|s| serde_json::from_str(&s).ok())
+        .unwrap_or(ReplicaServerConfig {
+            port: DEFAULT_PORT,
+            ..Default::default()
+        })
+}
+
+/// Starts or stops the listener to match the stored configuration.
+pub async fn apply_config(shared: &Arc<Shared>) -> anyhow::Result<()> {
+    let cfg = load_config(&shared.store);
+    let server = &shared.replica;
+    if let Some(stop) = server.stop.lock().expect("stop").take() {
+        let _ = stop.send(true);
+    }
+    *server.listening.lock().expect("listening") = None;
+    if !cfg.enabled {
+        return Ok(());
+    }
+    let addr = std::net::SocketAddr::new(shared.cfg.tls_listen.ip(), cfg.port);
+    // The previous listener may take a moment to release the port.
+    let mut listener = None;
+    for _ in 0..50 {
+        match TcpListener::bind(addr).await {
+            Ok(l) => {
+                listener = Some(l);
+                break;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Err(e) => return Err(anyhow!("cannot listen for replication on {addr}: {e}")),
+        }
+    }
+    let listener = listener.ok_or_else(|| {
+        anyhow!("cannot listen for replication on {addr}: the port is in use; choose another with --port")
+    })?;
+    let (tx, rx) = watch::channel(false);
+    *server.stop.lock().expect("stop") = Some(tx);
+    *server.listening.lock().expect("listening") = Some(addr.to_string());
+    info!(%addr, "replica server listening");
+    tokio::spawn(accept_loop(shared.clone(), listener, rx));
+    Ok(())
+}
+
+async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
+    let acceptor = match peer::replica_acceptor(&shared.identity) {
+        Ok(a) => a,
+        Err(e) => {
+            warn!(error = %e, "replica server TLS setup failed");
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            _ = stop.changed() => break,
+            accepted = listener.accept() => {
+                let Ok((tcp, from)) = accepted else { continue };
+                let _ = tcp.set_nodelay(true);
+                let acceptor = acceptor.clone();
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    match tokio::time::timeout(peer::CONNECT_TIMEOUT, acceptor.accept(tcp)).await {
+                        Ok(Ok(tls)) => {
+                            let fp = peer::peer_fingerprint(&tls).unwrap_or_default();
+                            let (r, w) = tokio::io::split(tls);
+                            if let Err(e) = session(&shared, r, w, &fp, from.ip().to_string()).await {
+                                warn!(%from, error = format!("{e:#}"), "replication session ended with an error");
+                            }
+                        }
+                        Ok(Err(e)) => warn!(%from, error = %e, "replication TLS handshake failed"),
+                        Err(_) => warn!(%from, "replication TLS handshake timed out"),
+                    }
+                });
+            }
+        }
+    }
+    info!("replica server stopped listening");
+}
+
+/// Decides whether the primary with certificate `fingerprint`, calling itself `name`, may
+/// replicate here, and where its replicas go.
+pub fn authorize(
+    cfg: &ReplicaServerConfig,
+    me: &str,
+    name: &str,
+    fingerprint: &str,
+) -> Result<(PathBuf, String), String> {
+    if !cfg.enabled {
+        return Err(format!(
+            "replication to {me} is disabled: on {me}, run `ferry replica-server set --enable`"
+        ));
+    }
+    if let Some(e) = cfg.entries.iter().find(|e| e.fingerprint == fingerprint) {
+        if e.primary != name {
+            return Err(format!(
+                "the certificate {fingerprint} is authorized on {me} as primary {:?}, but the primary calls itself {name:?}",
+                e.primary
+            ));
+        }
+        return Ok((PathBuf::from(&e.storage), e.trust_group.clone()));
+    }
+    if cfg.allow_any {
+        if let Some(s) = &cfg.default_storage {
+            return Ok((PathBuf::from(s), "DEFAULT".to_owned()));
+        }
+    }
+    Err(format!(
+        "primary {name} (certificate {fingerprint}) is not authorized to replicate to {me}: on {me}, run `ferry replica-server set --allow {name}={fingerprint} --storage DIR` (or --allow-any)"
+    ))
+}
+
+/// Adds or replaces an authorization entry (by primary name).
+pub fn upsert_entry(cfg: &mut ReplicaServerConfig, entry: AuthorizationEntry) {
+    cfg.entries.retain(|e| e.primary != entry.primary);
+    cfg.entries.push(entry);
+}
+
+async fn session<R, W>(
+    shared: &Arc<Shared>,
+    r: R,
+    w: W,
+    fingerprint: &str,
+    from_ip: String,
+) -> anyhow::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut reader = FrameReader::new(r);
+    let mut writer = FrameWriter::new(w);
+    let hello: Msg = next_control(&mut reader).await?;
+    let Msg::Hello {
+        protocol,
+        primary,
+        spec,
+        disks,
+        settings,
+    } = hello
+    else {
+        bail!("the primary did not start with Hello");
+    };
+    let refuse = |reason: String| Msg::Refused { reason };
+    if protocol != PROTOCOL {
+        let reason = format!("protocol version {protocol} is not supported by {} (it speaks {PROTOCOL}): upgrade ferry on both hosts", shared.cfg.name);
+        writer.write_control(&refuse(reason.clone())).await?;
+        bail!(reason);
+    }
+    let cfg = load_config(&shared.store);
+    let (storage, _trust_group) = match authorize(&cfg, &shared.cfg.name, &primary, fingerprint) {
+        Ok(x) => x,
+        Err(reason) => {
+            warn!(%primary, %fingerprint, "refused an unauthorized primary");
+            writer.write_control(&refuse(reason.clone())).await?;
+            bail!(reason);
+        }
+    };
+    let rel = match replica_for(
+        shared,
+        &primary,
+        fingerprint,
+        &from_ip,
+        &spec,
+        &disks,
+        &settings,
+        &storage,
+    ) {
+        Ok(rel) => rel,
+        Err(reason) => {
+            writer.write_control(&refuse(reason.clone())).await?;
+            bail!(reason);
+        }
+    };
+    let lock = shared
+        .replica
+        .sessions
+        .lock()
+        .expect("sessions")
+        .entry(rel.vm_id)
+        .or_default()
+        .clone();
+    let _one_session = lock.lock().await;
+    let resume = shared
+        .replica
+        .staging
+        .lock()
+        .expect("staging")
+        .get(&rel.vm_id)
+        .map(|s| Resume {
+            cycle: s.cycle,
+            next_batch: s.next_batch,
+        });
+    writer
+        .write_control(&Msg::Welcome {
+            last_cycle: rel.last_cycle,
+            resume,
+        })
+        .await?;
+
+    loop {
+        let msg = match tokio::time::timeout(IDLE, reader.read_frame()).await {
+            Err(_) => bail!("the primary went silent"),
+            Ok(Ok(None)) => return Ok(()),
+            Ok(Ok(Some(f))) if f.kind == FrameKind::Keepalive => continue,
+            Ok(Ok(Some(f))) => f.control::<Msg>()?,
+            Ok(Err(e)) => return Err(e.into()),
+        };
+        let Msg::CycleBegin {
+            cycle,
+            kind,
+            taken_at,
+            from_batch,
+            batches,
+            bytes,
+        } = msg
+        else {
+            bail!("unexpected message from the primary: {msg:?}");
+        };
+        let rel = shared
+            .store
+            .replication(rel.vm_id)?
+            .ok_or_else(|| anyhow!("replication was removed"))?;
+        if cycle <= rel.last_cycle {
+            // Already committed: the primary did not hear the answer last time.
+            let point = shared
+                .store
+                .list_points(rel.vm_id)?
+                .into_iter()
+                .find(|p| p.cycle == cycle)
+                .map(|p| p.id)
+                .unwrap_or(0);
+            writer
+                .write_control(&Msg::Committed { cycle, point })
+                .await?;
+            continue;
+        }
+        match receive_cycle(
+            shared,
+            &rel,
+            &mut reader,
+            cycle,
+            &kind,
+            taken_at,
+            from_batch,
+            batches,
+            bytes,
+        )
+        .await
+        {
+            Ok(point) => {
+                writer
+                    .write_control(&Msg::Committed { cycle, point })
+                    .await?;
+                if let Err(e) = apply_retention(shared, rel.vm_id).await {
+                    warn!(
+                        vm_id = rel.vm_id,
+                        error = format!("{e:#}"),
+                        "retention failed; it is retried after the next cycle"
+                    );
+                }
+            }
+            Err(e) => {
+                let reason = format!("{e:#}");
+                let mut r = shared.store.replication(rel.vm_id)?.unwrap_or(rel.clone());
+                r.last_error = Some(reason.clone());
+                shared.store.update_replication(&r)?;
+                let _ = writer
+                    .write_control(&Msg::Failed {
+                        reason: reason.clone(),
+                    })
+                    .await;
+                bail!(reason);
+            }
+        }
+    }
+}
+
+async fn next_control<R: AsyncRead + Unpin>(reader: &mut FrameReader<R>) -> anyhow::Result<Msg> {
+    loop {
+        let frame = tokio::time::timeout(IDLE, reader.read_frame())
+            .await
+            .map_err(|_| anyhow!("the peer went silent"))??
+            .ok_or_else(|| anyhow!("the peer closed the connection"))?;
+        if frame.kind != FrameKind::Keepalive {
+            return Ok(frame.control()?);
+        }
+    }
+}
+
+/// Finds (or creates) the replica VM and relationship for this primary's VM.
+#[allow(clippy::too_many_arguments)]
+fn replica_for(
+    shared: &Arc<Shared>,
+    primary: &str,
+    fingerprint: &str,
+    from_ip: &str,
+    spec: &VmSpec,
+    disks: &[DiskMeta],
+    settings: &ReplicationSettings,
+    storage: &Path,
+) -> Result<ReplicationRow, String> {
+    let store = &shared.store;
+    let me = &shared.cfg.name;
+    if let Ok(row) = store.get_vm(&spec.name) {
+        return match store.replication(row.id).map_err(|e| e.to_string())? {
+            Some(rel) if rel.role == Role::Replica && rel.partner_fingerprint == fingerprint => Ok(rel),
+            _ => Err(format!(
+                "a VM named {} already exists on {me} and is not a replica from {primary}: rename or remove it there",
+                spec.name
+            )),
+        };
+    }
+    if disks.is_empty()
+        || disks
+            .iter()
+            .any(|d| d.size_bytes == 0 || d.index >= spec.disks.len())
+    {
+        return Err("the primary sent an invalid disk list".into());
+    }
+    let dir = storage.join(spec.name.as_str());
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| format!("cannot create {} on {me}: {e}", dir.display()))?;
+    // The replica VM's disks point into its storage; they are updated to the latest
+    // recovery point's layers as points arrive.
+    let mut replica_spec = spec.clone();
+    replica_spec.disks = disks
+        .iter()
+        .map(|d| DiskSpec {
+            file: dir
+                .join(format!("disk{}.qcow2", d.index))
+                .display()
+                .to_string(),
+            size_bytes: d.size_bytes,
+        })
+        .collect();
+    let row = store
+        .insert_vm(&replica_spec, now_unix())
+        .map_err(|e| e.to_string())?;
+    let rel = ReplicationRow {
+        vm_id: row.id,
+        role: Role::Replica,
+        partner_name: primary.to_owned(),
+        partner_addr: from_ip.to_owned(),
+        partner_fingerprint: fingerprint.to_owned(),
+        settings: settings.clone(),
+        state: ReplicationState::WaitingForInitialReplication,
+        generation: 0,
+        last_cycle: 0,
+        last_point_at: None,
+        last_error: None,
+        created_at: now_unix(),
+    };
+    if let Err(e) = store.insert_replication(&rel) {
+        let _ = store.delete_vm(&spec.name);
+        return Err(e.to_string());
+    }
+    shared.events.emit(
+        &spec.name,
+        "replica_created",
+        &format!(
+            "replica of {} from {primary} created in {}",
+            spec.name,
+            dir.display()
+        ),
+    );
+    info!(vm = %spec.name, %primary, dir = %dir.display(), "replica VM created");
+    Ok(rel)
+}
+
+/// A writable `qemu-nbd` on one layer, and our client to it.
+struct LayerWriter {
+    child: Child,
+    client: Option<NbdClient>,
+    socket: PathBuf,
+}
+
+impl LayerWriter {
+    async fn open(qemu_nbd: &Path, image: &Path, socket: PathBuf) -> anyhow::Result<Self> {
+        let _ = std::fs::remove_file(&socket);
+        let child = Command::new(qemu_nbd)
+            .arg("--format=qcow2")
+            .arg("--cache=writeback")
+            .arg("--discard=unmap")
+            .arg("--detect-zeroes=unmap")
+            .arg(format!("--socket={}", socket.display()))
+            .arg("--export-name=layer")
+            .arg(image)
+            .kill_on_drop(true)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .with_context(|| format!("cannot run {}", qemu_nbd.display()))?;
+        let mut w = LayerWriter {
+            child,
+            client: None,
+            socket,
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if w.socket.exists() {
+                if let Ok(c) = NbdClient::connect_unix(&w.socket, "layer", &[]).await {
+                    w.client = Some(c);
+                    return Ok(w);
+                }
+            }
+            if let Ok(Some(status)) = w.child.try_wait() {
+                bail!("qemu-nbd on {} exited ({status})", image.display());
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("qemu-nbd on {} did not start", image.display());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn client(&mut self) -> &mut NbdClient {
+        self.client.as_mut().expect("connected")
+    }
+
+    async fn close(mut self) -> anyhow::Result<()> {
+        if let Some(c) = self.client.take() {
+            c.disconnect().await?;
+        }
+        // Without --persistent, qemu-nbd exits once its client is gone, after closing the
+        // image cleanly.
+        match tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await {
+            Ok(Ok(s)) if s.success() => {}
+            Ok(Ok(s)) => bail!("qemu-nbd exited with {s}"),
+            _ => bail!("qemu-nbd did not exit"),
+        }
+        let _ = std::fs::remove_file(&self.socket);
+        Ok(())
+    }
+}
+
+fn layer_path(vm_dir: &Path, disk: usize, cycle: i64) -> PathBuf {
+    vm_dir.join(format!("disk{disk}.c{cycle}.qcow2"))
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn receive_cycle<R: AsyncRead + Unpin>(
+    shared: &Arc<Shared>,
+    rel: &ReplicationRow,
+    reader: &mut FrameReader<R>,
+    cycle: i64,
+    kind: &str,
+    taken_at: i64,
+    from_batch: u64,
+    batches: u64,
+    bytes: u64,
+) -> anyhow::Result<i64> {
+    let vm = shared
+        .store
+        .list_vms()?
+        .into_iter()
+        .find(|v| v.id == rel.vm_id)
+        .ok_or_else(|| anyhow!("the replica VM is gone"))?;
+    let points = shared.store.list_points(rel.vm_id)?;
+    let latest = points.last().cloned();
+    let vm_dir = PathBuf::from(&vm.spec.disks[0].file)
+        .parent()
+        .map(Path::to_path_buf)
+        .ok_or_else(|| anyhow!("the replica VM has no storage directory"))?;
+    let disk_sizes: Vec<(usize, u64)> = replicated_disks(&vm.spec, rel);
+
+    // Continue a staged cycle, or start fresh layers.
+    let staged = shared
+        .replica
+        .staging
+        .lock()
+        .expect("staging")
+        .remove(&rel.vm_id);
+    let staging = match staged {
+        Some(s) if s.cycle == cycle && s.next_batch == from_batch => s,
+        other => {
+            if let Some(old) = other {
+                for (_, p) in &old.layers {
+                    let _ = std::fs::remove_file(p);
+                }
+            }
+            if from_batch != 0 {
+                bail!("the primary resumed cycle {cycle} at batch {from_batch}, but nothing is staged here: restart the cycle");
+            }
+            let mut layers = Vec::new();
+            for &(disk, size) in &disk_sizes {
+                let path = layer_path(&vm_dir, disk, cycle);
+                let _ = std::fs::remove_file(&path);
+                let backing = latest
+                    .as_ref()
+                    .and_then(|p| p.layers.iter().find(|(d, _)| *d == disk))
+                    .map(|(_, l)| PathBuf::from(l));
+                create_layer(&shared.cfg.qemu_img, &path, size, backing.as_deref()).await?;
+                layers.push((disk, path));
+            }
+            Staging {
+                cycle,
+                layers,
+                next_batch: 0,
+            }
+        }
+    };
+
+    let qemu_nbd = qemu_nbd_path(&shared.cfg);
+    let mut writers: HashMap<usize, LayerWriter> = HashMap::new();
+    for (disk, path) in &staging.layers {
+        let socket = shared
+            .cfg
+            .data_dir
+            .join("run")
+            .join(format!("rx-{}-{disk}.sock", rel.vm_id));
+        writers.insert(*disk, LayerWriter::open(&qemu_nbd, path, socket).await?);
+    }
+    let mut staging = staging;
+    let result = async {
+        let mut expected = staging.next_batch;
+        let mut received = 0u64;
+        let mut data_bytes = 0u64;
+        shared.set_progress(rel.vm_id, "applying", 0, bytes);
+        loop {
+            let frame = tokio::time::timeout(IDLE, reader.read_frame())
+                .await
+                .map_err(|_| anyhow!("the primary went silent during cycle {cycle}"))??
+                .ok_or_else(|| anyhow!("the connection closed in the middle of cycle {cycle}"))?;
+            match frame.kind {
+                FrameKind::Keepalive => continue,
+                FrameKind::Control => {
+                    let msg: Msg = frame.control()?;
+                    match msg {
+                        Msg::CycleEnd { cycle: c } if c == cycle => break,
+                        other => bail!("unexpected message during cycle {cycle}: {other:?}"),
+                    }
+                }
+                FrameKind::ExtentBatch => {
+                    let batch = frame.batch()?;
+                    batch.expect_seq(expected)?;
+                    for ext in &batch.extents {
+                        let disk = ext.disk as usize;
+                        let w = writers.get_mut(&disk).ok_or_else(|| {
+                            anyhow!("extent for disk {disk}, which is not replicated")
+                        })?;
+                        let size = disk_sizes
+                            .iter()
+                            .find(|d| d.0 == disk)
+                            .map(|d| d.1)
+                            .unwrap_or(0);
+                        if ext.end().is_none_or(|end| end > size) {
+                            bail!(
+                                "extent at {} (+{}) is beyond disk {disk}'s size {size}",
+                                ext.offset,
+                                ext.len()
+                            );
+                        }
+                        match &ext.kind {
+                            ExtentKind::Data(d) => w.client().write(ext.offset, d).await?,
+                            ExtentKind::Zeroes(n) => {
+                                w.client().write_zeroes(ext.offset, *n).await?
+                            }
+                        }
+                    }
+                    data_bytes += batch.data_bytes();
+                    expected += 1;
+                    received += 1;
+                    shared.set_progress(rel.vm_id, "applying", data_bytes, bytes);
+                    if received % FLUSH_EVERY == 0 {
+                        for w in writers.values_mut() {
+                            w.client().flush().await?;
+                        }
+                        staging.next_batch = expected;
+                    }
+                }
+            }
+        }
+        if expected != batches {
+            bail!("cycle {cycle} ended after {expected} batches, but {batches} were announced");
+        }
+        Ok(())
+    }
+    .await;
+    shared.clear_progress(rel.vm_id);
+    if let Err(e) = result {
+        // Keep what was durably written, so the primary can resume after a dropped link.
+        for (_, w) in writers.drain() {
+            let _ = w.client.map(|c| drop(c));
+            drop(w.child);
+        }
+        shared
+            .replica
+            .staging
+            .lock()
+            .expect("staging")
+            .insert(rel.vm_id, staging);
+        return Err(e);
+    }
+    for (_, mut w) in writers.drain() {
+        w.client().flush().await?;
+        w.close().await?;
+    }
+    for (_, p) in &staging.layers {
+        fsync(p)?;
+    }
+    fsync(&vm_dir)?;
+
+    // Commit: the point and the relationship's progress in one transaction.
+    let mut rel = shared
+        .store
+        .replication(rel.vm_id)?
+        .ok_or_else(|| anyhow!("replication was removed"))?;
+    rel.state = match rel.state {
+        ReplicationState::WaitingForInitialReplication | ReplicationState::Error => {
+            ReplicationState::Replicating
+        }
+        s => s,
+    };
+    rel.last_cycle = cycle;
+    rel.last_point_at = Some(taken_at);
+    let point = PointRow {
+        id: 0,
+        vm_id: rel.vm_id,
+        cycle,
+        taken_at,
+        applied_at: now_unix(),
+        kind: kind.to_owned(),
+        layers: staging
+            .layers
+            .iter()
+            .map(|(d, p)| (*d, p.display().to_string()))
+            .collect(),
+        bytes: bytes as i64,
+    };
+    let id = shared.store.commit_point(&point, &rel)?;
+    // The replica VM's disks show the latest point.
+    let mut spec = vm.spec.clone();
+    for (d, p) in &point.layers {
+        if let Some(slot) = spec.disks.get_mut(*d) {
+            slot.file = p.clone();
+        }
+    }
+    shared.store.set_vm_spec(rel.vm_id, &spec)?;
+    shared.events.emit(
+        &vm.spec.name,
+        "recovery_point_added",
+        &format!("recovery point {id} (cycle {cycle}, {kind}, {bytes} bytes)"),
+    );
+    info!(vm = %vm.spec.name, cycle, point = id, bytes, "recovery point committed");
+    Ok(id)
+}
+
+fn replicated_disks(spec: &VmSpec, rel: &ReplicationRow) -> Vec<(usize, u64)> {
+    spec.disks
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !rel.settings.excluded_disks.contains(i))
+        .map(|(i, d)| (i, d.size_bytes))
+        .collect()
+}
+
+async fn create_layer(
+    qemu_img: &Path,
+    path: &Path,
+    size: u64,
+    backing: Option<&Path>,
+) -> anyhow::Result<()> {
+    let mut cmd = Command::new(qemu_img);
+    cmd.args(["create", "-q", "-f", "qcow2"]);
+    if let Some(b) = backing {
+        cmd.arg("-b").arg(b).args(["-F", "qcow2"]);
+    }
+    cmd.arg(path).arg(size.to_string());
+    run(cmd, "create a recovery point layer").await
+}
+
+async fn run(mut cmd: Command, what: &str) -> anyhow::Result<()> {
+    let out = cmd
+        .output()
+        .await
+        .with_context(|| format!("cannot {what}"))?;
+    if !out.status.success() {
+        bail!(
+            "cannot {what}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+fn fsync(p: &Path) -> anyhow::Result<()> {
+    std::fs::File::open(p)
+        .and_then(|f| f.sync_all())
+        .with_context(|| format!("cannot fsync {}", p.display()))
+}
+
+/// Drops the recovery points the policy no longer keeps, merging their layers.
+pub async fn apply_retention(shared: &Arc<Shared>, vm_id: i64) -> anyhow::Result<()> {
+    let Some(rel) = shared.store.replication(vm_id)? else {
+        return Ok(());
+    };
+    let points = shared.store.list_points(vm_id)?;
+    let list: Vec<(i64, i64)> = points.iter().map(|p| (p.id, p.taken_at)).collect();
+    let pinned = shared.pinned_points(vm_id);
+    let mut drop: Vec<i64> = rel.settings.retention.to_drop(&list, &pinned);
+    // Oldest first, so each merge folds a point into the one below it.
+    drop.sort_by_key(|id| points.iter().position(|p| p.id == *id));
+    for id in drop {
+        let points = shared.store.list_points(vm_id)?;
+        let Some(pos) = points.iter().position(|p| p.id == id) else {
+            continue;
+        };
+        let Some(next) = points.get(pos + 1).cloned() else {
+            continue;
+        };
+        let dropped = points[pos].clone();
+        let above = points.get(pos + 2).cloned();
+        // 1. The dropped point stops existing before its layer's content changes.
+        shared.store.delete_point(id)?;
+        for (disk, layer) in &dropped.layers {
+            let Some((_, next_layer)) = next.layers.iter().find(|(d, _)| d == disk).cloned() else {
+                continue;
+            };
+            // 2. Fold the successor's layer into the dropped one: it now holds `next`.
+            let mut cmd = Command::new(&shared.cfg.qemu_img);
+            cmd.args(["commit", "-q", "-f", "qcow2"]).arg(&next_layer);
+            run(cmd, "merge recovery point layers").await?;
+            // 3. `next` is now the merged layer.
+            let mut layers = shared
+                .store
+                .list_points(vm_id)?
+                .into_iter()
+                .find(|p| p.id == next.id)
+                .map(|p| p.layers)
+                .unwrap_or_default();
+            for l in layers.iter_mut().filter(|(d, _)| d == disk) {
+                l.1 = layer.clone();
+            }
+            shared.store.set_point_layers(next.id, &layers)?;
+            // 4. The layer above (if any) now backs onto the merged layer: same content.
+            if let Some(above) = &above {
+                if let Some((_, above_layer)) = above.layers.iter().find(|(d, _)| d == disk) {
+                    let mut cmd = Command::new(&shared.cfg.qemu_img);
+                    cmd.args(["rebase", "-q", "-u", "-f", "qcow2", "-F", "qcow2", "-b"])
+                        .arg(layer)
+                        .arg(above_layer);
+                    run(cmd, "rebase a recovery point layer").await?;
+                }
+            } else if let Some(staged) = shared.replica.staging.lock().expect("staging").get(&vm_id)
+            {
+                // A staged cycle's layers sit on `next_layer`: rebase them too.
+                for (d, p) in &staged.layers {
+                    if d == disk {
+                        let _ = std::process::Command::new(&shared.cfg.qemu_img)
+                            .args(["rebase", "-q", "-u", "-f", "qcow2", "-F", "qcow2", "-b"])
+                            .arg(layer)
+                            .arg(p)
+                            .status();
+                    }
+                }
+            }
+            // 5. The successor's old layer is no longer referenced.
+            if next_layer != *layer {
+                let _ = std::fs::remove_file(&next_layer);
+            }
+        }
+        // Keep the replica VM's disk paths on the latest point.
+        if let (Some(last), Some(vm)) = (
+            shared.store.list_points(vm_id)?.last().cloned(),
+            shared.store.list_vms()?.into_iter().find(|v| v.id == vm_id),
+        ) {
+            let mut spec = vm.spec.clone();
+            for (d, p) in &last.layers {
+                if let Some(slot) = spec.disks.get_mut(*d) {
+                    slot.file = p.clone();
+                }
+            }
+            shared.store.set_vm_spec(vm_id, &spec)?;
+        }
+        info!(vm_id, point = id, "recovery point merged away by retention");
+    }
+    Ok(())
+}
+
+/// At startup: layers not referenced by any recovery point are half-received cycles.
+pub fn remove_unreferenced_layers(store: &Store) -> anyhow::Result<()> {
+    for rel in store
+        .list_replications()?
+        .into_iter()
+        .filter(|r| r.role == Role::Replica)
+    {
+        let points = store.list_points(rel.vm_id)?;
+        let referenced: Vec<&str> = points
+            .iter()
+            .flat_map(|p| p.layers.iter().map(|(_, l)| l.as_str()))
+            .collect();
+        let Some(vm) = store.list_vms()?.into_iter().find(|v| v.id == rel.vm_id) else {
+            continue;
+        };
+        let Some(dir) = PathBuf::from(&vm.spec.disks[0].file)
+            .parent()
+            .map(Path::to_path_buf)
+        else {
+            continue;
+        };
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with("disk")
+                && name.contains(".c")
+                && name.ends_with(".qcow2")
+                && !referenced.contains(&p.to_string_lossy().as_ref())
+            {
+                info!(file = %p.display(), "removing a layer of an incomplete cycle");
+                let _ = std::fs::remove_file(&p);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Removes a replica VM's relationship, recovery points and files.
+pub fn remove_replica(shared: &Arc<Shared>, vm: &VmName) -> anyhow::Result<()> {
+    let row = shared.store.get_vm(vm)?;
+    let points = shared.store.list_points(row.id)?;
+    shared
+        .replica
+        .staging
+        .lock()
+        .expect("staging")
+        .remove(&row.id);
+    shared.store.delete_replication(row.id)?;
+    shared.store.delete_vm(vm)?;
+    let mut dirs = Vec::new();
+    for p in &points {
+        for (_, l) in &p.layers {
+            let _ = std::fs::remove_file(l);
+            if let Some(d) = Path::new(l).parent() {
+                dirs.push(d.to_path_buf());
+            }
+        }
+    }
+    if let Some(d) = PathBuf::from(&row.spec.disks[0].file).parent() {
+        dirs.push(d.to_path_buf());
+    }
+    for d in dirs {
+        let _ = std::fs::remove_dir_all(d);
+    }
+    Ok(())
+}
