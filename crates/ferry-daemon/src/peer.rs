@@ -95,13 +95,16 @@ pub fn peer_fingerprint(conn: &server::TlsStream<TcpStream>) -> Option<String> {
         .map(|c| fingerprint(c))
 }
 
+/// The primary's side of a host-to-host connection.
+pub type PeerStream = client::TlsStream<TcpStream>;
+
 /// Connects to a replica server at `addr`, trusting only `replica_fingerprint` and
 /// presenting this host's certificate.
 pub async fn connect(
     identity: &Identity,
     addr: &str,
     replica_fingerprint: &str,
-) -> anyhow::Result<client::TlsStream<TcpStream>> {
+) -> anyhow::Result<PeerStream> {
     let config = ferry_client::pinned_client_config(
         replica_fingerprint,
         Some((vec![identity.cert.clone()], identity.key())),

@@ -249,13 +249,13 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs(total))
 }
 
-/// Which recovery points to keep: the latest, plus up to `additional` older ones spaced at
-/// least `spacing` apart (Hyper-V: 0–24 additional points, hourly).
+/// Which recovery points to keep: the latest, plus the newest point of each of up to
+/// `additional` earlier periods of `spacing` (Hyper-V: 0–24 additional points, hourly).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RetentionPolicy {
     /// Additional recovery points besides the latest.
     pub additional: u32,
-    /// Minimum age difference between kept points, in seconds (Hyper-V: 3600).
+    /// Length of the periods that each keep one point, in seconds (Hyper-V: 3600).
     pub spacing_secs: u64,
 }
 
@@ -282,10 +282,15 @@ impl RetentionPolicy {
         Ok(())
     }
 
-    /// Given points as `(id, created_at)` in any order, the ids to drop. The newest point is
-    /// always kept; walking back in time, a point is kept when it is at least `spacing`
-    /// older than the last kept one, until `additional` are kept. `pinned` points (in use by
-    /// a test failover or a failover) are never dropped and do not count.
+    /// Given points as `(id, created_at)` in any order, the ids to drop.
+    ///
+    /// Time is cut into periods of `spacing` (hours, by default, aligned on the clock). The
+    /// newest point is always kept; besides it, the newest point of each of the `additional`
+    /// most recent earlier periods is kept, as Hyper-V keeps "one point per hour". The choice
+    /// is stable as points arrive: a kept point is dropped only when a newer point of its
+    /// own period arrives (while that period is the current one) or when its period falls
+    /// out of the window — so hourly points accumulate at any cycle interval. `pinned`
+    /// points (in use by a test failover or a failover) are never dropped and do not count.
     pub fn to_drop(&self, points: &[(i64, i64)], pinned: &[i64]) -> Vec<i64> {
         let mut sorted: Vec<(i64, i64)> = points.to_vec();
         sorted.sort_by_key(|&(id, at)| std::cmp::Reverse((at, id)));
@@ -293,16 +298,18 @@ impl RetentionPolicy {
         let Some(&(_, newest_at)) = sorted.first() else {
             return drop;
         };
-        let mut last_kept_at = newest_at;
+        let spacing = self.spacing_secs.max(1) as i64;
+        let period = |at: i64| at.div_euclid(spacing);
+        let mut last_period = period(newest_at);
         let mut kept = 0u32;
         for &(id, at) in sorted.iter().skip(1) {
             if pinned.contains(&id) {
                 continue;
             }
-            let spaced = last_kept_at.saturating_sub(at) >= self.spacing_secs as i64;
-            if spaced && kept < self.additional {
+            let p = period(at);
+            if p < last_period && kept < self.additional {
                 kept += 1;
-                last_kept_at = at;
+                last_period = p;
             } else {
                 drop.push(id);
             }
@@ -348,7 +355,20 @@ mod tests {
             .map(|p| p.0)
             .filter(|id| !drop.contains(id))
             .collect();
-        assert_eq!(kept, vec![6, 12, 18]);
+        // The newest (3:00), and the last point of the hours 2:00-3:00 and 1:00-2:00.
+        assert_eq!(kept, vec![11, 17, 18]);
+        // Stable as points arrive every 10 minutes: hourly points accumulate (the old
+        // policy, "at least an hour older than the last kept", merged them all away).
+        let mut live: Vec<(i64, i64)> = Vec::new();
+        for i in 0..19 {
+            live.push((i, i * 600));
+            let drop = RetentionPolicy::hourly(2).to_drop(&live, &[]);
+            live.retain(|p| !drop.contains(&p.0));
+        }
+        assert_eq!(
+            live.iter().map(|p| p.0).collect::<Vec<_>>(),
+            vec![11, 17, 18]
+        );
     }
 
     #[test]

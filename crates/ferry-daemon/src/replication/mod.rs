@@ -393,6 +393,12 @@ pub async fn enable(
         last_error: None,
         created_at: now_unix(),
     };
+    // Introduce the VM now, so that a refusal (unauthorized primary, name taken, wrong
+    // certificate) fails the command with the replica's reason and nothing is stored, and
+    // the replica VM appears on the replica server right away.
+    if let Err(e) = primary::handshake(shared, &row, &rel).await {
+        return Err(ApiFailure::invalid(format!("{e:#}")));
+    }
     shared.store.insert_replication(&rel)?;
     primary::discard_spool(shared, row.id);
     shared.events.emit(

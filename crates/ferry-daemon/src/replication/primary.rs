@@ -644,10 +644,25 @@ async fn read_to_spool(
     Ok((summary.frames, data_bytes, dirty_bytes, summary.bytes))
 }
 
-/// Sends a captured cycle and waits for the replica to commit it.
-async fn ship(shared: &Arc<Shared>, rel: &ReplicationRow, p: &Pending) -> anyhow::Result<()> {
-    let vm = vm_row(shared, rel.vm_id)?;
-    let disks: Vec<DiskMeta> = disks(shared, &vm, rel)
+/// A connection to the replica server that got past Hello.
+pub struct Session {
+    reader: FrameReader<tokio::io::ReadHalf<peer::PeerStream>>,
+    writer: FrameWriter<tokio::io::WriteHalf<peer::PeerStream>>,
+    /// The last cycle the replica committed.
+    pub last_cycle: i64,
+    /// A partially received cycle on the replica.
+    pub resume: Option<super::proto::Resume>,
+}
+
+/// Connects to the replica server (mutual TLS, pinned certificate) and introduces the VM:
+/// the replica authorizes this host and creates (or finds) the replica VM. A refusal comes
+/// back as an error carrying the replica's reason.
+pub async fn handshake(
+    shared: &Shared,
+    vm: &VmRow,
+    rel: &ReplicationRow,
+) -> anyhow::Result<Session> {
+    let disks: Vec<DiskMeta> = disks(shared, vm, rel)
         .into_iter()
         .map(|(index, _, size_bytes)| DiskMeta { index, size_bytes })
         .collect();
@@ -675,11 +690,27 @@ async fn ship(shared: &Arc<Shared>, rel: &ReplicationRow, p: &Pending) -> anyhow
             settings: rel.settings.clone(),
         })
         .await?;
-    let (last_cycle, resume) = match next_control(&mut reader, peer::CONNECT_TIMEOUT).await? {
-        Msg::Welcome { last_cycle, resume } => (last_cycle, resume),
+    match next_control(&mut reader, peer::CONNECT_TIMEOUT).await? {
+        Msg::Welcome { last_cycle, resume } => Ok(Session {
+            reader,
+            writer,
+            last_cycle,
+            resume,
+        }),
         Msg::Refused { reason } => bail!("replica server {} refused: {reason}", rel.partner_name),
         other => bail!("unexpected answer from the replica server: {other:?}"),
-    };
+    }
+}
+
+/// Sends a captured cycle and waits for the replica to commit it.
+async fn ship(shared: &Arc<Shared>, rel: &ReplicationRow, p: &Pending) -> anyhow::Result<()> {
+    let vm = vm_row(shared, rel.vm_id)?;
+    let Session {
+        mut reader,
+        mut writer,
+        last_cycle,
+        resume,
+    } = handshake(shared, &vm, rel).await?;
     if last_cycle < p.cycle {
         let from = resume
             .filter(|r| r.cycle == p.cycle && r.next_batch <= p.frames)

@@ -1,0 +1,304 @@
+//! Replication between two real ferryd (127.0.0.1 → 127.0.0.2) of a real guest that writes
+//! verifiable blocks: authorization, the replica VM, recovery points that are exact
+//! prefixes of the guest's writes, retention, suspend/resume, the final byte-for-byte copy
+//! and removal on each side.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use ferry_testkit::guest::{parse_console, verify_prefix, GuestWorkload};
+use ferry_testkit::host::Host;
+use ferry_testkit::test_guest;
+use serde_json::Value;
+
+const SEED: u64 = 4242;
+const SPAN: u64 = 4096; // 16 MiB of the 64 MiB disk
+
+fn free_port(ip: &str) -> String {
+    let l = std::net::TcpListener::bind((ip, 0)).unwrap();
+    l.local_addr().unwrap().port().to_string()
+}
+
+fn fingerprint(host: &Host) -> String {
+    host.ferry_json(&["server", "show"])["fingerprint"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+fn status(host: &Host, vm: &str) -> Value {
+    host.ferry_json(&["replication", "status", vm])
+}
+
+fn points(host: &Host, vm: &str) -> Vec<Value> {
+    host.ferry_json(&["replication", "points", vm])
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+fn wait_for(what: &str, timeout: Duration, mut pred: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !pred() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// The top image of disk 0 of a recovery point.
+fn layer(point: &Value) -> PathBuf {
+    let layers = point["layers"].as_array().unwrap();
+    let l = layers.iter().find(|l| l[0].as_u64() == Some(0)).unwrap();
+    PathBuf::from(l[1].as_str().unwrap())
+}
+
+/// Reads a qcow2 chain as raw bytes (`-U`: the image may be open elsewhere).
+fn read_image(image: &Path) -> Vec<u8> {
+    let out = tempfile::NamedTempFile::new().unwrap();
+    let status = Command::new("qemu-img")
+        .args(["convert", "-U", "-O", "raw"])
+        .arg(image)
+        .arg(out.path())
+        .status()
+        .unwrap();
+    assert!(status.success(), "qemu-img convert {}", image.display());
+    std::fs::read(out.path()).unwrap()
+}
+
+/// Verifies that a recovery point is exactly the guest's writes 1..=M; returns M.
+fn verify_point(point: &Value) -> u64 {
+    let data = read_image(&layer(point));
+    match verify_prefix(&data, SEED, SPAN) {
+        Ok(v) => v.last_seq,
+        Err(e) => panic!("recovery point {point} is not a prefix of the guest's writes: {e}"),
+    }
+}
+
+/// Suspends replication and waits until no cycle is in flight, so the replica's point
+/// layers are stable while the test reads them.
+fn quiesce(a: &Host, vm: &str) {
+    a.ferry_ok(&["replication", "suspend", vm]);
+    wait_for(
+        "the cycle in flight to end",
+        Duration::from_secs(60),
+        || status(a, vm)["progress"].is_null(),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+}
+
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if e.path().is_dir() {
+                out.extend(files_under(&e.path()));
+            } else {
+                out.push(e.path());
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn replication_ships_exact_recovery_points_and_ends_byte_identical() {
+    let a = Host::start("a", "127.0.0.1", "accel = \"tcg\"");
+    let b = Host::start("b", "127.0.0.2", "accel = \"tcg\"");
+    let storage = b.dir.path().join("replicas");
+    let storage_s = storage.to_str().unwrap();
+    let b_socket = b.socket.to_str().unwrap();
+
+    let (kernel, initrd) = test_guest();
+    let append = GuestWorkload {
+        seed: SEED,
+        start: 1,
+        span_blocks: SPAN,
+    }
+    .kernel_args(0, 0.1);
+    a.ferry_ok(&[
+        "vm",
+        "create",
+        "app",
+        "--memory",
+        "256M",
+        "--disk",
+        "64M",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--initrd",
+        initrd.to_str().unwrap(),
+        "--append",
+        &append,
+    ]);
+    a.ferry_ok(&["vm", "start", "app"]);
+    a.wait_console("app", Duration::from_secs(60), "guest writes", |c| {
+        parse_console(c).last_wrote_seq.unwrap_or(0) >= 3
+    });
+
+    // 1. Authorization. Disabled, then enabled but with no rule for host a: refused on
+    //    both sides with the reason, nothing stored on either.
+    let err = a.ferry_err(&["replication", "enable", "app", "--to", b_socket]);
+    assert!(err.contains("is not a replica server"), "{err}");
+    // Tests run in parallel: a free replication port, not the default 7444.
+    let port = free_port("127.0.0.2");
+    b.ferry_ok(&["replica-server", "set", "--enable", "--port", &port]);
+    let err = a.ferry_err(&["replication", "enable", "app", "--to", b_socket]);
+    assert!(
+        err.contains("not authorized to replicate to b")
+            && err.contains(&format!("--allow a={}", fingerprint(&a))),
+        "{err}"
+    );
+    assert!(b.log_text().contains("refused an unauthorized primary"));
+    assert!(a.ferry_json(&["vm", "show", "app"])["replication"].is_null());
+    assert_eq!(
+        b.ferry_json(&["vm", "list"]).as_array().unwrap().len(),
+        0,
+        "a refused primary left a VM on the replica"
+    );
+    assert!(files_under(&storage).is_empty());
+    // A certificate listed under another name is refused too.
+    b.ferry_ok(&[
+        "replica-server",
+        "set",
+        "--allow",
+        &format!("impostor={}", fingerprint(&a)),
+        "--storage",
+        storage_s,
+    ]);
+    let err = a.ferry_err(&["replication", "enable", "app", "--to", b_socket]);
+    assert!(
+        err.contains("authorized on b as primary \"impostor\""),
+        "{err}"
+    );
+    b.ferry_ok(&["replica-server", "set", "--disallow", "impostor"]);
+    b.ferry_ok(&[
+        "replica-server",
+        "set",
+        "--allow",
+        &format!("a={}", fingerprint(&a)),
+        "--storage",
+        storage_s,
+        "--trust-group",
+        "site1",
+    ]);
+
+    // 2. Enable: the replica VM appears at once; the initial copy completes (--wait).
+    let err = a.ferry_err(&[
+        "replication",
+        "enable",
+        "app",
+        "--to",
+        b_socket,
+        "--interval",
+        "4s",
+    ]);
+    assert!(err.contains("5s"), "{err}");
+    let out = a.ferry_ok(&[
+        "replication",
+        "enable",
+        "app",
+        "--to",
+        b_socket,
+        "--interval",
+        "5s",
+        "--recovery-points",
+        "2",
+        "--point-spacing",
+        "5s",
+        "--wait",
+    ]);
+    println!("{out}");
+    let st = status(&a, "app");
+    assert_eq!(st["state"], "replicating", "{st}");
+    assert!(st["last_cycle"].as_i64().unwrap() >= 1);
+    let list = b.ferry_json(&["vm", "list"]);
+    assert_eq!(list[0]["name"], "app");
+    assert_eq!(list[0]["replication"], "replica");
+    let err = b.ferry_err(&["vm", "start", "app"]);
+    assert!(err.contains("starts only through failover"), "{err}");
+    let bst = status(&b, "app");
+    assert_eq!(bst["role"], "replica");
+    assert_eq!(bst["partner"], "a");
+
+    // 3. Cycles: every newest point is a prefix of the writes, and later points hold more.
+    let mut last_seq = 0;
+    for round in 0..3 {
+        let cycle = status(&a, "app")["last_cycle"].as_i64().unwrap();
+        wait_for("a new cycle", Duration::from_secs(60), || {
+            status(&a, "app")["last_cycle"].as_i64().unwrap() > cycle
+        });
+        quiesce(&a, "app");
+        assert_eq!(status(&a, "app")["state"], "suspended");
+        let pts = points(&b, "app");
+        assert!(!pts.is_empty() && pts.len() <= 3, "retention kept {pts:?}");
+        let mut seqs = Vec::new();
+        for p in &pts {
+            seqs.push(verify_point(p));
+        }
+        println!(
+            "round {round}: points {:?} hold writes up to {seqs:?}",
+            pts.iter().map(|p| p["cycle"].clone()).collect::<Vec<_>>()
+        );
+        assert!(seqs.windows(2).all(|w| w[0] <= w[1]), "{seqs:?}");
+        let newest = *seqs.last().unwrap();
+        assert!(newest > last_seq, "no progress: {newest} after {last_seq}");
+        last_seq = newest;
+        a.ferry_ok(&["replication", "resume", "app"]);
+    }
+    // Retention: the latest point plus the newest of each of the 2 previous 5 s periods,
+    // after a few cycles at the interval.
+    std::thread::sleep(Duration::from_secs(16));
+    quiesce(&a, "app");
+    let pts = points(&b, "app");
+    let periods: Vec<i64> = pts
+        .iter()
+        .map(|p| p["taken_at"].as_i64().unwrap() / 5)
+        .collect();
+    assert_eq!(pts.len(), 3, "2 additional points + the latest: {pts:?}");
+    assert!(periods.windows(2).all(|w| w[0] < w[1]), "{periods:?}");
+    let seqs: Vec<u64> = pts.iter().map(verify_point).collect();
+    assert!(
+        seqs.windows(2).all(|w| w[0] <= w[1]) && seqs[2] >= last_seq,
+        "{seqs:?}"
+    );
+    a.ferry_ok(&["replication", "resume", "app"]);
+
+    // 4. The guest stops; a final cycle makes the replica equal the primary.
+    a.ferry_ok(&["vm", "stop", "app"]);
+    let cycle = status(&a, "app")["last_cycle"].as_i64().unwrap();
+    a.ferry_ok(&["replication", "now", "app"]);
+    wait_for("the final cycle", Duration::from_secs(60), || {
+        status(&a, "app")["last_cycle"].as_i64().unwrap() > cycle
+    });
+    quiesce(&a, "app");
+    let primary_disk = PathBuf::from(
+        a.ferry_json(&["vm", "show", "app"])["disks"][0]["path"]
+            .as_str()
+            .unwrap(),
+    );
+    let newest = points(&b, "app").last().cloned().unwrap();
+    let out = Command::new("qemu-img")
+        .args(["compare", "-U", "-f", "qcow2", "-F", "qcow2"])
+        .arg(&primary_disk)
+        .arg(layer(&newest))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "replica differs from primary: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(verify_point(&newest) >= last_seq);
+
+    // 5. Removal on each side: the primary forgets; the replica VM and its files go.
+    a.ferry_ok(&["replication", "remove", "app"]);
+    assert!(a.ferry_json(&["vm", "show", "app"])["replication"].is_null());
+    b.ferry_ok(&["replication", "remove", "app"]);
+    assert_eq!(b.ferry_json(&["vm", "list"]).as_array().unwrap().len(), 0);
+    assert!(
+        files_under(&storage).is_empty(),
+        "left behind: {:?}",
+        files_under(&storage)
+    );
+}
