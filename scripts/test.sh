@@ -7,4 +7,7 @@ export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/cache/ferry-target}
 scripts/install-deps.sh
 guest/build.sh
 cargo fmt --all --check
+# ferryd and ferry are run by the integration tests: build them first (nextest builds
+# only test targets).
+cargo build --workspace --bins
 cargo nextest run --workspace --profile ci

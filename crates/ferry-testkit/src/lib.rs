@@ -4,6 +4,7 @@
 
 pub mod guest;
 pub mod host;
+pub mod link;
 
 use std::path::PathBuf;
 

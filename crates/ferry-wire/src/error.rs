@@ -81,8 +81,16 @@ pub enum WireError {
     Poisoned,
 
     /// Underlying I/O error.
-    #[error("wire I/O error: {0}")]
-    Io(#[from] std::io::Error),
+    #[error("connection error: {0}")]
+    // Not `#[from]`: that would make the I/O error the source too, and `{:#}` would print
+    // it twice.
+    Io(std::io::Error),
+}
+
+impl From<std::io::Error> for WireError {
+    fn from(e: std::io::Error) -> Self {
+        Self::Io(e)
+    }
 }
 
 /// Result alias for this crate.

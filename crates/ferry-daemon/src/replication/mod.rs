@@ -185,10 +185,16 @@ impl Shared {
     }
 }
 
-/// Starts the engine: replica layers of incomplete cycles removed, the replica server
-/// listening if enabled, one task per primary relationship.
+/// Starts the engine: partly received cycles recovered (or their layers removed), the
+/// replica server listening if enabled, one task per primary relationship.
 pub async fn start(shared: &Arc<Shared>) -> anyhow::Result<()> {
-    replica::remove_unreferenced_layers(&shared.store)?;
+    let staged = replica::recover_staging(&shared.store)?;
+    shared
+        .replica
+        .staging
+        .lock()
+        .expect("staging")
+        .extend(staged);
     replica::apply_config(shared).await?;
     for rel in shared.store.list_replications()? {
         if rel.role == Role::Primary {
@@ -396,8 +402,14 @@ pub async fn enable(
     // Introduce the VM now, so that a refusal (unauthorized primary, name taken, wrong
     // certificate) fails the command with the replica's reason and nothing is stored, and
     // the replica VM appears on the replica server right away.
-    if let Err(e) = primary::handshake(shared, &row, &rel).await {
-        return Err(ApiFailure::invalid(format!("{e:#}")));
+    let mut rel = rel;
+    match primary::handshake(shared, &row, &rel).await {
+        Ok(session) => {
+            // The replica's own name (--to may have been an address).
+            rel.partner_name = session.replica.clone();
+            session.close().await;
+        }
+        Err(e) => return Err(ApiFailure::invalid(format!("{e:#}"))),
     }
     shared.store.insert_replication(&rel)?;
     primary::discard_spool(shared, row.id);

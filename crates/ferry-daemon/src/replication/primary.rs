@@ -37,7 +37,10 @@ use crate::peer;
 /// Bytes read from a disk per NBD request while capturing.
 const READ_CHUNK: u64 = 1 << 20;
 /// Payload of one extent batch (one frame).
-const BATCH_PAYLOAD: usize = 4 << 20;
+const BATCH_PAYLOAD: usize = 1 << 20;
+/// A frame that cannot be sent for this long means the link is dead (a partition gives no
+/// error, writes just stop draining).
+const STALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long the replica may take to commit a point after the last batch.
 const COMMIT_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -648,6 +651,8 @@ async fn read_to_spool(
 pub struct Session {
     reader: FrameReader<tokio::io::ReadHalf<peer::PeerStream>>,
     writer: FrameWriter<tokio::io::WriteHalf<peer::PeerStream>>,
+    /// The replica server's host name.
+    pub replica: String,
     /// The last cycle the replica committed.
     pub last_cycle: i64,
     /// A partially received cycle on the replica.
@@ -691,14 +696,26 @@ pub async fn handshake(
         })
         .await?;
     match next_control(&mut reader, peer::CONNECT_TIMEOUT).await? {
-        Msg::Welcome { last_cycle, resume } => Ok(Session {
+        Msg::Welcome {
+            replica,
+            last_cycle,
+            resume,
+        } => Ok(Session {
             reader,
             writer,
+            replica,
             last_cycle,
             resume,
         }),
         Msg::Refused { reason } => bail!("replica server {} refused: {reason}", rel.partner_name),
         other => bail!("unexpected answer from the replica server: {other:?}"),
+    }
+}
+
+impl Session {
+    /// Ends the session cleanly (TLS close_notify).
+    pub async fn close(mut self) {
+        let _ = self.writer.shutdown().await;
     }
 }
 
@@ -710,6 +727,7 @@ async fn ship(shared: &Arc<Shared>, rel: &ReplicationRow, p: &Pending) -> anyhow
         mut writer,
         last_cycle,
         resume,
+        ..
     } = handshake(shared, &vm, rel).await?;
     if last_cycle < p.cycle {
         let from = resume
@@ -735,7 +753,15 @@ async fn ship(shared: &Arc<Shared>, rel: &ReplicationRow, p: &Pending) -> anyhow
         let total = p.spool_bytes;
         shared.set_progress(rel.vm_id, "sending", 0, total);
         while let Some(frame) = spool.next_encoded().await? {
-            writer.write_encoded(&frame).await?;
+            tokio::time::timeout(STALL_TIMEOUT, writer.write_encoded(&frame))
+                .await
+                .map_err(|_| {
+                    anyhow!(
+                        "the link to replica server {} stalled for {}s",
+                        rel.partner_name,
+                        STALL_TIMEOUT.as_secs()
+                    )
+                })??;
             sent += frame.wire_len() as u64;
             shared.set_progress(rel.vm_id, "sending", sent, total);
         }

@@ -5,7 +5,7 @@
 //! ```text
 //! primary                               replica
 //!   Hello{vm, disks, settings}   --->     authorize by certificate fingerprint
-//!                                <---     Welcome{last_cycle, resume} | Refused{reason}
+//!                                <---     Welcome{replica, last_cycle, resume} | Refused{reason}
 //!   CycleBegin{cycle, from_batch} --->    new qcow2 layer per disk (or the staged one)
 //!   ExtentBatch × n              --->     written through qemu-nbd
 //!   CycleEnd{cycle, batches}     --->     flush, fsync, commit the recovery point
@@ -58,6 +58,8 @@ pub enum Msg {
     },
     /// Replica → primary: accepted.
     Welcome {
+        /// The replica server's host name.
+        replica: String,
         /// The last cycle committed as a recovery point (0 = none).
         last_cycle: i64,
         /// A partially received cycle.

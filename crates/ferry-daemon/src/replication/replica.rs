@@ -39,13 +39,15 @@ use crate::peer;
 pub const CONFIG_KEY: &str = "replica_server";
 /// Default replication port.
 pub const DEFAULT_PORT: u16 = 7444;
-/// Batches between durable checkpoints of a cycle being received (flush + resume mark).
-const FLUSH_EVERY: u64 = 16;
+/// Data between durable checkpoints of a cycle being received (flush + resume mark): a
+/// dropped link re-sends at most this much.
+const FLUSH_EVERY_BYTES: u64 = 8 << 20;
 /// A session with no frame for this long is dropped.
 const IDLE: Duration = Duration::from_secs(60);
 
-/// A cycle being received: its layers and how far it got durably.
-#[derive(Debug, Clone)]
+/// A cycle being received: its layers and how far it got durably. Also kept as
+/// `staging.json` beside the layers, so a transfer resumes after a replica crash too.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Staging {
     cycle: i64,
     layers: Vec<(usize, PathBuf)>,
@@ -60,7 +62,7 @@ pub struct ReplicaServer {
     /// Where the listener listens.
     pub listening: Mutex<Option<String>>,
     /// Cycles partly received, by local VM id.
-    staging: Mutex<HashMap<i64, Staging>>,
+    pub(super) staging: Mutex<HashMap<i64, Staging>>,
     /// One session per VM at a time.
     sessions: Mutex<HashMap<i64, Arc<tokio::sync::Mutex<()>>>>,
 }
@@ -264,6 +266,7 @@ where
         });
     writer
         .write_control(&Msg::Welcome {
+            replica: shared.cfg.name.clone(),
             last_cycle: rel.last_cycle,
             resume,
         })
@@ -551,6 +554,7 @@ async fn receive_cycle<R: AsyncRead + Unpin>(
                     let _ = std::fs::remove_file(p);
                 }
             }
+            let _ = std::fs::remove_file(vm_dir.join(STAGING_FILE));
             if from_batch != 0 {
                 bail!("the primary resumed cycle {cycle} at batch {from_batch}, but nothing is staged here: restart the cycle");
             }
@@ -586,7 +590,7 @@ async fn receive_cycle<R: AsyncRead + Unpin>(
     let mut staging = staging;
     let result = async {
         let mut expected = staging.next_batch;
-        let mut received = 0u64;
+        let mut unflushed = 0u64;
         let mut data_bytes = 0u64;
         shared.set_progress(rel.vm_id, "applying", 0, bytes);
         loop {
@@ -631,14 +635,16 @@ async fn receive_cycle<R: AsyncRead + Unpin>(
                         }
                     }
                     data_bytes += batch.data_bytes();
+                    unflushed += batch.data_bytes().max(1);
                     expected += 1;
-                    received += 1;
                     shared.set_progress(rel.vm_id, "applying", data_bytes, bytes);
-                    if received % FLUSH_EVERY == 0 {
+                    if unflushed >= FLUSH_EVERY_BYTES {
                         for w in writers.values_mut() {
                             w.client().flush().await?;
                         }
                         staging.next_batch = expected;
+                        save_staging(&vm_dir, &staging)?;
+                        unflushed = 0;
                     }
                 }
             }
@@ -701,6 +707,7 @@ async fn receive_cycle<R: AsyncRead + Unpin>(
         bytes: bytes as i64,
     };
     let id = shared.store.commit_point(&point, &rel)?;
+    let _ = std::fs::remove_file(vm_dir.join(STAGING_FILE));
     // The replica VM's disks show the latest point.
     let mut spec = vm.spec.clone();
     for (d, p) in &point.layers {
@@ -850,17 +857,31 @@ pub async fn apply_retention(shared: &Arc<Shared>, vm_id: i64) -> anyhow::Result
     Ok(())
 }
 
-/// At startup: layers not referenced by any recovery point are half-received cycles.
-pub fn remove_unreferenced_layers(store: &Store) -> anyhow::Result<()> {
+const STAGING_FILE: &str = "staging.json";
+
+/// Records how far a cycle being received got (after its layers were flushed).
+fn save_staging(vm_dir: &Path, staging: &Staging) -> anyhow::Result<()> {
+    let tmp = vm_dir.join("staging.json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec(staging)?)?;
+    fsync(&tmp)?;
+    std::fs::rename(&tmp, vm_dir.join(STAGING_FILE))?;
+    Ok(())
+}
+
+/// At startup: a cycle that was being received resumes from its `staging.json` (if it is
+/// the next cycle and its layers are there); any other layer not referenced by a recovery
+/// point is a half-received cycle and goes. Returns the staged cycles by VM id.
+pub fn recover_staging(store: &Store) -> anyhow::Result<HashMap<i64, Staging>> {
+    let mut staged = HashMap::new();
     for rel in store
         .list_replications()?
         .into_iter()
         .filter(|r| r.role == Role::Replica)
     {
         let points = store.list_points(rel.vm_id)?;
-        let referenced: Vec<&str> = points
+        let mut referenced: Vec<String> = points
             .iter()
-            .flat_map(|p| p.layers.iter().map(|(_, l)| l.as_str()))
+            .flat_map(|p| p.layers.iter().map(|(_, l)| l.clone()))
             .collect();
         let Some(vm) = store.list_vms()?.into_iter().find(|v| v.id == rel.vm_id) else {
             continue;
@@ -871,6 +892,22 @@ pub fn remove_unreferenced_layers(store: &Store) -> anyhow::Result<()> {
         else {
             continue;
         };
+        let staging: Option<Staging> = std::fs::read(dir.join(STAGING_FILE))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .filter(|s: &Staging| {
+                s.cycle == rel.last_cycle + 1 && s.layers.iter().all(|(_, p)| p.exists())
+            });
+        match staging {
+            Some(s) => {
+                info!(vm = %vm.spec.name, cycle = s.cycle, next_batch = s.next_batch, "a partly received cycle will resume");
+                referenced.extend(s.layers.iter().map(|(_, p)| p.display().to_string()));
+                staged.insert(rel.vm_id, s);
+            }
+            None => {
+                let _ = std::fs::remove_file(dir.join(STAGING_FILE));
+            }
+        }
         let Ok(entries) = std::fs::read_dir(&dir) else {
             continue;
         };
@@ -880,14 +917,14 @@ pub fn remove_unreferenced_layers(store: &Store) -> anyhow::Result<()> {
             if name.starts_with("disk")
                 && name.contains(".c")
                 && name.ends_with(".qcow2")
-                && !referenced.contains(&p.to_string_lossy().as_ref())
+                && !referenced.iter().any(|r| Path::new(r) == p)
             {
                 info!(file = %p.display(), "removing a layer of an incomplete cycle");
                 let _ = std::fs::remove_file(&p);
             }
         }
     }
-    Ok(())
+    Ok(staged)
 }
 
 /// Removes a replica VM's relationship, recovery points and files.
