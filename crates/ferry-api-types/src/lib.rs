@@ -361,3 +361,12 @@ pub struct RecoveryPointInfo {
     /// Per disk index, the image holding the point (top of a qcow2 chain).
     pub layers: Vec<(usize, String)>,
 }
+
+/// `POST /v1/vms/{name}/replication/import`: the folder holding an exported initial copy
+/// (on the replica server).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImportRequest {
+    /// Absolute path of the folder (`export.json` and `initial.ferry`).
+    pub dir: String,
+}

@@ -7,8 +7,8 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::Subcommand;
 use ferry_api_types::{
-    ActionReply, AuthorizationEntry, EnableReplicationRequest, RecoveryPointInfo,
-    ReplicaServerInfo, ReplicaServerSetRequest, ReplicationInfo,
+    ActionReply, AuthorizationEntry, EnableReplicationRequest, ImportRequest, Progress,
+    RecoveryPointInfo, ReplicaServerInfo, ReplicaServerSetRequest, ReplicationInfo,
 };
 use ferry_client::{Client, Endpoint};
 
@@ -79,7 +79,11 @@ pub enum ReplicationCmd {
         /// Do not replicate this disk (index from `ferry vm show`). Repeatable.
         #[arg(long)]
         exclude_disk: Vec<usize>,
-        /// Initial replication: `network` (now) or `at:UNIX_TIME` (scheduled, up to 7 days).
+        /// Initial replication: `network` (now), `at:UNIX_TIME` (scheduled, up to 7 days),
+        /// `export:DIR` (written to DIR/VM on this host, carried over, then `ferry replication
+        /// import` on the replica server),
+        /// or `existing` (the replica server already holds a qcow2 copy of each disk at
+        /// STORAGE/VM/diskN.qcow2, e.g. restored from a backup: only differences are sent).
         #[arg(long, default_value = "network")]
         initial: String,
         /// Bandwidth limit for this VM's replication, e.g. 10M (bytes/s).
@@ -91,6 +95,14 @@ pub enum ReplicationCmd {
         /// Wait for the initial replication to finish, showing progress.
         #[arg(long)]
         wait: bool,
+    },
+    /// On the replica server: apply an initial copy exported on the primary with
+    /// `--initial export:DIR` and carried here (the folder DIR/VM).
+    Import {
+        /// The replica VM.
+        vm: String,
+        /// The folder holding export.json and initial.ferry.
+        dir: PathBuf,
     },
     /// Start a scheduled initial replication now.
     Start {
@@ -312,9 +324,17 @@ pub async fn replication(client: &Client, cmd: ReplicationCmd, out: &Output) -> 
                 bandwidth_limit,
                 granularity: Some(u32::try_from(granularity).unwrap_or(u32::MAX)),
             };
+            let export = req
+                .initial
+                .as_deref()
+                .is_some_and(|i| i.starts_with("export:"));
             let info: ReplicationInfo = client.post(&vm_path(&vm, "/replication"), &req).await?;
             if wait {
-                let info = watch(client, &vm, out, |i| i.last_cycle >= 1).await?;
+                // An export is done once written (the import completes it on the replica).
+                let info = watch(client, &vm, out, |i| {
+                    i.last_cycle >= 1 || (export && i.state == "waiting_for_initial_replication")
+                })
+                .await?;
                 return show(out, &info);
             }
             show(out, &info)
@@ -417,12 +437,54 @@ pub async fn replication(client: &Client, cmd: ReplicationCmd, out: &Output) -> 
                     .await?,
             )
         }
+        ReplicationCmd::Import { vm, dir } => {
+            let dir = std::path::absolute(&dir)
+                .with_context(|| format!("{}: not a usable path", dir.display()))?;
+            let req = ImportRequest {
+                dir: dir.display().to_string(),
+            };
+            let path = vm_path(&vm, "/replication/import");
+            let import = client.post::<_, ReplicationInfo>(&path, &req);
+            tokio::pin!(import);
+            let tty = out.format() == Format::Text && std::io::stderr().is_terminal();
+            let info = loop {
+                tokio::select! {
+                    r = &mut import => break r?,
+                    _ = tokio::time::sleep(Duration::from_millis(250)) => {
+                        if tty {
+                            let i: ReplicationInfo = client.get(&vm_path(&vm, "/replication")).await?;
+                            if let Some(p) = &i.progress {
+                                draw_progress(p);
+                            }
+                        }
+                    }
+                }
+            };
+            if tty {
+                eprintln!();
+            }
+            show(out, &info)
+        }
         ReplicationCmd::Remove { vm } => {
             let reply: ActionReply = client.delete(&vm_path(&vm, "/replication")).await?;
             out.action(&reply);
             Ok(())
         }
     }
+}
+
+/// One progress line, redrawn in place on stderr.
+fn draw_progress(p: &Progress) {
+    let filled = p.percent as usize * 30 / 100;
+    eprint!(
+        "\r{:<9} [{}{}] {:>3}% {} / {}   ",
+        p.phase,
+        "#".repeat(filled),
+        "-".repeat(30 - filled),
+        p.percent,
+        human(p.done_bytes),
+        human(p.total_bytes)
+    );
 }
 
 /// Polls the relationship, drawing a progress bar on a terminal, until `done` holds or the
@@ -438,18 +500,7 @@ async fn watch(
         let info: ReplicationInfo = client.get(&vm_path(vm, "/replication")).await?;
         if tty {
             match &info.progress {
-                Some(p) => {
-                    let filled = p.percent as usize * 30 / 100;
-                    eprint!(
-                        "\r{:<9} [{}{}] {:>3}% {} / {}   ",
-                        p.phase,
-                        "#".repeat(filled),
-                        "-".repeat(30 - filled),
-                        p.percent,
-                        human(p.done_bytes),
-                        human(p.total_bytes)
-                    );
-                }
+                Some(p) => draw_progress(p),
                 None => eprint!("\r{:<70}", info.state_label),
             }
         }

@@ -12,9 +12,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use ferry_api_types::{
-    ActionReply, ConsoleLog, EnableReplicationRequest, RecoveryPointInfo, ReplicaServerInfo,
-    ReplicaServerSetRequest, ReplicationInfo, ServerInfo, ShutdownRequest, VmCreateRequest, VmInfo,
-    CONSOLE_UPGRADE,
+    ActionReply, ConsoleLog, EnableReplicationRequest, ImportRequest, RecoveryPointInfo,
+    ReplicaServerInfo, ReplicaServerSetRequest, ReplicationInfo, ServerInfo, ShutdownRequest,
+    VmCreateRequest, VmInfo, CONSOLE_UPGRADE,
 };
 use hyper_util::rt::TokioIo;
 use serde::Deserialize;
@@ -64,6 +64,10 @@ pub fn router(state: Shared) -> Router {
                 .delete(remove_replication),
         )
         .route("/v1/vms/{name}/replication/points", get(recovery_points))
+        .route(
+            "/v1/vms/{name}/replication/import",
+            post(import_replication),
+        )
         .route(
             "/v1/vms/{name}/replication/{action}",
             post(replication_request),
@@ -255,6 +259,16 @@ async fn recovery_points(
     Path(name): Path<String>,
 ) -> ApiResult<Vec<RecoveryPointInfo>> {
     Ok(Json(replication::points(&s.replication, &name)?))
+}
+
+async fn import_replication(
+    State(s): State<Shared>,
+    Path(name): Path<String>,
+    Json(req): Json<ImportRequest>,
+) -> ApiResult<ReplicationInfo> {
+    Ok(Json(
+        replication::import(&s.replication, &name, &req.dir).await?,
+    ))
 }
 
 async fn replication_request(

@@ -302,3 +302,272 @@ fn replication_ships_exact_recovery_points_and_ends_byte_identical() {
         files_under(&storage)
     );
 }
+
+/// Initial replication from an existing copy on the replica (e.g. restored from a backup,
+/// partly stale): refused with the path to use while the copy is missing, then only the
+/// differing chunks are shipped, and the replica equals the primary. The VM stays off
+/// (offline cycles), and its second disk is excluded.
+#[test]
+fn initial_copy_from_an_existing_copy_ships_only_differences() {
+    let a = Host::start("a", "127.0.0.1", "accel = \"tcg\"");
+    let b = Host::start("b", "127.0.0.2", "accel = \"tcg\"");
+    let storage = b.dir.path().join("replicas");
+    let port = free_port("127.0.0.2");
+    b.ferry_ok(&[
+        "replica-server",
+        "set",
+        "--enable",
+        "--port",
+        &port,
+        "--allow-any",
+        "--storage",
+        storage.to_str().unwrap(),
+    ]);
+    // 32 MiB of random data on a 64 MiB disk.
+    let seed = a.dir.path().join("seed.qcow2");
+    let raw = a.dir.path().join("seed.raw");
+    let sh = |cmd: String| {
+        let st = Command::new("sh").arg("-c").arg(&cmd).status().unwrap();
+        assert!(st.success(), "{cmd}");
+    };
+    sh(format!(
+        "truncate -s 64M {r} && dd if=/dev/urandom of={r} bs=1M count=32 conv=notrunc status=none && qemu-img convert -O qcow2 {r} {s} && rm {r}",
+        r = raw.display(),
+        s = seed.display()
+    ));
+    a.ferry_ok(&[
+        "vm",
+        "create",
+        "seeded",
+        "--disk",
+        seed.to_str().unwrap(),
+        "--disk",
+        "8M",
+    ]);
+    let disk = PathBuf::from(
+        a.ferry_json(&["vm", "show", "seeded"])["disks"][0]["path"]
+            .as_str()
+            .unwrap(),
+    );
+    let enable = [
+        "replication",
+        "enable",
+        "seeded",
+        "--to",
+        b.socket.to_str().unwrap(),
+        "--interval",
+        "5s",
+        "--initial",
+        "existing",
+        "--exclude-disk",
+        "1",
+        "--wait",
+    ];
+
+    // No copy on the replica yet: refused with where to put it; nothing stored.
+    let copy = storage.join("seeded").join("disk0.qcow2");
+    let err = a.ferry_err(&enable);
+    assert!(
+        err.contains("existing copy") && err.contains(copy.to_str().unwrap()),
+        "{err}"
+    );
+    assert!(a.ferry_json(&["vm", "show", "seeded"])["replication"].is_null());
+    assert_eq!(b.ferry_json(&["vm", "list"]).as_array().unwrap().len(), 0);
+
+    // A stale copy: the primary then changes 2 MiB and zeroes 1 MiB.
+    std::fs::create_dir_all(copy.parent().unwrap()).unwrap();
+    std::fs::copy(&disk, &copy).unwrap();
+    sh(format!(
+        "qemu-io -f qcow2 -c 'write -P 0x61 5M 2M' -c 'write -z 20M 1M' {} >/dev/null",
+        disk.display()
+    ));
+    a.ferry_ok(&enable);
+    let st = status(&a, "seeded");
+    assert_eq!(st["state"], "replicating", "{st}");
+    let pts = points(&b, "seeded");
+    assert_eq!(pts.len(), 1);
+    assert_eq!(pts[0]["kind"], "initial");
+    let shipped = pts[0]["bytes"].as_u64().unwrap();
+    println!("initial copy from an existing copy shipped {shipped} bytes of 32 MiB");
+    assert!(shipped <= 3 << 20, "shipped {shipped} bytes");
+    assert_eq!(
+        pts[0]["layers"].as_array().unwrap().len(),
+        1,
+        "the excluded disk was replicated"
+    );
+    let out = Command::new("qemu-img")
+        .args(["compare", "-U", "-f", "qcow2", "-F", "qcow2"])
+        .arg(&disk)
+        .arg(layer(&pts[0]))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "replica differs: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // The replica VM has both disk slots; the excluded one is blank.
+    let show = b.ferry_json(&["vm", "show", "seeded"]);
+    assert_eq!(show["disks"].as_array().unwrap().len(), 2, "{show}");
+    assert!(show["disks"][1]["path"]
+        .as_str()
+        .unwrap()
+        .ends_with("disk1.excluded.qcow2"));
+}
+
+/// Initial replication by export to a folder, carried over, and imported on the replica:
+/// the primary waits ("pending initial replication") until the import; a damaged copy of
+/// the export is refused with nothing made visible; another VM's export is refused; after
+/// the import, delta cycles run over the network and the replica equals the primary.
+#[test]
+fn initial_copy_by_export_and_import() {
+    let a = Host::start("a", "127.0.0.1", "accel = \"tcg\"");
+    let b = Host::start("b", "127.0.0.2", "accel = \"tcg\"");
+    let storage = b.dir.path().join("replicas");
+    let port = free_port("127.0.0.2");
+    b.ferry_ok(&[
+        "replica-server",
+        "set",
+        "--enable",
+        "--port",
+        &port,
+        "--allow-any",
+        "--storage",
+        storage.to_str().unwrap(),
+    ]);
+    let sh = |cmd: String| {
+        let st = Command::new("sh").arg("-c").arg(&cmd).status().unwrap();
+        assert!(st.success(), "{cmd}");
+    };
+    let seed = a.dir.path().join("seed.qcow2");
+    let raw = a.dir.path().join("seed.raw");
+    sh(format!(
+        "truncate -s 32M {r} && dd if=/dev/urandom of={r} bs=1M count=12 conv=notrunc status=none && qemu-img convert -O qcow2 {r} {s} && rm {r}",
+        r = raw.display(),
+        s = seed.display()
+    ));
+    a.ferry_ok(&["vm", "create", "carried", "--disk", seed.to_str().unwrap()]);
+    let disk = PathBuf::from(
+        a.ferry_json(&["vm", "show", "carried"])["disks"][0]["path"]
+            .as_str()
+            .unwrap(),
+    );
+    let export = a.dir.path().join("usb-drive");
+    let err = a.ferry_err(&[
+        "replication",
+        "enable",
+        "carried",
+        "--to",
+        b.socket.to_str().unwrap(),
+        "--initial",
+        "export:relative/dir",
+    ]);
+    assert!(err.contains("absolute path"), "{err}");
+    a.ferry_ok(&[
+        "replication",
+        "enable",
+        "carried",
+        "--to",
+        b.socket.to_str().unwrap(),
+        "--interval",
+        "5s",
+        "--initial",
+        &format!("export:{}", export.display()),
+        "--recovery-points",
+        "24",
+        "--point-spacing",
+        "1s",
+        "--wait",
+    ]);
+    let st = status(&a, "carried");
+    assert_eq!(st["state"], "waiting_for_initial_replication", "{st}");
+    assert_eq!(st["state_label"], "Pending Initial Replication");
+    let folder = export.join("carried");
+    assert!(folder.join("export.json").is_file() && folder.join("initial.ferry").is_file());
+    // The primary keeps waiting (and changes go on being tracked) until the import.
+    sh(format!(
+        "qemu-io -f qcow2 -c 'write -P 0x33 20M 1M' {} >/dev/null",
+        disk.display()
+    ));
+    std::thread::sleep(Duration::from_secs(6));
+    assert_eq!(
+        status(&a, "carried")["state"],
+        "waiting_for_initial_replication"
+    );
+    assert!(points(&b, "carried").is_empty());
+
+    // "Carried" to the replica: a damaged copy is refused, nothing visible.
+    let carried = b.dir.path().join("from-usb");
+    sh(format!("cp -r {} {}", folder.display(), carried.display()));
+    let data = carried.join("initial.ferry");
+    let mut bytes = std::fs::read(&data).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&data, &bytes).unwrap();
+    let err = b.ferry_err(&[
+        "replication",
+        "import",
+        "carried",
+        carried.to_str().unwrap(),
+    ]);
+    assert!(err.contains("checksum") || err.contains("corrupt"), "{err}");
+    assert!(points(&b, "carried").is_empty());
+    // A truncated copy too.
+    bytes[mid] ^= 0xff;
+    std::fs::write(&data, &bytes[..bytes.len() - 100]).unwrap();
+    let err = b.ferry_err(&[
+        "replication",
+        "import",
+        "carried",
+        carried.to_str().unwrap(),
+    ]);
+    assert!(err.contains("incomplete"), "{err}");
+    // Importing on the primary is refused.
+    let err = a.ferry_err(&["replication", "import", "carried", folder.to_str().unwrap()]);
+    assert!(err.contains("primary"), "{err}");
+
+    // The intact copy imports; the primary notices, then ships the changes made since.
+    sh(format!(
+        "cp {} {}",
+        folder.join("initial.ferry").display(),
+        data.display()
+    ));
+    let out = b.ferry_ok(&[
+        "replication",
+        "import",
+        "carried",
+        carried.to_str().unwrap(),
+    ]);
+    println!("{out}");
+    let pts = points(&b, "carried");
+    assert_eq!(pts.len(), 1);
+    assert_eq!(pts[0]["kind"], "initial");
+    wait_for(
+        "delta cycles after the import",
+        Duration::from_secs(60),
+        || {
+            let st = status(&a, "carried");
+            st["state"] == "replicating" && st["last_cycle"].as_i64().unwrap() >= 2
+        },
+    );
+    quiesce(&a, "carried");
+    let newest = points(&b, "carried").last().cloned().unwrap();
+    let out = Command::new("qemu-img")
+        .args(["compare", "-U", "-f", "qcow2", "-F", "qcow2"])
+        .arg(&disk)
+        .arg(layer(&newest))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "replica differs: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // Only the 1 MiB changed after the export went over the network.
+    let net: u64 = points(&b, "carried")
+        .iter()
+        .filter(|p| p["kind"] == "delta")
+        .map(|p| p["bytes"].as_u64().unwrap())
+        .sum();
+    assert_eq!(net, 1 << 20, "bytes sent after the import");
+}

@@ -81,6 +81,25 @@ fn verify_points(b: &Host, vm: &str) -> u64 {
     last
 }
 
+/// Suspends replication and waits until no cycle is in flight.
+fn quiesce(a: &Host, vm: &str) {
+    a.ferry_ok(&["replication", "suspend", vm]);
+    wait_for(
+        "the cycle in flight to end",
+        Duration::from_secs(120),
+        || status(a, vm)["progress"].is_null(),
+    );
+}
+
+/// [`verify_points`] with replication suspended (no cycle, so no retention merge, runs
+/// while the layers are read), then resumed.
+fn verify_quiesced(a: &Host, b: &Host, vm: &str) -> u64 {
+    quiesce(a, vm);
+    let last = verify_points(b, vm);
+    a.ferry_ok(&["replication", "resume", vm]);
+    last
+}
+
 fn identical(a: &Path, b: &Path) -> Result<(), String> {
     let out = Command::new("qemu-img")
         .args(["compare", "-U", "-f", "qcow2", "-F", "qcow2"])
@@ -237,11 +256,11 @@ fn replication_recovers_from_link_cuts_crashes_and_full_storage() {
         resumed >= 2,
         "the transfer did not resume after the cut and after the crash"
     );
-    let first = verify_points(&b, "app");
+    let first = verify_quiesced(&a, &b, "app");
     wait_for("a delta cycle", Duration::from_secs(60), || {
         status(&a, "app")["last_cycle"].as_i64().unwrap() >= 2
     });
-    assert!(verify_points(&b, "app") >= first);
+    assert!(verify_quiesced(&a, &b, "app") >= first);
 
     // 3. QEMU SIGKILLed: change tracking is lost; resynchronization required, with a
     //    clear message and the points kept; plain resume refuses.
@@ -271,8 +290,15 @@ fn replication_recovers_from_link_cuts_crashes_and_full_storage() {
     assert!(err.contains("--resync"), "{err}");
     let before_resync = verify_points(&b, "app");
 
-    // 4. Resync; the primary daemon is killed mid-transfer and restarted: the captured
-    //    cycle is shipped from its spool, and the replica then equals the (stopped) primary.
+    // 4. While the VM is off, its disk is also edited outside Ferry (24 MiB of new random
+    //    data). Resync; the primary daemon is killed mid-transfer and restarted: the
+    //    captured cycle is shipped from its spool, and the replica then equals the
+    //    (stopped) primary.
+    sh(&format!(
+        "dd if=/dev/urandom of={r} bs=1M count=24 status=none && qemu-io -f qcow2 -c 'write -s {r} 32M 24M' {d} >/dev/null && rm {r}",
+        r = raw.display(),
+        d = primary_disk.display()
+    ));
     let cycle = status(&a, "app")["last_cycle"].as_i64().unwrap();
     a.ferry_ok(&["replication", "resume", "app", "--resync"]);
     wait_sending(&a, "app", 30);
@@ -282,10 +308,22 @@ fn replication_recovers_from_link_cuts_crashes_and_full_storage() {
         let st = status(&a, "app");
         st["state"] == "replicating" && st["last_cycle"].as_i64().unwrap() > cycle
     });
-    let newest = points(&b, "app").last().cloned().unwrap();
-    assert_eq!(newest["kind"], "resync");
+    quiesce(&a, "app");
+    let newest = points(&b, "app")
+        .into_iter()
+        .find(|p| p["kind"] == "resync")
+        .expect("a resync point");
+    // The resync compared hashes: it found the 24 MiB edited offline, and did not send
+    // again the 24 MiB of unchanged random data (at most the guest's 16 MiB area besides).
+    let resent = newest["bytes"].as_u64().unwrap();
+    println!("resync shipped {resent} bytes of a 64 MiB disk");
+    assert!(
+        (24 << 20..=40 << 20).contains(&resent),
+        "resync shipped {resent} bytes"
+    );
     identical(&primary_disk, &layer(&newest)).expect("replica differs after the resync");
     assert!(verify_points(&b, "app") >= before_resync);
+    a.ferry_ok(&["replication", "resume", "app"]);
 
     // 5. The VM restarts: tracking continues with delta cycles (no new resync).
     a.ferry_ok(&["vm", "start", "app"]);
@@ -299,7 +337,7 @@ fn replication_recovers_from_link_cuts_crashes_and_full_storage() {
         || status(&a, "app")["last_cycle"].as_i64().unwrap() > cycle,
     );
     assert_eq!(points(&b, "app").last().unwrap()["kind"], "delta");
-    verify_points(&b, "app");
+    verify_quiesced(&a, &b, "app");
 
     // 6. The replica's storage fills up: the cycle fails with a clear message, the
     //    primary keeps tracking, and once space is freed replication catches up.
@@ -331,6 +369,7 @@ fn replication_recovers_from_link_cuts_crashes_and_full_storage() {
     wait_for("the final cycle", Duration::from_secs(90), || {
         status(&a, "app")["last_cycle"].as_i64().unwrap() > cycle
     });
+    quiesce(&a, "app");
     let newest = points(&b, "app").last().cloned().unwrap();
     identical(&primary_disk, &layer(&newest)).expect("replica differs from the primary");
     verify_points(&b, "app");

@@ -1,6 +1,7 @@
 //! Replication: the primary's cycles ([`primary`]), the replica server ([`replica`]), the
 //! session protocol between them ([`proto`]), and the operations the API exposes.
 
+pub mod hashes;
 pub mod primary;
 pub mod proto;
 pub mod replica;
@@ -318,6 +319,14 @@ fn parse_settings(
     };
     let initial = match req.initial.as_deref().unwrap_or("network") {
         "network" => InitialMethod::Network,
+        "existing" => InitialMethod::Existing,
+        s if s.starts_with("export:") => {
+            let dir = &s["export:".len()..];
+            if !dir.starts_with('/') {
+                return Err(bad(format!("{s:?}: the export folder must be an absolute path")));
+            }
+            InitialMethod::Export(dir.to_owned())
+        }
         s if s.starts_with("at:") => {
             let t: i64 = s[3..].parse().map_err(|_| bad(format!("{s:?}: use at:UNIX_TIME")))?;
             if t > now_unix() + 7 * 86_400 {
@@ -327,7 +336,7 @@ fn parse_settings(
         }
         other => {
             return Err(bad(format!(
-                "initial replication method {other:?} is not available yet: use network or at:UNIX_TIME"
+                "initial replication method {other:?} is not known: use network, at:UNIX_TIME, export:DIR or existing"
             )))
         }
     };
@@ -482,6 +491,25 @@ pub fn request(
     if rel.role == Role::Primary {
         shared.kick(rel.vm_id).notify_one();
     }
+    Ok(info(shared, &vm, &rel))
+}
+
+/// `POST /v1/vms/{name}/replication/import`: applies an exported initial copy (replica).
+pub async fn import(
+    shared: &Arc<Shared>,
+    name: &str,
+    dir: &str,
+) -> Result<ReplicationInfo, ApiFailure> {
+    let (vm, _, rel) = rel_of(shared, name)?;
+    replica::import_initial(shared, rel.vm_id, std::path::Path::new(dir))
+        .await
+        .map_err(|e| ApiFailure::invalid(format!("{e:#}")))?;
+    let rel = shared.store.replication(rel.vm_id)?.unwrap_or(rel);
+    shared.events.emit(
+        &vm,
+        "initial_copy_imported",
+        &format!("initial copy imported from {dir}"),
+    );
     Ok(info(shared, &vm, &rel))
 }
 

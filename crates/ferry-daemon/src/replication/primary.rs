@@ -15,6 +15,7 @@
 //! While a spool is pending no new point is taken (the cycle counts as missed), so pending
 //! replication size stays one cycle's worth.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -30,7 +31,10 @@ use ferry_wire::{BatchBuilder, Extent, FrameReader, FrameWriter, SpoolReader, Sp
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
-use super::proto::{DiskMeta, Msg, PROTOCOL};
+use super::hashes::{self, Hash};
+use super::proto::{
+    DiskMeta, ExportManifest, Msg, EXPORT_DATA, EXPORT_FORMAT, EXPORT_MANIFEST, PROTOCOL,
+};
 use super::{now_ms, now_unix, qemu_nbd_path, Shared};
 use crate::peer;
 
@@ -41,6 +45,8 @@ const BATCH_PAYLOAD: usize = 1 << 20;
 /// A frame that cannot be sent for this long means the link is dead (a partition gives no
 /// error, writes just stop draining).
 const STALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the replica may take to hash its copy of the disks.
+const HASH_TIMEOUT: Duration = Duration::from_secs(3600);
 /// How long the replica may take to commit a point after the last batch.
 const COMMIT_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -48,6 +54,11 @@ const COMMIT_TIMEOUT: Duration = Duration::from_secs(300);
 pub fn generation_name(n: i64) -> String {
     format!("ferry-r{n}")
 }
+
+/// The initial copy was exported and the replica has not imported it yet (not a failure).
+#[derive(Debug, thiserror::Error)]
+#[error("waiting for the exported initial copy to be imported on the replica server")]
+pub struct AwaitingImport;
 
 /// A change tracking failure that only a resynchronization repairs.
 #[derive(Debug, thiserror::Error)]
@@ -129,7 +140,9 @@ pub async fn run(shared: Arc<Shared>, vm_id: i64) {
                 }
             }
         }
-        if rel.state.runs_cycles() {
+        let awaiting_import = rel.state == ReplicationState::WaitingForInitialReplication
+            && matches!(rel.settings.initial, InitialMethod::Export(_));
+        if rel.state.runs_cycles() || awaiting_import {
             run_cycle(&shared, &rel).await;
         }
         let rel = match shared.store.replication(vm_id) {
@@ -173,6 +186,28 @@ async fn run_cycle(shared: &Arc<Shared>, rel: &ReplicationRow) {
             capture(shared, rel).await?;
         }
         let p = pending(shared, rel.vm_id).ok_or_else(|| anyhow!("the captured cycle vanished"))?;
+        if let InitialMethod::Export(dir) = &rel.settings.initial {
+            if p.kind == "initial" {
+                if rel.state != ReplicationState::WaitingForInitialReplication {
+                    export_initial(shared, rel, &p, Path::new(dir)).await?;
+                    set_state(
+                        shared,
+                        rel.vm_id,
+                        ReplicationState::WaitingForInitialReplication,
+                        None,
+                    );
+                    return Err(AwaitingImport.into());
+                }
+                // Exported: ship() below only records it once the replica has imported it.
+                let vm = vm_row(shared, rel.vm_id)?;
+                let session = handshake(shared, &vm, rel).await?;
+                let imported = session.last_cycle >= p.cycle;
+                session.close().await;
+                if !imported {
+                    return Err(AwaitingImport.into());
+                }
+            }
+        }
         ship(shared, rel, &p).await?;
         Ok::<Pending, anyhow::Error>(p)
     }
@@ -192,6 +227,7 @@ async fn run_cycle(shared: &Arc<Shared>, rel: &ReplicationRow) {
                 error: None,
             });
         }
+        Err(e) if e.is::<AwaitingImport>() => {}
         Err(e) => {
             let msg = format!("{e:#}");
             let cycle = pending(shared, rel.vm_id)
@@ -212,7 +248,9 @@ async fn run_cycle(shared: &Arc<Shared>, rel: &ReplicationRow) {
                 ReplicationState::ResynchronizationRequired
             } else if matches!(
                 rel.state,
-                ReplicationState::InitialReplicationInProgress | ReplicationState::Resynchronizing
+                ReplicationState::InitialReplicationInProgress
+                    | ReplicationState::Resynchronizing
+                    | ReplicationState::WaitingForInitialReplication
             ) {
                 rel.state
             } else {
@@ -254,9 +292,9 @@ fn disks(shared: &Shared, vm: &VmRow, rel: &ReplicationRow) -> Vec<(usize, PathB
 enum Scope {
     /// Allocated data only: the replica starts from zeros (initial copy).
     Allocated,
-    /// Everything: data, and zeroes where the primary reads zeros (resynchronization
-    /// onto a replica whose content is unknown).
-    Everything,
+    /// Every chunk whose hash differs from the replica's (resynchronization, or an initial
+    /// copy from an existing copy on the replica).
+    Compare,
     /// The dirty extents of the frozen generation.
     Dirty,
 }
@@ -268,12 +306,24 @@ async fn capture(shared: &Arc<Shared>, rel: &ReplicationRow) -> anyhow::Result<(
     let cycle = rel.last_cycle + 1;
     let resync = rel.state == ReplicationState::Resynchronizing;
     let (scope, kind) = if rel.generation == 0 {
-        (Scope::Allocated, "initial")
+        if rel.settings.initial == InitialMethod::Existing {
+            (Scope::Compare, "initial")
+        } else {
+            (Scope::Allocated, "initial")
+        }
     } else if resync {
-        (Scope::Everything, "resync")
+        (Scope::Compare, "resync")
     } else {
         (Scope::Dirty, "delta")
     };
+    // The replica's hashes first (before anything is frozen here): they do not change
+    // meanwhile, as only this primary writes there.
+    let theirs = if scope == Scope::Compare {
+        Some(fetch_hashes(shared, &vm, rel).await?)
+    } else {
+        None
+    };
+    let theirs = theirs.as_ref();
     let old_gen = (scope == Scope::Dirty).then(|| generation_name(rel.generation));
     let new_gen_no = rel.generation + 1;
     let new_gen = generation_name(new_gen_no);
@@ -337,7 +387,7 @@ async fn capture(shared: &Arc<Shared>, rel: &ReplicationRow) -> anyhow::Result<(
                 size: *size,
             })
             .collect();
-        let read = read_to_spool(shared, rel, &sources, scope, &context, &spool_path).await;
+        let read = read_to_spool(shared, rel, &sources, scope, theirs, &context, &spool_path).await;
         match read {
             Ok((frames, data_bytes, dirty_bytes, spool_bytes)) => {
                 let p = Pending {
@@ -383,6 +433,7 @@ async fn capture(shared: &Arc<Shared>, rel: &ReplicationRow) -> anyhow::Result<(
             cycle,
             kind,
             scope,
+            theirs,
             old_gen.as_deref(),
             &new_gen,
             new_gen_no,
@@ -450,6 +501,7 @@ async fn capture_offline(
     cycle: i64,
     kind: &str,
     scope: Scope,
+    theirs: Option<&HashMap<usize, Vec<Hash>>>,
     old_gen: Option<&str>,
     new_gen: &str,
     new_gen_no: i64,
@@ -497,7 +549,7 @@ async fn capture_offline(
         let context = old_gen
             .map(ferry_nbd::dirty_bitmap_context)
             .unwrap_or_else(|| BASE_ALLOCATION.to_owned());
-        read_to_spool(shared, rel, &sources, scope, &context, spool_path).await
+        read_to_spool(shared, rel, &sources, scope, theirs, &context, spool_path).await
     }
     .await;
     for e in exports {
@@ -561,13 +613,47 @@ struct Source {
     size: u64,
 }
 
+/// Asks the replica for the chunk hashes of every replicated disk.
+async fn fetch_hashes(
+    shared: &Shared,
+    vm: &VmRow,
+    rel: &ReplicationRow,
+) -> anyhow::Result<HashMap<usize, Vec<Hash>>> {
+    let mut session = handshake(shared, vm, rel).await?;
+    session.writer.write_control(&Msg::HashRequest).await?;
+    let wanted = rel.settings.replicated_disks(vm.spec.disks.len());
+    let mut out = HashMap::new();
+    shared.set_progress(rel.vm_id, "comparing", 0, 0);
+    while out.len() < wanted.len() {
+        match next_control(&mut session.reader, HASH_TIMEOUT).await? {
+            Msg::Hashes { disk, hashes: h } => {
+                let size = vm.spec.disks.get(disk).map(|d| d.size_bytes).unwrap_or(0);
+                let h = hashes::decode(&h)?;
+                if !wanted.contains(&disk) || h.len() as u64 != hashes::chunks(size) {
+                    bail!("the replica server sent hashes that do not fit disk {disk}");
+                }
+                out.insert(disk, h);
+            }
+            Msg::Failed { reason } => bail!(
+                "replica server {} cannot compare: {reason}",
+                rel.partner_name
+            ),
+            other => bail!("unexpected answer from the replica server: {other:?}"),
+        }
+    }
+    session.close().await;
+    Ok(out)
+}
+
 /// Reads the extents in `scope` of every source into a spool. Returns (frames, data bytes,
 /// dirty bytes, spool bytes).
+#[allow(clippy::too_many_arguments)]
 async fn read_to_spool(
     shared: &Shared,
     rel: &ReplicationRow,
     sources: &[Source],
     scope: Scope,
+    theirs: Option<&HashMap<usize, Vec<Hash>>>,
     context: &str,
     spool_path: &Path,
 ) -> anyhow::Result<(u64, u64, u64, u64)> {
@@ -595,15 +681,55 @@ async fn read_to_spool(
                 Scope::Allocated => {
                     (e.flags & STATE_ZERO == 0).then_some((e.offset, e.length, false))
                 }
-                Scope::Everything => Some((e.offset, e.length, e.flags & STATE_ZERO != 0)),
+                Scope::Compare => None,
             })
             .collect();
         dirty_bytes += ranges.iter().filter(|r| !r.2).map(|r| r.1).sum::<u64>();
-        plans.push((s, client, ranges));
+        if scope == Scope::Compare {
+            dirty_bytes += s.size;
+        }
+        plans.push((s, client, ranges, map));
     }
     shared.set_progress(rel.vm_id, "reading", 0, dirty_bytes);
     let mut done = 0u64;
-    for (s, mut client, ranges) in plans {
+    for (s, mut client, ranges, map) in plans {
+        if scope == Scope::Compare {
+            let theirs = theirs
+                .and_then(|t| t.get(&s.disk))
+                .ok_or_else(|| anyhow!("no hashes from the replica for disk {}", s.disk))?;
+            let chunk = hashes::chunk_size(s.size);
+            let zeros = hashes::zero_chunks(&map, s.size);
+            let mut buf = Vec::new();
+            for (i, zero) in zeros.iter().enumerate() {
+                let offset = i as u64 * chunk;
+                let len = chunk.min(s.size - offset);
+                done += len;
+                shared.set_progress(rel.vm_id, "comparing", done, dirty_bytes);
+                let ext = if *zero {
+                    if theirs[i] == hashes::zero_hash(len) {
+                        continue;
+                    }
+                    Extent::zeroes(s.disk as u16, offset, len)
+                } else {
+                    buf.resize(len as usize, 0);
+                    client.read(offset, &mut buf).await?;
+                    if hashes::hash(&buf) == theirs[i] {
+                        continue;
+                    }
+                    if buf.iter().all(|&b| b == 0) {
+                        Extent::zeroes(s.disk as u16, offset, len)
+                    } else {
+                        data_bytes += len;
+                        Extent::data(s.disk as u16, offset, Bytes::copy_from_slice(&buf))
+                    }
+                };
+                for b in builder.push(ext) {
+                    spool.append_batch(&b, compress).await?;
+                }
+            }
+            let _ = client.disconnect().await;
+            continue;
+        }
         for (offset, len, zero) in ranges {
             if offset.checked_add(len).is_none_or(|end| end > s.size) {
                 bail!("the NBD server reported an extent beyond disk {}", s.disk);
@@ -645,6 +771,60 @@ async fn read_to_spool(
     }
     let summary = spool.finish().await?;
     Ok((summary.frames, data_bytes, dirty_bytes, summary.bytes))
+}
+
+/// Writes the captured initial copy to `dir/VM/` (data file + manifest) for carrying to
+/// the replica server, where `ferry replication import` applies it.
+async fn export_initial(
+    shared: &Shared,
+    rel: &ReplicationRow,
+    p: &Pending,
+    dir: &Path,
+) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let vm = vm_row(shared, rel.vm_id)?;
+    let out = dir.join(vm.spec.name.as_str());
+    std::fs::create_dir_all(&out)
+        .with_context(|| format!("cannot create the export folder {}", out.display()))?;
+    let (spool_path, _) = spool_paths(&spool_dir(shared, rel.vm_id), p.cycle);
+    let data = out.join(EXPORT_DATA);
+    let mut src = tokio::fs::File::open(&spool_path).await?;
+    let mut dst = tokio::fs::File::create(&data)
+        .await
+        .with_context(|| format!("cannot write {}", data.display()))?;
+    let mut buf = vec![0u8; 4 << 20];
+    let mut done = 0u64;
+    shared.set_progress(rel.vm_id, "exporting", 0, p.spool_bytes);
+    loop {
+        let n = src.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        dst.write_all(&buf[..n])
+            .await
+            .with_context(|| format!("cannot write {}", data.display()))?;
+        done += n as u64;
+        shared.set_progress(rel.vm_id, "exporting", done, p.spool_bytes);
+    }
+    dst.sync_all().await?;
+    let manifest = ExportManifest {
+        format: EXPORT_FORMAT,
+        vm: vm.spec.name.to_string(),
+        primary: shared.cfg.name.clone(),
+        primary_fingerprint: shared.identity.fingerprint.clone(),
+        cycle: p.cycle,
+        kind: p.kind.clone(),
+        taken_at: p.taken_at,
+        frames: p.frames,
+        data_bytes: p.data_bytes,
+        file_bytes: done,
+    };
+    let tmp = out.join("export.json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(&manifest)?)?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, out.join(EXPORT_MANIFEST))?;
+    info!(vm = %vm.spec.name, dir = %out.display(), bytes = done, "initial copy exported");
+    Ok(())
 }
 
 /// A connection to the replica server that got past Hello.

@@ -6,6 +6,7 @@
 //! primary                               replica
 //!   Hello{vm, disks, settings}   --->     authorize by certificate fingerprint
 //!                                <---     Welcome{replica, last_cycle, resume} | Refused{reason}
+//!  [HashRequest                 --->     Hashes{disk, hashes} per disk]
 //!   CycleBegin{cycle, from_batch} --->    new qcow2 layer per disk (or the staged one)
 //!   ExtentBatch × n              --->     written through qemu-nbd
 //!   CycleEnd{cycle, batches}     --->     flush, fsync, commit the recovery point
@@ -70,6 +71,17 @@ pub enum Msg {
         /// Why, and what to do.
         reason: String,
     },
+    /// Primary → replica: send the chunk hashes of every replicated disk (of the latest
+    /// recovery point, or of the existing copy before the first one), for a
+    /// resynchronization or an initial copy that ships only differences.
+    HashRequest,
+    /// Replica → primary: one disk's chunk hashes (see `hashes::chunk_size`), hex.
+    Hashes {
+        /// Disk index.
+        disk: usize,
+        /// Concatenated 128-bit hashes, hex.
+        hashes: String,
+    },
     /// Primary → replica: a cycle follows.
     CycleBegin {
         /// Cycle number (1 = initial copy).
@@ -103,3 +115,36 @@ pub enum Msg {
         reason: String,
     },
 }
+
+/// The manifest of an initial copy exported to a folder (`export.json` beside the data
+/// file, which holds the cycle's frames exactly as they would cross the wire).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExportManifest {
+    /// Format version ([`EXPORT_FORMAT`]).
+    pub format: u32,
+    /// The VM.
+    pub vm: String,
+    /// The primary host's name.
+    pub primary: String,
+    /// The primary host's certificate fingerprint: only its replica imports this.
+    pub primary_fingerprint: String,
+    /// Cycle number (1).
+    pub cycle: i64,
+    /// `initial`.
+    pub kind: String,
+    /// When the disks were frozen (UNIX s).
+    pub taken_at: i64,
+    /// Frames in the data file.
+    pub frames: u64,
+    /// Data bytes (uncompressed).
+    pub data_bytes: u64,
+    /// Size of the data file.
+    pub file_bytes: u64,
+}
+
+/// Version of [`ExportManifest`].
+pub const EXPORT_FORMAT: u32 = 1;
+/// The manifest's file name.
+pub const EXPORT_MANIFEST: &str = "export.json";
+/// The data file's name.
+pub const EXPORT_DATA: &str = "initial.ferry";

@@ -20,9 +20,10 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
 use ferry_api_types::{AuthorizationEntry, ReplicaServerConfig};
-use ferry_domain::replication::ReplicationSettings;
+use ferry_domain::replication::{InitialMethod, ReplicationSettings};
 use ferry_domain::{DiskSpec, ReplicationState, Role, VmName, VmSpec};
-use ferry_nbd::NbdClient;
+use ferry_nbd::{NbdClient, BASE_ALLOCATION};
+use ferry_qemu::cbt::OfflineExport;
 use ferry_store::{PointRow, ReplicationRow, Store};
 use ferry_wire::{ExtentKind, FrameKind, FrameReader, FrameWriter};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -31,7 +32,10 @@ use tokio::process::{Child, Command};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use super::proto::{DiskMeta, Msg, Resume, PROTOCOL};
+use super::hashes;
+use super::proto::{
+    DiskMeta, ExportManifest, Msg, Resume, EXPORT_DATA, EXPORT_FORMAT, EXPORT_MANIFEST, PROTOCOL,
+};
 use super::{now_unix, qemu_nbd_path, Shared};
 use crate::peer;
 
@@ -280,6 +284,25 @@ where
             Ok(Ok(Some(f))) => f.control::<Msg>()?,
             Ok(Err(e)) => return Err(e.into()),
         };
+        if let Msg::HashRequest = msg {
+            match disk_hashes(shared, rel.vm_id).await {
+                Ok(list) => {
+                    for (disk, hashes) in list {
+                        writer.write_control(&Msg::Hashes { disk, hashes }).await?;
+                    }
+                }
+                Err(e) => {
+                    let reason = format!("{e:#}");
+                    writer
+                        .write_control(&Msg::Failed {
+                            reason: reason.clone(),
+                        })
+                        .await?;
+                    bail!(reason);
+                }
+            }
+            continue;
+        }
         let Msg::CycleBegin {
             cycle,
             kind,
@@ -323,9 +346,9 @@ where
         .await
         {
             Ok(point) => {
-                writer
-                    .write_control(&Msg::Committed { cycle, point })
-                    .await?;
+                // Retention before the answer: when the primary counts the cycle done, the
+                // replica's points are settled (nothing merges under a reader or under the
+                // next cycle's layer).
                 if let Err(e) = apply_retention(shared, rel.vm_id).await {
                     warn!(
                         vm_id = rel.vm_id,
@@ -333,6 +356,9 @@ where
                         "retention failed; it is retried after the next cycle"
                     );
                 }
+                writer
+                    .write_control(&Msg::Committed { cycle, point })
+                    .await?;
             }
             Err(e) => {
                 let reason = format!("{e:#}");
@@ -385,29 +411,69 @@ fn replica_for(
             )),
         };
     }
-    if disks.is_empty()
-        || disks
-            .iter()
-            .any(|d| d.size_bytes == 0 || d.index >= spec.disks.len())
-    {
+    if disks.is_empty() || disks.iter().any(|d| d.size_bytes == 0) {
         return Err("the primary sent an invalid disk list".into());
     }
+    let expected: Vec<(usize, u64)> = spec
+        .disks
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !settings.excluded_disks.contains(i))
+        .map(|(i, d)| (i, d.size_bytes))
+        .collect();
+    let announced: Vec<(usize, u64)> = disks.iter().map(|d| (d.index, d.size_bytes)).collect();
+    if expected != announced {
+        return Err(
+            "the primary sent a disk list that does not match its VM and exclusions".into(),
+        );
+    }
     let dir = storage.join(spec.name.as_str());
+    if settings.initial == InitialMethod::Existing {
+        for d in disks {
+            let seed = dir.join(format!("disk{}.qcow2", d.index));
+            check_seed(&seed, d.size_bytes).map_err(|e| {
+                format!(
+                    "initial copy from an existing copy: {e}; put a qcow2 copy of disk {} of {} ({} bytes) at {} on {me}, then enable again",
+                    d.index,
+                    spec.name,
+                    d.size_bytes,
+                    seed.display()
+                )
+            })?;
+        }
+    }
     std::fs::create_dir_all(&dir)
         .map_err(|e| format!("cannot create {} on {me}: {e}", dir.display()))?;
-    // The replica VM's disks point into its storage; they are updated to the latest
-    // recovery point's layers as points arrive.
+    // The replica VM's disks point into its storage (same slots as on the primary); they
+    // are updated to the latest recovery point's layers as points arrive. An excluded disk
+    // gets a blank image of its size, as the failed-over VM will need one.
     let mut replica_spec = spec.clone();
-    replica_spec.disks = disks
-        .iter()
-        .map(|d| DiskSpec {
-            file: dir
-                .join(format!("disk{}.qcow2", d.index))
-                .display()
-                .to_string(),
+    let mut slots = Vec::new();
+    for (i, d) in spec.disks.iter().enumerate() {
+        let excluded = settings.excluded_disks.contains(&i);
+        let file = dir.join(if excluded {
+            format!("disk{i}.excluded.qcow2")
+        } else {
+            format!("disk{i}.qcow2")
+        });
+        if excluded && !file.exists() {
+            let ok = std::process::Command::new(&shared.cfg.qemu_img)
+                .args(["create", "-q", "-f", "qcow2"])
+                .arg(&file)
+                .arg(d.size_bytes.to_string())
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false);
+            if !ok {
+                return Err(format!("cannot create {} on {me}", file.display()));
+            }
+        }
+        slots.push(DiskSpec {
+            file: file.display().to_string(),
             size_bytes: d.size_bytes,
-        })
-        .collect();
+        });
+    }
+    replica_spec.disks = slots;
     let row = store
         .insert_vm(&replica_spec, now_unix())
         .map_err(|e| e.to_string())?;
@@ -562,10 +628,16 @@ async fn receive_cycle<R: AsyncRead + Unpin>(
             for &(disk, size) in &disk_sizes {
                 let path = layer_path(&vm_dir, disk, cycle);
                 let _ = std::fs::remove_file(&path);
+                // On the latest point; before the first, on the existing copy if that is
+                // the initial method.
                 let backing = latest
                     .as_ref()
                     .and_then(|p| p.layers.iter().find(|(d, _)| *d == disk))
-                    .map(|(_, l)| PathBuf::from(l));
+                    .map(|(_, l)| PathBuf::from(l))
+                    .or_else(|| {
+                        (rel.settings.initial == InitialMethod::Existing)
+                            .then(|| vm_dir.join(format!("disk{disk}.qcow2")))
+                    });
                 create_layer(&shared.cfg.qemu_img, &path, size, backing.as_deref()).await?;
                 layers.push((disk, path));
             }
@@ -723,6 +795,194 @@ async fn receive_cycle<R: AsyncRead + Unpin>(
     );
     info!(vm = %vm.spec.name, cycle, point = id, bytes, "recovery point committed");
     Ok(id)
+}
+
+/// Applies an initial copy exported on the primary (`--initial export:DIR`) as the first
+/// recovery point. The data file is read as the wire stream would be (checksummed frames):
+/// a damaged or truncated file is refused and nothing becomes visible.
+pub async fn import_initial(shared: &Arc<Shared>, vm_id: i64, dir: &Path) -> anyhow::Result<i64> {
+    let rel = shared
+        .store
+        .replication(vm_id)?
+        .ok_or_else(|| anyhow!("replication was removed"))?;
+    let vm = shared
+        .store
+        .list_vms()?
+        .into_iter()
+        .find(|v| v.id == vm_id)
+        .ok_or_else(|| anyhow!("the replica VM is gone"))?;
+    if rel.role != Role::Replica {
+        bail!(
+            "{} is the primary: import on its replica server {}",
+            vm.spec.name,
+            rel.partner_name
+        );
+    }
+    if rel.last_cycle != 0 {
+        bail!(
+            "{} already has recovery points: there is nothing to import",
+            vm.spec.name
+        );
+    }
+    let manifest_path = dir.join(EXPORT_MANIFEST);
+    let manifest: ExportManifest = std::fs::read(&manifest_path)
+        .map_err(|e| {
+            anyhow!(
+                "cannot read {} ({e}): give the folder the primary exported to, DIR/{}",
+                manifest_path.display(),
+                vm.spec.name
+            )
+        })
+        .and_then(|b| {
+            serde_json::from_slice(&b)
+                .map_err(|e| anyhow!("{} is not an export manifest: {e}", manifest_path.display()))
+        })?;
+    if manifest.format != EXPORT_FORMAT {
+        bail!(
+            "export format {} is not supported (this ferryd reads {EXPORT_FORMAT})",
+            manifest.format
+        );
+    }
+    if manifest.vm != vm.spec.name.as_str() {
+        bail!("this export holds VM {}, not {}", manifest.vm, vm.spec.name);
+    }
+    if manifest.primary_fingerprint != rel.partner_fingerprint {
+        bail!(
+            "this export comes from host {} (certificate {}), not from {}'s primary {}",
+            manifest.primary,
+            manifest.primary_fingerprint,
+            vm.spec.name,
+            rel.partner_name
+        );
+    }
+    if manifest.cycle != 1 {
+        bail!(
+            "the export holds cycle {}, not an initial copy",
+            manifest.cycle
+        );
+    }
+    let data = dir.join(EXPORT_DATA);
+    let len = std::fs::metadata(&data)
+        .map_err(|e| anyhow!("cannot read {} ({e})", data.display()))?
+        .len();
+    if len != manifest.file_bytes {
+        bail!(
+            "{} is {len} bytes, the manifest says {}: the copy is incomplete",
+            data.display(),
+            manifest.file_bytes
+        );
+    }
+    let lock = shared
+        .replica
+        .sessions
+        .lock()
+        .expect("sessions")
+        .entry(vm_id)
+        .or_default()
+        .clone();
+    let _one_session = lock.lock().await;
+    // The stream ends as a session's would.
+    let mut end = FrameWriter::new(Vec::new());
+    end.write_control(&Msg::CycleEnd {
+        cycle: manifest.cycle,
+    })
+    .await?;
+    let stream = tokio::io::AsyncReadExt::chain(
+        tokio::fs::File::open(&data).await?,
+        std::io::Cursor::new(end.into_inner()),
+    );
+    let mut reader = FrameReader::new(stream);
+    let point = receive_cycle(
+        shared,
+        &rel,
+        &mut reader,
+        manifest.cycle,
+        &manifest.kind,
+        manifest.taken_at,
+        0,
+        manifest.frames,
+        manifest.data_bytes,
+    )
+    .await
+    .with_context(|| format!("importing {}", data.display()))?;
+    info!(vm = %vm.spec.name, point, "initial copy imported");
+    Ok(point)
+}
+
+/// An existing copy must be a qcow2 image of the disk's exact size.
+fn check_seed(path: &Path, size: u64) -> Result<(), String> {
+    use std::io::Read;
+    let mut head = [0u8; 32];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut head))
+        .map_err(|e| format!("{} cannot be read ({e})", path.display()))?;
+    if &head[..4] != b"QFI\xfb" {
+        return Err(format!(
+            "{} is not a qcow2 image (convert it with `qemu-img convert -O qcow2`)",
+            path.display()
+        ));
+    }
+    let virtual_size = u64::from_be_bytes(head[24..32].try_into().expect("8 bytes"));
+    if virtual_size != size {
+        return Err(format!(
+            "{} is {virtual_size} bytes, the disk is {size}",
+            path.display()
+        ));
+    }
+    Ok(())
+}
+
+/// The chunk hashes of every replicated disk: of the latest recovery point, or of the
+/// existing copy before the first point.
+async fn disk_hashes(shared: &Arc<Shared>, vm_id: i64) -> anyhow::Result<Vec<(usize, String)>> {
+    let rel = shared
+        .store
+        .replication(vm_id)?
+        .ok_or_else(|| anyhow!("replication was removed"))?;
+    let vm = shared
+        .store
+        .list_vms()?
+        .into_iter()
+        .find(|v| v.id == vm_id)
+        .ok_or_else(|| anyhow!("the replica VM is gone"))?;
+    let latest = shared.store.list_points(vm_id)?.pop();
+    let qemu_nbd = qemu_nbd_path(&shared.cfg);
+    let mut out = Vec::new();
+    for (disk, size) in replicated_disks(&vm.spec, &rel) {
+        let image = match &latest {
+            Some(p) => p
+                .layers
+                .iter()
+                .find(|(d, _)| *d == disk)
+                .map(|(_, l)| PathBuf::from(l))
+                .ok_or_else(|| anyhow!("the latest recovery point has no layer for disk {disk}"))?,
+            None => {
+                let seed = PathBuf::from(&vm.spec.disks[disk].file);
+                if !seed.exists() {
+                    bail!("there is no recovery point and no existing copy of disk {disk} to compare with");
+                }
+                seed
+            }
+        };
+        let socket = shared
+            .cfg
+            .data_dir
+            .join("run")
+            .join(format!("hash-{vm_id}-{disk}.sock"));
+        let export = OfflineExport::start(&qemu_nbd, &image, None, &socket).await?;
+        let result = async {
+            let mut c =
+                NbdClient::connect_unix(&socket, export.export_name(), &[BASE_ALLOCATION]).await?;
+            let h = hashes::hash_disk(&mut c, size).await?;
+            let _ = c.disconnect().await;
+            Ok::<_, anyhow::Error>(h)
+        }
+        .await;
+        let _ = export.close().await;
+        let h = result.with_context(|| format!("hashing disk {disk} of {}", vm.spec.name))?;
+        out.push((disk, hashes::encode(&h)));
+    }
+    Ok(out)
 }
 
 fn replicated_disks(spec: &VmSpec, rel: &ReplicationRow) -> Vec<(usize, u64)> {
