@@ -291,9 +291,29 @@ fn replication_ships_exact_recovery_points_and_ends_byte_identical() {
     );
     assert!(verify_point(&newest) >= last_seq);
 
-    // 5. Removal on each side: the primary forgets; the replica VM and its files go.
-    a.ferry_ok(&["replication", "remove", "app"]);
-    assert!(a.ferry_json(&["vm", "show", "app"])["replication"].is_null());
+    // 5. Suspended on the replica side: the primary's cycles fail with the reason and
+    //    what to do; resumed there, cycles go through again.
+    a.ferry_ok(&["replication", "resume", "app"]);
+    b.ferry_ok(&["replication", "suspend", "app"]);
+    assert_eq!(status(&b, "app")["state"], "suspended");
+    wait_for("the primary to notice", Duration::from_secs(60), || {
+        status(&a, "app")["state"] == "error"
+    });
+    let err = status(&a, "app")["last_error"].as_str().unwrap().to_owned();
+    assert!(
+        err.contains("suspended on the replica server b") && err.contains("resume"),
+        "{err}"
+    );
+    let cycle = status(&a, "app")["last_cycle"].as_i64().unwrap();
+    b.ferry_ok(&["replication", "resume", "app"]);
+    wait_for("cycles after the resume", Duration::from_secs(60), || {
+        let st = status(&a, "app");
+        st["state"] == "replicating" && st["last_cycle"].as_i64().unwrap() > cycle
+    });
+
+    // 6. Removed on the replica first: its VM and files go, and the primary is told (it is
+    //    not silently re-created); then removed on the primary.
+    quiesce(&a, "app");
     b.ferry_ok(&["replication", "remove", "app"]);
     assert_eq!(b.ferry_json(&["vm", "list"]).as_array().unwrap().len(), 0);
     assert!(
@@ -301,6 +321,17 @@ fn replication_ships_exact_recovery_points_and_ends_byte_identical() {
         "left behind: {:?}",
         files_under(&storage)
     );
+    a.ferry_ok(&["replication", "resume", "app"]);
+    wait_for(
+        "the primary to notice the removal",
+        Duration::from_secs(60),
+        || status(&a, "app")["state"] == "error",
+    );
+    let err = status(&a, "app")["last_error"].as_str().unwrap().to_owned();
+    assert!(err.contains("b has no replica of app"), "{err}");
+    assert_eq!(b.ferry_json(&["vm", "list"]).as_array().unwrap().len(), 0);
+    a.ferry_ok(&["replication", "remove", "app"]);
+    assert!(a.ferry_json(&["vm", "show", "app"])["replication"].is_null());
 }
 
 /// Initial replication from an existing copy on the replica (e.g. restored from a backup,

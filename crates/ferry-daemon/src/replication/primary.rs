@@ -873,6 +873,7 @@ pub async fn handshake(
             spec: vm.spec.clone(),
             disks,
             settings: rel.settings.clone(),
+            last_cycle: rel.last_cycle,
         })
         .await?;
     match next_control(&mut reader, peer::CONNECT_TIMEOUT).await? {

@@ -56,6 +56,11 @@ pub enum Msg {
         disks: Vec<DiskMeta>,
         /// The relationship's settings.
         settings: ReplicationSettings,
+        /// The last cycle the primary knows committed (0 for a new relationship): a replica
+        /// that has no relationship for a VM the primary already replicated was removed
+        /// there, and is not silently re-created.
+        #[serde(default)]
+        last_cycle: i64,
     },
     /// Replica → primary: accepted.
     Welcome {

@@ -214,6 +214,7 @@ where
         spec,
         disks,
         settings,
+        last_cycle: primary_last_cycle,
     } = hello
     else {
         bail!("the primary did not start with Hello");
@@ -233,6 +234,14 @@ where
             bail!(reason);
         }
     };
+    if primary_last_cycle > 0 && shared.store.get_vm(&spec.name).is_err() {
+        let reason = format!(
+            "{} has no replica of {} (it was removed there): on {primary}, run `ferry replication remove {}`, then enable replication again",
+            shared.cfg.name, spec.name, spec.name
+        );
+        writer.write_control(&refuse(reason.clone())).await?;
+        bail!(reason);
+    }
     let rel = match replica_for(
         shared,
         &primary,
@@ -318,6 +327,18 @@ where
             .store
             .replication(rel.vm_id)?
             .ok_or_else(|| anyhow!("replication was removed"))?;
+        if rel.state == ReplicationState::Suspended && cycle > rel.last_cycle {
+            let reason = format!(
+                "replication of {} is suspended on the replica server {}: resume it there (`ferry replication resume {}`)",
+                spec.name, shared.cfg.name, spec.name
+            );
+            writer
+                .write_control(&Msg::Failed {
+                    reason: reason.clone(),
+                })
+                .await?;
+            bail!(reason);
+        }
         if cycle <= rel.last_cycle {
             // Already committed: the primary did not hear the answer last time.
             let point = shared
