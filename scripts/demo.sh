@@ -1,15 +1,24 @@
 #!/bin/bash
 # Ferry demo: two hosts (ferryd on 127.0.0.1 and 127.0.0.2, each with its own data dir),
 # a test VM created and started on the first, its serial console shown while it writes
-# verifiable blocks to its disk, then an ACPI shutdown. The second host is managed
-# remotely over TLS (pinned certificate + token) to show both are real hosts.
+# verifiable blocks to its disk. The second host is managed remotely over TLS (pinned
+# certificate + token) to show both are real hosts. Then the second host becomes a replica
+# server and the VM replicates to it every 5 s: recovery points arrive while the guest
+# writes (each shown with the newest guest write it holds), the replica VM refuses to
+# start (only failover starts it), and after an ACPI shutdown one last cycle leaves the
+# newest recovery point byte-identical to the primary's disk (qemu-img compare).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/cache/ferry-target}
 BIN=$CARGO_TARGET_DIR/debug
+command -v cargo >/dev/null || { echo "demo.sh: Rust's cargo is needed to build Ferry (https://rustup.rs)" >&2; exit 1; }
 cargo build --workspace --bins -q
 guest/build.sh >/dev/null
 
+# TCG by default: the guest is tiny, and on some machines (nested virtualization) a
+# kernel hangs under KVM even though the daemon's KVM probe boots. FERRY_DEMO_ACCEL=auto
+# (or kvm) uses KVM where it works.
+ACCEL=${FERRY_DEMO_ACCEL:-tcg}
 DEMO=$(mktemp -d /tmp/ferry-demo.XXXXXX)
 PIDS=()
 cleanup() {
@@ -26,7 +35,7 @@ name = "$1"
 data_dir = "$DEMO/$1/data"
 admin_socket = "$DEMO/$1/ferryd.sock"
 tls_listen = "$2:$3"
-accel = "auto"
+accel = "$ACCEL"
 TOML
   "$BIN/ferryd" --config "$DEMO/$1/ferryd.toml" 2>"$DEMO/$1/ferryd.log" &
   PIDS+=($!)
@@ -48,7 +57,7 @@ A server show
 say "host-a manages host-b over TLS (certificate pinned by fingerprint, token auth)"
 FP=$(B --output json server show | sed -n 's/.*"fingerprint": "\([^"]*\)".*/\1/p')
 A host add host-b https://127.0.0.2:17443 --fingerprint "$FP" --token "$(cat "$DEMO/host-b/data/api.token")"
-A --host host-b server show | head -n 3
+A --host host-b server show | sed -n 1,3p
 
 say "Creating the test VM 'demo' on host-a (busybox guest writing checksummed blocks)"
 A vm create demo --cpus 1 --memory 256M --disk 64M \
@@ -58,12 +67,88 @@ A vm start demo
 A vm list
 
 say "Its serial console (ferry vm console demo --log) while it boots and writes"
-for _ in $(seq 60); do A vm console demo --log | grep -q 'WROTE seq=5 ' && break; sleep 0.5; done
+for _ in $(seq 120); do A vm console demo --log | grep -q 'WROTE seq=5 ' && break; sleep 0.5; done
+if ! A vm console demo --log | grep -q 'WROTE seq=5 '; then
+  echo "the guest did not write 5 blocks in 60 s; its console:" >&2
+  A vm console demo --log >&2; exit 1
+fi
 A vm console demo --log | grep GUEST
 A vm show demo
 
-say "ACPI shutdown"
+say "host-b becomes a replica server (replication port 7444, any authenticated primary)"
+B replica-server set --enable --allow-any --storage "$DEMO/host-b/replicas"
+
+say "Replicating 'demo' to host-b: every 5 s, latest + 3 recovery points at least 10 s apart"
+A replication enable demo --to "$DEMO/host-b/ferryd.sock" --interval 5s \
+  --recovery-points 3 --point-spacing 10s --wait
+B vm list
+
+# "<cycle> <taken_at> <image of disk 0>" of host-b's newest recovery point (from the JSON
+# of `ferry replication points`, without needing jq).
+newest_point() {
+  B --output json replication points demo | awk -F': ' '
+    /"cycle":/    { c = $2 + 0 }
+    /"taken_at":/ { t = $2 + 0 }
+    /"layers":/   { inl = 1; next }
+    inl && /^ *[0-9]+,$/ { idx = $0 + 0 }
+    inl && /^ *"/ { if (idx == 0 && c >= bc) { p = $0; sub(/^ *"/, "", p); sub(/",?$/, "", p); bc = c; bt = t; bp = p } inl = 0 }
+    END { if (bp != "") print bc, bt, bp }'
+}
+# The newest guest write a disk image holds: the guest's blocks start "CBT seq=N".
+newest_write() {
+  local s=""
+  if qemu-img convert -U -O raw "$1" "$DEMO/scan.raw" 2>/dev/null; then
+    s=$(grep -a -o 'CBT seq=[0-9]*' "$DEMO/scan.raw" | sort | tail -n 1 || true)
+  fi
+  rm -f "$DEMO/scan.raw"
+  s=${s#CBT seq=}
+  if [ -n "$s" ]; then echo "seq=$((10#$s))"; else echo "(unreadable: its image changed while being read)"; fi
+}
+guest_wrote() { A vm console demo --log | grep -a -o 'WROTE seq=[0-9]*' | tail -n 1 | sed 's/WROTE //'; }
+
+say "Recovery points arriving on host-b while the guest keeps writing (about 30 s)"
+for round in 1 2 3; do
+  sleep 9
+  printf '\n-- after %2d s of replication (host-b: ferry replication points demo)\n' $((round * 9))
+  B replication points demo
+  read -r cyc _ layer < <(newest_point) || true
+  echo "newest point (cycle $cyc) holds the guest's writes up to $(newest_write "$layer"); the guest has written up to $(guest_wrote) by now"
+done
+A replication status demo
+
+say "The replica VM on host-b does not start: a replica starts only through failover"
+if B vm start demo; then
+  echo "unexpected: host-b started the replica VM" >&2; exit 1
+fi
+
+say "ACPI shutdown of the primary VM"
 A vm shutdown demo --timeout 60
 A vm console demo --log | tail -n 2
 A vm list
+OFF_AT=$(date +%s)
+
+say "One last replication cycle now that the VM is off (ferry replication now), then suspend"
+last_cycle() { A --output json replication status demo | sed -n 's/^ *"last_cycle": \(-\{0,1\}[0-9]*\),*$/\1/p'; }
+sleep 1
+# Until a point taken after the shutdown is on host-b (a cycle that was already running
+# when the VM went off may complete first).
+for _ in 1 2 3; do
+  before=$(last_cycle)
+  A replication now demo >/dev/null
+  for _ in $(seq 150); do [ "$(last_cycle)" -gt "$before" ] && break; sleep 0.2; done
+  [ "$(last_cycle)" -gt "$before" ] || { echo "no replication cycle completed in 30 s" >&2; A replication status demo >&2; exit 1; }
+  read -r cyc taken layer < <(newest_point) || true
+  [ "${taken:-0}" -gt "$OFF_AT" ] && break
+done
+[ "${taken:-0}" -gt "$OFF_AT" ] || { echo "no recovery point taken after the shutdown" >&2; exit 1; }
+# Suspended, no further cycle adds a point (and merges this one's layer) during the compare.
+A replication suspend demo
+B replication points demo
+
+say "The newest recovery point on host-b is byte-identical to the primary's disk"
+PRIMARY_DISK=$(A --output json vm show demo | sed -n '/"path":/{s/^ *"path": "\(.*\)",*$/\1/p;q;}')
+echo "host-a disk:             $PRIMARY_DISK"
+echo "host-b point (cycle $cyc): $layer"
+echo "guest's last write: $(guest_wrote); the point holds writes up to $(newest_write "$layer")"
+qemu-img compare -U "$PRIMARY_DISK" "$layer"
 say "Demo done (data in $DEMO)"
