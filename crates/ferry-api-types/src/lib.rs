@@ -59,6 +59,12 @@ pub struct ServerInfo {
     pub default_bridge: Option<String>,
     /// Number of VMs in the inventory.
     pub vm_count: usize,
+    /// The host-wide limit on outgoing replication in force now (bytes/s; none = unlimited).
+    #[serde(default)]
+    pub replication_bandwidth_limit: Option<u64>,
+    /// The time-of-day windows that change it (`HH:MM-HH:MM=RATE`, local time).
+    #[serde(default)]
+    pub replication_bandwidth_schedule: Vec<String>,
 }
 
 /// A disk to give a new VM.

@@ -87,6 +87,20 @@ impl Output {
         println!("Data dir:     {}", s.data_dir);
         println!("VM storage:   {}", s.vm_storage);
         println!(
+            "Replication:  outgoing limit {}{}",
+            s.replication_bandwidth_limit
+                .map(|b| format!("{:.1} MiB/s", b as f64 / 1048576.0))
+                .unwrap_or_else(|| "unlimited".into()),
+            if s.replication_bandwidth_schedule.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    " now (schedule {})",
+                    s.replication_bandwidth_schedule.join(", ")
+                )
+            }
+        );
+        println!(
             "Bridge:       {}",
             s.default_bridge.as_deref().unwrap_or("(none)")
         );

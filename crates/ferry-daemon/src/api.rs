@@ -109,6 +109,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 async fn server_info(State(s): State<Shared>) -> ApiResult<ServerInfo> {
     let mut info = s.server.clone();
     info.vm_count = s.vms.count();
+    info.replication_bandwidth_limit = s.replication.host_limiter.as_ref().and_then(|l| l.rate());
     Ok(Json(info))
 }
 

@@ -12,11 +12,13 @@
 //! qemu_binary = "qemu-system-x86_64"
 //! qemu_img = "qemu-img"
 //! replication_bandwidth_limit = "50M"  # bytes/s for all outgoing replication
+//! replication_bandwidth_schedule = ["08:00-18:00=10M", "22:00-06:00=unlimited"]
 //! ```
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use ferry_domain::replication::BandwidthWindow;
 use serde::Deserialize;
 
 /// Which accelerator VMs get.
@@ -57,6 +59,9 @@ struct RawConfig {
     qemu_img: Option<PathBuf>,
     /// Host-wide limit on outgoing replication traffic, e.g. `"100M"` (bytes/s).
     replication_bandwidth_limit: Option<String>,
+    /// Time-of-day windows overriding it, e.g. `["08:00-18:00=10M"]`.
+    #[serde(default)]
+    replication_bandwidth_schedule: Vec<String>,
 }
 
 /// The validated configuration.
@@ -82,6 +87,8 @@ pub struct Config {
     pub qemu_img: PathBuf,
     /// Host-wide outgoing replication limit, bytes/s.
     pub replication_bandwidth_limit: Option<u64>,
+    /// Time-of-day windows overriding the host-wide limit (local time).
+    pub replication_bandwidth_schedule: Vec<BandwidthWindow>,
 }
 
 /// Why the configuration was refused.
@@ -189,8 +196,15 @@ impl Config {
                 }
             },
         };
+        let replication_bandwidth_schedule = raw
+            .replication_bandwidth_schedule
+            .iter()
+            .map(|w| w.parse::<BandwidthWindow>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| invalid(format!("replication_bandwidth_schedule: {e}")))?;
         Ok(Self {
             replication_bandwidth_limit,
+            replication_bandwidth_schedule,
             name,
             data_dir: raw.data_dir,
             vm_storage,
@@ -258,6 +272,18 @@ mod tests {
     }
 
     #[test]
+    fn bandwidth_schedule_parses() {
+        let c = Config::parse(
+            "data_dir = \"/d\"\nreplication_bandwidth_limit = \"50M\"\nreplication_bandwidth_schedule = [\"08:00-18:00=10M\", \"22:00-06:00=unlimited\"]",
+            "t",
+        )
+        .unwrap();
+        assert_eq!(c.replication_bandwidth_limit, Some(50 << 20));
+        assert_eq!(c.replication_bandwidth_schedule.len(), 2);
+        assert_eq!(c.replication_bandwidth_schedule[1].limit, 0);
+    }
+
+    #[test]
     fn bad_configs_are_refused_with_one_line() {
         let cases = [
             ("data_dir = \"/d\"\nbogus = 1", "unknown field `bogus`"),
@@ -274,6 +300,10 @@ mod tests {
             ("name = \"x\"", "missing field `data_dir`"),
             ("data_dir = \"/d\"\nname = \"a b\"", "name"),
             ("data_dir = [", "config file t"),
+            (
+                "data_dir = \"/d\"\nreplication_bandwidth_schedule = [\"8-18=1M\"]",
+                "replication_bandwidth_schedule: \"8-18=1M\" is not a schedule window",
+            ),
         ];
         for (text, want) in cases {
             let err = Config::parse(text, "t").unwrap_err().to_string();

@@ -110,6 +110,20 @@ async fn run(args: Args) -> anyhow::Result<()> {
             vm_storage: cfg.vm_storage.display().to_string(),
             default_bridge: cfg.default_bridge.clone(),
             vm_count: 0,
+            replication_bandwidth_limit: None,
+            replication_bandwidth_schedule: cfg
+                .replication_bandwidth_schedule
+                .iter()
+                .map(|w| {
+                    let hm = |m: u32| format!("{:02}:{:02}", m / 60, m % 60);
+                    let rate = if w.limit == 0 {
+                        "unlimited".to_owned()
+                    } else {
+                        w.limit.to_string()
+                    };
+                    format!("{}-{}={rate}", hm(w.from), hm(w.to))
+                })
+                .collect(),
         },
         token: identity.token.clone(),
         replication: replication.clone(),

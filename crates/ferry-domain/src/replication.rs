@@ -154,6 +154,7 @@ pub struct StateError {
 /// The state a request leads to, or why it is refused (Hyper-V's preconditions).
 pub fn on_request(state: ReplicationState, req: Request) -> Result<ReplicationState, StateError> {
     use ReplicationState as S;
+
     let refuse = |request, hint| {
         Err(StateError {
             request,
@@ -318,10 +319,104 @@ impl RetentionPolicy {
     }
 }
 
+/// One window of a bandwidth schedule: from `from` to `to` (minutes of the day, local
+/// time; `to < from` wraps past midnight), outgoing replication is limited to `limit`
+/// bytes/s (0 = unlimited). Written `HH:MM-HH:MM=RATE`, e.g. `08:00-18:00=10M` or
+/// `22:00-06:00=unlimited`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BandwidthWindow {
+    /// Start, minutes after midnight (inclusive).
+    pub from: u32,
+    /// End, minutes after midnight (exclusive; 1440 = midnight).
+    pub to: u32,
+    /// Bytes per second; 0 = unlimited.
+    pub limit: u64,
+}
+
+impl BandwidthWindow {
+    /// Whether minute-of-day `m` falls in the window.
+    pub fn contains(&self, m: u32) -> bool {
+        if self.from <= self.to {
+            (self.from..self.to).contains(&m)
+        } else {
+            m >= self.from || m < self.to
+        }
+    }
+}
+
+impl FromStr for BandwidthWindow {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || {
+            format!("{s:?} is not a schedule window such as \"08:00-18:00=10M\" or \"22:00-06:00=unlimited\"")
+        };
+        let (times, rate) = s.split_once('=').ok_or_else(bad)?;
+        let (from, to) = times.split_once('-').ok_or_else(bad)?;
+        let minute = |t: &str| -> Result<u32, String> {
+            let (h, m) = t.trim().split_once(':').ok_or_else(bad)?;
+            let (h, m): (u32, u32) = (h.parse().map_err(|_| bad())?, m.parse().map_err(|_| bad())?);
+            if m >= 60 || h > 24 || (h == 24 && m != 0) {
+                return Err(bad());
+            }
+            Ok(h * 60 + m)
+        };
+        let (from, to) = (minute(from)?, minute(to)?);
+        if from == to || from == 1440 {
+            return Err(bad());
+        }
+        let rate = rate.trim();
+        let limit = if rate.eq_ignore_ascii_case("unlimited") {
+            0
+        } else {
+            match crate::parse_size(rate) {
+                Ok(n) if n > 0 => n,
+                _ => return Err(bad()),
+            }
+        };
+        Ok(Self { from, to, limit })
+    }
+}
+
+/// The limit in force at minute-of-day `minute`: the first window containing it, else
+/// `default` (0 = unlimited).
+pub fn bandwidth_at(windows: &[BandwidthWindow], default: u64, minute: u32) -> u64 {
+    windows
+        .iter()
+        .find(|w| w.contains(minute))
+        .map_or(default, |w| w.limit)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use ReplicationState as S;
+
+    #[test]
+    fn bandwidth_schedule_windows_parse_and_wrap_midnight() {
+        let day: BandwidthWindow = "08:00-18:00=10M".parse().unwrap();
+        assert_eq!((day.from, day.to, day.limit), (480, 1080, 10 << 20));
+        let night: BandwidthWindow = "22:00-06:00=unlimited".parse().unwrap();
+        assert!(night.contains(23 * 60) && night.contains(0) && night.contains(359));
+        assert!(!night.contains(360) && !night.contains(12 * 60));
+        let all: BandwidthWindow = "00:00-24:00=1M".parse().unwrap();
+        assert!(all.contains(0) && all.contains(1439));
+        for bad in [
+            "",
+            "08:00-18:00",
+            "8-18=1M",
+            "08:00-08:00=1M",
+            "25:00-01:00=1M",
+            "08:60-09:00=1M",
+            "08:00-09:00=0",
+            "08:00-09:00=fast",
+        ] {
+            assert!(bad.parse::<BandwidthWindow>().is_err(), "{bad}");
+        }
+        let w = [day, night];
+        assert_eq!(bandwidth_at(&w, 50, 9 * 60), 10 << 20);
+        assert_eq!(bandwidth_at(&w, 50, 23 * 60), 0);
+        assert_eq!(bandwidth_at(&w, 50, 20 * 60), 50);
+    }
 
     #[test]
     fn intervals_parse_presets_and_any_value_from_5s() {

@@ -602,3 +602,49 @@ fn initial_copy_by_export_and_import() {
         .sum();
     assert_eq!(net, 1 << 20, "bytes sent after the import");
 }
+
+/// The host-wide replication bandwidth limit follows the time-of-day schedule in the config
+/// (local time): a window covering now sets it, outside any window the default applies.
+#[test]
+fn bandwidth_schedule_sets_the_host_limit_by_time_of_day() {
+    let out = Command::new("date").arg("+%H %M").output().unwrap();
+    let now: Vec<u32> = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .map(|x| x.parse().unwrap())
+        .collect();
+    let minute = now[0] * 60 + now[1];
+    let hm = |m: u32| format!("{:02}:{:02}", (m % 1440) / 60, m % 60);
+    // A window from 5 minutes ago to an hour ahead, and one that is not in force now.
+    let current = format!("{}-{}=3M", hm(minute + 1435), hm(minute + 60));
+    let later = format!("{}-{}=unlimited", hm(minute + 120), hm(minute + 180));
+    let a = Host::start(
+        "a",
+        "127.0.0.1",
+        &format!(
+            "replication_bandwidth_limit = \"9M\"\nreplication_bandwidth_schedule = [\"{current}\", \"{later}\"]"
+        ),
+    );
+    let s = a.ferry_json(&["server", "show"]);
+    assert_eq!(s["replication_bandwidth_limit"], 3 << 20, "{s}");
+    assert_eq!(
+        s["replication_bandwidth_schedule"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+    assert!(a
+        .ferry_ok(&["server", "show"])
+        .contains("outgoing limit 3.0 MiB/s now"));
+    let b = Host::start(
+        "b",
+        "127.0.0.2",
+        &format!(
+            "replication_bandwidth_limit = \"9M\"\nreplication_bandwidth_schedule = [\"{later}\"]"
+        ),
+    );
+    assert_eq!(
+        b.ferry_json(&["server", "show"])["replication_bandwidth_limit"],
+        9 << 20
+    );
+}

@@ -97,7 +97,12 @@ impl Shared {
         identity: Arc<Identity>,
         vms: Arc<VmManager>,
     ) -> Arc<Self> {
-        let host_limiter = RateLimiter::shared(cfg.replication_bandwidth_limit);
+        // With a schedule the host limiter always exists; its rate follows the clock.
+        let host_limiter = if cfg.replication_bandwidth_schedule.is_empty() {
+            RateLimiter::shared(cfg.replication_bandwidth_limit)
+        } else {
+            Some(Arc::new(RateLimiter::new(host_limit_now(&cfg))))
+        };
         Arc::new(Self {
             cfg,
             store,
@@ -186,9 +191,50 @@ impl Shared {
     }
 }
 
+/// The host-wide limit the schedule sets for the current local time (0 = unlimited).
+fn host_limit_now(cfg: &Config) -> u64 {
+    ferry_domain::replication::bandwidth_at(
+        &cfg.replication_bandwidth_schedule,
+        cfg.replication_bandwidth_limit.unwrap_or(0),
+        local_minute_of_day(),
+    )
+}
+
+/// Minutes since local midnight (the schedule is in the host's time zone).
+fn local_minute_of_day() -> u32 {
+    // SAFETY: localtime_r only writes the tm we pass; time(NULL) has no preconditions.
+    unsafe {
+        let t = libc::time(std::ptr::null_mut());
+        let mut tm: libc::tm = std::mem::zeroed();
+        if libc::localtime_r(&t, &mut tm).is_null() {
+            return ((t / 60) % 1440) as u32;
+        }
+        (tm.tm_hour * 60 + tm.tm_min) as u32
+    }
+}
+
 /// Starts the engine: partly received cycles recovered (or their layers removed), the
 /// replica server listening if enabled, one task per primary relationship.
 pub async fn start(shared: &Arc<Shared>) -> anyhow::Result<()> {
+    if let (false, Some(limiter)) = (
+        shared.cfg.replication_bandwidth_schedule.is_empty(),
+        shared.host_limiter.clone(),
+    ) {
+        let cfg = shared.cfg.clone();
+        tokio::spawn(async move {
+            loop {
+                let now = host_limit_now(&cfg);
+                if limiter.rate().unwrap_or(0) != now {
+                    limiter.set_rate(now);
+                    info!(
+                        bytes_per_sec = now,
+                        "host replication bandwidth limit changed by the schedule (0 = unlimited)"
+                    );
+                }
+                tokio::time::sleep(std::time::Duration::from_secs(15)).await;
+            }
+        });
+    }
     let staged = replica::recover_staging(&shared.store)?;
     shared
         .replica
