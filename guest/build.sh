@@ -18,7 +18,8 @@ die() { echo "guest/build.sh: $* (install with: apt-get install $PKGS)" >&2; exi
 
 # Modules the guest needs, in no particular order (dependencies are resolved below).
 # button+evdev: the ACPI power button becomes /dev/input/eventN, which /init watches.
-WANT="virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk virtio_net button evdev"
+# virtio_console: virtio-serial ports (the guest agent channel org.qemu.guest_agent.0).
+WANT="virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk virtio_net virtio_console button evdev"
 
 # --- find the kernel --------------------------------------------------------
 KIMG=$(ls -1 /boot/vmlinuz-* 2>/dev/null | sort -V | tail -n 1 || true)

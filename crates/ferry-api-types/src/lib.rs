@@ -293,6 +293,9 @@ pub struct EnableReplicationRequest {
     pub bandwidth_limit: Option<u64>,
     /// Change-tracking granularity in bytes (default 4096).
     pub granularity: Option<u32>,
+    /// Application-consistent points at most this often (a duration such as `1h`).
+    #[serde(default)]
+    pub app_consistent_every: Option<String>,
 }
 
 /// A long operation's progress.
@@ -333,6 +336,9 @@ pub struct ReplicationInfo {
     pub excluded_disks: Vec<usize>,
     /// Tracking granularity.
     pub granularity: u32,
+    /// Application-consistent points at most this often (s); none = crash-consistent only.
+    #[serde(default)]
+    pub app_consistent_every_s: Option<u64>,
     /// Bandwidth limit, bytes/s.
     pub bandwidth_limit: Option<u64>,
     /// The last cycle applied on the replica.
@@ -366,6 +372,9 @@ pub struct RecoveryPointInfo {
     pub bytes: i64,
     /// Per disk index, the image holding the point (top of a qcow2 chain).
     pub layers: Vec<(usize, String)>,
+    /// `crash` or `application` (guest filesystems frozen by the guest agent).
+    #[serde(default)]
+    pub consistency: String,
 }
 
 /// `POST /v1/vms/{name}/replication/import`: the folder holding an exported initial copy

@@ -92,6 +92,10 @@ pub enum ReplicationCmd {
         /// Change-tracking granularity, 4K to 1M (4K ships exactly what 4K writes changed).
         #[arg(long, default_value = "4K")]
         granularity: String,
+        /// Make a recovery point application-consistent (guest filesystems frozen through
+        /// qemu-guest-agent, when the guest runs it) at most this often, e.g. 4h.
+        #[arg(long)]
+        app_consistent_every: Option<String>,
         /// Wait for the initial replication to finish, showing progress.
         #[arg(long)]
         wait: bool,
@@ -299,6 +303,7 @@ pub async fn replication(client: &Client, cmd: ReplicationCmd, out: &Output) -> 
             initial,
             bandwidth_limit,
             granularity,
+            app_consistent_every,
             wait,
         } => {
             let bandwidth_limit = bandwidth_limit
@@ -323,6 +328,7 @@ pub async fn replication(client: &Client, cmd: ReplicationCmd, out: &Output) -> 
                 initial: Some(initial),
                 bandwidth_limit,
                 granularity: Some(u32::try_from(granularity).unwrap_or(u32::MAX)),
+                app_consistent_every,
             };
             let export = req
                 .initial
@@ -407,15 +413,16 @@ pub async fn replication(client: &Client, cmd: ReplicationCmd, out: &Output) -> 
                 return Ok(());
             }
             println!(
-                "{:>6} {:>6} {:<8} {:>20} {:>12}",
-                "ID", "CYCLE", "KIND", "TAKEN AT (UTC)", "BYTES"
+                "{:>6} {:>6} {:<8} {:<12} {:>20} {:>12}",
+                "ID", "CYCLE", "KIND", "CONSISTENCY", "TAKEN AT (UTC)", "BYTES"
             );
             for p in &points {
                 println!(
-                    "{:>6} {:>6} {:<8} {:>20} {:>12}",
+                    "{:>6} {:>6} {:<8} {:<12} {:>20} {:>12}",
                     p.id,
                     p.cycle,
                     p.kind,
+                    p.consistency,
                     time(p.taken_at),
                     p.bytes
                 );
@@ -590,6 +597,9 @@ fn show(out: &Output, i: &ReplicationInfo) -> anyhow::Result<()> {
         if i.compression { "on" } else { "off" }
     );
     println!("Granularity:     {}", human(i.granularity as u64));
+    if let Some(n) = i.app_consistent_every_s {
+        println!("App-consistent:  at most every {n}s (guest agent)");
+    }
     if !i.excluded_disks.is_empty() {
         println!("Excluded disks:  {:?}", i.excluded_disks);
     }

@@ -58,6 +58,7 @@ struct RuntimePaths {
     qmp: PathBuf,
     console: PathBuf,
     pidfile: PathBuf,
+    agent: PathBuf,
 }
 
 fn now_unix() -> i64 {
@@ -89,7 +90,14 @@ impl VmManager {
             qmp: dir.join(format!("{id}.qmp")),
             console: dir.join(format!("{id}.console")),
             pidfile: dir.join(format!("{id}.pid")),
+            agent: dir.join(format!("{id}.qga")),
         }
+    }
+
+    /// The guest agent socket of a VM (present while it runs, whether or not the guest
+    /// runs an agent).
+    pub(crate) fn agent_socket(&self, id: i64) -> PathBuf {
+        self.runtime_paths(id).agent
     }
 
     pub(crate) fn vm_dir(&self, name: &VmName) -> PathBuf {
@@ -605,6 +613,7 @@ impl VmManager {
             console_socket: paths.console.clone(),
             console_log: self.console_log_path(&row.spec.name),
             pidfile: paths.pidfile.clone(),
+            agent_socket: Some(paths.agent.clone()),
         };
         let pid = process::spawn_daemonized(&cmd)
             .await

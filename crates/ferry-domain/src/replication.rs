@@ -552,6 +552,10 @@ pub struct ReplicationSettings {
     /// Change-tracking granularity in bytes (4 KiB ships what a 4 KiB write changed;
     /// QEMU's default 64 KiB ships ~15x more for random small writes).
     pub granularity: u32,
+    /// Take an application-consistent point (guest filesystems frozen through the guest
+    /// agent) at most this often, in seconds; `None` = crash-consistent points only.
+    #[serde(default)]
+    pub app_consistent_every: Option<u64>,
 }
 
 impl ReplicationSettings {
@@ -571,6 +575,14 @@ impl ReplicationSettings {
                 "granularity {} is invalid: use a power of two from 4K to 1M",
                 self.granularity
             ));
+        }
+        if let Some(n) = self.app_consistent_every {
+            if n < self.interval.secs() {
+                return Err(format!(
+                    "application-consistent points every {n}s is more often than the interval ({}s): use at least the interval",
+                    self.interval.secs()
+                ));
+            }
         }
         if self.bandwidth_limit == Some(0) {
             return Err(

@@ -12,6 +12,7 @@
 //! The crate targets QEMU 7.2 (Debian bookworm) and is deliberately tolerant
 //! of newer versions: replies are decoded leniently and unknown fields ignored.
 
+pub mod agent;
 pub mod cbt;
 pub mod img;
 pub mod process;

@@ -248,6 +248,9 @@ pub struct QemuCommand {
     pub console_log: PathBuf,
     /// File QEMU writes its pid to.
     pub pidfile: PathBuf,
+    /// Unix socket QEMU listens on for the guest agent channel (a virtio-serial port
+    /// named `org.qemu.guest_agent.0`); `None` gives the VM no agent channel.
+    pub agent_socket: Option<PathBuf>,
 }
 
 impl QemuCommand {
@@ -284,7 +287,18 @@ impl QemuCommand {
         // The binary may be a bare name resolved through PATH; only its
         // commas would matter, and it never lands in an option string.
 
-        for (what, path) in [("QMP", &self.qmp_socket), ("console", &self.console_socket)] {
+        if let Some(agent) = &self.agent_socket {
+            check_path("guest agent socket", agent)?;
+        }
+        let agent = self.agent_socket.as_ref();
+        for (what, path) in [
+            ("QMP", Some(&self.qmp_socket)),
+            ("console", Some(&self.console_socket)),
+            ("guest agent", agent),
+        ]
+        .into_iter()
+        .filter_map(|(w, p)| p.map(|p| (w, p)))
+        {
             let len = path.as_os_str().len();
             if len > SUN_PATH_MAX {
                 return Err(ProcessError::SocketPathTooLong {
@@ -345,6 +359,18 @@ impl QemuCommand {
         serial.push(",logappend=on");
         a.push2("-chardev", serial);
         a.push2("-serial", "chardev:serial0");
+
+        if let Some(agent) = &self.agent_socket {
+            a.push2(
+                "-chardev",
+                opt("socket,id=qga0,path=", agent, ",server=on,wait=off"),
+            );
+            a.push2("-device", "virtio-serial-pci,id=vser0");
+            a.push2(
+                "-device",
+                "virtserialport,bus=vser0.0,chardev=qga0,name=org.qemu.guest_agent.0",
+            );
+        }
 
         for (i, disk) in self.disks.iter().enumerate() {
             let file = format!("driver=file,node-name=file{i},filename=");
@@ -536,6 +562,9 @@ pub async fn spawn_daemonized(cmd: &QemuCommand) -> Result<u32, ProcessError> {
     // mistaken for the new VM's if QEMU failed before writing it.
     for path in [&cmd.qmp_socket, &cmd.console_socket, &cmd.pidfile] {
         remove_stale(path)?;
+    }
+    if let Some(agent) = &cmd.agent_socket {
+        remove_stale(agent)?;
     }
 
     let mut command = Command::new(&cmd.binary);
@@ -833,6 +862,7 @@ mod tests {
             nics: vec![],
             qmp_socket: "/run/ferry/web1/qmp.sock".into(),
             console_socket: "/run/ferry/web1/console.sock".into(),
+            agent_socket: None,
             console_log: "/var/log/ferry/web1-console.log".into(),
             pidfile: "/run/ferry/web1/qemu.pid".into(),
         }

@@ -33,6 +33,7 @@ const MIGRATIONS: &[&str] = &[
     CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);",
     // 2: replication relationships, recovery points, cycle history.
     replication::MIGRATION,
+    replication::MIGRATION_CONSISTENCY,
 ];
 
 /// The encoding version of `vms.spec` (JSON of [`VmSpec`]).

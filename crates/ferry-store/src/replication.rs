@@ -56,6 +56,8 @@ pub struct PointRow {
     pub layers: Vec<(usize, String)>,
     /// Bytes received for it.
     pub bytes: i64,
+    /// `crash` or `application` (guest filesystems were frozen).
+    pub consistency: String,
 }
 
 /// One finished cycle (either outcome), for statistics.
@@ -120,6 +122,10 @@ pub(crate) const MIGRATION: &str = "
         error TEXT
     );
     CREATE INDEX cycles_by_vm ON cycles (vm_id, id);";
+
+/// Migration 3: whether a recovery point is crash- or application-consistent.
+pub(crate) const MIGRATION_CONSISTENCY: &str =
+    "ALTER TABLE recovery_points ADD COLUMN consistency TEXT NOT NULL DEFAULT 'crash';";
 
 const COLS: &str = "vm_id, role, partner_name, partner_addr, partner_fingerprint, settings, state, generation, last_cycle, last_point_at, last_error, created_at";
 
@@ -268,7 +274,7 @@ impl Store {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         tx.execute(
-            "INSERT INTO recovery_points (vm_id, cycle, taken_at, applied_at, kind, layers, bytes) VALUES (?1,?2,?3,?4,?5,?6,?7)",
+            "INSERT INTO recovery_points (vm_id, cycle, taken_at, applied_at, kind, layers, bytes, consistency) VALUES (?1,?2,?3,?4,?5,?6,?7,?8)",
             params![
                 p.vm_id,
                 p.cycle,
@@ -276,7 +282,8 @@ impl Store {
                 p.applied_at,
                 p.kind,
                 serde_json::to_string(&p.layers).expect("layers serialize"),
-                p.bytes
+                p.bytes,
+                p.consistency
             ],
         )?;
         let id = tx.last_insert_rowid();
@@ -292,7 +299,7 @@ impl Store {
     pub fn list_points(&self, vm_id: i64) -> Result<Vec<PointRow>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn.prepare(
-            "SELECT id, vm_id, cycle, taken_at, applied_at, kind, layers, bytes FROM recovery_points WHERE vm_id = ?1 ORDER BY cycle",
+            "SELECT id, vm_id, cycle, taken_at, applied_at, kind, layers, bytes, consistency FROM recovery_points WHERE vm_id = ?1 ORDER BY cycle",
         )?;
         let rows = stmt
             .query_map([vm_id], |r| {
@@ -305,12 +312,13 @@ impl Store {
                     r.get::<_, String>(5)?,
                     r.get::<_, String>(6)?,
                     r.get::<_, i64>(7)?,
+                    r.get::<_, String>(8)?,
                 ))
             })?
             .collect::<Result<Vec<_>, _>>()?;
         rows.into_iter()
             .map(
-                |(id, vm_id, cycle, taken_at, applied_at, kind, layers, bytes)| {
+                |(id, vm_id, cycle, taken_at, applied_at, kind, layers, bytes, consistency)| {
                     Ok(PointRow {
                         id,
                         vm_id,
@@ -321,6 +329,7 @@ impl Store {
                         layers: serde_json::from_str(&layers)
                             .map_err(|e| corrupt("recovery point", e))?,
                         bytes,
+                        consistency,
                     })
                 },
             )
@@ -399,6 +408,7 @@ mod tests {
                 initial: InitialMethod::Network,
                 bandwidth_limit: None,
                 granularity: 4096,
+                app_consistent_every: None,
             },
             state: ReplicationState::InitialReplicationInProgress,
             generation: 1,
@@ -446,6 +456,7 @@ mod tests {
                 kind: "initial".into(),
                 layers: vec![(0, "/x/p1/disk0.qcow2".into())],
                 bytes: 4096,
+                consistency: "application".into(),
             };
             store.commit_point(&p, &r).unwrap();
             // The same cycle twice is refused: a point is committed once.
@@ -459,6 +470,7 @@ mod tests {
         let points = store.list_points(vm_id).unwrap();
         assert_eq!(points.len(), 1);
         assert_eq!(points[0].layers, vec![(0, "/x/p1/disk0.qcow2".to_owned())]);
+        assert_eq!(points[0].consistency, "application");
         store.delete_replication(vm_id).unwrap();
         assert!(store.replication(vm_id).unwrap().is_none());
         assert!(store.list_points(vm_id).unwrap().is_empty());

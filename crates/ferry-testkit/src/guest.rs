@@ -11,6 +11,16 @@
 //! Console protocol (one line each, on ttyS0): `GUEST: NET <if>`, `GUEST: READY ...`,
 //! `GUEST: WROTE seq=N blk=B`, `GUEST: DONE last_seq=N`, `GUEST: POWERDOWN`; see
 //! [`parse_console`].
+//!
+//! Guest agent: when QEMU gives the guest a virtio-serial port named
+//! `org.qemu.guest_agent.0`, the guest answers a subset of the QGA protocol on it (one JSON
+//! command per line, one JSON reply per line): `guest-sync`, `guest-ping`,
+//! `guest-fsfreeze-freeze` / `-thaw` / `-status`; anything else gets a `CommandNotFound`
+//! error. Freezing lets the write in flight complete and pauses the writer before the next
+//! one; the guest then prints `GUEST: FROZEN seq=N` (N = the last announced write, so a
+//! disk copy taken while frozen verifies with `last_seq == N`) before replying
+//! `{"return": 1}`. Thawing prints `GUEST: THAWED` and the writes resume. The agent also
+//! prints `GUEST: AGENT <device>` once it listens.
 
 /// Size of one guest write (and of one model block), in bytes.
 pub const BLOCK_SIZE: usize = 4096;
@@ -254,6 +264,18 @@ pub struct ConsoleReport {
     pub done: Option<u64>,
     /// A `GUEST: POWERDOWN` line was seen (the guest handled the ACPI power button).
     pub powerdown: bool,
+    /// `N` of every `GUEST: FROZEN seq=N` line, in order: the guest agent froze the writer
+    /// after write `N` (the last write announced before the freeze).
+    pub frozen: Vec<u64>,
+    /// Number of `GUEST: THAWED` lines (the guest agent let the writer resume).
+    pub thawed: u64,
+}
+
+impl ConsoleReport {
+    /// The writer is frozen at the end of the log: more `FROZEN` than `THAWED` lines.
+    pub fn is_frozen(&self) -> bool {
+        self.frozen.len() as u64 > self.thawed
+    }
 }
 
 /// Parses a guest console log. Tolerates `\r`, kernel messages and partial last lines;
@@ -279,6 +301,12 @@ pub fn parse_console(log: &str) -> ConsoleReport {
                 }
             } else if msg.starts_with("POWERDOWN") {
                 report.powerdown = true;
+            } else if let Some(rest) = msg.strip_prefix("FROZEN seq=") {
+                if let Some(n) = number(rest) {
+                    report.frozen.push(n);
+                }
+            } else if msg.starts_with("THAWED") {
+                report.thawed += 1;
             }
         }
     }
@@ -476,11 +504,37 @@ mod tests {
                 ready: true,
                 last_wrote_seq: Some(2),
                 done: Some(2),
-                powerdown: true
+                powerdown: true,
+                frozen: vec![],
+                thawed: 0,
             }
         );
         assert_eq!(parse_console(""), ConsoleReport::default());
         let r = parse_console("GUEST: READY no-disk\n");
         assert!(r.ready && r.last_wrote_seq.is_none() && !r.powerdown);
+    }
+
+    #[test]
+    fn parse_console_freeze_thaw() {
+        // Shape of a real boot with the guest agent port (freeze, thaw, freeze).
+        let log = "GUEST: AGENT /dev/vport0p1\r\n\
+                   GUEST: READY vda_blocks=1024 writes=0 interval=0.1 seed=12345 start=1\r\n\
+                   GUEST: WROTE seq=4 blk=757\r\n\
+                   GUEST: WROTE seq=5 blk=12\r\n\
+                   GUEST: FROZEN seq=5\r\n\
+                   GUEST: THAWED\r\n\
+                   GUEST: WROTE seq=6 blk=300\r\n\
+                   [  9.1] noise GUEST: FROZEN seq=6\r\n\
+                   GUEST: FROZEN seq=";
+        let r = parse_console(log);
+        assert_eq!(r.frozen, vec![5, 6]);
+        assert_eq!(r.thawed, 1);
+        assert!(r.is_frozen());
+        assert_eq!(r.last_wrote_seq, Some(6));
+        let r = parse_console(&format!("{log}\nGUEST: THAWED\nGUEST: WROTE seq=7 blk=1\n"));
+        assert_eq!((r.frozen.len(), r.thawed), (2, 2));
+        assert!(!r.is_frozen());
+        let r = parse_console("GUEST: READY no-disk\n");
+        assert!(r.frozen.is_empty() && r.thawed == 0 && !r.is_frozen());
     }
 }

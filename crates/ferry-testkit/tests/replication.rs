@@ -206,6 +206,8 @@ fn replication_ships_exact_recovery_points_and_ends_byte_identical() {
         "2",
         "--point-spacing",
         "5s",
+        "--app-consistent-every",
+        "5s",
         "--wait",
     ]);
     println!("{out}");
@@ -221,8 +223,10 @@ fn replication_ships_exact_recovery_points_and_ends_byte_identical() {
     assert_eq!(bst["role"], "replica");
     assert_eq!(bst["partner"], "a");
 
-    // 3. Cycles: every newest point is a prefix of the writes, and later points hold more.
+    // 3. Cycles: every newest point is a prefix of the writes, and later points hold more;
+    //    application-consistent points (every 5 s at most) match a freeze of the guest.
     let mut last_seq = 0;
+    let mut app_points = std::collections::BTreeSet::new();
     for round in 0..3 {
         let cycle = status(&a, "app")["last_cycle"].as_i64().unwrap();
         wait_for("a new cycle", Duration::from_secs(60), || {
@@ -233,8 +237,21 @@ fn replication_ships_exact_recovery_points_and_ends_byte_identical() {
         let pts = points(&b, "app");
         assert!(!pts.is_empty() && pts.len() <= 3, "retention kept {pts:?}");
         let mut seqs = Vec::new();
+        let frozen = parse_console(&a.console("app")).frozen;
         for p in &pts {
-            seqs.push(verify_point(p));
+            let seq = verify_point(p);
+            // An application-consistent point holds exactly the writes done when the
+            // guest agent quiesced the guest (the FROZEN line), nothing after.
+            if p["consistency"] == "application" {
+                assert!(
+                    frozen.contains(&seq),
+                    "point {p} holds writes up to {seq}, the guest froze at {frozen:?}"
+                );
+                app_points.insert(p["id"].as_i64().unwrap());
+            } else {
+                assert_eq!(p["consistency"], "crash", "{p}");
+            }
+            seqs.push(seq);
         }
         println!(
             "round {round}: points {:?} hold writes up to {seqs:?}",
@@ -246,6 +263,16 @@ fn replication_ships_exact_recovery_points_and_ends_byte_identical() {
         last_seq = newest;
         a.ferry_ok(&["replication", "resume", "app"]);
     }
+    assert!(
+        !app_points.is_empty(),
+        "no application-consistent point was taken"
+    );
+    let report = parse_console(&a.console("app"));
+    assert!(!report.is_frozen(), "the guest was left frozen");
+    println!(
+        "application-consistent points {app_points:?}; the guest froze at {:?}",
+        report.frozen
+    );
     // Retention: the latest point plus the newest of each of the 2 previous 5 s periods,
     // after a few cycles at the interval.
     std::thread::sleep(Duration::from_secs(16));

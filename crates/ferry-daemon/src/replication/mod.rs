@@ -87,6 +87,8 @@ pub struct Shared {
     tasks: Mutex<HashMap<i64, tokio::task::JoinHandle<()>>>,
     /// Recovery points in use (test failover, failover), never merged away.
     pinned: Mutex<HashMap<i64, Vec<i64>>>,
+    /// When an application-consistent point was last attempted, per VM (UNIX s).
+    pub(crate) app_consistent_tried: Mutex<HashMap<i64, i64>>,
 }
 
 impl Shared {
@@ -116,6 +118,7 @@ impl Shared {
             limiters: Mutex::new(HashMap::new()),
             tasks: Mutex::new(HashMap::new()),
             pinned: Mutex::new(HashMap::new()),
+            app_consistent_tried: Mutex::new(HashMap::new()),
         })
     }
 
@@ -291,6 +294,7 @@ pub fn info(shared: &Shared, vm: &VmName, rel: &ReplicationRow) -> ReplicationIn
         compression: rel.settings.compression,
         excluded_disks: rel.settings.excluded_disks.clone(),
         granularity: rel.settings.granularity,
+        app_consistent_every_s: rel.settings.app_consistent_every,
         bandwidth_limit: rel.settings.bandwidth_limit,
         last_cycle: rel.last_cycle,
         last_point_at: rel.last_point_at,
@@ -349,6 +353,7 @@ pub fn points(shared: &Shared, name: &str) -> Result<Vec<RecoveryPointInfo>, Api
             kind: p.kind,
             bytes: p.bytes,
             layers: p.layers,
+            consistency: p.consistency,
         })
         .collect())
 }
@@ -397,6 +402,10 @@ fn parse_settings(
         initial,
         bandwidth_limit: req.bandwidth_limit,
         granularity: req.granularity.unwrap_or(4096),
+        app_consistent_every: match &req.app_consistent_every {
+            Some(s) => Some(parse_duration(s).map_err(bad)?.as_secs()),
+            None => None,
+        },
     };
     settings.validate(disks).map_err(bad)?;
     Ok(settings)

@@ -25,6 +25,7 @@ use bytes::Bytes;
 use ferry_domain::replication::InitialMethod;
 use ferry_domain::{ReplicationState, Role, VmName};
 use ferry_nbd::{Extent as NbdExtent, NbdClient, BASE_ALLOCATION, STATE_ZERO};
+use ferry_qemu::agent::GuestAgent;
 use ferry_qemu::cbt::{self, BitmapState, FleecePoint, NodeSpec, OfflineExport};
 use ferry_store::{CycleRow, ReplicationRow, VmRow};
 use ferry_wire::{BatchBuilder, Extent, FrameReader, FrameWriter, SpoolReader, SpoolWriter};
@@ -86,6 +87,9 @@ pub struct Pending {
     pub spool_bytes: u64,
     /// When capture started (UNIX ms).
     pub started_ms: i64,
+    /// The guest's filesystems were frozen through its agent for the point.
+    #[serde(default)]
+    pub app_consistent: bool,
 }
 
 fn spool_dir(shared: &Shared, vm_id: i64) -> PathBuf {
@@ -364,6 +368,12 @@ async fn capture(shared: &Arc<Shared>, rel: &ReplicationRow) -> anyhow::Result<(
                 size: *size,
             })
             .collect();
+        // Application-consistent when due and the guest runs an agent: its filesystems are
+        // frozen only around the (millisecond) transaction that creates the point.
+        let mut agent = match due_app_consistent(shared, rel) {
+            true => freeze_guest(shared, &vm).await,
+            false => None,
+        };
         let fleece = FleecePoint::create_with(
             &shared.cfg.qemu_img,
             &qmp,
@@ -374,7 +384,14 @@ async fn capture(shared: &Arc<Shared>, rel: &ReplicationRow) -> anyhow::Result<(
             gran,
             cycle as u64,
         )
-        .await?;
+        .await;
+        let app_consistent = agent.is_some();
+        if let Some(a) = agent.as_mut() {
+            if let Err(e) = a.thaw(AGENT_TIMEOUT).await {
+                warn!(vm = %name, error = %e, "thawing the guest's filesystems failed");
+            }
+        }
+        let fleece = fleece?;
         let taken_at = now_unix();
         let context = fleece.meta_context();
         let sources: Vec<Source> = disks
@@ -400,6 +417,7 @@ async fn capture(shared: &Arc<Shared>, rel: &ReplicationRow) -> anyhow::Result<(
                     dirty_bytes,
                     spool_bytes,
                     started_ms,
+                    app_consistent,
                 };
                 write_meta(&meta_path, &p)?;
                 set_generation(shared, rel.vm_id, new_gen_no);
@@ -567,6 +585,8 @@ async fn capture_offline(
                 dirty_bytes,
                 spool_bytes,
                 started_ms,
+                // The VM is off: nothing runs inside to be inconsistent.
+                app_consistent: false,
             };
             write_meta(meta_path, &p)?;
             set_generation(shared, rel.vm_id, new_gen_no);
@@ -827,6 +847,60 @@ async fn export_initial(
     Ok(())
 }
 
+/// How long the guest agent may take to answer a sync or a thaw.
+const AGENT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long it may take to freeze the guest's filesystems.
+const FREEZE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Whether this cycle should try an application-consistent point (and marks the attempt,
+/// so a guest without an agent costs the wait once per period, not every cycle).
+fn due_app_consistent(shared: &Shared, rel: &ReplicationRow) -> bool {
+    let Some(every) = rel.settings.app_consistent_every else {
+        return false;
+    };
+    let now = now_unix();
+    let mut tried = shared.app_consistent_tried.lock().expect("tried");
+    let last = tried.get(&rel.vm_id).copied().unwrap_or(0);
+    if now - last < every as i64 {
+        return false;
+    }
+    tried.insert(rel.vm_id, now);
+    true
+}
+
+/// Freezes the guest's filesystems through its agent; `None` (crash-consistent point,
+/// reason logged and recorded as an event) when there is no agent or it fails.
+async fn freeze_guest(shared: &Shared, vm: &VmRow) -> Option<GuestAgent> {
+    let socket = shared.vms.agent_socket(vm.id);
+    let mut agent = match GuestAgent::connect(&socket, AGENT_TIMEOUT).await {
+        Ok(a) => a,
+        Err(e) => {
+            shared.events.emit_id(
+                vm.id,
+                "app_consistent_skipped",
+                &format!("crash-consistent point instead of application-consistent: {e}"),
+            );
+            return None;
+        }
+    };
+    match agent.freeze(FREEZE_TIMEOUT).await {
+        Ok(n) => {
+            info!(vm = %vm.spec.name, filesystems = n, "guest filesystems frozen");
+            Some(agent)
+        }
+        Err(e) => {
+            // A freeze that timed out may still happen: thaw to be sure.
+            let _ = agent.thaw(AGENT_TIMEOUT).await;
+            shared.events.emit_id(
+                vm.id,
+                "app_consistent_skipped",
+                &format!("crash-consistent point instead of application-consistent: {e}"),
+            );
+            None
+        }
+    }
+}
+
 /// A connection to the replica server that got past Hello.
 pub struct Session {
     reader: FrameReader<tokio::io::ReadHalf<peer::PeerStream>>,
@@ -927,6 +1001,7 @@ async fn ship(shared: &Arc<Shared>, rel: &ReplicationRow, p: &Pending) -> anyhow
                 from_batch: from,
                 batches: p.frames,
                 bytes: p.data_bytes,
+                app_consistent: p.app_consistent,
             })
             .await?;
         let mut spool = SpoolReader::open_at(&spool_path, from).await?;

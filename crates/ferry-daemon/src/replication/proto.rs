@@ -101,6 +101,9 @@ pub enum Msg {
         batches: u64,
         /// Data bytes in the whole cycle.
         bytes: u64,
+        /// The guest's filesystems were frozen (guest agent) when the point was taken.
+        #[serde(default)]
+        app_consistent: bool,
     },
     /// Primary → replica: every batch of the cycle was sent.
     CycleEnd {

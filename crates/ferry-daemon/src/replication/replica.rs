@@ -319,6 +319,7 @@ where
             from_batch,
             batches,
             bytes,
+            app_consistent,
         } = msg
         else {
             bail!("unexpected message from the primary: {msg:?}");
@@ -363,6 +364,7 @@ where
             from_batch,
             batches,
             bytes,
+            app_consistent,
         )
         .await
         {
@@ -611,6 +613,7 @@ async fn receive_cycle<R: AsyncRead + Unpin>(
     from_batch: u64,
     batches: u64,
     bytes: u64,
+    app_consistent: bool,
 ) -> anyhow::Result<i64> {
     let vm = shared
         .store
@@ -798,6 +801,12 @@ async fn receive_cycle<R: AsyncRead + Unpin>(
             .map(|(d, p)| (*d, p.display().to_string()))
             .collect(),
         bytes: bytes as i64,
+        consistency: if app_consistent {
+            "application"
+        } else {
+            "crash"
+        }
+        .to_owned(),
     };
     let id = shared.store.commit_point(&point, &rel)?;
     let _ = std::fs::remove_file(vm_dir.join(STAGING_FILE));
@@ -923,6 +932,7 @@ pub async fn import_initial(shared: &Arc<Shared>, vm_id: i64, dir: &Path) -> any
         0,
         manifest.frames,
         manifest.data_bytes,
+        false,
     )
     .await
     .with_context(|| format!("importing {}", data.display()))?;
