@@ -41,6 +41,8 @@ use crate::peer;
 
 /// Bytes read from a disk per NBD request while capturing.
 const READ_CHUNK: u64 = 1 << 20;
+/// Reads in flight at once while capturing (pipelined NBD requests).
+const READ_AHEAD: usize = 8;
 /// Payload of one extent batch (one frame).
 const BATCH_PAYLOAD: usize = 1 << 20;
 /// A frame that cannot be sent for this long means the link is dead (a partition gives no
@@ -750,39 +752,63 @@ async fn read_to_spool(
             let _ = client.disconnect().await;
             continue;
         }
+        // Pieces in disk order: zero ranges whole, data ranges cut into reads of at most
+        // READ_CHUNK, read READ_AHEAD at a time with the NBD requests pipelined.
+        let mut pieces: Vec<(u64, u64, bool)> = Vec::new();
         for (offset, len, zero) in ranges {
             if offset.checked_add(len).is_none_or(|end| end > s.size) {
                 bail!("the NBD server reported an extent beyond disk {}", s.disk);
             }
             if zero {
-                for b in builder.push(Extent::zeroes(s.disk as u16, offset, len)) {
-                    spool.append_batch(&b, compress).await?;
-                }
+                pieces.push((offset, len, true));
                 continue;
             }
             let mut pos = offset;
             while pos < offset + len {
                 let n = READ_CHUNK.min(offset + len - pos);
-                let mut buf = vec![0u8; n as usize];
-                client.read(pos, &mut buf).await?;
-                let ext = if buf.iter().all(|&b| b == 0) {
+                pieces.push((pos, n, false));
+                pos += n;
+            }
+        }
+        for window in pieces.chunks(READ_AHEAD) {
+            let mut bufs: Vec<Vec<u8>> = window
+                .iter()
+                .map(|&(_, n, zero)| {
+                    if zero {
+                        Vec::new()
+                    } else {
+                        vec![0u8; n as usize]
+                    }
+                })
+                .collect();
+            client
+                .read_many(
+                    window
+                        .iter()
+                        .zip(bufs.iter_mut())
+                        .filter(|((_, _, zero), _)| !zero)
+                        .map(|((pos, _, _), buf)| (*pos, buf.as_mut_slice())),
+                )
+                .await?;
+            for (&(pos, n, zero), buf) in window.iter().zip(bufs) {
+                let ext = if zero {
+                    Extent::zeroes(s.disk as u16, pos, n)
+                } else if buf.iter().all(|&b| b == 0) {
+                    done += n;
                     if scope == Scope::Allocated {
-                        pos += n;
-                        done += n;
                         continue;
                     }
                     Extent::zeroes(s.disk as u16, pos, n)
                 } else {
+                    done += n;
                     data_bytes += n;
                     Extent::data(s.disk as u16, pos, Bytes::from(buf))
                 };
                 for b in builder.push(ext) {
                     spool.append_batch(&b, compress).await?;
                 }
-                pos += n;
-                done += n;
-                shared.set_progress(rel.vm_id, "reading", done, dirty_bytes);
             }
+            shared.set_progress(rel.vm_id, "reading", done, dirty_bytes);
         }
         let _ = client.disconnect().await;
     }

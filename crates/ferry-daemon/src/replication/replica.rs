@@ -706,11 +706,12 @@ async fn receive_cycle<R: AsyncRead + Unpin>(
                 FrameKind::ExtentBatch => {
                     let batch = frame.batch()?;
                     batch.expect_seq(expected)?;
+                    // Checked first: a bad extent applies nothing of its batch.
                     for ext in &batch.extents {
                         let disk = ext.disk as usize;
-                        let w = writers.get_mut(&disk).ok_or_else(|| {
-                            anyhow!("extent for disk {disk}, which is not replicated")
-                        })?;
+                        if !writers.contains_key(&disk) {
+                            bail!("extent for disk {disk}, which is not replicated");
+                        }
                         let size = disk_sizes
                             .iter()
                             .find(|d| d.0 == disk)
@@ -723,10 +724,20 @@ async fn receive_cycle<R: AsyncRead + Unpin>(
                                 ext.len()
                             );
                         }
-                        match &ext.kind {
-                            ExtentKind::Data(d) => w.client().write(ext.offset, d).await?,
-                            ExtentKind::Zeroes(n) => {
-                                w.client().write_zeroes(ext.offset, *n).await?
+                    }
+                    // Per disk: the batch's data extents as one pipelined write (extents
+                    // of one cycle never overlap), zeroes one by one.
+                    for (disk, w) in writers.iter_mut() {
+                        let data = batch.extents.iter().filter_map(|e| match &e.kind {
+                            ExtentKind::Data(d) if e.disk as usize == *disk => {
+                                Some((e.offset, d.as_ref()))
+                            }
+                            _ => None,
+                        });
+                        w.client().write_many(data, Default::default()).await?;
+                        for e in batch.extents.iter().filter(|e| e.disk as usize == *disk) {
+                            if let ExtentKind::Zeroes(n) = &e.kind {
+                                w.client().write_zeroes(e.offset, *n).await?;
                             }
                         }
                     }
