@@ -9,10 +9,11 @@ need_apt=0
 if ! command -v qemu-system-x86_64 >/dev/null || ! qemu-img --version 2>/dev/null | grep -q 'version 7\.2'; then
   need_apt=1
 fi
-for f in /bin/busybox /usr/sbin/modinfo /usr/bin/cpio /usr/bin/flock /usr/bin/nbdinfo; do
+for f in /bin/busybox /usr/sbin/modinfo /usr/bin/cpio /usr/bin/flock /usr/bin/nbdinfo /usr/bin/sqlite3 /usr/bin/curl; do
   [ -e "$f" ] || need_apt=1
 done
 ls /boot/vmlinuz-* >/dev/null 2>&1 || need_apt=1
+command -v python3 >/dev/null || need_apt=1
 if [ -e /bin/busybox ] && ! file -L /bin/busybox 2>/dev/null | grep -q 'statically linked'; then
   need_apt=1
 fi
@@ -24,7 +25,8 @@ if [ "$need_apt" = 1 ]; then
   V=$(apt-cache policy qemu-system-x86 | awk '/Candidate:/ {print $2}')
   apt-get install -y -qq --allow-downgrades \
     "qemu-system-x86=$V" "qemu-utils=$V" "qemu-block-extra=$V" \
-    busybox-static linux-image-amd64 cpio kmod file util-linux libnbd-bin iproute2 >/dev/null
+    busybox-static linux-image-amd64 cpio kmod file util-linux libnbd-bin iproute2 \
+    sqlite3 curl python3 >/dev/null
 fi
 qemu-system-x86_64 --version | head -n 1
 qemu-img --version | head -n 1

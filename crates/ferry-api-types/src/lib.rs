@@ -385,3 +385,80 @@ pub struct ImportRequest {
     /// Absolute path of the folder (`export.json` and `initial.ferry`).
     pub dir: String,
 }
+
+/// `GET /v1/vms/{name}/replication/health`: Hyper-V's "View Replication Health" for one
+/// relationship, over the current monitoring window.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReplicationHealthInfo {
+    /// The VM.
+    pub vm: String,
+    /// `primary` or `replica`.
+    pub role: String,
+    /// Replication state (API name) and its label.
+    pub state: String,
+    /// Hyper-V's label for the state.
+    pub state_label: String,
+    /// `normal`, `warning` or `critical`.
+    pub health: String,
+    /// Why, one sentence per rule that applies (empty when normal).
+    pub details: Vec<String>,
+    /// Primary server's name.
+    pub primary_server: String,
+    /// Replica server's name.
+    pub replica_server: String,
+    /// Start of the monitoring window (UNIX s).
+    pub from_time: i64,
+    /// End of the window: now (UNIX s).
+    pub to_time: i64,
+    /// Average bytes per successful cycle (as sent).
+    pub average_size: u64,
+    /// Largest cycle (bytes sent).
+    pub maximum_size: u64,
+    /// Average cycle latency (capture to committed), ms.
+    pub average_latency_ms: u64,
+    /// Longest cycle latency, ms.
+    pub maximum_latency_ms: u64,
+    /// Failed cycles in the window.
+    pub errors: u64,
+    /// Successful cycles in the window.
+    pub successful_cycles: u64,
+    /// Cycles expected in the window but not done.
+    pub missed_cycles: u64,
+    /// Cycles expected in the window.
+    pub expected_cycles: u64,
+    /// Bytes captured and not yet on the replica (primary).
+    pub pending_bytes: u64,
+    /// When the newest complete recovery point was taken (UNIX s).
+    pub last_synchronized_at: Option<i64>,
+    /// Now minus that, in seconds: the data that a failure now would lose, in time.
+    pub rpo_s: Option<i64>,
+    /// Data bytes (before compression) of the window's successful cycles.
+    pub data_bytes: u64,
+    /// Bytes sent (primary) or received (replica) in the window.
+    pub network_bytes: u64,
+    /// Bytes sent by resynchronizations in the window.
+    pub resynchronized_bytes: u64,
+    /// `running` or `not running` (replica side; test failover arrives with failover).
+    pub test_failover_status: String,
+    /// When the last test failover started (UNIX s).
+    pub last_test_failover_at: Option<i64>,
+}
+
+/// One event (`GET /v1/events`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventInfo {
+    /// Sequence number: pass it as `after` to get only newer events.
+    pub id: i64,
+    /// When (UNIX ms).
+    pub at_ms: i64,
+    /// The VM, if any.
+    pub vm: Option<String>,
+    /// Stable code of the kind.
+    pub code: u32,
+    /// Kind.
+    pub kind: String,
+    /// `info`, `warning`, `error`.
+    pub severity: String,
+    /// What happened.
+    pub message: String,
+}

@@ -73,6 +73,18 @@ enum Command {
     /// Replication of VMs: enable, status, recovery points, suspend/resume, remove.
     #[command(subcommand)]
     Replication(replication::ReplicationCmd),
+    /// The event log: replication state and health changes, errors, resyncs.
+    Events {
+        /// Only this VM's events.
+        #[arg(long)]
+        vm: Option<String>,
+        /// Keep printing new events as they happen.
+        #[arg(long)]
+        follow: bool,
+        /// How many of the latest events to show first.
+        #[arg(long, default_value_t = 50)]
+        last: usize,
+    },
 }
 
 #[derive(Subcommand)]
@@ -243,6 +255,9 @@ async fn run(cli: Cli, out: &Output) -> anyhow::Result<()> {
         Command::Vm(cmd) => vm(&client, cmd, out).await?,
         Command::ReplicaServer(cmd) => replication::replica_server(&client, cmd, out).await?,
         Command::Replication(cmd) => replication::replication(&client, cmd, out).await?,
+        Command::Events { vm, follow, last } => {
+            replication::events(&client, vm.as_deref(), follow, last, out).await?
+        }
     }
     Ok(())
 }

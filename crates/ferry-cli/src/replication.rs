@@ -7,8 +7,9 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::Subcommand;
 use ferry_api_types::{
-    ActionReply, AuthorizationEntry, EnableReplicationRequest, ImportRequest, Progress,
-    RecoveryPointInfo, ReplicaServerInfo, ReplicaServerSetRequest, ReplicationInfo,
+    ActionReply, AuthorizationEntry, EnableReplicationRequest, EventInfo, ImportRequest, Progress,
+    RecoveryPointInfo, ReplicaServerInfo, ReplicaServerSetRequest, ReplicationHealthInfo,
+    ReplicationInfo,
 };
 use ferry_client::{Client, Endpoint};
 
@@ -128,6 +129,18 @@ pub enum ReplicationCmd {
     },
     /// Every replicated VM on this host.
     List,
+    /// Replication health and statistics over the monitoring window (Hyper-V's "View
+    /// Replication Health"): of one VM, or of every VM on this host.
+    Health {
+        /// The VM (all when omitted).
+        vm: Option<String>,
+        /// Also save the figures as CSV (one row per VM) to this file.
+        #[arg(long)]
+        csv: Option<PathBuf>,
+        /// Reset the statistics first: a new monitoring window starts.
+        #[arg(long, requires = "vm")]
+        reset: bool,
+    },
     /// The recovery points of a replica VM (on the replica server).
     Points {
         /// The VM.
@@ -472,12 +485,194 @@ pub async fn replication(client: &Client, cmd: ReplicationCmd, out: &Output) -> 
             }
             show(out, &info)
         }
+        ReplicationCmd::Health { vm, csv, reset } => {
+            let list: Vec<ReplicationHealthInfo> = match &vm {
+                Some(vm) if reset => {
+                    vec![
+                        client
+                            .post(&vm_path(vm, "/replication/health/reset"), &())
+                            .await?,
+                    ]
+                }
+                Some(vm) => vec![client.get(&vm_path(vm, "/replication/health")).await?],
+                None => client.get("/v1/replication/health").await?,
+            };
+            if let Some(path) = &csv {
+                std::fs::write(path, health_csv(&list))
+                    .with_context(|| format!("cannot write {}", path.display()))?;
+            }
+            if out.json(&list) {
+                return Ok(());
+            }
+            if list.is_empty() {
+                println!("No replicated VMs on this host.");
+            }
+            for h in &list {
+                print_health(h);
+            }
+            if let Some(path) = &csv {
+                eprintln!("saved as CSV to {}", path.display());
+            }
+            Ok(())
+        }
         ReplicationCmd::Remove { vm } => {
             let reply: ActionReply = client.delete(&vm_path(&vm, "/replication")).await?;
             out.action(&reply);
             Ok(())
         }
     }
+}
+
+const CSV_COLUMNS: &str = "vm,role,state,health,primary_server,replica_server,from_time,to_time,average_size,maximum_size,average_latency_ms,maximum_latency_ms,errors,successful_cycles,missed_cycles,pending_bytes,last_synchronized_at,rpo_s,network_bytes,resynchronized_bytes,test_failover_status,details";
+
+/// CSV quoting (RFC 4180): quotes when needed, doubled inside.
+fn csv_field(v: &str) -> String {
+    if v.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", v.replace('"', "\"\""))
+    } else {
+        v.to_owned()
+    }
+}
+
+fn health_csv(list: &[ReplicationHealthInfo]) -> String {
+    let mut s = String::from(CSV_COLUMNS);
+    s.push_str("\r\n");
+    let opt = |v: Option<i64>| v.map(|v| v.to_string()).unwrap_or_default();
+    for h in list {
+        let row = [
+            h.vm.clone(),
+            h.role.clone(),
+            h.state.clone(),
+            h.health.clone(),
+            h.primary_server.clone(),
+            h.replica_server.clone(),
+            time(h.from_time),
+            time(h.to_time),
+            h.average_size.to_string(),
+            h.maximum_size.to_string(),
+            h.average_latency_ms.to_string(),
+            h.maximum_latency_ms.to_string(),
+            h.errors.to_string(),
+            h.successful_cycles.to_string(),
+            h.missed_cycles.to_string(),
+            h.pending_bytes.to_string(),
+            opt(h.last_synchronized_at),
+            opt(h.rpo_s),
+            h.network_bytes.to_string(),
+            h.resynchronized_bytes.to_string(),
+            h.test_failover_status.clone(),
+            h.details.join(" "),
+        ];
+        let row: Vec<String> = row.iter().map(|f| csv_field(f)).collect();
+        s.push_str(&row.join(","));
+        s.push_str("\r\n");
+    }
+    s
+}
+
+fn print_health(h: &ReplicationHealthInfo) {
+    println!("VM:                      {} ({})", h.vm, h.role);
+    println!("Replication state:       {} ({})", h.state_label, h.state);
+    println!("Replication health:      {}", h.health.to_uppercase());
+    for d in &h.details {
+        println!("                         - {d}");
+    }
+    println!("Primary server:          {}", h.primary_server);
+    println!("Replica server:          {}", h.replica_server);
+    println!("From time:               {}", time(h.from_time));
+    println!("To time:                 {}", time(h.to_time));
+    println!("Average size:            {}", human(h.average_size));
+    println!("Maximum size:            {}", human(h.maximum_size));
+    println!(
+        "Average latency:         {:.2} s",
+        h.average_latency_ms as f64 / 1000.0
+    );
+    println!(
+        "Maximum latency:         {:.2} s",
+        h.maximum_latency_ms as f64 / 1000.0
+    );
+    println!("Errors encountered:      {}", h.errors);
+    println!("Successful cycles:       {}", h.successful_cycles);
+    println!(
+        "Missed cycles:           {} of {} expected",
+        h.missed_cycles, h.expected_cycles
+    );
+    if h.role == "primary" {
+        println!("Pending replication:     {}", human(h.pending_bytes));
+    }
+    println!(
+        "Last synchronized at:    {}",
+        h.last_synchronized_at
+            .map(time)
+            .unwrap_or_else(|| "never".into())
+    );
+    println!(
+        "RPO now:                 {}",
+        h.rpo_s
+            .map(|s| format!("{s} s"))
+            .unwrap_or_else(|| "-".into())
+    );
+    if h.role == "replica" {
+        println!("Test failover:           {}", h.test_failover_status);
+    }
+    println!();
+}
+
+/// `ferry events`: the latest events, then (with --follow) new ones as they come.
+pub async fn events(
+    client: &Client,
+    vm: Option<&str>,
+    follow: bool,
+    last: usize,
+    out: &Output,
+) -> anyhow::Result<()> {
+    let query = |after: i64| {
+        let mut q = format!("/v1/events?after={after}&limit=10000");
+        if let Some(vm) = vm {
+            q.push_str(&format!("&vm={vm}"));
+        }
+        q
+    };
+    let all: Vec<EventInfo> = client.get(&query(0)).await?;
+    let mut after = all.last().map(|e| e.id).unwrap_or(0);
+    let shown = &all[all.len().saturating_sub(last)..];
+    let json = out.format() == Format::Json;
+    let print = |e: &EventInfo| {
+        if json {
+            println!("{}", serde_json::to_string(e).unwrap_or_default());
+        } else {
+            println!(
+                "{:>6} {} {:<7} {:>5} {:<22} {:<12} {}",
+                e.id,
+                time(e.at_ms / 1000),
+                e.severity,
+                e.code,
+                e.kind,
+                e.vm.as_deref().unwrap_or("-"),
+                e.message
+            );
+        }
+    };
+    if json && !follow {
+        println!("{}", serde_json::to_string_pretty(shown)?);
+        return Ok(());
+    }
+    for e in shown {
+        print(e);
+    }
+    while follow {
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let new: Vec<EventInfo> = client.get(&query(after)).await?;
+        for e in &new {
+            print(e);
+        }
+        if let Some(e) = new.last() {
+            after = e.id;
+        }
+    }
+    Ok(())
 }
 
 /// One progress line, redrawn in place on stderr.

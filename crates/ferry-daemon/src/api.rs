@@ -12,9 +12,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use ferry_api_types::{
-    ActionReply, ConsoleLog, EnableReplicationRequest, ImportRequest, RecoveryPointInfo,
-    ReplicaServerInfo, ReplicaServerSetRequest, ReplicationInfo, ServerInfo, ShutdownRequest,
-    VmCreateRequest, VmInfo, CONSOLE_UPGRADE,
+    ActionReply, ConsoleLog, EnableReplicationRequest, EventInfo, ImportRequest, RecoveryPointInfo,
+    ReplicaServerInfo, ReplicaServerSetRequest, ReplicationHealthInfo, ReplicationInfo, ServerInfo,
+    ShutdownRequest, VmCreateRequest, VmInfo, CONSOLE_UPGRADE,
 };
 use hyper_util::rt::TokioIo;
 use serde::Deserialize;
@@ -64,6 +64,14 @@ pub fn router(state: Shared) -> Router {
                 .delete(remove_replication),
         )
         .route("/v1/vms/{name}/replication/points", get(recovery_points))
+        .route("/v1/vms/{name}/replication/health", get(replication_health))
+        .route(
+            "/v1/vms/{name}/replication/health/reset",
+            post(reset_replication_health),
+        )
+        .route("/v1/replication/health", get(all_replication_health))
+        .route("/v1/events", get(list_events))
+        .route("/metrics", get(metrics))
         .route(
             "/v1/vms/{name}/replication/import",
             post(import_replication),
@@ -260,6 +268,76 @@ async fn recovery_points(
     Path(name): Path<String>,
 ) -> ApiResult<Vec<RecoveryPointInfo>> {
     Ok(Json(replication::points(&s.replication, &name)?))
+}
+
+async fn replication_health(
+    State(s): State<Shared>,
+    Path(name): Path<String>,
+) -> ApiResult<ReplicationHealthInfo> {
+    Ok(Json(replication::health_of(&s.replication, &name)?))
+}
+
+async fn reset_replication_health(
+    State(s): State<Shared>,
+    Path(name): Path<String>,
+) -> ApiResult<ReplicationHealthInfo> {
+    Ok(Json(replication::reset_health(&s.replication, &name)?))
+}
+
+async fn all_replication_health(State(s): State<Shared>) -> ApiResult<Vec<ReplicationHealthInfo>> {
+    Ok(Json(
+        replication::health::all(&s.replication)
+            .map_err(|e| ApiFailure::internal(format!("{e:#}")))?,
+    ))
+}
+
+/// `GET /v1/events?vm=NAME&after=SEQ&limit=N`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventsQuery {
+    vm: Option<String>,
+    after: Option<i64>,
+    limit: Option<u32>,
+}
+
+async fn list_events(
+    State(s): State<Shared>,
+    Query(q): Query<EventsQuery>,
+) -> ApiResult<Vec<EventInfo>> {
+    let rows = s.replication.store.list_events(
+        q.vm.as_deref(),
+        q.after.unwrap_or(0),
+        q.limit.unwrap_or(1000).min(10_000),
+    )?;
+    Ok(Json(
+        rows.into_iter()
+            .map(|e| EventInfo {
+                id: e.id,
+                at_ms: e.at_ms,
+                vm: e.vm,
+                code: e.code,
+                kind: e.kind,
+                severity: e.severity,
+                message: e.message,
+            })
+            .collect(),
+    ))
+}
+
+/// Prometheus text exposition (format 0.0.4).
+async fn metrics(State(s): State<Shared>) -> Result<Response, ApiFailure> {
+    let mut body = replication::health::metrics(&s.replication)
+        .map_err(|e| ApiFailure::internal(format!("{e:#}")))?;
+    body.push_str("# HELP ferry_vms Virtual machines on this host.\n# TYPE ferry_vms gauge\n");
+    body.push_str(&format!("ferry_vms {}\n", s.vms.count()));
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        body,
+    )
+        .into_response())
 }
 
 async fn import_replication(

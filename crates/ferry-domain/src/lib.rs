@@ -2,6 +2,7 @@
 //! lifecycle moves between states. Pure: no IO, no tokio, no clock — callers pass in
 //! whatever they observed, and get back the next state and the actions to perform.
 
+pub mod health;
 pub mod lifecycle;
 pub mod name;
 pub mod replication;

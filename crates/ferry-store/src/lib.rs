@@ -5,8 +5,10 @@
 //! Domain types are never persisted directly: each table has a `*Row` type, and blob
 //! columns carry a version marker so their encoding can change later.
 
+mod events;
 mod replication;
 
+pub use events::EventRow;
 pub use replication::{CycleRow, PointRow, ReplicationRow};
 
 use std::path::Path;
@@ -34,6 +36,7 @@ const MIGRATIONS: &[&str] = &[
     // 2: replication relationships, recovery points, cycle history.
     replication::MIGRATION,
     replication::MIGRATION_CONSISTENCY,
+    events::MIGRATION,
 ];
 
 /// The encoding version of `vms.spec` (JSON of [`VmSpec`]).

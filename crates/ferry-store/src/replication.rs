@@ -361,6 +361,30 @@ impl Store {
         Ok(())
     }
 
+    /// A VM's cycles that ended at or after `since_ms`, oldest first.
+    pub fn cycles_since(&self, vm_id: i64, since_ms: i64) -> Result<Vec<CycleRow>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT vm_id, cycle, kind, started_ms, ended_ms, dirty_bytes, sent_bytes, ok, error FROM cycles WHERE vm_id = ?1 AND ended_ms >= ?2 ORDER BY id",
+        )?;
+        let rows = stmt
+            .query_map(params![vm_id, since_ms], |r| {
+                Ok(CycleRow {
+                    vm_id: r.get(0)?,
+                    cycle: r.get(1)?,
+                    kind: r.get(2)?,
+                    started_ms: r.get(3)?,
+                    ended_ms: r.get(4)?,
+                    dirty_bytes: r.get(5)?,
+                    sent_bytes: r.get(6)?,
+                    ok: r.get(7)?,
+                    error: r.get(8)?,
+                })
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
     /// The newest `limit` cycles of a VM, newest first.
     pub fn recent_cycles(&self, vm_id: i64, limit: u32) -> Result<Vec<CycleRow>, StoreError> {
         let conn = self.conn();

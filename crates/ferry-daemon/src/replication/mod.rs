@@ -2,6 +2,7 @@
 //! session protocol between them ([`proto`]), and the operations the API exposes.
 
 pub mod hashes;
+pub mod health;
 pub mod primary;
 pub mod proto;
 pub mod replica;
@@ -12,7 +13,7 @@ use std::sync::{Arc, Mutex};
 
 use ferry_api_types::{
     ActionReply, EnableReplicationRequest, Progress, RecoveryPointInfo, ReplicaServerInfo,
-    ReplicaServerSetRequest, ReplicationInfo,
+    ReplicaServerSetRequest, ReplicationHealthInfo, ReplicationInfo,
 };
 use ferry_domain::replication::{
     on_request, parse_duration, InitialMethod, ReplicationSettings, Request,
@@ -21,7 +22,7 @@ use ferry_domain::{Interval, ReplicationState, RetentionPolicy, Role, VmName, Vm
 use ferry_store::{ReplicationRow, Store};
 use ferry_wire::RateLimiter;
 use tokio::sync::Notify;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::error::ApiFailure;
@@ -49,19 +50,88 @@ pub fn qemu_nbd_path(cfg: &Config) -> PathBuf {
     }
 }
 
-/// Replication events, logged (the event store arrives with health and statistics).
-#[derive(Default)]
-pub struct Events;
+/// Replication events: kept in the store (`ferry events`), and logged.
+pub struct Events {
+    store: Arc<Store>,
+    /// Woken by every event but health changes: the health watcher re-evaluates at once.
+    pub(crate) changed: Arc<tokio::sync::Notify>,
+}
+
+/// Stable codes of event kinds (as Hyper-V's event ids), and their default severity.
+pub fn event_code(kind: &str) -> (u32, &'static str) {
+    match kind {
+        "replication_enabled" => (1000, "info"),
+        "replica_created" => (1001, "info"),
+        "replication_removed" => (1002, "info"),
+        "replication_state" => (1010, "info"),
+        "health_changed" => (1020, "info"),
+        "cycle_failed" => (1030, "warning"),
+        "resync_started" => (1040, "warning"),
+        "resync_finished" => (1041, "info"),
+        "recovery_point_added" => (1050, "info"),
+        "initial_copy_imported" => (1060, "info"),
+        "app_consistent_skipped" => (1070, "warning"),
+        "statistics_reset" => (1090, "info"),
+        _ => (1999, "info"),
+    }
+}
 
 impl Events {
-    /// Records an event about a VM.
+    /// Records an event about a VM (in the store, and in ferryd's log).
     pub fn emit(&self, vm: &VmName, kind: &str, message: &str) {
-        info!(vm = %vm, event = kind, "{message}");
+        self.record(Some(vm.as_str()), kind, None, message);
     }
 
     /// Records an event about a VM known by id.
     pub fn emit_id(&self, vm_id: i64, kind: &str, message: &str) {
-        info!(vm_id, event = kind, "{message}");
+        let name = self
+            .store
+            .list_vms()
+            .ok()
+            .and_then(|l| l.into_iter().find(|v| v.id == vm_id))
+            .map(|v| v.spec.name.to_string());
+        self.record(name.as_deref(), kind, None, message);
+    }
+
+    /// Records an event with an explicit severity (`info`, `warning`, `error`).
+    pub fn emit_with(&self, vm: &str, kind: &str, severity: &str, message: &str) {
+        self.record(Some(vm), kind, Some(severity), message);
+    }
+
+    fn record(&self, vm: Option<&str>, kind: &str, severity: Option<&str>, message: &str) {
+        let (code, default) = event_code(kind);
+        // A state change into trouble is more than information.
+        let severity = severity.unwrap_or(
+            if kind == "replication_state" && message.contains("-> resynchronization_required") {
+                "error"
+            } else if kind == "replication_state" && message.contains("-> error") {
+                "warning"
+            } else {
+                default
+            },
+        );
+        info!(
+            vm = vm.unwrap_or("-"),
+            event = kind,
+            code,
+            severity,
+            "{message}"
+        );
+        let row = ferry_store::EventRow {
+            id: 0,
+            at_ms: now_ms(),
+            vm: vm.map(str::to_owned),
+            code,
+            kind: kind.to_owned(),
+            severity: severity.to_owned(),
+            message: message.to_owned(),
+        };
+        if let Err(e) = self.store.insert_event(&row) {
+            warn!(error = %e, "cannot record an event");
+        }
+        if kind != "health_changed" {
+            self.changed.notify_one();
+        }
     }
 }
 
@@ -105,13 +175,17 @@ impl Shared {
         } else {
             Some(Arc::new(RateLimiter::new(host_limit_now(&cfg))))
         };
+        let events = Events {
+            store: store.clone(),
+            changed: Arc::new(tokio::sync::Notify::new()),
+        };
         Arc::new(Self {
             cfg,
             store,
             identity,
             vms,
             replica: replica::ReplicaServer::default(),
-            events: Events,
+            events,
             host_limiter,
             progress: Mutex::new(HashMap::new()),
             kicks: Mutex::new(HashMap::new()),
@@ -238,6 +312,7 @@ pub async fn start(shared: &Arc<Shared>) -> anyhow::Result<()> {
             }
         });
     }
+    health::spawn_watcher(shared.clone());
     let staged = replica::recover_staging(&shared.store)?;
     shared
         .replica
@@ -543,10 +618,30 @@ pub fn request(
         "replication_state",
         &format!("{before} -> {next} ({what})"),
     );
+    if next == ReplicationState::Resynchronizing {
+        shared.events.emit(
+            &vm,
+            "resync_started",
+            "resynchronization started: both sides are compared by chunk hashes",
+        );
+    }
     if rel.role == Role::Primary {
         shared.kick(rel.vm_id).notify_one();
     }
     Ok(info(shared, &vm, &rel))
+}
+
+/// `GET /v1/vms/{name}/replication/health`.
+pub fn health_of(shared: &Shared, name: &str) -> Result<ReplicationHealthInfo, ApiFailure> {
+    let (vm, _, rel) = rel_of(shared, name)?;
+    health::report(shared, &vm, &rel).map_err(|e| ApiFailure::internal(format!("{e:#}")))
+}
+
+/// `POST /v1/vms/{name}/replication/health/reset`: a new statistics window starts.
+pub fn reset_health(shared: &Shared, name: &str) -> Result<ReplicationHealthInfo, ApiFailure> {
+    let (vm, _, rel) = rel_of(shared, name)?;
+    health::reset(shared, &vm, &rel).map_err(|e| ApiFailure::internal(format!("{e:#}")))?;
+    health::report(shared, &vm, &rel).map_err(|e| ApiFailure::internal(format!("{e:#}")))
 }
 
 /// `POST /v1/vms/{name}/replication/import`: applies an exported initial copy (replica).

@@ -263,6 +263,11 @@ async fn run_cycle(shared: &Arc<Shared>, rel: &ReplicationRow) {
                 ReplicationState::Error
             };
             warn!(vm_id = rel.vm_id, error = %msg, "replication cycle failed");
+            shared.events.emit_id(
+                rel.vm_id,
+                "cycle_failed",
+                &format!("replication cycle {cycle} failed: {msg}"),
+            );
             set_state(shared, rel.vm_id, state, Some(msg));
         }
     }
@@ -1030,26 +1035,47 @@ async fn ship(shared: &Arc<Shared>, rel: &ReplicationRow, p: &Pending) -> anyhow
                 app_consistent: p.app_consistent,
             })
             .await?;
-        let mut spool = SpoolReader::open_at(&spool_path, from).await?;
-        let mut sent = 0u64;
-        let total = p.spool_bytes;
-        shared.set_progress(rel.vm_id, "sending", 0, total);
-        while let Some(frame) = spool.next_encoded().await? {
-            tokio::time::timeout(STALL_TIMEOUT, writer.write_encoded(&frame))
-                .await
-                .map_err(|_| {
-                    anyhow!(
-                        "the link to replica server {} stalled for {}s",
-                        rel.partner_name,
-                        STALL_TIMEOUT.as_secs()
-                    )
-                })??;
-            sent += frame.wire_len() as u64;
-            shared.set_progress(rel.vm_id, "sending", sent, total);
+        let sending = async {
+            let mut spool = SpoolReader::open_at(&spool_path, from).await?;
+            let mut sent = 0u64;
+            let total = p.spool_bytes;
+            shared.set_progress(rel.vm_id, "sending", 0, total);
+            while let Some(frame) = spool.next_encoded().await? {
+                tokio::time::timeout(STALL_TIMEOUT, writer.write_encoded(&frame))
+                    .await
+                    .map_err(|_| {
+                        anyhow!(
+                            "the link to replica server {} stalled for {}s",
+                            rel.partner_name,
+                            STALL_TIMEOUT.as_secs()
+                        )
+                    })??;
+                sent += frame.wire_len() as u64;
+                shared.set_progress(rel.vm_id, "sending", sent, total);
+            }
+            writer
+                .write_control(&Msg::CycleEnd { cycle: p.cycle })
+                .await?;
+            Ok::<(), anyhow::Error>(())
         }
-        writer
-            .write_control(&Msg::CycleEnd { cycle: p.cycle })
-            .await?;
+        .await;
+        if let Err(e) = sending {
+            // The replica may have refused the cycle and closed: its reason (already sent)
+            // says more than the broken pipe.
+            if let Ok(Ok(Msg::Failed { reason })) = tokio::time::timeout(
+                Duration::from_secs(2),
+                next_control(&mut reader, Duration::from_secs(2)),
+            )
+            .await
+            {
+                bail!(
+                    "replica server {} could not apply cycle {}: {reason}",
+                    rel.partner_name,
+                    p.cycle
+                );
+            }
+            return Err(e);
+        }
         match next_control(&mut reader, COMMIT_TIMEOUT).await? {
             Msg::Committed { cycle, .. } if cycle == p.cycle => {}
             Msg::Failed { reason } => bail!(
@@ -1084,6 +1110,16 @@ async fn ship(shared: &Arc<Shared>, rel: &ReplicationRow, p: &Pending) -> anyhow
     let _ = std::fs::remove_file(meta_path);
     let _ = std::fs::remove_file(spool_path);
     info!(vm = %vm.spec.name, cycle = p.cycle, kind = %p.kind, bytes = p.spool_bytes, "cycle replicated");
+    if p.kind == "resync" {
+        shared.events.emit(
+            &vm.spec.name,
+            "resync_finished",
+            &format!(
+                "resynchronization finished: {} bytes differed and were sent, of {} compared",
+                p.data_bytes, p.dirty_bytes
+            ),
+        );
+    }
     Ok(())
 }
 

@@ -36,7 +36,7 @@ use super::hashes;
 use super::proto::{
     DiskMeta, ExportManifest, Msg, Resume, EXPORT_DATA, EXPORT_FORMAT, EXPORT_MANIFEST, PROTOCOL,
 };
-use super::{now_unix, qemu_nbd_path, Shared};
+use super::{now_ms, now_unix, qemu_nbd_path, Shared};
 use crate::peer;
 
 /// Settings key of the replica-server configuration.
@@ -354,7 +354,8 @@ where
                 .await?;
             continue;
         }
-        match receive_cycle(
+        let started_ms = now_ms();
+        let received = receive_cycle(
             shared,
             &rel,
             &mut reader,
@@ -366,8 +367,20 @@ where
             bytes,
             app_consistent,
         )
-        .await
-        {
+        .await;
+        // The replica's own statistics: what arrived, how long it took to apply.
+        let _ = shared.store.record_cycle(&ferry_store::CycleRow {
+            vm_id: rel.vm_id,
+            cycle,
+            kind: kind.clone(),
+            started_ms,
+            ended_ms: now_ms(),
+            dirty_bytes: bytes as i64,
+            sent_bytes: bytes as i64,
+            ok: received.is_ok(),
+            error: received.as_ref().err().map(|e| format!("{e:#}")),
+        });
+        match received {
             Ok(point) => {
                 // Retention before the answer: when the primary counts the cycle done, the
                 // replica's points are settled (nothing merges under a reader or under the

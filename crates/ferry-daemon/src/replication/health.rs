@@ -1,0 +1,319 @@
+//! Health, statistics and metrics of the relationships on this host: Hyper-V's
+//! "View Replication Health" over a monitoring window (since the relationship began, the
+//! last statistics reset, or the last 12 hours, whichever is latest), computed from the
+//! cycles the store keeps (the whole history stays there), a watcher that records every
+//! health change as an event, and the Prometheus exposition.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_api_types::ReplicationHealthInfo;
+use ferry_domain::health::{evaluate, Health, HealthInput};
+use ferry_domain::{Role, VmName};
+use ferry_store::ReplicationRow;
+
+use super::{now_ms, now_unix, primary, Shared};
+
+/// Hyper-V's default monitoring interval.
+pub const MONITORING_WINDOW_S: i64 = 12 * 3600;
+
+/// Health and statistics of one relationship.
+pub fn report(
+    shared: &Shared,
+    vm: &VmName,
+    rel: &ReplicationRow,
+) -> anyhow::Result<ReplicationHealthInfo> {
+    let now = now_unix();
+    let reset_ms = shared.store.stats_reset_ms(rel.vm_id)?;
+    let window_start = [rel.created_at, reset_ms / 1000, now - MONITORING_WINDOW_S]
+        .into_iter()
+        .max()
+        .unwrap_or(now);
+    let cycles = shared.store.cycles_since(rel.vm_id, window_start * 1000)?;
+    let ok: Vec<_> = cycles.iter().filter(|c| c.ok).collect();
+    let errors = cycles.len() as u64 - ok.len() as u64;
+    let sizes: Vec<u64> = ok.iter().map(|c| c.sent_bytes.max(0) as u64).collect();
+    let latencies: Vec<u64> = ok
+        .iter()
+        .map(|c| (c.ended_ms - c.started_ms).max(0) as u64)
+        .collect();
+    let avg = |v: &[u64]| {
+        if v.is_empty() {
+            0
+        } else {
+            v.iter().sum::<u64>() / v.len() as u64
+        }
+    };
+    let failures_in_a_row = shared
+        .store
+        .recent_cycles(rel.vm_id, 16)?
+        .iter()
+        .take_while(|c| !c.ok)
+        .count() as u32;
+    let input = HealthInput {
+        vm: vm.to_string(),
+        role: rel.role,
+        state: rel.state,
+        suspended_on_replica: rel
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("suspended on the replica server")),
+        interval_s: rel.settings.interval.secs() as i64,
+        now,
+        window_start,
+        last_point_at: rel.last_point_at,
+        successful: ok.len() as u64,
+        failures_in_a_row,
+    };
+    let verdict = evaluate(&input);
+    let pending_bytes = if rel.role == Role::Primary {
+        primary::pending(shared, rel.vm_id)
+            .map(|p| p.spool_bytes)
+            .unwrap_or(0)
+    } else {
+        0
+    };
+    let (primary_server, replica_server) = match rel.role {
+        Role::Primary => (shared.cfg.name.clone(), rel.partner_name.clone()),
+        Role::Replica => (rel.partner_name.clone(), shared.cfg.name.clone()),
+    };
+    Ok(ReplicationHealthInfo {
+        vm: vm.to_string(),
+        role: rel.role.as_str().to_owned(),
+        state: rel.state.as_str().to_owned(),
+        state_label: rel.state.label().to_owned(),
+        health: verdict.health.as_str().to_owned(),
+        details: verdict.details,
+        primary_server,
+        replica_server,
+        from_time: window_start,
+        to_time: now,
+        average_size: avg(&sizes),
+        maximum_size: sizes.iter().copied().max().unwrap_or(0),
+        average_latency_ms: avg(&latencies),
+        maximum_latency_ms: latencies.iter().copied().max().unwrap_or(0),
+        errors,
+        successful_cycles: ok.len() as u64,
+        missed_cycles: verdict.missed,
+        expected_cycles: verdict.expected,
+        pending_bytes,
+        last_synchronized_at: rel.last_point_at,
+        rpo_s: verdict.rpo_s,
+        data_bytes: ok.iter().map(|c| c.dirty_bytes.max(0) as u64).sum(),
+        network_bytes: sizes.iter().sum(),
+        resynchronized_bytes: ok
+            .iter()
+            .filter(|c| c.kind == "resync")
+            .map(|c| c.sent_bytes.max(0) as u64)
+            .sum(),
+        test_failover_status: "not running".into(),
+        last_test_failover_at: None,
+    })
+}
+
+/// Every relationship on this host with its report.
+pub fn all(shared: &Shared) -> anyhow::Result<Vec<ReplicationHealthInfo>> {
+    let vms = shared.store.list_vms()?;
+    let mut out = Vec::new();
+    for rel in shared.store.list_replications()? {
+        if let Some(vm) = vms.iter().find(|v| v.id == rel.vm_id) {
+            out.push(report(shared, &vm.spec.name, &rel)?);
+        }
+    }
+    Ok(out)
+}
+
+/// Re-evaluates health every few seconds and records each change as an event.
+pub fn spawn_watcher(shared: Arc<Shared>) {
+    tokio::spawn(async move {
+        let mut last: HashMap<String, String> = HashMap::new();
+        let changed = shared.events.changed.clone();
+        loop {
+            if let Ok(list) = all(&shared) {
+                let live: Vec<String> = list.iter().map(|r| r.vm.clone()).collect();
+                last.retain(|vm, _| live.contains(vm));
+                for r in list {
+                    let before = last.insert(r.vm.clone(), r.health.clone());
+                    if before.as_deref().unwrap_or("normal") != r.health {
+                        let severity = match r.health.as_str() {
+                            "critical" => "error",
+                            "warning" => "warning",
+                            _ => "info",
+                        };
+                        let why = r
+                            .details
+                            .first()
+                            .cloned()
+                            .unwrap_or_else(|| "all rules pass".into());
+                        shared.events.emit_with(
+                            &r.vm,
+                            "health_changed",
+                            severity,
+                            &format!(
+                                "replication health {} -> {}: {why}",
+                                before.as_deref().unwrap_or("normal"),
+                                r.health
+                            ),
+                        );
+                    }
+                }
+            }
+            // Promptly after any event (a state change, a failed cycle), else every 2 s
+            // (time alone changes health too: the RPO grows, cycles go missing).
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                _ = changed.notified() => {}
+            }
+        }
+    });
+}
+
+/// Resets a relationship's statistics window (Hyper-V's Reset Statistics).
+pub fn reset(shared: &Shared, vm: &VmName, rel: &ReplicationRow) -> anyhow::Result<()> {
+    shared.store.reset_stats(rel.vm_id, now_ms())?;
+    shared.events.emit(
+        vm,
+        "statistics_reset",
+        "replication statistics reset: a new monitoring window starts",
+    );
+    Ok(())
+}
+
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// The Prometheus text exposition of this host's replication (and its VM count).
+pub fn metrics(shared: &Shared) -> anyhow::Result<String> {
+    let list = all(shared)?;
+    let mut out = String::new();
+    let mut family =
+        |name: &str, kind: &str, help: &str, rows: &mut dyn Iterator<Item = (String, f64)>| {
+            let _ = writeln!(out, "# HELP {name} {help}");
+            let _ = writeln!(out, "# TYPE {name} {kind}");
+            for (labels, v) in rows {
+                let _ = writeln!(out, "{name}{{{labels}}} {v}");
+            }
+        };
+    let base = |r: &ReplicationHealthInfo| {
+        format!(
+            "vm=\"{}\",role=\"{}\",primary=\"{}\",replica=\"{}\"",
+            label(&r.vm),
+            r.role,
+            label(&r.primary_server),
+            label(&r.replica_server)
+        )
+    };
+    family(
+        "ferry_replication_health",
+        "gauge",
+        "Replication health: 0 normal, 1 warning, 2 critical.",
+        &mut list.iter().map(|r| {
+            let h = match r.health.as_str() {
+                "critical" => Health::Critical,
+                "warning" => Health::Warning,
+                _ => Health::Normal,
+            };
+            (base(r), h.level() as f64)
+        }),
+    );
+    family(
+        "ferry_replication_state",
+        "gauge",
+        "1 for the relationship's current state.",
+        &mut list
+            .iter()
+            .map(|r| (format!("{},state=\"{}\"", base(r), r.state), 1.0)),
+    );
+    let gauges: [(&str, &str, fn(&ReplicationHealthInfo) -> f64); 8] = [
+        (
+            "ferry_replication_rpo_seconds",
+            "Now minus the newest complete recovery point.",
+            |r| r.rpo_s.unwrap_or(-1) as f64,
+        ),
+        (
+            "ferry_replication_pending_bytes",
+            "Captured, not yet on the replica.",
+            |r| r.pending_bytes as f64,
+        ),
+        (
+            "ferry_replication_average_size_bytes",
+            "Average bytes per cycle in the window.",
+            |r| r.average_size as f64,
+        ),
+        (
+            "ferry_replication_maximum_size_bytes",
+            "Largest cycle in the window.",
+            |r| r.maximum_size as f64,
+        ),
+        (
+            "ferry_replication_average_latency_seconds",
+            "Average cycle latency in the window.",
+            |r| r.average_latency_ms as f64 / 1000.0,
+        ),
+        (
+            "ferry_replication_maximum_latency_seconds",
+            "Longest cycle latency in the window.",
+            |r| r.maximum_latency_ms as f64 / 1000.0,
+        ),
+        (
+            "ferry_replication_missed_cycles",
+            "Cycles expected in the window and not done.",
+            |r| r.missed_cycles as f64,
+        ),
+        (
+            "ferry_replication_compression_efficiency",
+            "Data bytes per byte sent in the window (1 = none).",
+            |r| {
+                if r.network_bytes == 0 {
+                    1.0
+                } else {
+                    r.data_bytes as f64 / r.network_bytes as f64
+                }
+            },
+        ),
+    ];
+    for (name, help, f) in gauges {
+        family(
+            name,
+            "gauge",
+            help,
+            &mut list.iter().map(|r| (base(r), f(r))),
+        );
+    }
+    let counters: [(&str, &str, fn(&ReplicationHealthInfo) -> f64); 4] = [
+        (
+            "ferry_replication_cycles_total",
+            "Successful cycles in the window.",
+            |r| r.successful_cycles as f64,
+        ),
+        (
+            "ferry_replication_errors_total",
+            "Failed cycles in the window.",
+            |r| r.errors as f64,
+        ),
+        (
+            "ferry_replication_network_bytes_total",
+            "Bytes sent (primary) or received (replica) in the window.",
+            |r| r.network_bytes as f64,
+        ),
+        (
+            "ferry_replication_resynchronized_bytes_total",
+            "Bytes sent by resynchronizations in the window.",
+            |r| r.resynchronized_bytes as f64,
+        ),
+    ];
+    for (name, help, f) in counters {
+        family(
+            name,
+            "counter",
+            help,
+            &mut list.iter().map(|r| (base(r), f(r))),
+        );
+    }
+    Ok(out)
+}
