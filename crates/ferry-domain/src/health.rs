@@ -10,7 +10,7 @@
 //!   20 % of the cycles expected in the window were missed; the real-time RPO (now minus
 //!   the newest complete recovery point) is over 3 intervals, or over 1 hour (Hyper-V's
 //!   "behind by more than an hour"); the initial copy is not done; replication suspended
-//!   on the primary.
+//!   on the primary; a failover was not followed by reverse replication.
 //! - **Normal** otherwise.
 //!
 //! Resetting the statistics starts a new window, which clears the "missed cycles" rule
@@ -80,6 +80,8 @@ pub struct HealthInput {
     pub successful: u64,
     /// Failed cycles in a row, ending with the latest.
     pub failures_in_a_row: u32,
+    /// A failover happened and replication was not reversed yet (Hyper-V: Warning).
+    pub failover_not_reversed: bool,
 }
 
 /// The verdict, with the reasons as sentences (Hyper-V's health details).
@@ -138,6 +140,11 @@ pub fn evaluate(i: &HealthInput) -> HealthReport {
             warning.push(format!("Initial replication of {vm} is not complete."))
         }
         S::Replicating | S::Error => {}
+    }
+    if i.failover_not_reversed {
+        warning.push(format!(
+            "Virtual machine {vm} was failed over, but reverse replication has not started."
+        ));
     }
     if i.suspended_on_replica && i.state == S::Error {
         critical.push(format!(
@@ -204,6 +211,7 @@ mod tests {
             last_point_at: Some(10_000 - 20),
             successful: 9,
             failures_in_a_row: 0,
+            failover_not_reversed: false,
         }
     }
 
@@ -277,6 +285,15 @@ mod tests {
         i.suspended_on_replica = true;
         i.failures_in_a_row = 1;
         assert_eq!(evaluate(&i).health, Health::Critical);
+    }
+
+    #[test]
+    fn a_failover_not_reversed_warns() {
+        let mut i = input();
+        i.failover_not_reversed = true;
+        let r = evaluate(&i);
+        assert_eq!(r.health, Health::Warning);
+        assert!(r.details[0].contains("reverse replication"), "{r:?}");
     }
 
     #[test]

@@ -66,6 +66,8 @@ pub fn report(
         last_point_at: rel.last_point_at,
         successful: ok.len() as u64,
         failures_in_a_row,
+        // Failover (issue #4) sets this once it exists; no relationship can be failed over yet.
+        failover_not_reversed: false,
     };
     let verdict = evaluate(&input);
     let pending_bytes = if rel.role == Role::Primary {
