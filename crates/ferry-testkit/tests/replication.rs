@@ -675,3 +675,77 @@ fn bandwidth_schedule_sets_the_host_limit_by_time_of_day() {
         9 << 20
     );
 }
+
+/// The primary's spool is bounded by the free space where it lives: a cycle that could not
+/// fit fails up front with a clear message (nothing spooled, changes still tracked) and
+/// succeeds once there is room.
+#[test]
+fn a_cycle_that_cannot_fit_the_spool_fails_clearly_and_retries() {
+    let a = Host::start("a", "127.0.0.1", "accel = \"tcg\"");
+    let b = Host::start("b", "127.0.0.2", "accel = \"tcg\"");
+    let port = free_port("127.0.0.2");
+    let storage = b.dir.path().join("replicas");
+    b.ferry_ok(&[
+        "replica-server",
+        "set",
+        "--enable",
+        "--port",
+        &port,
+        "--allow-any",
+        "--storage",
+        storage.to_str().unwrap(),
+    ]);
+    let sh = |cmd: String| {
+        let st = Command::new("sh").arg("-c").arg(&cmd).status().unwrap();
+        assert!(st.success(), "{cmd}");
+    };
+    let seed = a.dir.path().join("seed.qcow2");
+    let raw = a.dir.path().join("seed.raw");
+    sh(format!(
+        "truncate -s 96M {r} && dd if=/dev/urandom of={r} bs=1M count=64 conv=notrunc status=none && qemu-img convert -O qcow2 {r} {s} && rm {r}",
+        r = raw.display(),
+        s = seed.display()
+    ));
+    a.ferry_ok(&["vm", "create", "big", "--disk", seed.to_str().unwrap()]);
+    // The spool directory on a 300 MiB tmpfs: 256 MiB stay in reserve, 44 MiB usable.
+    let spool = a.data_dir.join("spool");
+    std::fs::create_dir_all(&spool).unwrap();
+    sh(format!(
+        "mount -t tmpfs -o size=300M ferry-spool {}",
+        spool.display()
+    ));
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let mut mounted = Some(Unmount(spool.clone()));
+    a.ferry_ok(&[
+        "replication",
+        "enable",
+        "big",
+        "--to",
+        b.socket.to_str().unwrap(),
+        "--interval",
+        "5s",
+        "--no-compression",
+    ]);
+    wait_for("the refused cycle", Duration::from_secs(30), || {
+        !status(&a, "big")["last_error"].is_null()
+    });
+    let st = status(&a, "big");
+    let err = st["last_error"].as_str().unwrap();
+    assert!(
+        err.contains("may spool up to 64 MiB") && err.contains("free space there"),
+        "{st}"
+    );
+    assert_eq!(st["state"], "initial_replication_in_progress");
+    assert!(points(&b, "big").is_empty());
+    // Room again: the retry goes through.
+    drop(mounted.take());
+    wait_for("the initial copy", Duration::from_secs(60), || {
+        status(&a, "big")["last_cycle"].as_i64().unwrap() >= 1
+    });
+    assert_eq!(points(&b, "big").len(), 1);
+}

@@ -41,6 +41,25 @@ use crate::peer;
 
 /// Bytes read from a disk per NBD request while capturing.
 const READ_CHUNK: u64 = 1 << 20;
+/// Space left free on the spool's filesystem after a capture.
+const SPOOL_RESERVE_BYTES: u64 = 256 << 20;
+
+/// Free bytes for an unprivileged writer on the filesystem of `dir` (u64::MAX if unknown).
+fn free_bytes(dir: &Path) -> u64 {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
+        return u64::MAX;
+    };
+    // SAFETY: statvfs writes only into the struct we pass; the path is NUL-terminated.
+    unsafe {
+        let mut st: libc::statvfs = std::mem::zeroed();
+        if libc::statvfs(c.as_ptr(), &mut st) != 0 {
+            return u64::MAX;
+        }
+        (st.f_bavail as u64).saturating_mul(st.f_frsize as u64)
+    }
+}
+
 /// Reads in flight at once while capturing (pipelined NBD requests).
 const READ_AHEAD: usize = 8;
 /// Payload of one extent batch (one frame).
@@ -690,6 +709,7 @@ async fn read_to_spool(
     let mut data_bytes = 0u64;
     let mut dirty_bytes = 0u64;
     // Map first, so progress has a total.
+    let mut spool_bound = 0u64;
     let mut plans = Vec::new();
     for s in sources {
         let ctx = if scope == Scope::Dirty {
@@ -714,8 +734,29 @@ async fn read_to_spool(
         dirty_bytes += ranges.iter().filter(|r| !r.2).map(|r| r.1).sum::<u64>();
         if scope == Scope::Compare {
             dirty_bytes += s.size;
+            // At most the allocated data can differ as data (the rest as zero extents).
+            spool_bound += map
+                .iter()
+                .filter(|e| e.flags & STATE_ZERO == 0)
+                .map(|e| e.length)
+                .sum::<u64>();
+        } else {
+            spool_bound += ranges.iter().filter(|r| !r.2).map(|r| r.1).sum::<u64>();
         }
         plans.push((s, client, ranges, map));
+    }
+    // The spool is bounded by the space it may take: refuse up front (the cycle fails, the
+    // bitmap generation is merged back, nothing is lost) rather than fill the data disk.
+    let free = free_bytes(spool_path.parent().unwrap_or(spool_path));
+    let reserve = SPOOL_RESERVE_BYTES;
+    if free < spool_bound.saturating_add(reserve) {
+        bail!(
+            "this cycle may spool up to {} MiB but only {} MiB are free in {} (of which {} MiB stay in reserve): free space there or move data_dir; changes stay tracked",
+            spool_bound >> 20,
+            free >> 20,
+            spool_path.parent().unwrap_or(spool_path).display(),
+            reserve >> 20
+        );
     }
     shared.set_progress(rel.vm_id, "reading", 0, dirty_bytes);
     let mut done = 0u64;
