@@ -556,6 +556,10 @@ pub struct ReplicationSettings {
     /// agent) at most this often, in seconds; `None` = crash-consistent points only.
     #[serde(default)]
     pub app_consistent_every: Option<u64>,
+    /// Identifies this relationship on both sides (chosen at enable): a replica built by an
+    /// earlier relationship of the same VM is never mistaken for this one's.
+    #[serde(default)]
+    pub relationship_id: u64,
 }
 
 impl ReplicationSettings {

@@ -235,6 +235,87 @@ impl Store {
         Ok(())
     }
 
+    // Targeted updates: the API and a relationship's task change different columns of the
+    // same row concurrently; rewriting the whole row could roll the other's change back.
+
+    /// Sets the state, and the last error (`None` clears it).
+    pub fn set_replication_state(
+        &self,
+        vm_id: i64,
+        state: ReplicationState,
+        last_error: Option<&str>,
+    ) -> Result<(), StoreError> {
+        self.conn().execute(
+            "UPDATE replications SET state=?2, last_error=?3 WHERE vm_id=?1",
+            params![vm_id, state.as_str(), last_error],
+        )?;
+        Ok(())
+    }
+
+    /// Sets only the state (the last error stays).
+    pub fn set_replication_state_only(
+        &self,
+        vm_id: i64,
+        state: ReplicationState,
+    ) -> Result<(), StoreError> {
+        self.conn().execute(
+            "UPDATE replications SET state=?2 WHERE vm_id=?1",
+            params![vm_id, state.as_str()],
+        )?;
+        Ok(())
+    }
+
+    /// Sets only the last error.
+    pub fn set_replication_error(&self, vm_id: i64, error: Option<&str>) -> Result<(), StoreError> {
+        self.conn().execute(
+            "UPDATE replications SET last_error=?2 WHERE vm_id=?1",
+            params![vm_id, error],
+        )?;
+        Ok(())
+    }
+
+    /// Sets the change-tracking generation.
+    pub fn set_generation(&self, vm_id: i64, generation: i64) -> Result<(), StoreError> {
+        self.conn().execute(
+            "UPDATE replications SET generation=?2 WHERE vm_id=?1",
+            params![vm_id, generation],
+        )?;
+        Ok(())
+    }
+
+    /// Records a cycle the replica committed: last cycle and point time move forward only,
+    /// the generation is at least the cycle's, the error clears, and the state becomes
+    /// `replicating` unless suspended. Returns the state before.
+    pub fn record_shipped(
+        &self,
+        vm_id: i64,
+        cycle: i64,
+        taken_at: i64,
+        generation: i64,
+    ) -> Result<Option<ReplicationState>, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let before: Option<String> = tx
+            .query_row(
+                "SELECT state FROM replications WHERE vm_id=?1",
+                [vm_id],
+                |r| r.get(0),
+            )
+            .ok();
+        tx.execute(
+            "UPDATE replications SET
+                last_cycle = max(last_cycle, ?2),
+                last_point_at = CASE WHEN ?2 >= last_cycle THEN ?3 ELSE last_point_at END,
+                generation = max(generation, ?4),
+                last_error = NULL,
+                state = CASE WHEN state = 'suspended' THEN state ELSE 'replicating' END
+             WHERE vm_id=?1",
+            params![vm_id, cycle, taken_at, generation],
+        )?;
+        tx.commit()?;
+        Ok(before.and_then(|s| s.parse().ok()))
+    }
+
     /// The relationship of a VM, if it has one.
     pub fn replication(&self, vm_id: i64) -> Result<Option<ReplicationRow>, StoreError> {
         let conn = self.conn();
@@ -433,6 +514,7 @@ mod tests {
                 bandwidth_limit: None,
                 granularity: 4096,
                 app_consistent_every: None,
+                relationship_id: 7,
             },
             state: ReplicationState::InitialReplicationInProgress,
             generation: 1,

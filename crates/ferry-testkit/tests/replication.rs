@@ -464,6 +464,23 @@ fn initial_copy_from_an_existing_copy_ships_only_differences() {
         "replica differs: {}",
         String::from_utf8_lossy(&out.stdout)
     );
+    // Removed on the primary only, then enabled again: the replica's points do not match a
+    // new relationship, so it refuses (nothing stored here) instead of building on them.
+    a.ferry_ok(&["replication", "remove", "seeded"]);
+    let again = [
+        "replication",
+        "enable",
+        "seeded",
+        "--to",
+        b.socket.to_str().unwrap(),
+        "--interval",
+        "5s",
+        "--exclude-disk",
+        "1",
+    ];
+    let err = a.ferry_err(&again);
+    assert!(err.contains("re-created on one side"), "{err}");
+    assert!(a.ferry_json(&["vm", "show", "seeded"])["replication"].is_null());
     // The replica VM has both disk slots; the excluded one is blank.
     let show = b.ferry_json(&["vm", "show", "seeded"]);
     assert_eq!(show["disks"].as_array().unwrap().len(), 2, "{show}");
@@ -600,6 +617,15 @@ fn initial_copy_by_export_and_import() {
     let pts = points(&b, "carried");
     assert_eq!(pts.len(), 1);
     assert_eq!(pts[0]["kind"], "initial");
+    // A second import (a retry) is refused and leaves the imported point intact.
+    let err = b.ferry_err(&[
+        "replication",
+        "import",
+        "carried",
+        carried.to_str().unwrap(),
+    ]);
+    assert!(err.contains("already has recovery points"), "{err}");
+    assert!(layer(&pts[0]).exists());
     wait_for(
         "delta cycles after the import",
         Duration::from_secs(60),

@@ -339,6 +339,34 @@ fn replication_recovers_from_link_cuts_crashes_and_full_storage() {
     assert_eq!(points(&b, "app").last().unwrap()["kind"], "delta");
     verify_quiesced(&a, &b, "app");
 
+    // 5b. The primary's spool has no room (a 200 MiB tmpfs, under the 256 MiB reserve): the
+    //     cycle fails after the fleecing point was taken, the old generation is folded into
+    //     the new one, and once there is room the next cycles are deltas again (no resync).
+    let spool = a.data_dir.join("spool");
+    std::fs::create_dir_all(&spool).unwrap();
+    sh(&format!(
+        "mount -t tmpfs -o size=200M ferry-spool {}",
+        spool.display()
+    ));
+    let spool_mount = Mount(spool.clone());
+    wait_for("the spool-space error", Duration::from_secs(60), || {
+        status(&a, "app")["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("may spool up to"))
+    });
+    std::thread::sleep(Duration::from_secs(6)); // a second failed cycle on the same bitmaps
+    drop(spool_mount);
+    let cycle = status(&a, "app")["last_cycle"].as_i64().unwrap();
+    wait_for(
+        "delta cycles after the spool error",
+        Duration::from_secs(60),
+        || {
+            let st = status(&a, "app");
+            st["state"] == "replicating" && st["last_cycle"].as_i64().unwrap() > cycle + 1
+        },
+    );
+    assert_eq!(points(&b, "app").last().unwrap()["kind"], "delta");
+
     // 6. The replica's storage fills up: the cycle fails with a clear message, the
     //    primary keeps tracking, and once space is freed replication catches up.
     let filler = storage.join("filler");

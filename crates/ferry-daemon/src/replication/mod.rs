@@ -477,6 +477,18 @@ fn parse_settings(
         initial,
         bandwidth_limit: req.bandwidth_limit,
         granularity: req.granularity.unwrap_or(4096),
+        relationship_id: {
+            let h = blake3::hash(
+                format!(
+                    "{}{}{:?}",
+                    req.replica_fingerprint,
+                    now_ms(),
+                    std::thread::current().id()
+                )
+                .as_bytes(),
+            );
+            u64::from_le_bytes(h.as_bytes()[..8].try_into().expect("8 bytes")) | 1
+        },
         app_consistent_every: match &req.app_consistent_every {
             Some(s) => Some(parse_duration(s).map_err(bad)?.as_secs()),
             None => None,
@@ -611,8 +623,10 @@ pub fn request(
     rel.state = next;
     if req != Request::Suspend {
         rel.last_error = None;
+        shared.store.set_replication_state(rel.vm_id, next, None)?;
+    } else {
+        shared.store.set_replication_state_only(rel.vm_id, next)?;
     }
-    shared.store.update_replication(&rel)?;
     shared.events.emit(
         &vm,
         "replication_state",

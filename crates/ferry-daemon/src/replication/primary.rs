@@ -190,7 +190,7 @@ pub async fn run(shared: Arc<Shared>, vm_id: i64) {
 }
 
 fn set_state(shared: &Shared, vm_id: i64, state: ReplicationState, error: Option<String>) {
-    if let Ok(Some(mut r)) = shared.store.replication(vm_id) {
+    if let Ok(Some(r)) = shared.store.replication(vm_id) {
         if r.state != state {
             shared.events.emit_id(
                 vm_id,
@@ -198,9 +198,9 @@ fn set_state(shared: &Shared, vm_id: i64, state: ReplicationState, error: Option
                 &format!("{} -> {}", r.state, state),
             );
         }
-        r.state = state;
-        r.last_error = error;
-        let _ = shared.store.update_replication(&r);
+        let _ = shared
+            .store
+            .set_replication_state(vm_id, state, error.as_deref());
     }
 }
 
@@ -332,7 +332,6 @@ enum Scope {
 async fn capture(shared: &Arc<Shared>, rel: &ReplicationRow) -> anyhow::Result<()> {
     let vm = vm_row(shared, rel.vm_id)?;
     let name = vm.spec.name.clone();
-    let _vm_lock = shared.vms.lock_vm(&name).await;
     let cycle = rel.last_cycle + 1;
     let resync = rel.state == ReplicationState::Resynchronizing;
     let (scope, kind) = if rel.generation == 0 {
@@ -354,26 +353,50 @@ async fn capture(shared: &Arc<Shared>, rel: &ReplicationRow) -> anyhow::Result<(
         None
     };
     let theirs = theirs.as_ref();
-    let old_gen = (scope == Scope::Dirty).then(|| generation_name(rel.generation));
-    let new_gen_no = rel.generation + 1;
-    let new_gen = generation_name(new_gen_no);
+    // The VM lock only now: hashing on the replica may take long, and must not keep an
+    // administrator from stopping the VM.
+    let _vm_lock = shared.vms.lock_vm(&name).await;
     let disks = disks(shared, &vm, rel);
+    // The generation that holds every change since the last point: a capture whose outcome
+    // was not recorded (ferryd crashed, QEMU stopped mid-cycle, a failure folded the old
+    // generation into the new one) leaves a newer one, which is adopted.
+    let live = shared.vms.live_qmp(&name);
+    let nodes: Vec<String> = disks.iter().map(|(i, _, _)| format!("drive{i}")).collect();
+    let run_dir = shared
+        .cfg
+        .data_dir
+        .join("run")
+        .join(format!("fleece-{}", rel.vm_id));
+    let generation = match (&live, rel.generation == 0 || resync) {
+        (_, true) => rel.generation,
+        (Some(qmp), false) => {
+            std::fs::create_dir_all(&run_dir)?;
+            cbt::cleanup_stale(qmp, &run_dir).await?;
+            reconcile_generations(qmp, &nodes, rel.generation).await?
+        }
+        (None, false) => {
+            let images: Vec<PathBuf> = disks.iter().map(|(_, p, _)| p.clone()).collect();
+            reconcile_offline(&shared.cfg.qemu_img, &images, rel.generation).await?
+        }
+    };
+    if generation != rel.generation {
+        info!(vm = %name, from = rel.generation, to = generation, "adopted a newer change-tracking generation");
+        set_generation(shared, rel.vm_id, generation);
+    }
+    let old_gen = (scope == Scope::Dirty).then(|| generation_name(generation));
+    let new_gen_no = generation + 1;
+    let new_gen = generation_name(new_gen_no);
     let dir = spool_dir(shared, rel.vm_id);
     std::fs::create_dir_all(&dir)?;
     let (spool_path, meta_path) = spool_paths(&dir, cycle);
     let started_ms = now_ms();
     let gran = rel.settings.granularity as u64;
 
-    if let Some(qmp) = shared.vms.live_qmp(&name) {
-        let nodes: Vec<String> = disks.iter().map(|(i, _, _)| format!("drive{i}")).collect();
-        let run_dir = shared
-            .cfg
-            .data_dir
-            .join("run")
-            .join(format!("fleece-{}", rel.vm_id));
+    if let Some(qmp) = live {
         std::fs::create_dir_all(&run_dir)?;
-        cbt::cleanup_stale(&qmp, &run_dir).await?;
-        reconcile_generations(&qmp, &nodes, rel.generation, resync).await?;
+        if rel.generation == 0 || resync {
+            cbt::cleanup_stale(&qmp, &run_dir).await?;
+        }
         if let Some(old) = &old_gen {
             for node in &nodes {
                 match cbt::bitmap_state(&qmp, node, old).await? {
@@ -445,7 +468,13 @@ async fn capture(shared: &Arc<Shared>, rel: &ReplicationRow) -> anyhow::Result<(
                     started_ms,
                     app_consistent,
                 };
-                write_meta(&meta_path, &p)?;
+                if let Err(e) = write_meta(&meta_path, &p) {
+                    let _ = std::fs::remove_file(&spool_path);
+                    let _ = fleece.release(&qmp, false).await;
+                    // The old generation was folded into the new one.
+                    set_generation(shared, rel.vm_id, new_gen_no);
+                    return Err(e);
+                }
                 set_generation(shared, rel.vm_id, new_gen_no);
                 let report = fleece.release(&qmp, true).await?;
                 if let Some(err) = report.io_error {
@@ -462,8 +491,13 @@ async fn capture(shared: &Arc<Shared>, rel: &ReplicationRow) -> anyhow::Result<(
             }
             Err(e) => {
                 let _ = std::fs::remove_file(&spool_path);
-                if let Err(re) = fleece.release(&qmp, false).await {
-                    warn!(vm = %name, error = %re, "releasing the fleecing point after a failed read failed");
+                match fleece.release(&qmp, false).await {
+                    // The old generation was folded into the new one, which now holds
+                    // every change since the last point: it is the current one.
+                    Ok(_) => set_generation(shared, rel.vm_id, new_gen_no),
+                    Err(re) => {
+                        warn!(vm = %name, error = %re, "releasing the fleecing point after a failed read failed")
+                    }
                 }
                 Err(e)
             }
@@ -489,51 +523,111 @@ async fn capture(shared: &Arc<Shared>, rel: &ReplicationRow) -> anyhow::Result<(
     }
 }
 
-/// Leaves exactly the current generation on every node: strays from a crash between
-/// capture and release are merged into it (shipping a little more, losing nothing).
+/// Returns the generation holding every change since the last point, after folding stray
+/// generations into it: older strays merge into the current one; a newer one (a capture
+/// started it and its outcome was not recorded) absorbs every other and is adopted.
 async fn reconcile_generations(
     qmp: &ferry_qemu::qmp::Qmp,
     nodes: &[String],
     current: i64,
-    resync: bool,
-) -> anyhow::Result<()> {
-    if current == 0 || resync {
-        return Ok(());
-    }
+) -> anyhow::Result<i64> {
     let infos = qmp
         .execute(&ferry_qemu::qmp::QueryNamedBlockNodes { flat: Some(true) })
         .await?;
-    let cur = generation_name(current);
-    for node in nodes {
-        let Some(info) = infos.iter().find(|n| &n.node_name == node) else {
-            continue;
-        };
-        let names: Vec<String> = info
-            .dirty_bitmaps
+    let on_node = |node: &str| -> Vec<i64> {
+        infos
             .iter()
-            .filter_map(|b| b.name.clone())
-            .filter(|n| n.starts_with("ferry-r") && *n != cur)
+            .find(|n| n.node_name == node)
+            .map(|info| {
+                info.dirty_bitmaps
+                    .iter()
+                    .filter_map(|b| b.name.clone())
+                    .filter_map(|n| n.strip_prefix("ferry-r").and_then(|g| g.parse().ok()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let newest = nodes
+        .iter()
+        .flat_map(|n| on_node(n))
+        .max()
+        .unwrap_or(current)
+        .max(current);
+    let target = generation_name(newest);
+    for node in nodes {
+        for g in on_node(node).into_iter().filter(|g| *g != newest) {
+            cbt::rollback_generation(qmp, &[node.as_str()], &generation_name(g), &target).await?;
+        }
+    }
+    Ok(newest)
+}
+
+/// [`reconcile_generations`] for a VM that is off, on its images.
+async fn reconcile_offline(
+    qemu_img: &Path,
+    images: &[PathBuf],
+    current: i64,
+) -> anyhow::Result<i64> {
+    let mut newest = current;
+    let mut all = Vec::new();
+    for image in images {
+        let found: Vec<(i64, bool)> = cbt::offline_bitmaps(qemu_img, image)
+            .await?
+            .into_iter()
+            // An in-use (inconsistent) generation is left to the capture, which asks for a
+            // resynchronization.
+            .filter(|b| !b.in_use())
+            .filter_map(|b| {
+                let g = b.name.strip_prefix("ferry-r")?.parse().ok()?;
+                Some((g, b.flags.iter().any(|f| f == "auto")))
+            })
             .collect();
-        for stray in names {
-            let stray_no: i64 = stray.trim_start_matches("ferry-r").parse().unwrap_or(0);
-            if stray_no > current {
-                // A newer generation than the store knows: the capture that made it did not
-                // finish; fold it into the current one.
-                cbt::rollback_generation(qmp, &[node.as_str()], &cur, &stray).await?;
-                qmp.execute_raw(
-                    "transaction",
-                    Some(serde_json::json!({"actions": [
-                        {"type": "block-dirty-bitmap-add", "data": {"node": node, "name": cur, "persistent": true}},
-                    ]})),
-                )
-                .await
-                .ok();
-            } else {
-                cbt::rollback_generation(qmp, &[node.as_str()], &stray, &cur).await?;
+        newest = found
+            .iter()
+            .map(|f| f.0)
+            .max()
+            .unwrap_or(newest)
+            .max(newest);
+        all.push((image, found));
+    }
+    let target = generation_name(newest);
+    for (image, found) in all {
+        for (g, _) in found.iter().filter(|f| f.0 != newest) {
+            let source = generation_name(*g);
+            let mut cmd = tokio::process::Command::new(qemu_img);
+            cmd.args(["bitmap", "--merge", &source, "-b"])
+                .arg(image)
+                .args(["-F", "qcow2", "-f", "qcow2"])
+                .arg(image)
+                .arg(&target);
+            let out = cmd.output().await?;
+            if !out.status.success() {
+                bail!(
+                    "cannot fold change-tracking generation {source} into {target} of {}: {}",
+                    image.display(),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            }
+            cbt::remove_bitmap_offline(qemu_img, image, &source).await?;
+        }
+        // The adopted generation must record once QEMU opens the image.
+        if found.iter().any(|f| f.0 == newest && !f.1) {
+            let out = tokio::process::Command::new(qemu_img)
+                .args(["bitmap", "--enable", "-f", "qcow2"])
+                .arg(image)
+                .arg(&target)
+                .output()
+                .await?;
+            if !out.status.success() {
+                bail!(
+                    "cannot enable change-tracking generation {target} of {}: {}",
+                    image.display(),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
             }
         }
     }
-    Ok(())
+    Ok(newest)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -635,10 +729,7 @@ async fn capture_offline(
 }
 
 fn set_generation(shared: &Shared, vm_id: i64, generation: i64) {
-    if let Ok(Some(mut r)) = shared.store.replication(vm_id) {
-        r.generation = generation;
-        let _ = shared.store.update_replication(&r);
-    }
+    let _ = shared.store.set_generation(vm_id, generation);
 }
 
 fn write_meta(path: &Path, p: &Pending) -> anyhow::Result<()> {
@@ -1056,6 +1147,13 @@ async fn ship(shared: &Arc<Shared>, rel: &ReplicationRow, p: &Pending) -> anyhow
         resume,
         ..
     } = handshake(shared, &vm, rel).await?;
+    if last_cycle > p.cycle {
+        bail!(
+            "replica server {} has cycle {last_cycle}, beyond this primary's cycle {}: remove replication on both sides and enable it again",
+            rel.partner_name,
+            p.cycle
+        );
+    }
     if last_cycle < p.cycle {
         let from = resume
             .filter(|r| r.cycle == p.cycle && r.next_batch <= p.frames)
@@ -1129,21 +1227,22 @@ async fn ship(shared: &Arc<Shared>, rel: &ReplicationRow, p: &Pending) -> anyhow
     }
     let _ = writer.shutdown().await;
     // The point exists on the replica: record it, then forget the spool.
-    if let Some(mut r) = shared.store.replication(rel.vm_id)? {
-        let before = r.state;
-        r.last_cycle = p.cycle;
-        r.last_point_at = Some(p.taken_at);
-        r.last_error = None;
-        r.state = match r.state {
+    // (The spool's generation too: a crash between writing the spool's description and
+    // recording the generation must not leave the store behind the bitmaps.)
+    if let Some(before) =
+        shared
+            .store
+            .record_shipped(rel.vm_id, p.cycle, p.taken_at, p.generation)?
+    {
+        let after = match before {
             ReplicationState::Suspended => ReplicationState::Suspended,
             _ => ReplicationState::Replicating,
         };
-        shared.store.update_replication(&r)?;
-        if before != r.state {
+        if before != after {
             shared.events.emit_id(
                 rel.vm_id,
                 "replication_state",
-                &format!("{before} -> {}", r.state),
+                &format!("{before} -> {after}"),
             );
         }
     }
@@ -1191,6 +1290,16 @@ pub async fn remove_tracking(
     let disks = disks(shared, vm, rel);
     if let Some(qmp) = shared.vms.live_qmp(name) {
         let nodes: Vec<String> = disks.iter().map(|(i, _, _)| format!("drive{i}")).collect();
+        // A capture stopped mid-way (the task was aborted) leaves its fleecing point: its
+        // exports and copy-before-write job would hold the bitmaps and grow the overlay.
+        let run_dir = shared
+            .cfg
+            .data_dir
+            .join("run")
+            .join(format!("fleece-{}", rel.vm_id));
+        if let Err(e) = cbt::cleanup_stale(&qmp, &run_dir).await {
+            warn!(vm = %name, error = %e, "cleaning up a fleecing point left by an aborted cycle failed");
+        }
         if let Ok(infos) = qmp
             .execute(&ferry_qemu::qmp::QueryNamedBlockNodes { flat: Some(true) })
             .await

@@ -258,6 +258,19 @@ where
             bail!(reason);
         }
     };
+    // Both sides must agree on where they are: equal, or the replica one ahead (its answer
+    // to the last cycle was lost). Anything else means the relationship was re-created on
+    // one side, and applying deltas would build on the wrong base.
+    if rel.settings.relationship_id != settings.relationship_id
+        || (primary_last_cycle != rel.last_cycle && primary_last_cycle != rel.last_cycle - 1)
+    {
+        let reason = format!(
+            "the replica of {} on {} has recovery points up to cycle {}, but the primary is at cycle {primary_last_cycle}: replication was re-created on one side; remove it on both ({primary} and {}) and enable it again",
+            spec.name, shared.cfg.name, rel.last_cycle, shared.cfg.name
+        );
+        writer.write_control(&refuse(reason.clone())).await?;
+        bail!(reason);
+    }
     let lock = shared
         .replica
         .sessions
@@ -340,7 +353,19 @@ where
                 .await?;
             bail!(reason);
         }
-        if cycle <= rel.last_cycle {
+        if cycle < rel.last_cycle || cycle > rel.last_cycle + 1 {
+            let reason = format!(
+                "cycle {cycle} does not follow cycle {} of {}",
+                rel.last_cycle, spec.name
+            );
+            writer
+                .write_control(&Msg::Failed {
+                    reason: reason.clone(),
+                })
+                .await?;
+            bail!(reason);
+        }
+        if cycle == rel.last_cycle {
             // Already committed: the primary did not hear the answer last time.
             let point = shared
                 .store
@@ -398,9 +423,9 @@ where
             }
             Err(e) => {
                 let reason = format!("{e:#}");
-                let mut r = shared.store.replication(rel.vm_id)?.unwrap_or(rel.clone());
-                r.last_error = Some(reason.clone());
-                shared.store.update_replication(&r)?;
+                shared
+                    .store
+                    .set_replication_error(rel.vm_id, Some(&reason))?;
                 let _ = writer
                     .write_control(&Msg::Failed {
                         reason: reason.clone(),
@@ -634,6 +659,15 @@ async fn receive_cycle<R: AsyncRead + Unpin>(
         .into_iter()
         .find(|v| v.id == rel.vm_id)
         .ok_or_else(|| anyhow!("the replica VM is gone"))?;
+    // Only the next cycle is applied: anything else would delete or build on the wrong layer.
+    let current = shared
+        .store
+        .replication(rel.vm_id)?
+        .map(|r| r.last_cycle)
+        .unwrap_or(-1);
+    if cycle != current + 1 {
+        bail!("cycle {cycle} does not follow cycle {current}: refused");
+    }
     let points = shared.store.list_points(rel.vm_id)?;
     let latest = points.last().cloned();
     let vm_dir = PathBuf::from(&vm.spec.disks[0].file)
@@ -935,6 +969,17 @@ pub async fn import_initial(shared: &Arc<Shared>, vm_id: i64, dir: &Path) -> any
         .or_default()
         .clone();
     let _one_session = lock.lock().await;
+    // Again under the lock: an import (or a session) may have committed meanwhile.
+    let rel = shared
+        .store
+        .replication(vm_id)?
+        .ok_or_else(|| anyhow!("replication was removed"))?;
+    if rel.last_cycle != 0 {
+        bail!(
+            "{} already has recovery points: there is nothing to import",
+            vm.spec.name
+        );
+    }
     // The stream ends as a session's would.
     let mut end = FrameWriter::new(Vec::new());
     end.write_control(&Msg::CycleEnd {
@@ -962,6 +1007,32 @@ pub async fn import_initial(shared: &Arc<Shared>, vm_id: i64, dir: &Path) -> any
     .with_context(|| format!("importing {}", data.display()))?;
     info!(vm = %vm.spec.name, point, "initial copy imported");
     Ok(point)
+}
+
+/// The backing file named in a qcow2 image's header (relative names resolved against the
+/// image's directory), if any.
+fn backing_file(image: &Path) -> Option<PathBuf> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(image).ok()?;
+    let mut head = [0u8; 20];
+    f.read_exact(&mut head).ok()?;
+    if &head[..4] != b"QFI\xfb" {
+        return None;
+    }
+    let offset = u64::from_be_bytes(head[8..16].try_into().ok()?);
+    let len = u32::from_be_bytes(head[16..20].try_into().ok()?) as usize;
+    if offset == 0 || len == 0 || len > 4096 {
+        return None;
+    }
+    f.seek(SeekFrom::Start(offset)).ok()?;
+    let mut name = vec![0u8; len];
+    f.read_exact(&mut name).ok()?;
+    let name = PathBuf::from(String::from_utf8(name).ok()?);
+    Some(if name.is_absolute() {
+        name
+    } else {
+        image.parent()?.join(name)
+    })
 }
 
 /// An existing copy must be a qcow2 image of the disk's exact size.
@@ -1221,6 +1292,18 @@ pub fn recover_staging(store: &Store) -> anyhow::Result<HashMap<i64, Staging>> {
             }
             None => {
                 let _ = std::fs::remove_file(dir.join(STAGING_FILE));
+            }
+        }
+        // Everything a referenced layer is built on is referenced too: a crash in the
+        // middle of a retention merge leaves a dropped point's layer under later ones.
+        let mut queue: Vec<PathBuf> = referenced.iter().map(PathBuf::from).collect();
+        while let Some(layer) = queue.pop() {
+            if let Some(b) = backing_file(&layer) {
+                let s = b.display().to_string();
+                if !referenced.contains(&s) {
+                    referenced.push(s);
+                    queue.push(b);
+                }
             }
         }
         let Ok(entries) = std::fs::read_dir(&dir) else {
