@@ -285,13 +285,16 @@ impl Store {
 
     /// Records a cycle the replica committed: last cycle and point time move forward only,
     /// the generation is at least the cycle's, the error clears, and the state becomes
-    /// `replicating` unless suspended. Returns the state before.
+    /// `replicating` unless suspended, or waiting for a resynchronization that this cycle
+    /// (not a `resync` one: it was captured before the request) does not do. Returns the
+    /// state before.
     pub fn record_shipped(
         &self,
         vm_id: i64,
         cycle: i64,
         taken_at: i64,
         generation: i64,
+        kind: &str,
     ) -> Result<Option<ReplicationState>, StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
@@ -308,9 +311,12 @@ impl Store {
                 last_point_at = CASE WHEN ?2 >= last_cycle THEN ?3 ELSE last_point_at END,
                 generation = max(generation, ?4),
                 last_error = NULL,
-                state = CASE WHEN state = 'suspended' THEN state ELSE 'replicating' END
+                state = CASE
+                    WHEN state = 'suspended' THEN state
+                    WHEN state IN ('resynchronizing', 'resynchronization_required') AND ?5 <> 'resync' THEN state
+                    ELSE 'replicating' END
              WHERE vm_id=?1",
-            params![vm_id, cycle, taken_at, generation],
+            params![vm_id, cycle, taken_at, generation, kind],
         )?;
         tx.commit()?;
         Ok(before.and_then(|s| s.parse().ok()))

@@ -1232,12 +1232,13 @@ async fn ship(shared: &Arc<Shared>, rel: &ReplicationRow, p: &Pending) -> anyhow
     if let Some(before) =
         shared
             .store
-            .record_shipped(rel.vm_id, p.cycle, p.taken_at, p.generation)?
+            .record_shipped(rel.vm_id, p.cycle, p.taken_at, p.generation, &p.kind)?
     {
-        let after = match before {
-            ReplicationState::Suspended => ReplicationState::Suspended,
-            _ => ReplicationState::Replicating,
-        };
+        let after = shared
+            .store
+            .replication(rel.vm_id)?
+            .map(|r| r.state)
+            .unwrap_or(before);
         if before != after {
             shared.events.emit_id(
                 rel.vm_id,
