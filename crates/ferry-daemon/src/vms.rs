@@ -537,7 +537,7 @@ impl VmManager {
         if let Some(rel) = self.store.replication(row.id)? {
             if rel.role == ferry_domain::Role::Replica {
                 return Err(ApiFailure::conflict(format!(
-                    "VM {vm} is a replica: it starts only through failover (ferry failover start {vm})"
+                    "VM {vm} is a replica: it starts only through a failover to one of its recovery points (`ferry replication points {vm}`), not directly"
                 )));
             }
         }

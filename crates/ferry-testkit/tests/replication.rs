@@ -218,7 +218,7 @@ fn replication_ships_exact_recovery_points_and_ends_byte_identical() {
     assert_eq!(list[0]["name"], "app");
     assert_eq!(list[0]["replication"], "replica");
     let err = b.ferry_err(&["vm", "start", "app"]);
-    assert!(err.contains("starts only through failover"), "{err}");
+    assert!(err.contains("starts only through a failover"), "{err}");
     let bst = status(&b, "app");
     assert_eq!(bst["role"], "replica");
     assert_eq!(bst["partner"], "a");
