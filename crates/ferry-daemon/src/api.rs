@@ -66,6 +66,10 @@ pub fn router(state: Shared) -> Router {
         .route("/v1/vms/{name}/replication/points", get(recovery_points))
         .route("/v1/vms/{name}/replication/health", get(replication_health))
         .route(
+            "/v1/vms/{name}/replication/test-failover",
+            post(start_test_failover).delete(stop_test_failover),
+        )
+        .route(
             "/v1/vms/{name}/replication/health/reset",
             post(reset_replication_health),
         )
@@ -268,6 +272,32 @@ async fn recovery_points(
     Path(name): Path<String>,
 ) -> ApiResult<Vec<RecoveryPointInfo>> {
     Ok(Json(replication::points(&s.replication, &name)?))
+}
+
+/// `POST /v1/vms/{name}/replication/test-failover` body.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TestFailoverRequest {
+    point: Option<i64>,
+}
+
+async fn start_test_failover(
+    State(s): State<Shared>,
+    Path(name): Path<String>,
+    Json(req): Json<TestFailoverRequest>,
+) -> ApiResult<ActionReply> {
+    Ok(Json(
+        replication::test_failover::start(&s.replication, &name, req.point).await?,
+    ))
+}
+
+async fn stop_test_failover(
+    State(s): State<Shared>,
+    Path(name): Path<String>,
+) -> ApiResult<ActionReply> {
+    Ok(Json(
+        replication::test_failover::stop(&s.replication, &name).await?,
+    ))
 }
 
 async fn replication_health(

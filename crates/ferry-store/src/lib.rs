@@ -257,6 +257,13 @@ impl Store {
         )?;
         Ok(())
     }
+
+    /// Removes a host setting.
+    pub fn delete_setting(&self, key: &str) -> Result<(), StoreError> {
+        self.conn()
+            .execute("DELETE FROM settings WHERE key = ?1", [key])?;
+        Ok(())
+    }
 }
 
 type RawRow = (

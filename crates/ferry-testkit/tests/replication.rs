@@ -87,6 +87,17 @@ fn quiesce(a: &Host, vm: &str) {
     std::thread::sleep(Duration::from_millis(500));
 }
 
+fn digest(data: &[u8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    data.hash(&mut h);
+    h.finish()
+}
+
+fn health_of(host: &Host, vm: &str) -> Value {
+    host.ferry_json(&["replication", "health", vm])[0].clone()
+}
+
 fn files_under(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     if let Ok(rd) = std::fs::read_dir(dir) {
@@ -267,6 +278,65 @@ fn replication_ships_exact_recovery_points_and_ends_byte_identical() {
         !app_points.is_empty(),
         "no application-consistent point was taken"
     );
+    // Test failover from the oldest point while cycles go on: the test VM boots isolated,
+    // replication keeps adding points, and stopping the test leaves every point unchanged.
+    quiesce(&a, "app");
+    let before: Vec<(i64, u64)> = points(&b, "app")
+        .iter()
+        .map(|p| (p["id"].as_i64().unwrap(), digest(&read_image(&layer(p)))))
+        .collect();
+    a.ferry_ok(&["replication", "resume", "app"]);
+    let oldest = before[0].0.to_string();
+    let out = b.ferry_ok(&["replication", "test-failover", "app", "--point", &oldest]);
+    assert!(out.contains("app-test"), "{out}");
+    let err = b.ferry_err(&["replication", "test-failover", "app"]);
+    assert!(err.contains("is running"), "{err}");
+    let err = b.ferry_err(&["replication", "remove", "app"]);
+    assert!(err.contains("stop-test"), "{err}");
+    let test_vm = b.ferry_json(&["vm", "show", "app-test"]);
+    assert_eq!(test_vm["state"], "running", "{test_vm}");
+    assert_eq!(
+        test_vm["nics"].as_array().unwrap().len(),
+        0,
+        "not isolated: {test_vm}"
+    );
+    b.wait_console(
+        "app-test",
+        Duration::from_secs(60),
+        "the test VM's writes",
+        |c| parse_console(c).last_wrote_seq.unwrap_or(0) >= 2,
+    );
+    assert_eq!(health_of(&b, "app")["test_failover_status"], "running");
+    let cycle = status(&a, "app")["last_cycle"].as_i64().unwrap();
+    wait_for("cycles during the test", Duration::from_secs(60), || {
+        status(&a, "app")["last_cycle"].as_i64().unwrap() >= cycle + 2
+    });
+    let out = b.ferry_ok(&["replication", "stop-test", "app"]);
+    assert!(out.contains("unchanged"), "{out}");
+    assert!(b
+        .ferry_err(&["vm", "show", "app-test"])
+        .contains("app-test"));
+    let h = health_of(&b, "app");
+    assert_eq!(h["test_failover_status"], "not running");
+    assert!(h["last_test_failover_at"].as_i64().is_some(), "{h}");
+    quiesce(&a, "app");
+    let after: Vec<(i64, u64)> = points(&b, "app")
+        .iter()
+        .map(|p| (p["id"].as_i64().unwrap(), digest(&read_image(&layer(p)))))
+        .collect();
+    for (id, d) in &before {
+        if let Some((_, d2)) = after.iter().find(|(i, _)| i == id) {
+            assert_eq!(
+                d, d2,
+                "recovery point {id} changed during the test failover"
+            );
+        }
+    }
+    assert!(
+        after.iter().any(|(i, _)| i.to_string() == oldest),
+        "the tested point was merged away while pinned"
+    );
+    a.ferry_ok(&["replication", "resume", "app"]);
     let report = parse_console(&a.console("app"));
     assert!(!report.is_frozen(), "the guest was left frozen");
     println!(

@@ -110,8 +110,12 @@ pub fn report(
             .filter(|c| c.kind == "resync")
             .map(|c| c.sent_bytes.max(0) as u64)
             .sum(),
-        test_failover_status: "not running".into(),
-        last_test_failover_at: None,
+        test_failover_status: if super::test_failover::current(shared, rel.vm_id).is_some() {
+            "running".into()
+        } else {
+            "not running".into()
+        },
+        last_test_failover_at: super::test_failover::last_started(shared, rel.vm_id),
     })
 }
 

@@ -6,6 +6,7 @@ pub mod health;
 pub mod primary;
 pub mod proto;
 pub mod replica;
+pub mod test_failover;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -72,6 +73,8 @@ pub fn event_code(kind: &str) -> (u32, &'static str) {
         "initial_copy_imported" => (1060, "info"),
         "app_consistent_skipped" => (1070, "warning"),
         "statistics_reset" => (1090, "info"),
+        "test_failover_started" => (1100, "info"),
+        "test_failover_stopped" => (1101, "info"),
         _ => (1999, "info"),
     }
 }
@@ -242,6 +245,25 @@ impl Shared {
         Some(l.clone())
     }
 
+    /// Pins a recovery point: retention neither drops it nor merges anything it is built on.
+    pub fn pin(&self, vm_id: i64, point: i64) {
+        self.pinned
+            .lock()
+            .expect("pinned")
+            .entry(vm_id)
+            .or_default()
+            .push(point);
+    }
+
+    /// Releases a pin.
+    pub fn unpin(&self, vm_id: i64, point: i64) {
+        if let Some(v) = self.pinned.lock().expect("pinned").get_mut(&vm_id) {
+            if let Some(i) = v.iter().position(|p| *p == point) {
+                v.remove(i);
+            }
+        }
+    }
+
     /// Recovery points that must not be merged away.
     pub fn pinned_points(&self, vm_id: i64) -> Vec<i64> {
         self.pinned
@@ -313,6 +335,7 @@ pub async fn start(shared: &Arc<Shared>) -> anyhow::Result<()> {
         });
     }
     health::spawn_watcher(shared.clone());
+    test_failover::restore_pins(shared)?;
     let staged = replica::recover_staging(&shared.store)?;
     shared
         .replica
@@ -335,7 +358,7 @@ fn vm_of(shared: &Shared, name: &str) -> Result<(VmName, ferry_store::VmRow), Ap
     Ok((vm, row))
 }
 
-fn rel_of(
+pub(crate) fn rel_of(
     shared: &Shared,
     name: &str,
 ) -> Result<(VmName, ferry_store::VmRow, ReplicationRow), ApiFailure> {
@@ -706,6 +729,12 @@ pub async fn remove(shared: &Arc<Shared>, name: &str) -> Result<ActionReply, Api
             if row.state != VmState::Off {
                 return Err(ApiFailure::conflict(format!(
                     "replica VM {vm} is running: stop it first"
+                )));
+            }
+            if let Some(t) = test_failover::current(shared, row.id) {
+                return Err(ApiFailure::conflict(format!(
+                    "a test failover of {vm} is running ({}): stop it first with `ferry replication stop-test {vm}`",
+                    t.test_vm
                 )));
             }
             replica::remove_replica(shared, &vm)

@@ -1164,6 +1164,11 @@ pub async fn apply_retention(shared: &Arc<Shared>, vm_id: i64) -> anyhow::Result
     let list: Vec<(i64, i64)> = points.iter().map(|p| (p.id, p.taken_at)).collect();
     let pinned = shared.pinned_points(vm_id);
     let mut drop: Vec<i64> = rel.settings.retention.to_drop(&list, &pinned);
+    // A merge rewrites the dropped point's layer, which every later point is built on: below
+    // a pinned point (a test failover runs on it) nothing is merged.
+    if let Some(lowest_pin) = points.iter().position(|p| pinned.contains(&p.id)) {
+        drop.retain(|id| points.iter().position(|p| p.id == *id) > Some(lowest_pin));
+    }
     // Oldest first, so each merge folds a point into the one below it.
     drop.sort_by_key(|id| points.iter().position(|p| p.id == *id));
     for id in drop {
