@@ -1,6 +1,7 @@
 //! `ferry`: the command-line interface to ferryd, local (unix socket) or remote (TLS).
 
 mod console;
+mod failover;
 mod hosts;
 mod output;
 mod replication;
@@ -73,6 +74,9 @@ enum Command {
     /// Replication of VMs: enable, status, recovery points, suspend/resume, remove.
     #[command(subcommand)]
     Replication(replication::ReplicationCmd),
+    /// Failover of replicated VMs: unplanned failover, cancel, complete, test failover.
+    #[command(subcommand)]
+    Failover(failover::FailoverCmd),
     /// The event log: replication state and health changes, errors, resyncs.
     Events {
         /// Only this VM's events.
@@ -255,6 +259,7 @@ async fn run(cli: Cli, out: &Output) -> anyhow::Result<()> {
         Command::Vm(cmd) => vm(&client, cmd, out).await?,
         Command::ReplicaServer(cmd) => replication::replica_server(&client, cmd, out).await?,
         Command::Replication(cmd) => replication::replication(&client, cmd, out).await?,
+        Command::Failover(cmd) => failover::failover(&client, cmd, out).await?,
         Command::Events { vm, follow, last } => {
             replication::events(&client, vm.as_deref(), follow, last, out).await?
         }

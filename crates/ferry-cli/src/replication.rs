@@ -146,20 +146,6 @@ pub enum ReplicationCmd {
         /// The VM.
         vm: String,
     },
-    /// On the replica server: boot a copy of the VM (`VM-test`, no network) from a recovery
-    /// point while replication goes on (Hyper-V's Test Failover).
-    TestFailover {
-        /// The replica VM.
-        vm: String,
-        /// The recovery point (id from `ferry replication points`); default the latest.
-        #[arg(long)]
-        point: Option<i64>,
-    },
-    /// Stop a test failover: the test VM and its disks are deleted, the points stay.
-    StopTest {
-        /// The replica VM.
-        vm: String,
-    },
     /// Pause replication (changes are still tracked).
     Suspend {
         /// The VM.
@@ -527,23 +513,6 @@ pub async fn replication(client: &Client, cmd: ReplicationCmd, out: &Output) -> 
             if let Some(path) = &csv {
                 eprintln!("saved as CSV to {}", path.display());
             }
-            Ok(())
-        }
-        ReplicationCmd::TestFailover { vm, point } => {
-            let reply: ActionReply = client
-                .post(
-                    &vm_path(&vm, "/replication/test-failover"),
-                    &serde_json::json!({ "point": point }),
-                )
-                .await?;
-            out.action(&reply);
-            Ok(())
-        }
-        ReplicationCmd::StopTest { vm } => {
-            let reply: ActionReply = client
-                .delete(&vm_path(&vm, "/replication/test-failover"))
-                .await?;
-            out.action(&reply);
             Ok(())
         }
         ReplicationCmd::Remove { vm } => {

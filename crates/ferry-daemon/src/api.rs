@@ -69,6 +69,9 @@ pub fn router(state: Shared) -> Router {
             "/v1/vms/{name}/replication/test-failover",
             post(start_test_failover).delete(stop_test_failover),
         )
+        .route("/v1/vms/{name}/failover", post(start_failover))
+        .route("/v1/vms/{name}/failover/cancel", post(cancel_failover))
+        .route("/v1/vms/{name}/failover/complete", post(complete_failover))
         .route(
             "/v1/vms/{name}/replication/health/reset",
             post(reset_replication_health),
@@ -279,6 +282,46 @@ async fn recovery_points(
 #[serde(deny_unknown_fields)]
 struct TestFailoverRequest {
     point: Option<i64>,
+}
+
+/// `POST /v1/vms/{name}/failover` body.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FailoverRequest {
+    point: Option<i64>,
+    #[serde(default)]
+    start: bool,
+    #[serde(default)]
+    force: bool,
+}
+
+async fn start_failover(
+    State(s): State<Shared>,
+    Path(name): Path<String>,
+    Json(req): Json<FailoverRequest>,
+) -> ApiResult<ActionReply> {
+    Ok(Json(
+        replication::failover::start(&s.replication, &name, req.point, req.start, req.force)
+            .await?,
+    ))
+}
+
+async fn cancel_failover(
+    State(s): State<Shared>,
+    Path(name): Path<String>,
+) -> ApiResult<ActionReply> {
+    Ok(Json(
+        replication::failover::cancel(&s.replication, &name).await?,
+    ))
+}
+
+async fn complete_failover(
+    State(s): State<Shared>,
+    Path(name): Path<String>,
+) -> ApiResult<ActionReply> {
+    Ok(Json(
+        replication::failover::complete(&s.replication, &name).await?,
+    ))
 }
 
 async fn start_test_failover(

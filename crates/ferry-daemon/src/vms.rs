@@ -535,9 +535,14 @@ impl VmManager {
         let _guard = self.lock_vm(&vm).await;
         let row = self.store.get_vm(&vm)?;
         if let Some(rel) = self.store.replication(row.id)? {
-            if rel.role == ferry_domain::Role::Replica {
+            let failed_over = matches!(
+                rel.state,
+                ferry_domain::ReplicationState::FailedOverWaitingCompletion
+                    | ferry_domain::ReplicationState::FailedOver
+            );
+            if rel.role == ferry_domain::Role::Replica && !failed_over {
                 return Err(ApiFailure::conflict(format!(
-                    "VM {vm} is a replica: it starts only through a failover to one of its recovery points (`ferry replication points {vm}`), not directly"
+                    "VM {vm} is a replica: it starts only through a failover to one of its recovery points (`ferry failover start {vm} [--point ID]`), not directly"
                 )));
             }
         }
@@ -566,6 +571,10 @@ impl VmManager {
     async fn spawn(&self, row: &VmRow) -> Result<(u32, Qmp), ApiFailure> {
         let paths = self.runtime_paths(row.id);
         let dir = self.vm_dir(&row.spec.name);
+        // A VM made by replication (its disks live in the replica storage) may not have its
+        // own directory yet: it holds the console log.
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| ApiFailure::internal(format!("cannot create {}: {e}", dir.display())))?;
         for d in &row.spec.disks {
             let p = dir.join(&d.file);
             if !p.is_file() {

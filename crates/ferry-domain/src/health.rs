@@ -139,6 +139,12 @@ pub fn evaluate(i: &HealthInput) -> HealthReport {
         | S::WaitingForInitialReplication => {
             warning.push(format!("Initial replication of {vm} is not complete."))
         }
+        S::FailedOverWaitingCompletion => warning.push(format!(
+            "Virtual machine {vm} was failed over to a recovery point: complete the failover (or cancel it)."
+        )),
+        S::FailedOver => warning.push(format!(
+            "Virtual machine {vm} was failed over, but reverse replication has not started."
+        )),
         S::Replicating | S::Error => {}
     }
     if i.failover_not_reversed {

@@ -57,6 +57,11 @@ pub enum ReplicationState {
     ResynchronizationRequired,
     /// The comparison is running.
     Resynchronizing,
+    /// Replica side: failed over to a recovery point, not committed yet (cancel returns to
+    /// replicating; complete commits).
+    FailedOverWaitingCompletion,
+    /// Replica side: failover committed; the other recovery points are gone.
+    FailedOver,
 }
 
 impl ReplicationState {
@@ -71,6 +76,8 @@ impl ReplicationState {
             Self::Error => "error",
             Self::ResynchronizationRequired => "resynchronization_required",
             Self::Resynchronizing => "resynchronizing",
+            Self::FailedOverWaitingCompletion => "failed_over_waiting_completion",
+            Self::FailedOver => "failed_over",
         }
     }
 
@@ -86,6 +93,7 @@ impl ReplicationState {
             Self::Error => "Replication Error",
             Self::ResynchronizationRequired => "Resynchronization Required",
             Self::Resynchronizing => "Resynchronizing",
+            Self::FailedOverWaitingCompletion | Self::FailedOver => "Failover Complete",
         }
     }
 
@@ -119,6 +127,8 @@ impl FromStr for ReplicationState {
             Self::Error,
             Self::ResynchronizationRequired,
             Self::Resynchronizing,
+            Self::FailedOverWaitingCompletion,
+            Self::FailedOver,
         ]
         .into_iter()
         .find(|st| st.as_str() == s)

@@ -287,9 +287,9 @@ fn replication_ships_exact_recovery_points_and_ends_byte_identical() {
         .collect();
     a.ferry_ok(&["replication", "resume", "app"]);
     let oldest = before[0].0.to_string();
-    let out = b.ferry_ok(&["replication", "test-failover", "app", "--point", &oldest]);
+    let out = b.ferry_ok(&["failover", "test", "app", "--point", &oldest]);
     assert!(out.contains("app-test"), "{out}");
-    let err = b.ferry_err(&["replication", "test-failover", "app"]);
+    let err = b.ferry_err(&["failover", "test", "app"]);
     assert!(err.contains("is running"), "{err}");
     let err = b.ferry_err(&["replication", "remove", "app"]);
     assert!(err.contains("stop-test"), "{err}");
@@ -311,7 +311,7 @@ fn replication_ships_exact_recovery_points_and_ends_byte_identical() {
     wait_for("cycles during the test", Duration::from_secs(60), || {
         status(&a, "app")["last_cycle"].as_i64().unwrap() >= cycle + 2
     });
-    let out = b.ferry_ok(&["replication", "stop-test", "app"]);
+    let out = b.ferry_ok(&["failover", "stop-test", "app"]);
     assert!(out.contains("unchanged"), "{out}");
     assert!(b
         .ferry_err(&["vm", "show", "app-test"])

@@ -1,6 +1,7 @@
 //! Replication: the primary's cycles ([`primary`]), the replica server ([`replica`]), the
 //! session protocol between them ([`proto`]), and the operations the API exposes.
 
+pub mod failover;
 pub mod hashes;
 pub mod health;
 pub mod primary;
@@ -73,6 +74,9 @@ pub fn event_code(kind: &str) -> (u32, &'static str) {
         "initial_copy_imported" => (1060, "info"),
         "app_consistent_skipped" => (1070, "warning"),
         "statistics_reset" => (1090, "info"),
+        "failover_started" => (1110, "warning"),
+        "failover_cancelled" => (1111, "info"),
+        "failover_completed" => (1112, "info"),
         "test_failover_started" => (1100, "info"),
         "test_failover_stopped" => (1101, "info"),
         _ => (1999, "info"),
@@ -336,6 +340,7 @@ pub async fn start(shared: &Arc<Shared>) -> anyhow::Result<()> {
     }
     health::spawn_watcher(shared.clone());
     test_failover::restore_pins(shared)?;
+    failover::restore_pins(shared)?;
     let staged = replica::recover_staging(&shared.store)?;
     shared
         .replica
@@ -733,9 +738,27 @@ pub async fn remove(shared: &Arc<Shared>, name: &str) -> Result<ActionReply, Api
             }
             if let Some(t) = test_failover::current(shared, row.id) {
                 return Err(ApiFailure::conflict(format!(
-                    "a test failover of {vm} is running ({}): stop it first with `ferry replication stop-test {vm}`",
+                    "a test failover of {vm} is running ({}): stop it first with `ferry failover stop-test {vm}`",
                     t.test_vm
                 )));
+            }
+            if failover::current(shared, row.id).is_some() {
+                return Err(ApiFailure::conflict(format!(
+                    "{vm} is failed over and not completed: complete (`ferry failover complete {vm}`) or cancel it first"
+                )));
+            }
+            if rel.state == ReplicationState::FailedOver {
+                // The VM lives on (it was failed over to): only the relationship goes.
+                shared.store.delete_replication(row.id)?;
+                shared.events.emit(
+                    &vm,
+                    "replication_removed",
+                    "replication removed on the failed-over replica; the VM stays",
+                );
+                return Ok(ActionReply {
+                    state: row.state,
+                    message: format!("replication of {vm} removed; the failed-over VM stays"),
+                });
             }
             replica::remove_replica(shared, &vm)
                 .map_err(|e| ApiFailure::internal(format!("{e:#}")))?;

@@ -341,11 +341,20 @@ where
             .store
             .replication(rel.vm_id)?
             .ok_or_else(|| anyhow!("replication was removed"))?;
-        if rel.state == ReplicationState::Suspended && cycle > rel.last_cycle {
-            let reason = format!(
+        let refusal = match rel.state {
+            ReplicationState::Suspended => Some(format!(
                 "replication of {} is suspended on the replica server {}: resume it there (`ferry replication resume {}`)",
                 spec.name, shared.cfg.name, spec.name
-            );
+            )),
+            ReplicationState::FailedOverWaitingCompletion | ReplicationState::FailedOver => {
+                Some(format!(
+                    "{} was failed over on the replica server {}: it takes no more recovery points",
+                    spec.name, shared.cfg.name
+                ))
+            }
+            _ => None,
+        };
+        if let (Some(reason), true) = (refusal, cycle > rel.last_cycle) {
             writer
                 .write_control(&Msg::Failed {
                     reason: reason.clone(),

@@ -73,7 +73,7 @@ pub async fn start(
     }
     if let Some(t) = current(shared, row.id) {
         return Err(ApiFailure::conflict(format!(
-            "a test failover of {vm} is running ({}): stop it first with `ferry replication stop-test {vm}`",
+            "a test failover of {vm} is running ({}): stop it first with `ferry failover stop-test {vm}`",
             t.test_vm
         )));
     }
@@ -183,7 +183,7 @@ pub async fn start(
     Ok(ActionReply {
         state: VmState::Running,
         message: format!(
-            "test VM {} started from recovery point {} (cycle {}), without network; replication goes on. Stop it with `ferry replication stop-test {vm}`",
+            "test VM {} started from recovery point {} (cycle {}), without network; replication goes on. Stop it with `ferry failover stop-test {vm}`",
             t.test_vm, chosen.id, chosen.cycle
         ),
     })

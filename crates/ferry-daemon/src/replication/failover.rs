@@ -1,0 +1,272 @@
+//! Unplanned failover on the replica server (Hyper-V's Failover): the replica VM is switched
+//! to new qcow2 overlays on a chosen recovery point (instant, nothing copied; the point is
+//! pinned and never written) and may be started. Until it is completed the failover can be
+//! cancelled: the VM goes off, its overlays and whatever it wrote are discarded, and
+//! replication goes on. Completing keeps the chosen point and removes the others.
+//! A split-brain guard refuses while the primary still sends recovery points, unless forced.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use ferry_api_types::ActionReply;
+use ferry_domain::{NicKind, ReplicationState, Role, VmState};
+use serde::{Deserialize, Serialize};
+
+use super::{now_unix, rel_of, test_failover, Shared};
+use crate::error::ApiFailure;
+
+/// A failover not yet completed, as kept in the store's settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Failover {
+    /// The recovery point failed over to.
+    pub point: i64,
+    /// The overlays the VM runs on.
+    pub overlays: Vec<String>,
+    /// When (UNIX s).
+    pub started_at: i64,
+}
+
+fn key(vm_id: i64) -> String {
+    format!("failover:{vm_id}")
+}
+
+/// The uncompleted failover of a replica VM, if any.
+pub fn current(shared: &Shared, vm_id: i64) -> Option<Failover> {
+    serde_json::from_str(&shared.store.setting(&key(vm_id)).ok()??).ok()
+}
+
+/// Re-pins the points of uncompleted failovers after a restart.
+pub fn restore_pins(shared: &Shared) -> anyhow::Result<()> {
+    for rel in shared.store.list_replications()? {
+        if let Some(f) = current(shared, rel.vm_id) {
+            shared.pin(rel.vm_id, f.point);
+        }
+    }
+    Ok(())
+}
+
+/// Fails the replica VM `name` over to `point` (default: the latest), optionally starting it.
+pub async fn start(
+    shared: &Arc<Shared>,
+    name: &str,
+    point: Option<i64>,
+    power_on: bool,
+    force: bool,
+) -> Result<ActionReply, ApiFailure> {
+    let (vm, row, rel) = rel_of(shared, name)?;
+    if rel.role != Role::Replica {
+        return Err(ApiFailure::invalid(format!(
+            "VM {vm} is the primary: an unplanned failover runs on its replica server {} (for a planned one, stop the VM and fail over from there)",
+            rel.partner_name
+        )));
+    }
+    if matches!(
+        rel.state,
+        ReplicationState::FailedOverWaitingCompletion | ReplicationState::FailedOver
+    ) {
+        return Err(ApiFailure::conflict(format!(
+            "VM {vm} is already failed over: complete or cancel that failover first"
+        )));
+    }
+    if let Some(t) = test_failover::current(shared, row.id) {
+        return Err(ApiFailure::conflict(format!(
+            "a test failover of {vm} is running ({}): stop it first with `ferry failover stop-test {vm}`",
+            t.test_vm
+        )));
+    }
+    // Split-brain guard: a primary that sent a point lately is probably still running.
+    let recent = 3 * rel.settings.interval.secs() as i64 + 30;
+    if let (Some(at), false) = (rel.last_point_at, force) {
+        let age = now_unix() - at;
+        if age < recent {
+            return Err(ApiFailure::conflict(format!(
+                "the primary {} sent a recovery point of {vm} {age} s ago: it is probably still running, and two running copies would diverge; fail over with --force only if it is down (without data loss: stop the VM there and run a planned failover)",
+                rel.partner_name
+            )));
+        }
+    }
+    let points = shared.store.list_points(row.id)?;
+    let chosen = match point {
+        Some(id) => points.iter().find(|p| p.id == id).cloned().ok_or_else(|| {
+            ApiFailure::not_found(format!(
+                "{vm} has no recovery point {id} (see `ferry replication points {vm}`)"
+            ))
+        })?,
+        None => points.last().cloned().ok_or_else(|| {
+            ApiFailure::conflict(format!("{vm} has no recovery point to fail over to"))
+        })?,
+    };
+    shared.pin(row.id, chosen.id);
+    let dir = PathBuf::from(&row.spec.disks[0].file)
+        .parent()
+        .map(PathBuf::from)
+        .ok_or_else(|| ApiFailure::internal("the replica VM has no storage directory".into()))?;
+    let mut spec = row.spec.clone();
+    let mut overlays = Vec::new();
+    for (i, d) in spec.disks.iter_mut().enumerate() {
+        let Some((_, layer)) = chosen.layers.iter().find(|(di, _)| *di == i) else {
+            continue; // an excluded disk keeps its blank image
+        };
+        let overlay = dir.join(format!("failover-p{}-disk{i}.qcow2", chosen.id));
+        let out = tokio::process::Command::new(&shared.cfg.qemu_img)
+            .args(["create", "-q", "-f", "qcow2", "-b"])
+            .arg(layer)
+            .args(["-F", "qcow2"])
+            .arg(&overlay)
+            .arg(d.size_bytes.to_string())
+            .output()
+            .await
+            .map_err(|e| ApiFailure::internal(format!("qemu-img: {e}")))?;
+        if !out.status.success() {
+            shared.unpin(row.id, chosen.id);
+            for o in &overlays {
+                let _ = std::fs::remove_file(o);
+            }
+            return Err(ApiFailure::internal(format!(
+                "cannot create {}: {}",
+                overlay.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        d.file = overlay.display().to_string();
+        overlays.push(d.file.clone());
+    }
+    // Network mapping: bridged NICs join this host's default bridge when it has one.
+    if let Some(bridge) = &shared.cfg.default_bridge {
+        for n in &mut spec.nics {
+            if let NicKind::Bridge(_) = n.kind {
+                n.kind = NicKind::Bridge(bridge.clone());
+            }
+        }
+    }
+    let f = Failover {
+        point: chosen.id,
+        overlays,
+        started_at: now_unix(),
+    };
+    shared
+        .store
+        .set_setting(&key(row.id), &serde_json::to_string(&f).expect("serialize"))?;
+    shared.store.set_vm_spec(row.id, &spec)?;
+    shared
+        .store
+        .set_replication_state_only(row.id, ReplicationState::FailedOverWaitingCompletion)?;
+    shared.events.emit(
+        &vm,
+        "failover_started",
+        &format!(
+            "failed over to recovery point {} (cycle {}){}",
+            chosen.id,
+            chosen.cycle,
+            if force {
+                ", forced past the split-brain guard"
+            } else {
+                ""
+            }
+        ),
+    );
+    let mut message = format!(
+        "{vm} failed over to recovery point {} (cycle {}); complete with `ferry failover complete {vm}` or cancel with `ferry failover cancel {vm}`",
+        chosen.id, chosen.cycle
+    );
+    let mut state = VmState::Off;
+    if power_on {
+        shared.vms.start(vm.as_str()).await?;
+        state = VmState::Running;
+        message.push_str("; the VM is running");
+    }
+    Ok(ActionReply { state, message })
+}
+
+/// Cancels an uncompleted failover: the VM goes off, what it wrote is discarded, and the
+/// replica VM shows its latest recovery point again.
+pub async fn cancel(shared: &Arc<Shared>, name: &str) -> Result<ActionReply, ApiFailure> {
+    let (vm, row, rel) = rel_of(shared, name)?;
+    let Some(f) = current(shared, row.id) else {
+        return Err(ApiFailure::conflict(format!(
+            "VM {vm} has no failover to cancel{}",
+            if rel.state == ReplicationState::FailedOver {
+                " (it was completed)"
+            } else {
+                ""
+            }
+        )));
+    };
+    if row.state != VmState::Off {
+        shared.vms.stop(vm.as_str()).await?;
+    }
+    let mut spec = shared.store.get_vm(&vm)?.spec;
+    if let Some(latest) = shared.store.list_points(row.id)?.pop() {
+        for (d, layer) in &latest.layers {
+            if let Some(slot) = spec.disks.get_mut(*d) {
+                slot.file = layer.clone();
+            }
+        }
+    }
+    shared.store.set_vm_spec(row.id, &spec)?;
+    for o in &f.overlays {
+        let _ = std::fs::remove_file(o);
+    }
+    shared.store.delete_setting(&key(row.id))?;
+    shared.unpin(row.id, f.point);
+    shared
+        .store
+        .set_replication_state_only(row.id, ReplicationState::Replicating)?;
+    shared.events.emit(
+        &vm,
+        "failover_cancelled",
+        "failover cancelled: what the VM wrote is discarded, replication goes on",
+    );
+    Ok(ActionReply {
+        state: VmState::Off,
+        message: format!(
+            "failover of {vm} cancelled; what it wrote was discarded; replication goes on"
+        ),
+    })
+}
+
+/// Completes a failover: the chosen point becomes the VM's base for good and the other
+/// recovery points are removed.
+pub async fn complete(shared: &Arc<Shared>, name: &str) -> Result<ActionReply, ApiFailure> {
+    let (vm, row, _) = rel_of(shared, name)?;
+    let Some(f) = current(shared, row.id) else {
+        return Err(ApiFailure::conflict(format!(
+            "VM {vm} has no failover to complete"
+        )));
+    };
+    let points = shared.store.list_points(row.id)?;
+    let pos = points.iter().position(|p| p.id == f.point);
+    for (i, p) in points.iter().enumerate() {
+        if p.id == f.point {
+            continue;
+        }
+        shared.store.delete_point(p.id)?;
+        // Layers of later points are not under the VM's disks: they go. Earlier ones are
+        // (the chosen point is built on them) and stay as files.
+        if pos.is_some_and(|pos| i > pos) {
+            for (_, layer) in &p.layers {
+                let _ = std::fs::remove_file(layer);
+            }
+        }
+    }
+    shared.store.delete_setting(&key(row.id))?;
+    shared.unpin(row.id, f.point);
+    shared
+        .store
+        .set_replication_state_only(row.id, ReplicationState::FailedOver)?;
+    shared.events.emit(
+        &vm,
+        "failover_completed",
+        &format!(
+            "failover completed on recovery point {}; the other points were removed",
+            f.point
+        ),
+    );
+    Ok(ActionReply {
+        state: shared.store.get_vm(&vm)?.state,
+        message: format!(
+            "failover of {vm} completed: it keeps recovery point {} and the other points were removed",
+            f.point
+        ),
+    })
+}

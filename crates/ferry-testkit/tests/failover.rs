@@ -1,0 +1,231 @@
+//! Unplanned failover on the replica server after the primary site is gone (its ferryd
+//! killed, its VM stopped): the split-brain guard, failover to an older recovery point whose
+//! disk is exactly that point's prefix of the guest's writes (and boots), cancel restoring
+//! the exact previous state, then failover to the latest point, start, and complete.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use ferry_testkit::guest::{parse_console, verify_prefix, GuestWorkload};
+use ferry_testkit::host::Host;
+use ferry_testkit::test_guest;
+use serde_json::Value;
+
+const SEED: u64 = 515;
+const SPAN: u64 = 2048;
+
+fn wait_for(what: &str, timeout: Duration, mut pred: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !pred() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+fn points(host: &Host, vm: &str) -> Vec<Value> {
+    host.ferry_json(&["replication", "points", vm])
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+fn layer(point: &Value) -> PathBuf {
+    PathBuf::from(point["layers"][0][1].as_str().unwrap())
+}
+
+fn read_image(image: &Path) -> Vec<u8> {
+    let out = tempfile::NamedTempFile::new().unwrap();
+    let st = Command::new("qemu-img")
+        .args(["convert", "-U", "-O", "raw"])
+        .arg(image)
+        .arg(out.path())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    std::fs::read(out.path()).unwrap()
+}
+
+fn last_seq(image: &Path) -> u64 {
+    verify_prefix(&read_image(image), SEED, SPAN)
+        .unwrap_or_else(|e| panic!("{} is not a prefix of the writes: {e}", image.display()))
+        .last_seq
+}
+
+fn vm_disk(host: &Host, vm: &str) -> PathBuf {
+    PathBuf::from(
+        host.ferry_json(&["vm", "show", vm])["disks"][0]["path"]
+            .as_str()
+            .unwrap(),
+    )
+}
+
+#[test]
+fn unplanned_failover_to_a_chosen_point_cancel_and_complete() {
+    let mut a = Host::start("a", "127.0.0.1", "accel = \"tcg\"");
+    let b = Host::start("b", "127.0.0.2", "accel = \"tcg\"");
+    let port = {
+        let l = std::net::TcpListener::bind(("127.0.0.2", 0)).unwrap();
+        l.local_addr().unwrap().port().to_string()
+    };
+    let storage = b.dir.path().join("replicas");
+    b.ferry_ok(&[
+        "replica-server",
+        "set",
+        "--enable",
+        "--port",
+        &port,
+        "--allow-any",
+        "--storage",
+        storage.to_str().unwrap(),
+    ]);
+    let (kernel, initrd) = test_guest();
+    let append = GuestWorkload {
+        seed: SEED,
+        start: 1,
+        span_blocks: SPAN,
+    }
+    .kernel_args(0, 0.1);
+    a.ferry_ok(&[
+        "vm",
+        "create",
+        "app",
+        "--memory",
+        "256M",
+        "--disk",
+        "16M",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--initrd",
+        initrd.to_str().unwrap(),
+        "--append",
+        &append,
+    ]);
+    a.ferry_ok(&["vm", "start", "app"]);
+    a.wait_console("app", Duration::from_secs(60), "guest writes", |c| {
+        parse_console(c).last_wrote_seq.unwrap_or(0) >= 3
+    });
+    a.ferry_ok(&[
+        "replication",
+        "enable",
+        "app",
+        "--to",
+        b.socket.to_str().unwrap(),
+        "--interval",
+        "5s",
+        "--recovery-points",
+        "5",
+        "--point-spacing",
+        "1s",
+        "--wait",
+    ]);
+    wait_for("three points", Duration::from_secs(60), || {
+        points(&b, "app").len() >= 3
+    });
+    // The primary site goes away: its VM stops, its ferryd dies.
+    a.ferry_ok(&["vm", "stop", "app"]);
+    a.kill_daemon();
+
+    // Split-brain guard: the primary sent a point moments ago.
+    let err = b.ferry_err(&["failover", "start", "app"]);
+    assert!(
+        err.contains("probably still running") && err.contains("--force"),
+        "{err}"
+    );
+    assert_eq!(
+        b.ferry_json(&["replication", "status", "app"])["state"],
+        "replicating"
+    );
+
+    // Failover to an older point: the VM's disk is exactly that point.
+    let pts = points(&b, "app");
+    let older = pts[pts.len() - 2].clone();
+    let older_seq = last_seq(&layer(&older));
+    let latest_seq = last_seq(&layer(pts.last().unwrap()));
+    assert!(older_seq <= latest_seq);
+    let before_disk = vm_disk(&b, "app");
+    let out = b.ferry_ok(&[
+        "failover",
+        "start",
+        "app",
+        "--point",
+        &older["id"].to_string(),
+        "--force",
+    ]);
+    println!("{out}");
+    let st = b.ferry_json(&["replication", "status", "app"]);
+    assert_eq!(st["state"], "failed_over_waiting_completion", "{st}");
+    let disk = vm_disk(&b, "app");
+    assert_ne!(disk, before_disk);
+    assert_eq!(
+        last_seq(&disk),
+        older_seq,
+        "the failed-over disk is not the chosen point"
+    );
+    // It boots and runs from that point.
+    b.ferry_ok(&["vm", "start", "app"]);
+    b.wait_console(
+        "app",
+        Duration::from_secs(60),
+        "the failed-over guest",
+        |c| parse_console(c).last_wrote_seq.unwrap_or(0) >= 2,
+    );
+    assert!(b
+        .ferry_err(&["failover", "start", "app", "--force"])
+        .contains("already failed over"));
+
+    // Cancel: off, its writes discarded, the replica VM back on its latest point.
+    b.ferry_ok(&["failover", "cancel", "app"]);
+    assert_eq!(b.vm_state("app"), "off");
+    assert_eq!(vm_disk(&b, "app"), before_disk);
+    assert!(!disk.exists(), "the failover overlay was left behind");
+    assert_eq!(
+        b.ferry_json(&["replication", "status", "app"])["state"],
+        "replicating"
+    );
+    let after: Vec<(i64, u64)> = points(&b, "app")
+        .iter()
+        .map(|p| (p["id"].as_i64().unwrap(), last_seq(&layer(p))))
+        .collect();
+    assert_eq!(after.len(), pts.len(), "cancel changed the recovery points");
+    assert_eq!(after.last().unwrap().1, latest_seq);
+
+    // Failover to the latest, started at once; complete keeps only that point.
+    b.ferry_ok(&["failover", "start", "app", "--start", "--force"]);
+    assert_eq!(b.vm_state("app"), "running");
+    b.ferry_ok(&["failover", "complete", "app"]);
+    let pts = points(&b, "app");
+    assert_eq!(pts.len(), 1, "{pts:?}");
+    let st = b.ferry_json(&["replication", "status", "app"]);
+    assert_eq!(st["state"], "failed_over");
+    let h = b.ferry_json(&["replication", "health", "app"])[0].clone();
+    assert_eq!(h["health"], "warning");
+    assert!(
+        h["details"][0]
+            .as_str()
+            .unwrap()
+            .contains("reverse replication"),
+        "{h}"
+    );
+    assert!(b
+        .ferry_err(&["failover", "cancel", "app"])
+        .contains("completed"));
+    let events = b.ferry_json(&["events", "--vm", "app"]);
+    for kind in [
+        "failover_started",
+        "failover_cancelled",
+        "failover_completed",
+    ] {
+        assert!(
+            events.as_array().unwrap().iter().any(|e| e["kind"] == kind),
+            "no {kind} event"
+        );
+    }
+    // Removing replication keeps the failed-over VM.
+    b.ferry_ok(&["vm", "stop", "app"]);
+    b.ferry_ok(&["replication", "remove", "app"]);
+    let show = b.ferry_json(&["vm", "show", "app"]);
+    assert!(show["replication"].is_null(), "{show}");
+    assert!(vm_disk(&b, "app").exists());
+    a.launch();
+}
