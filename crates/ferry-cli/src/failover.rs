@@ -26,8 +26,18 @@ pub enum FailoverCmd {
         #[arg(long)]
         force: bool,
     },
-    /// Cancel a failover not yet completed: the VM is turned off and what it wrote is
-    /// discarded, so another recovery point can be chosen.
+    /// On the primary: planned failover. The VM must be off; every change is shipped, this
+    /// host will not start the VM, and the replica fails over to that point.
+    Planned {
+        /// The primary VM.
+        vm: String,
+        /// Start the VM on the replica server once failed over.
+        #[arg(long)]
+        start: bool,
+    },
+    /// Cancel a failover. On the primary: a planned failover (the VM may start here again).
+    /// On the replica: the VM is turned off and what it wrote is discarded, so another
+    /// recovery point can be chosen.
     Cancel {
         /// The replica VM.
         vm: String,
@@ -65,6 +75,14 @@ pub async fn failover(client: &Client, cmd: FailoverCmd, out: &Output) -> anyhow
                 .post(
                     &vm_path(&vm, "/failover"),
                     &serde_json::json!({ "point": point, "start": start, "force": force }),
+                )
+                .await?
+        }
+        FailoverCmd::Planned { vm, start } => {
+            client
+                .post(
+                    &vm_path(&vm, "/failover/planned"),
+                    &serde_json::json!({ "start": start }),
                 )
                 .await?
         }

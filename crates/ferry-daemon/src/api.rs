@@ -71,6 +71,7 @@ pub fn router(state: Shared) -> Router {
         )
         .route("/v1/vms/{name}/failover", post(start_failover))
         .route("/v1/vms/{name}/failover/cancel", post(cancel_failover))
+        .route("/v1/vms/{name}/failover/planned", post(planned_failover))
         .route("/v1/vms/{name}/failover/complete", post(complete_failover))
         .route(
             "/v1/vms/{name}/replication/health/reset",
@@ -303,6 +304,24 @@ async fn start_failover(
     Ok(Json(
         replication::failover::start(&s.replication, &name, req.point, req.start, req.force)
             .await?,
+    ))
+}
+
+/// `POST /v1/vms/{name}/failover/planned` body.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PlannedFailoverRequest {
+    #[serde(default)]
+    start: bool,
+}
+
+async fn planned_failover(
+    State(s): State<Shared>,
+    Path(name): Path<String>,
+    Json(req): Json<PlannedFailoverRequest>,
+) -> ApiResult<ActionReply> {
+    Ok(Json(
+        replication::failover::planned(&s.replication, &name, req.start).await?,
     ))
 }
 

@@ -540,6 +540,14 @@ impl VmManager {
                 ferry_domain::ReplicationState::FailedOverWaitingCompletion
                     | ferry_domain::ReplicationState::FailedOver
             );
+            if rel.role == ferry_domain::Role::Primary
+                && rel.state == ferry_domain::ReplicationState::PreparedForFailover
+            {
+                return Err(ApiFailure::conflict(format!(
+                    "VM {vm} is prepared for a planned failover: it runs on {} now; to run it here, cancel the failover (`ferry failover cancel {vm}`)",
+                    rel.partner_name
+                )));
+            }
             if rel.role == ferry_domain::Role::Replica && !failed_over {
                 return Err(ApiFailure::conflict(format!(
                     "VM {vm} is a replica: it starts only through a failover to one of its recovery points (`ferry failover start {vm} [--point ID]`), not directly"

@@ -139,6 +139,9 @@ pub fn evaluate(i: &HealthInput) -> HealthReport {
         | S::WaitingForInitialReplication => {
             warning.push(format!("Initial replication of {vm} is not complete."))
         }
+        S::PreparedForFailover => warning.push(format!(
+            "Virtual machine {vm} is prepared for a planned failover: it runs on the replica server now, or cancel the failover."
+        )),
         S::FailedOverWaitingCompletion => warning.push(format!(
             "Virtual machine {vm} was failed over to a recovery point: complete the failover (or cancel it)."
         )),

@@ -57,6 +57,9 @@ pub enum ReplicationState {
     ResynchronizationRequired,
     /// The comparison is running.
     Resynchronizing,
+    /// Primary side: a planned failover shipped every change; the VM must not start here
+    /// (cancel returns to replicating).
+    PreparedForFailover,
     /// Replica side: failed over to a recovery point, not committed yet (cancel returns to
     /// replicating; complete commits).
     FailedOverWaitingCompletion,
@@ -76,6 +79,7 @@ impl ReplicationState {
             Self::Error => "error",
             Self::ResynchronizationRequired => "resynchronization_required",
             Self::Resynchronizing => "resynchronizing",
+            Self::PreparedForFailover => "prepared_for_failover",
             Self::FailedOverWaitingCompletion => "failed_over_waiting_completion",
             Self::FailedOver => "failed_over",
         }
@@ -93,6 +97,7 @@ impl ReplicationState {
             Self::Error => "Replication Error",
             Self::ResynchronizationRequired => "Resynchronization Required",
             Self::Resynchronizing => "Resynchronizing",
+            Self::PreparedForFailover => "Prepared for planned failover",
             Self::FailedOverWaitingCompletion | Self::FailedOver => "Failover Complete",
         }
     }
@@ -127,6 +132,7 @@ impl FromStr for ReplicationState {
             Self::Error,
             Self::ResynchronizationRequired,
             Self::Resynchronizing,
+            Self::PreparedForFailover,
             Self::FailedOverWaitingCompletion,
             Self::FailedOver,
         ]

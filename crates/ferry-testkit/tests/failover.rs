@@ -229,3 +229,108 @@ fn unplanned_failover_to_a_chosen_point_cancel_and_complete() {
     assert!(vm_disk(&b, "app").exists());
     a.launch();
 }
+
+/// Planned failover: refused while the VM runs; once it is off every change is shipped, the
+/// primary will not start it, and the replica's failed-over disk equals the primary's byte
+/// for byte (zero data loss). Cancelling on both sides restores replication.
+#[test]
+fn planned_failover_loses_nothing_and_cancel_restores_replication() {
+    let a = Host::start("a", "127.0.0.1", "accel = \"tcg\"");
+    let b = Host::start("b", "127.0.0.2", "accel = \"tcg\"");
+    let port = {
+        let l = std::net::TcpListener::bind(("127.0.0.2", 0)).unwrap();
+        l.local_addr().unwrap().port().to_string()
+    };
+    let storage = b.dir.path().join("replicas");
+    b.ferry_ok(&[
+        "replica-server",
+        "set",
+        "--enable",
+        "--port",
+        &port,
+        "--allow-any",
+        "--storage",
+        storage.to_str().unwrap(),
+    ]);
+    let (kernel, initrd) = test_guest();
+    let append = GuestWorkload {
+        seed: SEED,
+        start: 1,
+        span_blocks: SPAN,
+    }
+    .kernel_args(0, 0.1);
+    a.ferry_ok(&[
+        "vm",
+        "create",
+        "app",
+        "--memory",
+        "256M",
+        "--disk",
+        "16M",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--initrd",
+        initrd.to_str().unwrap(),
+        "--append",
+        &append,
+    ]);
+    a.ferry_ok(&["vm", "start", "app"]);
+    a.wait_console("app", Duration::from_secs(60), "guest writes", |c| {
+        parse_console(c).last_wrote_seq.unwrap_or(0) >= 3
+    });
+    a.ferry_ok(&[
+        "replication",
+        "enable",
+        "app",
+        "--to",
+        b.socket.to_str().unwrap(),
+        "--interval",
+        "5s",
+        "--wait",
+    ]);
+    let err = a.ferry_err(&["failover", "planned", "app"]);
+    assert!(err.contains("shut it down first"), "{err}");
+    // The guest keeps writing until it is stopped: those last writes must reach the replica.
+    std::thread::sleep(Duration::from_secs(2));
+    a.ferry_ok(&["vm", "stop", "app"]);
+    let out = a.ferry_ok(&["failover", "planned", "app"]);
+    println!("{out}");
+    let st = a.ferry_json(&["replication", "status", "app"]);
+    assert_eq!(st["state"], "prepared_for_failover", "{st}");
+    assert_eq!(st["state_label"], "Prepared for planned failover");
+    let err = a.ferry_err(&["vm", "start", "app"]);
+    assert!(err.contains("prepared for a planned failover"), "{err}");
+    let bst = b.ferry_json(&["replication", "status", "app"]);
+    assert_eq!(bst["state"], "failed_over_waiting_completion", "{bst}");
+    let primary_disk = vm_disk(&a, "app");
+    let replica_disk = vm_disk(&b, "app");
+    let out = Command::new("qemu-img")
+        .args(["compare", "-U", "-f", "qcow2", "-F", "qcow2"])
+        .arg(&primary_disk)
+        .arg(&replica_disk)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "data lost in the planned failover: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let wrote = parse_console(&a.console("app")).last_wrote_seq.unwrap();
+    assert_eq!(
+        last_seq(&replica_disk),
+        wrote,
+        "the replica misses the last writes"
+    );
+
+    // Cancel on both sides: the VM runs on the primary again and cycles go on.
+    b.ferry_ok(&["failover", "cancel", "app"]);
+    a.ferry_ok(&["failover", "cancel", "app"]);
+    a.ferry_ok(&["vm", "start", "app"]);
+    let cycle = a.ferry_json(&["replication", "status", "app"])["last_cycle"]
+        .as_i64()
+        .unwrap();
+    wait_for("cycles after the cancel", Duration::from_secs(60), || {
+        let st = a.ferry_json(&["replication", "status", "app"]);
+        st["state"] == "replicating" && st["last_cycle"].as_i64().unwrap() > cycle
+    });
+}

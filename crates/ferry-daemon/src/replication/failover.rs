@@ -178,10 +178,115 @@ pub async fn start(
     Ok(ActionReply { state, message })
 }
 
-/// Cancels an uncompleted failover: the VM goes off, what it wrote is discarded, and the
-/// replica VM shows its latest recovery point again.
+/// Planned failover, run on the primary: the VM must be off; every change is shipped (zero
+/// data loss), the primary is "prepared for failover" (the VM does not start here), and the
+/// replica fails over to that last point (and starts it if asked).
+pub async fn planned(
+    shared: &Arc<Shared>,
+    name: &str,
+    power_on: bool,
+) -> Result<ActionReply, ApiFailure> {
+    let (vm, row, rel) = rel_of(shared, name)?;
+    if rel.role != Role::Primary {
+        return Err(ApiFailure::invalid(format!(
+            "VM {vm} is a replica: run the planned failover on its primary {} (here: `ferry failover start {vm}` for an unplanned one)",
+            rel.partner_name
+        )));
+    }
+    if row.state != VmState::Off {
+        return Err(ApiFailure::conflict(format!(
+            "VM {vm} is {}: shut it down first, so that the final cycle ships every change",
+            row.state
+        )));
+    }
+    if rel.state != ReplicationState::Replicating {
+        return Err(ApiFailure::conflict(format!(
+            "replication of {vm} is {} ({}): a planned failover needs it replicating",
+            rel.state.label(),
+            rel.state
+        )));
+    }
+    // No cycle of the relationship's own from now on: the final ones run here.
+    shared.stop_primary(row.id);
+    let restore = |why: String| {
+        let _ = shared
+            .store
+            .set_replication_state_only(row.id, ReplicationState::Replicating);
+        shared.spawn_primary(row.id);
+        ApiFailure::conflict(format!(
+            "planned failover of {vm} stopped, nothing changed: {why}"
+        ))
+    };
+    // A spool captured earlier goes first, then the stopped VM's last changes.
+    for _ in 0..2 {
+        let Some(rel) = shared.store.replication(row.id)? else {
+            return Err(restore("replication was removed".into()));
+        };
+        super::primary::run_cycle(shared, &rel).await;
+        let after = shared.store.replication(row.id)?;
+        if let Some(err) = after.as_ref().and_then(|r| r.last_error.clone()) {
+            return Err(restore(format!("the final cycle failed: {err}")));
+        }
+    }
+    if super::primary::pending(shared, row.id).is_some() {
+        return Err(restore("a captured cycle could not be shipped".into()));
+    }
+    shared
+        .store
+        .set_replication_state_only(row.id, ReplicationState::PreparedForFailover)?;
+    let Some(rel) = shared.store.replication(row.id)? else {
+        return Err(restore("replication was removed".into()));
+    };
+    let row = shared.store.get_vm(&vm)?;
+    let done = match super::primary::send_planned_failover(shared, &row, &rel, power_on).await {
+        Ok(m) => m,
+        Err(e) => return Err(restore(format!("{e:#}"))),
+    };
+    shared.events.emit(
+        &vm,
+        "planned_failover",
+        &format!(
+            "planned failover: every change up to cycle {} is on {}; {done}",
+            rel.last_cycle, rel.partner_name
+        ),
+    );
+    Ok(ActionReply {
+        state: VmState::Off,
+        message: format!(
+            "{vm} is prepared for planned failover: every change (cycle {}) is on {}, which reports: {done}",
+            rel.last_cycle, rel.partner_name
+        ),
+    })
+}
+
+/// Cancels a failover. On the primary: a planned failover (the VM may start here again).
+/// On the replica: the VM goes off, what it wrote is discarded, and the replica VM shows
+/// its latest recovery point again.
 pub async fn cancel(shared: &Arc<Shared>, name: &str) -> Result<ActionReply, ApiFailure> {
     let (vm, row, rel) = rel_of(shared, name)?;
+    if rel.role == Role::Primary {
+        if rel.state != ReplicationState::PreparedForFailover {
+            return Err(ApiFailure::conflict(format!(
+                "VM {vm} is not prepared for a planned failover"
+            )));
+        }
+        shared
+            .store
+            .set_replication_state_only(row.id, ReplicationState::Replicating)?;
+        shared.spawn_primary(row.id);
+        shared.events.emit(
+            &vm,
+            "failover_cancelled",
+            "planned failover cancelled on the primary",
+        );
+        return Ok(ActionReply {
+            state: row.state,
+            message: format!(
+                "planned failover of {vm} cancelled here: the VM may start again; if {} failed it over, cancel it there too (`ferry failover cancel {vm}` on {})",
+                rel.partner_name, rel.partner_name
+            ),
+        });
+    }
     let Some(f) = current(shared, row.id) else {
         return Err(ApiFailure::conflict(format!(
             "VM {vm} has no failover to cancel{}",

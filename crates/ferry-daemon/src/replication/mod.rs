@@ -75,6 +75,7 @@ pub fn event_code(kind: &str) -> (u32, &'static str) {
         "app_consistent_skipped" => (1070, "warning"),
         "statistics_reset" => (1090, "info"),
         "failover_started" => (1110, "warning"),
+        "planned_failover" => (1113, "info"),
         "failover_cancelled" => (1111, "info"),
         "failover_completed" => (1112, "info"),
         "test_failover_started" => (1100, "info"),

@@ -204,7 +204,7 @@ fn set_state(shared: &Shared, vm_id: i64, state: ReplicationState, error: Option
     }
 }
 
-async fn run_cycle(shared: &Arc<Shared>, rel: &ReplicationRow) {
+pub(crate) async fn run_cycle(shared: &Arc<Shared>, rel: &ReplicationRow) {
     let started_ms = now_ms();
     let result = async {
         if pending(shared, rel.vm_id).is_none() {
@@ -1061,6 +1061,31 @@ async fn freeze_guest(shared: &Shared, vm: &VmRow) -> Option<GuestAgent> {
             );
             None
         }
+    }
+}
+
+/// Asks the replica server to fail the VM over to cycle `cycle` (planned failover); returns
+/// what it did.
+pub async fn send_planned_failover(
+    shared: &Shared,
+    vm: &VmRow,
+    rel: &ReplicationRow,
+    start: bool,
+) -> anyhow::Result<String> {
+    let mut session = handshake(shared, vm, rel).await?;
+    session
+        .writer
+        .write_control(&Msg::PlannedFailover {
+            cycle: rel.last_cycle,
+            start,
+        })
+        .await?;
+    let answer = next_control(&mut session.reader, Duration::from_secs(120)).await?;
+    session.close().await;
+    match answer {
+        Msg::FailedOver { message } => Ok(message),
+        Msg::Failed { reason } => bail!("replica server {} refused: {reason}", rel.partner_name),
+        other => bail!("unexpected answer from the replica server: {other:?}"),
     }
 }
 

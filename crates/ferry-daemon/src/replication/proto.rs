@@ -87,6 +87,19 @@ pub enum Msg {
         /// Concatenated 128-bit hashes, hex.
         hashes: String,
     },
+    /// Primary → replica: planned failover. Every change up to `cycle` was shipped and the
+    /// VM is off on the primary: fail the replica VM over to that point (and start it).
+    PlannedFailover {
+        /// The last cycle, which the replica must hold.
+        cycle: i64,
+        /// Start the VM once failed over.
+        start: bool,
+    },
+    /// Replica → primary: the planned failover is done.
+    FailedOver {
+        /// What the replica did.
+        message: String,
+    },
     /// Primary → replica: a cycle follows.
     CycleBegin {
         /// Cycle number (1 = initial copy).

@@ -306,6 +306,23 @@ where
             Ok(Ok(Some(f))) => f.control::<Msg>()?,
             Ok(Err(e)) => return Err(e.into()),
         };
+        if let Msg::PlannedFailover { cycle, start } = msg {
+            let current = shared.store.replication(rel.vm_id)?.map(|r| r.last_cycle);
+            let reply = if current != Some(cycle) {
+                Msg::Failed {
+                    reason: format!(
+                        "the replica holds cycle {current:?}, not the primary's last cycle {cycle}: the planned failover would lose data"
+                    ),
+                }
+            } else {
+                match super::failover::start(shared, spec.name.as_str(), None, start, true).await {
+                    Ok(r) => Msg::FailedOver { message: r.message },
+                    Err(e) => Msg::Failed { reason: e.message },
+                }
+            };
+            writer.write_control(&reply).await?;
+            continue;
+        }
         if let Msg::HashRequest = msg {
             match disk_hashes(shared, rel.vm_id).await {
                 Ok(list) => {
