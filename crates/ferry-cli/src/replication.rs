@@ -146,6 +146,19 @@ pub enum ReplicationCmd {
         /// The VM.
         vm: String,
     },
+    /// On a failed-over replica: replicate back to the old primary (delta only: what the VM
+    /// wrote since the failover).
+    Reverse {
+        /// The VM.
+        vm: String,
+        /// The old primary: a name from `ferry host list`, its admin socket path, or
+        /// ADDR:PORT of its replication port with --replica-fingerprint.
+        #[arg(long)]
+        to: String,
+        /// Its certificate fingerprint, when --to is ADDR:PORT.
+        #[arg(long)]
+        replica_fingerprint: Option<String>,
+    },
     /// Pause replication (changes are still tracked).
     Suspend {
         /// The VM.
@@ -514,6 +527,25 @@ pub async fn replication(client: &Client, cmd: ReplicationCmd, out: &Output) -> 
                 eprintln!("saved as CSV to {}", path.display());
             }
             Ok(())
+        }
+        ReplicationCmd::Reverse {
+            vm,
+            to,
+            replica_fingerprint,
+        } => {
+            let (replica_name, replica_addr, fp) =
+                resolve_replica(&to, replica_fingerprint).await?;
+            let info: ReplicationInfo = client
+                .post(
+                    &vm_path(&vm, "/replication/reverse"),
+                    &serde_json::json!({
+                        "replica_name": replica_name,
+                        "replica_addr": replica_addr,
+                        "replica_fingerprint": fp,
+                    }),
+                )
+                .await?;
+            show(out, &info)
         }
         ReplicationCmd::Remove { vm } => {
             let reply: ActionReply = client.delete(&vm_path(&vm, "/replication")).await?;

@@ -72,6 +72,10 @@ pub fn router(state: Shared) -> Router {
         .route("/v1/vms/{name}/failover", post(start_failover))
         .route("/v1/vms/{name}/failover/cancel", post(cancel_failover))
         .route("/v1/vms/{name}/failover/planned", post(planned_failover))
+        .route(
+            "/v1/vms/{name}/replication/reverse",
+            post(reverse_replication),
+        )
         .route("/v1/vms/{name}/failover/complete", post(complete_failover))
         .route(
             "/v1/vms/{name}/replication/health/reset",
@@ -322,6 +326,33 @@ async fn planned_failover(
 ) -> ApiResult<ActionReply> {
     Ok(Json(
         replication::failover::planned(&s.replication, &name, req.start).await?,
+    ))
+}
+
+/// `POST /v1/vms/{name}/replication/reverse` body: the old primary, as `replication enable`
+/// names a replica server.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReverseRequest {
+    replica_name: String,
+    replica_addr: String,
+    replica_fingerprint: String,
+}
+
+async fn reverse_replication(
+    State(s): State<Shared>,
+    Path(name): Path<String>,
+    Json(req): Json<ReverseRequest>,
+) -> ApiResult<ReplicationInfo> {
+    Ok(Json(
+        replication::failover::reverse(
+            &s.replication,
+            &name,
+            &req.replica_name,
+            &req.replica_addr,
+            &req.replica_fingerprint,
+        )
+        .await?,
     ))
 }
 

@@ -128,6 +128,23 @@ pub async fn start(
                 String::from_utf8_lossy(&out.stderr).trim()
             )));
         }
+        // Everything the failed-over VM writes is tracked from its first write, so reverse
+        // replication ships only that (generation 1 of the reversed relationship).
+        let out = tokio::process::Command::new(&shared.cfg.qemu_img)
+            .args(["bitmap", "--add", "-f", "qcow2", "-g"])
+            .arg(rel.settings.granularity.to_string())
+            .arg(&overlay)
+            .arg(super::primary::generation_name(1))
+            .output()
+            .await
+            .map_err(|e| ApiFailure::internal(format!("qemu-img: {e}")))?;
+        if !out.status.success() {
+            return Err(ApiFailure::internal(format!(
+                "cannot start change tracking on {}: {}",
+                overlay.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
         d.file = overlay.display().to_string();
         overlays.push(d.file.clone());
     }
@@ -176,6 +193,83 @@ pub async fn start(
         message.push_str("; the VM is running");
     }
     Ok(ActionReply { state, message })
+}
+
+/// Reverse replication, run on the failed-over replica: it becomes the primary and
+/// replicates back to the old primary, whose disk holds the point it failed over to; only
+/// what the VM wrote since the failover is sent (tracked from the failover on).
+pub async fn reverse(
+    shared: &Arc<Shared>,
+    name: &str,
+    to_name: &str,
+    to_addr: &str,
+    to_fingerprint: &str,
+) -> Result<ferry_api_types::ReplicationInfo, ApiFailure> {
+    let (vm, row, rel) = rel_of(shared, name)?;
+    if rel.role != Role::Replica
+        || !matches!(
+            rel.state,
+            ReplicationState::FailedOverWaitingCompletion | ReplicationState::FailedOver
+        )
+    {
+        return Err(ApiFailure::conflict(format!(
+            "VM {vm} is not failed over here: reverse replication runs on the replica after a failover"
+        )));
+    }
+    let fp = ferry_client::normalize_fingerprint(to_fingerprint);
+    if fp != rel.partner_fingerprint {
+        return Err(ApiFailure::invalid(format!(
+            "reverse replication goes back to {vm}'s old primary {} (certificate {}), not to that host",
+            rel.partner_name, rel.partner_fingerprint
+        )));
+    }
+    if current(shared, row.id).is_some() {
+        complete(shared, name).await?;
+    }
+    let row = shared.store.get_vm(&vm)?;
+    let mut settings = rel.settings.clone();
+    settings.relationship_id = {
+        let h = blake3::hash(format!("{fp}{}{}", super::now_ms(), row.id).as_bytes());
+        u64::from_le_bytes(h.as_bytes()[..8].try_into().expect("8 bytes")) | 1
+    };
+    // Cycle 1 of the reversed relationship is the failover point, which both sides hold;
+    // generation 1 (started on the failover overlays) tracks what came after.
+    let new_rel = ferry_store::ReplicationRow {
+        vm_id: row.id,
+        role: Role::Primary,
+        partner_name: to_name.to_owned(),
+        partner_addr: to_addr.to_owned(),
+        partner_fingerprint: fp,
+        settings,
+        state: ReplicationState::Replicating,
+        generation: 1,
+        last_cycle: 1,
+        last_point_at: Some(now_unix()),
+        last_error: None,
+        created_at: now_unix(),
+    };
+    let key = super::primary::reverse_key(row.id);
+    shared.store.set_setting(&key, "1")?;
+    match super::primary::handshake(shared, &row, &new_rel).await {
+        Ok(session) => session.close().await,
+        Err(e) => {
+            shared.store.delete_setting(&key)?;
+            return Err(ApiFailure::invalid(format!("{e:#}")));
+        }
+    }
+    shared.store.delete_setting(&key)?;
+    for p in shared.store.list_points(row.id)? {
+        shared.store.delete_point(p.id)?;
+    }
+    shared.store.delete_replication(row.id)?;
+    shared.store.insert_replication(&new_rel)?;
+    shared.spawn_primary(row.id);
+    shared.events.emit(
+        &vm,
+        "replication_reversed",
+        &format!("{vm} now replicates to {to_name} (reverse replication, delta only)"),
+    );
+    Ok(super::info(shared, &vm, &new_rel))
 }
 
 /// Planned failover, run on the primary: the VM must be off; every change is shipped (zero

@@ -76,6 +76,7 @@ pub fn event_code(kind: &str) -> (u32, &'static str) {
         "statistics_reset" => (1090, "info"),
         "failover_started" => (1110, "warning"),
         "planned_failover" => (1113, "info"),
+        "replication_reversed" => (1114, "info"),
         "failover_cancelled" => (1111, "info"),
         "failover_completed" => (1112, "info"),
         "test_failover_started" => (1100, "info"),

@@ -1089,6 +1089,11 @@ pub async fn send_planned_failover(
     }
 }
 
+/// The marker of a reverse replication the old primary has not accepted yet.
+pub fn reverse_key(vm_id: i64) -> String {
+    format!("reverse_pending:{vm_id}")
+}
+
 /// A connection to the replica server that got past Hello.
 pub struct Session {
     reader: FrameReader<tokio::io::ReadHalf<peer::PeerStream>>,
@@ -1136,6 +1141,12 @@ pub async fn handshake(
             disks,
             settings: rel.settings.clone(),
             last_cycle: rel.last_cycle,
+            reverse: shared
+                .store
+                .setting(&reverse_key(rel.vm_id))
+                .ok()
+                .flatten()
+                .is_some(),
         })
         .await?;
     match next_control(&mut reader, peer::CONNECT_TIMEOUT).await? {

@@ -61,6 +61,10 @@ pub enum Msg {
         /// there, and is not silently re-created.
         #[serde(default)]
         last_cycle: i64,
+        /// Reverse replication: the receiver is this VM's old primary, whose disk holds
+        /// cycle `last_cycle`; it becomes the replica with that disk as its first point.
+        #[serde(default)]
+        reverse: bool,
     },
     /// Replica → primary: accepted.
     Welcome {

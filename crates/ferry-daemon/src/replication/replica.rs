@@ -21,7 +21,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context};
 use ferry_api_types::{AuthorizationEntry, ReplicaServerConfig};
 use ferry_domain::replication::{InitialMethod, ReplicationSettings};
-use ferry_domain::{DiskSpec, ReplicationState, Role, VmName, VmSpec};
+use ferry_domain::{DiskSpec, ReplicationState, Role, VmName, VmSpec, VmState};
 use ferry_nbd::{NbdClient, BASE_ALLOCATION};
 use ferry_qemu::cbt::OfflineExport;
 use ferry_store::{PointRow, ReplicationRow, Store};
@@ -215,6 +215,7 @@ where
         disks,
         settings,
         last_cycle: primary_last_cycle,
+        reverse,
     } = hello
     else {
         bail!("the primary did not start with Hello");
@@ -234,6 +235,20 @@ where
             bail!(reason);
         }
     };
+    if reverse {
+        if let Err(reason) = become_replica(
+            shared,
+            &primary,
+            fingerprint,
+            &from_ip,
+            &spec,
+            &settings,
+            primary_last_cycle,
+        ) {
+            writer.write_control(&refuse(reason.clone())).await?;
+            bail!(reason);
+        }
+    }
     if primary_last_cycle > 0 && shared.store.get_vm(&spec.name).is_err() {
         let reason = format!(
             "{} has no replica of {} (it was removed there): on {primary}, run `ferry replication remove {}`, then enable replication again",
@@ -473,6 +488,128 @@ async fn next_control<R: AsyncRead + Unpin>(reader: &mut FrameReader<R>) -> anyh
             return Ok(frame.control()?);
         }
     }
+}
+
+/// Reverse replication reaches the old primary: its VM (off, prepared for a planned
+/// failover, or with a failover done elsewhere) becomes the replica of the new primary. Its
+/// disks hold exactly cycle `cycle` of the new direction, so they become the first recovery
+/// point as they are: nothing is copied, and the next cycles are deltas. Idempotent: a
+/// relationship already reversed is left alone.
+fn become_replica(
+    shared: &Arc<Shared>,
+    primary: &str,
+    fingerprint: &str,
+    from_ip: &str,
+    spec: &VmSpec,
+    settings: &ReplicationSettings,
+    cycle: i64,
+) -> Result<(), String> {
+    let store = &shared.store;
+    let me = &shared.cfg.name;
+    let row = store
+        .get_vm(&spec.name)
+        .map_err(|_| format!("{me} has no VM {} to reverse replication onto", spec.name))?;
+    let rel = store
+        .replication(row.id)
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| {
+            format!(
+                "VM {} on {me} is not replicated: it cannot receive reverse replication",
+                spec.name
+            )
+        })?;
+    if rel.role == Role::Replica && rel.partner_fingerprint == fingerprint {
+        return Ok(()); // already reversed
+    }
+    if rel.role != Role::Primary || rel.partner_fingerprint != fingerprint {
+        return Err(format!(
+            "VM {} on {me} does not replicate to {primary}: reverse replication goes back to the old primary only",
+            spec.name
+        ));
+    }
+    if row.state != VmState::Off {
+        return Err(format!(
+            "VM {} runs on {me}: reverse replication would overwrite it; shut it down first (two running copies diverge)",
+            spec.name
+        ));
+    }
+    // Its own change tracking has no meaning any more.
+    let vm_dir = shared.vms.vm_dir(&row.spec.name);
+    let mut replica_spec = row.spec.clone();
+    let mut layers = Vec::new();
+    for (i, d) in replica_spec.disks.iter_mut().enumerate() {
+        let path = vm_dir.join(&d.file);
+        let _ = std::process::Command::new(&shared.cfg.qemu_img)
+            .args(["info", "-U", "--output=json"])
+            .arg(&path)
+            .output()
+            .map(|o| {
+                let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+                for b in v["format-specific"]["data"]["bitmaps"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                {
+                    if let Some(n) = b["name"].as_str().filter(|n| n.starts_with("ferry-r")) {
+                        let _ = std::process::Command::new(&shared.cfg.qemu_img)
+                            .args(["bitmap", "--remove", "-f", "qcow2"])
+                            .arg(&path)
+                            .arg(n)
+                            .status();
+                    }
+                }
+            });
+        d.file = path.display().to_string();
+        if !settings.excluded_disks.contains(&i) {
+            layers.push((i, d.file.clone()));
+        }
+    }
+    store
+        .delete_replication(row.id)
+        .map_err(|e| e.to_string())?;
+    let new_rel = ReplicationRow {
+        vm_id: row.id,
+        role: Role::Replica,
+        partner_name: primary.to_owned(),
+        partner_addr: from_ip.to_owned(),
+        partner_fingerprint: fingerprint.to_owned(),
+        settings: settings.clone(),
+        state: ReplicationState::Replicating,
+        generation: 0,
+        last_cycle: cycle,
+        last_point_at: Some(now_unix()),
+        last_error: None,
+        created_at: now_unix(),
+    };
+    store
+        .insert_replication(&new_rel)
+        .map_err(|e| e.to_string())?;
+    store
+        .set_vm_spec(row.id, &replica_spec)
+        .map_err(|e| e.to_string())?;
+    let point = PointRow {
+        id: 0,
+        vm_id: row.id,
+        cycle,
+        taken_at: now_unix(),
+        applied_at: now_unix(),
+        kind: "reverse-base".into(),
+        layers,
+        bytes: 0,
+        consistency: "crash".into(),
+    };
+    store
+        .commit_point(&point, &new_rel)
+        .map_err(|e| e.to_string())?;
+    shared.events.emit(
+        &spec.name,
+        "replication_reversed",
+        &format!(
+            "{} now replicates from {primary}; this host holds its replica (delta only)",
+            spec.name
+        ),
+    );
+    Ok(())
 }
 
 /// Finds (or creates) the replica VM and relationship for this primary's VM.
