@@ -158,6 +158,10 @@ pub enum ReplicationCmd {
         /// Its certificate fingerprint, when --to is ADDR:PORT.
         #[arg(long)]
         replica_fingerprint: Option<String>,
+        /// After an unplanned failover: compare both sides (the old primary may hold writes
+        /// the failover point lacks) and send only the differences.
+        #[arg(long)]
+        resync: bool,
     },
     /// Pause replication (changes are still tracked).
     Suspend {
@@ -532,6 +536,7 @@ pub async fn replication(client: &Client, cmd: ReplicationCmd, out: &Output) -> 
             vm,
             to,
             replica_fingerprint,
+            resync,
         } => {
             let (replica_name, replica_addr, fp) =
                 resolve_replica(&to, replica_fingerprint).await?;
@@ -542,6 +547,7 @@ pub async fn replication(client: &Client, cmd: ReplicationCmd, out: &Output) -> 
                         "replica_name": replica_name,
                         "replica_addr": replica_addr,
                         "replica_fingerprint": fp,
+                        "resync": resync,
                     }),
                 )
                 .await?;

@@ -337,6 +337,8 @@ struct ReverseRequest {
     replica_name: String,
     replica_addr: String,
     replica_fingerprint: String,
+    #[serde(default)]
+    resync: bool,
 }
 
 async fn reverse_replication(
@@ -351,6 +353,7 @@ async fn reverse_replication(
             &req.replica_name,
             &req.replica_addr,
             &req.replica_fingerprint,
+            req.resync,
         )
         .await?,
     ))

@@ -221,13 +221,79 @@ fn unplanned_failover_to_a_chosen_point_cancel_and_complete() {
             "no {kind} event"
         );
     }
-    // Removing replication keeps the failed-over VM.
-    b.ferry_ok(&["vm", "stop", "app"]);
-    b.ferry_ok(&["replication", "remove", "app"]);
-    let show = b.ferry_json(&["vm", "show", "app"]);
-    assert!(show["replication"].is_null(), "{show}");
-    assert!(vm_disk(&b, "app").exists());
+    // The old primary comes back. Its disk may hold writes the chosen point lacks, so
+    // reverse replication refuses without --resync; with it, both sides are compared and
+    // the replica (the old primary) ends up equal to the failed-over VM.
     a.launch();
+    let a_port = {
+        let l = std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap();
+        l.local_addr().unwrap().port().to_string()
+    };
+    let a_storage = a.dir.path().join("replicas");
+    a.ferry_ok(&[
+        "replica-server",
+        "set",
+        "--enable",
+        "--port",
+        &a_port,
+        "--allow-any",
+        "--storage",
+        a_storage.to_str().unwrap(),
+    ]);
+    let reverse = [
+        "replication",
+        "reverse",
+        "app",
+        "--to",
+        a.socket.to_str().unwrap(),
+    ];
+    let err = b.ferry_err(&reverse);
+    assert!(err.contains("--resync"), "{err}");
+    assert_eq!(
+        a.ferry_json(&["replication", "status", "app"])["role"],
+        "primary"
+    );
+    let mut with_resync = reverse.to_vec();
+    with_resync.push("--resync");
+    b.ferry_ok(&with_resync);
+    assert_eq!(
+        a.ferry_json(&["replication", "status", "app"])["role"],
+        "replica"
+    );
+    wait_for("the reverse resync", Duration::from_secs(60), || {
+        let st = b.ferry_json(&["replication", "status", "app"]);
+        st["state"] == "replicating" && st["last_cycle"].as_i64().unwrap() >= 2
+    });
+    let kinds: Vec<Value> = points(&a, "app")
+        .iter()
+        .map(|p| p["kind"].clone())
+        .collect();
+    assert!(kinds.iter().any(|k| k == "resync"), "{kinds:?}");
+    b.ferry_ok(&["vm", "stop", "app"]);
+    let cycle = b.ferry_json(&["replication", "status", "app"])["last_cycle"]
+        .as_i64()
+        .unwrap();
+    b.ferry_ok(&["replication", "now", "app"]);
+    wait_for("the final reverse cycle", Duration::from_secs(60), || {
+        b.ferry_json(&["replication", "status", "app"])["last_cycle"]
+            .as_i64()
+            .unwrap()
+            > cycle
+    });
+    b.ferry_ok(&["replication", "suspend", "app"]);
+    std::thread::sleep(Duration::from_millis(500));
+    let newest = points(&a, "app").last().cloned().unwrap();
+    let out = Command::new("qemu-img")
+        .args(["compare", "-U", "-f", "qcow2", "-F", "qcow2"])
+        .arg(vm_disk(&b, "app"))
+        .arg(layer(&newest))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "the old primary differs after the reverse resync: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 }
 
 /// Planned failover: refused while the VM runs; once it is off every change is shipped, the

@@ -204,6 +204,7 @@ pub async fn reverse(
     to_name: &str,
     to_addr: &str,
     to_fingerprint: &str,
+    resync: bool,
 ) -> Result<ferry_api_types::ReplicationInfo, ApiFailure> {
     let (vm, row, rel) = rel_of(shared, name)?;
     if rel.role != Role::Replica
@@ -241,7 +242,11 @@ pub async fn reverse(
         partner_addr: to_addr.to_owned(),
         partner_fingerprint: fp,
         settings,
-        state: ReplicationState::Replicating,
+        state: if resync {
+            ReplicationState::Resynchronizing
+        } else {
+            ReplicationState::Replicating
+        },
         generation: 1,
         last_cycle: 1,
         last_point_at: Some(now_unix()),

@@ -1147,6 +1147,7 @@ pub async fn handshake(
                 .ok()
                 .flatten()
                 .is_some(),
+            reverse_resync: rel.state == ReplicationState::Resynchronizing,
         })
         .await?;
     match next_control(&mut reader, peer::CONNECT_TIMEOUT).await? {

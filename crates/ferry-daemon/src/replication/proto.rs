@@ -65,6 +65,10 @@ pub enum Msg {
         /// cycle `last_cycle`; it becomes the replica with that disk as its first point.
         #[serde(default)]
         reverse: bool,
+        /// With `reverse`: the old primary's disk may hold writes the failover point lacks
+        /// (an unplanned failover); the first cycle compares both sides by hashes.
+        #[serde(default)]
+        reverse_resync: bool,
     },
     /// Replica → primary: accepted.
     Welcome {

@@ -216,6 +216,7 @@ where
         settings,
         last_cycle: primary_last_cycle,
         reverse,
+        reverse_resync,
     } = hello
     else {
         bail!("the primary did not start with Hello");
@@ -244,6 +245,7 @@ where
             &spec,
             &settings,
             primary_last_cycle,
+            reverse_resync,
         ) {
             writer.write_control(&refuse(reason.clone())).await?;
             bail!(reason);
@@ -503,6 +505,7 @@ fn become_replica(
     spec: &VmSpec,
     settings: &ReplicationSettings,
     cycle: i64,
+    resync: bool,
 ) -> Result<(), String> {
     let store = &shared.store;
     let me = &shared.cfg.name;
@@ -530,6 +533,14 @@ fn become_replica(
     if row.state != VmState::Off {
         return Err(format!(
             "VM {} runs on {me}: reverse replication would overwrite it; shut it down first (two running copies diverge)",
+            spec.name
+        ));
+    }
+    // Only a planned failover guarantees this disk is exactly the failover point; after an
+    // unplanned one it may hold later writes, which only a comparison finds.
+    if rel.state != ReplicationState::PreparedForFailover && !resync {
+        return Err(format!(
+            "VM {} on {me} was not prepared by a planned failover: its disk may hold writes the failover point lacks; reverse with --resync (both sides are compared, only differences are sent)",
             spec.name
         ));
     }
