@@ -34,6 +34,9 @@ pub enum FailoverCmd {
         /// Start the VM on the replica server once failed over.
         #[arg(long)]
         start: bool,
+        /// Then reverse replication: the replica replicates back to this host (delta only).
+        #[arg(long)]
+        reverse: bool,
     },
     /// Cancel a failover. On the primary: a planned failover (the VM may start here again).
     /// On the replica: the VM is turned off and what it wrote is discarded, so another
@@ -78,11 +81,11 @@ pub async fn failover(client: &Client, cmd: FailoverCmd, out: &Output) -> anyhow
                 )
                 .await?
         }
-        FailoverCmd::Planned { vm, start } => {
+        FailoverCmd::Planned { vm, start, reverse } => {
             client
                 .post(
                     &vm_path(&vm, "/failover/planned"),
-                    &serde_json::json!({ "start": start }),
+                    &serde_json::json!({ "start": start, "reverse": reverse }),
                 )
                 .await?
         }

@@ -317,6 +317,8 @@ async fn start_failover(
 struct PlannedFailoverRequest {
     #[serde(default)]
     start: bool,
+    #[serde(default)]
+    reverse: bool,
 }
 
 async fn planned_failover(
@@ -325,7 +327,7 @@ async fn planned_failover(
     Json(req): Json<PlannedFailoverRequest>,
 ) -> ApiResult<ActionReply> {
     Ok(Json(
-        replication::failover::planned(&s.replication, &name, req.start).await?,
+        replication::failover::planned(&s.replication, &name, req.start, req.reverse).await?,
     ))
 }
 

@@ -499,16 +499,11 @@ fn planned_failover_reverse_and_failback_ship_only_changes() {
 
     // A -> B: planned failover, started on B, then reversed: B replicates back to A.
     a.ferry_ok(&["vm", "stop", "app"]);
-    a.ferry_ok(&["failover", "planned", "app", "--start"]);
-    assert_eq!(b.vm_state("app"), "running");
-    let out = b.ferry_ok(&[
-        "replication",
-        "reverse",
-        "app",
-        "--to",
-        a.socket.to_str().unwrap(),
-    ]);
+    // One command: planned failover, started on B, replication reversed to A.
+    let out = a.ferry_ok(&["failover", "planned", "app", "--start", "--reverse"]);
     println!("{out}");
+    assert!(out.contains("reversed"), "{out}");
+    assert_eq!(b.vm_state("app"), "running");
     assert_eq!(
         b.ferry_json(&["replication", "status", "app"])["role"],
         "primary"

@@ -284,8 +284,24 @@ pub async fn planned(
     shared: &Arc<Shared>,
     name: &str,
     power_on: bool,
+    reverse: bool,
 ) -> Result<ActionReply, ApiFailure> {
     let (vm, row, rel) = rel_of(shared, name)?;
+    // Reversing needs this host to accept replication, from the replica.
+    let reverse_to = if reverse {
+        let listening = shared.replica.listening.lock().expect("listening").clone();
+        match listening {
+            Some(addr) => Some((shared.cfg.name.clone(), addr)),
+            None => {
+                return Err(ApiFailure::conflict(format!(
+                    "--reverse needs {} to accept replication from {}: run `ferry replica-server set --enable --allow {}=FINGERPRINT --storage DIR` here first",
+                    shared.cfg.name, rel.partner_name, rel.partner_name
+                )))
+            }
+        }
+    } else {
+        None
+    };
     if rel.role != Role::Primary {
         return Err(ApiFailure::invalid(format!(
             "VM {vm} is a replica: run the planned failover on its primary {} (here: `ferry failover start {vm}` for an unplanned one)",
@@ -337,7 +353,9 @@ pub async fn planned(
         return Err(restore("replication was removed".into()));
     };
     let row = shared.store.get_vm(&vm)?;
-    let done = match super::primary::send_planned_failover(shared, &row, &rel, power_on).await {
+    let done = match super::primary::send_planned_failover(shared, &row, &rel, power_on, reverse_to)
+        .await
+    {
         Ok(m) => m,
         Err(e) => return Err(restore(format!("{e:#}"))),
     };

@@ -1071,6 +1071,7 @@ pub async fn send_planned_failover(
     vm: &VmRow,
     rel: &ReplicationRow,
     start: bool,
+    reverse_to: Option<(String, String)>,
 ) -> anyhow::Result<String> {
     let mut session = handshake(shared, vm, rel).await?;
     session
@@ -1078,6 +1079,7 @@ pub async fn send_planned_failover(
         .write_control(&Msg::PlannedFailover {
             cycle: rel.last_cycle,
             start,
+            reverse_to,
         })
         .await?;
     let answer = next_control(&mut session.reader, Duration::from_secs(120)).await?;

@@ -102,6 +102,9 @@ pub enum Msg {
         cycle: i64,
         /// Start the VM once failed over.
         start: bool,
+        /// Then reverse replication back to the sender: its name and replication address.
+        #[serde(default)]
+        reverse_to: Option<(String, String)>,
     },
     /// Replica → primary: the planned failover is done.
     FailedOver {

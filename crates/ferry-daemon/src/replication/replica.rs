@@ -323,7 +323,12 @@ where
             Ok(Ok(Some(f))) => f.control::<Msg>()?,
             Ok(Err(e)) => return Err(e.into()),
         };
-        if let Msg::PlannedFailover { cycle, start } = msg {
+        if let Msg::PlannedFailover {
+            cycle,
+            start,
+            reverse_to,
+        } = msg
+        {
             let current = shared.store.replication(rel.vm_id)?.map(|r| r.last_cycle);
             let reply = if current != Some(cycle) {
                 Msg::Failed {
@@ -333,7 +338,32 @@ where
                 }
             } else {
                 match super::failover::start(shared, spec.name.as_str(), None, start, true).await {
-                    Ok(r) => Msg::FailedOver { message: r.message },
+                    Ok(r) => match reverse_to {
+                        None => Msg::FailedOver { message: r.message },
+                        Some((name, addr)) => match super::failover::reverse(
+                            shared,
+                            spec.name.as_str(),
+                            &name,
+                            &addr,
+                            fingerprint,
+                            false,
+                        )
+                        .await
+                        {
+                            Ok(_) => Msg::FailedOver {
+                                message: format!(
+                                    "{}; replication reversed to {name} (delta only)",
+                                    r.message
+                                ),
+                            },
+                            Err(e) => Msg::FailedOver {
+                                message: format!(
+                                    "{}; reversing replication failed: {} (retry with `ferry replication reverse {} --to {name}` there)",
+                                    r.message, e.message, spec.name
+                                ),
+                            },
+                        },
+                    },
                     Err(e) => Msg::Failed { reason: e.message },
                 }
             };
@@ -810,8 +840,14 @@ impl LayerWriter {
     }
 }
 
-fn layer_path(vm_dir: &Path, disk: usize, cycle: i64) -> PathBuf {
-    vm_dir.join(format!("disk{disk}.c{cycle}.qcow2"))
+/// A cycle's layer. The relationship id is in the name: after a failover and reverse
+/// replication the same directory holds the layers of earlier relationships (under the
+/// failed-over disks), which a new relationship's cycle numbers must never collide with.
+fn layer_path(vm_dir: &Path, relationship: u64, disk: usize, cycle: i64) -> PathBuf {
+    vm_dir.join(format!(
+        "disk{disk}.r{:08x}.c{cycle}.qcow2",
+        relationship as u32
+    ))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -871,7 +907,7 @@ async fn receive_cycle<R: AsyncRead + Unpin>(
             }
             let mut layers = Vec::new();
             for &(disk, size) in &disk_sizes {
-                let path = layer_path(&vm_dir, disk, cycle);
+                let path = layer_path(&vm_dir, rel.settings.relationship_id, disk, cycle);
                 let _ = std::fs::remove_file(&path);
                 // On the latest point; before the first, on the existing copy if that is
                 // the initial method.
