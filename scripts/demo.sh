@@ -151,4 +151,34 @@ echo "host-a disk:             $PRIMARY_DISK"
 echo "host-b point (cycle $cyc): $layer"
 echo "guest's last write: $(guest_wrote); the point holds writes up to $(newest_write "$layer")"
 qemu-img compare -U "$PRIMARY_DISK" "$layer"
+
+say "Planned failover to host-b with reverse replication (host-a accepts replication too)"
+A replica-server set --enable --allow-any --storage "$DEMO/host-a/replicas" >/dev/null
+A replication resume demo >/dev/null
+A failover planned demo --start --reverse
+B vm list
+B replication status demo
+A replication status demo
+
+say "The guest runs on host-b; only what it writes goes back to host-a"
+for _ in $(seq 120); do B vm console demo --log | grep -q 'WROTE seq=3 ' && break; sleep 0.5; done
+b_cycle() { B --output json replication status demo | sed -n 's/^ *"last_cycle": \(-\{0,1\}[0-9]*\),*$/\1/p'; }
+c0=$(b_cycle)
+for _ in $(seq 120); do [ "$(b_cycle)" -ge $((c0 + 2)) ] && break; sleep 0.5; done
+A replication points demo
+
+say "Failback: a planned failover back to host-a, replication reversed again"
+B vm shutdown demo --timeout 60
+ready0=$(A vm console demo --log | grep -c 'GUEST: READY' || true)
+B failover planned demo --start --reverse
+A vm list
+A replication status demo
+B replication status demo
+
+say "ACPI shutdown of the VM, back on host-a (once its guest is up again)"
+for _ in $(seq 120); do
+  [ "$(A vm console demo --log | grep -c 'GUEST: READY' || true)" -gt "$ready0" ] && break; sleep 0.5
+done
+sleep 2
+A vm shutdown demo --timeout 60
 say "Demo done (data in $DEMO)"
