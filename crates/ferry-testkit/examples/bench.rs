@@ -677,12 +677,81 @@ fn bench_steady(o: &Opts) -> Vec<Figure> {
 
 type Bench = fn(&Opts) -> Vec<Figure>;
 
+// ---------------------------------------------------------------------------------------
+// 6. Failover time: command to the VM's process running on the replica
+// ---------------------------------------------------------------------------------------
+
+fn bench_failover(o: &Opts) -> Vec<Figure> {
+    let (a, b, _) = pair();
+    let image = create_vm(&a, "fo", "1G");
+    enable(
+        &a,
+        &b,
+        "fo",
+        "24h",
+        &["--recovery-points", "24", "--point-spacing", "1s"],
+    );
+    // Three recovery points, 64 MiB of new data each.
+    for i in 0..3u64 {
+        write_random(&a, &image, i * 64 * MIB, 64 * MIB, 40 + i);
+        cycle_now(&a, "fo");
+        std::thread::sleep(Duration::from_millis(1100));
+    }
+    let pts = b.ferry_json(&["replication", "points", "fo"]);
+    let oldest = pts[0]["id"].to_string();
+    // Baseline: starting an ordinary VM of the same shape on the replica host.
+    b.ferry_ok(&["vm", "create", "plain", "--memory", "256M", "--disk", "1G"]);
+    let mut base = Vec::new();
+    let mut latest = Vec::new();
+    let mut older = Vec::new();
+    for _ in 0..o.reps {
+        let t = Instant::now();
+        b.ferry_ok(&["vm", "start", "plain"]);
+        base.push(t.elapsed().as_secs_f64());
+        b.ferry_ok(&["vm", "stop", "plain"]);
+        let t = Instant::now();
+        b.ferry_ok(&["failover", "start", "fo", "--start", "--force"]);
+        latest.push(t.elapsed().as_secs_f64());
+        assert_eq!(b.vm_state("fo"), "running");
+        b.ferry_ok(&["failover", "cancel", "fo"]);
+        let t = Instant::now();
+        b.ferry_ok(&[
+            "failover", "start", "fo", "--point", &oldest, "--start", "--force",
+        ]);
+        older.push(t.elapsed().as_secs_f64());
+        assert_eq!(b.vm_state("fo"), "running");
+        b.ferry_ok(&["failover", "cancel", "fo"]);
+    }
+    println!(
+        "  plain VM start {}; failover to the latest point {}; to the oldest of 3 {}",
+        fmt_secs(&base),
+        fmt_secs(&latest),
+        fmt_secs(&older)
+    );
+    let base_m = median(&mut base);
+    let mut figs = Vec::new();
+    for (what, v) in [("latest point", &mut latest), ("older point", &mut older)] {
+        let m = median(v);
+        figs.push(Figure {
+            bench: "failover",
+            what: format!("failover to the {what} (command to VM running)"),
+            measured: format!("{m:.2} s"),
+            baseline: format!("{base_m:.2} s plain start"),
+            ratio: Some(m / base_m),
+            target: "<= 2 s".into(),
+            pass: Some(m <= 2.0),
+        });
+    }
+    figs
+}
+
 const BENCHES: &[(&str, &str, Bench)] = &[
     ("disk-size", "1", bench_disk_size),
     ("throughput", "2", bench_throughput),
     ("initial", "3", bench_initial),
     ("write-amp", "4", bench_write_amp),
     ("steady", "5", bench_steady),
+    ("failover", "6", bench_failover),
 ];
 
 fn main() {
