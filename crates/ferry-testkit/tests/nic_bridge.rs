@@ -121,3 +121,65 @@ fn bridge_nic_attaches_a_tap_to_the_bridge_and_the_guest_sees_it() {
     }
     assert!(bridge.ports().is_empty(), "{:?}", bridge.ports());
 }
+
+/// Network mapping on failover: the failed-over VM's bridged NIC joins the replica host's
+/// own bridge (its `default_bridge`), not the primary site's bridge name.
+#[test]
+fn failed_over_vm_nics_join_the_replica_hosts_bridge() {
+    let id = std::process::id() % 100000;
+    let site_a = TestBridge::create(&format!("fa{id}"));
+    let site_b = TestBridge::create(&format!("fb{id}"));
+    let a = Host::start("a", "127.0.0.1", "accel = \"tcg\"");
+    let b = Host::start(
+        "b",
+        "127.0.0.2",
+        &format!("accel = \"tcg\"\ndefault_bridge = \"{}\"", site_b.0),
+    );
+    let port = {
+        let l = std::net::TcpListener::bind(("127.0.0.2", 0)).unwrap();
+        l.local_addr().unwrap().port().to_string()
+    };
+    let storage = b.dir.path().join("replicas");
+    b.ferry_ok(&[
+        "replica-server",
+        "set",
+        "--enable",
+        "--port",
+        &port,
+        "--allow-any",
+        "--storage",
+        storage.to_str().unwrap(),
+    ]);
+    a.ferry_ok(&[
+        "vm",
+        "create",
+        "app",
+        "--memory",
+        "128M",
+        "--disk",
+        "16M",
+        "--nic",
+        &format!("bridge={}", site_a.0),
+    ]);
+    a.ferry_ok(&[
+        "replication",
+        "enable",
+        "app",
+        "--to",
+        b.socket.to_str().unwrap(),
+        "--interval",
+        "5s",
+        "--wait",
+    ]);
+    b.ferry_ok(&["failover", "start", "app", "--start", "--force"]);
+    let show = b.ferry_json(&["vm", "show", "app"]);
+    assert_eq!(
+        show["nics"][0]["bridge"].as_str(),
+        Some(site_b.0.as_str()),
+        "{show}"
+    );
+    assert_eq!(site_b.ports().len(), 1, "no tap on {}", site_b.0);
+    assert!(site_a.ports().is_empty());
+    b.ferry_ok(&["failover", "cancel", "app"]);
+    assert_eq!(b.vm_state("app"), "off");
+}
