@@ -30,6 +30,35 @@ fn key(vm_id: i64) -> String {
     format!("failover:{vm_id}")
 }
 
+/// Ranges written after the failover point (by the old primary), kept for reverse.
+fn later_key(vm_id: i64) -> String {
+    format!("failover_later:{vm_id}")
+}
+
+/// Ranges the new primary's first reverse cycle sends besides its own changes.
+pub fn reverse_extra_key(vm_id: i64) -> String {
+    format!("reverse_extra:{vm_id}")
+}
+
+/// The ranges allocated in a qcow2 layer itself (not in its backing chain).
+async fn allocated_in(qemu_img: &std::path::Path, layer: &std::path::Path) -> Vec<(u64, u64)> {
+    let Ok(out) = tokio::process::Command::new(qemu_img)
+        .args(["map", "-U", "--output=json", "-f", "qcow2"])
+        .arg(layer)
+        .output()
+        .await
+    else {
+        return Vec::new();
+    };
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["depth"].as_u64() == Some(0) && e["present"].as_bool() != Some(false))
+        .filter_map(|e| Some((e["start"].as_u64()?, e["length"].as_u64()?)))
+        .collect()
+}
+
 /// The uncompleted failover of a replica VM, if any.
 pub fn current(shared: &Shared, vm_id: i64) -> Option<Failover> {
     serde_json::from_str(&shared.store.setting(&key(vm_id)).ok()??).ok()
@@ -156,6 +185,23 @@ pub async fn start(
             }
         }
     }
+    // What the primary wrote after the chosen point (the layers of the later points), for a
+    // reverse replication that sends only what differs.
+    let mut later = Vec::new();
+    for p in points.iter().filter(|p| p.cycle > chosen.cycle) {
+        for (disk, layer) in &p.layers {
+            later.extend(
+                allocated_in(&shared.cfg.qemu_img, std::path::Path::new(layer))
+                    .await
+                    .into_iter()
+                    .map(|(o, l)| (*disk, o, l)),
+            );
+        }
+    }
+    shared.store.set_setting(
+        &later_key(row.id),
+        &serde_json::to_string(&later).expect("serialize"),
+    )?;
     let f = Failover {
         point: chosen.id,
         overlays,
@@ -255,14 +301,34 @@ pub async fn reverse(
     };
     let key = super::primary::reverse_key(row.id);
     shared.store.set_setting(&key, "1")?;
-    match super::primary::handshake(shared, &row, &new_rel).await {
-        Ok(session) => session.close().await,
+    let from_old_primary = match super::primary::handshake(shared, &row, &new_rel).await {
+        Ok(session) => {
+            let extra = session.extra.clone();
+            session.close().await;
+            extra
+        }
         Err(e) => {
             shared.store.delete_setting(&key)?;
             return Err(ApiFailure::invalid(format!("{e:#}")));
         }
-    }
+    };
     shared.store.delete_setting(&key)?;
+    // The first cycle also sends what the old primary wrote after the failover point: the
+    // later recovery points' ranges (recorded at failover) and what it wrote after its last
+    // cycle (it just told us); with its own changes since the failover, that is the union.
+    let mut extra: Vec<(usize, u64, u64)> = shared
+        .store
+        .setting(&later_key(row.id))?
+        .and_then(|v| serde_json::from_str(&v).ok())
+        .unwrap_or_default();
+    extra.extend(from_old_primary);
+    if !extra.is_empty() && !resync {
+        shared.store.set_setting(
+            &reverse_extra_key(row.id),
+            &serde_json::to_string(&extra).expect("serialize"),
+        )?;
+    }
+    shared.store.delete_setting(&later_key(row.id))?;
     for p in shared.store.list_points(row.id)? {
         shared.store.delete_point(p.id)?;
     }
@@ -430,6 +496,7 @@ pub async fn cancel(shared: &Arc<Shared>, name: &str) -> Result<ActionReply, Api
         let _ = std::fs::remove_file(o);
     }
     shared.store.delete_setting(&key(row.id))?;
+    shared.store.delete_setting(&later_key(row.id))?;
     shared.unpin(row.id, f.point);
     shared
         .store

@@ -353,6 +353,14 @@ async fn capture(shared: &Arc<Shared>, rel: &ReplicationRow) -> anyhow::Result<(
         None
     };
     let theirs = theirs.as_ref();
+    let extra_key = super::failover::reverse_extra_key(rel.vm_id);
+    let extra: Vec<(usize, u64, u64)> = shared
+        .store
+        .setting(&extra_key)
+        .ok()
+        .flatten()
+        .and_then(|v| serde_json::from_str(&v).ok())
+        .unwrap_or_default();
     // The VM lock only now: hashing on the replica may take long, and must not keep an
     // administrator from stopping the VM.
     let _vm_lock = shared.vms.lock_vm(&name).await;
@@ -453,7 +461,17 @@ async fn capture(shared: &Arc<Shared>, rel: &ReplicationRow) -> anyhow::Result<(
                 size: *size,
             })
             .collect();
-        let read = read_to_spool(shared, rel, &sources, scope, theirs, &context, &spool_path).await;
+        let read = read_to_spool(
+            shared,
+            rel,
+            &sources,
+            scope,
+            theirs,
+            &extra,
+            &context,
+            &spool_path,
+        )
+        .await;
         match read {
             Ok((frames, data_bytes, dirty_bytes, spool_bytes)) => {
                 let p = Pending {
@@ -476,6 +494,8 @@ async fn capture(shared: &Arc<Shared>, rel: &ReplicationRow) -> anyhow::Result<(
                     return Err(e);
                 }
                 set_generation(shared, rel.vm_id, new_gen_no);
+                // The spool holds those ranges now.
+                let _ = shared.store.delete_setting(&extra_key);
                 let report = fleece.release(&qmp, true).await?;
                 if let Some(err) = report.io_error {
                     warn!(vm = %name, ?err, "a guest write failed during the fleecing window");
@@ -512,6 +532,7 @@ async fn capture(shared: &Arc<Shared>, rel: &ReplicationRow) -> anyhow::Result<(
             kind,
             scope,
             theirs,
+            &extra,
             old_gen.as_deref(),
             &new_gen,
             new_gen_no,
@@ -640,6 +661,7 @@ async fn capture_offline(
     kind: &str,
     scope: Scope,
     theirs: Option<&HashMap<usize, Vec<Hash>>>,
+    extra: &[(usize, u64, u64)],
     old_gen: Option<&str>,
     new_gen: &str,
     new_gen_no: i64,
@@ -687,7 +709,10 @@ async fn capture_offline(
         let context = old_gen
             .map(ferry_nbd::dirty_bitmap_context)
             .unwrap_or_else(|| BASE_ALLOCATION.to_owned());
-        read_to_spool(shared, rel, &sources, scope, theirs, &context, spool_path).await
+        read_to_spool(
+            shared, rel, &sources, scope, theirs, &extra, &context, spool_path,
+        )
+        .await
     }
     .await;
     for e in exports {
@@ -710,6 +735,9 @@ async fn capture_offline(
             };
             write_meta(meta_path, &p)?;
             set_generation(shared, rel.vm_id, new_gen_no);
+            let _ = shared
+                .store
+                .delete_setting(&super::failover::reverse_extra_key(rel.vm_id));
             for (_, image, _) in disks {
                 for b in cbt::offline_bitmaps(qemu_img, image).await? {
                     if b.name.starts_with("ferry-r") && b.name != new_gen {
@@ -791,6 +819,7 @@ async fn read_to_spool(
     sources: &[Source],
     scope: Scope,
     theirs: Option<&HashMap<usize, Vec<Hash>>>,
+    extra: &[(usize, u64, u64)],
     context: &str,
     spool_path: &Path,
 ) -> anyhow::Result<(u64, u64, u64, u64)> {
@@ -822,6 +851,31 @@ async fn read_to_spool(
                 Scope::Compare => None,
             })
             .collect();
+        // Reverse replication's first cycle: also the ranges the old primary holds beyond
+        // the failover point (merged with the dirty ones, overlaps once).
+        let ranges = if scope == Scope::Dirty && !extra.is_empty() {
+            let mut all: Vec<(u64, u64)> = ranges.iter().map(|r| (r.0, r.1)).collect();
+            all.extend(
+                extra
+                    .iter()
+                    .filter(|e| e.0 == s.disk)
+                    .map(|e| (e.1, e.2.min(s.size.saturating_sub(e.1))))
+                    .filter(|e| e.1 > 0),
+            );
+            all.sort();
+            let mut merged: Vec<(u64, u64, bool)> = Vec::new();
+            for (o, l) in all {
+                match merged.last_mut() {
+                    Some(last) if o <= last.0 + last.1 => {
+                        last.1 = last.1.max(o + l - last.0);
+                    }
+                    _ => merged.push((o, l, false)),
+                }
+            }
+            merged
+        } else {
+            ranges
+        };
         dirty_bytes += ranges.iter().filter(|r| !r.2).map(|r| r.1).sum::<u64>();
         if scope == Scope::Compare {
             dirty_bytes += s.size;
@@ -1102,6 +1156,8 @@ pub struct Session {
     writer: FrameWriter<tokio::io::WriteHalf<peer::PeerStream>>,
     /// The replica server's host name.
     pub replica: String,
+    /// Reverse replication: ranges the old primary holds beyond the failover point.
+    pub extra: Vec<(usize, u64, u64)>,
     /// The last cycle the replica committed.
     pub last_cycle: i64,
     /// A partially received cycle on the replica.
@@ -1157,10 +1213,12 @@ pub async fn handshake(
             replica,
             last_cycle,
             resume,
+            extra,
         } => Ok(Session {
             reader,
             writer,
             replica,
+            extra,
             last_cycle,
             resume,
         }),

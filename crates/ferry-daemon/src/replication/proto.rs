@@ -78,6 +78,11 @@ pub enum Msg {
         last_cycle: i64,
         /// A partially received cycle.
         resume: Option<Resume>,
+        /// Reverse replication after an unplanned failover: what this (old primary's) disk
+        /// holds beyond the failover point, as (disk, offset, length); the new primary sends
+        /// those ranges too in its first cycle.
+        #[serde(default)]
+        extra: Vec<(usize, u64, u64)>,
     },
     /// Replica → primary: refused, with the reason (also logged on the replica).
     Refused {

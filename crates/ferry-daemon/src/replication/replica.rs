@@ -236,8 +236,9 @@ where
             bail!(reason);
         }
     };
+    let mut extra = Vec::new();
     if reverse {
-        if let Err(reason) = become_replica(
+        match become_replica(
             shared,
             &primary,
             fingerprint,
@@ -246,9 +247,14 @@ where
             &settings,
             primary_last_cycle,
             reverse_resync,
-        ) {
-            writer.write_control(&refuse(reason.clone())).await?;
-            bail!(reason);
+        )
+        .await
+        {
+            Ok(e) => extra = e,
+            Err(reason) => {
+                writer.write_control(&refuse(reason.clone())).await?;
+                bail!(reason);
+            }
         }
     }
     if primary_last_cycle > 0 && shared.store.get_vm(&spec.name).is_err() {
@@ -312,6 +318,7 @@ where
             replica: shared.cfg.name.clone(),
             last_cycle: rel.last_cycle,
             resume,
+            extra,
         })
         .await?;
 
@@ -527,7 +534,7 @@ async fn next_control<R: AsyncRead + Unpin>(reader: &mut FrameReader<R>) -> anyh
 /// disks hold exactly cycle `cycle` of the new direction, so they become the first recovery
 /// point as they are: nothing is copied, and the next cycles are deltas. Idempotent: a
 /// relationship already reversed is left alone.
-fn become_replica(
+async fn become_replica(
     shared: &Arc<Shared>,
     primary: &str,
     fingerprint: &str,
@@ -536,7 +543,7 @@ fn become_replica(
     settings: &ReplicationSettings,
     cycle: i64,
     resync: bool,
-) -> Result<(), String> {
+) -> Result<Vec<(usize, u64, u64)>, String> {
     let store = &shared.store;
     let me = &shared.cfg.name;
     let row = store
@@ -552,7 +559,7 @@ fn become_replica(
             )
         })?;
     if rel.role == Role::Replica && rel.partner_fingerprint == fingerprint {
-        return Ok(()); // already reversed
+        return Ok(Vec::new()); // already reversed
     }
     if rel.role != Role::Primary || rel.partner_fingerprint != fingerprint {
         return Err(format!(
@@ -566,14 +573,18 @@ fn become_replica(
             spec.name
         ));
     }
-    // Only a planned failover guarantees this disk is exactly the failover point; after an
-    // unplanned one it may hold later writes, which only a comparison finds.
-    if rel.state != ReplicationState::PreparedForFailover && !resync {
-        return Err(format!(
-            "VM {} on {me} was not prepared by a planned failover: its disk may hold writes the failover point lacks; reverse with --resync (both sides are compared, only differences are sent)",
-            spec.name
-        ));
-    }
+    // After a planned failover this disk is exactly the failover point. After an unplanned
+    // one it may hold writes made after the last cycle the replica got: what its change
+    // tracking and any unsent spool cover goes back to the new primary, which sends those
+    // ranges too (unless the first cycle compares everything anyway).
+    let extra = if rel.state != ReplicationState::PreparedForFailover && !resync {
+        writes_since_last_cycle(shared, &row, &rel)
+            .await
+            .map_err(|e| format!("cannot tell what {} wrote after its last cycle: {e:#}; reverse with --resync instead", spec.name))?
+    } else {
+        Vec::new()
+    };
+    super::primary::discard_spool(shared, row.id);
     // Its own change tracking has no meaning any more.
     let vm_dir = shared.vms.vm_dir(&row.spec.name);
     let mut replica_spec = row.spec.clone();
@@ -650,7 +661,76 @@ fn become_replica(
             spec.name
         ),
     );
-    Ok(())
+    Ok(extra)
+}
+
+/// What a stopped primary wrote after its last cycle reached the replica: every change
+/// tracking generation on its images, and the extents of a spool not yet shipped.
+async fn writes_since_last_cycle(
+    shared: &Arc<Shared>,
+    row: &ferry_store::VmRow,
+    rel: &ReplicationRow,
+) -> anyhow::Result<Vec<(usize, u64, u64)>> {
+    let mut out = Vec::new();
+    let qemu_nbd = qemu_nbd_path(&shared.cfg);
+    let vm_dir = shared.vms.vm_dir(&row.spec.name);
+    for i in rel.settings.replicated_disks(row.spec.disks.len()) {
+        let image = vm_dir.join(&row.spec.disks[i].file);
+        let bitmaps = ferry_qemu::cbt::offline_bitmaps(&shared.cfg.qemu_img, &image).await?;
+        // Without the current generation (QEMU was killed before it saved it) the writes
+        // since the last cycle are unknown: only a comparison is safe.
+        let current = super::primary::generation_name(rel.generation);
+        if rel.generation > 0 && !bitmaps.iter().any(|b| b.name == current) {
+            anyhow::bail!(
+                "change tracking of {} was lost (QEMU did not shut down cleanly)",
+                image.display()
+            );
+        }
+        for b in bitmaps {
+            if !b.name.starts_with("ferry-r") {
+                continue;
+            }
+            if b.in_use() {
+                anyhow::bail!("change tracking of {} is inconsistent", image.display());
+            }
+            let socket = shared
+                .cfg
+                .data_dir
+                .join("run")
+                .join(format!("rev-{}-{i}.sock", row.id));
+            let export = OfflineExport::start(&qemu_nbd, &image, Some(&b.name), &socket).await?;
+            let ctx = ferry_nbd::dirty_bitmap_context(&b.name);
+            let result = async {
+                let mut c =
+                    NbdClient::connect_unix(&socket, export.export_name(), &[ctx.as_str()]).await?;
+                let map = c.map(&ctx).await?;
+                let _ = c.disconnect().await;
+                Ok::<_, anyhow::Error>(map)
+            }
+            .await;
+            let _ = export.close().await;
+            for e in result?.into_iter().filter(|e| e.flags & 1 != 0) {
+                out.push((i, e.offset, e.length));
+            }
+        }
+    }
+    let spool = shared.cfg.data_dir.join("spool").join(row.id.to_string());
+    if let Ok(rd) = std::fs::read_dir(spool) {
+        for f in rd
+            .flatten()
+            .filter(|f| f.file_name().to_string_lossy().ends_with(".spool"))
+        {
+            let mut reader = ferry_wire::SpoolReader::open(f.path()).await?;
+            while let Some(frame) = reader.next_frame().await? {
+                if frame.kind == FrameKind::ExtentBatch {
+                    for e in frame.batch()?.extents {
+                        out.push((e.disk as usize, e.offset, e.len()));
+                    }
+                }
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Finds (or creates) the replica VM and relationship for this primary's VM.
