@@ -571,9 +571,12 @@ fn planned_failover_reverse_and_failback_ship_only_changes() {
         b.ferry_json(&["replication", "status", "app"])["role"],
         "replica"
     );
+    // A's console log still holds the first boot's lines: wait for this boot's writes.
+    let seen = a.console("app").len();
     a.ferry_ok(&["vm", "start", "app"]);
     a.wait_console("app", Duration::from_secs(60), "the guest back on a", |c| {
-        parse_console(c).last_wrote_seq.unwrap_or(0) >= 3
+        c.get(seen..)
+            .is_some_and(|new| new.contains("WROTE seq=3 "))
     });
     let cycle = a.ferry_json(&["replication", "status", "app"])["last_cycle"]
         .as_i64()
@@ -610,4 +613,134 @@ fn planned_failover_reverse_and_failback_ship_only_changes() {
     std::thread::sleep(Duration::from_millis(500));
     let newest = points(&b, "app").last().cloned().unwrap();
     identical(&vm_disk(&a, "app"), &layer(&newest));
+}
+
+/// The primary site dies hard (QEMU SIGKILLed, ferryd killed): failover to an older point
+/// gives exactly that point, and boots. The old primary's change tracking died with QEMU, so
+/// reverse replication refuses to guess and asks for --resync, which compares both sides and
+/// leaves them identical.
+#[test]
+fn unplanned_failover_after_qemu_is_killed_then_reverse_with_resync() {
+    let mut a = Host::start("a", "127.0.0.1", "accel = \"tcg\"");
+    let b = Host::start("b", "127.0.0.2", "accel = \"tcg\"");
+    for (h, ip) in [(&a, "127.0.0.1"), (&b, "127.0.0.2")] {
+        let port = {
+            let l = std::net::TcpListener::bind((ip, 0)).unwrap();
+            l.local_addr().unwrap().port().to_string()
+        };
+        let storage = h.dir.path().join("replicas");
+        h.ferry_ok(&[
+            "replica-server",
+            "set",
+            "--enable",
+            "--port",
+            &port,
+            "--allow-any",
+            "--storage",
+            storage.to_str().unwrap(),
+        ]);
+    }
+    let (kernel, initrd) = test_guest();
+    let append = GuestWorkload {
+        seed: SEED,
+        start: 1,
+        span_blocks: SPAN,
+    }
+    .kernel_args(0, 0.1);
+    a.ferry_ok(&[
+        "vm",
+        "create",
+        "app",
+        "--memory",
+        "256M",
+        "--disk",
+        "16M",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--initrd",
+        initrd.to_str().unwrap(),
+        "--append",
+        &append,
+    ]);
+    a.ferry_ok(&["vm", "start", "app"]);
+    a.wait_console("app", Duration::from_secs(60), "guest writes", |c| {
+        parse_console(c).last_wrote_seq.unwrap_or(0) >= 3
+    });
+    a.ferry_ok(&[
+        "replication",
+        "enable",
+        "app",
+        "--to",
+        b.socket.to_str().unwrap(),
+        "--interval",
+        "5s",
+        "--recovery-points",
+        "5",
+        "--point-spacing",
+        "1s",
+        "--wait",
+    ]);
+    wait_for("three points", Duration::from_secs(60), || {
+        points(&b, "app").len() >= 3
+    });
+    let pid = a.ferry_json(&["vm", "show", "app"])["pid"]
+        .as_u64()
+        .unwrap() as i32;
+    // SAFETY: kill(2) of the test's own QEMU.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    a.kill_daemon();
+
+    let pts = points(&b, "app");
+    let older = pts[pts.len() - 2].clone();
+    let older_seq = last_seq(&layer(&older));
+    b.ferry_ok(&[
+        "failover",
+        "start",
+        "app",
+        "--point",
+        &older["id"].to_string(),
+        "--force",
+    ]);
+    assert_eq!(last_seq(&vm_disk(&b, "app")), older_seq);
+    b.ferry_ok(&["vm", "start", "app"]);
+    b.wait_console(
+        "app",
+        Duration::from_secs(60),
+        "the failed-over guest",
+        |c| parse_console(c).last_wrote_seq.unwrap_or(0) >= 2,
+    );
+    b.ferry_ok(&["failover", "complete", "app"]);
+
+    a.launch();
+    let reverse = [
+        "replication",
+        "reverse",
+        "app",
+        "--to",
+        a.socket.to_str().unwrap(),
+    ];
+    let err = b.ferry_err(&reverse);
+    assert!(err.contains("--resync"), "{err}");
+    let mut with_resync = reverse.to_vec();
+    with_resync.push("--resync");
+    b.ferry_ok(&with_resync);
+    wait_for("the reverse resync", Duration::from_secs(60), || {
+        let st = b.ferry_json(&["replication", "status", "app"]);
+        st["state"] == "replicating" && st["last_cycle"].as_i64().unwrap() >= 2
+    });
+    b.ferry_ok(&["vm", "stop", "app"]);
+    let cycle = b.ferry_json(&["replication", "status", "app"])["last_cycle"]
+        .as_i64()
+        .unwrap();
+    b.ferry_ok(&["replication", "now", "app"]);
+    wait_for("the final reverse cycle", Duration::from_secs(60), || {
+        b.ferry_json(&["replication", "status", "app"])["last_cycle"]
+            .as_i64()
+            .unwrap()
+            > cycle
+    });
+    b.ferry_ok(&["replication", "suspend", "app"]);
+    std::thread::sleep(Duration::from_millis(500));
+    let newest = points(&a, "app").last().cloned().unwrap();
+    identical(&vm_disk(&b, "app"), &layer(&newest));
 }
