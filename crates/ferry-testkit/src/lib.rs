@@ -5,6 +5,7 @@
 pub mod guest;
 pub mod host;
 pub mod link;
+pub mod replication;
 
 use std::path::PathBuf;
 

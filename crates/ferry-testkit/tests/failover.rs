@@ -3,61 +3,25 @@
 //! disk is exactly that point's prefix of the guest's writes (and boots), cancel restoring
 //! the exact previous state, then failover to the latest point, start, and complete.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ferry_testkit::guest::{parse_console, verify_prefix, GuestWorkload};
 use ferry_testkit::host::Host;
+use ferry_testkit::replication::{
+    compare_images, enable_replica_server, layer, points, read_image, vm_disk, wait_for,
+};
 use ferry_testkit::test_guest;
 use serde_json::Value;
 
 const SEED: u64 = 515;
 const SPAN: u64 = 2048;
 
-fn wait_for(what: &str, timeout: Duration, mut pred: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !pred() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(250));
-    }
-}
-
-fn points(host: &Host, vm: &str) -> Vec<Value> {
-    host.ferry_json(&["replication", "points", vm])
-        .as_array()
-        .unwrap()
-        .clone()
-}
-
-fn layer(point: &Value) -> PathBuf {
-    PathBuf::from(point["layers"][0][1].as_str().unwrap())
-}
-
-fn read_image(image: &Path) -> Vec<u8> {
-    let out = tempfile::NamedTempFile::new().unwrap();
-    let st = Command::new("qemu-img")
-        .args(["convert", "-U", "-O", "raw"])
-        .arg(image)
-        .arg(out.path())
-        .status()
-        .unwrap();
-    assert!(st.success());
-    std::fs::read(out.path()).unwrap()
-}
-
 fn last_seq(image: &Path) -> u64 {
     verify_prefix(&read_image(image), SEED, SPAN)
         .unwrap_or_else(|e| panic!("{} is not a prefix of the writes: {e}", image.display()))
         .last_seq
-}
-
-fn vm_disk(host: &Host, vm: &str) -> PathBuf {
-    PathBuf::from(
-        host.ferry_json(&["vm", "show", vm])["disks"][0]["path"]
-            .as_str()
-            .unwrap(),
-    )
 }
 
 #[test]
@@ -316,21 +280,7 @@ fn unplanned_failover_to_a_chosen_point_cancel_and_complete() {
 fn planned_failover_loses_nothing_and_cancel_restores_replication() {
     let a = Host::start("a", "127.0.0.1", "accel = \"tcg\"");
     let b = Host::start("b", "127.0.0.2", "accel = \"tcg\"");
-    let port = {
-        let l = std::net::TcpListener::bind(("127.0.0.2", 0)).unwrap();
-        l.local_addr().unwrap().port().to_string()
-    };
-    let storage = b.dir.path().join("replicas");
-    b.ferry_ok(&[
-        "replica-server",
-        "set",
-        "--enable",
-        "--port",
-        &port,
-        "--allow-any",
-        "--storage",
-        storage.to_str().unwrap(),
-    ]);
+    enable_replica_server(&b, "127.0.0.2");
     let (kernel, initrd) = test_guest();
     let append = GuestWorkload {
         seed: SEED,
@@ -425,19 +375,9 @@ fn points_sum(host: &Host, vm: &str) -> (u64, Vec<String>) {
 }
 
 fn identical(a: &Path, b: &Path) {
-    let out = Command::new("qemu-img")
-        .args(["compare", "-U", "-f", "qcow2", "-F", "qcow2"])
-        .arg(a)
-        .arg(b)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{} and {} differ: {}",
-        a.display(),
-        b.display(),
-        String::from_utf8_lossy(&out.stdout)
-    );
+    if let Err(diff) = compare_images(a, b) {
+        panic!("{} and {} differ: {diff}", a.display(), b.display());
+    }
 }
 
 /// A planned failover round trip A→B→A with reverse replication both ways: each direction
@@ -453,21 +393,7 @@ fn planned_failover_reverse_and_failback_ship_only_changes() {
         } else {
             "127.0.0.2"
         };
-        let port = {
-            let l = std::net::TcpListener::bind((ip, 0)).unwrap();
-            l.local_addr().unwrap().port().to_string()
-        };
-        let storage = h.dir.path().join("replicas");
-        h.ferry_ok(&[
-            "replica-server",
-            "set",
-            "--enable",
-            "--port",
-            &port,
-            "--allow-any",
-            "--storage",
-            storage.to_str().unwrap(),
-        ]);
+        enable_replica_server(&h, ip);
     }
     let (kernel, initrd) = test_guest();
     let append = GuestWorkload {
@@ -624,21 +550,7 @@ fn unplanned_failover_after_qemu_is_killed_then_reverse_with_resync() {
     let mut a = Host::start("a", "127.0.0.1", "accel = \"tcg\"");
     let b = Host::start("b", "127.0.0.2", "accel = \"tcg\"");
     for (h, ip) in [(&a, "127.0.0.1"), (&b, "127.0.0.2")] {
-        let port = {
-            let l = std::net::TcpListener::bind((ip, 0)).unwrap();
-            l.local_addr().unwrap().port().to_string()
-        };
-        let storage = h.dir.path().join("replicas");
-        h.ferry_ok(&[
-            "replica-server",
-            "set",
-            "--enable",
-            "--port",
-            &port,
-            "--allow-any",
-            "--storage",
-            storage.to_str().unwrap(),
-        ]);
+        enable_replica_server(&h, ip);
     }
     let (kernel, initrd) = test_guest();
     let append = GuestWorkload {

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use ferry_testkit::guest::GuestWorkload;
 use ferry_testkit::host::Host;
+use ferry_testkit::replication::enable_replica_server;
 use ferry_testkit::test_guest;
 
 /// A bridge created for the test and removed when it ends, even on failure.
@@ -135,21 +136,7 @@ fn failed_over_vm_nics_join_the_replica_hosts_bridge() {
         "127.0.0.2",
         &format!("accel = \"tcg\"\ndefault_bridge = \"{}\"", site_b.0),
     );
-    let port = {
-        let l = std::net::TcpListener::bind(("127.0.0.2", 0)).unwrap();
-        l.local_addr().unwrap().port().to_string()
-    };
-    let storage = b.dir.path().join("replicas");
-    b.ferry_ok(&[
-        "replica-server",
-        "set",
-        "--enable",
-        "--port",
-        &port,
-        "--allow-any",
-        "--storage",
-        storage.to_str().unwrap(),
-    ]);
+    enable_replica_server(&b, "127.0.0.2");
     a.ferry_ok(&[
         "vm",
         "create",

@@ -5,65 +5,24 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ferry_testkit::guest::{parse_console, verify_prefix, GuestWorkload};
 use ferry_testkit::host::Host;
+use ferry_testkit::replication::{
+    enable_replica_server, free_port, layer, points, read_image, status, wait_for,
+};
 use ferry_testkit::test_guest;
 use serde_json::Value;
 
 const SEED: u64 = 4242;
 const SPAN: u64 = 4096; // 16 MiB of the 64 MiB disk
 
-fn free_port(ip: &str) -> String {
-    let l = std::net::TcpListener::bind((ip, 0)).unwrap();
-    l.local_addr().unwrap().port().to_string()
-}
-
 fn fingerprint(host: &Host) -> String {
     host.ferry_json(&["server", "show"])["fingerprint"]
         .as_str()
         .unwrap()
         .to_owned()
-}
-
-fn status(host: &Host, vm: &str) -> Value {
-    host.ferry_json(&["replication", "status", vm])
-}
-
-fn points(host: &Host, vm: &str) -> Vec<Value> {
-    host.ferry_json(&["replication", "points", vm])
-        .as_array()
-        .unwrap()
-        .clone()
-}
-
-fn wait_for(what: &str, timeout: Duration, mut pred: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !pred() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(250));
-    }
-}
-
-/// The top image of disk 0 of a recovery point.
-fn layer(point: &Value) -> PathBuf {
-    let layers = point["layers"].as_array().unwrap();
-    let l = layers.iter().find(|l| l[0].as_u64() == Some(0)).unwrap();
-    PathBuf::from(l[1].as_str().unwrap())
-}
-
-/// Reads a qcow2 chain as raw bytes (`-U`: the image may be open elsewhere).
-fn read_image(image: &Path) -> Vec<u8> {
-    let out = tempfile::NamedTempFile::new().unwrap();
-    let status = Command::new("qemu-img")
-        .args(["convert", "-U", "-O", "raw"])
-        .arg(image)
-        .arg(out.path())
-        .status()
-        .unwrap();
-    assert!(status.success(), "qemu-img convert {}", image.display());
-    std::fs::read(out.path()).unwrap()
 }
 
 /// Verifies that a recovery point is exactly the guest's writes 1..=M; returns M.
@@ -439,18 +398,7 @@ fn replication_ships_exact_recovery_points_and_ends_byte_identical() {
 fn initial_copy_from_an_existing_copy_ships_only_differences() {
     let a = Host::start("a", "127.0.0.1", "accel = \"tcg\"");
     let b = Host::start("b", "127.0.0.2", "accel = \"tcg\"");
-    let storage = b.dir.path().join("replicas");
-    let port = free_port("127.0.0.2");
-    b.ferry_ok(&[
-        "replica-server",
-        "set",
-        "--enable",
-        "--port",
-        &port,
-        "--allow-any",
-        "--storage",
-        storage.to_str().unwrap(),
-    ]);
+    let storage = enable_replica_server(&b, "127.0.0.2");
     // 32 MiB of random data on a 64 MiB disk.
     let seed = a.dir.path().join("seed.qcow2");
     let raw = a.dir.path().join("seed.raw");
@@ -568,18 +516,7 @@ fn initial_copy_from_an_existing_copy_ships_only_differences() {
 fn initial_copy_by_export_and_import() {
     let a = Host::start("a", "127.0.0.1", "accel = \"tcg\"");
     let b = Host::start("b", "127.0.0.2", "accel = \"tcg\"");
-    let storage = b.dir.path().join("replicas");
-    let port = free_port("127.0.0.2");
-    b.ferry_ok(&[
-        "replica-server",
-        "set",
-        "--enable",
-        "--port",
-        &port,
-        "--allow-any",
-        "--storage",
-        storage.to_str().unwrap(),
-    ]);
+    enable_replica_server(&b, "127.0.0.2");
     let sh = |cmd: String| {
         let st = Command::new("sh").arg("-c").arg(&cmd).status().unwrap();
         assert!(st.success(), "{cmd}");
@@ -779,18 +716,7 @@ fn bandwidth_schedule_sets_the_host_limit_by_time_of_day() {
 fn a_cycle_that_cannot_fit_the_spool_fails_clearly_and_retries() {
     let a = Host::start("a", "127.0.0.1", "accel = \"tcg\"");
     let b = Host::start("b", "127.0.0.2", "accel = \"tcg\"");
-    let port = free_port("127.0.0.2");
-    let storage = b.dir.path().join("replicas");
-    b.ferry_ok(&[
-        "replica-server",
-        "set",
-        "--enable",
-        "--port",
-        &port,
-        "--allow-any",
-        "--storage",
-        storage.to_str().unwrap(),
-    ]);
+    enable_replica_server(&b, "127.0.0.2");
     let sh = |cmd: String| {
         let st = Command::new("sh").arg("-c").arg(&cmd).status().unwrap();
         assert!(st.success(), "{cmd}");

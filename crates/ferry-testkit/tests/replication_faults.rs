@@ -6,37 +6,18 @@
 //! up, and at the end the replica equals the primary byte for byte.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ferry_testkit::guest::{parse_console, verify_prefix, GuestWorkload};
 use ferry_testkit::host::{pid_alive, Host};
 use ferry_testkit::link::Link;
+use ferry_testkit::replication::{compare_images, layer, points, read_image, status, wait_for};
 use ferry_testkit::test_guest;
-use serde_json::Value;
 
 const SEED: u64 = 777;
 const SPAN: u64 = 4096; // the guest writes the first 16 MiB; 48 MiB of random data follow
-
-fn status(host: &Host, vm: &str) -> Value {
-    host.ferry_json(&["replication", "status", vm])
-}
-
-fn points(host: &Host, vm: &str) -> Vec<Value> {
-    host.ferry_json(&["replication", "points", vm])
-        .as_array()
-        .unwrap()
-        .clone()
-}
-
-fn wait_for(what: &str, timeout: Duration, mut pred: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !pred() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 /// Waits until the primary is sending and at least `percent` through.
 fn wait_sending(a: &Host, vm: &str, percent: u64) {
@@ -48,24 +29,6 @@ fn wait_sending(a: &Host, vm: &str, percent: u64) {
             p["phase"] == "sending" && p["percent"].as_u64().unwrap_or(0) >= percent
         },
     );
-}
-
-fn layer(point: &Value) -> PathBuf {
-    let layers = point["layers"].as_array().unwrap();
-    let l = layers.iter().find(|l| l[0].as_u64() == Some(0)).unwrap();
-    PathBuf::from(l[1].as_str().unwrap())
-}
-
-fn read_image(image: &Path) -> Vec<u8> {
-    let out = tempfile::NamedTempFile::new().unwrap();
-    let st = Command::new("qemu-img")
-        .args(["convert", "-U", "-O", "raw"])
-        .arg(image)
-        .arg(out.path())
-        .status()
-        .unwrap();
-    assert!(st.success(), "qemu-img convert {}", image.display());
-    std::fs::read(out.path()).unwrap()
 }
 
 /// Every recovery point on the replica is an exact prefix of the guest's writes; returns
@@ -98,20 +61,6 @@ fn verify_quiesced(a: &Host, b: &Host, vm: &str) -> u64 {
     let last = verify_points(b, vm);
     a.ferry_ok(&["replication", "resume", vm]);
     last
-}
-
-fn identical(a: &Path, b: &Path) -> Result<(), String> {
-    let out = Command::new("qemu-img")
-        .args(["compare", "-U", "-f", "qcow2", "-F", "qcow2"])
-        .arg(a)
-        .arg(b)
-        .output()
-        .unwrap();
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(String::from_utf8_lossy(&out.stdout).into_owned())
-    }
 }
 
 fn sh(cmd: &str) {
@@ -321,7 +270,7 @@ fn replication_recovers_from_link_cuts_crashes_and_full_storage() {
         (24 << 20..=40 << 20).contains(&resent),
         "resync shipped {resent} bytes"
     );
-    identical(&primary_disk, &layer(&newest)).expect("replica differs after the resync");
+    compare_images(&primary_disk, &layer(&newest)).expect("replica differs after the resync");
     assert!(verify_points(&b, "app") >= before_resync);
     a.ferry_ok(&["replication", "resume", "app"]);
 
@@ -399,6 +348,6 @@ fn replication_recovers_from_link_cuts_crashes_and_full_storage() {
     });
     quiesce(&a, "app");
     let newest = points(&b, "app").last().cloned().unwrap();
-    identical(&primary_disk, &layer(&newest)).expect("replica differs from the primary");
+    compare_images(&primary_disk, &layer(&newest)).expect("replica differs from the primary");
     verify_points(&b, "app");
 }

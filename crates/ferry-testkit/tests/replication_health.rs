@@ -15,23 +15,12 @@ use ferry_testkit::bin_dir;
 use ferry_testkit::guest::{parse_console, GuestWorkload};
 use ferry_testkit::host::{pid_alive, Host};
 use ferry_testkit::link::Link;
+use ferry_testkit::replication::{status, wait_for};
 use ferry_testkit::test_guest;
 use serde_json::Value;
 
 fn health(host: &Host, vm: &str) -> Value {
     host.ferry_json(&["replication", "health", vm])[0].clone()
-}
-
-fn status(host: &Host, vm: &str) -> Value {
-    host.ferry_json(&["replication", "status", vm])
-}
-
-fn wait_for(what: &str, timeout: Duration, mut pred: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !pred() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(250));
-    }
 }
 
 fn wait_health(host: &Host, vm: &str, want: &str, timeout: Duration) -> Value {
