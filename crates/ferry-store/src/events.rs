@@ -79,6 +79,30 @@ impl Store {
         Ok(rows)
     }
 
+    /// The newest event of `kind` for each VM (one indexed query, whatever the log's size).
+    pub fn latest_events_by_vm(&self, kind: &str) -> Result<Vec<EventRow>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT id, at_ms, vm, code, kind, severity, message FROM events
+             WHERE id IN (SELECT max(id) FROM events WHERE kind = ?1 AND vm IS NOT NULL GROUP BY vm)
+             ORDER BY id",
+        )?;
+        let rows = stmt
+            .query_map([kind], |r| {
+                Ok(EventRow {
+                    id: r.get(0)?,
+                    at_ms: r.get(1)?,
+                    vm: r.get(2)?,
+                    code: r.get(3)?,
+                    kind: r.get(4)?,
+                    severity: r.get(5)?,
+                    message: r.get(6)?,
+                })
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
     /// When the relationship's statistics were last reset (UNIX ms; 0 = never).
     pub fn stats_reset_ms(&self, vm_id: i64) -> Result<i64, StoreError> {
         let conn = self.conn();
@@ -127,6 +151,12 @@ mod tests {
         let only_a = store.list_events(Some("a"), 0, 10).unwrap();
         assert_eq!((only_a.len(), only_a[0].code), (1, 1));
         assert_eq!(store.list_events(None, b, 10).unwrap().len(), 1);
+        store.insert_event(&ev(Some("a"), 4)).unwrap();
+        let latest = store.latest_events_by_vm("k").unwrap();
+        assert_eq!(
+            latest.iter().map(|e| e.code).collect::<Vec<_>>(),
+            vec![2, 4]
+        );
         assert_eq!(store.stats_reset_ms(42).unwrap(), 0);
     }
 }

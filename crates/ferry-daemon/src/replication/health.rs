@@ -137,18 +137,15 @@ pub fn spawn_watcher(shared: Arc<Shared>) {
         // Continue from the health the event log last recorded, so a restart does not
         // report changes that did not happen.
         let mut last: HashMap<String, String> = HashMap::new();
-        let mut after = 0;
-        while let Ok(batch) = shared.store.list_events(None, after, 10_000) {
-            let Some(end) = batch.last().map(|e| e.id) else {
-                break;
-            };
-            for e in batch.iter().filter(|e| e.kind == "health_changed") {
-                if let (Some(vm), Some(h)) = (&e.vm, e.message.split("-> ").nth(1)) {
-                    let h = h.split(':').next().unwrap_or("").trim().to_owned();
-                    last.insert(vm.clone(), h);
-                }
+        for e in shared
+            .store
+            .latest_events_by_vm("health_changed")
+            .unwrap_or_default()
+        {
+            if let (Some(vm), Some(h)) = (e.vm, e.message.split("-> ").nth(1)) {
+                let h = h.split(':').next().unwrap_or("").trim().to_owned();
+                last.insert(vm, h);
             }
-            after = end;
         }
         let changed = shared.events.changed.clone();
         loop {
