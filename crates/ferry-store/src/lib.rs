@@ -191,6 +191,19 @@ impl Store {
         decode(raw)
     }
 
+    /// One VM by its id, if it exists.
+    pub fn vm_by_id(&self, id: i64) -> Result<Option<VmRow>, StoreError> {
+        let conn = self.conn();
+        let raw = conn
+            .query_row(
+                "SELECT id, name, spec_version, spec, state, pid, started_at, created_at, last_error FROM vms WHERE id = ?1",
+                [id],
+                raw_row,
+            )
+            .optional()?;
+        raw.map(decode).transpose()
+    }
+
     /// Records a VM's runtime state: lifecycle state, QEMU pid and start time.
     pub fn set_runtime(
         &self,

@@ -95,9 +95,9 @@ impl Events {
     pub fn emit_id(&self, vm_id: i64, kind: &str, message: &str) {
         let name = self
             .store
-            .list_vms()
+            .vm_by_id(vm_id)
             .ok()
-            .and_then(|l| l.into_iter().find(|v| v.id == vm_id))
+            .flatten()
             .map(|v| v.spec.name.to_string());
         self.record(name.as_deref(), kind, None, message);
     }

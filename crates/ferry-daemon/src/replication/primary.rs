@@ -295,9 +295,7 @@ pub(crate) async fn run_cycle(shared: &Arc<Shared>, rel: &ReplicationRow) {
 fn vm_row(shared: &Shared, vm_id: i64) -> anyhow::Result<VmRow> {
     shared
         .store
-        .list_vms()?
-        .into_iter()
-        .find(|v| v.id == vm_id)
+        .vm_by_id(vm_id)?
         .ok_or_else(|| anyhow!("the VM of this relationship is gone"))
 }
 

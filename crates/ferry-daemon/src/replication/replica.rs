@@ -945,9 +945,7 @@ async fn receive_cycle<R: AsyncRead + Unpin>(
 ) -> anyhow::Result<i64> {
     let vm = shared
         .store
-        .list_vms()?
-        .into_iter()
-        .find(|v| v.id == rel.vm_id)
+        .vm_by_id(rel.vm_id)?
         .ok_or_else(|| anyhow!("the replica VM is gone"))?;
     // Only the next cycle is applied: anything else would delete or build on the wrong layer.
     let current = shared
@@ -1185,9 +1183,7 @@ pub async fn import_initial(shared: &Arc<Shared>, vm_id: i64, dir: &Path) -> any
         .ok_or_else(|| anyhow!("replication was removed"))?;
     let vm = shared
         .store
-        .list_vms()?
-        .into_iter()
-        .find(|v| v.id == vm_id)
+        .vm_by_id(vm_id)?
         .ok_or_else(|| anyhow!("the replica VM is gone"))?;
     if rel.role != Role::Replica {
         bail!(
@@ -1357,9 +1353,7 @@ async fn disk_hashes(shared: &Arc<Shared>, vm_id: i64) -> anyhow::Result<Vec<(us
         .ok_or_else(|| anyhow!("replication was removed"))?;
     let vm = shared
         .store
-        .list_vms()?
-        .into_iter()
-        .find(|v| v.id == vm_id)
+        .vm_by_id(vm_id)?
         .ok_or_else(|| anyhow!("the replica VM is gone"))?;
     let latest = shared.store.list_points(vm_id)?.pop();
     let qemu_nbd = qemu_nbd_path(&shared.cfg);
@@ -1523,7 +1517,7 @@ pub async fn apply_retention(shared: &Arc<Shared>, vm_id: i64) -> anyhow::Result
         // Keep the replica VM's disk paths on the latest point.
         if let (Some(last), Some(vm)) = (
             shared.store.list_points(vm_id)?.last().cloned(),
-            shared.store.list_vms()?.into_iter().find(|v| v.id == vm_id),
+            shared.store.vm_by_id(vm_id)?,
         ) {
             let mut spec = vm.spec.clone();
             for (d, p) in &last.layers {
@@ -1564,7 +1558,7 @@ pub fn recover_staging(store: &Store) -> anyhow::Result<HashMap<i64, Staging>> {
             .iter()
             .flat_map(|p| p.layers.iter().map(|(_, l)| l.clone()))
             .collect();
-        let Some(vm) = store.list_vms()?.into_iter().find(|v| v.id == rel.vm_id) else {
+        let Some(vm) = store.vm_by_id(rel.vm_id)? else {
             continue;
         };
         let Some(dir) = PathBuf::from(&vm.spec.disks[0].file)
