@@ -631,6 +631,7 @@ impl VmManager {
             console_log: self.console_log_path(&row.spec.name),
             pidfile: paths.pidfile.clone(),
             agent_socket: Some(paths.agent.clone()),
+            loadvm: None,
         };
         let pid = process::spawn_daemonized(&cmd)
             .await

@@ -6,6 +6,8 @@
 //! - [`qmp`] is an async QMP client with typed commands written by hand for
 //!   QEMU 7.2 and an untyped escape hatch for everything else.
 //! - [`img`] wraps `qemu-img` (info, create, convert).
+//! - [`snapshot`] and [`qcow2`] are the disk side of checkpoints: internal snapshots
+//!   of a VM that is off, and what differs between an image and one of its snapshots.
 //! - [`cbt`] is changed-block tracking: dirty-bitmap generations, fleecing
 //!   points exported over NBD, and the offline helpers for a VM that is off.
 //!
@@ -16,7 +18,9 @@ pub mod agent;
 pub mod cbt;
 pub mod img;
 pub mod process;
+pub mod qcow2;
 pub mod qmp;
+pub mod snapshot;
 
 pub use cbt::{
     bitmap_state, cleanup_stale, rotate_bitmap_offline, start_tracking, BitmapState, CbtError,

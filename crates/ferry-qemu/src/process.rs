@@ -251,6 +251,10 @@ pub struct QemuCommand {
     /// Unix socket QEMU listens on for the guest agent channel (a virtio-serial port
     /// named `org.qemu.guest_agent.0`); `None` gives the VM no agent channel.
     pub agent_socket: Option<PathBuf>,
+    /// Internal snapshot (a standard checkpoint, with memory state) to resume from: QEMU
+    /// starts with `-loadvm TAG -S`, so the vCPUs wait for `cont` (the caller re-arms
+    /// change tracking first).
+    pub loadvm: Option<String>,
 }
 
 impl QemuCommand {
@@ -412,6 +416,10 @@ impl QemuCommand {
                 }
             }
             None => a.push2("-boot", "c"),
+        }
+        if let Some(tag) = &self.loadvm {
+            a.push2("-loadvm", tag);
+            a.push("-S");
         }
         a.0
     }
@@ -863,6 +871,7 @@ mod tests {
             qmp_socket: "/run/ferry/web1/qmp.sock".into(),
             console_socket: "/run/ferry/web1/console.sock".into(),
             agent_socket: None,
+            loadvm: None,
             console_log: "/var/log/ferry/web1-console.log".into(),
             pidfile: "/run/ferry/web1/qemu.pid".into(),
         }

@@ -151,6 +151,7 @@ async fn start_vm(dir: &Path, disk: &Path, interval: Option<&str>) -> Vm {
         console_log: dir.join("console.log"),
         pidfile: dir.join("qemu.pid"),
         agent_socket: None,
+        loadvm: None,
     };
     let pid = process::spawn_daemonized(&cmd).await.unwrap();
     let guard = PidGuard(pid);

@@ -54,6 +54,7 @@ fn command(dir: &Path, name: &str, disks: Vec<PathBuf>) -> QemuCommand {
         console_log: dir.join("console.log"),
         pidfile: dir.join("qemu.pid"),
         agent_socket: None,
+        loadvm: None,
     }
 }
 
