@@ -5,9 +5,11 @@
 //! Domain types are never persisted directly: each table has a `*Row` type, and blob
 //! columns carry a version marker so their encoding can change later.
 
+mod checkpoints;
 mod events;
 mod replication;
 
+pub use checkpoints::CheckpointRow;
 pub use events::EventRow;
 pub use replication::{CycleRow, PointRow, ReplicationRow};
 
@@ -37,6 +39,7 @@ const MIGRATIONS: &[&str] = &[
     replication::MIGRATION,
     replication::MIGRATION_CONSISTENCY,
     events::MIGRATION,
+    checkpoints::MIGRATION,
 ];
 
 /// The encoding version of `vms.spec` (JSON of [`VmSpec`]).
