@@ -12,6 +12,15 @@
 //! | POST | `/v1/vms/{name}/shutdown` | [`ShutdownRequest`] → [`ActionReply`] |
 //! | GET | `/v1/vms/{name}/console/log?offset=N` | → [`ConsoleLog`] |
 //! | GET | `/v1/vms/{name}/console` | HTTP upgrade `ferry-console` → raw serial stream |
+//! | POST | `/v1/vms/import` | [`VmImportRequest`] → [`VmInfo`] |
+//! | GET | `/v1/vms/{name}/checkpoints` | → [`CheckpointList`] |
+//! | POST | `/v1/vms/{name}/checkpoints` | [`CheckpointCreateRequest`] → [`CheckpointCreated`] |
+//! | POST | `/v1/vms/{name}/checkpoints/{cp}/apply` | [`CheckpointApplyRequest`] → [`ActionReply`] |
+//! | POST | `/v1/vms/{name}/checkpoints/{cp}/rename` | [`CheckpointRenameRequest`] → [`CheckpointInfo`] |
+//! | DELETE | `/v1/vms/{name}/checkpoints/{cp}?subtree=true` | → [`ActionReply`] |
+//! | POST | `/v1/vms/{name}/checkpoints/{cp}/export` | [`CheckpointExportRequest`] → [`ActionReply`] |
+//!
+//! `{cp}` is a checkpoint's id or its name (when no other checkpoint of the VM has it).
 //!
 //! Errors are [`ApiError`] with a stable `code` and an HTTP status chosen from it.
 
@@ -461,4 +470,106 @@ pub struct EventInfo {
     pub severity: String,
     /// What happened.
     pub message: String,
+}
+
+/// What a checkpoint holds (`--standard` / `--production`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CheckpointKind {
+    /// Disks only, with the guest's filesystems frozen through its agent when it has one
+    /// (else crash-consistent). Applying it leaves the VM off. Hyper-V's default.
+    #[default]
+    Production,
+    /// Disks plus memory and device state of a running VM: applying it resumes the VM
+    /// where it was.
+    Standard,
+}
+
+/// `POST /v1/vms/{name}/checkpoints`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointCreateRequest {
+    /// Name (≤ 100 characters); default "VM (MM/DD/YYYY - hh:mm:ss AM/PM)" in UTC.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Kind.
+    #[serde(default)]
+    pub kind: CheckpointKind,
+}
+
+/// One checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointInfo {
+    /// Id.
+    pub id: i64,
+    /// Name.
+    pub name: String,
+    /// The checkpoint it was taken after.
+    pub parent_id: Option<i64>,
+    /// `production` or `standard`.
+    pub kind: String,
+    /// `application-consistent`, `crash-consistent` or `saved-state` (memory included).
+    pub consistency: String,
+    /// Holds memory and device state.
+    pub with_memory: bool,
+    /// When it was taken (UNIX ms).
+    pub created_ms: i64,
+}
+
+/// Reply of `POST /v1/vms/{name}/checkpoints`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointCreated {
+    /// The new checkpoint.
+    pub checkpoint: CheckpointInfo,
+    /// What was done, e.g. whether the guest's filesystems were frozen.
+    pub message: String,
+}
+
+/// `GET /v1/vms/{name}/checkpoints`: the VM's checkpoint tree (user checkpoints only;
+/// replica recovery points are under `/replication/points`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointList {
+    /// The VM.
+    pub vm: String,
+    /// The checkpoint the VM's current state descends from ("Now" hangs below it).
+    pub current: Option<i64>,
+    /// Every checkpoint, oldest first.
+    pub checkpoints: Vec<CheckpointInfo>,
+}
+
+/// `POST /v1/vms/{name}/checkpoints/{cp}/apply`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointApplyRequest {
+    /// Take a production checkpoint of the current state first ("Create Checkpoint and
+    /// Apply").
+    #[serde(default)]
+    pub checkpoint_first: bool,
+}
+
+/// `POST /v1/vms/{name}/checkpoints/{cp}/rename`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointRenameRequest {
+    /// The new name.
+    pub name: String,
+}
+
+/// `POST /v1/vms/{name}/checkpoints/{cp}/export`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointExportRequest {
+    /// Absolute path of a folder that does not exist yet (or is empty) on the VM's host.
+    pub dir: String,
+}
+
+/// `POST /v1/vms/import`: a folder written by a checkpoint export becomes a new VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmImportRequest {
+    /// Absolute path of the exported folder.
+    pub dir: String,
+    /// The new VM's name; default: the exported VM's name.
+    #[serde(default)]
+    pub name: Option<String>,
 }

@@ -1,5 +1,6 @@
 //! `ferry`: the command-line interface to ferryd, local (unix socket) or remote (TLS).
 
+mod checkpoint;
 mod console;
 mod failover;
 mod hosts;
@@ -77,6 +78,9 @@ enum Command {
     /// Failover of replicated VMs: unplanned failover, cancel, complete, test failover.
     #[command(subcommand)]
     Failover(failover::FailoverCmd),
+    /// Checkpoints of a VM: create, list, apply, rename, delete, export.
+    #[command(subcommand)]
+    Checkpoint(checkpoint::CheckpointCmd),
     /// The event log: replication state and health changes, errors, resyncs.
     Events {
         /// Only this VM's events.
@@ -190,6 +194,15 @@ enum VmCmd {
         /// The VM.
         vm: String,
     },
+    /// Create a VM from a folder written by `ferry checkpoint export` (disks copied, new
+    /// MAC addresses).
+    Import {
+        /// The export folder.
+        dir: String,
+        /// The new VM's name; default the exported VM's.
+        #[arg(long)]
+        name: Option<String>,
+    },
     /// Attach to the VM's serial console (detach with Ctrl-]), or print what it printed.
     Console {
         /// The VM.
@@ -260,6 +273,7 @@ async fn run(cli: Cli, out: &Output) -> anyhow::Result<()> {
         Command::ReplicaServer(cmd) => replication::replica_server(&client, cmd, out).await?,
         Command::Replication(cmd) => replication::replication(&client, cmd, out).await?,
         Command::Failover(cmd) => failover::failover(&client, cmd, out).await?,
+        Command::Checkpoint(cmd) => checkpoint::checkpoint(&client, cmd, out).await?,
         Command::Events { vm, follow, last } => {
             replication::events(&client, vm.as_deref(), follow, last, out).await?
         }
@@ -285,16 +299,19 @@ fn cmd_host(cmd: &HostCmd) -> hosts::HostAction {
     }
 }
 
-/// URL path segment for a VM name (names may hold spaces).
+/// URL path for a VM (names may hold spaces).
 pub(crate) fn vm_path(name: &str, suffix: &str) -> String {
-    let enc: String = name
-        .bytes()
+    format!("/v1/vms/{}{suffix}", encode_segment(name))
+}
+
+/// Percent-encodes one URL path segment.
+pub(crate) fn encode_segment(s: &str) -> String {
+    s.bytes()
         .map(|b| match b {
             b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
             _ => format!("%{b:02X}"),
         })
-        .collect();
-    format!("/v1/vms/{enc}{suffix}")
+        .collect()
 }
 
 async fn vm(client: &Client, cmd: VmCmd, out: &Output) -> anyhow::Result<()> {
@@ -368,6 +385,7 @@ async fn vm(client: &Client, cmd: VmCmd, out: &Output) -> anyhow::Result<()> {
             action(client.post(&vm_path(&vm, "/shutdown"), &req).await?)
         }
         VmCmd::Delete { vm } => action(client.delete(&vm_path(&vm, "")).await?),
+        VmCmd::Import { dir, name } => checkpoint::import(client, &dir, name, out).await?,
         VmCmd::Console { vm, log, follow } => {
             if log {
                 let mut offset = 0;

@@ -20,6 +20,7 @@ use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use tracing::warn;
 
+use crate::checkpoints::Checkpoints;
 use crate::error::ApiFailure;
 use crate::replication;
 use crate::vms::{VmManager, DEFAULT_SHUTDOWN_TIMEOUT};
@@ -28,6 +29,8 @@ use crate::vms::{VmManager, DEFAULT_SHUTDOWN_TIMEOUT};
 pub struct AppState {
     /// The VM manager.
     pub vms: Arc<VmManager>,
+    /// Checkpoint operations.
+    pub checkpoints: Arc<Checkpoints>,
     /// What `GET /v1/server` returns (minus the VM count).
     pub server: ServerInfo,
     /// The bearer token for the TLS API.
@@ -44,7 +47,20 @@ pub fn router(state: Shared) -> Router {
     Router::new()
         .route("/v1/server", get(server_info))
         .route("/v1/vms", get(list_vms).post(create_vm))
+        .route("/v1/vms/import", post(import_vm))
         .route("/v1/vms/{name}", get(show_vm).delete(delete_vm))
+        .route(
+            "/v1/vms/{name}/checkpoints",
+            get(list_checkpoints).post(create_checkpoint),
+        )
+        .route(
+            "/v1/vms/{name}/checkpoints/{cp}",
+            axum::routing::delete(delete_checkpoint),
+        )
+        .route(
+            "/v1/vms/{name}/checkpoints/{cp}/{action}",
+            post(checkpoint_action),
+        )
         .route("/v1/vms/{name}/start", post(start_vm))
         .route("/v1/vms/{name}/shutdown", post(shutdown_vm))
         .route("/v1/vms/{name}/stop", post(stop_vm))
@@ -483,4 +499,101 @@ async fn replication_request(
     Path((name, action)): Path<(String, String)>,
 ) -> ApiResult<ReplicationInfo> {
     Ok(Json(replication::request(&s.replication, &name, &action)?))
+}
+
+type JsonBody<T> = Result<Json<T>, axum::extract::rejection::JsonRejection>;
+
+fn body<T>(b: JsonBody<T>) -> Result<T, ApiFailure> {
+    b.map(|Json(v)| v)
+        .map_err(|e| ApiFailure::invalid(e.body_text()))
+}
+
+async fn import_vm(
+    State(s): State<Shared>,
+    req: JsonBody<ferry_api_types::VmImportRequest>,
+) -> Result<(StatusCode, Json<VmInfo>), ApiFailure> {
+    Ok((
+        StatusCode::CREATED,
+        Json(s.checkpoints.import(body(req)?).await?),
+    ))
+}
+
+async fn list_checkpoints(
+    State(s): State<Shared>,
+    Path(name): Path<String>,
+) -> ApiResult<ferry_api_types::CheckpointList> {
+    Ok(Json(s.checkpoints.list(&name)?))
+}
+
+async fn create_checkpoint(
+    State(s): State<Shared>,
+    Path(name): Path<String>,
+    req: JsonBody<ferry_api_types::CheckpointCreateRequest>,
+) -> Result<(StatusCode, Json<ferry_api_types::CheckpointCreated>), ApiFailure> {
+    let (checkpoint, message) = s.checkpoints.create(&name, body(req)?).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(ferry_api_types::CheckpointCreated {
+            checkpoint,
+            message,
+        }),
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeleteCheckpointQuery {
+    #[serde(default)]
+    subtree: bool,
+}
+
+async fn delete_checkpoint(
+    State(s): State<Shared>,
+    Path((name, cp)): Path<(String, String)>,
+    q: Result<Query<DeleteCheckpointQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<ActionReply> {
+    let Query(q) = q.map_err(|e| ApiFailure::invalid(e.body_text()))?;
+    Ok(Json(s.checkpoints.delete(&name, &cp, q.subtree).await?))
+}
+
+async fn checkpoint_action(
+    State(s): State<Shared>,
+    Path((name, cp, action)): Path<(String, String, String)>,
+    raw: axum::body::Bytes,
+) -> Result<Response, ApiFailure> {
+    fn parse<T: serde::de::DeserializeOwned + Default>(raw: &[u8]) -> Result<T, ApiFailure> {
+        if raw.iter().all(u8::is_ascii_whitespace) {
+            return Ok(T::default());
+        }
+        serde_json::from_slice(raw)
+            .map_err(|e| ApiFailure::invalid(format!("bad request body: {e}")))
+    }
+    fn parse_required<T: serde::de::DeserializeOwned>(raw: &[u8]) -> Result<T, ApiFailure> {
+        serde_json::from_slice(raw)
+            .map_err(|e| ApiFailure::invalid(format!("bad request body: {e}")))
+    }
+    Ok(match action.as_str() {
+        "apply" => {
+            let req: ferry_api_types::CheckpointApplyRequest = parse(&raw)?;
+            Json(
+                s.checkpoints
+                    .apply(&name, &cp, req.checkpoint_first)
+                    .await?,
+            )
+            .into_response()
+        }
+        "rename" => {
+            let req: ferry_api_types::CheckpointRenameRequest = parse_required(&raw)?;
+            Json(s.checkpoints.rename(&name, &cp, &req.name).await?).into_response()
+        }
+        "export" => {
+            let req: ferry_api_types::CheckpointExportRequest = parse_required(&raw)?;
+            Json(s.checkpoints.export(&name, &cp, &req.dir).await?).into_response()
+        }
+        other => {
+            return Err(ApiFailure::not_found(format!(
+                "no checkpoint action {other:?}; use apply, rename or export"
+            )))
+        }
+    })
 }

@@ -2,6 +2,7 @@
 //! a unix socket and the remote API over TLS.
 
 mod api;
+mod checkpoints;
 mod config;
 mod error;
 mod identity;
@@ -98,6 +99,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     let state = Arc::new(api::AppState {
         vms: vms.clone(),
+        checkpoints: checkpoints::Checkpoints::new(replication.clone()),
         server: ServerInfo {
             name: cfg.name.clone(),
             version: env!("CARGO_PKG_VERSION").to_owned(),

@@ -513,6 +513,7 @@ impl VmManager {
         }
         self.transition(&row, Operation::Delete)?;
         self.store.delete_vm(&vm)?;
+        self.store.delete_checkpoints_of(row.id)?;
         let dir = self.vm_dir(&vm);
         if let Err(e) = std::fs::remove_dir_all(&dir) {
             if e.kind() != std::io::ErrorKind::NotFound {
@@ -555,7 +556,7 @@ impl VmManager {
             }
         }
         self.transition(&row, Operation::Start)?;
-        match self.spawn(&row).await {
+        match self.spawn(&row, None).await {
             Ok((pid, qmp)) => {
                 let started = now_unix();
                 self.store
@@ -576,7 +577,72 @@ impl VmManager {
         }
     }
 
-    async fn spawn(&self, row: &VmRow) -> Result<(u32, Qmp), ApiFailure> {
+    /// Starts a VM that is off from the memory and device state saved in internal snapshot
+    /// `tag` (a standard checkpoint): QEMU restores it with the vCPUs stopped, `rearm` runs
+    /// (it restores change tracking before the guest can write), then the vCPUs continue.
+    /// The caller holds the VM's lock.
+    pub(crate) async fn resume_from_saved_state<F, Fut>(
+        self: &Arc<Self>,
+        vm: &VmName,
+        tag: &str,
+        rearm: F,
+    ) -> Result<ActionReply, ApiFailure>
+    where
+        F: FnOnce(Qmp) -> Fut,
+        Fut: std::future::Future<Output = Result<(), ApiFailure>>,
+    {
+        let row = self.store.get_vm(vm)?;
+        self.transition(&row, Operation::Start)?;
+        let started = async {
+            let (pid, qmp) = self.spawn(&row, Some(tag)).await?;
+            let ready = async {
+                rearm(qmp.clone()).await?;
+                qmp.execute(&qmp::Cont {}).await.map_err(|e| {
+                    ApiFailure::qemu(format!("{vm}: QEMU refused to continue: {e}"))
+                })?;
+                Ok::<_, ApiFailure>(())
+            }
+            .await;
+            if let Err(e) = ready {
+                let _ = process::signal(pid, libc::SIGKILL);
+                process::wait_exit(pid, QUIT_TIMEOUT).await;
+                return Err(e);
+            }
+            Ok((pid, qmp))
+        }
+        .await;
+        match started {
+            Ok((pid, qmp)) => {
+                self.store
+                    .set_runtime(vm, VmState::Running, Some(pid), Some(now_unix()))?;
+                self.store.set_last_error(vm, None)?;
+                self.track(vm, pid, qmp);
+                info!(vm = %vm, pid, tag, "resumed from saved state");
+                Ok(ActionReply {
+                    state: VmState::Running,
+                    message: format!("VM {vm} resumed from its saved state (pid {pid})"),
+                })
+            }
+            Err(e) => {
+                self.store.set_runtime(vm, VmState::Off, None, None)?;
+                self.store.set_last_error(vm, Some(&e.message))?;
+                Err(e)
+            }
+        }
+    }
+
+    /// The qcow2 images of a VM, in disk order.
+    pub(crate) fn disk_paths(&self, row: &VmRow) -> Vec<PathBuf> {
+        let dir = self.vm_dir(&row.spec.name);
+        row.spec.disks.iter().map(|d| dir.join(&d.file)).collect()
+    }
+
+    /// The VM's stored row.
+    pub(crate) fn get(&self, name: &str) -> Result<(VmName, VmRow), ApiFailure> {
+        self.row(name)
+    }
+
+    async fn spawn(&self, row: &VmRow, loadvm: Option<&str>) -> Result<(u32, Qmp), ApiFailure> {
         let paths = self.runtime_paths(row.id);
         let dir = self.vm_dir(&row.spec.name);
         // A VM made by replication (its disks live in the replica storage) may not have its
@@ -631,7 +697,7 @@ impl VmManager {
             console_log: self.console_log_path(&row.spec.name),
             pidfile: paths.pidfile.clone(),
             agent_socket: Some(paths.agent.clone()),
-            loadvm: None,
+            loadvm: loadvm.map(str::to_owned),
         };
         let pid = process::spawn_daemonized(&cmd)
             .await

@@ -164,18 +164,40 @@ pub enum Tracking {
     Lost,
 }
 
+/// What [`apply`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Applied {
+    /// What became of the bitmaps.
+    pub tracking: Tracking,
+    /// The bitmaps stashed in `scratch` and, with `restore == false`, left there (the
+    /// image has none): the caller re-creates them once QEMU runs.
+    pub stashed: Vec<cbt::OfflineBitmap>,
+}
+
 /// Reverts the image of a VM that is off to internal snapshot `tag`, keeping its dirty
-/// bitmaps (stashed in `scratch`, a path for a temporary qcow2 that must not exist).
+/// bitmaps: they are stashed in `scratch` (a path for a temporary qcow2) and, if
+/// `restore`, put back and the stash removed. Without `restore` the image is left with no
+/// bitmap, as QEMU's `-loadvm` needs, and the stash stays for the caller. A missing
+/// snapshot is refused before anything changes.
 pub async fn apply(
     binary: &Path,
     image: &Path,
     tag: &str,
     scratch: &Path,
-) -> Result<Tracking, SnapshotError> {
+    restore: bool,
+) -> Result<Applied, SnapshotError> {
+    if !list(binary, image).await?.iter().any(|s| s.name == tag) {
+        return Err(SnapshotError::Tool {
+            action: format!("snapshot -a {tag}"),
+            image: image.into(),
+            stderr: format!("the image has no snapshot named {tag:?}"),
+        });
+    }
     let bitmaps = cbt::offline_bitmaps(binary, image).await?;
     let consistent = bitmaps.iter().all(|b| !b.in_use());
+    let stash = consistent && !bitmaps.is_empty();
     let _ = tokio::fs::remove_file(scratch).await;
-    if consistent && !bitmaps.is_empty() {
+    if stash {
         let size = crate::img::info(binary, image)
             .await
             .map_err(|e| SnapshotError::Tool {
@@ -183,8 +205,8 @@ pub async fn apply(
                 image: image.into(),
                 stderr: e.to_string(),
             })?
-            .virtual_size;
-        let size = size.to_string();
+            .virtual_size
+            .to_string();
         qemu_img(
             binary,
             "create (bitmap stash)",
@@ -206,17 +228,22 @@ pub async fn apply(
     for b in &bitmaps {
         cbt::remove_bitmap_offline(binary, image, &b.name).await?;
     }
-    snapshot_op(binary, "-a", image, tag).await?;
-    if consistent && !bitmaps.is_empty() {
+    let reverted = snapshot_op(binary, "-a", image, tag).await;
+    if stash && (restore || reverted.is_err()) {
+        // Put the bitmaps back (also when the revert failed: the image is unchanged).
         for b in &bitmaps {
             copy_bitmap(binary, scratch, image, b).await?;
         }
         let _ = tokio::fs::remove_file(scratch).await;
     }
-    Ok(if consistent {
-        Tracking::Kept
-    } else {
-        Tracking::Lost
+    reverted?;
+    Ok(Applied {
+        tracking: if consistent {
+            Tracking::Kept
+        } else {
+            Tracking::Lost
+        },
+        stashed: if consistent { bitmaps } else { Vec::new() },
     })
 }
 
@@ -325,12 +352,11 @@ mod tests {
         create(qi, &img, "cp").await.unwrap();
         run(&["qemu-io", "-c", "write -P 2 64k 4k", p]);
         let before = cbt::offline_bitmaps(qi, &img).await.unwrap();
-        assert_eq!(
-            apply(qi, &img, "cp", &dir.path().join("stash.qcow2"))
-                .await
-                .unwrap(),
-            Tracking::Kept
-        );
+        let applied = apply(qi, &img, "cp", &dir.path().join("stash.qcow2"), true)
+            .await
+            .unwrap();
+        assert_eq!(applied.tracking, Tracking::Kept);
+        assert_eq!(applied.stashed, before);
         run(&["qemu-io", "-c", "read -P 1 0 1M", p]);
         assert_eq!(cbt::offline_bitmaps(qi, &img).await.unwrap(), before);
         assert!(!dir.path().join("stash.qcow2").exists());
@@ -362,8 +388,10 @@ mod tests {
         assert_eq!(list(qi, &img).await.unwrap()[0].name, "cp");
         delete(qi, &img, "cp").await.unwrap();
         assert!(list(qi, &img).await.unwrap().is_empty());
-        assert!(apply(qi, &img, "cp", &dir.path().join("s2.qcow2"))
+        // A missing snapshot changes nothing, bitmaps included.
+        assert!(apply(qi, &img, "cp", &dir.path().join("s2.qcow2"), true)
             .await
             .is_err());
+        assert_eq!(cbt::offline_bitmaps(qi, &img).await.unwrap(), before);
     }
 }

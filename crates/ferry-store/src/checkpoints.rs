@@ -127,8 +127,10 @@ impl Store {
 
     /// Renames a checkpoint.
     pub fn rename_checkpoint(&self, id: i64, name: &str) -> Result<(), StoreError> {
-        self.conn()
-            .execute("UPDATE checkpoints SET name = ?2 WHERE id = ?1", params![id, name])?;
+        self.conn().execute(
+            "UPDATE checkpoints SET name = ?2 WHERE id = ?1",
+            params![id, name],
+        )?;
         Ok(())
     }
 

@@ -81,6 +81,7 @@ pub fn event_code(kind: &str) -> (u32, &'static str) {
         "failover_completed" => (1112, "info"),
         "test_failover_started" => (1100, "info"),
         "test_failover_stopped" => (1101, "info"),
+        "checkpoint_applied" => (1120, "warning"),
         _ => (1999, "info"),
     }
 }

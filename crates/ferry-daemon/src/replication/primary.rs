@@ -1085,7 +1085,7 @@ fn due_app_consistent(shared: &Shared, rel: &ReplicationRow) -> bool {
 
 /// Freezes the guest's filesystems through its agent; `None` (crash-consistent point,
 /// reason logged and recorded as an event) when there is no agent or it fails.
-async fn freeze_guest(shared: &Shared, vm: &VmRow) -> Option<GuestAgent> {
+pub(crate) async fn freeze_guest(shared: &Shared, vm: &VmRow) -> Option<GuestAgent> {
     let socket = shared.vms.agent_socket(vm.id);
     let mut agent = match GuestAgent::connect(&socket, AGENT_TIMEOUT).await {
         Ok(a) => a,
