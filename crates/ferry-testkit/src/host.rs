@@ -162,14 +162,20 @@ impl Host {
         self.ferry_with(args, &[])
     }
 
-    /// Runs `ferry ARGS` with extra environment variables.
-    pub fn ferry_with(&self, args: &[&str], env: &[(&str, &str)]) -> CliResult {
+    /// `ferry ARGS` against this host, not yet run (to run it in the background).
+    pub fn ferry_cmd(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(bin_dir().join("ferry"));
         cmd.args(args)
             .env("FERRY_SOCKET", &self.socket)
             .env("FERRY_HOSTS_FILE", self.dir.path().join("hosts.json"))
             .env_remove("FERRY_HOST")
             .stdin(Stdio::null());
+        cmd
+    }
+
+    /// Runs `ferry ARGS` with extra environment variables.
+    pub fn ferry_with(&self, args: &[&str], env: &[(&str, &str)]) -> CliResult {
+        let mut cmd = self.ferry_cmd(args);
         for (k, v) in env {
             cmd.env(k, v);
         }

@@ -1,0 +1,312 @@
+//! Checkpoints on a real guest: production checkpoints hold exactly the writes up to the
+//! guest's freeze, a standard checkpoint resumes the guest's write sequence where it was,
+//! delete and delete --subtree keep the other checkpoints applicable, an export imports as
+//! a VM that boots, and bad input changes nothing. Then on a replicated VM: replication
+//! keeps going across create and apply, an apply ships only what it changed and the replica
+//! ends byte-identical, and an apply whose difference cannot be known asks for a resync.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use ferry_testkit::guest::{parse_console, verify_prefix, GuestWorkload};
+use ferry_testkit::host::Host;
+use ferry_testkit::replication::{
+    compare_images, enable_replica_server, layer, points, read_image, status, vm_disk, wait_for,
+};
+use ferry_testkit::test_guest;
+use serde_json::Value;
+
+const SEED: u64 = 4242;
+const SPAN: u64 = 2048;
+
+fn disk_seq(image: &Path) -> u64 {
+    verify_prefix(&read_image(image), SEED, SPAN)
+        .unwrap_or_else(|e| panic!("{} is not a prefix of the writes: {e}", image.display()))
+        .last_seq
+}
+
+fn create_guest_vm(host: &Host, vm: &str, disk: &str) {
+    let (kernel, initrd) = test_guest();
+    let append = GuestWorkload {
+        seed: SEED,
+        start: 1,
+        span_blocks: SPAN,
+    }
+    .kernel_args(0, 0.05);
+    host.ferry_ok(&[
+        "vm",
+        "create",
+        vm,
+        "--memory",
+        "128M",
+        "--disk",
+        disk,
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--initrd",
+        initrd.to_str().unwrap(),
+        "--append",
+        &append,
+    ]);
+}
+
+fn console_seq(host: &Host, vm: &str) -> u64 {
+    parse_console(&host.console(vm)).last_wrote_seq.unwrap_or(0)
+}
+
+fn wait_writes(host: &Host, vm: &str, more_than: u64) -> u64 {
+    host.wait_console(vm, Duration::from_secs(90), "guest writes", |c| {
+        parse_console(c).last_wrote_seq.unwrap_or(0) > more_than
+    });
+    console_seq(host, vm)
+}
+
+fn list(host: &Host, vm: &str) -> Value {
+    host.ferry_json(&["checkpoint", "list", vm])
+}
+
+fn cp_id(list: &Value, name: &str) -> i64 {
+    list["checkpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("no checkpoint {name} in {list}"))["id"]
+        .as_i64()
+        .unwrap()
+}
+
+fn names(list: &Value) -> Vec<String> {
+    list["checkpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// Takes a production checkpoint of the running VM and returns the guest's FROZEN seq.
+fn production_checkpoint(host: &Host, vm: &str, name: &str) -> u64 {
+    let frozen_before = parse_console(&host.console(vm)).frozen.len();
+    let out = host.ferry_ok(&["checkpoint", "create", vm, name]);
+    assert!(out.contains("guest filesystems were frozen"), "{out}");
+    let c = host.wait_console(vm, Duration::from_secs(10), "FROZEN", |c| {
+        parse_console(c).frozen.len() > frozen_before
+    });
+    *parse_console(&c).frozen.last().unwrap()
+}
+
+#[test]
+fn checkpoints_create_apply_delete_export_on_a_real_guest() {
+    let host = Host::start("cp", "127.0.0.1", "accel = \"tcg\"");
+    create_guest_vm(&host, "app", "16M");
+
+    // Bad input first: nothing may be created.
+    let e = host.ferry_err(&["checkpoint", "create", "nosuch"]);
+    assert!(e.contains("no VM named \"nosuch\""), "{e}");
+    let e = host.ferry_err(&["checkpoint", "create", "app", &"x".repeat(101)]);
+    assert!(e.contains("at most 100 characters"), "{e}");
+    let e = host.ferry_err(&["checkpoint", "create", "app", ""]);
+    assert!(e.contains("cannot be empty"), "{e}");
+    assert!(names(&list(&host, "app")).is_empty());
+    assert!(host
+        .ferry_ok(&["checkpoint", "list", "app"])
+        .contains("no checkpoints"));
+
+    host.ferry_ok(&["vm", "start", "app"]);
+    let s = wait_writes(&host, "app", 10);
+
+    // Two production checkpoints while the guest writes: each holds exactly the writes up
+    // to the guest's freeze.
+    let f1 = production_checkpoint(&host, "app", "one");
+    wait_writes(&host, "app", f1 + 10);
+    let f2 = production_checkpoint(&host, "app", "two");
+    assert!(f1 >= s && f2 > f1, "{f1} {f2}");
+    wait_writes(&host, "app", f2 + 10);
+
+    // A standard checkpoint: memory and device state.
+    let before = console_seq(&host, "app");
+    let out = host.ferry_ok(&["checkpoint", "create", "app", "three", "--standard"]);
+    assert!(out.contains("memory and device state saved"), "{out}");
+    let after = console_seq(&host, "app");
+    let l = list(&host, "app");
+    let (one, two, three) = (cp_id(&l, "one"), cp_id(&l, "two"), cp_id(&l, "three"));
+    assert_eq!(l["checkpoints"][0]["parent_id"], Value::Null);
+    assert_eq!(l["checkpoints"][1]["parent_id"], one);
+    assert_eq!(l["checkpoints"][2]["parent_id"], two);
+    assert_eq!(l["checkpoints"][0]["consistency"], "application-consistent");
+    assert_eq!(l["checkpoints"][2]["consistency"], "saved-state");
+    assert_eq!(l["current"], three);
+    wait_writes(&host, "app", after + 10);
+
+    // Apply "one" to the running VM: it is turned off and its disk holds exactly the
+    // writes up to the first freeze.
+    let out = host.ferry_ok(&["checkpoint", "apply", "app", "one"]);
+    assert!(out.contains("is at checkpoint \"one\" and off"), "{out}");
+    assert_eq!(host.vm_state("app"), "off");
+    assert_eq!(disk_seq(&vm_disk(&host, "app")), f1);
+    assert_eq!(list(&host, "app")["current"], one);
+
+    // A checkpoint of the VM while off hangs under "one": a branch.
+    let out = host.ferry_ok(&["checkpoint", "create", "app", "four"]);
+    assert!(out.contains("taken while the VM was off"), "{out}");
+    let l = list(&host, "app");
+    let four = cp_id(&l, "four");
+    assert_eq!(l["checkpoints"][3]["parent_id"], one);
+    let tree = host.ferry_ok(&["checkpoint", "list", "app"]);
+    assert!(
+        tree.contains("one [")
+            && tree.contains("\n  two [")
+            && tree.contains("\n    three [")
+            && tree.contains("\n  four [")
+            && tree.contains("\n    Now"),
+        "{tree}"
+    );
+
+    // Delete "two": "three" (below it) moves up to "one" and stays applicable.
+    host.ferry_ok(&["checkpoint", "delete", "app", "two"]);
+    let l = list(&host, "app");
+    assert_eq!(names(&l), ["one", "three", "four"]);
+    assert_eq!(l["checkpoints"][1]["parent_id"], one);
+
+    // Apply the standard checkpoint: the guest resumes its write sequence where it was
+    // (no new boot), on a disk that matches its memory.
+    let log_len = host.console("app").len();
+    let out = host.ferry_ok(&["checkpoint", "apply", "app", "three"]);
+    assert!(out.contains("resumed from checkpoint \"three\""), "{out}");
+    assert_eq!(host.vm_state("app"), "running");
+    let tail = |h: &Host| h.console("app")[log_len..].to_owned();
+    wait_for("writes after resuming", Duration::from_secs(60), || {
+        parse_console(&tail(&host)).last_wrote_seq.is_some()
+    });
+    let resumed = tail(&host);
+    assert!(
+        !parse_console(&resumed).ready,
+        "the guest booted again:\n{resumed}"
+    );
+    let first = resumed
+        .lines()
+        .find_map(|l| l.split("GUEST: WROTE seq=").nth(1))
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse::<u64>().ok())
+        .expect("a WROTE line");
+    assert!(
+        (before + 1..=after + 1).contains(&first),
+        "resumed at write {first}, the checkpoint was taken between writes {before} and {after}"
+    );
+    let n = wait_writes(&host, "app", first + 5);
+    host.ferry_ok(&["vm", "pause", "app"]);
+    let on_disk = disk_seq(&vm_disk(&host, "app"));
+    assert!(on_disk >= n, "{on_disk} < {n}");
+    host.ferry_ok(&["vm", "resume", "app"]);
+
+    // A subtree below "three": five (running) and six; delete --subtree five.
+    production_checkpoint(&host, "app", "five");
+    production_checkpoint(&host, "app", "six");
+    let out = host.ferry_ok(&["checkpoint", "delete", "app", "five", "--subtree"]);
+    assert!(out.contains("and the 1 below it deleted"), "{out}");
+    assert_eq!(names(&list(&host, "app")), ["one", "three", "four"]);
+    // "four" is still applicable and holds exactly the first freeze's writes.
+    host.ferry_ok(&["checkpoint", "apply", "app", "four"]);
+    assert_eq!(disk_seq(&vm_disk(&host, "app")), f1);
+    assert_eq!(list(&host, "app")["current"], four);
+
+    // Rename; bad renames change nothing.
+    host.ferry_ok(&["checkpoint", "rename", "app", "four", "four renamed"]);
+    let e = host.ferry_err(&["checkpoint", "rename", "app", "four renamed", ""]);
+    assert!(e.contains("cannot be empty"), "{e}");
+    let e = host.ferry_err(&["checkpoint", "rename", "app", "nosuch", "x"]);
+    assert!(e.contains("has no checkpoint \"nosuch\""), "{e}");
+    let e = host.ferry_err(&["checkpoint", "apply", "app", "nosuch"]);
+    assert!(e.contains("has no checkpoint \"nosuch\""), "{e}");
+    assert_eq!(names(&list(&host, "app")), ["one", "three", "four renamed"]);
+    assert_eq!(list(&host, "app")["current"], four);
+
+    // Export "three" and import it as a new VM: its disk is the checkpoint's, and it boots.
+    let export = host.dir.path().join("export-three");
+    let out = host.ferry_ok(&[
+        "checkpoint",
+        "export",
+        "app",
+        "three",
+        export.to_str().unwrap(),
+    ]);
+    assert!(out.contains("ferry vm import"), "{out}");
+    let e = host.ferry_err(&[
+        "checkpoint",
+        "export",
+        "app",
+        "three",
+        export.to_str().unwrap(),
+    ]);
+    assert!(e.contains("is not empty"), "{e}");
+    let exported = disk_seq(&export.join("disk0.qcow2"));
+    assert!((before..=after + 1).contains(&exported), "{exported}");
+    let e = host.ferry_err(&["vm", "import", host.dir.path().to_str().unwrap()]);
+    assert!(e.contains("is not a Ferry export"), "{e}");
+    host.ferry_ok(&["vm", "import", export.to_str().unwrap(), "--name", "copy"]);
+    assert_eq!(disk_seq(&vm_disk(&host, "copy")), exported);
+    host.ferry_ok(&["vm", "start", "copy"]);
+    host.wait_console(
+        "copy",
+        Duration::from_secs(60),
+        "the imported VM boots and writes",
+        |c| {
+            let r = parse_console(c);
+            r.ready && r.last_wrote_seq.is_some()
+        },
+    );
+    host.ferry_ok(&["vm", "stop", "copy"]);
+    assert!(names(&list(&host, "copy")).is_empty());
+
+    // Another checkpoint operation running: apply is refused, nothing changes. A long
+    // export (1 GiB of data) is the operation.
+    let big = host.dir.path().join("big.qcow2");
+    let big_s = big.to_str().unwrap();
+    run(&["qemu-img", "create", "-q", "-f", "qcow2", big_s, "1G"]);
+    run(&["qemu-io", "-c", "write -P 7 0 1G", big_s]);
+    host.ferry_ok(&["vm", "create", "big", "--memory", "64M", "--disk", big_s]);
+    host.ferry_ok(&["checkpoint", "create", "big", "full"]);
+    let big_export = host.dir.path().join("export-big");
+    let exporting = {
+        let mut cli = host.ferry_cmd(&[
+            "checkpoint",
+            "export",
+            "big",
+            "full",
+            big_export.to_str().unwrap(),
+        ]);
+        std::thread::spawn(move || cli.output().unwrap())
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !big_export.join("disk0.qcow2").exists() {
+        assert!(Instant::now() < deadline, "the export did not start");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let e = host.ferry_err(&["checkpoint", "apply", "big", "full"]);
+    assert!(
+        e.contains("another checkpoint operation (export) is running on VM big"),
+        "{e}"
+    );
+    let done = exporting.join().unwrap();
+    assert!(
+        done.status.success(),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    assert_eq!(
+        list(&host, "big")["current"],
+        cp_id(&list(&host, "big"), "full")
+    );
+    assert!(big_export.join("ferry-export.json").exists());
+}
+
+fn run(args: &[&str]) {
+    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
