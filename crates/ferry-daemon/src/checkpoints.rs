@@ -33,6 +33,9 @@ use tracing::{info, warn};
 use crate::error::ApiFailure;
 use crate::replication::{self, failover::reverse_extra_key};
 
+/// The unit in which an apply's changes are found and shipped: the guest block size (a
+/// qcow2 cluster, 64 KiB, would ship up to 16 times the bytes of scattered 4 KiB writes).
+const DIFF_UNIT: u64 = 4096;
 /// Hyper-V's limit per VM.
 pub const MAX_CHECKPOINTS: usize = 50;
 /// Hyper-V's limit on a checkpoint name.
@@ -434,7 +437,7 @@ impl Checkpoints {
         let mut unknown: Option<String> = None;
         if replicated {
             for (i, d) in disks.iter().enumerate() {
-                match qcow2::changed_since_snapshot(d, &target.tag) {
+                match qcow2::changed_since_snapshot(d, &target.tag, DIFF_UNIT) {
                     Ok(ranges) => changed.extend(ranges.into_iter().map(|(o, l)| (i, o, l))),
                     Err(e) => unknown = Some(e.to_string()),
                 }
