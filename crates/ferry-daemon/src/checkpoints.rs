@@ -459,6 +459,19 @@ impl Checkpoints {
                     d.display()
                 ));
             }
+            // The relationship's current generation must be among the bitmaps kept: if
+            // QEMU was killed before it ever stored it, the record of unsent writes is gone.
+            if let Some(r) = rel.as_ref().filter(|r| {
+                replicated && !r.settings.excluded_disks.contains(&i) && unknown.is_none()
+            }) {
+                let current = replication::primary::generation_name(r.generation);
+                if !applied.stashed.iter().any(|b| b.name == current) {
+                    unknown = Some(format!(
+                        "the change tracking of {} was lost (QEMU was killed or crashed)",
+                        d.display()
+                    ));
+                }
+            }
             stashes.push((scratch, applied.stashed));
         }
         self.shared
@@ -839,6 +852,7 @@ async fn rearm(
         .await
         .map_err(fail)?;
         let _ = std::fs::remove_file(stash);
+        info!(node = %node, bitmaps = bitmaps.len(), "change tracking restored on the resumed VM");
     }
     Ok(())
 }

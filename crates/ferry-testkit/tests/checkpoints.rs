@@ -412,6 +412,39 @@ fn checkpoints_on_a_replicated_vm_keep_the_replica_consistent() {
     identical(&layer(&p), &vm_disk(&a, "app"));
     assert_eq!(status(&a, "app")["state"], "replicating");
 
+    // A standard checkpoint of the replicated VM, applied while it runs: the VM resumes
+    // from its saved state with change tracking re-armed before its vCPUs run, so
+    // replication goes on with deltas and the replica still ends byte-identical.
+    a.ferry_ok(&["vm", "start", "app"]);
+    wait_writes(&a, "app", 5);
+    let out = a.ferry_ok(&["checkpoint", "create", "app", "saved", "--standard"]);
+    assert!(out.contains("memory and device state saved"), "{out}");
+    let seq = wait_writes(&a, "app", console_seq(&a, "app") + 20);
+    let out = a.ferry_ok(&["checkpoint", "apply", "app", "saved"]);
+    assert!(
+        out.contains("resumed from checkpoint \"saved\"") && out.contains("no resynchronization"),
+        "{out}"
+    );
+    assert!(a
+        .log_text()
+        .contains("change tracking restored on the resumed VM"));
+    let cycle = status(&a, "app")["last_cycle"].as_i64().unwrap();
+    point_after(&b, "app", cycle + 1);
+    a.ferry_ok(&["vm", "stop", "app"]);
+    let cycle = status(&a, "app")["last_cycle"].as_i64().unwrap();
+    let p = point_after(&b, "app", cycle);
+    let st = status(&a, "app");
+    assert_eq!(st["state"], "replicating", "{st}");
+    assert!(
+        points(&b, "app")
+            .iter()
+            .all(|p| p["kind"] == "delta" || p["kind"] == "initial"),
+        "a resync happened"
+    );
+    identical(&layer(&p), &vm_disk(&a, "app"));
+    assert!(disk_seq(&vm_disk(&a, "app")) > 0);
+    assert!(seq > 0);
+
     // Applying after QEMU was killed (its change tracking is inconsistent): what differs
     // from the replica cannot be known, so the relationship asks for a resync, clearly.
     a.ferry_ok(&["vm", "start", "app"]);
