@@ -366,6 +366,7 @@ impl Checkpoints {
             "checkpoint {:?} (id {}) of VM {vm} taken: {kind}, {note}",
             cp.name, cp.id
         );
+        self.shared.events.emit(vm, "checkpoint_created", &message);
         Ok((info(&cp), message))
     }
 
@@ -523,16 +524,13 @@ impl Checkpoints {
                 }
                 (None, false) => {}
             }
-            self.shared.events.emit(
-                &vm,
-                "checkpoint_applied",
-                &format!(
-                    "checkpoint {:?} applied to the replicated VM; {}",
-                    target.name,
-                    notes.last().map(String::as_str).unwrap_or("")
-                ),
-            );
         }
+        let mut event = format!("checkpoint {:?} applied", target.name);
+        for n in &notes {
+            event.push_str("; ");
+            event.push_str(n);
+        }
+        self.shared.events.emit(&vm, "checkpoint_applied", &event);
 
         let reply = if target.with_memory {
             let nodes_stashes: Vec<(String, PathBuf, Vec<ferry_qemu::cbt::OfflineBitmap>)> =
@@ -662,6 +660,7 @@ impl Checkpoints {
                 doomed.len() - 1
             )
         };
+        self.shared.events.emit(&vm, "checkpoint_deleted", &message);
         Ok(ActionReply {
             state: row.state,
             message,

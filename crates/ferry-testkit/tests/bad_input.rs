@@ -118,6 +118,41 @@ fn bad_requests_are_refused_with_one_line_and_change_nothing() {
         (&["vm", "stop", "existing"], "already off"),
         (&["vm", "pause", "existing"], "already off"),
         (&["vm", "console", "existing"], "no QEMU process"),
+        (&["checkpoint", "create", "ghost"], "no VM named \"ghost\""),
+        (
+            &["checkpoint", "create", "existing", &"n".repeat(101)],
+            "at most 100 characters",
+        ),
+        (
+            &["checkpoint", "create", "existing", " "],
+            "cannot be empty",
+        ),
+        (
+            &["checkpoint", "apply", "existing", "nosuch"],
+            "has no checkpoint \"nosuch\"",
+        ),
+        (
+            &["checkpoint", "delete", "existing", "42", "--subtree"],
+            "has no checkpoint \"42\"",
+        ),
+        (
+            &["checkpoint", "rename", "existing", "nosuch", "x"],
+            "has no checkpoint \"nosuch\"",
+        ),
+        (
+            &[
+                "checkpoint",
+                "export",
+                "existing",
+                "nosuch",
+                "/tmp/ferry-never",
+            ],
+            "has no checkpoint \"nosuch\"",
+        ),
+        (
+            &["vm", "import", "/nonexistent/export"],
+            "is not a Ferry export",
+        ),
         (
             &["--host", "nosuchhost", "vm", "list"],
             "unknown host \"nosuchhost\"",
@@ -146,6 +181,75 @@ fn bad_requests_are_refused_with_one_line_and_change_nothing() {
     // The API refuses malformed JSON and unknown fields the same way.
     let r = host.ferry(&["vm", "list"]);
     assert_eq!(r.code, 0);
+    let api = |method: &str, path: &str, body: &str| -> (u16, serde_json::Value) {
+        let out = Command::new("curl")
+            .args(["-s", "-o", "-", "-w", "\n%{http_code}", "--unix-socket"])
+            .arg(&host.socket)
+            .args([
+                "-X",
+                method,
+                "-H",
+                "content-type: application/json",
+                "-d",
+                body,
+            ])
+            .arg(format!("http://ferryd{path}"))
+            .output()
+            .expect("curl");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (json, code) = text.rsplit_once('\n').expect("status line");
+        (
+            code.parse().unwrap(),
+            serde_json::from_str(json).unwrap_or_default(),
+        )
+    };
+    for (method, path, body, want) in [
+        (
+            "POST",
+            "/v1/vms/existing/checkpoints",
+            r#"{"kind":"weird"}"#,
+            "unknown variant",
+        ),
+        (
+            "POST",
+            "/v1/vms/existing/checkpoints",
+            r#"{"nme":"x"}"#,
+            "unknown field",
+        ),
+        ("POST", "/v1/vms/existing/checkpoints", "{", "EOF"),
+        (
+            "POST",
+            "/v1/vms/existing/checkpoints/1/frobnicate",
+            "{}",
+            "no checkpoint action",
+        ),
+        (
+            "POST",
+            "/v1/vms/existing/checkpoints/1/rename",
+            "{}",
+            "missing field",
+        ),
+        (
+            "POST",
+            "/v1/vms/import",
+            r#"{"dir":"relative"}"#,
+            "absolute path",
+        ),
+        (
+            "DELETE",
+            "/v1/vms/existing/checkpoints/1?subtree=maybe",
+            "",
+            "subtree",
+        ),
+    ] {
+        let (code, err) = api(method, path, body);
+        let msg = err["message"].as_str().unwrap_or_default();
+        assert!(
+            (400..500).contains(&code) && msg.contains(want) && !msg.contains('\n'),
+            "{method} {path} {body}: {code} {err}"
+        );
+        assert_eq!(snapshot(&host), before, "{method} {path} changed something");
+    }
 
     // A good import works and copies the image as qcow2 of the same size.
     host.ferry_ok(&[

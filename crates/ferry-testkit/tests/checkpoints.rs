@@ -212,6 +212,12 @@ fn checkpoints_create_apply_delete_export_on_a_real_guest() {
     assert_eq!(disk_seq(&vm_disk(&host, "app")), f1);
     assert_eq!(list(&host, "app")["current"], four);
 
+    // Every step is in the event log.
+    let events = host.ferry_ok(&["events", "--vm", "app", "--last", "100"]);
+    for kind in ["checkpoint_created", "checkpoint_applied", "checkpoint_deleted"] {
+        assert!(events.contains(kind), "no {kind} event:\n{events}");
+    }
+
     // Rename; bad renames change nothing.
     host.ferry_ok(&["checkpoint", "rename", "app", "four", "four renamed"]);
     let e = host.ferry_err(&["checkpoint", "rename", "app", "four renamed", ""]);

@@ -82,6 +82,8 @@ pub fn event_code(kind: &str) -> (u32, &'static str) {
         "test_failover_started" => (1100, "info"),
         "test_failover_stopped" => (1101, "info"),
         "checkpoint_applied" => (1120, "warning"),
+        "checkpoint_created" => (1121, "info"),
+        "checkpoint_deleted" => (1122, "info"),
         _ => (1999, "info"),
     }
 }
