@@ -535,6 +535,9 @@ pub struct CheckpointList {
     pub current: Option<i64>,
     /// Every checkpoint, oldest first.
     pub checkpoints: Vec<CheckpointInfo>,
+    /// The long checkpoint operation running on the VM (`exporting`), if any.
+    #[serde(default)]
+    pub progress: Option<Progress>,
 }
 
 /// `POST /v1/vms/{name}/checkpoints/{cp}/apply`.

@@ -2,6 +2,8 @@
 //! of an exported one.
 
 use std::collections::BTreeMap;
+use std::io::IsTerminal;
+use std::time::Duration;
 
 use clap::Subcommand;
 use ferry_api_types::{
@@ -10,6 +12,8 @@ use ferry_api_types::{
 use ferry_client::Client;
 
 use crate::output::Output;
+use crate::replication::draw_progress;
+use crate::Format;
 use crate::{encode_segment, vm_path};
 
 #[derive(Subcommand)]
@@ -159,12 +163,31 @@ pub async fn checkpoint(client: &Client, cmd: CheckpointCmd, out: &Output) -> an
             out.progress(&format!(
                 "Exporting checkpoint {checkpoint} of {vm} to {dir}…"
             ));
-            client
-                .post(
-                    &cp_path(&vm, &checkpoint, "/export"),
-                    &serde_json::json!({ "dir": dir }),
-                )
-                .await?
+            let body = serde_json::json!({ "dir": dir });
+            let path = cp_path(&vm, &checkpoint, "/export");
+            let export = client.post::<_, ActionReply>(&path, &body);
+            tokio::pin!(export);
+            // A progress bar on a terminal, from the VM's checkpoint list, while it runs.
+            let tty = out.format() == Format::Text && std::io::stderr().is_terminal();
+            let mut drawn = false;
+            loop {
+                tokio::select! {
+                    r = &mut export => {
+                        if drawn {
+                            eprintln!();
+                        }
+                        break r?;
+                    }
+                    _ = tokio::time::sleep(Duration::from_millis(300)), if tty => {
+                        let list: Result<CheckpointList, _> =
+                            client.get(&vm_path(&vm, "/checkpoints")).await;
+                        if let Some(p) = list.ok().and_then(|l| l.progress) {
+                            draw_progress(&p);
+                            drawn = true;
+                        }
+                    }
+                }
+            }
         }
     };
     out.action(&reply);

@@ -714,7 +714,7 @@ pub async fn events(
 }
 
 /// One progress line, redrawn in place on stderr.
-fn draw_progress(p: &Progress) {
+pub(crate) fn draw_progress(p: &Progress) {
     let filled = p.percent as usize * 30 / 100;
     eprint!(
         "\r{:<9} [{}{}] {:>3}% {} / {}   ",

@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use ferry_api_types::{
     ActionReply, CheckpointCreateRequest, CheckpointInfo, CheckpointKind, CheckpointList,
-    DiskRequest, NicRequest, VmCreateRequest, VmImportRequest, VmInfo,
+    DiskRequest, NicRequest, Progress, VmCreateRequest, VmImportRequest, VmInfo,
 };
 use ferry_domain::{Boot, NicKind, ReplicationState, Role, VmName, VmSpec, VmState};
 use ferry_qemu::qmp::{self, Qmp, Transaction, TransactionAction};
@@ -62,6 +62,43 @@ struct ExportManifest {
 pub struct Checkpoints {
     shared: Arc<replication::Shared>,
     busy: Mutex<HashMap<String, &'static str>>,
+    /// Progress of the long operation running on a VM (export), for the API.
+    progress: Mutex<HashMap<String, Progress>>,
+}
+
+/// Shows a VM's operation progress in the API until dropped.
+struct ProgressGuard<'a> {
+    map: &'a Mutex<HashMap<String, Progress>>,
+    vm: String,
+}
+
+impl<'a> ProgressGuard<'a> {
+    fn start(
+        map: &'a Mutex<HashMap<String, Progress>>,
+        vm: &VmName,
+        phase: &str,
+        total: u64,
+    ) -> Self {
+        map.lock().expect("progress").insert(
+            vm.to_string(),
+            Progress {
+                phase: phase.into(),
+                done_bytes: 0,
+                total_bytes: total,
+                percent: 0,
+            },
+        );
+        Self {
+            map,
+            vm: vm.to_string(),
+        }
+    }
+}
+
+impl Drop for ProgressGuard<'_> {
+    fn drop(&mut self) {
+        self.map.lock().expect("progress").remove(&self.vm);
+    }
 }
 
 /// Marks a VM busy with a checkpoint operation until dropped.
@@ -178,7 +215,15 @@ impl Checkpoints {
         Arc::new(Self {
             shared,
             busy: Mutex::new(HashMap::new()),
+            progress: Mutex::new(HashMap::new()),
         })
+    }
+
+    fn set_progress(&self, vm: &VmName, done: u64) {
+        if let Some(p) = self.progress.lock().expect("progress").get_mut(vm.as_str()) {
+            p.done_bytes = done.min(p.total_bytes);
+            p.percent = (p.done_bytes * 100).checked_div(p.total_bytes).unwrap_or(0) as u8;
+        }
     }
 
     fn begin(&self, vm: &VmName, what: &'static str) -> Result<Busy<'_>, ApiFailure> {
@@ -232,6 +277,12 @@ impl Checkpoints {
         Ok(CheckpointList {
             vm: vm.to_string(),
             current: self.shared.store.checkpoint_position(row.id)?,
+            progress: self
+                .progress
+                .lock()
+                .expect("progress")
+                .get(vm.as_str())
+                .cloned(),
             checkpoints: self
                 .shared
                 .store
@@ -695,11 +746,19 @@ impl Checkpoints {
             Err(e) => return Err(ApiFailure::invalid(format!("cannot use {dir}: {e}"))),
         }
         let disks = self.shared.vms.disk_paths(&row);
+        let total: u64 = row.spec.disks.iter().map(|d| d.size_bytes).sum();
+        let _progress = ProgressGuard::start(&self.progress, &vm, "exporting", total);
         let mut written = 0u64;
+        let mut before = 0u64;
         for (i, d) in disks.iter().enumerate() {
             let out = dir_path.join(format!("disk{i}.qcow2"));
-            if let Err(e) = snapshot::export(&self.shared.cfg.qemu_img, d, &target.tag, &out).await
-            {
+            let size = row.spec.disks[i].size_bytes;
+            let exported = snapshot::export(&self.shared.cfg.qemu_img, d, &target.tag, &out, |f| {
+                self.set_progress(&vm, before + (f * size as f64) as u64)
+            })
+            .await;
+            before += size;
+            if let Err(e) = exported {
                 for j in 0..=i {
                     let _ = std::fs::remove_file(dir_path.join(format!("disk{j}.qcow2")));
                 }

@@ -283,21 +283,21 @@ async fn copy_bitmap(
 }
 
 /// Writes internal snapshot `tag` of `image` as a new standalone qcow2 `out` (also while
-/// the VM runs: a snapshot's clusters never change).
+/// the VM runs: a snapshot's clusters never change). `progress` gets the fraction done,
+/// 0.0–1.0, as qemu-img reports it.
 pub async fn export(
     binary: &Path,
     image: &Path,
     tag: &str,
     out: &Path,
+    mut progress: impl FnMut(f64),
 ) -> Result<(), SnapshotError> {
+    use tokio::io::AsyncReadExt;
     let source = format!("snapshot.name={tag}");
-    qemu_img(
-        binary,
-        "convert",
-        image,
-        &[
+    let mut child = tokio::process::Command::new(binary)
+        .args([
             OsStr::new("convert"),
-            OsStr::new("-q"),
+            OsStr::new("-p"),
             OsStr::new("-U"),
             OsStr::new("-l"),
             OsStr::new(&source),
@@ -305,10 +305,68 @@ pub async fn export(
             OsStr::new("qcow2"),
             image.as_os_str(),
             out.as_os_str(),
-        ],
-    )
-    .await
-    .map(|_| ())
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|source| SnapshotError::Run {
+            binary: binary.into(),
+            source,
+        })?;
+    let mut stdout = child.stdout.take().expect("piped stdout");
+    let mut stderr = child.stderr.take().expect("piped stderr");
+    let errors = tokio::spawn(async move {
+        let mut buf = Vec::new();
+        let _ = stderr.read_to_end(&mut buf).await;
+        buf
+    });
+    // qemu-img -p prints "    (12.50/100%)\r" as it goes.
+    let mut pending = Vec::new();
+    let mut chunk = [0u8; 512];
+    loop {
+        let n = stdout.read(&mut chunk).await.unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        pending.extend_from_slice(&chunk[..n]);
+        while let Some(end) = pending.iter().position(|&b| b == b'\r' || b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=end).collect();
+            if let Some(f) = parse_progress(&String::from_utf8_lossy(&line)) {
+                progress(f);
+            }
+        }
+    }
+    let status = child.wait().await.map_err(|source| SnapshotError::Run {
+        binary: binary.into(),
+        source,
+    })?;
+    let stderr = errors.await.unwrap_or_default();
+    if !status.success() {
+        let _ = tokio::fs::remove_file(out).await;
+        let stderr = one_line(&stderr);
+        return Err(SnapshotError::Tool {
+            action: "convert".into(),
+            image: image.into(),
+            stderr: if stderr.is_empty() {
+                format!("exited with {status}")
+            } else {
+                stderr
+            },
+        });
+    }
+    progress(1.0);
+    Ok(())
+}
+
+/// `"    (12.50/100%)"` → 0.125.
+fn parse_progress(line: &str) -> Option<f64> {
+    let inner = line.trim().strip_prefix('(')?.strip_suffix("/100%)")?;
+    inner
+        .parse::<f64>()
+        .ok()
+        .map(|p| (p / 100.0).clamp(0.0, 1.0))
 }
 
 #[cfg(test)]
@@ -330,6 +388,13 @@ mod tests {
     /// A real image with two bitmap generations (one disabled): apply reverts the data and
     /// keeps both bitmaps with their bits, granularity and flags; export writes the
     /// snapshot's content.
+    #[test]
+    fn progress_lines_parse() {
+        assert_eq!(parse_progress("    (12.50/100%)\r"), Some(0.125));
+        assert_eq!(parse_progress("    (100.00/100%)"), Some(1.0));
+        assert_eq!(parse_progress("garbage"), None);
+    }
+
     #[tokio::test]
     async fn apply_reverts_data_and_keeps_bitmaps() {
         let qi = Path::new("qemu-img");
@@ -383,7 +448,12 @@ mod tests {
             "{map}"
         );
         let out = dir.path().join("exported.qcow2");
-        export(qi, &img, "cp", &out).await.unwrap();
+        let mut seen = Vec::new();
+        export(qi, &img, "cp", &out, |f| seen.push(f))
+            .await
+            .unwrap();
+        assert_eq!(seen.last(), Some(&1.0), "{seen:?}");
+        assert!(seen.windows(2).all(|w| w[0] <= w[1]), "{seen:?}");
         run(&["qemu-img", "compare", "-q", p, out.to_str().unwrap()]);
         assert_eq!(list(qi, &img).await.unwrap()[0].name, "cp");
         delete(qi, &img, "cp").await.unwrap();

@@ -214,7 +214,11 @@ fn checkpoints_create_apply_delete_export_on_a_real_guest() {
 
     // Every step is in the event log.
     let events = host.ferry_ok(&["events", "--vm", "app", "--last", "100"]);
-    for kind in ["checkpoint_created", "checkpoint_applied", "checkpoint_deleted"] {
+    for kind in [
+        "checkpoint_created",
+        "checkpoint_applied",
+        "checkpoint_deleted",
+    ] {
         assert!(events.contains(kind), "no {kind} event:\n{events}");
     }
 
@@ -295,6 +299,13 @@ fn checkpoints_create_apply_delete_export_on_a_real_guest() {
         e.contains("another checkpoint operation (export) is running on VM big"),
         "{e}"
     );
+    // The API shows the export's progress meanwhile.
+    let mut progress = Value::Null;
+    while progress.is_null() && !exporting.is_finished() {
+        progress = list(&host, "big")["progress"].clone();
+    }
+    assert_eq!(progress["phase"], "exporting", "{progress}");
+    assert_eq!(progress["total_bytes"], 1u64 << 30, "{progress}");
     let done = exporting.join().unwrap();
     assert!(
         done.status.success(),
@@ -306,6 +317,29 @@ fn checkpoints_create_apply_delete_export_on_a_real_guest() {
         cp_id(&list(&host, "big"), "full")
     );
     assert!(big_export.join("ferry-export.json").exists());
+    assert!(list(&host, "big")["progress"].is_null());
+
+    // On a terminal, the CLI draws a progress bar while the export runs.
+    let tty_export = host.dir.path().join("export-big-tty");
+    let ferry = ferry_testkit::bin_dir().join("ferry");
+    let out = Command::new("script")
+        .args(["-qec"])
+        .arg(format!(
+            "{} checkpoint export big full {}",
+            ferry.display(),
+            tty_export.display()
+        ))
+        .arg("/dev/null")
+        .env("FERRY_SOCKET", &host.socket)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("exporting [#") && text.contains("%"),
+        "{text}"
+    );
+    assert!(text.contains("exported to"), "{text}");
 }
 
 fn run(args: &[&str]) {
