@@ -1680,6 +1680,19 @@ async fn run_tool(binary: &Path, args: &[&OsStr]) -> Result<std::process::Output
         })
 }
 
+/// Whether an NBD server on `socket` sends its greeting (`NBDMAGIC`).
+async fn nbd_greets(socket: &Path) -> bool {
+    use tokio::io::AsyncReadExt;
+    let Ok(mut stream) = UnixStream::connect(socket).await else {
+        return false;
+    };
+    let mut magic = [0u8; 8];
+    matches!(
+        tokio::time::timeout(Duration::from_secs(2), stream.read_exact(&mut magic)).await,
+        Ok(Ok(_)) if &magic == b"NBDMAGIC"
+    )
+}
+
 fn failure_text(out: &std::process::Output) -> String {
     let stderr = one_line(&out.stderr);
     if stderr.is_empty() {
@@ -1775,7 +1788,10 @@ impl OfflineExport {
                     },
                 });
             }
-            if UnixStream::connect(socket).await.is_ok() {
+            // qemu-nbd listens before it has opened the image and checked the bitmap: only
+            // its greeting says the export is ready (an inconsistent bitmap makes it exit
+            // instead, caught above on the next turn).
+            if nbd_greets(socket).await {
                 break;
             }
             if Instant::now() >= deadline {
