@@ -207,10 +207,36 @@ fn checkpoints_create_apply_delete_export_on_a_real_guest() {
     let out = host.ferry_ok(&["checkpoint", "delete", "app", "five", "--subtree"]);
     assert!(out.contains("and the 1 below it deleted"), "{out}");
     assert_eq!(names(&list(&host, "app")), ["one", "three", "four"]);
-    // "four" is still applicable and holds exactly the first freeze's writes.
-    host.ferry_ok(&["checkpoint", "apply", "app", "four"]);
+    // "four" is still applicable and holds exactly the first freeze's writes. Applied with
+    // --checkpoint-first, the running state is saved first, under Hyper-V's default name,
+    // below "three" (where the VM was).
+    let running_seq = console_seq(&host, "app");
+    let out = host.ferry_ok(&["checkpoint", "apply", "app", "four", "--checkpoint-first"]);
+    assert!(
+        out.contains("the state before was saved as checkpoint \"app ("),
+        "{out}"
+    );
     assert_eq!(disk_seq(&vm_disk(&host, "app")), f1);
-    assert_eq!(list(&host, "app")["current"], four);
+    let l = list(&host, "app");
+    assert_eq!(l["current"], four);
+    let saved = &l["checkpoints"][3];
+    let saved_name = saved["name"].as_str().unwrap().to_owned();
+    assert_eq!(saved["parent_id"], three, "{l}");
+    // "app (MM/DD/YYYY - hh:mm:ss AM/PM)"
+    let stamp = saved_name
+        .strip_prefix("app (")
+        .unwrap()
+        .strip_suffix(')')
+        .unwrap();
+    let b = stamp.as_bytes();
+    assert!(
+        stamp.len() == 24
+            && b[2] == b'/'
+            && b[5] == b'/'
+            && &stamp[10..13] == " - "
+            && (stamp.ends_with("AM") || stamp.ends_with("PM")),
+        "{saved_name}"
+    );
 
     // Every step is in the event log.
     let events = host.ferry_ok(&["events", "--vm", "app", "--last", "100"]);
@@ -230,8 +256,15 @@ fn checkpoints_create_apply_delete_export_on_a_real_guest() {
     assert!(e.contains("has no checkpoint \"nosuch\""), "{e}");
     let e = host.ferry_err(&["checkpoint", "apply", "app", "nosuch"]);
     assert!(e.contains("has no checkpoint \"nosuch\""), "{e}");
-    assert_eq!(names(&list(&host, "app")), ["one", "three", "four renamed"]);
+    assert_eq!(
+        names(&list(&host, "app")),
+        ["one", "three", "four renamed", saved_name.as_str()]
+    );
     assert_eq!(list(&host, "app")["current"], four);
+
+    // The checkpoint saved before that apply holds the state the VM had then.
+    host.ferry_ok(&["checkpoint", "apply", "app", &saved_name]);
+    assert!(disk_seq(&vm_disk(&host, "app")) >= running_seq);
 
     // Export "three" and import it as a new VM: its disk is the checkpoint's, and it boots.
     let export = host.dir.path().join("export-three");
