@@ -484,6 +484,20 @@ impl Checkpoints {
             .as_ref()
             .is_some_and(|r| r.role == Role::Primary && r.generation > 0);
 
+        // Every disk must hold the checkpoint before any is touched: a half-applied VM
+        // (some disks reverted, some not) would be worse than none.
+        for d in &disks {
+            let tags = snapshot::list(qemu_img, d)
+                .await
+                .map_err(|e| qemu_err(&vm, "reading the disk's snapshots", e))?;
+            if !tags.iter().any(|t| t.name == target.tag) {
+                return Err(ApiFailure::conflict(format!(
+                    "checkpoint {:?} is missing from {} (the disk was replaced or edited outside Ferry); nothing was changed — delete the checkpoint",
+                    target.name,
+                    d.display()
+                )));
+            }
+        }
         // What the apply changes, per disk, before it happens.
         let mut changed: Vec<(usize, u64, u64)> = Vec::new();
         let mut unknown: Option<String> = None;

@@ -385,6 +385,29 @@ fn checkpoints_create_apply_delete_export_on_a_real_guest() {
         text.contains("exporting [#") && text.contains('%')
     });
     assert!(bar, "no progress bar was drawn");
+
+    // A checkpoint removed from the disk outside Ferry: apply refuses, the disk is kept.
+    let disk = vm_disk(&host, "big");
+    run(&["qemu-io", "-c", "write -P 9 0 64k", disk.to_str().unwrap()]);
+    let tag = String::from_utf8(
+        Command::new("qemu-img")
+            .args(["snapshot", "-l", disk.to_str().unwrap()])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap()
+    .split_whitespace()
+    .find(|w| w.starts_with("ferry-cp-"))
+    .expect("the checkpoint's internal snapshot")
+    .to_owned();
+    run(&["qemu-img", "snapshot", "-d", &tag, disk.to_str().unwrap()]);
+    let e = host.ferry_err(&["checkpoint", "apply", "big", "full"]);
+    assert!(
+        e.contains("is missing from") && e.contains("nothing was changed"),
+        "{e}"
+    );
+    run(&["qemu-io", "-c", "read -P 9 0 64k", disk.to_str().unwrap()]);
 }
 
 fn run(args: &[&str]) {
