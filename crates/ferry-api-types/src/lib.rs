@@ -12,7 +12,7 @@
 //! | POST | `/v1/vms/{name}/shutdown` | [`ShutdownRequest`] → [`ActionReply`] |
 //! | GET | `/v1/vms/{name}/console/log?offset=N` | → [`ConsoleLog`] |
 //! | GET | `/v1/vms/{name}/console` | HTTP upgrade `ferry-console` → raw serial stream |
-//! | POST | `/v1/vms/import` | [`VmImportRequest`] → [`VmInfo`] |
+//! | POST | `/v1/import` | [`VmImportRequest`] → [`VmInfo`] |
 //! | GET | `/v1/vms/{name}/checkpoints` | → [`CheckpointList`] |
 //! | POST | `/v1/vms/{name}/checkpoints` | [`CheckpointCreateRequest`] → [`CheckpointCreated`] |
 //! | POST | `/v1/vms/{name}/checkpoints/{cp}/apply` | [`CheckpointApplyRequest`] → [`ActionReply`] |

@@ -205,7 +205,7 @@ pub async fn import(
     out.progress(&format!("Importing {dir}…"));
     let vm: VmInfo = client
         .post(
-            "/v1/vms/import",
+            "/v1/import",
             &serde_json::json!({ "dir": dir, "name": name }),
         )
         .await?;

@@ -47,7 +47,7 @@ pub fn router(state: Shared) -> Router {
     Router::new()
         .route("/v1/server", get(server_info))
         .route("/v1/vms", get(list_vms).post(create_vm))
-        .route("/v1/vms/import", post(import_vm))
+        .route("/v1/import", post(import_vm))
         .route("/v1/vms/{name}", get(show_vm).delete(delete_vm))
         .route(
             "/v1/vms/{name}/checkpoints",
@@ -503,6 +503,17 @@ async fn replication_request(
 
 type JsonBody<T> = Result<Json<T>, axum::extract::rejection::JsonRejection>;
 
+/// Runs a checkpoint operation to its end even if the client goes away: hyper drops a
+/// handler's future when its connection closes, which would stop an apply between two
+/// disks (or kill qemu-img mid-revert).
+async fn detached<T: Send + 'static>(
+    op: impl std::future::Future<Output = Result<T, ApiFailure>> + Send + 'static,
+) -> Result<T, ApiFailure> {
+    tokio::spawn(op)
+        .await
+        .map_err(|e| ApiFailure::internal(format!("the checkpoint operation failed: {e}")))?
+}
+
 fn body<T>(b: JsonBody<T>) -> Result<T, ApiFailure> {
     b.map(|Json(v)| v)
         .map_err(|e| ApiFailure::invalid(e.body_text()))
@@ -514,7 +525,10 @@ async fn import_vm(
 ) -> Result<(StatusCode, Json<VmInfo>), ApiFailure> {
     Ok((
         StatusCode::CREATED,
-        Json(s.checkpoints.import(body(req)?).await?),
+        Json({
+            let (c, req) = (s.checkpoints.clone(), body(req)?);
+            detached(async move { c.import(req).await }).await?
+        }),
     ))
 }
 
@@ -530,7 +544,8 @@ async fn create_checkpoint(
     Path(name): Path<String>,
     req: JsonBody<ferry_api_types::CheckpointCreateRequest>,
 ) -> Result<(StatusCode, Json<ferry_api_types::CheckpointCreated>), ApiFailure> {
-    let (checkpoint, message) = s.checkpoints.create(&name, body(req)?).await?;
+    let (c, req) = (s.checkpoints.clone(), body(req)?);
+    let (checkpoint, message) = detached(async move { c.create(&name, req).await }).await?;
     Ok((
         StatusCode::CREATED,
         Json(ferry_api_types::CheckpointCreated {
@@ -553,7 +568,10 @@ async fn delete_checkpoint(
     q: Result<Query<DeleteCheckpointQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<ActionReply> {
     let Query(q) = q.map_err(|e| ApiFailure::invalid(e.body_text()))?;
-    Ok(Json(s.checkpoints.delete(&name, &cp, q.subtree).await?))
+    let c = s.checkpoints.clone();
+    Ok(Json(
+        detached(async move { c.delete(&name, &cp, q.subtree).await }).await?,
+    ))
 }
 
 async fn checkpoint_action(
@@ -575,12 +593,9 @@ async fn checkpoint_action(
     Ok(match action.as_str() {
         "apply" => {
             let req: ferry_api_types::CheckpointApplyRequest = parse(&raw)?;
-            Json(
-                s.checkpoints
-                    .apply(&name, &cp, req.checkpoint_first)
-                    .await?,
-            )
-            .into_response()
+            let c = s.checkpoints.clone();
+            Json(detached(async move { c.apply(&name, &cp, req.checkpoint_first).await }).await?)
+                .into_response()
         }
         "rename" => {
             let req: ferry_api_types::CheckpointRenameRequest = parse_required(&raw)?;
@@ -588,7 +603,9 @@ async fn checkpoint_action(
         }
         "export" => {
             let req: ferry_api_types::CheckpointExportRequest = parse_required(&raw)?;
-            Json(s.checkpoints.export(&name, &cp, &req.dir).await?).into_response()
+            let c = s.checkpoints.clone();
+            Json(detached(async move { c.export(&name, &cp, &req.dir).await }).await?)
+                .into_response()
         }
         other => {
             return Err(ApiFailure::not_found(format!(

@@ -165,31 +165,36 @@ pub fn validate_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// The checkpoint with this id, or the only one with this name.
+/// The checkpoint with this id, or the only one with this name; a number that is both one
+/// checkpoint's id and another's name is ambiguous.
 fn resolve<'a>(
     list: &'a [CheckpointRow],
     vm: &VmName,
     cp: &str,
 ) -> Result<&'a CheckpointRow, ApiFailure> {
-    if let Ok(id) = cp.parse::<i64>() {
-        if let Some(c) = list.iter().find(|c| c.id == id) {
-            return Ok(c);
-        }
-    }
+    let by_id = cp
+        .parse::<i64>()
+        .ok()
+        .and_then(|id| list.iter().find(|c| c.id == id));
     let named: Vec<&CheckpointRow> = list.iter().filter(|c| c.name == cp).collect();
-    match named.as_slice() {
-        [one] => Ok(one),
-        [] => Err(ApiFailure::not_found(format!(
+    match (by_id, named.as_slice()) {
+        (Some(c), []) => Ok(c),
+        (Some(c), [n]) if n.id == c.id => Ok(c),
+        (None, [one]) => Ok(one),
+        (None, []) => Err(ApiFailure::not_found(format!(
             "VM {vm} has no checkpoint {cp:?}; see `ferry checkpoint list {vm}`"
         ))),
-        many => Err(ApiFailure::conflict(format!(
-            "{} checkpoints of VM {vm} are named {cp:?}; name one by its id (ids {})",
-            many.len(),
-            many.iter()
+        (by_id, many) => {
+            let ids: Vec<String> = by_id
+                .into_iter()
+                .chain(many.iter().copied())
                 .map(|c| c.id.to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
-        ))),
+                .collect();
+            Err(ApiFailure::conflict(format!(
+                "{cp:?} names several checkpoints of VM {vm} (ids {}); name one by an id no other checkpoint is named",
+                ids.join(", ")
+            )))
+        }
     }
 }
 
@@ -457,6 +462,22 @@ impl Checkpoints {
         self.check_replication(&vm, &row, "apply")?;
         Self::check_settled(&vm, &row)?;
         let target = resolve(&self.shared.store.checkpoints(row.id)?, &vm, cp)?.clone();
+        let qemu_img = &self.shared.cfg.qemu_img;
+        let disks = self.shared.vms.disk_paths(&row);
+        // Every disk must hold the checkpoint before anything happens (the VM is not even
+        // stopped): a half-applied VM would be worse than none. `-U` reads a running VM's.
+        for d in &disks {
+            let tags = snapshot::list(qemu_img, d)
+                .await
+                .map_err(|e| qemu_err(&vm, "reading the disk's snapshots", e))?;
+            if !tags.iter().any(|t| t.name == target.tag) {
+                return Err(ApiFailure::conflict(format!(
+                    "checkpoint {:?} is missing from {} (the disk was replaced or edited outside Ferry); nothing was changed — delete the checkpoint",
+                    target.name,
+                    d.display()
+                )));
+            }
+        }
         let mut notes = Vec::new();
         if checkpoint_first {
             let (first, _) = self
@@ -472,41 +493,60 @@ impl Checkpoints {
         }
         let _lock = self.shared.vms.lock_vm(&vm).await;
         let (_, row) = self.shared.vms.get(vm.as_str())?;
+        // Again under the lock: a planned failover may have begun meanwhile.
+        self.check_replication(&vm, &row, "apply")?;
         if row.state != VmState::Off {
             return Err(ApiFailure::conflict(format!(
                 "VM {vm} was started again meanwhile; stop it and retry"
             )));
         }
-        let qemu_img = &self.shared.cfg.qemu_img;
-        let disks = self.shared.vms.disk_paths(&row);
-        let rel = self.shared.store.replication(row.id)?;
-        let replicated = rel
-            .as_ref()
-            .is_some_and(|r| r.role == Role::Primary && r.generation > 0);
+        let rel = self
+            .shared
+            .store
+            .replication(row.id)?
+            .filter(|r| r.role == Role::Primary);
+        let replicated = rel.as_ref().is_some_and(|r| r.generation > 0);
+        let tracked = |i: usize| {
+            rel.as_ref()
+                .is_some_and(|r| !r.settings.excluded_disks.contains(&i))
+        };
 
-        // Every disk must hold the checkpoint before any is touched: a half-applied VM
-        // (some disks reverted, some not) would be worse than none.
-        for d in &disks {
-            let tags = snapshot::list(qemu_img, d)
-                .await
-                .map_err(|e| qemu_err(&vm, "reading the disk's snapshots", e))?;
-            if !tags.iter().any(|t| t.name == target.tag) {
-                return Err(ApiFailure::conflict(format!(
-                    "checkpoint {:?} is missing from {} (the disk was replaced or edited outside Ferry); nothing was changed — delete the checkpoint",
-                    target.name,
-                    d.display()
-                )));
-            }
-        }
-        // What the apply changes, per disk, before it happens.
-        let mut changed: Vec<(usize, u64, u64)> = Vec::new();
+        // What the apply changes, per replicated disk, before it happens; recorded for the
+        // next cycle before the first disk is reverted (sending a range that ends up
+        // unchanged is harmless, missing one is not).
         let mut unknown: Option<String> = None;
         if replicated {
-            for (i, d) in disks.iter().enumerate() {
-                match qcow2::changed_since_snapshot(d, &target.tag, DIFF_UNIT) {
+            let mut changed: Vec<(usize, u64, u64)> = Vec::new();
+            for (i, d) in disks.iter().enumerate().filter(|(i, _)| tracked(*i)) {
+                let (path, tag) = (d.clone(), target.tag.clone());
+                let diff = tokio::task::spawn_blocking(move || {
+                    qcow2::changed_since_snapshot(&path, &tag, DIFF_UNIT)
+                })
+                .await
+                .map_err(|e| ApiFailure::internal(format!("comparing {}: {e}", d.display())))?;
+                match diff {
                     Ok(ranges) => changed.extend(ranges.into_iter().map(|(o, l)| (i, o, l))),
                     Err(e) => unknown = Some(e.to_string()),
                 }
+            }
+            if unknown.is_none() {
+                let bytes: u64 = changed.iter().map(|c| c.2).sum();
+                let key = reverse_extra_key(row.id);
+                let mut extra: Vec<(usize, u64, u64)> = self
+                    .shared
+                    .store
+                    .setting(&key)?
+                    .and_then(|v| serde_json::from_str(&v).ok())
+                    .unwrap_or_default();
+                extra.extend(changed);
+                self.shared.store.set_setting(
+                    &key,
+                    &serde_json::to_string(&extra).expect("serialize ranges"),
+                )?;
+                notes.push(format!(
+                    "replication sends the {} KiB the checkpoint changed at its next cycle (no resynchronization)",
+                    bytes / 1024
+                ));
             }
         }
         let run_dir = self.shared.cfg.data_dir.join("run");
@@ -516,22 +556,51 @@ impl Checkpoints {
         let mut stashes = Vec::new();
         for (i, d) in disks.iter().enumerate() {
             let scratch = run_dir.join(format!("bitmap-stash-{}-{i}.qcow2", row.id));
-            let applied = snapshot::apply(qemu_img, d, &target.tag, &scratch, !target.with_memory)
-                .await
-                .map_err(|e| qemu_err(&vm, "applying the checkpoint", e))?;
-            if applied.tracking == snapshot::Tracking::Lost {
+            let applied = match snapshot::apply(
+                qemu_img,
+                d,
+                &target.tag,
+                &scratch,
+                !target.with_memory,
+            )
+            .await
+            {
+                Ok(a) => a,
+                Err(e) if i == 0 => return Err(qemu_err(&vm, "applying the checkpoint", e)),
+                Err(e) => {
+                    // Some disks are reverted already: what replication holds no longer
+                    // describes this VM.
+                    let why = format!(
+                        "applying checkpoint {:?} failed on {} after {i} disk(s) were reverted: {e}",
+                        target.name,
+                        d.display()
+                    );
+                    self.require_resync(&vm, row.id, &why)?;
+                    return Err(ApiFailure::qemu(format!(
+                        "{vm}: {why}; apply it again, or apply another checkpoint"
+                    )));
+                }
+            };
+            if applied.tracking == snapshot::Tracking::Lost && tracked(i) {
                 unknown = Some(format!(
                     "the change tracking of {} was inconsistent (QEMU or the host crashed while the VM ran)",
                     d.display()
                 ));
             }
-            // The relationship's current generation must be among the bitmaps kept: if
-            // QEMU was killed before it ever stored it, the record of unsent writes is gone.
-            if let Some(r) = rel.as_ref().filter(|r| {
-                replicated && !r.settings.excluded_disks.contains(&i) && unknown.is_none()
-            }) {
-                let current = replication::primary::generation_name(r.generation);
-                if !applied.stashed.iter().any(|b| b.name == current) {
+            // The relationship's current generation (or a newer one a capture started) must
+            // be among the bitmaps kept: if QEMU was killed before it ever stored it, the
+            // record of unsent writes is gone.
+            if let Some(r) = rel
+                .as_ref()
+                .filter(|_| replicated && tracked(i) && unknown.is_none())
+            {
+                let kept = applied.stashed.iter().any(|b| {
+                    b.name
+                        .strip_prefix("ferry-r")
+                        .and_then(|n| n.parse::<i64>().ok())
+                        .is_some_and(|n| n >= r.generation)
+                });
+                if !kept {
                     unknown = Some(format!(
                         "the change tracking of {} was lost (QEMU was killed or crashed)",
                         d.display()
@@ -544,51 +613,13 @@ impl Checkpoints {
             .store
             .set_checkpoint_position(row.id, Some(target.id))?;
         info!(vm = %vm, checkpoint = target.id, "checkpoint applied");
-
-        if let Some(rel) = rel.as_ref().filter(|r| r.role == Role::Primary) {
-            match (&unknown, replicated) {
-                (Some(why), _) => {
-                    let msg = format!(
-                        "checkpoint {:?} was applied and what it changed cannot be known ({why}): resynchronization required — run `ferry replication resume {vm} --resync`",
-                        target.name
-                    );
-                    self.shared.events.emit(
-                        &vm,
-                        "replication_state",
-                        &format!(
-                            "{} -> {}",
-                            rel.state,
-                            ReplicationState::ResynchronizationRequired
-                        ),
-                    );
-                    self.shared.store.set_replication_state(
-                        row.id,
-                        ReplicationState::ResynchronizationRequired,
-                        Some(&msg),
-                    )?;
-                    notes.push(msg);
-                }
-                (None, true) => {
-                    let bytes: u64 = changed.iter().map(|c| c.2).sum();
-                    let key = reverse_extra_key(row.id);
-                    let mut extra: Vec<(usize, u64, u64)> = self
-                        .shared
-                        .store
-                        .setting(&key)?
-                        .and_then(|v| serde_json::from_str(&v).ok())
-                        .unwrap_or_default();
-                    extra.extend(changed);
-                    self.shared.store.set_setting(
-                        &key,
-                        &serde_json::to_string(&extra).expect("serialize ranges"),
-                    )?;
-                    notes.push(format!(
-                        "replication sends the {} KiB the checkpoint changed at its next cycle (no resynchronization)",
-                        bytes / 1024
-                    ));
-                }
-                (None, false) => {}
-            }
+        if let Some(why) = &unknown {
+            let msg = format!(
+                "checkpoint {:?} was applied and what it changed cannot be known ({why})",
+                target.name
+            );
+            notes.retain(|n| !n.contains("no resynchronization"));
+            notes.push(self.require_resync(&vm, row.id, &msg)?);
         }
         let mut event = format!("checkpoint {:?} applied", target.name);
         for n in &notes {
@@ -604,17 +635,36 @@ impl Checkpoints {
                     .enumerate()
                     .map(|(i, (p, b))| (format!("drive{i}"), p, b))
                     .collect();
-            let reply = self
+            let resumed = self
                 .shared
                 .vms
                 .resume_from_saved_state(&vm, &target.tag, |qmp| rearm(qmp, nodes_stashes))
-                .await?;
-            ActionReply {
-                state: reply.state,
-                message: format!(
-                    "VM {vm} resumed from checkpoint {:?} where it was",
-                    target.name
-                ),
+                .await;
+            match resumed {
+                Ok(reply) => ActionReply {
+                    state: reply.state,
+                    message: format!(
+                        "VM {vm} resumed from checkpoint {:?} where it was",
+                        target.name
+                    ),
+                },
+                Err(e) => {
+                    // The disks are at the checkpoint; the saved state did not load, and
+                    // change tracking, taken out for `-loadvm`, is gone.
+                    let mut message = format!(
+                        "VM {vm}'s disks are at checkpoint {:?}, but resuming from its saved state failed ({}); the VM is off — start it with `ferry vm start {vm}`",
+                        target.name, e.message
+                    );
+                    if replicated {
+                        message.push_str("; ");
+                        message.push_str(&self.require_resync(
+                            &vm,
+                            row.id,
+                            "change tracking was lost when resuming from a checkpoint failed",
+                        )?);
+                    }
+                    return Err(ApiFailure::qemu(message));
+                }
             }
         } else {
             ActionReply {
@@ -632,6 +682,39 @@ impl Checkpoints {
                 .join("; "),
             ..reply
         })
+    }
+
+    /// Puts the VM's replication (when it is a primary) into "resynchronization required"
+    /// because of `why`; returns the message shown.
+    fn require_resync(&self, vm: &VmName, vm_id: i64, why: &str) -> Result<String, ApiFailure> {
+        let Some(rel) = self
+            .shared
+            .store
+            .replication(vm_id)?
+            .filter(|r| r.role == Role::Primary)
+        else {
+            return Ok(String::new());
+        };
+        let msg = format!(
+            "{why}: resynchronization required — run `ferry replication resume {vm} --resync`"
+        );
+        if rel.state != ReplicationState::ResynchronizationRequired {
+            self.shared.events.emit(
+                vm,
+                "replication_state",
+                &format!(
+                    "{} -> {}",
+                    rel.state,
+                    ReplicationState::ResynchronizationRequired
+                ),
+            );
+        }
+        self.shared.store.set_replication_state(
+            vm_id,
+            ReplicationState::ResynchronizationRequired,
+            Some(&msg),
+        )?;
+        Ok(msg)
     }
 
     /// Renames a checkpoint.
@@ -745,6 +828,7 @@ impl Checkpoints {
         let _busy = self.begin(&vm, "export")?;
         self.check_replication(&vm, &row, "export")?;
         let target = resolve(&self.shared.store.checkpoints(row.id)?, &vm, cp)?.clone();
+        let mut created = false;
         match std::fs::read_dir(dir_path) {
             Ok(mut entries) => {
                 if entries.next().is_some() {
@@ -756,9 +840,20 @@ impl Checkpoints {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 std::fs::create_dir_all(dir_path)
                     .map_err(|e| ApiFailure::invalid(format!("cannot create {dir}: {e}")))?;
+                created = true;
             }
             Err(e) => return Err(ApiFailure::invalid(format!("cannot use {dir}: {e}"))),
         }
+        // A failed export leaves the folder as it was.
+        let undo = |upto: usize| {
+            for j in 0..=upto {
+                let _ = std::fs::remove_file(dir_path.join(format!("disk{j}.qcow2")));
+            }
+            let _ = std::fs::remove_file(dir_path.join(EXPORT_MANIFEST));
+            if created {
+                let _ = std::fs::remove_dir(dir_path);
+            }
+        };
         let disks = self.shared.vms.disk_paths(&row);
         let total: u64 = row.spec.disks.iter().map(|d| d.size_bytes).sum();
         let _progress = ProgressGuard::start(&self.progress, &vm, "exporting", total);
@@ -773,9 +868,7 @@ impl Checkpoints {
             .await;
             before += size;
             if let Err(e) = exported {
-                for j in 0..=i {
-                    let _ = std::fs::remove_file(dir_path.join(format!("disk{j}.qcow2")));
-                }
+                undo(i);
                 return Err(qemu_err(&vm, "exporting the checkpoint", e));
             }
             written += std::fs::metadata(&out).map(|m| m.len()).unwrap_or(0);
@@ -793,6 +886,7 @@ impl Checkpoints {
                 .as_slice(),
         )
         .map_err(|e| {
+            undo(disks.len());
             ApiFailure::internal(format!("cannot write the export manifest in {dir}: {e}"))
         })?;
         Ok(ActionReply {
@@ -960,6 +1054,39 @@ mod tests {
         let n = default_name(&long, 0);
         assert_eq!(n.chars().count(), MAX_NAME_CHARS);
         assert!(validate_name(&n).is_ok());
+    }
+
+    #[test]
+    fn checkpoints_are_found_by_id_or_unique_name() {
+        let cp = |id: i64, name: &str| CheckpointRow {
+            id,
+            vm_id: 1,
+            name: name.into(),
+            tag: format!("t{id}"),
+            parent_id: None,
+            kind: "production".into(),
+            consistency: "offline".into(),
+            with_memory: false,
+            created_ms: 0,
+        };
+        let vm = VmName::new("vm").unwrap();
+        let list = [
+            cp(3, "12"),
+            cp(12, "a"),
+            cp(14, "b"),
+            cp(15, "b"),
+            cp(16, "16"),
+        ];
+        assert_eq!(resolve(&list, &vm, "a").unwrap().id, 12);
+        assert_eq!(resolve(&list, &vm, "14").unwrap().id, 14);
+        // A checkpoint named by its own id is not ambiguous.
+        assert_eq!(resolve(&list, &vm, "16").unwrap().id, 16);
+        // "12" is checkpoint 12's id and checkpoint 3's name.
+        let e = resolve(&list, &vm, "12").unwrap_err();
+        assert!(e.message.contains("ids 12, 3"), "{}", e.message);
+        let e = resolve(&list, &vm, "b").unwrap_err();
+        assert!(e.message.contains("ids 14, 15"), "{}", e.message);
+        assert_eq!(resolve(&list, &vm, "zz").unwrap_err().status, 404);
     }
 
     #[test]

@@ -52,9 +52,11 @@ pub enum Qcow2Error {
 const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 /// "Refcount is exactly one": changes when a snapshot is made or deleted, not the data.
 const COPIED: u64 = 1 << 63;
-/// Incompatible feature bits this reader does not handle: external data file (2) and
-/// extended L2 entries (4).
-const UNSUPPORTED_FEATURES: u64 = (1 << 2) | (1 << 4);
+/// Incompatible feature bits this reader does not handle: corrupt (1), external data file
+/// (2) and extended L2 entries (4).
+const UNSUPPORTED_FEATURES: u64 = (1 << 1) | (1 << 2) | (1 << 4);
+/// QEMU's limit on an L1 table (32 MiB of entries): anything larger is a damaged header.
+const MAX_L1_ENTRIES: u32 = (32 << 20) / 8;
 
 struct Image {
     file: File,
@@ -169,9 +171,9 @@ pub fn changed_since_snapshot(
         return Err(img.unsupported("encrypted images are not supported"));
     }
     if version == 3 && be64(&header, 72) & UNSUPPORTED_FEATURES != 0 {
-        return Err(
-            img.unsupported("external data files and extended L2 entries are not supported")
-        );
+        return Err(img.unsupported(
+            "corrupt images, external data files and extended L2 entries are not supported",
+        ));
     }
     let active_l1_size = be32(&header, 36);
     let active_l1_offset = be64(&header, 40);
@@ -202,9 +204,16 @@ pub fn changed_since_snapshot(
         tag: tag.into(),
     })?;
 
-    let active = img.table(active_l1_offset, active_l1_size)?;
-    let snap = img.table(snap_l1_offset, snap_l1_size)?;
+    if active_l1_size > MAX_L1_ENTRIES || snap_l1_size > MAX_L1_ENTRIES {
+        return Err(img.unsupported("L1 table larger than QEMU allows (damaged header)"));
+    }
     let cluster = 1u64 << img.cluster_bits;
+    // Only guest clusters count: a snapshot's L1 table may be longer than the disk (it
+    // also maps the memory state of a standard checkpoint, past the virtual size).
+    let span = cluster * (cluster / 8);
+    let guest_l1 = img.size.div_ceil(span) as u32;
+    let active = img.table(active_l1_offset, active_l1_size.min(guest_l1))?;
+    let snap = img.table(snap_l1_offset, snap_l1_size.min(guest_l1))?;
     let unit = if unit.is_power_of_two() && unit <= cluster {
         unit
     } else {
@@ -244,6 +253,9 @@ pub fn changed_since_snapshot(
                 continue;
             }
             let guest = i as u64 * span_per_l1 + j as u64 * cluster;
+            if guest >= img.size {
+                break;
+            }
             let read = |d: ClusterData| -> Result<Option<Vec<u8>>, Qcow2Error> {
                 match d {
                     ClusterData::Zeros => Ok(Some(vec![0; cluster as usize])),

@@ -226,7 +226,20 @@ pub async fn apply(
         }
     }
     for b in &bitmaps {
-        cbt::remove_bitmap_offline(binary, image, &b.name).await?;
+        if let Err(e) = cbt::remove_bitmap_offline(binary, image, &b.name).await {
+            // Put back the ones already removed: the image is otherwise unchanged.
+            if stash {
+                let left = cbt::offline_bitmaps(binary, image).await?;
+                for b in bitmaps
+                    .iter()
+                    .filter(|b| !left.iter().any(|l| l.name == b.name))
+                {
+                    copy_bitmap(binary, scratch, image, b).await?;
+                }
+                let _ = tokio::fs::remove_file(scratch).await;
+            }
+            return Err(e.into());
+        }
     }
     let reverted = snapshot_op(binary, "-a", image, tag).await;
     if stash && (restore || reverted.is_err()) {
@@ -298,6 +311,10 @@ pub async fn export(
         .args([
             OsStr::new("convert"),
             OsStr::new("-p"),
+            // qemu-img's default for the output is cache=unsafe (never flushed): the
+            // export's manifest, written durably afterwards, must not outlive its disks.
+            OsStr::new("-t"),
+            OsStr::new("writeback"),
             OsStr::new("-U"),
             OsStr::new("-l"),
             OsStr::new(&source),

@@ -231,7 +231,7 @@ fn bad_requests_are_refused_with_one_line_and_change_nothing() {
         ),
         (
             "POST",
-            "/v1/vms/import",
+            "/v1/import",
             r#"{"dir":"relative"}"#,
             "absolute path",
         ),

@@ -36,14 +36,27 @@ fn verify_point(point: &Value) -> u64 {
 
 /// Suspends replication and waits until no cycle is in flight, so the replica's point
 /// layers are stable while the test reads them.
-fn quiesce(a: &Host, vm: &str) {
+fn quiesce(a: &Host, b: &Host, vm: &str) {
     a.ferry_ok(&["replication", "suspend", vm]);
     wait_for(
         "the cycle in flight to end",
         Duration::from_secs(60),
         || status(a, vm)["progress"].is_null(),
     );
-    std::thread::sleep(Duration::from_millis(500));
+    // The replica merges old points away (retention) just after it acknowledges a point:
+    // wait until its list stops changing, so the layers read next still exist.
+    let mut last = points(b, vm);
+    wait_for(
+        "the replica's retention to settle",
+        Duration::from_secs(60),
+        || {
+            std::thread::sleep(Duration::from_millis(500));
+            let now = points(b, vm);
+            let settled = now == last;
+            last = now;
+            settled
+        },
+    );
 }
 
 fn digest(data: &[u8]) -> u64 {
@@ -202,7 +215,7 @@ fn replication_ships_exact_recovery_points_and_ends_byte_identical() {
         wait_for("a new cycle", Duration::from_secs(60), || {
             status(&a, "app")["last_cycle"].as_i64().unwrap() > cycle
         });
-        quiesce(&a, "app");
+        quiesce(&a, &b, "app");
         assert_eq!(status(&a, "app")["state"], "suspended");
         let pts = points(&b, "app");
         assert!(!pts.is_empty() && pts.len() <= 3, "retention kept {pts:?}");
@@ -239,7 +252,7 @@ fn replication_ships_exact_recovery_points_and_ends_byte_identical() {
     );
     // Test failover from the oldest point while cycles go on: the test VM boots isolated,
     // replication keeps adding points, and stopping the test leaves every point unchanged.
-    quiesce(&a, "app");
+    quiesce(&a, &b, "app");
     let before: Vec<(i64, u64)> = points(&b, "app")
         .iter()
         .map(|p| (p["id"].as_i64().unwrap(), digest(&read_image(&layer(p)))))
@@ -278,7 +291,7 @@ fn replication_ships_exact_recovery_points_and_ends_byte_identical() {
     let h = health_of(&b, "app");
     assert_eq!(h["test_failover_status"], "not running");
     assert!(h["last_test_failover_at"].as_i64().is_some(), "{h}");
-    quiesce(&a, "app");
+    quiesce(&a, &b, "app");
     let after: Vec<(i64, u64)> = points(&b, "app")
         .iter()
         .map(|p| (p["id"].as_i64().unwrap(), digest(&read_image(&layer(p)))))
@@ -305,7 +318,7 @@ fn replication_ships_exact_recovery_points_and_ends_byte_identical() {
     // Retention: the latest point plus the newest of each of the 2 previous 5 s periods,
     // after a few cycles at the interval.
     std::thread::sleep(Duration::from_secs(16));
-    quiesce(&a, "app");
+    quiesce(&a, &b, "app");
     let pts = points(&b, "app");
     let periods: Vec<i64> = pts
         .iter()
@@ -327,7 +340,7 @@ fn replication_ships_exact_recovery_points_and_ends_byte_identical() {
     wait_for("the final cycle", Duration::from_secs(60), || {
         status(&a, "app")["last_cycle"].as_i64().unwrap() > cycle
     });
-    quiesce(&a, "app");
+    quiesce(&a, &b, "app");
     let primary_disk = PathBuf::from(
         a.ferry_json(&["vm", "show", "app"])["disks"][0]["path"]
             .as_str()
@@ -369,7 +382,7 @@ fn replication_ships_exact_recovery_points_and_ends_byte_identical() {
 
     // 6. Removed on the replica first: its VM and files go, and the primary is told (it is
     //    not silently re-created); then removed on the primary.
-    quiesce(&a, "app");
+    quiesce(&a, &b, "app");
     b.ferry_ok(&["replication", "remove", "app"]);
     assert_eq!(b.ferry_json(&["vm", "list"]).as_array().unwrap().len(), 0);
     assert!(
@@ -641,7 +654,7 @@ fn initial_copy_by_export_and_import() {
             st["state"] == "replicating" && st["last_cycle"].as_i64().unwrap() >= 2
         },
     );
-    quiesce(&a, "carried");
+    quiesce(&a, &b, "carried");
     let newest = points(&b, "carried").last().cloned().unwrap();
     let out = Command::new("qemu-img")
         .args(["compare", "-U", "-f", "qcow2", "-F", "qcow2"])

@@ -351,6 +351,12 @@ async fn capture(shared: &Arc<Shared>, rel: &ReplicationRow) -> anyhow::Result<(
         None
     };
     let theirs = theirs.as_ref();
+    // The VM lock only now: hashing on the replica may take long, and must not keep an
+    // administrator from stopping the VM.
+    let _vm_lock = shared.vms.lock_vm(&name).await;
+    // Ranges to send besides the dirty ones (reverse replication's first cycle, a checkpoint
+    // applied): read under the lock, as their writers hold it, so that the deletion once
+    // this cycle holds them in its spool removes only what it read.
     let extra_key = super::failover::reverse_extra_key(rel.vm_id);
     let extra: Vec<(usize, u64, u64)> = shared
         .store
@@ -359,9 +365,6 @@ async fn capture(shared: &Arc<Shared>, rel: &ReplicationRow) -> anyhow::Result<(
         .flatten()
         .and_then(|v| serde_json::from_str(&v).ok())
         .unwrap_or_default();
-    // The VM lock only now: hashing on the replica may take long, and must not keep an
-    // administrator from stopping the VM.
-    let _vm_lock = shared.vms.lock_vm(&name).await;
     let disks = disks(shared, &vm, rel);
     // The generation that holds every change since the last point: a capture whose outcome
     // was not recorded (ferryd crashed, QEMU stopped mid-cycle, a failure folded the old
