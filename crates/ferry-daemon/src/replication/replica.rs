@@ -674,6 +674,12 @@ async fn writes_since_last_cycle(
     let mut out = Vec::new();
     let qemu_nbd = qemu_nbd_path(&shared.cfg);
     let vm_dir = shared.vms.vm_dir(&row.spec.name);
+    // This host's own engine may be running an offline cycle of the same VM (it rotates
+    // bitmaps, which takes the image's write lock): one at a time.
+    let _vm_lock = shared.vms.lock_vm(&row.spec.name).await;
+    // Read again under the lock: a cycle that ran meanwhile moved to a newer generation.
+    let fresh = shared.store.replication(row.id)?;
+    let rel = fresh.as_ref().unwrap_or(rel);
     for i in rel.settings.replicated_disks(row.spec.disks.len()) {
         let image = vm_dir.join(&row.spec.disks[i].file);
         let bitmaps = ferry_qemu::cbt::offline_bitmaps(&shared.cfg.qemu_img, &image).await?;
