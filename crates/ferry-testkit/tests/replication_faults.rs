@@ -45,19 +45,33 @@ fn verify_points(b: &Host, vm: &str) -> u64 {
 }
 
 /// Suspends replication and waits until no cycle is in flight.
-fn quiesce(a: &Host, vm: &str) {
+fn quiesce(a: &Host, b: &Host, vm: &str) {
     a.ferry_ok(&["replication", "suspend", vm]);
     wait_for(
         "the cycle in flight to end",
         Duration::from_secs(120),
         || status(a, vm)["progress"].is_null(),
     );
+    // The replica merges old points away (retention) just after it acknowledges one: wait
+    // until its list stops changing, so the layers read next still exist.
+    let mut last = points(b, vm);
+    wait_for(
+        "the replica's retention to settle",
+        Duration::from_secs(60),
+        || {
+            std::thread::sleep(Duration::from_millis(500));
+            let now = points(b, vm);
+            let settled = now == last;
+            last = now;
+            settled
+        },
+    );
 }
 
 /// [`verify_points`] with replication suspended (no cycle, so no retention merge, runs
 /// while the layers are read), then resumed.
 fn verify_quiesced(a: &Host, b: &Host, vm: &str) -> u64 {
-    quiesce(a, vm);
+    quiesce(a, b, vm);
     let last = verify_points(b, vm);
     a.ferry_ok(&["replication", "resume", vm]);
     last
@@ -253,25 +267,29 @@ fn replication_recovers_from_link_cuts_crashes_and_full_storage() {
     wait_sending(&a, "app", 30);
     a.kill_daemon();
     a.launch();
-    // The resync point is caught as soon as it is committed: with only the latest point
-    // kept, the next (empty) delta cycle of the stopped VM merges it away.
-    let mut resync_point = None;
     wait_for("the resync", Duration::from_secs(180), || {
-        if resync_point.is_none() {
-            resync_point = points(&b, "app")
-                .into_iter()
-                .find(|p| p["kind"] == "resync");
-        }
         let st = status(&a, "app");
-        resync_point.is_some()
-            && st["state"] == "replicating"
-            && st["last_cycle"].as_i64().unwrap() > cycle
+        st["state"] == "replicating" && st["last_cycle"].as_i64().unwrap() > cycle
     });
-    quiesce(&a, "app");
-    let newest = resync_point.expect("a resync point");
-    // The resync compared hashes: it found the 24 MiB edited offline, and did not send
-    // again the 24 MiB of unchanged random data (at most the guest's 16 MiB area besides).
-    let resent = newest["bytes"].as_u64().unwrap();
+    quiesce(&a, &b, "app");
+    // With only the latest point kept, the next (empty) delta of the stopped VM may merge
+    // the resync point away at once: its size is read from the replica's event log, which
+    // records every point as it is committed.
+    let events = b.ferry_json(&["events", "--vm", "app", "--last", "1000"]);
+    let resync_bytes: Vec<u64> = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "recovery_point_added")
+        .filter_map(|e| {
+            let m = e["message"].as_str()?;
+            let rest = m.split(", resync, ").nth(1)?;
+            rest.split(" bytes").next()?.parse().ok()
+        })
+        .collect();
+    let resent = *resync_bytes
+        .last()
+        .expect("a resync point in the replica's events");
     println!("resync shipped {resent} bytes of a 64 MiB disk");
     assert!(
         (24 << 20..=40 << 20).contains(&resent),
@@ -354,7 +372,7 @@ fn replication_recovers_from_link_cuts_crashes_and_full_storage() {
     wait_for("the final cycle", Duration::from_secs(90), || {
         status(&a, "app")["last_cycle"].as_i64().unwrap() > cycle
     });
-    quiesce(&a, "app");
+    quiesce(&a, &b, "app");
     let newest = points(&b, "app").last().cloned().unwrap();
     compare_images(&primary_disk, &layer(&newest)).expect("replica differs from the primary");
     verify_points(&b, "app");
