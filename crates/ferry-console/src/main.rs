@@ -1,0 +1,118 @@
+//! `ferry-console`: serves the web console, or manages its users.
+
+use std::io::BufRead;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use ferry_console::alerts::Alerter;
+use ferry_console::config::Config;
+use ferry_console::hosts::Poller;
+use ferry_console::store::Store;
+use ferry_console::web::{self, AppState};
+use ferry_console::{auth, config};
+
+#[derive(Parser)]
+#[command(
+    name = "ferry-console",
+    version,
+    about = "One web console and replication monitor for many ferryd hosts"
+)]
+struct Cli {
+    /// The config file.
+    #[arg(
+        long,
+        default_value = "/etc/ferry/console.toml",
+        env = "FERRY_CONSOLE_CONFIG"
+    )]
+    config: PathBuf,
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Serve the console (the default).
+    Serve,
+    /// Create a user or set its password; the password is read from stdin (one line).
+    SetPassword {
+        /// The user name.
+        user: String,
+    },
+}
+
+fn main() -> ExitCode {
+    init_logging();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ferry-console: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let config = Config::load(&cli.config)?;
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create {}", config.data_dir.display()))?;
+    let store = Arc::new(Store::open(&config.data_dir)?);
+    match cli.cmd.unwrap_or(Cmd::Serve) {
+        Cmd::SetPassword { user } => {
+            if user.is_empty() || user.len() > 64 || user.chars().any(char::is_control) {
+                bail!("user name {user:?}: use 1 to 64 printable characters");
+            }
+            let mut line = String::new();
+            std::io::stdin().lock().read_line(&mut line)?;
+            let password = line.trim_end_matches(['\r', '\n']);
+            if password.chars().count() < 8 {
+                bail!("the password must have at least 8 characters");
+            }
+            store.set_user(&user, &auth::hash_password(password))?;
+            println!("password of {user} set");
+            Ok(())
+        }
+        Cmd::Serve => serve(config, store),
+    }
+}
+
+fn serve(config: Config, store: Arc<Store>) -> anyhow::Result<()> {
+    if config.auth == config::AuthMode::Password && store.user_count()? == 0 {
+        bail!("no users yet: create one with `ferry-console --config FILE set-password NAME` (password on stdin)");
+    }
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async move {
+        let alerter = Arc::new(Alerter::new(store.clone()));
+        let poller = Arc::new(Poller::new(store.clone(), alerter, config.poll_interval));
+        tokio::spawn(poller.clone().run());
+        let state = Arc::new(AppState {
+            store,
+            poller,
+            auth: config.auth.clone(),
+        });
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.listen))?;
+        tracing::info!("ferry-console listening on http://{}", config.listen);
+        axum::serve(listener, web::router(state))
+            .with_graceful_shutdown(async {
+                let _ = tokio::signal::ctrl_c().await;
+            })
+            .await?;
+        Ok(())
+    })
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr)
+        .init();
+}

@@ -1,0 +1,344 @@
+//! The web console: server-rendered HTML pages (no scripts), forms that POST and redirect,
+//! and the authentication gate every page and action passes through.
+//!
+//! | page | what |
+//! |---|---|
+//! | `/` | fleet replication dashboard |
+//! | `/hosts` | hosts: add (URL, fingerprint, token), remove, reachability |
+//! | `/vms` | every VM of every host, state and replication health |
+//! | `/hosts/{id}/vms/{vm}` | a VM: overview, actions, replication tab, enable wizard |
+//! | `/alerts` | active and past alerts, rules and channels |
+
+mod charts;
+mod pages;
+
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::Next;
+use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use axum::Router;
+
+use crate::auth;
+use crate::config::AuthMode;
+use crate::hosts::Poller;
+use crate::store::Store;
+
+/// What every handler shares.
+pub struct AppState {
+    /// The console's store.
+    pub store: Arc<Store>,
+    /// The poller and its fleet snapshot.
+    pub poller: Arc<Poller>,
+    /// How users are authenticated.
+    pub auth: AuthMode,
+}
+
+/// Shared state.
+pub type Shared = Arc<AppState>;
+
+/// The signed-in user, put in the request by the gate.
+#[derive(Debug, Clone)]
+pub struct User(pub String);
+
+/// The console's router.
+pub fn router(state: Shared) -> Router {
+    let gated = Router::new()
+        .route("/", get(pages::dashboard))
+        .route("/hosts", get(pages::hosts).post(pages::add_host))
+        .route("/hosts/{id}/remove", post(pages::remove_host))
+        .route("/vms", get(pages::vms))
+        .route("/hosts/{id}/vms/{vm}", get(pages::vm_page))
+        .route("/hosts/{id}/vms/{vm}/action", post(pages::vm_action))
+        .route(
+            "/hosts/{id}/vms/{vm}/enable-replication",
+            get(pages::enable_wizard).post(pages::enable_replication),
+        )
+        .route("/alerts", get(pages::alerts))
+        .route("/alerts/settings", post(pages::save_alert_settings))
+        .route("/alerts/test", post(pages::test_alert))
+        .route("/logout", post(logout))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), gate));
+    Router::new()
+        .route("/login", get(login_page).post(login))
+        .merge(gated)
+        .with_state(state)
+}
+
+/// Lets a request through only with a live session (password mode) or the proxy's user
+/// header (proxy mode). Pages redirect to the login form; nothing else runs.
+async fn gate(State(s): State<Shared>, mut req: Request, next: Next) -> Response {
+    let user = match &s.auth {
+        AuthMode::ProxyHeader(h) => req
+            .headers()
+            .get(h.as_str())
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(str::to_owned),
+        AuthMode::Password => session_user(&s, req.headers()),
+    };
+    match user {
+        Some(u) => {
+            req.extensions_mut().insert(User(u));
+            next.run(req).await
+        }
+        None => match s.auth {
+            AuthMode::ProxyHeader(_) => (
+                StatusCode::UNAUTHORIZED,
+                "ferry-console: no authenticated user from the reverse proxy\n",
+            )
+                .into_response(),
+            AuthMode::Password if req.method() == axum::http::Method::GET => {
+                Redirect::to("/login").into_response()
+            }
+            AuthMode::Password => {
+                (StatusCode::UNAUTHORIZED, "ferry-console: log in first\n").into_response()
+            }
+        },
+    }
+}
+
+fn session_user(s: &AppState, headers: &HeaderMap) -> Option<String> {
+    let cookies = headers.get(header::COOKIE)?.to_str().ok()?;
+    let token = auth::cookie(cookies, auth::COOKIE)?;
+    s.store
+        .session_user(&auth::token_hash(token), crate::now())
+        .ok()
+        .flatten()
+}
+
+async fn login_page(State(s): State<Shared>) -> Response {
+    if let AuthMode::ProxyHeader(_) = s.auth {
+        return Redirect::to("/").into_response();
+    }
+    login_form(None).into_response()
+}
+
+fn login_form(error: Option<&str>) -> Html<String> {
+    let err = error
+        .map(|e| format!(r#"<p class="error" id="error">{}</p>"#, esc(e)))
+        .unwrap_or_default();
+    Html(layout(
+        "Log in",
+        None,
+        &format!(
+            r#"<form method="post" action="/login" class="login">{err}
+<label>User <input name="user" id="user" autocomplete="username" required></label>
+<label>Password <input name="password" id="password" type="password" autocomplete="current-password" required></label>
+<button type="submit" id="login">Log in</button></form>"#
+        ),
+    ))
+}
+
+#[derive(serde::Deserialize)]
+struct LoginForm {
+    user: String,
+    password: String,
+}
+
+async fn login(State(s): State<Shared>, axum::Form(f): axum::Form<LoginForm>) -> Response {
+    if let AuthMode::ProxyHeader(_) = s.auth {
+        return Redirect::to("/").into_response();
+    }
+    // A missing user is checked against a dummy hash so both paths cost the same; argon2
+    // is CPU-bound by design, so it runs off the async workers.
+    let phc = s.store.user_phc(&f.user).ok().flatten();
+    let password = f.password.clone();
+    let ok = tokio::task::spawn_blocking(move || match &phc {
+        Some(phc) => auth::verify_password(&password, phc),
+        None => {
+            auth::verify_password(&password, dummy_phc());
+            false
+        }
+    })
+    .await
+    .unwrap_or(false);
+    if !ok {
+        tracing::warn!(user = %f.user, "failed login");
+        return (
+            StatusCode::UNAUTHORIZED,
+            login_form(Some("wrong user or password")),
+        )
+            .into_response();
+    }
+    let token = auth::new_token();
+    let now = crate::now();
+    if let Err(e) = s.store.add_session(
+        &auth::token_hash(&token),
+        &f.user,
+        now + auth::SESSION_TTL_S,
+    ) {
+        return error_page(&format!("cannot start a session: {e}"));
+    }
+    let cookie = format!(
+        "{}={token}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}",
+        auth::COOKIE,
+        auth::SESSION_TTL_S
+    );
+    ([(header::SET_COOKIE, cookie)], Redirect::to("/")).into_response()
+}
+
+/// An argon2id hash of a random string, verified against when the user does not exist.
+fn dummy_phc() -> &'static str {
+    static PHC: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    PHC.get_or_init(|| auth::hash_password(&auth::new_token()))
+}
+
+async fn logout(State(s): State<Shared>, headers: HeaderMap) -> Response {
+    if let Some(token) = headers
+        .get(header::COOKIE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|c| auth::cookie(c, auth::COOKIE))
+    {
+        let _ = s.store.delete_session(&auth::token_hash(token));
+    }
+    let clear = format!("{}=; Path=/; Max-Age=0", auth::COOKIE);
+    ([(header::SET_COOKIE, clear)], Redirect::to("/login")).into_response()
+}
+
+/// A page that reports an internal failure.
+pub fn error_page(message: &str) -> Response {
+    (
+        StatusCode::INTERNAL_SERVER_ERROR,
+        Html(layout(
+            "Error",
+            None,
+            &format!(r#"<p class="error" id="error">{}</p>"#, esc(message)),
+        )),
+    )
+        .into_response()
+}
+
+/// HTML-escapes text for element content and attribute values.
+pub fn esc(s: &str) -> String {
+    let mut o = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => o.push_str("&amp;"),
+            '<' => o.push_str("&lt;"),
+            '>' => o.push_str("&gt;"),
+            '"' => o.push_str("&quot;"),
+            '\'' => o.push_str("&#39;"),
+            c => o.push(c),
+        }
+    }
+    o
+}
+
+/// Percent-encodes a path segment or query value.
+pub fn url_enc(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// `YYYY-MM-DD HH:MM:SS` (UTC) of a UNIX time.
+pub fn fmt_time(t: i64) -> String {
+    let days = t.div_euclid(86_400);
+    let secs = t.rem_euclid(86_400);
+    // Howard Hinnant's days-to-civil algorithm.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60
+    )
+}
+
+/// `HH:MM:SS` (UTC) of a UNIX time.
+pub fn fmt_clock(t: i64) -> String {
+    fmt_time(t)[11..].to_owned()
+}
+
+/// A duration in seconds, for people.
+pub fn fmt_secs(s: i64) -> String {
+    match s {
+        s if s < 120 => format!("{s} s"),
+        s if s < 7200 => format!("{} min", s / 60),
+        s if s < 172_800 => format!("{} h", s / 3600),
+        s => format!("{} days", s / 86_400),
+    }
+}
+
+/// Bytes, for people (binary units).
+pub fn fmt_bytes(b: u64) -> String {
+    const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i < U.len() - 1 {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", U[i])
+    }
+}
+
+const CSS: &str = r#"
+body{font-family:system-ui,sans-serif;margin:0;color:#222;background:#f4f5f7;font-size:14px}
+header{background:#1f3a5f;color:#fff;padding:8px 16px;display:flex;gap:18px;align-items:center}
+header a{color:#fff;text-decoration:none}header .brand{font-weight:bold;font-size:16px}
+header form{margin-left:auto}main{padding:16px}
+table{border-collapse:collapse;background:#fff;margin:8px 0 16px}
+th,td{border:1px solid #d5d8de;padding:4px 8px;text-align:left;vertical-align:top}th{background:#e9ecf1}
+.health{display:inline-block;padding:1px 8px;border-radius:9px;color:#fff;font-weight:bold}
+.normal{background:#2e7d32}.warning{background:#e6a100}.critical{background:#c62828}.unknown{background:#777}
+.error{color:#b00020;font-weight:bold}.ok{color:#1b5e20;font-weight:bold}
+fieldset{background:#fff;border:1px solid #d5d8de;margin:8px 0;padding:8px}
+label{display:block;margin:4px 0}.inline{display:inline-block;margin:2px}
+.charts svg{margin:4px}.tabs a{margin-right:12px}.login{max-width:320px;background:#fff;padding:16px}
+button{cursor:pointer}
+"#;
+
+/// The page frame: navigation (when signed in) and the body.
+pub fn layout(title: &str, user: Option<&str>, body: &str) -> String {
+    let nav = match user {
+        Some(u) => format!(
+            r#"<a href="/">Dashboard</a><a href="/hosts">Hosts</a><a href="/vms">VMs</a><a href="/alerts">Alerts</a><form method="post" action="/logout"><span>{}</span> <button type="submit" id="logout">Log out</button></form>"#,
+            esc(u)
+        ),
+        None => String::new(),
+    };
+    format!(
+        r#"<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{t} · Ferry console</title><style>{CSS}</style></head><body><header><span class="brand">Ferry console</span>{nav}</header><main><h1>{t}</h1>{body}</main></body></html>"#,
+        t = esc(title)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formatting() {
+        assert_eq!(fmt_time(0), "1970-01-01 00:00:00");
+        assert_eq!(fmt_time(1_700_000_000), "2023-11-14 22:13:20");
+        assert_eq!(fmt_bytes(512), "512 B");
+        assert_eq!(fmt_bytes(1536), "1.5 KiB");
+        assert_eq!(
+            esc("<a href=\"x\">'&"),
+            "&lt;a href=&quot;x&quot;&gt;&#39;&amp;"
+        );
+        assert_eq!(url_enc("a b/c"), "a%20b%2Fc");
+        assert_eq!(fmt_secs(30), "30 s");
+    }
+}
