@@ -1,0 +1,202 @@
+//! The console in a real headless Chromium (Debian's, through chromedriver), against two
+//! real ferryd hosts and a real replicated test guest: nothing is reachable without
+//! logging in; a host with a wrong fingerprint is refused and nothing is stored; both
+//! hosts are added over their TLS APIs; replication is enabled with the wizard; the
+//! dashboard shows the relationship Normal; a test failover started from the replica's
+//! page runs (the host confirms it) and shows on the page, the VM list and the dashboard;
+//! stopping it from the page removes the test VM. Screenshots of the main pages are saved
+//! (to `FERRY_SCREENSHOTS` when set: docs/screenshots holds the committed ones).
+
+mod common;
+
+use std::time::Duration;
+
+use common::{
+    form, host_form, http, screenshot_dir, start_guest, Browser, Console, PASSWORD, USER,
+};
+use ferry_testkit::host::Host;
+use ferry_testkit::replication::enable_replica_server;
+
+#[test]
+fn browser_logs_in_adds_hosts_sees_health_and_runs_a_test_failover() {
+    let a = Host::start("site-a", "127.0.0.1", "accel = \"tcg\"");
+    let b = Host::start("site-b", "127.0.0.2", "accel = \"tcg\"");
+    enable_replica_server(&b, "127.0.0.2");
+    start_guest(&a, "app", 41);
+    let console = Console::start(2);
+    let base = format!("http://{}", console.addr);
+    let shots = screenshot_dir(&console);
+    let (a_url, a_fp, a_token) = host_form(&a);
+    let (b_url, b_fp, b_token) = host_form(&b);
+
+    // No page and no action without a session.
+    let r = http(&console.addr, "GET", "/vms", &[], "");
+    assert_eq!(r.status, 303, "{r:?}");
+    assert_eq!(r.header("location"), Some("/login"));
+    let r = http(
+        &console.addr,
+        "POST",
+        "/hosts",
+        &[("Content-Type", "application/x-www-form-urlencoded")],
+        &form(&[("url", &a_url), ("fingerprint", &a_fp), ("token", &a_token)]),
+    );
+    assert_eq!(r.status, 401, "{r:?}");
+    let cookie = console.login();
+    assert!(
+        !console.get(&cookie, "/hosts").contains("data-host="),
+        "an unauthenticated POST added a host"
+    );
+
+    let br = Browser::start();
+    br.goto(&base);
+    assert!(br.url().ends_with("/login"), "{}", br.url());
+    br.screenshot(&shots.join("login.png"));
+    br.fill("#user", USER);
+    br.fill("#password", "not the password");
+    br.click("#login");
+    assert_eq!(br.text("#error"), "wrong user or password");
+    br.fill("#user", USER);
+    br.fill("#password", PASSWORD);
+    br.click("#login");
+    assert_eq!(br.url(), format!("{base}/"));
+
+    // A wrong fingerprint (b's, for a) is refused in one line and nothing is added.
+    br.goto(&format!("{base}/hosts"));
+    br.fill("#host-url", &a_url);
+    br.fill("#host-fingerprint", &b_fp);
+    br.fill("#host-token", &a_token);
+    br.click("#add-host-submit");
+    let err = br.text("#flash-err");
+    assert!(err.contains("fingerprint"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert_eq!(br.count("#hosts tr[data-host]"), 0);
+    // So is a wrong token.
+    br.fill("#host-url", &a_url);
+    br.fill("#host-fingerprint", &a_fp);
+    br.fill("#host-token", "wrong");
+    br.click("#add-host-submit");
+    assert!(
+        br.text("#flash-err").contains("token"),
+        "{}",
+        br.text("#flash-err")
+    );
+    assert_eq!(br.count("#hosts tr[data-host]"), 0);
+    for (url, fp, token, name) in [
+        (&a_url, &a_fp, &a_token, "site-a"),
+        (&b_url, &b_fp, &b_token, "site-b"),
+    ] {
+        br.fill("#host-url", url);
+        br.fill("#host-fingerprint", fp);
+        br.fill("#host-token", token);
+        br.click("#add-host-submit");
+        assert_eq!(br.flash_ok(), format!("host {name} added"));
+    }
+    for name in ["site-a", "site-b"] {
+        br.wait_text(
+            &format!("{base}/hosts"),
+            &format!("#hosts tr[data-host='{name}'] .status"),
+            Duration::from_secs(30),
+            |t| t.starts_with("REACHABLE"),
+        );
+    }
+    br.screenshot(&shots.join("hosts.png"));
+
+    // The guest on site-a, then replication through the wizard.
+    br.wait_text(
+        &format!("{base}/vms"),
+        "tr[data-host='site-a'][data-vm='app'] .vm-state",
+        Duration::from_secs(30),
+        |t| t == "running",
+    );
+    br.click("tr[data-host='site-a'][data-vm='app'] a");
+    br.click("#enable-replication");
+    br.select("#replica-host", "site-b");
+    br.fill("#interval", "nonsense");
+    br.click("#enable-submit");
+    let err = br.text("#flash-err");
+    assert!(err.contains("nonsense"), "{err}");
+    assert!(a
+        .ferry_json(&["replication", "list"])
+        .as_array()
+        .unwrap()
+        .is_empty());
+    br.select("#replica-host", "site-b");
+    br.fill("#interval", "5s");
+    br.screenshot(&shots.join("enable-replication.png"));
+    br.click("#enable-submit");
+    let ok = br.flash_ok();
+    assert!(ok.contains("enabled"), "{ok}");
+
+    // The dashboard shows the relationship Normal once cycles run, seen from both sides.
+    br.wait_text(
+        &format!("{base}/"),
+        "#relationships tr[data-vm='app'] .rel-health",
+        Duration::from_secs(180),
+        |t| t == "NORMAL",
+    );
+    br.wait_text(
+        &format!("{base}/"),
+        "#relationships tr[data-vm='app'] .last-test",
+        Duration::from_secs(30),
+        |t| t == "never (not running)",
+    );
+
+    // Test failover from the replica's page.
+    br.goto(&format!("{base}/vms"));
+    br.click("tr[data-host='site-b'][data-vm='app'] a");
+    br.click("#tab-replication");
+    assert_eq!(br.text("#test-failover-status"), "not running");
+    br.click("#action-test_failover");
+    let ok = br.flash_ok();
+    assert!(ok.contains("app-test"), "{ok}");
+    assert_eq!(br.text("#test-failover-status"), "running");
+    // The host itself says so.
+    let h = b.ferry_json(&["replication", "health", "app"]);
+    assert_eq!(h[0]["test_failover_status"], "running", "{h}");
+    assert_eq!(b.vm_state("app-test"), "running");
+    // And the console's other pages reflect it.
+    br.wait_text(
+        &format!("{base}/vms"),
+        "tr[data-host='site-b'][data-vm='app-test'] .vm-state",
+        Duration::from_secs(30),
+        |t| t == "running",
+    );
+    br.screenshot(&shots.join("vms.png"));
+    br.wait_text(
+        &format!("{base}/"),
+        "#relationships tr[data-vm='app'] .last-test",
+        Duration::from_secs(30),
+        |t| t.ends_with("(running)"),
+    );
+    // Let a few cycles land so the history charts have something to draw.
+    std::thread::sleep(Duration::from_secs(15));
+    br.goto(&format!("{base}/"));
+    assert!(
+        br.count(".charts[data-vm='app'] polyline") >= 3,
+        "charts have no data"
+    );
+    br.screenshot(&shots.join("dashboard.png"));
+    br.goto(&format!("{base}/vms"));
+    br.click("tr[data-host='site-b'][data-vm='app'] a");
+    br.click("#tab-replication");
+    assert!(br.count("#points tr") >= 2, "no recovery points shown");
+    br.screenshot(&shots.join("vm-replication.png"));
+
+    // Stop the test failover from the page: the test VM is gone.
+    br.click("#action-stop_test");
+    assert!(br.flash_ok().contains("unchanged"), "{}", br.flash_ok());
+    assert_eq!(br.text("#test-failover-status"), "not running");
+    assert!(b
+        .ferry_err(&["vm", "show", "app-test"])
+        .contains("app-test"));
+    br.goto(&format!("{base}/vms"));
+    br.click("tr[data-host='site-a'][data-vm='app'] a");
+    br.screenshot(&shots.join("vm-overview.png"));
+    br.goto(&format!("{base}/alerts"));
+    br.screenshot(&shots.join("alerts.png"));
+
+    // Logging out ends the session.
+    br.click("#logout");
+    br.goto(&format!("{base}/vms"));
+    assert!(br.url().ends_with("/login"), "{}", br.url());
+}
