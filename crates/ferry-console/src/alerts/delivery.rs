@@ -128,13 +128,16 @@ pub fn mail_text(t: &Transition, alert_id: i64, console_url: &str) -> (String, S
         c.rule,
         c.host
     );
+    let what = match t.kind {
+        TransitionKind::Start => c.message.clone(),
+        TransitionKind::Clear => format!("The condition is gone. Last seen: {}", c.message),
+    };
     let body = format!(
-        "Alert #{alert_id} {verb} at {} UTC.\n\nRule: {}\nHost: {}\nVM: {}\n\n{}\n\nAlerts: {console_url}/alerts\n",
+        "Alert #{alert_id} {verb} at {} UTC.\n\nRule: {}\nHost: {}\nVM: {}\n\n{what}\n\nAlerts: {console_url}/alerts\n",
         crate::web::fmt_time(t.at),
         c.rule,
         c.host,
         c.vm.as_deref().unwrap_or("-"),
-        c.message
     );
     (subject, body)
 }
