@@ -2,18 +2,23 @@
 # Installs the system packages Ferry and its tests need (Debian bookworm, as root):
 # QEMU 7.2 (system emulator and qemu-utils from the same release: the machine may carry a
 # newer qemu-utils from backports, which must be replaced together), the test guest's
-# kernel and busybox, and tools the tests use. Does nothing when all is in place.
+# kernel and busybox, and tools the tests use (the console's: headless Chromium with
+# chromedriver, and Python's aiosmtpd as a real SMTP server). Does nothing when all is in
+# place.
 set -euo pipefail
 
 need_apt=0
 if ! command -v qemu-system-x86_64 >/dev/null || ! qemu-img --version 2>/dev/null | grep -q 'version 7\.2'; then
   need_apt=1
 fi
-for f in /bin/busybox /usr/sbin/modinfo /usr/bin/cpio /usr/bin/flock /usr/bin/nbdinfo /usr/bin/sqlite3 /usr/bin/curl; do
+for f in /bin/busybox /usr/sbin/modinfo /usr/bin/cpio /usr/bin/flock /usr/bin/nbdinfo /usr/bin/sqlite3 /usr/bin/curl \
+  /usr/bin/chromium /usr/bin/chromedriver; do
   [ -e "$f" ] || need_apt=1
 done
 ls /boot/vmlinuz-* >/dev/null 2>&1 || need_apt=1
 command -v python3 >/dev/null || need_apt=1
+# Debian's python3 (not a pyenv shim's): the console's alert test runs /usr/bin/python3.
+/usr/bin/python3 -c 'import aiosmtpd' 2>/dev/null || need_apt=1
 if [ -e /bin/busybox ] && ! file -L /bin/busybox 2>/dev/null | grep -q 'statically linked'; then
   need_apt=1
 fi
@@ -26,7 +31,7 @@ if [ "$need_apt" = 1 ]; then
   apt-get install -y -qq --allow-downgrades \
     "qemu-system-x86=$V" "qemu-utils=$V" "qemu-block-extra=$V" \
     busybox-static linux-image-amd64 cpio kmod file util-linux libnbd-bin iproute2 \
-    sqlite3 curl python3 >/dev/null
+    sqlite3 curl python3 python3-aiosmtpd chromium chromium-driver >/dev/null
 fi
 qemu-system-x86_64 --version | head -n 1
 qemu-img --version | head -n 1
