@@ -4,7 +4,8 @@
 //! hosts are added over their TLS APIs; replication is enabled with the wizard; the
 //! dashboard shows the relationship Normal; a test failover started from the replica's
 //! page runs (the host confirms it) and shows on the page, the VM list and the dashboard;
-//! stopping it from the page removes the test VM. Screenshots of the main pages are saved
+//! stopping it from the page removes the test VM; checkpoints of the primary are created,
+//! renamed, applied and deleted from its page, and the VM is started from it. Screenshots of the main pages are saved
 //! (to `FERRY_SCREENSHOTS` when set: docs/screenshots holds the committed ones).
 
 mod common;
@@ -192,6 +193,47 @@ fn browser_logs_in_adds_hosts_sees_health_and_runs_a_test_failover() {
     br.goto(&format!("{base}/vms"));
     br.click("tr[data-host='site-a'][data-vm='app'] a");
     br.screenshot(&shots.join("vm-overview.png"));
+
+    // Checkpoints of the (replicated) primary: create, rename, apply, delete.
+    br.click("#tab-checkpoints");
+    for name in ["before-upgrade", "second"] {
+        br.fill("#checkpoint-name", name);
+        br.click("#action-cp_create");
+        br.flash_ok();
+        assert_eq!(br.count(&format!("tr[data-checkpoint='{name}']")), 1);
+    }
+    br.fill(
+        "tr[data-checkpoint='before-upgrade'] input[name=name]",
+        "baseline",
+    );
+    br.click("tr[data-checkpoint='before-upgrade'] #action-cp_rename");
+    assert_eq!(br.flash_ok(), "checkpoint renamed to baseline");
+    br.click("tr[data-checkpoint='baseline'] #action-cp_apply");
+    br.flash_ok();
+    let list = a.ferry_json(&["checkpoint", "list", "app"]);
+    let id_of = |name: &str| {
+        list["checkpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name)
+            .unwrap_or_else(|| panic!("no checkpoint {name}: {list}"))["id"]
+            .clone()
+    };
+    assert_eq!(list["current"], id_of("baseline"), "{list}");
+    assert_eq!(br.count("#checkpoint-now"), 1);
+    br.screenshot(&shots.join("vm-checkpoints.png"));
+    br.click("tr[data-checkpoint='second'] #action-cp_delete");
+    br.flash_ok();
+    let list = a.ferry_json(&["checkpoint", "list", "app"]);
+    assert_eq!(list["checkpoints"].as_array().unwrap().len(), 1, "{list}");
+    assert_eq!(br.count("tr[data-checkpoint='second']"), 0);
+    // VM actions: the apply left it off; start it from its page.
+    br.click("#tab-overview");
+    assert_eq!(br.text("#vm-state"), "off");
+    br.click("#action-start");
+    br.flash_ok();
+    assert_eq!(a.vm_state("app"), "running");
     br.goto(&format!("{base}/alerts"));
     br.screenshot(&shots.join("alerts.png"));
 

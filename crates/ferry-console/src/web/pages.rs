@@ -9,8 +9,9 @@ use axum::extract::{Path, Query, State};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::{Extension, Form};
 use ferry_api_types::{
-    ActionReply, EnableReplicationRequest, EventInfo, RecoveryPointInfo, ReplicaServerInfo,
-    ReplicationHealthInfo, ReplicationInfo, ServerInfo, ShutdownRequest, VmInfo,
+    ActionReply, CheckpointCreated, CheckpointInfo, CheckpointList, EnableReplicationRequest,
+    EventInfo, RecoveryPointInfo, ReplicaServerInfo, ReplicationHealthInfo, ReplicationInfo,
+    ServerInfo, ShutdownRequest, VmInfo,
 };
 use ferry_client::{normalize_fingerprint, Client, Endpoint};
 use serde::Deserialize;
@@ -450,12 +451,14 @@ pub async fn vm_page(
     let url = vm_url(id, &vm);
     let mut body = flash(&f);
     body.push_str(&format!(
-        r#"<p>Host <b>{}</b> · state <b id="vm-state">{}</b></p><p class="tabs"><a href="{url}?tab=overview" id="tab-overview">Overview</a><a href="{url}?tab=replication" id="tab-replication">Replication</a></p>"#,
+        r#"<p>Host <b>{}</b> · state <b id="vm-state">{}</b></p><p class="tabs"><a href="{url}?tab=overview" id="tab-overview">Overview</a><a href="{url}?tab=replication" id="tab-replication">Replication</a><a href="{url}?tab=checkpoints" id="tab-checkpoints">Checkpoints</a></p>"#,
         esc(&row.name),
         esc(&info.state.to_string()),
     ));
     if tab == "replication" {
         body.push_str(&replication_tab(&s, &c, id, &row, &info, rep.as_ref()).await);
+    } else if tab == "checkpoints" {
+        body.push_str(&checkpoints_tab(&c, id, &vm).await);
     } else {
         body.push_str(&overview_tab(id, &info, rep.as_ref()));
         let events: Vec<EventInfo> = c
@@ -771,6 +774,84 @@ async fn replication_tab(
     out
 }
 
+/// The checkpoint tree (each checkpoint under its parent, "Now" under the current one) and
+/// its actions: create, apply, rename, delete (optionally with its subtree).
+async fn checkpoints_tab(c: &Client, id: i64, vm: &str) -> String {
+    let list: CheckpointList = match c.get(&api_vm(vm, "/checkpoints")).await {
+        Ok(l) => l,
+        Err(e) => {
+            return format!(
+                r#"<p class="error" id="checkpoints-error">{}</p>"#,
+                esc(&error_chain(&e))
+            )
+        }
+    };
+    let mut out = String::from(
+        r#"<table id="checkpoints"><tr><th>Checkpoint</th><th>Kind</th><th>Consistency</th><th>Taken (UTC)</th><th>Actions</th></tr>"#,
+    );
+    walk_checkpoints(&list, None, 0, id, vm, &mut out);
+    out.push_str("</table><fieldset><legend>New checkpoint</legend>");
+    out.push_str(&action_button(
+        id,
+        vm,
+        "cp_create",
+        "Create checkpoint",
+        r#"<input name="name" id="checkpoint-name" placeholder="name (default: VM and time)"><select name="kind" id="checkpoint-kind"><option>production</option><option>standard</option></select>"#,
+    ));
+    out.push_str("</fieldset>");
+    out
+}
+
+/// Rows of the checkpoints below `parent`, depth first, so children sit under their parent.
+fn walk_checkpoints(
+    list: &CheckpointList,
+    parent: Option<i64>,
+    depth: usize,
+    id: i64,
+    vm: &str,
+    out: &mut String,
+) {
+    for cp in list.checkpoints.iter().filter(|c| c.parent_id == parent) {
+        out.push_str(&checkpoint_row(cp, depth, id, vm));
+        if list.current == Some(cp.id) {
+            out.push_str(&format!(
+                r#"<tr><td style="padding-left:{}px" id="checkpoint-now"><i>Now</i></td><td colspan="4"></td></tr>"#,
+                26 + depth * 18
+            ));
+        }
+        walk_checkpoints(list, Some(cp.id), depth + 1, id, vm, out);
+    }
+}
+
+fn checkpoint_row(cp: &CheckpointInfo, depth: usize, id: i64, vm: &str) -> String {
+    let hidden = format!(
+        r#"<input type="hidden" name="checkpoint" value="{}">"#,
+        cp.id
+    );
+    let form = |action: &str, label: &str, extra: &str| {
+        action_button(id, vm, action, label, &format!("{hidden}{extra}"))
+    };
+    format!(
+        r#"<tr data-checkpoint="{name}"><td style="padding-left:{pad}px">{name}</td><td>{kind}</td><td>{cons}</td><td>{at}</td><td>{apply}{rename}{delete}</td></tr>"#,
+        name = esc(&cp.name),
+        pad = 8 + depth * 18,
+        kind = esc(&cp.kind),
+        cons = esc(&cp.consistency),
+        at = fmt_time(cp.created_ms / 1000),
+        apply = form(
+            "cp_apply",
+            "Apply",
+            r#"<label class="inline"><input type="checkbox" name="checkpoint_first"> checkpoint first</label>"#
+        ),
+        rename = form("cp_rename", "Rename", r#"<input name="name" size="16">"#),
+        delete = form(
+            "cp_delete",
+            "Delete",
+            r#"<label class="inline"><input type="checkbox" name="subtree"> with subtree</label>"#
+        ),
+    )
+}
+
 /// `POST /hosts/{id}/vms/{vm}/action`: one action, sent to the VM's host.
 pub async fn vm_action(
     State(s): State<Shared>,
@@ -780,6 +861,8 @@ pub async fn vm_action(
     let action = f.get("action").map(String::as_str).unwrap_or("");
     let tab = if matches!(action, "start" | "shutdown" | "stop") {
         "overview"
+    } else if action.starts_with("cp_") {
+        "checkpoints"
     } else {
         "replication"
     };
@@ -882,6 +965,54 @@ async fn run_action(
             .await
             .map(info)
             .map_err(e)
+        }
+        "cp_create" => {
+            let kind = match f.get("kind").map(String::as_str).unwrap_or("production") {
+                k @ ("production" | "standard") => k,
+                k => return Err(format!("checkpoint kind {k:?}: use production or standard")),
+            };
+            let name = f.get("name").map(|n| n.trim()).filter(|n| !n.is_empty());
+            c.post::<_, CheckpointCreated>(
+                &api_vm(vm, "/checkpoints"),
+                &serde_json::json!({ "name": name, "kind": kind }),
+            )
+            .await
+            .map(|r| r.message)
+            .map_err(e)
+        }
+        "cp_apply" | "cp_rename" | "cp_delete" => {
+            let cp: i64 = f
+                .get("checkpoint")
+                .and_then(|c| c.parse().ok())
+                .ok_or("choose a checkpoint")?;
+            let path = api_vm(vm, &format!("/checkpoints/{cp}"));
+            match action {
+                "cp_apply" => c
+                    .post(
+                        &format!("{path}/apply"),
+                        &serde_json::json!({ "checkpoint_first": checked(f, "checkpoint_first") }),
+                    )
+                    .await
+                    .map(reply)
+                    .map_err(e),
+                "cp_rename" => {
+                    let name = f.get("name").map(|n| n.trim()).unwrap_or("");
+                    if name.is_empty() {
+                        return Err("rename: give the new name".into());
+                    }
+                    c.post::<_, CheckpointInfo>(
+                        &format!("{path}/rename"),
+                        &serde_json::json!({ "name": name }),
+                    )
+                    .await
+                    .map(|i| format!("checkpoint renamed to {}", i.name))
+                    .map_err(e)
+                }
+                _ => {
+                    let q = if checked(f, "subtree") { "?subtree=true" } else { "" };
+                    c.delete(&format!("{path}{q}")).await.map(reply).map_err(e)
+                }
+            }
         }
         other => Err(format!("unknown action {other:?}")),
     }
