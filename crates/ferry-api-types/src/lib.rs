@@ -258,6 +258,21 @@ pub struct ReplicaServerInfo {
     pub config: ReplicaServerConfig,
     /// `ip:port` it listens on when enabled.
     pub listening: Option<String>,
+    /// Free and total space of each replica storage location, measured now (for
+    /// monitoring: replicas fail when it runs out).
+    #[serde(default)]
+    pub storage: Vec<StorageSpace>,
+}
+
+/// Space on the filesystem of one storage location.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StorageSpace {
+    /// The configured location.
+    pub path: String,
+    /// Bytes an unprivileged writer can still use.
+    pub free_bytes: u64,
+    /// Size of the filesystem.
+    pub total_bytes: u64,
 }
 
 /// Changes to the replica-server role; absent fields stay as they are.

@@ -782,12 +782,49 @@ pub async fn remove(shared: &Arc<Shared>, name: &str) -> Result<ActionReply, Api
 
 /// `GET /v1/replica-server`.
 pub fn replica_server_info(shared: &Shared) -> ReplicaServerInfo {
+    let config = replica::load_config(&shared.store);
+    let mut paths: Vec<&str> = config
+        .default_storage
+        .iter()
+        .map(String::as_str)
+        .chain(config.entries.iter().map(|e| e.storage.as_str()))
+        .filter(|p| !p.is_empty())
+        .collect();
+    paths.sort_unstable();
+    paths.dedup();
+    let storage = paths.into_iter().filter_map(storage_space).collect();
     ReplicaServerInfo {
         name: shared.cfg.name.clone(),
         fingerprint: shared.identity.fingerprint.clone(),
-        config: replica::load_config(&shared.store),
         listening: shared.replica.listening.lock().expect("listening").clone(),
+        config,
+        storage,
     }
+}
+
+/// Free and total bytes of the filesystem holding `path` (or, before the first replica
+/// creates it, its nearest existing ancestor).
+fn storage_space(path: &str) -> Option<ferry_api_types::StorageSpace> {
+    use std::os::unix::ffi::OsStrExt;
+    let mut dir = std::path::Path::new(path);
+    while !dir.exists() {
+        dir = dir.parent()?;
+    }
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs writes only into the struct we pass; the path is NUL-terminated.
+    let st = unsafe {
+        let mut st: libc::statvfs = std::mem::zeroed();
+        if libc::statvfs(c.as_ptr(), &mut st) != 0 {
+            return None;
+        }
+        st
+    };
+    let frsize = st.f_frsize as u64;
+    Some(ferry_api_types::StorageSpace {
+        path: path.to_owned(),
+        free_bytes: (st.f_bavail as u64).saturating_mul(frsize),
+        total_bytes: (st.f_blocks as u64).saturating_mul(frsize),
+    })
 }
 
 /// `POST /v1/replica-server`.
