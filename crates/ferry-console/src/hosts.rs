@@ -9,12 +9,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_api_types::{
-    RecoveryPointInfo, ReplicationHealthInfo, ReplicationInfo, ServerInfo, VmInfo,
+    RecoveryPointInfo, ReplicaServerInfo, ReplicationHealthInfo, ReplicationInfo, ServerInfo,
+    VmInfo,
 };
 use ferry_client::{Client, Endpoint};
 use tokio::sync::{Notify, RwLock};
 
-use crate::alerts::rules::{Observations, RelationshipObservation};
+use crate::alerts::rules::{Observations, RelationshipObservation, StorageObservation};
 use crate::alerts::Alerter;
 use crate::store::{CycleRow, HostRow, SampleRow, Store};
 
@@ -60,6 +61,8 @@ pub struct HostView {
     pub replication: Vec<ReplicationInfo>,
     /// Their health.
     pub health: Vec<ReplicationHealthInfo>,
+    /// Its replica-server role (with its storage's free space).
+    pub replica_server: Option<ReplicaServerInfo>,
 }
 
 impl HostView {
@@ -157,6 +160,16 @@ impl Poller {
                     last_test_failover_at: h.last_test_failover_at,
                 });
             }
+            if let Some(rs) = v.replica_server.as_ref().filter(|rs| rs.config.enabled) {
+                for s in &rs.storage {
+                    obs.storage.push(StorageObservation {
+                        host: v.row.name.clone(),
+                        path: s.path.clone(),
+                        free_bytes: s.free_bytes,
+                        total_bytes: s.total_bytes,
+                    });
+                }
+            }
             self.record_history(v, now).await;
         }
         // The console names hosts as they named themselves when added; relationships name
@@ -247,7 +260,8 @@ pub async fn poll_host(row: HostRow, now: i64) -> HostView {
         let vms: Vec<VmInfo> = c.get("/v1/vms").await?;
         let replication: Vec<ReplicationInfo> = c.get("/v1/replication").await?;
         let health: Vec<ReplicationHealthInfo> = c.get("/v1/replication/health").await?;
-        Ok::<_, ferry_client::ClientError>((server, vms, replication, health))
+        let replica_server: ReplicaServerInfo = c.get("/v1/replica-server").await?;
+        Ok::<_, ferry_client::ClientError>((server, vms, replication, health, replica_server))
     };
     let mut view = HostView {
         row,
@@ -257,9 +271,11 @@ pub async fn poll_host(row: HostRow, now: i64) -> HostView {
         vms: Vec::new(),
         replication: Vec::new(),
         health: Vec::new(),
+        replica_server: None,
     };
     match tokio::time::timeout(Duration::from_secs(20), read).await {
-        Ok(Ok((server, vms, replication, health))) => {
+        Ok(Ok((server, vms, replication, health, replica_server))) => {
+            view.replica_server = Some(replica_server);
             view.server = Some(server);
             view.vms = vms;
             view.replication = replication;

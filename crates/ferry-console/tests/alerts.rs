@@ -215,6 +215,8 @@ fn alerts_mail_and_webhook_once_when_replication_is_cut_and_once_when_it_is_rest
         ("failover_not_reversed_min", "60"),
         ("host_unreachable", "on"),
         ("test_failover_max_age_days", "30"),
+        // Off until the end, where it is tried at 100 %.
+        ("storage_free_min_percent", "0"),
         ("debounce_s", "4"),
         ("smtp_host", "127.0.0.1"),
         ("smtp_port", "not-a-port"),
@@ -230,7 +232,11 @@ fn alerts_mail_and_webhook_once_when_replication_is_cut_and_once_when_it_is_rest
     let to = console.post(&cookie, "/alerts/settings", &settings);
     assert!(to.contains("err=SMTP%20port"), "{to}");
     assert!(!console.get(&cookie, "/alerts").contains("127.0.0.1"));
-    settings[9].1 = &smtp_port_s;
+    let port_field = settings
+        .iter()
+        .position(|(k, _)| *k == "smtp_port")
+        .unwrap();
+    settings[port_field].1 = &smtp_port_s;
     let to = console.post(&cookie, "/alerts/settings", &settings);
     assert!(to.contains("ok="), "{to}");
     let page = console.get(&cookie, "/alerts");
@@ -340,6 +346,30 @@ fn alerts_mail_and_webhook_once_when_replication_is_cut_and_once_when_it_is_rest
     assert_eq!(hook["host"], "site-b", "{hook}");
     assert_eq!(count(&hooks, "alert_started", "host_unreachable"), 1);
     assert_eq!(count(&hooks, "alert_cleared", "host_unreachable"), 1);
+
+    // Replica storage free space, as site-b measures it: no filesystem has 100 % free, so
+    // that threshold alerts, and turning the rule off clears it.
+    let pct = settings
+        .iter()
+        .position(|(k, _)| *k == "storage_free_min_percent")
+        .unwrap();
+    settings[pct].1 = "100";
+    console.post(&cookie, "/alerts/settings", &settings);
+    let mail = smtp.wait_subject("ALERT: storage_free (site-b)", Duration::from_secs(60));
+    let body = mail["body"].as_str().unwrap();
+    assert!(
+        body.contains(&format!(
+            "Replica storage {} on site-b has",
+            storage.display()
+        )),
+        "{body}"
+    );
+    assert!(console
+        .get(&cookie, "/hosts")
+        .contains(&format!("{}: ", storage.display())));
+    settings[pct].1 = "0";
+    console.post(&cookie, "/alerts/settings", &settings);
+    smtp.wait_subject("CLEARED: storage_free (site-b)", Duration::from_secs(60));
 }
 
 fn free_port_on(ip: &str) -> u16 {

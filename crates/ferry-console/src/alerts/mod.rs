@@ -133,6 +133,7 @@ fn rule_name(s: &str) -> &'static str {
         "initial_not_finished",
         "failover_not_reversed",
         "test_failover_age",
+        "storage_free",
     ]
     .into_iter()
     .find(|r| *r == s)

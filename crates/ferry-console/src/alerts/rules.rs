@@ -41,6 +41,8 @@ pub struct RuleSettings {
     pub host_unreachable: bool,
     /// Alert when a replica's last test failover is older than this many days (0 = off).
     pub test_failover_max_age_days: u32,
+    /// Alert when a replica storage location has less than this percent free (0 = off).
+    pub storage_free_min_percent: u32,
     /// Seconds a condition must hold before it alerts, and be gone before it clears.
     pub debounce_s: u32,
 }
@@ -55,6 +57,7 @@ impl Default for RuleSettings {
             failover_not_reversed_min: 60,
             host_unreachable: true,
             test_failover_max_age_days: 30,
+            storage_free_min_percent: 10,
             debounce_s: 60,
         }
     }
@@ -71,6 +74,9 @@ impl RuleSettings {
         }
         if self.rpo_factor > 1000 {
             return Err("RPO factor: use 0 (off) to 1000".into());
+        }
+        if self.storage_free_min_percent > 100 {
+            return Err("free space: use 0 (off) to 100 percent".into());
         }
         if self.debounce_s > 86_400 {
             return Err("debounce: use 0 to 86400 seconds".into());
@@ -106,6 +112,19 @@ pub struct RelationshipObservation {
     pub last_test_failover_at: Option<i64>,
 }
 
+/// Space on a replica server's storage location.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StorageObservation {
+    /// The replica server.
+    pub host: String,
+    /// The location.
+    pub path: String,
+    /// Free bytes.
+    pub free_bytes: u64,
+    /// Size of its filesystem.
+    pub total_bytes: u64,
+}
+
 /// What one poll saw.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Observations {
@@ -115,6 +134,8 @@ pub struct Observations {
     pub unreachable: BTreeMap<String, String>,
     /// Every relationship reported by a reachable host.
     pub relationships: Vec<RelationshipObservation>,
+    /// Replica storage locations of reachable replica servers.
+    pub storage: Vec<StorageObservation>,
 }
 
 /// A condition found now.
@@ -152,6 +173,37 @@ pub fn conditions(obs: &Observations, rules: &RuleSettings, now: i64) -> Vec<Con
                     hosts: vec![host.clone()],
                     vm: None,
                     message: format!("Host {host} cannot be reached: {error}"),
+                    hold_s: debounce,
+                },
+            );
+        }
+    }
+    if rules.storage_free_min_percent > 0 {
+        for s in &obs.storage {
+            let min = u128::from(rules.storage_free_min_percent);
+            if s.total_bytes == 0
+                || u128::from(s.free_bytes) * 100 >= min * u128::from(s.total_bytes)
+            {
+                continue;
+            }
+            let key = format!("storage_free:{}:{}", s.host, s.path);
+            out.insert(
+                key.clone(),
+                Condition {
+                    key,
+                    rule: "storage_free",
+                    host: s.host.clone(),
+                    hosts: vec![s.host.clone()],
+                    vm: None,
+                    message: format!(
+                        "Replica storage {} on {} has {} MiB free of {} MiB ({} %), under {} %",
+                        s.path,
+                        s.host,
+                        s.free_bytes >> 20,
+                        s.total_bytes >> 20,
+                        u128::from(s.free_bytes) * 100 / u128::from(s.total_bytes),
+                        rules.storage_free_min_percent
+                    ),
                     hold_s: debounce,
                 },
             );
@@ -431,6 +483,7 @@ mod tests {
             reachable: ["a".to_string(), "b".to_string()].into(),
             unreachable: BTreeMap::new(),
             relationships: rels,
+            storage: Vec::new(),
         }
     }
 
@@ -614,6 +667,38 @@ mod tests {
         assert_eq!(c.len(), 1);
         assert_eq!(c[0].rule, "test_failover_age");
         assert!(conditions(&obs(vec![o]), &r, 3600).is_empty());
+    }
+
+    #[test]
+    fn low_replica_storage_alerts_per_location() {
+        let r = rules(0);
+        let space = |free: u64| StorageObservation {
+            host: "b".into(),
+            path: "/srv/replicas".into(),
+            free_bytes: free,
+            total_bytes: 1000 << 20,
+        };
+        let o = |free| Observations {
+            storage: vec![space(free)],
+            ..obs(vec![])
+        };
+        assert!(
+            conditions(&o(100 << 20), &r, 0).is_empty(),
+            "10 % free is not under 10 %"
+        );
+        let c = conditions(&o(99 << 20), &r, 0);
+        assert_eq!(c.len(), 1);
+        assert_eq!(c[0].key, "storage_free:b:/srv/replicas");
+        assert!(
+            c[0].message.contains("99 MiB free of 1000 MiB (9 %)"),
+            "{}",
+            c[0].message
+        );
+        let t = run(&r, &[(0, o(1 << 20)), (10, o(1 << 20)), (20, o(500 << 20))]);
+        assert_eq!(
+            t,
+            vec![(0, "start", "storage_free"), (20, "clear", "storage_free")]
+        );
     }
 
     #[test]

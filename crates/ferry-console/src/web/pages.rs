@@ -286,7 +286,7 @@ pub async fn hosts(
     let fleet = s.poller.fleet.read().await;
     let rows = s.store.hosts().unwrap_or_default();
     let mut body = flash(&f);
-    body.push_str(r#"<table id="hosts"><tr><th>Host</th><th>URL</th><th>Fingerprint (pinned)</th><th>Status</th><th>Version</th><th>Accel</th><th>VMs</th><th></th></tr>"#);
+    body.push_str(r#"<table id="hosts"><tr><th>Host</th><th>URL</th><th>Fingerprint (pinned)</th><th>Status</th><th>Version</th><th>Accel</th><th>VMs</th><th>Replica storage free</th><th></th></tr>"#);
     for h in &rows {
         let v = fleet.hosts.get(&h.id);
         let (status, version, accel, vms) = match v {
@@ -315,8 +315,30 @@ pub async fn hosts(
                 (None, None) => (String::new(), String::new(), String::new(), String::new()),
             },
         };
+        let storage: Vec<String> = v
+            .and_then(|v| v.replica_server.as_ref())
+            .filter(|rs| rs.config.enabled)
+            .map(|rs| {
+                rs.storage
+                    .iter()
+                    .map(|st| {
+                        format!(
+                            "{}: {} of {}",
+                            esc(&st.path),
+                            fmt_bytes(st.free_bytes),
+                            fmt_bytes(st.total_bytes)
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let storage = if storage.is_empty() {
+            "-".to_string()
+        } else {
+            storage.join("<br>")
+        };
         body.push_str(&format!(
-            r#"<tr data-host="{name}"><td>{name}</td><td>{url}</td><td><code>{fp}</code></td><td class="status">{status}</td><td>{version}</td><td>{accel}</td><td>{vms}</td><td><form method="post" action="/hosts/{id}/remove"><button type="submit">Remove</button></form></td></tr>"#,
+            r#"<tr data-host="{name}"><td>{name}</td><td>{url}</td><td><code>{fp}</code></td><td class="status">{status}</td><td>{version}</td><td>{accel}</td><td>{vms}</td><td class="storage">{storage}</td><td><form method="post" action="/hosts/{id}/remove"><button type="submit">Remove</button></form></td></tr>"#,
             name = esc(&h.name),
             url = esc(&h.url),
             fp = esc(&h.fingerprint),
@@ -1314,6 +1336,7 @@ pub async fn alerts(
 <label>Failover not reversed after <input name="failover_not_reversed_min" type="number" min="0" value="{fo}"> min (0: off)</label>
 <label><input type="checkbox" name="host_unreachable"{hu}> host unreachable</label>
 <label>No test failover in <input name="test_failover_max_age_days" type="number" min="0" value="{tf}"> days (0: off)</label>
+<label>Replica storage under <input name="storage_free_min_percent" type="number" min="0" max="100" value="{sf}"> % free (0: off)</label>
 <label>A condition alerts after holding, and clears after being gone, for <input name="debounce_s" type="number" min="0" value="{db}"> s</label></fieldset>
 <fieldset><legend>E-mail (SMTP)</legend>
 <label>Server <input name="smtp_host" value="{sh}"> port <input name="smtp_port" type="number" value="{sp}"></label>
@@ -1334,6 +1357,7 @@ pub async fn alerts(
         fo = r.failover_not_reversed_min,
         hu = chk(r.host_unreachable),
         tf = r.test_failover_max_age_days,
+        sf = r.storage_free_min_percent,
         db = r.debounce_s,
         sh = esc(&c.smtp_host),
         sp = c.smtp_port,
@@ -1386,6 +1410,7 @@ pub async fn save_alert_settings(
                     "test_failover_max_age_days",
                     "test failover days",
                 )?,
+                storage_free_min_percent: num("storage_free_min_percent", "free space percent")?,
                 debounce_s: num("debounce_s", "debounce")?,
             },
             channels: delivery::ChannelSettings {
