@@ -84,6 +84,9 @@ pub struct Fleet {
     pub hosts: BTreeMap<i64, HostView>,
 }
 
+/// How long the history is kept.
+pub const HISTORY_DAYS: i64 = 30;
+
 /// Polls hosts and keeps the fleet snapshot.
 pub struct Poller {
     store: Arc<Store>,
@@ -92,6 +95,7 @@ pub struct Poller {
     pub fleet: RwLock<Fleet>,
     wake: Notify,
     interval: Duration,
+    last_prune: std::sync::atomic::AtomicI64,
 }
 
 impl Poller {
@@ -103,6 +107,7 @@ impl Poller {
             fleet: RwLock::new(Fleet::default()),
             wake: Notify::new(),
             interval,
+            last_prune: std::sync::atomic::AtomicI64::new(0),
         }
     }
 
@@ -183,6 +188,16 @@ impl Poller {
             }
         }
         self.alerter.evaluate(&obs, now).await;
+        // Old history goes once an hour (a full scan: not worth doing every poll).
+        use std::sync::atomic::Ordering;
+        if now - self.last_prune.load(Ordering::Relaxed) >= 3600 {
+            self.last_prune.store(now, Ordering::Relaxed);
+            match self.store.prune_history(now - HISTORY_DAYS * 86_400) {
+                Ok(n) if n > 0 => tracing::info!("pruned {n} history rows"),
+                Ok(_) => {}
+                Err(e) => tracing::error!("cannot prune history: {e}"),
+            }
+        }
     }
 
     async fn record_history(&self, v: &HostView, now: i64) {

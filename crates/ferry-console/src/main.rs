@@ -59,6 +59,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let config = Config::load(&cli.config)?;
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create {}", config.data_dir.display()))?;
+    // The store holds host tokens and the SMTP password: only the console's user reads it.
+    std::fs::set_permissions(
+        &config.data_dir,
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .with_context(|| format!("cannot restrict {}", config.data_dir.display()))?;
     let store = Arc::new(Store::open(&config.data_dir)?);
     match cli.cmd.unwrap_or(Cmd::Serve) {
         Cmd::SetPassword { user } => {

@@ -318,6 +318,14 @@ impl Store {
         })
     }
 
+    /// Deletes history older than `before` (samples and cycles).
+    pub fn prune_history(&self, before: i64) -> Result<usize> {
+        self.with(|c| {
+            let n = c.execute("DELETE FROM samples WHERE at < ?1", [before])?;
+            Ok(n + c.execute("DELETE FROM cycles WHERE taken_at < ?1", [before])?)
+        })
+    }
+
     /// A relationship's samples since `since`, oldest first.
     pub fn samples(&self, host_id: i64, vm: &str, since: i64) -> Result<Vec<SampleRow>> {
         self.with(|c| {
@@ -525,6 +533,19 @@ mod tests {
         )
         .unwrap();
         assert_eq!(s.last_cycle(id, "vm").unwrap(), Some(3));
+        assert_eq!(s.prune_history(6).unwrap(), 1);
+        assert!(s.cycles(id, "vm", 0).unwrap().is_empty());
+        s.add_cycles(
+            id,
+            "vm",
+            &[CycleRow {
+                cycle: 4,
+                taken_at: 9,
+                applied_at: 9,
+                bytes: 1,
+            }],
+        )
+        .unwrap();
         drop(s);
         // Reopening keeps everything and does not migrate again.
         let s = Store::open(dir.path()).unwrap();
