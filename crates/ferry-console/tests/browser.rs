@@ -5,7 +5,9 @@
 //! dashboard shows the relationship Normal; a test failover started from the replica's
 //! page runs (the host confirms it) and shows on the page, the VM list and the dashboard;
 //! stopping it from the page removes the test VM; checkpoints of the primary are created,
-//! renamed, applied and deleted from its page, and the VM is started from it. Screenshots of the main pages are saved
+//! renamed, applied and deleted from its page; the VM is started and shut down, its
+//! replication suspended and resumed, and a planned failover with reverse replication run
+//! from its page. Screenshots of the main pages are saved
 //! (to `FERRY_SCREENSHOTS` when set: docs/screenshots holds the committed ones).
 
 mod common;
@@ -16,13 +18,15 @@ use common::{
     form, host_form, http, screenshot_dir, start_guest, Browser, Console, PASSWORD, USER,
 };
 use ferry_testkit::host::Host;
-use ferry_testkit::replication::enable_replica_server;
+use ferry_testkit::replication::{enable_replica_server, status};
 
 #[test]
 fn browser_logs_in_adds_hosts_sees_health_and_runs_a_test_failover() {
     let a = Host::start("site-a", "127.0.0.1", "accel = \"tcg\"");
     let b = Host::start("site-b", "127.0.0.2", "accel = \"tcg\"");
     enable_replica_server(&b, "127.0.0.2");
+    // site-a too: the planned failover at the end reverses replication to it.
+    enable_replica_server(&a, "127.0.0.1");
     start_guest(&a, "app", 41);
     let console = Console::start(2);
     let base = format!("http://{}", console.addr);
@@ -228,12 +232,50 @@ fn browser_logs_in_adds_hosts_sees_health_and_runs_a_test_failover() {
     let list = a.ferry_json(&["checkpoint", "list", "app"]);
     assert_eq!(list["checkpoints"].as_array().unwrap().len(), 1, "{list}");
     assert_eq!(br.count("tr[data-checkpoint='second']"), 0);
-    // VM actions: the apply left it off; start it from its page.
+    // VM actions: the apply left it off; start it and shut it down (ACPI) from its page.
     br.click("#tab-overview");
     assert_eq!(br.text("#vm-state"), "off");
+    let boots = a.console("app").matches("GUEST: READY").count();
     br.click("#action-start");
     br.flash_ok();
     assert_eq!(a.vm_state("app"), "running");
+    // The console log keeps earlier boots' lines: wait for this boot's READY (the guest
+    // listens to the power button from then on).
+    a.wait_console(
+        "app",
+        Duration::from_secs(90),
+        "the guest booted again",
+        |c| c.matches("GUEST: READY").count() > boots,
+    );
+    br.click("#action-shutdown");
+    br.flash_ok();
+    assert_eq!(a.vm_state("app"), "off");
+
+    // Replication actions on the primary: suspend and resume.
+    br.click("#tab-replication");
+    br.click("#action-suspend");
+    assert!(
+        br.flash_ok().contains("Replication Paused"),
+        "{}",
+        br.flash_ok()
+    );
+    assert_eq!(status(&a, "app")["state"], "suspended");
+    br.click("#action-resume");
+    br.flash_ok();
+    assert_eq!(status(&a, "app")["state"], "replicating");
+
+    // Planned failover with reverse replication, from site-a's page: site-b becomes the
+    // primary and replicates back to site-a.
+    br.check("input[name=reverse]");
+    br.click("#action-planned");
+    let ok = br.flash_ok();
+    assert!(ok.contains("reversed"), "{ok}");
+    assert_eq!(status(&b, "app")["role"], "primary");
+    assert_eq!(status(&a, "app")["role"], "replica");
+    assert_eq!(
+        br.text("#replication-state"),
+        status(&a, "app")["state_label"]
+    );
     br.goto(&format!("{base}/alerts"));
     br.screenshot(&shots.join("alerts.png"));
 

@@ -172,6 +172,11 @@ pub struct Console {
 impl Console {
     /// Writes a config polling every `poll_s` seconds, creates the test user, starts it.
     pub fn start(poll_s: u64) -> Self {
+        Self::start_with(poll_s, "")
+    }
+
+    /// The same, with `extra` appended to the config (e.g. an `[auth]` table).
+    pub fn start_with(poll_s: u64, extra: &str) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("ferry-console-")
             .tempdir_in("/tmp")
@@ -181,7 +186,7 @@ impl Console {
         std::fs::write(
             &config,
             format!(
-                "listen = \"{addr}\"\ndata_dir = \"{}\"\npoll_interval_s = {poll_s}\n",
+                "listen = \"{addr}\"\ndata_dir = \"{}\"\npoll_interval_s = {poll_s}\n{extra}\n",
                 dir.path().join("data").display()
             ),
         )
@@ -442,6 +447,12 @@ impl Browser {
             &self.s("/execute/sync"),
             json!({ "script": js, "args": [] }),
         )
+    }
+
+    /// Clicks a checkbox (or anything that does not leave the page).
+    pub fn check(&self, css: &str) {
+        let e = self.find(css);
+        self.call("POST", &self.s(&format!("/element/{e}/click")), json!({}));
     }
 
     /// Clicks the element matching `css` (a link or a submit button) and waits for the
