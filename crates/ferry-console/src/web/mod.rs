@@ -307,6 +307,7 @@ fieldset{background:#fff;border:1px solid #d5d8de;margin:8px 0;padding:8px}
 label{display:block;margin:4px 0}.inline{display:inline-block;margin:2px}
 .charts svg{margin:4px}.tabs a{margin-right:12px}.login{max-width:320px;background:#fff;padding:16px}
 button{cursor:pointer}
+#hosts td:nth-child(3){max-width:300px;word-break:break-all;font-size:12px}
 "#;
 
 /// The page frame: navigation (when signed in) and the body.
