@@ -192,9 +192,13 @@ impl Store {
         self.with(|c| c.query_row("SELECT count(*) FROM users", [], |r| r.get(0)))
     }
 
-    /// Records a session (by the hash of its token).
+    /// Records a session (by the hash of its token); expired sessions go at the same time.
     pub fn add_session(&self, token_hash: &str, user: &str, expires_at: i64) -> Result<()> {
         self.with(|c| {
+            c.execute(
+                "DELETE FROM sessions WHERE expires_at <= ?1",
+                [crate::now()],
+            )?;
             c.execute(
                 "INSERT INTO sessions (token_hash, user, expires_at) VALUES (?1, ?2, ?3)",
                 params![token_hash, user, expires_at],

@@ -244,8 +244,22 @@ fn alerts_mail_and_webhook_once_when_replication_is_cut_and_once_when_it_is_rest
         !page.contains("mail-secret"),
         "the SMTP password is shown back"
     );
+    // The "send a test notification" button reaches both channels.
+    let to = console.post(&cookie, "/alerts/test", &[]);
+    assert!(
+        to.contains("ok=test%20notification%20sent%20%28email%2C%20webhook%29"),
+        "{to}"
+    );
+    smtp.wait_subject(
+        "[ferry] ALERT: test (ferry-console)",
+        Duration::from_secs(30),
+    );
+    wait_until("the test webhook", Duration::from_secs(30), || {
+        count(&hooks, "alert_started", "test") == 1
+    });
+    smtp.mails.lock().unwrap().clear();
 
-    // Normal first: no alert, no mail.
+    // Normal first: no alert, no mail (but the test one).
     wait_until("Normal on the dashboard", Duration::from_secs(90), || {
         console
             .get(&cookie, "/")
