@@ -6,8 +6,8 @@
 //! page runs (the host confirms it) and shows on the page, the VM list and the dashboard;
 //! stopping it from the page removes the test VM; checkpoints of the primary are created,
 //! renamed, applied and deleted from its page; the VM is started and shut down, its
-//! replication suspended and resumed, and a planned failover with reverse replication run
-//! from its page. Screenshots of the main pages are saved
+//! replication suspended and resumed, a planned failover with reverse replication run
+//! from its page, and on the new replica an unplanned failover and its cancel. Screenshots of the main pages are saved
 //! (to `FERRY_SCREENSHOTS` when set: docs/screenshots holds the committed ones).
 
 mod common;
@@ -276,6 +276,17 @@ fn browser_logs_in_adds_hosts_sees_health_and_runs_a_test_failover() {
         br.text("#replication-state"),
         status(&a, "app")["state_label"]
     );
+
+    // site-a is now the replica: an unplanned failover there (forced: site-b still sends
+    // points), then cancelled, back to replicating.
+    br.check("form:has(#action-failover) input[name=force]");
+    br.click("#action-failover");
+    br.flash_ok();
+    assert_eq!(status(&a, "app")["state"], "failed_over_waiting_completion");
+    assert_eq!(br.text("#replication-state"), "Failover Complete");
+    br.click("#action-cancel");
+    br.flash_ok();
+    assert_eq!(status(&a, "app")["state"], "replicating");
     br.goto(&format!("{base}/alerts"));
     br.screenshot(&shots.join("alerts.png"));
 
