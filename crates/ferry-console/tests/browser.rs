@@ -263,6 +263,19 @@ fn browser_logs_in_adds_hosts_sees_health_and_runs_a_test_failover() {
     br.click("#action-resume");
     br.flash_ok();
     assert_eq!(status(&a, "app")["state"], "replicating");
+    let cycle = status(&a, "app")["last_cycle"].as_i64().unwrap();
+    br.click("#action-cycle");
+    br.flash_ok();
+    ferry_testkit::replication::wait_for("the cycle asked for", Duration::from_secs(60), || {
+        status(&a, "app")["last_cycle"].as_i64().unwrap() > cycle
+    });
+    br.click("#action-reset");
+    assert_eq!(
+        br.flash_ok(),
+        "statistics reset: a new monitoring window started"
+    );
+    let h = a.ferry_json(&["replication", "health", "app"]);
+    assert_eq!(h[0]["errors"], 0, "{h}");
 
     // Planned failover with reverse replication, from site-a's page: site-b becomes the
     // primary and replicates back to site-a.
