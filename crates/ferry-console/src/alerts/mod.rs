@@ -40,7 +40,7 @@ impl Alerter {
     pub fn new(store: Arc<Store>) -> Self {
         let active = store.alerts(0).map(|(a, _)| a).unwrap_or_default();
         let engine = Engine::with_active(active.into_iter().map(|a| {
-            let hosts = vec![a.host.clone()];
+            let hosts = rules::hosts_of_key(&a.key, &a.host);
             (
                 Condition {
                     key: a.key,

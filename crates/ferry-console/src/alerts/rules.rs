@@ -85,6 +85,20 @@ impl RuleSettings {
     }
 }
 
+/// The hosts whose answers decide a stored alert after a console restart: both servers of a
+/// relationship (from its key, `rule:primary>replica:vm`), else the alert's host.
+pub fn hosts_of_key(key: &str, host: &str) -> Vec<String> {
+    let relationship = key
+        .split_once(':')
+        .filter(|(rule, _)| !matches!(*rule, "host_unreachable" | "storage_free"))
+        .and_then(|(_, rest)| rest.split_once('>'))
+        .and_then(|(primary, rest)| rest.split_once(':').map(|(replica, _)| (primary, replica)));
+    match relationship {
+        Some((p, r)) => vec![p.to_owned(), r.to_owned()],
+        None => vec![host.to_owned()],
+    }
+}
+
 /// What the poller saw of one relationship on one host.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RelationshipObservation {
@@ -212,16 +226,25 @@ pub fn conditions(obs: &Observations, rules: &RuleSettings, now: i64) -> Vec<Con
     for r in &obs.relationships {
         let mut add = |rule: &'static str, message: String, hold_s: i64| {
             let key = format!("{rule}:{}>{}:{}", r.primary, r.replica, r.vm);
-            // Both sides may report it: the first report wins, the alert is one.
-            out.entry(key.clone()).or_insert(Condition {
-                key,
-                rule,
-                host: r.primary.clone(),
-                hosts: vec![r.primary.clone(), r.replica.clone()],
-                vm: Some(r.vm.clone()),
-                message,
-                hold_s,
-            });
+            // Both sides may report it: the first report's text wins, the alert is one. Its
+            // hosts are the ones that reported it: only their answers can clear it (a
+            // condition only the replica sees is not cleared by the primary's answer while
+            // the replica is unreachable).
+            out.entry(key.clone())
+                .and_modify(|c| {
+                    if !c.hosts.contains(&r.host) {
+                        c.hosts.push(r.host.clone());
+                    }
+                })
+                .or_insert(Condition {
+                    key,
+                    rule,
+                    host: r.primary.clone(),
+                    hosts: vec![r.host.clone()],
+                    vm: Some(r.vm.clone()),
+                    message,
+                    hold_s,
+                });
         };
         let level = match r.health.as_str() {
             "critical" => 2,
@@ -607,6 +630,61 @@ mod tests {
                 (30, "clear", "host_unreachable"),
                 (30, "clear", "host_unreachable"),
             ]
+        );
+    }
+
+    #[test]
+    fn a_condition_only_the_replica_reports_is_not_cleared_by_the_primary() {
+        let r = RuleSettings {
+            debounce_s: 0,
+            failover_not_reversed_min: 1,
+            health_min: "off".into(),
+            ..RuleSettings::default()
+        };
+        // Failed over: only the replica's side is in a failed-over state.
+        let mut replica_side = rel("normal", "failed_over", None);
+        replica_side.host = "b".into();
+        replica_side.role = "replica".into();
+        replica_side.last_test_failover_at = Some(0);
+        let primary_side = rel("normal", "suspended", None);
+        let both = obs(vec![primary_side.clone(), replica_side]);
+        let mut replica_down = obs(vec![primary_side]);
+        replica_down.reachable.remove("b");
+        replica_down
+            .unreachable
+            .insert("b".into(), "connection refused".into());
+        let t = run(
+            &r,
+            &[
+                (0, both.clone()),
+                (60, both),
+                (70, replica_down.clone()),
+                (200, replica_down),
+            ],
+        );
+        assert_eq!(
+            t,
+            vec![
+                (60, "start", "failover_not_reversed"),
+                (70, "start", "host_unreachable"),
+            ],
+            "the primary's answer cleared what only the replica can report"
+        );
+    }
+
+    #[test]
+    fn stored_alerts_are_decided_by_both_servers_after_a_restart() {
+        assert_eq!(
+            hosts_of_key("health:site-a>site-b:web1", "site-a"),
+            ["site-a", "site-b"]
+        );
+        assert_eq!(
+            hosts_of_key("host_unreachable:site-a", "site-a"),
+            ["site-a"]
+        );
+        assert_eq!(
+            hosts_of_key("storage_free:site-b:/srv/a>b", "site-b"),
+            ["site-b"]
         );
     }
 

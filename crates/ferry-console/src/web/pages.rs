@@ -59,7 +59,8 @@ fn health_badge(h: &str) -> String {
         _ => "unknown",
     };
     format!(
-        r#"<span class="health {class}" data-health="{h}">{}</span>"#,
+        r#"<span class="health {class}" data-health="{}">{}</span>"#,
+        esc(h),
         esc(&h.to_uppercase())
     )
 }
@@ -174,8 +175,8 @@ pub async fn dashboard(
             let test = r
                 .replica_side
                 .map(|(_, rh)| match rh.last_test_failover_at {
-                    Some(t) => format!("{} ({})", fmt_time(t), rh.test_failover_status),
-                    None => format!("never ({})", rh.test_failover_status),
+                    Some(t) => format!("{} ({})", fmt_time(t), esc(&rh.test_failover_status)),
+                    None => format!("never ({})", esc(&rh.test_failover_status)),
                 })
                 .unwrap_or_else(|| "-".into());
             body.push_str(&format!(
