@@ -223,11 +223,19 @@ impl Poller {
         // when the relationship has a cycle the store does not hold yet.
         let client = client(&v.row);
         for r in v.replication.iter().filter(|r| r.role == "replica") {
-            let known = self.store.last_cycle(v.row.id, &r.vm).ok().flatten();
+            let mut known = self.store.last_cycle(v.row.id, &r.vm).ok().flatten();
+            if known.is_some_and(|k| k > r.last_cycle) {
+                // The numbering went back: replication was removed and enabled again, or
+                // reversed. The old relationship's cycles are not this one's history.
+                if let Err(e) = self.store.forget_cycles(v.row.id, &r.vm) {
+                    tracing::error!("cannot reset cycle history: {e}");
+                }
+                known = None;
+            }
             if known.is_some_and(|k| k >= r.last_cycle) {
                 continue;
             }
-            let path = format!("/v1/vms/{}/replication/points", r.vm);
+            let path = format!("/v1/vms/{}/replication/points", url_segment(&r.vm));
             let points: Vec<RecoveryPointInfo> = match client.get(&path).await {
                 Ok(p) => p,
                 Err(e) => {
@@ -337,4 +345,14 @@ mod tests {
         assert!(url_addr("https://127.0.0.1").is_err());
         assert!(url_addr("https://h:1/x").is_err());
     }
+}
+
+/// Percent-encodes one URL path segment (VM names may hold spaces).
+fn url_segment(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }

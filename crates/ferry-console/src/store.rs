@@ -27,7 +27,7 @@ const MIGRATIONS: &[&str] = &[r#"
 CREATE TABLE users (name TEXT PRIMARY KEY, phc TEXT NOT NULL);
 CREATE TABLE sessions (token_hash TEXT PRIMARY KEY, user TEXT NOT NULL, expires_at INTEGER NOT NULL);
 CREATE TABLE hosts (
-  id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, url TEXT NOT NULL,
+  id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL UNIQUE, url TEXT NOT NULL,
   fingerprint TEXT NOT NULL, token TEXT NOT NULL, added_at INTEGER NOT NULL);
 CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE samples (
@@ -247,9 +247,27 @@ impl Store {
         })
     }
 
-    /// Removes a host (its history stays, keyed by its id).
+    /// Removes a host with its history (alerts about it stay, under its name).
     pub fn remove_host(&self, id: i64) -> Result<bool> {
-        self.with(|c| Ok(c.execute("DELETE FROM hosts WHERE id = ?1", [id])? == 1))
+        self.with(|c| {
+            let tx = c.unchecked_transaction()?;
+            let removed = tx.execute("DELETE FROM hosts WHERE id = ?1", [id])? == 1;
+            tx.execute("DELETE FROM samples WHERE host_id = ?1", [id])?;
+            tx.execute("DELETE FROM cycles WHERE host_id = ?1", [id])?;
+            tx.commit()?;
+            Ok(removed)
+        })
+    }
+
+    /// Forgets a relationship's recorded cycles on a host (its numbering started again).
+    pub fn forget_cycles(&self, host_id: i64, vm: &str) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "DELETE FROM cycles WHERE host_id = ?1 AND vm = ?2",
+                params![host_id, vm],
+            )?;
+            Ok(())
+        })
     }
 
     /// Every host, by name.
@@ -555,5 +573,29 @@ mod tests {
         let s = Store::open(dir.path()).unwrap();
         assert_eq!(s.hosts().unwrap().len(), 1);
         assert_eq!(s.cycles(id, "vm", 0).unwrap().len(), 1);
+        // A relationship whose numbering starts again forgets its old cycles.
+        s.forget_cycles(id, "vm").unwrap();
+        assert_eq!(s.last_cycle(id, "vm").unwrap(), None);
+        // A removed host takes its history along, and its id is never given to another
+        // host (which would inherit that history).
+        s.add_cycles(
+            id,
+            "vm",
+            &[CycleRow {
+                cycle: 1,
+                taken_at: 9,
+                applied_at: 9,
+                bytes: 1,
+            }],
+        )
+        .unwrap();
+        assert!(s.remove_host(id).unwrap());
+        assert!(!s.remove_host(id).unwrap());
+        assert_eq!(s.last_cycle(id, "vm").unwrap(), None);
+        let again = s
+            .add_host("b", "https://127.0.0.1:2", "CC", "t", 2)
+            .unwrap()
+            .unwrap();
+        assert_ne!(again, id);
     }
 }

@@ -44,6 +44,43 @@ fn proxy_header_mode_needs_the_header_on_every_page_and_action() {
     // The login form is not offered: the proxy authenticates.
     let r = http(&c.addr, "GET", "/login", &[], "");
     assert_eq!(r.status, 303);
+
+    // Pages tell the browser to run no script and refuse framing.
+    let r = http(
+        &c.addr,
+        "GET",
+        "/hosts",
+        &[("X-Forwarded-User", "ops-alice")],
+        "",
+    );
+    let csp = r.header("content-security-policy").unwrap_or_default();
+    assert!(
+        csp.contains("default-src 'none'") && csp.contains("frame-ancestors 'none'"),
+        "{r:?}"
+    );
+    assert_eq!(r.header("x-frame-options"), Some("DENY"));
+
+    // The proxy's header alone does not let another site post the console's forms: a
+    // browser says where a request came from, and cross-site ones are refused.
+    let user = ("X-Forwarded-User", "ops-alice");
+    for from in [
+        ("Origin", "http://evil.example"),
+        ("Sec-Fetch-Site", "cross-site"),
+    ] {
+        let r = http(&c.addr, "POST", "/alerts/test", &[user, from], "");
+        assert_eq!(r.status, 403, "{from:?}: {r:?}");
+        assert!(r.body.contains("another site"), "{r:?}");
+    }
+    // The console's own pages (same origin) may post.
+    let origin = format!("http://{}", c.addr);
+    let r = http(
+        &c.addr,
+        "POST",
+        "/alerts/test",
+        &[user, ("Origin", &origin), ("Sec-Fetch-Site", "same-origin")],
+        "",
+    );
+    assert_ne!(r.status, 403, "{r:?}");
 }
 
 fn console_cmd(config: &std::path::Path, args: &[&str], stdin: &str) -> (bool, String) {
