@@ -57,6 +57,18 @@ impl ChannelSettings {
                     self.smtp_security
                 ));
             }
+            // A password sent without TLS is readable on the way, except to this machine.
+            let loopback = self.smtp_host == "localhost"
+                || self
+                    .smtp_host
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback());
+            if self.smtp_security == "none" && !self.smtp_username.is_empty() && !loopback {
+                return Err(format!(
+                    "SMTP security none would send the password for {} in clear text to {}: use starttls or tls",
+                    self.smtp_username, self.smtp_host
+                ));
+            }
             self.mail_from
                 .parse::<Mailbox>()
                 .map_err(|e| format!("sender {:?}: {e}", self.mail_from))?;
@@ -300,5 +312,14 @@ mod tests {
         assert!(s.validate().unwrap_err().starts_with("recipient"));
         s.mail_to = vec![];
         assert!(s.validate().unwrap_err().contains("at least one recipient"));
+        // A password in clear text is refused, except to this machine.
+        s.mail_to = vec!["ops@example.org".into()];
+        s.smtp_security = "none".into();
+        s.smtp_username = "ferry".into();
+        assert!(s.validate().is_ok());
+        s.smtp_host = "mail.example.org".into();
+        assert!(s.validate().unwrap_err().contains("clear text"));
+        s.smtp_username.clear();
+        assert!(s.validate().is_ok());
     }
 }
