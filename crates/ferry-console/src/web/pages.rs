@@ -737,6 +737,14 @@ async fn replication_tab(
             "Complete failover",
             "",
         ));
+        // The end of an initial replication exported to a folder (external media).
+        out.push_str(&action_button(
+            id,
+            name,
+            "import",
+            "Import initial copy",
+            r#"<input name="dir" id="import-dir" placeholder="folder on this replica server" size="30">"#,
+        ));
         let others: String = s
             .store
             .hosts()
@@ -969,6 +977,17 @@ async fn run_action(
             .await
             .map(reply)
             .map_err(e),
+        "import" => {
+            let dir = f
+                .get("dir")
+                .map(|d| d.trim())
+                .filter(|d| !d.is_empty())
+                .ok_or("import: give the folder holding the exported initial copy")?;
+            c.post(&api_vm(vm, "/replication/import"), &serde_json::json!({ "dir": dir }))
+                .await
+                .map(info)
+                .map_err(e)
+        }
         "cancel" => c.post(&api_vm(vm, "/failover/cancel"), &()).await.map(reply).map_err(e),
         "complete" => c.post(&api_vm(vm, "/failover/complete"), &()).await.map(reply).map_err(e),
         "reverse" => {
