@@ -11,6 +11,7 @@ mod common;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -86,12 +87,15 @@ impl SmtpServer {
     }
 }
 
-/// An HTTP server that records every JSON document POSTed to it and answers 200.
-fn webhook_receiver() -> (SocketAddr, Arc<Mutex<Vec<Value>>>) {
+/// An HTTP server that records every JSON document POSTed to it and answers 200, or, while
+/// `refuse` is set, records nothing and answers 503 (a receiver that is down).
+fn webhook_receiver() -> (SocketAddr, Arc<Mutex<Vec<Value>>>, Arc<AtomicBool>) {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
     let got = Arc::new(Mutex::new(Vec::new()));
     let g = got.clone();
+    let refuse = Arc::new(AtomicBool::new(false));
+    let r = refuse.clone();
     std::thread::spawn(move || {
         for conn in l.incoming() {
             let Ok(mut s) = conn else { continue };
@@ -119,6 +123,12 @@ fn webhook_receiver() -> (SocketAddr, Arc<Mutex<Vec<Value>>>) {
                     }
                 }
             };
+            if r.load(Ordering::SeqCst) {
+                let _ = s.write_all(
+                    b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                );
+                continue;
+            }
             if let Some(v) = body.and_then(|b| serde_json::from_str::<Value>(&b).ok()) {
                 g.lock().unwrap().push(v);
             }
@@ -126,7 +136,7 @@ fn webhook_receiver() -> (SocketAddr, Arc<Mutex<Vec<Value>>>) {
                 s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
         }
     });
-    (addr, got)
+    (addr, got, refuse)
 }
 
 fn count(hooks: &Arc<Mutex<Vec<Value>>>, event: &str, rule: &str) -> usize {
@@ -157,7 +167,7 @@ fn alerts_mail_and_webhook_once_when_replication_is_cut_and_once_when_it_is_rest
     std::fs::write(path("key.pem"), leaf_key.serialize_pem()).unwrap();
     let smtp_port = free_port();
     let smtp = SmtpServer::start(smtp_port, &path("cert.pem"), &path("key.pem"));
-    let (hook_addr, hooks) = webhook_receiver();
+    let (hook_addr, hooks, refuse) = webhook_receiver();
 
     // Two hosts, the replica behind a cuttable link, a guest replicating every 5 s.
     let a = Host::start("site-a", "127.0.0.1", "accel = \"tcg\"");
@@ -354,9 +364,27 @@ fn alerts_mail_and_webhook_once_when_replication_is_cut_and_once_when_it_is_rest
         "{row}"
     );
 
-    // A host that stops answering is alerted, and cleared when it is back.
+    // A host that stops answering is alerted, and cleared when it is back. The webhook
+    // receiver is down when the alert starts: the delivery fails, is recorded as failed,
+    // and is sent again once the receiver is back (once).
+    refuse.store(true, Ordering::SeqCst);
     b.stop_daemon();
     smtp.wait_subject("ALERT: host_unreachable (site-b)", Duration::from_secs(60));
+    wait_until(
+        "the failed webhook delivery",
+        Duration::from_secs(30),
+        || {
+            let page = console.get(&cookie, "/alerts");
+            page.split("<tr data-rule=\"host_unreachable\">")
+                .nth(1)
+                .is_some_and(|row| row.contains("start webhook FAILED"))
+        },
+    );
+    assert_eq!(count(&hooks, "alert_started", "host_unreachable"), 0);
+    refuse.store(false, Ordering::SeqCst);
+    wait_until("the webhook sent again", Duration::from_secs(60), || {
+        count(&hooks, "alert_started", "host_unreachable") == 1
+    });
     b.launch();
     smtp.wait_subject(
         "CLEARED: host_unreachable (site-b)",

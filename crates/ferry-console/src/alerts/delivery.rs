@@ -45,6 +45,17 @@ pub struct ChannelSettings {
 }
 
 impl ChannelSettings {
+    /// These settings with only `channel` (`email` or `webhook`) enabled, to send again to
+    /// the one channel that failed.
+    pub fn only(&self, channel: &str) -> ChannelSettings {
+        let mut s = self.clone();
+        match channel {
+            "email" => s.webhook_url.clear(),
+            _ => s.smtp_host.clear(),
+        }
+        s
+    }
+
     /// Checks the values; the error is one line.
     pub fn validate(&self) -> Result<(), String> {
         if !self.smtp_host.is_empty() {

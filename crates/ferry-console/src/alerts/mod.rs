@@ -33,6 +33,35 @@ pub struct AlertSettings {
 pub struct Alerter {
     store: Arc<Store>,
     engine: Mutex<Engine>,
+    /// Notifications a channel failed to take, sent again at later polls.
+    retries: Mutex<Vec<Retry>>,
+}
+
+/// A notification to send again to one channel.
+struct Retry {
+    alert_id: i64,
+    transition: rules::Transition,
+    channel: &'static str,
+    /// Failed attempts so far.
+    attempts: u32,
+    /// Not before (UNIX s).
+    next_at: i64,
+}
+
+/// Attempts per notification and channel: with the back-off below, about thirty hours
+/// of a mail server or webhook being down.
+const MAX_ATTEMPTS: u32 = 18;
+
+/// Wait before attempt `n + 1` after `n` failures: 10 s, doubling, at most 4 h.
+fn backoff_s(failures: u32) -> i64 {
+    (10i64 << failures.saturating_sub(1).min(20)).min(4 * 3600)
+}
+
+fn transition_name(kind: &TransitionKind) -> &'static str {
+    match kind {
+        TransitionKind::Start => "start",
+        TransitionKind::Clear => "clear",
+    }
 }
 
 impl Alerter {
@@ -57,6 +86,7 @@ impl Alerter {
         Self {
             store,
             engine: Mutex::new(engine),
+            retries: Mutex::new(Vec::new()),
         }
     }
 
@@ -69,6 +99,7 @@ impl Alerter {
                 return;
             }
         };
+        self.send_again(&settings, now).await;
         let present = rules::conditions(obs, &settings.rules, now);
         let transitions = self.engine.lock().await.step(
             present,
@@ -100,24 +131,65 @@ impl Alerter {
                 }
             };
             tracing::info!(alert = id, key = %c.key, kind = ?t.kind, "alert transition");
-            let transition = match t.kind {
-                TransitionKind::Start => "start",
-                TransitionKind::Clear => "clear",
-            };
             for o in delivery::deliver(&settings.channels, &t, id, &settings.console_url).await {
-                if let Some(e) = &o.error {
-                    tracing::warn!(alert = id, channel = o.channel, "delivery failed: {e}");
-                }
-                let row = DeliveryRow {
-                    transition: transition.into(),
-                    channel: o.channel.into(),
-                    at: now,
-                    ok: o.error.is_none(),
-                    error: o.error,
-                };
-                if let Err(e) = self.store.add_delivery(id, &row) {
-                    tracing::error!("cannot record a delivery: {e}");
-                }
+                self.record(id, &t, o, 0, now).await;
+            }
+        }
+    }
+
+    /// Records one delivery; a failed one is queued to be sent again later.
+    async fn record(
+        &self,
+        id: i64,
+        t: &rules::Transition,
+        o: delivery::Outcome,
+        failures_before: u32,
+        now: i64,
+    ) {
+        if let Some(e) = &o.error {
+            tracing::warn!(alert = id, channel = o.channel, "delivery failed: {e}");
+            let attempts = failures_before + 1;
+            if attempts < MAX_ATTEMPTS {
+                self.retries.lock().await.push(Retry {
+                    alert_id: id,
+                    transition: t.clone(),
+                    channel: o.channel,
+                    attempts,
+                    next_at: now + backoff_s(attempts),
+                });
+            }
+        }
+        let row = DeliveryRow {
+            transition: transition_name(&t.kind).into(),
+            channel: o.channel.into(),
+            at: now,
+            ok: o.error.is_none(),
+            error: o.error,
+        };
+        if let Err(e) = self.store.add_delivery(id, &row) {
+            tracing::error!("cannot record a delivery: {e}");
+        }
+    }
+
+    /// Sends again the notifications that are due, each to the channel that failed (the
+    /// channel's current settings: an operator may have fixed them meanwhile).
+    async fn send_again(&self, settings: &AlertSettings, now: i64) {
+        let due: Vec<Retry> = {
+            let mut q = self.retries.lock().await;
+            let (due, later): (Vec<Retry>, Vec<Retry>) =
+                q.drain(..).partition(|r| r.next_at <= now);
+            *q = later;
+            due
+        };
+        for r in due {
+            let channels = settings.channels.only(r.channel);
+            let outcomes =
+                delivery::deliver(&channels, &r.transition, r.alert_id, &settings.console_url)
+                    .await;
+            // A channel that was switched off meanwhile has nothing to send to.
+            for o in outcomes.into_iter().filter(|o| o.channel == r.channel) {
+                self.record(r.alert_id, &r.transition, o, r.attempts, now)
+                    .await;
             }
         }
     }
@@ -138,4 +210,29 @@ fn rule_name(s: &str) -> &'static str {
     .into_iter()
     .find(|r| *r == s)
     .unwrap_or("other")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failed_deliveries_back_off_and_go_to_the_failed_channel_only() {
+        let waits: Vec<i64> = (1..MAX_ATTEMPTS).map(backoff_s).collect();
+        assert_eq!(&waits[..4], &[10, 20, 40, 80]);
+        assert!(waits.windows(2).all(|w| w[0] <= w[1]));
+        assert_eq!(*waits.last().unwrap(), 4 * 3600);
+        // Together more than a day before a notification is given up.
+        let total: i64 = waits.iter().sum();
+        assert!((86_400..3 * 86_400).contains(&total), "{total}");
+        let both = ChannelSettings {
+            smtp_host: "mail".into(),
+            webhook_url: "http://h/x".into(),
+            ..ChannelSettings::default()
+        };
+        assert!(both.only("email").webhook_url.is_empty());
+        assert_eq!(both.only("email").smtp_host, "mail");
+        assert!(both.only("webhook").smtp_host.is_empty());
+        assert_eq!(both.only("webhook").webhook_url, "http://h/x");
+    }
 }
