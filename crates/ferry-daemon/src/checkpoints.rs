@@ -23,7 +23,7 @@ use ferry_api_types::{
     ActionReply, CheckpointCreateRequest, CheckpointInfo, CheckpointKind, CheckpointList,
     DiskRequest, NicRequest, Progress, VmCreateRequest, VmImportRequest, VmInfo,
 };
-use ferry_domain::{Boot, NicKind, ReplicationState, Role, VmName, VmSpec, VmState};
+use ferry_domain::{Boot, CivilTime, NicKind, ReplicationState, Role, VmName, VmSpec, VmState};
 use ferry_qemu::qmp::{self, Qmp, Transaction, TransactionAction};
 use ferry_qemu::{qcow2, snapshot};
 use ferry_store::{CheckpointRow, VmRow};
@@ -123,26 +123,17 @@ fn now_ms() -> i64 {
 /// Hyper-V's default name, "VM (MM/DD/YYYY - hh:mm:ss AM/PM)", in UTC, cut to fit the
 /// name limit.
 pub fn default_name(vm: &str, unix_s: i64) -> String {
-    let days = unix_s.div_euclid(86_400);
-    let secs = unix_s.rem_euclid(86_400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    let (h, m, s) = (secs / 3600, secs / 60 % 60, secs % 60);
-    let (h12, ampm) = match h {
+    let t = CivilTime::from_unix(unix_s);
+    let (h12, ampm) = match t.hour {
         0 => (12, "AM"),
-        1..=11 => (h, "AM"),
+        1..=11 => (t.hour, "AM"),
         12 => (12, "PM"),
-        _ => (h - 12, "PM"),
+        _ => (t.hour - 12, "PM"),
     };
-    let stamp = format!(" ({month:02}/{day:02}/{year} - {h12:02}:{m:02}:{s:02} {ampm})");
+    let stamp = format!(
+        " ({:02}/{:02}/{} - {h12:02}:{:02}:{:02} {ampm})",
+        t.month, t.day, t.year, t.minute, t.second
+    );
     let room = MAX_NAME_CHARS - stamp.chars().count();
     let vm: String = vm.chars().take(room).collect();
     format!("{vm}{stamp}")

@@ -8,9 +8,11 @@ pub mod name;
 pub mod replication;
 pub mod size;
 pub mod spec;
+pub mod time;
 
 pub use lifecycle::{Action, LifecycleError, Operation, VmState};
 pub use name::{NameError, VmName};
 pub use replication::{Interval, ReplicationState, RetentionPolicy, Role};
 pub use size::{parse_size, SizeError};
 pub use spec::{Boot, DiskSpec, NicKind, NicSpec, ValidationError, VmSpec};
+pub use time::CivilTime;
