@@ -13,8 +13,8 @@ use ferry_client::Client;
 
 use crate::output::Output;
 use crate::replication::draw_progress;
+use crate::vm_path;
 use crate::Format;
-use crate::{encode_segment, vm_path};
 
 #[derive(Subcommand)]
 pub enum CheckpointCmd {
@@ -82,7 +82,10 @@ pub enum CheckpointCmd {
 }
 
 fn cp_path(vm: &str, cp: &str, suffix: &str) -> String {
-    vm_path(vm, &format!("/checkpoints/{}{suffix}", encode_segment(cp)))
+    vm_path(
+        vm,
+        &format!("/checkpoints/{}{suffix}", ferry_client::percent_encode(cp)),
+    )
 }
 
 pub async fn checkpoint(client: &Client, cmd: CheckpointCmd, out: &Output) -> anyhow::Result<()> {

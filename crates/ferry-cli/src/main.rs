@@ -301,17 +301,7 @@ fn cmd_host(cmd: &HostCmd) -> hosts::HostAction {
 
 /// URL path for a VM (names may hold spaces).
 pub(crate) fn vm_path(name: &str, suffix: &str) -> String {
-    format!("/v1/vms/{}{suffix}", encode_segment(name))
-}
-
-/// Percent-encodes one URL path segment.
-pub(crate) fn encode_segment(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
+    format!("/v1/vms/{}{suffix}", ferry_client::percent_encode(name))
 }
 
 async fn vm(client: &Client, cmd: VmCmd, out: &Output) -> anyhow::Result<()> {

@@ -262,6 +262,19 @@ fn api_error(status: StatusCode, body: &[u8]) -> ClientError {
     }
 }
 
+/// Percent-encodes one URL path segment or query value (RFC 3986 unreserved characters
+/// stay): VM and checkpoint names may hold spaces and other characters paths cannot.
+pub fn percent_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
 /// SHA-256 of a DER certificate as `AA:BB:…` (what `ferry server show` prints).
 pub fn fingerprint(der: &[u8]) -> String {
     let d = ring::digest::digest(&ring::digest::SHA256, der);

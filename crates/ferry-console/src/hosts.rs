@@ -235,7 +235,10 @@ impl Poller {
             if known.is_some_and(|k| k >= r.last_cycle) {
                 continue;
             }
-            let path = format!("/v1/vms/{}/replication/points", url_segment(&r.vm));
+            let path = format!(
+                "/v1/vms/{}/replication/points",
+                ferry_client::percent_encode(&r.vm)
+            );
             let points: Vec<RecoveryPointInfo> = match client.get(&path).await {
                 Ok(p) => p,
                 Err(e) => {
@@ -345,14 +348,4 @@ mod tests {
         assert!(url_addr("https://127.0.0.1").is_err());
         assert!(url_addr("https://h:1/x").is_err());
     }
-}
-
-/// Percent-encodes one URL path segment (VM names may hold spaces).
-fn url_segment(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }

@@ -289,16 +289,7 @@ pub fn esc(s: &str) -> String {
 }
 
 /// Percent-encodes a path segment or query value.
-pub fn url_enc(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
+pub use ferry_client::percent_encode as url_enc;
 
 /// `YYYY-MM-DD HH:MM:SS` (UTC) of a UNIX time.
 pub fn fmt_time(t: i64) -> String {
