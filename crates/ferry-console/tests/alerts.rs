@@ -18,7 +18,7 @@ use std::time::Duration;
 use common::{free_port, host_form, start_guest, wait_until, Console};
 use ferry_testkit::host::Host;
 use ferry_testkit::link::Link;
-use ferry_testkit::replication::{status, wait_for};
+use ferry_testkit::replication::{enable_replica_server_at, status, wait_for};
 use serde_json::Value;
 
 /// The SMTP server process; killed on Drop.
@@ -172,18 +172,10 @@ fn alerts_mail_and_webhook_once_when_replication_is_cut_and_once_when_it_is_rest
     // Two hosts, the replica behind a cuttable link, a guest replicating every 5 s.
     let a = Host::start("site-a", "127.0.0.1", "accel = \"tcg\"");
     let mut b = Host::start("site-b", "127.0.0.2", "accel = \"tcg\"");
-    let storage = b.dir.path().join("replicas");
-    let port = free_port_on("127.0.0.2");
-    b.ferry_ok(&[
-        "replica-server",
-        "set",
-        "--enable",
-        "--port",
-        &port.to_string(),
-        "--allow-any",
-        "--storage",
-        storage.to_str().unwrap(),
-    ]);
+    let port: u16 = ferry_testkit::replication::free_port("127.0.0.2")
+        .parse()
+        .unwrap();
+    let storage = enable_replica_server_at(&b, &port.to_string());
     let (_, b_fp) = b.credentials();
     let link = Link::start("127.0.0.1", SocketAddr::from(([127, 0, 0, 2], port)));
     start_guest(&a, "app", 53);
@@ -424,12 +416,4 @@ fn alerts_mail_and_webhook_once_when_replication_is_cut_and_once_when_it_is_rest
     settings[pct].1 = "0";
     console.post(&cookie, "/alerts/settings", &settings);
     smtp.wait_subject("CLEARED: storage_free (site-b)", Duration::from_secs(60));
-}
-
-fn free_port_on(ip: &str) -> u16 {
-    TcpListener::bind((ip, 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }

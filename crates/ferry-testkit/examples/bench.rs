@@ -29,7 +29,6 @@ use std::time::{Duration, Instant};
 
 use ferry_testkit::guest::{parse_console, GuestWorkload};
 use ferry_testkit::host::Host;
-use ferry_testkit::test_guest;
 use serde_json::Value;
 
 const MIB: u64 = 1 << 20;
@@ -580,28 +579,16 @@ fn bench_write_amp(_o: &Opts) -> Vec<Figure> {
 
 fn bench_steady(o: &Opts) -> Vec<Figure> {
     let (a, b, _) = pair();
-    let (kernel, initrd) = test_guest();
-    let append = GuestWorkload {
-        seed: 777,
-        start: 1,
-        span_blocks: 4096,
-    }
-    .kernel_args(0, 0.05);
-    a.ferry_ok(&[
-        "vm",
-        "create",
+    a.create_guest_vm(
         "steady",
-        "--memory",
-        "256M",
-        "--disk",
-        "64M",
-        "--kernel",
-        kernel.to_str().expect("utf-8"),
-        "--initrd",
-        initrd.to_str().expect("utf-8"),
-        "--append",
-        &append,
-    ]);
+        GuestWorkload {
+            seed: 777,
+            start: 1,
+            span_blocks: 4096,
+        },
+        0.05,
+        &["--memory", "256M", "--disk", "64M"],
+    );
     a.ferry_ok(&["vm", "start", "steady"]);
     a.wait_console("steady", Duration::from_secs(120), "guest writes", |c| {
         parse_console(c).last_wrote_seq.unwrap_or(0) >= 3

@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::bin_dir;
+use crate::guest::GuestWorkload;
+use crate::{bin_dir, test_guest};
 
 /// A running (or stopped) ferryd for a test.
 pub struct Host {
@@ -185,6 +186,33 @@ impl Host {
             stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
             stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
         }
+    }
+
+    /// `ferry vm create NAME` of the verifiable test guest: a direct boot of its kernel and
+    /// initramfs, writing `workload` without end, one write every `interval_s` seconds.
+    /// `options` are the other `vm create` options (`--memory`, `--disk`, `--nic`, …).
+    pub fn create_guest_vm(
+        &self,
+        name: &str,
+        workload: GuestWorkload,
+        interval_s: f64,
+        options: &[&str],
+    ) {
+        let (kernel, initrd) = test_guest();
+        let append = workload.kernel_args(0, interval_s);
+        let mut args = vec![
+            "vm",
+            "create",
+            name,
+            "--kernel",
+            kernel.to_str().expect("utf-8 path"),
+            "--initrd",
+            initrd.to_str().expect("utf-8 path"),
+            "--append",
+            &append,
+        ];
+        args.extend_from_slice(options);
+        self.ferry_ok(&args);
     }
 
     /// Runs `ferry ARGS`, panicking with its stderr unless it succeeds; returns stdout.

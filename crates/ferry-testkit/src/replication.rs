@@ -27,13 +27,19 @@ pub fn free_port(ip: &str) -> String {
 /// Makes `host` (listening on `ip`) a replica server accepting any authenticated primary;
 /// returns the storage directory.
 pub fn enable_replica_server(host: &Host, ip: &str) -> PathBuf {
+    enable_replica_server_at(host, &free_port(ip))
+}
+
+/// [`enable_replica_server`] on a chosen `port` (a test that puts a cuttable link in front
+/// of it needs to know the port); the storage directory is `replicas` in the host's dir.
+pub fn enable_replica_server_at(host: &Host, port: &str) -> PathBuf {
     let storage = host.dir.path().join("replicas");
     host.ferry_ok(&[
         "replica-server",
         "set",
         "--enable",
         "--port",
-        &free_port(ip),
+        port,
         "--allow-any",
         "--storage",
         storage.to_str().expect("utf-8 path"),

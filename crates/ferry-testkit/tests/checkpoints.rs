@@ -14,7 +14,6 @@ use ferry_testkit::host::Host;
 use ferry_testkit::replication::{
     compare_images, enable_replica_server, layer, points, read_image, status, vm_disk, wait_for,
 };
-use ferry_testkit::test_guest;
 use serde_json::Value;
 
 const SEED: u64 = 4242;
@@ -27,28 +26,16 @@ fn disk_seq(image: &Path) -> u64 {
 }
 
 fn create_guest_vm(host: &Host, vm: &str, disk: &str) {
-    let (kernel, initrd) = test_guest();
-    let append = GuestWorkload {
-        seed: SEED,
-        start: 1,
-        span_blocks: SPAN,
-    }
-    .kernel_args(0, 0.05);
-    host.ferry_ok(&[
-        "vm",
-        "create",
+    host.create_guest_vm(
         vm,
-        "--memory",
-        "128M",
-        "--disk",
-        disk,
-        "--kernel",
-        kernel.to_str().unwrap(),
-        "--initrd",
-        initrd.to_str().unwrap(),
-        "--append",
-        &append,
-    ]);
+        GuestWorkload {
+            seed: SEED,
+            start: 1,
+            span_blocks: SPAN,
+        },
+        0.05,
+        &["--memory", "128M", "--disk", disk],
+    );
 }
 
 fn console_seq(host: &Host, vm: &str) -> u64 {

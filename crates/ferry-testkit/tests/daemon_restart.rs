@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use ferry_testkit::guest::{parse_console, GuestWorkload};
 use ferry_testkit::host::{pid_alive, Host};
-use ferry_testkit::test_guest;
 
 fn seq(host: &Host, vm: &str) -> u64 {
     parse_console(&host.console(vm)).last_wrote_seq.unwrap_or(0)
@@ -15,29 +14,17 @@ fn seq(host: &Host, vm: &str) -> u64 {
 #[test]
 fn running_vms_survive_daemon_restarts_and_are_reattached() {
     let mut host = Host::start("a", "127.0.0.1", "accel = \"tcg\"");
-    let (kernel, initrd) = test_guest();
-    let append = GuestWorkload {
-        seed: 99,
-        start: 1,
-        span_blocks: 1024,
-    }
-    .kernel_args(0, 0.1);
     for vm in ["keep", "doomed"] {
-        host.ferry_ok(&[
-            "vm",
-            "create",
+        host.create_guest_vm(
             vm,
-            "--memory",
-            "256M",
-            "--disk",
-            "16M",
-            "--kernel",
-            kernel.to_str().unwrap(),
-            "--initrd",
-            initrd.to_str().unwrap(),
-            "--append",
-            &append,
-        ]);
+            GuestWorkload {
+                seed: 99,
+                start: 1,
+                span_blocks: 1024,
+            },
+            0.1,
+            &["--memory", "256M", "--disk", "16M"],
+        );
         host.ferry_ok(&["vm", "start", vm]);
     }
     let pid = host.ferry_json(&["vm", "show", "keep"])["pid"]

@@ -12,7 +12,6 @@ use ferry_testkit::host::Host;
 use ferry_testkit::replication::{
     compare_images, enable_replica_server, layer, points, read_image, vm_disk, wait_for,
 };
-use ferry_testkit::test_guest;
 use serde_json::Value;
 
 const SEED: u64 = 515;
@@ -24,65 +23,44 @@ fn last_seq(image: &Path) -> u64 {
         .last_seq
 }
 
-#[test]
-fn unplanned_failover_to_a_chosen_point_cancel_and_complete() {
-    let mut a = Host::start("a", "127.0.0.1", "accel = \"tcg\"");
-    let b = Host::start("b", "127.0.0.2", "accel = \"tcg\"");
-    let port = {
-        let l = std::net::TcpListener::bind(("127.0.0.2", 0)).unwrap();
-        l.local_addr().unwrap().port().to_string()
-    };
-    let storage = b.dir.path().join("replicas");
-    b.ferry_ok(&[
-        "replica-server",
-        "set",
-        "--enable",
-        "--port",
-        &port,
-        "--allow-any",
-        "--storage",
-        storage.to_str().unwrap(),
-    ]);
-    let (kernel, initrd) = test_guest();
-    let append = GuestWorkload {
-        seed: SEED,
-        start: 1,
-        span_blocks: SPAN,
-    }
-    .kernel_args(0, 0.1);
-    a.ferry_ok(&[
-        "vm",
-        "create",
+/// The test VM `app` on `a`, started and writing, then replicating to `b` every 5 s (with
+/// the further `replication enable` options given) once its initial copy is done.
+fn replicated_app(a: &Host, b: &Host, options: &[&str]) {
+    a.create_guest_vm(
         "app",
-        "--memory",
-        "256M",
-        "--disk",
-        "16M",
-        "--kernel",
-        kernel.to_str().unwrap(),
-        "--initrd",
-        initrd.to_str().unwrap(),
-        "--append",
-        &append,
-    ]);
+        GuestWorkload {
+            seed: SEED,
+            start: 1,
+            span_blocks: SPAN,
+        },
+        0.1,
+        &["--memory", "256M", "--disk", "16M"],
+    );
     a.ferry_ok(&["vm", "start", "app"]);
     a.wait_console("app", Duration::from_secs(60), "guest writes", |c| {
         parse_console(c).last_wrote_seq.unwrap_or(0) >= 3
     });
-    a.ferry_ok(&[
+    let to = b.socket.to_str().unwrap();
+    let mut args = vec![
         "replication",
         "enable",
         "app",
         "--to",
-        b.socket.to_str().unwrap(),
+        to,
         "--interval",
         "5s",
-        "--recovery-points",
-        "5",
-        "--point-spacing",
-        "1s",
-        "--wait",
-    ]);
+    ];
+    args.extend_from_slice(options);
+    args.push("--wait");
+    a.ferry_ok(&args);
+}
+
+#[test]
+fn unplanned_failover_to_a_chosen_point_cancel_and_complete() {
+    let mut a = Host::start("a", "127.0.0.1", "accel = \"tcg\"");
+    let b = Host::start("b", "127.0.0.2", "accel = \"tcg\"");
+    enable_replica_server(&b, "127.0.0.2");
+    replicated_app(&a, &b, &["--recovery-points", "5", "--point-spacing", "1s"]);
     wait_for("three points", Duration::from_secs(60), || {
         points(&b, "app").len() >= 3
     });
@@ -199,21 +177,7 @@ fn unplanned_failover_to_a_chosen_point_cancel_and_complete() {
     // reverse replication refuses without --resync; with it, both sides are compared and
     // the replica (the old primary) ends up equal to the failed-over VM.
     a.launch();
-    let a_port = {
-        let l = std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap();
-        l.local_addr().unwrap().port().to_string()
-    };
-    let a_storage = a.dir.path().join("replicas");
-    a.ferry_ok(&[
-        "replica-server",
-        "set",
-        "--enable",
-        "--port",
-        &a_port,
-        "--allow-any",
-        "--storage",
-        a_storage.to_str().unwrap(),
-    ]);
+    enable_replica_server(&a, "127.0.0.1");
     let reverse = [
         "replication",
         "reverse",
@@ -281,42 +245,7 @@ fn planned_failover_loses_nothing_and_cancel_restores_replication() {
     let a = Host::start("a", "127.0.0.1", "accel = \"tcg\"");
     let b = Host::start("b", "127.0.0.2", "accel = \"tcg\"");
     enable_replica_server(&b, "127.0.0.2");
-    let (kernel, initrd) = test_guest();
-    let append = GuestWorkload {
-        seed: SEED,
-        start: 1,
-        span_blocks: SPAN,
-    }
-    .kernel_args(0, 0.1);
-    a.ferry_ok(&[
-        "vm",
-        "create",
-        "app",
-        "--memory",
-        "256M",
-        "--disk",
-        "16M",
-        "--kernel",
-        kernel.to_str().unwrap(),
-        "--initrd",
-        initrd.to_str().unwrap(),
-        "--append",
-        &append,
-    ]);
-    a.ferry_ok(&["vm", "start", "app"]);
-    a.wait_console("app", Duration::from_secs(60), "guest writes", |c| {
-        parse_console(c).last_wrote_seq.unwrap_or(0) >= 3
-    });
-    a.ferry_ok(&[
-        "replication",
-        "enable",
-        "app",
-        "--to",
-        b.socket.to_str().unwrap(),
-        "--interval",
-        "5s",
-        "--wait",
-    ]);
+    replicated_app(&a, &b, &[]);
     let err = a.ferry_err(&["failover", "planned", "app"]);
     assert!(err.contains("shut it down first"), "{err}");
     // The guest keeps writing until it is stopped: those last writes must reach the replica.
@@ -395,46 +324,11 @@ fn planned_failover_reverse_and_failback_ship_only_changes() {
         };
         enable_replica_server(&h, ip);
     }
-    let (kernel, initrd) = test_guest();
-    let append = GuestWorkload {
-        seed: SEED,
-        start: 1,
-        span_blocks: SPAN,
-    }
-    .kernel_args(0, 0.1);
-    a.ferry_ok(&[
-        "vm",
-        "create",
-        "app",
-        "--memory",
-        "256M",
-        "--disk",
-        "16M",
-        "--kernel",
-        kernel.to_str().unwrap(),
-        "--initrd",
-        initrd.to_str().unwrap(),
-        "--append",
-        &append,
-    ]);
-    a.ferry_ok(&["vm", "start", "app"]);
-    a.wait_console("app", Duration::from_secs(60), "guest writes", |c| {
-        parse_console(c).last_wrote_seq.unwrap_or(0) >= 3
-    });
-    a.ferry_ok(&[
-        "replication",
-        "enable",
-        "app",
-        "--to",
-        b.socket.to_str().unwrap(),
-        "--interval",
-        "5s",
-        "--recovery-points",
-        "24",
-        "--point-spacing",
-        "1s",
-        "--wait",
-    ]);
+    replicated_app(
+        &a,
+        &b,
+        &["--recovery-points", "24", "--point-spacing", "1s"],
+    );
 
     // A -> B: planned failover, started on B, then reversed: B replicates back to A.
     a.ferry_ok(&["vm", "stop", "app"]);
@@ -552,46 +446,7 @@ fn unplanned_failover_after_qemu_is_killed_then_reverse_with_resync() {
     for (h, ip) in [(&a, "127.0.0.1"), (&b, "127.0.0.2")] {
         enable_replica_server(&h, ip);
     }
-    let (kernel, initrd) = test_guest();
-    let append = GuestWorkload {
-        seed: SEED,
-        start: 1,
-        span_blocks: SPAN,
-    }
-    .kernel_args(0, 0.1);
-    a.ferry_ok(&[
-        "vm",
-        "create",
-        "app",
-        "--memory",
-        "256M",
-        "--disk",
-        "16M",
-        "--kernel",
-        kernel.to_str().unwrap(),
-        "--initrd",
-        initrd.to_str().unwrap(),
-        "--append",
-        &append,
-    ]);
-    a.ferry_ok(&["vm", "start", "app"]);
-    a.wait_console("app", Duration::from_secs(60), "guest writes", |c| {
-        parse_console(c).last_wrote_seq.unwrap_or(0) >= 3
-    });
-    a.ferry_ok(&[
-        "replication",
-        "enable",
-        "app",
-        "--to",
-        b.socket.to_str().unwrap(),
-        "--interval",
-        "5s",
-        "--recovery-points",
-        "5",
-        "--point-spacing",
-        "1s",
-        "--wait",
-    ]);
+    replicated_app(&a, &b, &["--recovery-points", "5", "--point-spacing", "1s"]);
     wait_for("three points", Duration::from_secs(60), || {
         points(&b, "app").len() >= 3
     });

@@ -8,7 +8,6 @@ use std::time::Duration;
 use ferry_testkit::guest::GuestWorkload;
 use ferry_testkit::host::Host;
 use ferry_testkit::replication::enable_replica_server;
-use ferry_testkit::test_guest;
 
 /// A bridge created for the test and removed when it ends, even on failure.
 struct TestBridge(String);
@@ -67,33 +66,26 @@ fn bridge_nic_attaches_a_tap_to_the_bridge_and_the_guest_sees_it() {
         // hang early in boot (see docs/CONFIG.md).
         &format!("default_bridge = \"{}\"\naccel = \"tcg\"\n", bridge.0),
     );
-    let (kernel, initrd) = test_guest();
-    let append = GuestWorkload {
-        seed: 5,
-        start: 1,
-        span_blocks: 256,
-    }
-    .kernel_args(0, 1.0);
-    host.ferry_ok(&[
-        "vm",
-        "create",
+    host.create_guest_vm(
         "br",
-        "--memory",
-        "256M",
-        "--disk",
-        "16M",
-        "--kernel",
-        kernel.to_str().unwrap(),
-        "--initrd",
-        initrd.to_str().unwrap(),
-        "--append",
-        &append,
-        // One NIC on the named bridge and one on the host's default bridge.
-        "--nic",
-        &format!("bridge={}", bridge.0),
-        "--nic",
-        "bridge",
-    ]);
+        GuestWorkload {
+            seed: 5,
+            start: 1,
+            span_blocks: 256,
+        },
+        1.0,
+        &[
+            "--memory",
+            "256M",
+            "--disk",
+            "16M",
+            // One NIC on the named bridge and one on the host's default bridge.
+            "--nic",
+            &format!("bridge={}", bridge.0),
+            "--nic",
+            "bridge",
+        ],
+    );
     let show = host.ferry_json(&["vm", "show", "br"]);
     let nics = show["nics"].as_array().unwrap();
     assert_eq!(nics.len(), 2, "{show}");

@@ -12,7 +12,6 @@ use ferry_testkit::host::Host;
 use ferry_testkit::replication::{
     enable_replica_server, free_port, layer, points, read_image, status, wait_for,
 };
-use ferry_testkit::test_guest;
 use serde_json::Value;
 
 const SEED: u64 = 4242;
@@ -92,28 +91,16 @@ fn replication_ships_exact_recovery_points_and_ends_byte_identical() {
     let storage_s = storage.to_str().unwrap();
     let b_socket = b.socket.to_str().unwrap();
 
-    let (kernel, initrd) = test_guest();
-    let append = GuestWorkload {
-        seed: SEED,
-        start: 1,
-        span_blocks: SPAN,
-    }
-    .kernel_args(0, 0.1);
-    a.ferry_ok(&[
-        "vm",
-        "create",
+    a.create_guest_vm(
         "app",
-        "--memory",
-        "256M",
-        "--disk",
-        "64M",
-        "--kernel",
-        kernel.to_str().unwrap(),
-        "--initrd",
-        initrd.to_str().unwrap(),
-        "--append",
-        &append,
-    ]);
+        GuestWorkload {
+            seed: SEED,
+            start: 1,
+            span_blocks: SPAN,
+        },
+        0.1,
+        &["--memory", "256M", "--disk", "64M"],
+    );
     a.ferry_ok(&["vm", "start", "app"]);
     a.wait_console("app", Duration::from_secs(60), "guest writes", |c| {
         parse_console(c).last_wrote_seq.unwrap_or(0) >= 3

@@ -13,8 +13,10 @@ use std::time::Duration;
 use ferry_testkit::guest::{parse_console, verify_prefix, GuestWorkload};
 use ferry_testkit::host::{pid_alive, Host};
 use ferry_testkit::link::Link;
-use ferry_testkit::replication::{compare_images, layer, points, read_image, status, wait_for};
-use ferry_testkit::test_guest;
+use ferry_testkit::replication::{
+    compare_images, enable_replica_server_at, free_port, layer, points, read_image, status,
+    wait_for,
+};
 
 const SEED: u64 = 777;
 const SPAN: u64 = 4096; // the guest writes the first 16 MiB; 48 MiB of random data follow
@@ -102,20 +104,8 @@ fn replication_recovers_from_link_cuts_crashes_and_full_storage() {
         storage.display()
     ));
     let _mount = Mount(storage.clone());
-    let port = {
-        let l = std::net::TcpListener::bind(("127.0.0.2", 0)).unwrap();
-        l.local_addr().unwrap().port()
-    };
-    b.ferry_ok(&[
-        "replica-server",
-        "set",
-        "--enable",
-        "--port",
-        &port.to_string(),
-        "--allow-any",
-        "--storage",
-        storage.to_str().unwrap(),
-    ]);
+    let port: u16 = free_port("127.0.0.2").parse().unwrap();
+    enable_replica_server_at(&b, &port.to_string());
     let b_fp = b.ferry_json(&["server", "show"])["fingerprint"]
         .as_str()
         .unwrap()
@@ -130,28 +120,16 @@ fn replication_recovers_from_link_cuts_crashes_and_full_storage() {
         r = raw.display(),
         i = image.display()
     ));
-    let (kernel, initrd) = test_guest();
-    let append = GuestWorkload {
-        seed: SEED,
-        start: 1,
-        span_blocks: SPAN,
-    }
-    .kernel_args(0, 0.1);
-    a.ferry_ok(&[
-        "vm",
-        "create",
+    a.create_guest_vm(
         "app",
-        "--memory",
-        "256M",
-        "--disk",
-        image.to_str().unwrap(),
-        "--kernel",
-        kernel.to_str().unwrap(),
-        "--initrd",
-        initrd.to_str().unwrap(),
-        "--append",
-        &append,
-    ]);
+        GuestWorkload {
+            seed: SEED,
+            start: 1,
+            span_blocks: SPAN,
+        },
+        0.1,
+        &["--memory", "256M", "--disk", image.to_str().unwrap()],
+    );
     a.ferry_ok(&["vm", "start", "app"]);
     a.wait_console("app", Duration::from_secs(60), "guest writes", |c| {
         parse_console(c).last_wrote_seq.unwrap_or(0) >= 3

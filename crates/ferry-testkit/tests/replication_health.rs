@@ -15,8 +15,7 @@ use ferry_testkit::bin_dir;
 use ferry_testkit::guest::{parse_console, GuestWorkload};
 use ferry_testkit::host::{pid_alive, Host};
 use ferry_testkit::link::Link;
-use ferry_testkit::replication::{status, wait_for};
-use ferry_testkit::test_guest;
+use ferry_testkit::replication::{enable_replica_server_at, free_port, status, wait_for};
 use serde_json::Value;
 
 fn health(host: &Host, vm: &str) -> Value {
@@ -65,48 +64,23 @@ fn events(host: &Host, vm: &str) -> Vec<Value> {
 fn health_follows_real_conditions_and_statistics_events_metrics_agree() {
     let mut a = Host::start("a", "127.0.0.1", "accel = \"tcg\"");
     let b = Host::start("b", "127.0.0.2", "accel = \"tcg\"");
-    let storage = b.dir.path().join("replicas");
-    let port = {
-        let l = std::net::TcpListener::bind(("127.0.0.2", 0)).unwrap();
-        l.local_addr().unwrap().port()
-    };
-    b.ferry_ok(&[
-        "replica-server",
-        "set",
-        "--enable",
-        "--port",
-        &port.to_string(),
-        "--allow-any",
-        "--storage",
-        storage.to_str().unwrap(),
-    ]);
+    let port: u16 = free_port("127.0.0.2").parse().unwrap();
+    enable_replica_server_at(&b, &port.to_string());
     let b_fp = b.ferry_json(&["server", "show"])["fingerprint"]
         .as_str()
         .unwrap()
         .to_owned();
     let link = Link::start("127.0.0.1", SocketAddr::from(([127, 0, 0, 2], port)));
-    let (kernel, initrd) = test_guest();
-    let append = GuestWorkload {
-        seed: 31,
-        start: 1,
-        span_blocks: 2048,
-    }
-    .kernel_args(0, 0.2);
-    a.ferry_ok(&[
-        "vm",
-        "create",
+    a.create_guest_vm(
         "app",
-        "--memory",
-        "256M",
-        "--disk",
-        "32M",
-        "--kernel",
-        kernel.to_str().unwrap(),
-        "--initrd",
-        initrd.to_str().unwrap(),
-        "--append",
-        &append,
-    ]);
+        GuestWorkload {
+            seed: 31,
+            start: 1,
+            span_blocks: 2048,
+        },
+        0.2,
+        &["--memory", "256M", "--disk", "32M"],
+    );
     a.ferry_ok(&["vm", "start", "app"]);
     a.wait_console("app", Duration::from_secs(60), "guest writes", |c| {
         parse_console(c).last_wrote_seq.unwrap_or(0) >= 2

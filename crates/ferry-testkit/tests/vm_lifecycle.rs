@@ -6,39 +6,25 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use ferry_testkit::bin_dir;
 use ferry_testkit::guest::{parse_console, verify_prefix, GuestWorkload, BLOCK_SIZE};
 use ferry_testkit::host::{pid_alive, Host};
-use ferry_testkit::{bin_dir, test_guest};
 
 const SPAN: u64 = 2048;
 
 fn create_guest_vm(host: &Host, vm: &str) {
-    let (kernel, initrd) = test_guest();
-    let append = GuestWorkload {
-        seed: 777,
-        start: 1,
-        span_blocks: SPAN,
-    }
-    .kernel_args(0, 0.1);
-    host.ferry_ok(&[
-        "vm",
-        "create",
+    host.create_guest_vm(
         vm,
-        "--cpus",
-        "1",
-        "--memory",
-        "256M",
-        "--disk",
-        "32M",
-        "--kernel",
-        kernel.to_str().unwrap(),
-        "--initrd",
-        initrd.to_str().unwrap(),
-        "--append",
-        &append,
-        "--nic",
-        "user",
-    ]);
+        GuestWorkload {
+            seed: 777,
+            start: 1,
+            span_blocks: SPAN,
+        },
+        0.1,
+        &[
+            "--cpus", "1", "--memory", "256M", "--disk", "32M", "--nic", "user",
+        ],
+    );
 }
 
 fn last_seq(host: &Host, vm: &str) -> u64 {

@@ -22,11 +22,9 @@ pub const PASSWORD: &str = "correct horse battery";
 
 /// A free TCP port on 127.0.0.1.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind(("127.0.0.1", 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    ferry_testkit::replication::free_port("127.0.0.1")
+        .parse()
+        .expect("a port number")
 }
 
 /// An HTTP answer.
@@ -290,28 +288,16 @@ pub fn host_form(host: &Host) -> (String, String, String) {
 /// The test guest VM on `host`, started and writing.
 pub fn start_guest(host: &Host, vm: &str, seed: u64) {
     use ferry_testkit::guest::{parse_console, GuestWorkload};
-    let (kernel, initrd) = ferry_testkit::test_guest();
-    let append = GuestWorkload {
-        seed,
-        start: 1,
-        span_blocks: 2048,
-    }
-    .kernel_args(0, 0.2);
-    host.ferry_ok(&[
-        "vm",
-        "create",
+    host.create_guest_vm(
         vm,
-        "--memory",
-        "256M",
-        "--disk",
-        "32M",
-        "--kernel",
-        kernel.to_str().unwrap(),
-        "--initrd",
-        initrd.to_str().unwrap(),
-        "--append",
-        &append,
-    ]);
+        GuestWorkload {
+            seed,
+            start: 1,
+            span_blocks: 2048,
+        },
+        0.2,
+        &["--memory", "256M", "--disk", "32M"],
+    );
     host.ferry_ok(&["vm", "start", vm]);
     host.wait_console(vm, Duration::from_secs(90), "guest writes", |c| {
         parse_console(c).last_wrote_seq.unwrap_or(0) >= 1
