@@ -64,16 +64,6 @@ pub fn current(shared: &Shared, vm_id: i64) -> Option<Failover> {
     serde_json::from_str(&shared.store.setting(&key(vm_id)).ok()??).ok()
 }
 
-/// Re-pins the points of uncompleted failovers after a restart.
-pub fn restore_pins(shared: &Shared) -> anyhow::Result<()> {
-    for rel in shared.store.list_replications()? {
-        if let Some(f) = current(shared, rel.vm_id) {
-            shared.pin(rel.vm_id, f.point);
-        }
-    }
-    Ok(())
-}
-
 /// Fails the replica VM `name` over to `point` (default: the latest), optionally starting it.
 pub async fn start(
     shared: &Arc<Shared>,

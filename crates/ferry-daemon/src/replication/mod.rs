@@ -344,8 +344,16 @@ pub async fn start(shared: &Arc<Shared>) -> anyhow::Result<()> {
         });
     }
     health::spawn_watcher(shared.clone());
-    test_failover::restore_pins(shared)?;
-    failover::restore_pins(shared)?;
+    // Points in use by a test failover or an uncompleted failover stay pinned across a
+    // restart: pinned before the replica server takes points again (retention merges).
+    let relationships = shared.store.list_replications()?;
+    for rel in &relationships {
+        let test = test_failover::current(shared, rel.vm_id).map(|t| t.point);
+        let failover = failover::current(shared, rel.vm_id).map(|f| f.point);
+        for point in test.into_iter().chain(failover) {
+            shared.pin(rel.vm_id, point);
+        }
+    }
     let staged = replica::recover_staging(&shared.store)?;
     shared
         .replica
@@ -354,7 +362,7 @@ pub async fn start(shared: &Arc<Shared>) -> anyhow::Result<()> {
         .expect("staging")
         .extend(staged);
     replica::apply_config(shared).await?;
-    for rel in shared.store.list_replications()? {
+    for rel in relationships {
         if rel.role == Role::Primary {
             shared.spawn_primary(rel.vm_id);
         }

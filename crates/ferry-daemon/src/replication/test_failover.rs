@@ -48,16 +48,6 @@ pub fn last_started(shared: &Shared, vm_id: i64) -> Option<i64> {
         .ok()
 }
 
-/// Re-pins the points of test failovers that were running when ferryd stopped.
-pub fn restore_pins(shared: &Shared) -> anyhow::Result<()> {
-    for rel in shared.store.list_replications()? {
-        if let Some(t) = current(shared, rel.vm_id) {
-            shared.pin(rel.vm_id, t.point);
-        }
-    }
-    Ok(())
-}
-
 /// Starts a test failover of replica VM `name` from `point` (default: the latest).
 pub async fn start(
     shared: &Arc<Shared>,
