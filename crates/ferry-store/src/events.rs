@@ -21,6 +21,19 @@ pub(crate) const MIGRATION: &str = "
     CREATE INDEX events_by_vm ON events (vm, id);
     ALTER TABLE replications ADD COLUMN stats_reset_ms INTEGER NOT NULL DEFAULT 0;";
 
+/// Decodes a row of `SELECT id, at_ms, vm, code, kind, severity, message`.
+fn event_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<EventRow> {
+    Ok(EventRow {
+        id: r.get(0)?,
+        at_ms: r.get(1)?,
+        vm: r.get(2)?,
+        code: r.get(3)?,
+        kind: r.get(4)?,
+        severity: r.get(5)?,
+        message: r.get(6)?,
+    })
+}
+
 /// One event.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EventRow {
@@ -64,17 +77,7 @@ impl Store {
              WHERE id > ?1 AND (?2 IS NULL OR vm = ?2) ORDER BY id LIMIT ?3",
         )?;
         let rows = stmt
-            .query_map(params![after, vm, limit], |r| {
-                Ok(EventRow {
-                    id: r.get(0)?,
-                    at_ms: r.get(1)?,
-                    vm: r.get(2)?,
-                    code: r.get(3)?,
-                    kind: r.get(4)?,
-                    severity: r.get(5)?,
-                    message: r.get(6)?,
-                })
-            })?
+            .query_map(params![after, vm, limit], event_row)?
             .collect::<Result<Vec<_>, _>>()?;
         Ok(rows)
     }
@@ -88,17 +91,7 @@ impl Store {
              ORDER BY id",
         )?;
         let rows = stmt
-            .query_map([kind], |r| {
-                Ok(EventRow {
-                    id: r.get(0)?,
-                    at_ms: r.get(1)?,
-                    vm: r.get(2)?,
-                    code: r.get(3)?,
-                    kind: r.get(4)?,
-                    severity: r.get(5)?,
-                    message: r.get(6)?,
-                })
-            })?
+            .query_map([kind], event_row)?
             .collect::<Result<Vec<_>, _>>()?;
         Ok(rows)
     }

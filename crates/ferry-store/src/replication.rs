@@ -455,19 +455,7 @@ impl Store {
             "SELECT vm_id, cycle, kind, started_ms, ended_ms, dirty_bytes, sent_bytes, ok, error FROM cycles WHERE vm_id = ?1 AND ended_ms >= ?2 ORDER BY id",
         )?;
         let rows = stmt
-            .query_map(params![vm_id, since_ms], |r| {
-                Ok(CycleRow {
-                    vm_id: r.get(0)?,
-                    cycle: r.get(1)?,
-                    kind: r.get(2)?,
-                    started_ms: r.get(3)?,
-                    ended_ms: r.get(4)?,
-                    dirty_bytes: r.get(5)?,
-                    sent_bytes: r.get(6)?,
-                    ok: r.get(7)?,
-                    error: r.get(8)?,
-                })
-            })?
+            .query_map(params![vm_id, since_ms], cycle_row)?
             .collect::<Result<Vec<_>, _>>()?;
         Ok(rows)
     }
@@ -479,22 +467,26 @@ impl Store {
             "SELECT vm_id, cycle, kind, started_ms, ended_ms, dirty_bytes, sent_bytes, ok, error FROM cycles WHERE vm_id = ?1 ORDER BY id DESC LIMIT ?2",
         )?;
         let rows = stmt
-            .query_map(params![vm_id, limit], |r| {
-                Ok(CycleRow {
-                    vm_id: r.get(0)?,
-                    cycle: r.get(1)?,
-                    kind: r.get(2)?,
-                    started_ms: r.get(3)?,
-                    ended_ms: r.get(4)?,
-                    dirty_bytes: r.get(5)?,
-                    sent_bytes: r.get(6)?,
-                    ok: r.get(7)?,
-                    error: r.get(8)?,
-                })
-            })?
+            .query_map(params![vm_id, limit], cycle_row)?
             .collect::<Result<Vec<_>, _>>()?;
         Ok(rows)
     }
+}
+
+/// Decodes a row of `SELECT vm_id, cycle, kind, started_ms, ended_ms, dirty_bytes,
+/// sent_bytes, ok, error FROM cycles`.
+fn cycle_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<CycleRow> {
+    Ok(CycleRow {
+        vm_id: r.get(0)?,
+        cycle: r.get(1)?,
+        kind: r.get(2)?,
+        started_ms: r.get(3)?,
+        ended_ms: r.get(4)?,
+        dirty_bytes: r.get(5)?,
+        sent_bytes: r.get(6)?,
+        ok: r.get(7)?,
+        error: r.get(8)?,
+    })
 }
 
 #[cfg(test)]
