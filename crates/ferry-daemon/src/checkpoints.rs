@@ -24,6 +24,7 @@ use ferry_api_types::{
     DiskRequest, NicRequest, Progress, VmCreateRequest, VmImportRequest, VmInfo,
 };
 use ferry_domain::{Boot, CivilTime, NicKind, ReplicationState, Role, VmName, VmSpec, VmState};
+use ferry_qemu::process::disk_node;
 use ferry_qemu::qmp::{self, Qmp, Transaction, TransactionAction};
 use ferry_qemu::{qcow2, snapshot};
 use ferry_store::{CheckpointRow, VmRow};
@@ -329,7 +330,7 @@ impl Checkpoints {
         }
         let tag = format!("ferry-cp-{created_ms}");
         let disks = self.shared.vms.disk_paths(&row);
-        let nodes: Vec<String> = (0..disks.len()).map(|i| format!("drive{i}")).collect();
+        let nodes: Vec<String> = (0..disks.len()).map(|i| disk_node(i)).collect();
         let qmp = self.shared.vms.live_qmp(vm);
         let (consistency, with_memory, note) = match (&qmp, req.kind) {
             (None, _) => {
@@ -624,7 +625,7 @@ impl Checkpoints {
                 stashes
                     .into_iter()
                     .enumerate()
-                    .map(|(i, (p, b))| (format!("drive{i}"), p, b))
+                    .map(|(i, (p, b))| (disk_node(i), p, b))
                     .collect();
             let resumed = self
                 .shared
@@ -761,17 +762,23 @@ impl Checkpoints {
         }
         doomed.reverse();
         let disks = self.shared.vms.disk_paths(&row);
-        let nodes: Vec<String> = (0..disks.len()).map(|i| format!("drive{i}")).collect();
+        let nodes: Vec<String> = (0..disks.len()).map(|i| disk_node(i)).collect();
         let qmp = self.shared.vms.live_qmp(&vm);
+        // Each disk's snapshots, read once: a tag already gone (an interrupted delete) is
+        // skipped, not an error.
+        let mut present = Vec::new();
+        for d in &disks {
+            let tags: HashSet<String> = snapshot::list(&self.shared.cfg.qemu_img, d)
+                .await
+                .map_err(|e| qemu_err(&vm, "reading the disk's snapshots", e))?
+                .into_iter()
+                .map(|s| s.name)
+                .collect();
+            present.push(tags);
+        }
         for c in &doomed {
-            for (d, node) in disks.iter().zip(&nodes) {
-                // A tag already gone (an interrupted delete) is not an error.
-                let present = snapshot::list(&self.shared.cfg.qemu_img, d)
-                    .await
-                    .map_err(|e| qemu_err(&vm, "reading the disk's snapshots", e))?
-                    .iter()
-                    .any(|s| s.name == c.tag);
-                if !present {
+            for ((d, node), tags) in disks.iter().zip(&nodes).zip(&present) {
+                if !tags.contains(&c.tag) {
                     continue;
                 }
                 match &qmp {

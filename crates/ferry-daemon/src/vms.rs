@@ -15,7 +15,7 @@ use ferry_domain::lifecycle::{self, Action, Operation};
 use ferry_domain::spec::mac_from_seed;
 use ferry_domain::{Boot, DiskSpec, NicKind, NicSpec, VmName, VmSpec, VmState};
 use ferry_qemu::img;
-use ferry_qemu::process::{self, Accel, NicArg, NicBackend, QemuCommand};
+use ferry_qemu::process::{self, disk_node, Accel, NicArg, NicBackend, QemuCommand};
 use ferry_qemu::qmp::{self, Qmp};
 use ferry_store::{Store, StoreError, VmRow};
 use ring::rand::SecureRandom;
@@ -328,7 +328,7 @@ impl VmManager {
                 .map(|(i, d)| DiskInfo {
                     path: dir.join(&d.file).display().to_string(),
                     size_bytes: d.size_bytes,
-                    node: format!("drive{i}"),
+                    node: disk_node(i),
                 })
                 .collect(),
             nics: row

@@ -217,6 +217,12 @@ pub struct NicArg {
     pub mac: String,
 }
 
+/// The name of disk `i`'s qcow2 block node in every VM ferryd starts: QMP commands
+/// (bitmaps, fleecing, snapshots) address the disk by it.
+pub fn disk_node(i: usize) -> String {
+    format!("drive{i}")
+}
+
 /// Everything needed to build the QEMU command line of one VM.
 #[derive(Debug, Clone)]
 pub struct QemuCommand {
@@ -382,11 +388,11 @@ impl QemuCommand {
             // Replication addresses the qcow2 node by this name.
             a.push2(
                 "-blockdev",
-                format!("driver=qcow2,node-name=drive{i},file=file{i}"),
+                format!("driver=qcow2,node-name={},file=file{i}", disk_node(i)),
             );
             a.push2(
                 "-device",
-                format!("virtio-blk-pci,drive=drive{i},id=vblk{i}"),
+                format!("virtio-blk-pci,drive={},id=vblk{i}", disk_node(i)),
             );
         }
 

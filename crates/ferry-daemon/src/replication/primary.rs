@@ -27,6 +27,7 @@ use ferry_domain::{ReplicationState, Role, VmName};
 use ferry_nbd::{Extent as NbdExtent, NbdClient, BASE_ALLOCATION, STATE_ZERO};
 use ferry_qemu::agent::GuestAgent;
 use ferry_qemu::cbt::{self, BitmapState, FleecePoint, NodeSpec, OfflineExport};
+use ferry_qemu::process::disk_node;
 use ferry_store::{CycleRow, ReplicationRow, VmRow};
 use ferry_wire::{BatchBuilder, Extent, FrameReader, FrameWriter, SpoolReader, SpoolWriter};
 use serde::{Deserialize, Serialize};
@@ -111,6 +112,15 @@ pub struct Pending {
     /// The guest's filesystems were frozen through its agent for the point.
     #[serde(default)]
     pub app_consistent: bool,
+}
+
+/// Where a VM's fleecing overlays live while a cycle holds its point.
+fn fleece_dir(shared: &Shared, vm_id: i64) -> PathBuf {
+    shared
+        .cfg
+        .data_dir
+        .join("run")
+        .join(format!("fleece-{vm_id}"))
 }
 
 fn spool_dir(shared: &Shared, vm_id: i64) -> PathBuf {
@@ -370,12 +380,8 @@ async fn capture(shared: &Arc<Shared>, rel: &ReplicationRow) -> anyhow::Result<(
     // was not recorded (ferryd crashed, QEMU stopped mid-cycle, a failure folded the old
     // generation into the new one) leaves a newer one, which is adopted.
     let live = shared.vms.live_qmp(&name);
-    let nodes: Vec<String> = disks.iter().map(|(i, _, _)| format!("drive{i}")).collect();
-    let run_dir = shared
-        .cfg
-        .data_dir
-        .join("run")
-        .join(format!("fleece-{}", rel.vm_id));
+    let nodes: Vec<String> = disks.iter().map(|(i, _, _)| disk_node(*i)).collect();
+    let run_dir = fleece_dir(shared, rel.vm_id);
     let generation = match (&live, rel.generation == 0 || resync) {
         (_, true) => rel.generation,
         (Some(qmp), false) => {
@@ -422,7 +428,7 @@ async fn capture(shared: &Arc<Shared>, rel: &ReplicationRow) -> anyhow::Result<(
         let specs: Vec<NodeSpec> = disks
             .iter()
             .map(|(i, _, size)| NodeSpec {
-                node: format!("drive{i}"),
+                node: disk_node(*i),
                 size: *size,
             })
             .collect();
@@ -1388,14 +1394,10 @@ pub async fn remove_tracking(
 ) {
     let disks = disks(shared, vm, rel);
     if let Some(qmp) = shared.vms.live_qmp(name) {
-        let nodes: Vec<String> = disks.iter().map(|(i, _, _)| format!("drive{i}")).collect();
+        let nodes: Vec<String> = disks.iter().map(|(i, _, _)| disk_node(*i)).collect();
         // A capture stopped mid-way (the task was aborted) leaves its fleecing point: its
         // exports and copy-before-write job would hold the bitmaps and grow the overlay.
-        let run_dir = shared
-            .cfg
-            .data_dir
-            .join("run")
-            .join(format!("fleece-{}", rel.vm_id));
+        let run_dir = fleece_dir(shared, rel.vm_id);
         if let Err(e) = cbt::cleanup_stale(&qmp, &run_dir).await {
             warn!(vm = %name, error = %e, "cleaning up a fleecing point left by an aborted cycle failed");
         }
