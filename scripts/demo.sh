@@ -75,8 +75,10 @@ fi
 A vm console demo --log | grep GUEST
 A vm show demo
 
-say "host-b becomes a replica server (replication port 7444, any authenticated primary)"
-B replica-server set --enable --allow-any --storage "$DEMO/host-b/replicas"
+say "host-b becomes a replica server (replication port 7444) for host-a, by its certificate"
+FP_A=$(A --output json server show | sed -n 's/.*"fingerprint": "\([^"]*\)".*/\1/p')
+B replica-server set --enable --allow "host-a=$FP_A" --storage "$DEMO/host-b/replicas" \
+  --allow-primary-start yes
 
 say "Replicating 'demo' to host-b: every 5 s, latest + 3 recovery points at least 10 s apart"
 A replication enable demo --to "$DEMO/host-b/ferryd.sock" --interval 5s \
@@ -153,7 +155,8 @@ echo "guest's last write: $(guest_wrote); the point holds writes up to $(newest_
 qemu-img compare -U "$PRIMARY_DISK" "$layer"
 
 say "Planned failover to host-b with reverse replication (host-a accepts replication too)"
-A replica-server set --enable --allow-any --storage "$DEMO/host-a/replicas" >/dev/null
+A replica-server set --enable --allow "host-b=$FP" --storage "$DEMO/host-a/replicas" \
+  --allow-primary-start yes >/dev/null
 A replication resume demo >/dev/null
 A failover planned demo --start --reverse
 B vm list

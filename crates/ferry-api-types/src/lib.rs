@@ -239,12 +239,20 @@ pub struct ReplicaServerConfig {
     pub enabled: bool,
     /// The port for host-to-host replication (mutual TLS).
     pub port: u16,
-    /// Accept any primary that authenticates with its host certificate.
+    /// Accept any primary whose host certificate was issued by `trusted_ca` (never a
+    /// self-signed one: "any" means any member of the organization the CA vouches for).
     pub allow_any: bool,
     /// Storage for replicas from any primary (with `allow_any`).
     pub default_storage: Option<String>,
     /// Listed primaries.
     pub entries: Vec<AuthorizationEntry>,
+    /// PEM of the CA certificate(s) that `allow_any` trusts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trusted_ca: Option<String>,
+    /// Whether a primary may start a VM here (planned failover with start). Off: the VM is
+    /// failed over and left off for this host's admin to start.
+    #[serde(default)]
+    pub allow_primary_start: bool,
 }
 
 /// The replica-server role and how to reach it.
@@ -277,13 +285,20 @@ pub struct StorageSpace {
 
 /// Changes to the replica-server role; absent fields stay as they are.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
 pub struct ReplicaServerSetRequest {
     /// Enable (true) or disable (false).
     pub enabled: Option<bool>,
     /// Listen port.
     pub port: Option<u16>,
-    /// Allow any authenticated primary, storing in `storage`.
+    /// Allow any primary whose certificate `trusted_ca` issued, storing in `storage`.
     pub allow_any: Option<bool>,
+    /// PEM of the CA certificate(s) for `allow_any`; an empty string removes it.
+    #[serde(default)]
+    pub trusted_ca: Option<String>,
+    /// Let primaries start VMs here (planned failover with start).
+    #[serde(default)]
+    pub allow_primary_start: Option<bool>,
     /// Default storage (with `allow_any`) or the storage of the entry being added.
     pub storage: Option<String>,
     /// Add (or replace, by primary name) an authorization entry.
@@ -294,6 +309,7 @@ pub struct ReplicaServerSetRequest {
 
 /// `ferry replication enable`: the wizard's choices.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct EnableReplicationRequest {
     /// The replica server's name.
     pub replica_name: String,

@@ -31,9 +31,17 @@ pub enum ReplicaServerCmd {
         /// Port for host-to-host replication (mutual TLS); default 7444.
         #[arg(long)]
         port: Option<u16>,
-        /// Accept any primary that authenticates with its host certificate; needs --storage.
+        /// Accept any primary whose host certificate the CA given with --trust-ca issued
+        /// (never a self-signed one); needs --storage.
         #[arg(long, conflicts_with_all = ["allow", "deny_any"])]
         allow_any: bool,
+        /// The CA certificate(s), PEM, that --allow-any trusts; `none` removes it.
+        #[arg(long, value_name = "FILE")]
+        trust_ca: Option<PathBuf>,
+        /// Whether a primary may start a VM on this host (planned failover with --start):
+        /// `yes` or `no` (the default: the VM fails over and stays off for this host's admin).
+        #[arg(long, value_name = "yes|no", value_parser = parse_yes_no)]
+        allow_primary_start: Option<bool>,
         /// Stop accepting primaries that are not listed.
         #[arg(long)]
         deny_any: bool,
@@ -163,6 +171,14 @@ pub enum ReplicationCmd {
         #[arg(long)]
         resync: bool,
     },
+    /// On the old primary of a VM failed over without a planned failover: agree that it
+    /// becomes the replica of the failed-over copy (its disk is then overwritten by
+    /// reverse replication), for the next hour. `replication reverse --to` does this itself
+    /// when it reaches this host's admin API.
+    AcceptReverse {
+        /// The VM.
+        vm: String,
+    },
     /// Pause replication (changes are still tracked).
     Suspend {
         /// The VM.
@@ -195,6 +211,8 @@ pub async fn replica_server(
             disable,
             port,
             allow_any,
+            trust_ca,
+            allow_primary_start,
             deny_any,
             allow,
             trust_group,
@@ -202,6 +220,14 @@ pub async fn replica_server(
             disallow,
         } => {
             let storage = storage.map(crate::absolute).transpose()?;
+            let trusted_ca = match trust_ca {
+                None => None,
+                Some(p) if p.as_os_str() == "none" => Some(String::new()),
+                Some(p) => Some(
+                    std::fs::read_to_string(&p)
+                        .with_context(|| format!("cannot read --trust-ca {}", p.display()))?,
+                ),
+            };
             let allow = match allow {
                 None => None,
                 Some(a) => {
@@ -232,6 +258,8 @@ pub async fn replica_server(
                 } else {
                     None
                 },
+                trusted_ca,
+                allow_primary_start,
                 storage,
                 allow,
                 disallow,
@@ -254,10 +282,14 @@ pub async fn replica_server(
         "Listening:      {}",
         info.listening.as_deref().unwrap_or("-")
     );
-    if c.allow_any {
+    if c.allow_any && c.trusted_ca.is_some() {
         println!(
-            "Authorization:  any authenticated primary -> {}",
+            "Authorization:  any primary with a certificate from the trusted CA -> {}",
             c.default_storage.as_deref().unwrap_or("-")
+        );
+    } else if c.allow_any {
+        println!(
+            "Authorization:  listed primaries only (--allow-any is set but trusts no CA: `ferry replica-server set --trust-ca CA.pem`)"
         );
     } else {
         println!("Authorization:  listed primaries only");
@@ -268,22 +300,41 @@ pub async fn replica_server(
             e.primary, e.fingerprint, e.storage, e.trust_group
         );
     }
+    println!(
+        "Primary start:  {}",
+        if c.allow_primary_start {
+            "a planned failover from a primary may start its VM here"
+        } else {
+            "no (failed-over VMs are started by this host's admin)"
+        }
+    );
     Ok(())
 }
 
+fn parse_yes_no(v: &str) -> Result<bool, String> {
+    match v {
+        "yes" | "true" | "on" => Ok(true),
+        "no" | "false" | "off" => Ok(false),
+        _ => Err(format!("{v:?}: use yes or no")),
+    }
+}
+
 /// Where the replica server is and who it is, from the name given to --to.
+/// The admin API of `to` when it names one (an admin socket, or a host from `ferry host
+/// list`), `None` for ADDR:PORT.
+fn admin_endpoint(to: &str) -> anyhow::Result<Option<Endpoint>> {
+    Ok(if to.starts_with('/') {
+        Some(Endpoint::Unix(PathBuf::from(to)))
+    } else {
+        hosts::load()?.endpoint(to).ok()
+    })
+}
+
 async fn resolve_replica(
     to: &str,
     fingerprint: Option<String>,
 ) -> anyhow::Result<(String, String, String)> {
-    let endpoint = if to.starts_with('/') {
-        Some(Endpoint::Unix(PathBuf::from(to)))
-    } else if let Ok(h) = hosts::load()?.endpoint(to) {
-        Some(h)
-    } else {
-        None
-    };
-    match endpoint {
+    match admin_endpoint(to)? {
         Some(ep) => {
             let url_host = match &ep {
                 Endpoint::Tls { addr, .. } => addr.rsplit_once(':').map(|(h, _)| h.to_owned()),
@@ -459,6 +510,12 @@ pub async fn replication(client: &Client, cmd: ReplicationCmd, out: &Output) -> 
             }
             Ok(())
         }
+        ReplicationCmd::AcceptReverse { vm } => show(
+            out,
+            &client
+                .post(&vm_path(&vm, "/replication/accept-reverse"), &())
+                .await?,
+        ),
         ReplicationCmd::Suspend { vm } => show(
             out,
             &client
@@ -540,6 +597,14 @@ pub async fn replication(client: &Client, cmd: ReplicationCmd, out: &Output) -> 
         } => {
             let (replica_name, replica_addr, fp) =
                 resolve_replica(&to, replica_fingerprint).await?;
+            // The old primary becomes a replica only with its own admin's consent (or a
+            // planned failover that prepared it): given its admin endpoint, consent here.
+            if let Some(ep) = admin_endpoint(&to)? {
+                let _: ReplicationInfo = Client::new(ep)
+                    .post(&vm_path(&vm, "/replication/accept-reverse"), &())
+                    .await
+                    .with_context(|| format!("{to} did not accept reverse replication of {vm}"))?;
+            }
             let info: ReplicationInfo = client
                 .post(
                     &vm_path(&vm, "/replication/reverse"),

@@ -12,8 +12,9 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 /// The host's certificate, key and API token.
 pub struct Identity {
-    /// The certificate (DER).
-    pub cert: CertificateDer<'static>,
+    /// The certificate followed by any intermediate CA certificates from `host.crt` (a
+    /// certificate issued by an organization's CA, for replica servers that trust the CA).
+    pub chain: Vec<CertificateDer<'static>>,
     /// The private key (DER).
     key: PrivateKeyDer<'static>,
     /// SHA-256 fingerprint of the certificate, `AA:BB:…`.
@@ -89,13 +90,14 @@ impl Identity {
         };
         let cert_pem = read(&cert_path)?;
         let key_pem = read(&key_path)?;
-        let cert = rustls_pemfile::certs(&mut cert_pem.as_slice())
-            .next()
-            .and_then(Result::ok)
-            .ok_or_else(|| IdentityError::BadPem {
-                path: cert_path.display().to_string(),
-                what: "certificate",
-            })?;
+        let bad_cert = || IdentityError::BadPem {
+            path: cert_path.display().to_string(),
+            what: "certificate",
+        };
+        let chain = rustls_pemfile::certs(&mut cert_pem.as_slice())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| bad_cert())?;
+        let cert = chain.first().ok_or_else(bad_cert)?;
         let key = rustls_pemfile::private_key(&mut key_pem.as_slice())
             .ok()
             .flatten()
@@ -107,8 +109,8 @@ impl Identity {
             .trim()
             .to_owned();
         Ok(Self {
-            fingerprint: fingerprint(&cert),
-            cert,
+            fingerprint: fingerprint(cert),
+            chain,
             key,
             token,
             token_path,
@@ -126,7 +128,7 @@ impl Identity {
         let config = rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()?
             .with_no_client_auth()
-            .with_single_cert(vec![self.cert.clone()], self.key.clone_key())?;
+            .with_single_cert(self.chain.clone(), self.key.clone_key())?;
         Ok(Arc::new(config))
     }
 }

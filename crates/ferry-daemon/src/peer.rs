@@ -1,8 +1,11 @@
 //! Host-to-host TLS: both hosts present their host certificates (mutual TLS). The primary
-//! pins the replica's certificate by fingerprint; the replica accepts any client
-//! certificate whose signature checks out and then decides by the certificate's
-//! fingerprint whether that primary is authorized — so an unknown primary gets a clear
-//! "not authorized" reply instead of an opaque handshake failure.
+//! pins the replica's certificate by fingerprint; the replica completes the handshake with
+//! any client certificate whose key the peer proves it holds, and then, before reading a
+//! byte from it, decides whether that primary is authorized: by the certificate's
+//! fingerprint (a listed primary), or because the certificate chains to the CA the replica
+//! server trusts (`--allow-any`). A self-signed certificate is never "any authenticated
+//! primary". Refusing after the handshake gives an unknown primary a clear "not
+//! authorized" reply instead of an opaque handshake failure.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -82,7 +85,7 @@ pub fn replica_acceptor(identity: &Identity) -> Result<TlsAcceptor, rustls::Erro
     let config = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(Arc::new(AnyClientCert { provider }))
-        .with_single_cert(vec![identity.cert.clone()], identity.key())?;
+        .with_single_cert(identity.chain.clone(), identity.key())?;
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
@@ -93,6 +96,52 @@ pub fn peer_fingerprint(conn: &server::TlsStream<TcpStream>) -> Option<String> {
         .peer_certificates()
         .and_then(|c| c.first())
         .map(|c| fingerprint(c))
+}
+
+/// The certificates the peer presented: its own first, then intermediates.
+pub fn peer_chain(conn: &server::TlsStream<TcpStream>) -> Vec<CertificateDer<'static>> {
+    conn.get_ref()
+        .1
+        .peer_certificates()
+        .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
+        .unwrap_or_default()
+}
+
+/// The CA certificates in `pem`; an error says what is wrong with it in one line.
+pub fn parse_ca(pem: &str) -> Result<rustls::RootCertStore, String> {
+    let certs = rustls_pemfile::certs(&mut pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("the trusted CA is not valid PEM: {e}"))?;
+    if certs.is_empty() {
+        return Err(
+            "the trusted CA file holds no PEM certificate (-----BEGIN CERTIFICATE-----)".into(),
+        );
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    for c in certs {
+        roots
+            .add(c)
+            .map_err(|e| format!("the trusted CA certificate is unusable: {e}"))?;
+    }
+    Ok(roots)
+}
+
+/// Whether `chain` (leaf first) was issued, directly or through its intermediates, by a CA
+/// in `ca_pem`, and is valid now for client authentication. `Err` says why not.
+pub fn chain_trusted(ca_pem: &str, chain: &[CertificateDer<'static>]) -> Result<(), String> {
+    let roots = parse_ca(ca_pem)?;
+    let (leaf, intermediates) = chain
+        .split_first()
+        .ok_or_else(|| "the peer presented no certificate".to_owned())?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+            .build()
+            .map_err(|e| format!("the trusted CA cannot verify certificates: {e}"))?;
+    verifier
+        .verify_client_cert(leaf, intermediates, UnixTime::now())
+        .map(|_| ())
+        .map_err(|e| format!("its certificate was not issued by the trusted CA ({e})"))
 }
 
 /// The primary's side of a host-to-host connection.
@@ -107,7 +156,7 @@ pub async fn connect(
 ) -> anyhow::Result<PeerStream> {
     let config = ferry_client::pinned_client_config(
         replica_fingerprint,
-        Some((vec![identity.cert.clone()], identity.key())),
+        Some((identity.chain.clone(), identity.key())),
     )?;
     let connector = TlsConnector::from(Arc::new(config));
     let host = addr.rsplit_once(':').map(|(h, _)| h).unwrap_or(addr);

@@ -94,6 +94,8 @@ fn pair() -> (Host, Host, PathBuf) {
         "--port",
         &free_port("127.0.0.2"),
         "--allow-any",
+        "--trust-ca",
+        b.trusted_ca().to_str().expect("utf-8"),
         "--storage",
         storage.to_str().expect("utf-8"),
     ]);

@@ -60,8 +60,34 @@ impl Host {
         host
     }
 
-    /// Writes the config without starting ferryd.
+    /// Writes the config without starting ferryd; the host's certificate is issued by the
+    /// test organization's CA ([`crate::pki::test_ca`]), whose certificate is in
+    /// [`Host::trusted_ca`].
     pub fn configure(name: &str, ip: &str, extra: &str) -> Self {
+        let host = Self::configure_self_signed(name, ip, extra);
+        crate::pki::test_ca().issue_host(name, &host.data_dir);
+        host
+    }
+
+    /// Like [`Host::start`], but ferryd makes its own self-signed certificate (its default
+    /// without an organization CA).
+    pub fn start_self_signed(name: &str, ip: &str, extra: &str) -> Self {
+        let mut host = Self::configure_self_signed(name, ip, extra);
+        host.launch();
+        host
+    }
+
+    /// The test CA's certificate as a file (what `replica-server set --trust-ca` takes).
+    pub fn trusted_ca(&self) -> PathBuf {
+        let path = self.dir.path().join("trusted-ca.pem");
+        if !path.exists() {
+            std::fs::write(&path, &crate::pki::test_ca().pem).expect("write the CA");
+        }
+        path
+    }
+
+    /// Writes the config without starting ferryd, leaving its identity to ferryd.
+    pub fn configure_self_signed(name: &str, ip: &str, extra: &str) -> Self {
         // Short paths: unix sockets are limited to 108 bytes.
         let dir = tempfile::Builder::new()
             .prefix("ferry-")

@@ -4,7 +4,9 @@
 
 pub mod guest;
 pub mod host;
+pub mod hostile;
 pub mod link;
+pub mod pki;
 pub mod replication;
 
 use std::path::PathBuf;

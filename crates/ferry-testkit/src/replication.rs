@@ -24,8 +24,9 @@ pub fn free_port(ip: &str) -> String {
     l.local_addr().expect("local addr").port().to_string()
 }
 
-/// Makes `host` (listening on `ip`) a replica server accepting any authenticated primary;
-/// returns the storage directory.
+/// Makes `host` (listening on `ip`) a replica server accepting any primary whose
+/// certificate the test organization's CA issued, and letting primaries start VMs at a
+/// planned failover; returns the storage directory.
 pub fn enable_replica_server(host: &Host, ip: &str) -> PathBuf {
     enable_replica_server_at(host, &free_port(ip))
 }
@@ -41,6 +42,10 @@ pub fn enable_replica_server_at(host: &Host, port: &str) -> PathBuf {
         "--port",
         port,
         "--allow-any",
+        "--trust-ca",
+        host.trusted_ca().to_str().expect("utf-8 path"),
+        "--allow-primary-start",
+        "yes",
         "--storage",
         storage.to_str().expect("utf-8 path"),
     ]);

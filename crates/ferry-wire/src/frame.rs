@@ -589,8 +589,14 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
 
     /// Reject frames whose on-wire or uncompressed payload exceeds `max`.
     pub fn with_max_frame(mut self, max: usize) -> Self {
-        self.max_frame = max.min(u32::MAX as usize);
+        self.set_max_frame(max);
         self
+    }
+
+    /// Changes the frame limit from the next frame on (a session that caps its greeting
+    /// tightly, then accepts full-size frames from a peer it authorized).
+    pub fn set_max_frame(&mut self, max: usize) {
+        self.max_frame = max.min(u32::MAX as usize);
     }
 
     /// Read the next frame, verified and decompressed.

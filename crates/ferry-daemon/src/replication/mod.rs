@@ -84,6 +84,8 @@ pub fn event_code(kind: &str) -> (u32, &'static str) {
         "checkpoint_applied" => (1120, "warning"),
         "checkpoint_created" => (1121, "info"),
         "checkpoint_deleted" => (1122, "info"),
+        "primary_refused" => (1200, "warning"),
+        "reverse_accepted" => (1115, "warning"),
         _ => (1999, "info"),
     }
 }
@@ -103,6 +105,11 @@ impl Events {
             .flatten()
             .map(|v| v.spec.name.to_string());
         self.record(name.as_deref(), kind, None, message);
+    }
+
+    /// Records an event about the host rather than one VM (a refused peer).
+    pub fn emit_host(&self, kind: &str, message: &str) {
+        self.record(None, kind, None, message);
     }
 
     /// Records an event with an explicit severity (`info`, `warning`, `error`).
@@ -626,6 +633,26 @@ pub fn request(
         "resume" => Request::Resume,
         "resync" => Request::Resync,
         "start" => Request::StartInitial,
+        "accept-reverse" => {
+            if rel.role != Role::Primary {
+                return Err(ApiFailure::invalid(format!(
+                    "VM {vm} is not a primary here: accept-reverse is run on the old primary of a failed-over VM"
+                )));
+            }
+            shared.store.set_setting(
+                &replica::reverse_accept_key(rel.vm_id),
+                &(now_unix() + replica::REVERSE_ACCEPT_FOR_S).to_string(),
+            )?;
+            shared.events.emit(
+                &vm,
+                "reverse_accepted",
+                &format!(
+                    "{vm} may become the replica of its failed-over copy on {} within the next hour (its disk will be overwritten by reverse replication)",
+                    rel.partner_name
+                ),
+            );
+            return Ok(info(shared, &vm, &rel));
+        }
         "cycle" => {
             if rel.role != Role::Primary {
                 return Err(ApiFailure::invalid(format!(
@@ -857,6 +884,25 @@ pub async fn replica_server_set(
             return Err(ApiFailure::invalid("port 0 is not a port".into()));
         }
         cfg.port = port;
+    }
+    // Checked before anything is created: a bad CA changes nothing.
+    match req.trusted_ca.as_deref().map(str::trim) {
+        None => {}
+        Some("") => cfg.trusted_ca = None,
+        Some(pem) => {
+            crate::peer::parse_ca(pem).map_err(ApiFailure::invalid)?;
+            cfg.trusted_ca = Some(pem.to_owned());
+        }
+    }
+    if req.allow_any == Some(true) || (cfg.allow_any && req.trusted_ca.is_some()) {
+        if cfg.trusted_ca.is_none() {
+            return Err(ApiFailure::invalid(
+                "--allow-any needs --trust-ca CA.pem: \"any\" means any primary whose host certificate that CA issued, never any self-signed one (or list each primary with --allow NAME=FINGERPRINT)".into(),
+            ));
+        }
+    }
+    if let Some(v) = req.allow_primary_start {
+        cfg.allow_primary_start = v;
     }
     if let Some(mut entry) = req.allow.clone() {
         if entry.primary.trim().is_empty() {

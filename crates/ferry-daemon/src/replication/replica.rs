@@ -69,6 +69,8 @@ pub struct ReplicaServer {
     pub(super) staging: Mutex<HashMap<i64, Staging>>,
     /// One session per VM at a time.
     sessions: Mutex<HashMap<i64, Arc<tokio::sync::Mutex<()>>>>,
+    /// Certificates refused lately, and when (throttles their events).
+    refused: Mutex<HashMap<String, std::time::Instant>>,
 }
 
 /// Loads the stored configuration (disabled by default).
@@ -141,8 +143,20 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, mut stop: watch
                     match tokio::time::timeout(peer::CONNECT_TIMEOUT, acceptor.accept(tcp)).await {
                         Ok(Ok(tls)) => {
                             let fp = peer::peer_fingerprint(&tls).unwrap_or_default();
+                            // Decided on the certificate alone, before anything the peer
+                            // sends is read or buffered.
+                            let admitted = admit(
+                                &load_config(&shared.store),
+                                &shared.cfg.name,
+                                &fp,
+                                &peer::peer_chain(&tls),
+                            );
                             let (r, w) = tokio::io::split(tls);
-                            if let Err(e) = session(&shared, r, w, &fp, from.ip().to_string()).await {
+                            let result = match admitted {
+                                Ok(via_ca) => session(&shared, r, w, &fp, via_ca, from.ip().to_string()).await,
+                                Err(reason) => refuse_peer(&shared, w, &fp, &from, reason).await,
+                            };
+                            if let Err(e) = result {
                                 warn!(%from, error = format!("{e:#}"), "replication session ended with an error");
                             }
                         }
@@ -156,13 +170,90 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, mut stop: watch
     info!("replica server stopped listening");
 }
 
+/// The most a greeting (`Hello`) may take on the wire: a VM spec, its disks and settings
+/// are a few KiB; an unauthorized or hostile peer must not make the replica buffer more.
+pub const HELLO_MAX_FRAME: usize = 256 * 1024;
+
+/// Decides, from its certificate alone and right after the TLS handshake, whether a peer
+/// may talk to this replica server at all: `Ok(true)` when it is admitted because a trusted
+/// CA issued its certificate (`--allow-any`), `Ok(false)` when its fingerprint is listed
+/// (the primary's name is checked against the entry once it introduces itself).
+pub fn admit(
+    cfg: &ReplicaServerConfig,
+    me: &str,
+    fingerprint: &str,
+    chain: &[rustls::pki_types::CertificateDer<'static>],
+) -> Result<bool, String> {
+    if !cfg.enabled {
+        return Err(format!(
+            "replication to {me} is disabled: on {me}, run `ferry replica-server set --enable`"
+        ));
+    }
+    if cfg.entries.iter().any(|e| e.fingerprint == fingerprint) {
+        return Ok(false);
+    }
+    let allow_hint =
+        format!("on {me}, run `ferry replica-server set --allow NAME={fingerprint} --storage DIR`");
+    if !cfg.allow_any {
+        return Err(format!(
+            "the certificate {fingerprint} is not authorized to replicate to {me}: {allow_hint}"
+        ));
+    }
+    match &cfg.trusted_ca {
+        None => Err(format!(
+            "the certificate {fingerprint} is not authorized to replicate to {me}: --allow-any there trusts no CA yet (self-signed certificates are never accepted as \"any\"); {allow_hint}, or `ferry replica-server set --trust-ca CA.pem` with the CA that issues your hosts' certificates"
+        )),
+        Some(ca) => peer::chain_trusted(ca, chain).map(|()| true).map_err(|why| {
+            format!(
+                "the certificate {fingerprint} is not authorized to replicate to {me}: {why}; {allow_hint}, or issue the primary's host certificate from the CA {me} trusts"
+            )
+        }),
+    }
+}
+
+/// Tells a peer refused by [`admit`] why (one frame; nothing it sent is read), and records
+/// it: an event at most once a minute per certificate, so a stranger cannot fill the store.
+async fn refuse_peer<W: AsyncWrite + Unpin>(
+    shared: &Arc<Shared>,
+    w: W,
+    fingerprint: &str,
+    from: &std::net::SocketAddr,
+    reason: String,
+) -> anyhow::Result<()> {
+    warn!(%from, %fingerprint, "refused an unauthorized peer before its greeting");
+    let first_in_a_minute = {
+        let mut seen = shared.replica.refused.lock().expect("refused");
+        let now = std::time::Instant::now();
+        seen.retain(|_, at| now.duration_since(*at) < Duration::from_secs(60));
+        seen.len() < 1024 && seen.insert(fingerprint.to_owned(), now).is_none()
+    };
+    if first_in_a_minute {
+        shared.events.emit_host(
+            "primary_refused",
+            &format!("refused a peer from {}: {reason}", from.ip()),
+        );
+    }
+    let mut writer = FrameWriter::new(w);
+    let _ = tokio::time::timeout(
+        peer::CONNECT_TIMEOUT,
+        writer.write_control(&Msg::Refused {
+            reason: reason.clone(),
+        }),
+    )
+    .await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), writer.shutdown()).await;
+    bail!(reason)
+}
+
 /// Decides whether the primary with certificate `fingerprint`, calling itself `name`, may
-/// replicate here, and where its replicas go.
+/// replicate here, and where its replicas go. `via_ca`: [`admit`] found its certificate
+/// issued by the trusted CA.
 pub fn authorize(
     cfg: &ReplicaServerConfig,
     me: &str,
     name: &str,
     fingerprint: &str,
+    via_ca: bool,
 ) -> Result<(PathBuf, String), String> {
     if !cfg.enabled {
         return Err(format!(
@@ -178,13 +269,13 @@ pub fn authorize(
         }
         return Ok((PathBuf::from(&e.storage), e.trust_group.clone()));
     }
-    if cfg.allow_any {
+    if cfg.allow_any && via_ca && cfg.trusted_ca.is_some() {
         if let Some(s) = &cfg.default_storage {
             return Ok((PathBuf::from(s), "DEFAULT".to_owned()));
         }
     }
     Err(format!(
-        "primary {name} (certificate {fingerprint}) is not authorized to replicate to {me}: on {me}, run `ferry replica-server set --allow {name}={fingerprint} --storage DIR` (or --allow-any)"
+        "primary {name} (certificate {fingerprint}) is not authorized to replicate to {me}: on {me}, run `ferry replica-server set --allow {name}={fingerprint} --storage DIR` (or --allow-any with --trust-ca, for hosts whose certificates your CA issues)"
     ))
 }
 
@@ -199,15 +290,17 @@ async fn session<R, W>(
     r: R,
     w: W,
     fingerprint: &str,
+    via_ca: bool,
     from_ip: String,
 ) -> anyhow::Result<()>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut reader = FrameReader::new(r);
+    let mut reader = FrameReader::new(r).with_max_frame(HELLO_MAX_FRAME);
     let mut writer = FrameWriter::new(w);
     let hello: Msg = next_control(&mut reader).await?;
+    reader.set_max_frame(ferry_wire::MAX_FRAME);
     let Msg::Hello {
         protocol,
         primary,
@@ -228,14 +321,15 @@ where
         bail!(reason);
     }
     let cfg = load_config(&shared.store);
-    let (storage, _trust_group) = match authorize(&cfg, &shared.cfg.name, &primary, fingerprint) {
-        Ok(x) => x,
-        Err(reason) => {
-            warn!(%primary, %fingerprint, "refused an unauthorized primary");
-            writer.write_control(&refuse(reason.clone())).await?;
-            bail!(reason);
-        }
-    };
+    let (storage, _trust_group) =
+        match authorize(&cfg, &shared.cfg.name, &primary, fingerprint, via_ca) {
+            Ok(x) => x,
+            Err(reason) => {
+                warn!(%primary, %fingerprint, "refused an unauthorized primary");
+                writer.write_control(&refuse(reason.clone())).await?;
+                bail!(reason);
+            }
+        };
     let mut extra = Vec::new();
     if reverse {
         match become_replica(
@@ -344,7 +438,22 @@ where
                     ),
                 }
             } else {
-                match super::failover::start(shared, spec.name.as_str(), None, start, true).await {
+                // Starting a VM here is this host's decision, not the primary's.
+                let may_start = start && load_config(&shared.store).allow_primary_start;
+                let held_back = if start && !may_start {
+                    format!(
+                        "; {} was not started: {} does not let primaries start VMs (start it there with `ferry vm start {}`, or allow it with `ferry replica-server set --allow-primary-start yes`)",
+                        spec.name, shared.cfg.name, spec.name
+                    )
+                } else {
+                    String::new()
+                };
+                match super::failover::start(shared, spec.name.as_str(), None, may_start, true)
+                    .await
+                    .map(|mut r| {
+                        r.message.push_str(&held_back);
+                        r
+                    }) {
                     Ok(r) => match reverse_to {
                         None => Msg::FailedOver { message: r.message },
                         Some((name, addr)) => match super::failover::reverse(
@@ -529,6 +638,15 @@ async fn next_control<R: AsyncRead + Unpin>(reader: &mut FrameReader<R>) -> anyh
     }
 }
 
+/// Settings key: until when (UNIX s) this host's admin agreed that VM `vm_id` becomes the
+/// replica of its failed-over copy (`ferry replication accept-reverse`).
+pub fn reverse_accept_key(vm_id: i64) -> String {
+    format!("reverse_accepted:{vm_id}")
+}
+
+/// How long an `accept-reverse` holds.
+pub const REVERSE_ACCEPT_FOR_S: i64 = 3600;
+
 /// Reverse replication reaches the old primary: its VM (off, prepared for a planned
 /// failover, or with a failover done elsewhere) becomes the replica of the new primary. Its
 /// disks hold exactly cycle `cycle` of the new direction, so they become the first recovery
@@ -571,6 +689,21 @@ async fn become_replica(
         return Err(format!(
             "VM {} runs on {me}: reverse replication would overwrite it; shut it down first (two running copies diverge)",
             spec.name
+        ));
+    }
+    // The peer is this VM's replica server, but that alone must not let it overwrite the
+    // VM here: only a planned failover this host ran, or this host's admin, agrees to it.
+    let accept_key = reverse_accept_key(row.id);
+    let accepted = store
+        .setting(&accept_key)
+        .ok()
+        .flatten()
+        .and_then(|v| v.parse::<i64>().ok())
+        .is_some_and(|until| until >= now_unix());
+    if rel.state != ReplicationState::PreparedForFailover && !accepted {
+        return Err(format!(
+            "{me} did not agree to become the replica of {}: no planned failover prepared it; if {} really failed over, on {me} run `ferry replication accept-reverse {}`, then reverse again",
+            spec.name, spec.name, spec.name
         ));
     }
     // After a planned failover this disk is exactly the failover point. After an unplanned
@@ -653,6 +786,7 @@ async fn become_replica(
     store
         .commit_point(&point, &new_rel)
         .map_err(|e| e.to_string())?;
+    let _ = store.delete_setting(&accept_key);
     shared.events.emit(
         &spec.name,
         "replication_reversed",
@@ -1139,7 +1273,21 @@ async fn receive_cycle<R: AsyncRead + Unpin>(
         s => s,
     };
     rel.last_cycle = cycle;
-    rel.last_point_at = Some(taken_at);
+    // The primary's clock is not trusted for what guards this host: the split-brain guard
+    // of unplanned failover ("the primary still sends points") and retention's spacing read
+    // these times. The guard uses when the point arrived here; the point's own time is the
+    // primary's, clamped between the previous point's and now (a primary's clock ahead or
+    // a hostile primary cannot place a point in the future or reorder points).
+    let now = now_unix();
+    rel.last_point_at = Some(now);
+    let newest_before = shared
+        .store
+        .list_points(rel.vm_id)?
+        .iter()
+        .map(|p| p.taken_at)
+        .max()
+        .unwrap_or(i64::MIN);
+    let taken_at = taken_at.min(now).max(newest_before.min(now));
     let point = PointRow {
         id: 0,
         vm_id: rel.vm_id,
