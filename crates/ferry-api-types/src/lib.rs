@@ -253,6 +253,12 @@ pub struct ReplicaServerConfig {
     /// failed over and left off for this host's admin to start.
     #[serde(default)]
     pub allow_primary_start: bool,
+    /// Network mapping applied at failover: a primary's bridge (`FROM`, or `PRIMARY/FROM`
+    /// for one primary) → this host's bridge. A bridged NIC with no mapping and no
+    /// `default_bridge` in ferryd's config is left out of the failed-over VM: it never joins
+    /// a bridge the primary named.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub bridge_map: std::collections::BTreeMap<String, String>,
 }
 
 /// The replica-server role and how to reach it.
@@ -299,6 +305,12 @@ pub struct ReplicaServerSetRequest {
     /// Let primaries start VMs here (planned failover with start).
     #[serde(default)]
     pub allow_primary_start: Option<bool>,
+    /// Add a network mapping: (`FROM` or `PRIMARY/FROM`, this host's bridge).
+    #[serde(default)]
+    pub map_bridge: Option<(String, String)>,
+    /// Remove the network mapping of `FROM` or `PRIMARY/FROM`.
+    #[serde(default)]
+    pub unmap_bridge: Option<String>,
     /// Default storage (with `allow_any`) or the storage of the entry being added.
     pub storage: Option<String>,
     /// Add (or replace, by primary name) an authorization entry.

@@ -42,6 +42,13 @@ pub enum ReplicaServerCmd {
         /// `yes` or `no` (the default: the VM fails over and stays off for this host's admin).
         #[arg(long, value_name = "yes|no", value_parser = parse_yes_no)]
         allow_primary_start: Option<bool>,
+        /// Network mapping at failover: the primary's bridge (for one primary:
+        /// PRIMARY/BRIDGE) joins this host's LOCAL_BRIDGE; unmapped bridged NICs are left out.
+        #[arg(long, value_name = "[PRIMARY/]BRIDGE=LOCAL_BRIDGE")]
+        map_bridge: Option<String>,
+        /// Remove the network mapping of [PRIMARY/]BRIDGE.
+        #[arg(long, value_name = "[PRIMARY/]BRIDGE")]
+        unmap_bridge: Option<String>,
         /// Stop accepting primaries that are not listed.
         #[arg(long)]
         deny_any: bool,
@@ -213,6 +220,8 @@ pub async fn replica_server(
             allow_any,
             trust_ca,
             allow_primary_start,
+            map_bridge,
+            unmap_bridge,
             deny_any,
             allow,
             trust_group,
@@ -260,6 +269,16 @@ pub async fn replica_server(
                 },
                 trusted_ca,
                 allow_primary_start,
+                map_bridge: match map_bridge {
+                    None => None,
+                    Some(m) => {
+                        let Some((from, to)) = m.split_once('=') else {
+                            bail!("--map-bridge {m}: use [PRIMARY/]BRIDGE=LOCAL_BRIDGE");
+                        };
+                        Some((from.to_owned(), to.to_owned()))
+                    }
+                },
+                unmap_bridge,
                 storage,
                 allow,
                 disallow,
@@ -299,6 +318,9 @@ pub async fn replica_server(
             "  allow {} ({}) -> {} [trust group {}]",
             e.primary, e.fingerprint, e.storage, e.trust_group
         );
+    }
+    for (from, to) in &c.bridge_map {
+        println!("  network {from} -> {to}");
     }
     println!(
         "Primary start:  {}",

@@ -80,6 +80,25 @@ impl HostilePeer {
         })
     }
 
+    /// Sends one batch of extents (disk, offset, data) numbered `seq`.
+    pub fn send_batch(&mut self, seq: u64, extents: &[(u16, u64, Vec<u8>)]) -> Result<(), String> {
+        let batch = ferry_wire::ExtentBatch {
+            seq,
+            extents: extents
+                .iter()
+                .map(|(disk, offset, data)| ferry_wire::Extent::data(*disk, *offset, data.clone()))
+                .collect(),
+        };
+        let writer = &mut self.writer;
+        self.rt.block_on(async {
+            writer
+                .write_batch(&batch, false)
+                .await
+                .map_err(|e| e.to_string())?;
+            writer.flush().await.map_err(|e| e.to_string())
+        })
+    }
+
     /// The next control message, `Ok(None)` when the replica closed the connection, `Err`
     /// on a broken stream or after `timeout` with nothing.
     pub fn recv(&mut self, timeout: Duration) -> Result<Option<Value>, String> {

@@ -232,14 +232,17 @@ fn an_authorized_peer_cannot_overrun_start_or_take_over() {
     enable_replica_server(&a, "127.0.0.1");
     replicate_offline(&a, &b, "app").expect("replicates");
 
-    // A greeting larger than any real one is refused before it is buffered whole.
+    // A greeting larger than any real one is refused from its header, before it is
+    // buffered whole.
     let mut peer = peer_as(&a, &b);
     let huge = vec![b'x'; 1 << 20];
     let _ = peer.send_frame(ferry_wire::FrameKind::Control, &huge);
-    match peer.recv(Duration::from_secs(10)) {
-        Ok(None) | Err(_) => {}
-        Ok(Some(m)) => panic!("a 1 MiB greeting got an answer: {m}"),
-    }
+    let reply = peer.recv(Duration::from_secs(10)).unwrap().expect("a refusal");
+    assert_eq!(reply["type"], "refused", "{reply}");
+    assert!(
+        reply["reason"].as_str().unwrap().contains("frame too large"),
+        "{reply}"
+    );
     assert_eq!(status(&b, "app")["state"], "replicating");
 
     // b, compromised, claims reverse replication of "app" onto a: a's VM is merely off, no
@@ -274,4 +277,186 @@ fn an_authorized_peer_cannot_overrun_start_or_take_over() {
     b.ferry_ok(&["vm", "start", "app"]);
     assert_eq!(b.vm_state("app"), "running");
     b.ferry_ok(&["vm", "stop", "app"]);
+}
+
+/// A spec as a hostile primary would send it: direct-kernel boot from one of the primary's
+/// host paths, a NIC on a bridge of its choosing.
+fn hostile_spec(vm: &str) -> Value {
+    json!({
+        "name": vm, "cpus": 1, "memory_mib": 256,
+        "disks": [{"file": "disk0.qcow2", "size_bytes": 16u64 << 20}],
+        "boot": {"kind": "kernel", "kernel": "/etc/shadow", "initrd": null, "append": "console=ttyS0"},
+        "nics": [{"kind": {"kind": "bridge", "bridge": "br-mgmt"}, "mac": "52:54:00:12:34:56"}],
+    })
+}
+
+/// The replica's stored spec of `vm` (what a failover would start).
+fn stored_spec(host: &Host, vm: &str) -> Value {
+    let out = std::process::Command::new("sqlite3")
+        .arg(host.data_dir.join("ferry.db"))
+        .arg(format!("SELECT spec FROM vms WHERE name = '{vm}';"))
+        .output()
+        .expect("sqlite3");
+    serde_json::from_slice(&out.stdout).expect("spec JSON")
+}
+
+/// An authorized primary that is hostile (a compromised host of the organization) sends
+/// crafted greetings, boot files, extents and cycles. The replica refuses each bad one in
+/// one line with an event, stores nothing for it, never keeps a host path the primary
+/// named (its kernel becomes a file in the replica's storage, checked by hash), and at
+/// failover never attaches the VM to a bridge the primary named.
+#[test]
+fn a_hostile_primary_cannot_choose_what_the_replica_runs() {
+    let b = Host::start("b", "127.0.0.2", "accel = \"tcg\"");
+    let storage = enable_replica_server(&b, "127.0.0.2");
+    // Mallory's certificate is from the organization's CA: authorized, but hostile.
+    let mallory = Host::configure("mallory", "127.0.0.5", "");
+    let greet = |hello: Value| -> Value {
+        let mut peer = peer_as(&mallory, &b);
+        peer.send(&hello).unwrap();
+        peer.recv(Duration::from_secs(10))
+            .unwrap()
+            .expect("an answer")
+    };
+    let refused = |hello: Value, why: &str| {
+        let reply = greet(hello);
+        assert_eq!(reply["type"], "refused", "{reply}");
+        let reason = reply["reason"].as_str().unwrap();
+        assert!(reason.contains(why), "{reason:?} does not say {why:?}");
+        assert_eq!(reason.lines().count(), 1, "{reason}");
+    };
+
+    // Greetings that are not what they claim.
+    refused(
+        json!({"type": "hello", "protocol": 1}),
+        "malformed greeting",
+    );
+    let mut h = hello("mallory", "../../etc", 0, false);
+    refused(h.clone(), "malformed greeting");
+    h = hello("mallory", "evil", 0, false);
+    h["spec"]["disks"] = json!((0..17)
+        .map(|i| json!({"file": format!("disk{i}.qcow2"), "size_bytes": 1 << 20}))
+        .collect::<Vec<_>>());
+    refused(h, "invalid");
+    h = hello("mallory", "evil", 0, false);
+    h["spec"]["disks"][0]["size_bytes"] = json!(u64::MAX);
+    h["disks"][0]["size_bytes"] = json!(u64::MAX);
+    refused(h, "invalid");
+    h = hello("mallory", "evil", 0, false);
+    h["spec"] = hostile_spec("evil");
+    refused(h.clone(), "did not announce the boot files");
+    h["boot_files"] = json!([{"role": "kernel", "size": 1u64 << 40, "hash": "00".repeat(32)}]);
+    refused(h.clone(), "boot files must be");
+    h["boot_files"] = json!([{"role": "../../etc/passwd", "size": 10, "hash": "00".repeat(32)}]);
+    refused(h.clone(), "only one kernel and one initrd");
+    assert!(
+        vm_names(&b).is_empty(),
+        "a refused greeting created a VM: {:?}",
+        vm_names(&b)
+    );
+    assert!(!storage.join("evil").exists() && !storage.join("../../etc").exists());
+    assert!(!events_of_kind(&b, "primary_refused").is_empty());
+
+    // A direct-kernel VM is accepted, but the kernel is this host's own copy: the replica
+    // asks for it, refuses one that does not match its announced hash, and keeps one that
+    // does. The primary's path is never stored.
+    let kernel = b"a kernel, as the primary ships it".repeat(1000);
+    let hash = blake3::hash(&kernel).to_hex().to_string();
+    h["boot_files"] = json!([{"role": "kernel", "size": kernel.len(), "hash": hash}]);
+    let mut peer = peer_as(&mallory, &b);
+    peer.send(&h).unwrap();
+    let welcome = peer.recv(Duration::from_secs(10)).unwrap().unwrap();
+    assert_eq!(welcome["type"], "welcome", "{welcome}");
+    assert_eq!(welcome["need_boot_files"], json!(["kernel"]));
+    let mut forged = kernel.clone();
+    forged[0] ^= 1;
+    peer.send(&json!({"type": "boot_file", "role": "kernel", "offset": 0, "data": hex(&forged)}))
+        .unwrap();
+    let reply = peer.recv(Duration::from_secs(10)).unwrap().unwrap();
+    assert!(
+        reply["type"] == "failed"
+            && reply["reason"]
+                .as_str()
+                .unwrap()
+                .contains("does not match the hash"),
+        "{reply}"
+    );
+    let local_kernel = storage.join("evil/boot/kernel");
+    assert!(!local_kernel.exists(), "a forged kernel was kept");
+
+    let mut peer = peer_as(&mallory, &b);
+    peer.send(&h).unwrap();
+    let welcome = peer.recv(Duration::from_secs(10)).unwrap().unwrap();
+    assert_eq!(welcome["need_boot_files"], json!(["kernel"]));
+    peer.send(&json!({"type": "boot_file", "role": "kernel", "offset": 0, "data": hex(&kernel)}))
+        .unwrap();
+    let reply = peer.recv(Duration::from_secs(10)).unwrap().unwrap();
+    assert_eq!(reply, json!({"type": "boot_file_stored", "role": "kernel"}));
+    assert_eq!(std::fs::read(&local_kernel).unwrap(), kernel);
+    let spec = stored_spec(&b, "evil");
+    assert_eq!(
+        spec["boot"]["kernel"].as_str().unwrap(),
+        local_kernel.to_str().unwrap()
+    );
+    assert!(!spec.to_string().contains("/etc/shadow"), "{spec}");
+
+    // Extents: one beyond the declared disk size fails the whole cycle; no point.
+    let begin = json!({"type": "cycle_begin", "cycle": 1, "kind": "initial", "taken_at": 4_000_000_000i64,
+        "from_batch": 0, "batches": 1, "bytes": 4096});
+    peer.send(&begin).unwrap();
+    peer.send_batch(0, &[(0, 16 << 20, vec![7u8; 4096])])
+        .unwrap();
+    peer.send(&json!({"type": "cycle_end", "cycle": 1}))
+        .unwrap();
+    let reply = peer.recv(Duration::from_secs(30)).unwrap().unwrap();
+    assert!(
+        reply["type"] == "failed" && reply["reason"].as_str().unwrap().contains("beyond disk 0"),
+        "{reply}"
+    );
+    assert!(points(&b, "evil").is_empty(), "a bad cycle left a point");
+
+    // A well-formed cycle is a point; its time is not the primary's future clock.
+    let mut peer = peer_as(&mallory, &b);
+    peer.send(&h).unwrap();
+    let welcome = peer.recv(Duration::from_secs(10)).unwrap().unwrap();
+    assert_eq!(welcome["need_boot_files"], json!([]), "{welcome}");
+    peer.send(&begin).unwrap();
+    peer.send_batch(0, &[(0, 0, vec![7u8; 4096])]).unwrap();
+    peer.send(&json!({"type": "cycle_end", "cycle": 1}))
+        .unwrap();
+    let reply = peer.recv(Duration::from_secs(30)).unwrap().unwrap();
+    assert_eq!(reply["type"], "committed", "{reply}");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let pts = points(&b, "evil");
+    let taken = pts[0]["taken_at"].as_i64().unwrap();
+    assert!(
+        taken <= now + 5,
+        "a point dated by the primary's clock: {taken}"
+    );
+
+    // Failover: no mapping for the primary's bridge here, so the NIC is left out instead of
+    // joining "br-mgmt"; a mapping to a bridge this host lacks is refused.
+    let err = b.ferry_err(&[
+        "replica-server",
+        "set",
+        "--map-bridge",
+        "mallory/br-mgmt=ferry-nobr0",
+    ]);
+    assert!(err.contains("does not exist on this host"), "{err}");
+    let out = b.ferry_ok(&["failover", "start", "evil", "--force"]);
+    assert!(out.contains("left out NIC 52:54:00:12:34:56"), "{out}");
+    assert!(b.ferry_json(&["vm", "show", "evil"])["nics"]
+        .as_array()
+        .unwrap()
+        .is_empty());
+    // Cancel gives the replica back its NIC list (mapped again at the next failover).
+    b.ferry_ok(&["failover", "cancel", "evil"]);
+    assert_eq!(stored_spec(&b, "evil")["nics"].as_array().unwrap().len(), 1);
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -24,6 +24,10 @@ pub struct Failover {
     pub overlays: Vec<String>,
     /// When (UNIX s).
     pub started_at: i64,
+    /// The NICs as the replica held them before the network mapping (a cancel restores
+    /// them: the next failover maps them again).
+    #[serde(default)]
+    pub nics_before: Option<Vec<ferry_domain::NicSpec>>,
 }
 
 fn key(vm_id: i64) -> String {
@@ -121,6 +125,7 @@ pub async fn start(
         .map(PathBuf::from)
         .ok_or_else(|| ApiFailure::internal("the replica VM has no storage directory".into()))?;
     let mut spec = row.spec.clone();
+    let nics_before = spec.nics.clone();
     let mut overlays = Vec::new();
     for (i, d) in spec.disks.iter_mut().enumerate() {
         let Some((_, layer)) = chosen.layers.iter().find(|(di, _)| *di == i) else {
@@ -167,14 +172,31 @@ pub async fn start(
         d.file = overlay.display().to_string();
         overlays.push(d.file.clone());
     }
-    // Network mapping: bridged NICs join this host's default bridge when it has one.
-    if let Some(bridge) = &shared.cfg.default_bridge {
-        for n in &mut spec.nics {
-            if let NicKind::Bridge(_) = n.kind {
-                n.kind = NicKind::Bridge(bridge.clone());
+    // Network mapping, this host's own: a bridged NIC joins the bridge the replica server's
+    // mapping gives for the primary's bridge (for that primary, or for any), else this
+    // host's default bridge; a NIC with neither is left out rather than attached to a
+    // bridge the primary named.
+    let map = super::replica::load_config(&shared.store).bridge_map;
+    let mut left_out = Vec::new();
+    spec.nics.retain_mut(|n| {
+        let NicKind::Bridge(from) = &n.kind else {
+            return true;
+        };
+        let to = map
+            .get(&format!("{}/{from}", rel.partner_name))
+            .or_else(|| map.get(from))
+            .or(shared.cfg.default_bridge.as_ref());
+        match to {
+            Some(to) => {
+                n.kind = NicKind::Bridge(to.clone());
+                true
+            }
+            None => {
+                left_out.push(format!("{} (bridge {from} on {})", n.mac, rel.partner_name));
+                false
             }
         }
-    }
+    });
     // What the primary wrote after the chosen point (the layers of the later points), for a
     // reverse replication that sends only what differs.
     let mut later = Vec::new();
@@ -196,6 +218,7 @@ pub async fn start(
         point: chosen.id,
         overlays,
         started_at: now_unix(),
+        nics_before: Some(nics_before),
     };
     shared
         .store
@@ -222,6 +245,13 @@ pub async fn start(
         "{vm} failed over to recovery point {} (cycle {}); complete with `ferry failover complete {vm}` or cancel with `ferry failover cancel {vm}`",
         chosen.id, chosen.cycle
     );
+    if !left_out.is_empty() {
+        message.push_str(&format!(
+            "; left out NIC {} (no network mapping here: `ferry replica-server set --map-bridge {}/BRIDGE=LOCAL_BRIDGE`)",
+            left_out.join(", "),
+            rel.partner_name
+        ));
+    }
     let mut state = VmState::Off;
     if power_on {
         shared.vms.start(vm.as_str()).await?;
@@ -474,6 +504,9 @@ pub async fn cancel(shared: &Arc<Shared>, name: &str) -> Result<ActionReply, Api
         shared.vms.stop(vm.as_str()).await?;
     }
     let mut spec = shared.store.get_vm(&vm)?.spec;
+    if let Some(nics) = f.nics_before.clone() {
+        spec.nics = nics;
+    }
     if let Some(latest) = shared.store.list_points(row.id)?.pop() {
         for (d, layer) in &latest.layers {
             if let Some(slot) = spec.disks.get_mut(*d) {

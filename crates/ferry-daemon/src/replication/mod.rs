@@ -1,6 +1,7 @@
 //! Replication: the primary's cycles ([`primary`]), the replica server ([`replica`]), the
 //! session protocol between them ([`proto`]), and the operations the API exposes.
 
+pub mod boot_files;
 pub mod failover;
 pub mod hashes;
 pub mod health;
@@ -903,6 +904,32 @@ pub async fn replica_server_set(
     }
     if let Some(v) = req.allow_primary_start {
         cfg.allow_primary_start = v;
+    }
+    if let Some((from, to)) = &req.map_bridge {
+        let (primary, bridge) = from.rsplit_once('/').unwrap_or(("", from));
+        let ok = |b: &str| ferry_domain::spec::is_valid_ifname(b);
+        if !ok(bridge) || !ok(to) || primary.contains('/') {
+            return Err(ApiFailure::invalid(format!(
+                "--map-bridge {from}={to}: use [PRIMARY/]BRIDGE=LOCAL_BRIDGE with interface names (1-15 characters, no spaces or slashes)"
+            )));
+        }
+        if !std::path::Path::new("/sys/class/net")
+            .join(to)
+            .join("bridge")
+            .exists()
+        {
+            return Err(ApiFailure::invalid(format!(
+                "bridge {to} does not exist on this host; create it (ip link add {to} type bridge) or pick another"
+            )));
+        }
+        cfg.bridge_map.insert(from.clone(), to.clone());
+    }
+    if let Some(from) = &req.unmap_bridge {
+        if cfg.bridge_map.remove(from).is_none() {
+            return Err(ApiFailure::not_found(format!(
+                "no network mapping for {from:?}"
+            )));
+        }
     }
     if let Some(mut entry) = req.allow.clone() {
         if entry.primary.trim().is_empty() {

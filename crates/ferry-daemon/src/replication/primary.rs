@@ -1183,6 +1183,7 @@ pub async fn handshake(
         .into_iter()
         .map(|(index, _, size_bytes)| DiskMeta { index, size_bytes })
         .collect();
+    let boot = super::boot_files::announce(&vm.spec).await?;
     let tls = peer::connect(
         &shared.identity,
         &rel.partner_addr,
@@ -1213,6 +1214,7 @@ pub async fn handshake(
                 .flatten()
                 .is_some(),
             reverse_resync: rel.state == ReplicationState::Resynchronizing,
+            boot_files: boot.iter().map(|(m, _)| m.clone()).collect(),
         })
         .await?;
     match next_control(&mut reader, peer::CONNECT_TIMEOUT).await? {
@@ -1221,14 +1223,25 @@ pub async fn handshake(
             last_cycle,
             resume,
             extra,
-        } => Ok(Session {
-            reader,
-            writer,
-            replica,
-            extra,
-            last_cycle,
-            resume,
-        }),
+            need_boot_files,
+        } => {
+            super::boot_files::send(
+                &mut reader,
+                &mut writer,
+                &boot,
+                &need_boot_files,
+                STALL_TIMEOUT,
+            )
+            .await?;
+            Ok(Session {
+                reader,
+                writer,
+                replica,
+                extra,
+                last_cycle,
+                resume,
+            })
+        }
         Msg::Refused { reason } => bail!("replica server {} refused: {reason}", rel.partner_name),
         other => bail!("unexpected answer from the replica server: {other:?}"),
     }

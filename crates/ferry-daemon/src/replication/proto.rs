@@ -69,6 +69,10 @@ pub enum Msg {
         /// (an unplanned failover); the first cycle compares both sides by hashes.
         #[serde(default)]
         reverse_resync: bool,
+        /// The files a direct-kernel VM boots from, by role: the replica never uses the
+        /// primary's host paths, it keeps its own copies (sent when it lacks them).
+        #[serde(default)]
+        boot_files: Vec<BootFileMeta>,
     },
     /// Replica → primary: accepted.
     Welcome {
@@ -83,6 +87,25 @@ pub enum Msg {
         /// those ranges too in its first cycle.
         #[serde(default)]
         extra: Vec<(usize, u64, u64)>,
+        /// Roles of the boot files the replica lacks (or holds another version of): the
+        /// primary sends them now, as `BootFile` chunks.
+        #[serde(default)]
+        need_boot_files: Vec<String>,
+    },
+    /// Primary → replica: a chunk of a boot file the replica asked for; chunks arrive in
+    /// order, and the last one (offset + data = size) completes the file.
+    BootFile {
+        /// `kernel` or `initrd`.
+        role: String,
+        /// Where this chunk starts.
+        offset: u64,
+        /// The chunk, hex.
+        data: String,
+    },
+    /// Replica → primary: a boot file arrived whole, with the announced size and hash.
+    BootFileStored {
+        /// Its role.
+        role: String,
     },
     /// Replica → primary: refused, with the reason (also logged on the replica).
     Refused {
@@ -151,6 +174,47 @@ pub enum Msg {
         /// Why.
         reason: String,
     },
+}
+
+/// A file a direct-kernel VM boots from, as the primary announces it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BootFileMeta {
+    /// `kernel` or `initrd`.
+    pub role: String,
+    /// Its size in bytes.
+    pub size: u64,
+    /// BLAKE3 of its content, hex.
+    pub hash: String,
+}
+
+/// The largest boot file a replica accepts (a kernel or an initrd).
+pub const MAX_BOOT_FILE: u64 = 512 << 20;
+/// Bytes per `BootFile` chunk (hex doubles it; well inside a frame).
+pub const BOOT_FILE_CHUNK: usize = 1 << 20;
+
+/// Lower-case hex of `bytes`.
+pub fn to_hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(DIGITS[(b >> 4) as usize] as char);
+        s.push(DIGITS[(b & 15) as usize] as char);
+    }
+    s
+}
+
+/// Bytes of a hex string; `None` if it is not hex.
+pub fn from_hex(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    s.as_bytes()
+        .chunks(2)
+        .map(|p| {
+            let d = |c: u8| (c as char).to_digit(16);
+            Some((d(p[0])? * 16 + d(p[1])?) as u8)
+        })
+        .collect()
 }
 
 /// The manifest of an initial copy exported to a folder (`export.json` beside the data

@@ -299,7 +299,18 @@ where
 {
     let mut reader = FrameReader::new(r).with_max_frame(HELLO_MAX_FRAME);
     let mut writer = FrameWriter::new(w);
-    let hello: Msg = next_control(&mut reader).await?;
+    let hello: Msg = match next_control(&mut reader).await {
+        Ok(m) => m,
+        Err(e) => {
+            let reason = format!("malformed greeting from the primary: {e:#}");
+            let _ = writer
+                .write_control(&Msg::Refused {
+                    reason: reason.clone(),
+                })
+                .await;
+            bail!(reason);
+        }
+    };
     reader.set_max_frame(ferry_wire::MAX_FRAME);
     let Msg::Hello {
         protocol,
@@ -310,6 +321,7 @@ where
         last_cycle: primary_last_cycle,
         reverse,
         reverse_resync,
+        boot_files,
     } = hello
     else {
         bail!("the primary did not start with Hello");
@@ -330,6 +342,18 @@ where
                 bail!(reason);
             }
         };
+    // Everything the primary says about its VM is checked against this host's rules
+    // before anything is stored or created.
+    if let Err(reason) = check_hello(&spec, &disks, &settings, &boot_files) {
+        warn!(%primary, vm = %spec.name, %reason, "refused a primary's VM description");
+        shared.events.emit(
+            &spec.name,
+            "primary_refused",
+            &format!("refused {primary}'s replication of {}: {reason}", spec.name),
+        );
+        writer.write_control(&refuse(reason.clone())).await?;
+        bail!(reason);
+    }
     let mut extra = Vec::new();
     if reverse {
         match become_replica(
@@ -359,16 +383,19 @@ where
         writer.write_control(&refuse(reason.clone())).await?;
         bail!(reason);
     }
-    let rel = match replica_for(
-        shared,
-        &primary,
-        fingerprint,
-        &from_ip,
-        &spec,
-        &disks,
-        &settings,
-        &storage,
-    ) {
+    let created = tokio::task::block_in_place(|| {
+        replica_for(
+            shared,
+            &primary,
+            fingerprint,
+            &from_ip,
+            &spec,
+            &disks,
+            &settings,
+            &storage,
+        )
+    });
+    let rel = match created {
         Ok(rel) => rel,
         Err(reason) => {
             writer.write_control(&refuse(reason.clone())).await?;
@@ -407,12 +434,28 @@ where
             cycle: s.cycle,
             next_batch: s.next_batch,
         });
+    // A direct-kernel replica boots from this host's own copies of its kernel and initrd
+    // (in its directory in the replica storage), never from the primary's paths.
+    let boot_dir = match managed_boot_dir(shared, rel.vm_id, &storage) {
+        Ok(d) => d,
+        Err(e) => {
+            let reason = format!("{e:#}");
+            writer.write_control(&refuse(reason.clone())).await?;
+            bail!(reason);
+        }
+    };
+    let need_boot_files = match &boot_dir {
+        Some(dir) => super::boot_files::needed(dir, &boot_files).await,
+        None => Vec::new(),
+    };
+    let mut incoming_boot_file = None;
     writer
         .write_control(&Msg::Welcome {
             replica: shared.cfg.name.clone(),
             last_cycle: rel.last_cycle,
             resume,
             extra,
+            need_boot_files: need_boot_files.clone(),
         })
         .await?;
 
@@ -484,6 +527,34 @@ where
                 }
             };
             writer.write_control(&reply).await?;
+            continue;
+        }
+        if let Msg::BootFile { role, offset, data } = msg {
+            let dir = boot_dir
+                .as_deref()
+                .ok_or_else(|| anyhow!("the primary sent a boot file nobody asked for"))?;
+            match super::boot_files::receive_chunk(
+                dir,
+                &boot_files,
+                &need_boot_files,
+                &mut incoming_boot_file,
+                &role,
+                offset,
+                &data,
+            )
+            .await
+            {
+                Ok(false) => {}
+                Ok(true) => writer.write_control(&Msg::BootFileStored { role }).await?,
+                Err(reason) => {
+                    writer
+                        .write_control(&Msg::Failed {
+                            reason: reason.clone(),
+                        })
+                        .await?;
+                    bail!(reason);
+                }
+            }
             continue;
         }
         if let Msg::HashRequest = msg {
@@ -873,6 +944,71 @@ async fn writes_since_last_cycle(
     Ok(out)
 }
 
+/// What a primary's greeting says about its VM, checked against this host's rules: the
+/// spec's own validity (CPU, memory, disk and NIC counts and sizes, names), the disk list
+/// and settings, and the announced boot files.
+fn check_hello(
+    spec: &VmSpec,
+    disks: &[DiskMeta],
+    settings: &ReplicationSettings,
+    boot_files: &[super::proto::BootFileMeta],
+) -> Result<(), String> {
+    spec.validate()
+        .map_err(|e| format!("the primary's description of {} is invalid: {e}", spec.name))?;
+    settings.validate(spec.disks.len()).map_err(|e| {
+        format!(
+            "the primary's replication settings of {} are invalid: {e}",
+            spec.name
+        )
+    })?;
+    if disks.len() > ferry_domain::spec::MAX_DISKS
+        || disks
+            .iter()
+            .any(|d| d.size_bytes == 0 || d.size_bytes > ferry_domain::spec::MAX_DISK_BYTES)
+    {
+        return Err(format!(
+            "the primary sent an invalid disk list for {}: at most {} disks of 1 byte to {} bytes",
+            spec.name,
+            ferry_domain::spec::MAX_DISKS,
+            ferry_domain::spec::MAX_DISK_BYTES
+        ));
+    }
+    super::boot_files::check_announced(spec, boot_files)
+}
+
+/// The directory of replica VM `vm_id` when it lives in the primary's authorized
+/// `storage` (so its boot files are this host's copies, kept there), after pointing its
+/// spec at them (replicas created before boot files were shipped kept the primary's
+/// paths). `None` for a VM that became a replica by reverse replication: its spec is this
+/// host's own.
+fn managed_boot_dir(
+    shared: &Arc<Shared>,
+    vm_id: i64,
+    storage: &Path,
+) -> anyhow::Result<Option<PathBuf>> {
+    let row = shared
+        .store
+        .vm_by_id(vm_id)?
+        .ok_or_else(|| anyhow!("the replica VM is gone"))?;
+    let Some(dir) = row
+        .spec
+        .disks
+        .first()
+        .and_then(|d| Path::new(&d.file).parent())
+        .map(Path::to_path_buf)
+    else {
+        return Ok(None);
+    };
+    if !dir.starts_with(storage) {
+        return Ok(None);
+    }
+    let local = super::boot_files::localize(&row.spec, &dir);
+    if local != row.spec {
+        shared.store.set_vm_spec(vm_id, &local)?;
+    }
+    Ok(Some(dir))
+}
+
 /// Finds (or creates) the replica VM and relationship for this primary's VM.
 #[allow(clippy::too_many_arguments)]
 fn replica_for(
@@ -959,6 +1095,7 @@ fn replica_for(
         });
     }
     replica_spec.disks = slots;
+    let replica_spec = super::boot_files::localize(&replica_spec, &dir);
     let row = store
         .insert_vm(&replica_spec, now_unix())
         .map_err(|e| e.to_string())?;
