@@ -237,10 +237,16 @@ fn an_authorized_peer_cannot_overrun_start_or_take_over() {
     let mut peer = peer_as(&a, &b);
     let huge = vec![b'x'; 1 << 20];
     let _ = peer.send_frame(ferry_wire::FrameKind::Control, &huge);
-    let reply = peer.recv(Duration::from_secs(10)).unwrap().expect("a refusal");
+    let reply = peer
+        .recv(Duration::from_secs(10))
+        .unwrap()
+        .expect("a refusal");
     assert_eq!(reply["type"], "refused", "{reply}");
     assert!(
-        reply["reason"].as_str().unwrap().contains("frame too large"),
+        reply["reason"]
+            .as_str()
+            .unwrap()
+            .contains("frame too large"),
         "{reply}"
     );
     assert_eq!(status(&b, "app")["state"], "replicating");
@@ -459,4 +465,58 @@ fn a_hostile_primary_cannot_choose_what_the_replica_runs() {
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The SHA-256 fingerprint of a host's certificate, as `ferry server show` prints it.
+fn fingerprint_of(host: &Host) -> String {
+    let out = std::process::Command::new("openssl")
+        .args(["x509", "-noout", "-fingerprint", "-sha256", "-in"])
+        .arg(host.data_dir.join("host.crt"))
+        .output()
+        .expect("openssl");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.trim()
+        .rsplit('=')
+        .next()
+        .expect("fingerprint")
+        .to_owned()
+}
+
+/// Storage locations may nest (one primary's storage inside another's replica directory):
+/// removing one primary's replica deletes only what is its own.
+#[test]
+fn removing_a_replica_never_deletes_another_primarys_files() {
+    let b = Host::start("b", "127.0.0.2", "accel = \"tcg\"");
+    let mallory = Host::configure("mallory", "127.0.0.5", "");
+    let eve = Host::configure("eve", "127.0.0.6", "");
+    let outer = b.dir.path().join("replicas");
+    let nested = outer.join("evil");
+    for (who, host, storage) in [("mallory", &mallory, &outer), ("eve", &eve, &nested)] {
+        b.ferry_ok(&[
+            "replica-server",
+            "set",
+            "--enable",
+            "--port",
+            &ferry_testkit::replication::free_port("127.0.0.2"),
+            "--allow",
+            &format!("{who}={}", fingerprint_of(host)),
+            "--storage",
+            storage.to_str().unwrap(),
+        ]);
+    }
+    for (who, host, vm) in [("mallory", &mallory, "evil"), ("eve", &eve, "x")] {
+        let mut peer = peer_as(host, &b);
+        peer.send(&hello(who, vm, 0, false)).unwrap();
+        let welcome = peer.recv(Duration::from_secs(10)).unwrap().unwrap();
+        assert_eq!(welcome["type"], "welcome", "{welcome}");
+    }
+    assert!(nested.join("x").is_dir());
+    std::fs::write(nested.join("x").join("disk0.qcow2"), b"eve's data").unwrap();
+    b.ferry_ok(&["replication", "remove", "evil"]);
+    assert_eq!(vm_names(&b), ["x"]);
+    assert_eq!(
+        std::fs::read(nested.join("x").join("disk0.qcow2")).unwrap(),
+        b"eve's data",
+        "removing mallory's replica deleted eve's"
+    );
 }

@@ -1926,11 +1926,52 @@ pub fn remove_replica(shared: &Arc<Shared>, vm: &VmName) -> anyhow::Result<()> {
             }
         }
     }
+    for d in &row.spec.disks {
+        let _ = std::fs::remove_file(&d.file);
+    }
     if let Some(d) = PathBuf::from(&row.spec.disks[0].file).parent() {
         dirs.push(d.to_path_buf());
     }
+    dirs.sort();
+    dirs.dedup();
+    let cfg = load_config(&shared.store);
+    let others: Vec<PathBuf> = shared
+        .store
+        .list_vms()?
+        .iter()
+        .flat_map(|v| v.spec.disks.iter().map(|d| PathBuf::from(&d.file)))
+        .collect();
     for d in dirs {
-        let _ = std::fs::remove_dir_all(d);
+        if owns_whole_dir(&d, &cfg, &others) {
+            let _ = std::fs::remove_dir_all(&d);
+        } else {
+            // Shared with a storage location or another VM (nested or overlapping storage
+            // paths): only this replica's own files go, then the directory if empty.
+            warn!(dir = %d.display(), "replica directory is shared: removing only its own files");
+            for f in ["boot/kernel", "boot/initrd", "staging.json"] {
+                let _ = std::fs::remove_file(d.join(f));
+            }
+            let _ = std::fs::remove_dir(d.join("boot"));
+            let _ = std::fs::remove_dir(&d);
+        }
     }
     Ok(())
+}
+
+/// Whether `dir` (a removed replica's directory) may be deleted with everything in it: it
+/// lies strictly inside a storage location, holds no storage location, and holds no disk
+/// of another VM. Paths are compared canonicalized (symlinks and `..` cannot fool it).
+fn owns_whole_dir(dir: &Path, cfg: &ReplicaServerConfig, other_disks: &[PathBuf]) -> bool {
+    let canon = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    let dir = canon(dir);
+    let storages: Vec<PathBuf> = cfg
+        .entries
+        .iter()
+        .map(|e| PathBuf::from(&e.storage))
+        .chain(cfg.default_storage.iter().map(PathBuf::from))
+        .map(|p| canon(&p))
+        .collect();
+    storages.iter().any(|s| dir.starts_with(s) && &dir != s)
+        && !storages.iter().any(|s| s.starts_with(&dir))
+        && !other_disks.iter().any(|d| canon(d).starts_with(&dir))
 }
