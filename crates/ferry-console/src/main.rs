@@ -44,6 +44,9 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
+    // The console's store, logs and screenshots belong to it alone.
+    // SAFETY: umask(2) only changes this process's file-creation mask.
+    unsafe { libc::umask(0o077) };
     init_logging();
     let cli = Cli::parse();
     match run(cli) {

@@ -50,6 +50,14 @@ pub enum IdentityError {
     /// Generating the certificate failed.
     #[error("cannot generate the host certificate")]
     Generate(#[from] rcgen::Error),
+    /// The API token file is unsafe to use.
+    #[error("{path}: {problem}")]
+    Token {
+        /// The token file.
+        path: String,
+        /// What is wrong and what to do.
+        problem: String,
+    },
     /// rustls refused the certificate/key pair.
     #[error("the host certificate and key do not form a usable TLS identity")]
     Tls(#[from] rustls::Error),
@@ -108,6 +116,7 @@ impl Identity {
         let token = String::from_utf8_lossy(&read(&token_path)?)
             .trim()
             .to_owned();
+        check_token(&token_path, &token)?;
         Ok(Self {
             fingerprint: fingerprint(cert),
             chain,
@@ -131,6 +140,40 @@ impl Identity {
             .with_single_cert(self.chain.clone(), self.key.clone_key())?;
         Ok(Arc::new(config))
     }
+}
+
+/// Least length of an API token: it is root on this host over the network.
+pub const MIN_TOKEN_LEN: usize = 32;
+
+/// Refuses a token that is short (guessable) or a token file others can read.
+fn check_token(path: &Path, token: &str) -> Result<(), IdentityError> {
+    let problem = |problem: String| IdentityError::Token {
+        path: path.display().to_string(),
+        problem,
+    };
+    if token.len() < MIN_TOKEN_LEN || token.chars().any(|c| c.is_whitespace()) {
+        return Err(problem(format!(
+            "the API token is {} characters; it must be at least {MIN_TOKEN_LEN} without spaces (e.g. `openssl rand -hex 32 > {}`), or delete the file to have one made",
+            token.len(),
+            path.display()
+        )));
+    }
+    let mode = std::fs::metadata(path)
+        .map_err(|source| IdentityError::File {
+            action: "stat",
+            path: path.display().to_string(),
+            source,
+        })?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        return Err(problem(format!(
+            "the API token file is readable by others (mode {:o}): run `chmod 600 {}`",
+            mode & 0o777,
+            path.display()
+        )));
+    }
+    Ok(())
 }
 
 /// SHA-256 of a DER certificate as `AA:BB:…`.
@@ -189,6 +232,33 @@ mod tests {
             .mode();
         assert_eq!(mode & 0o777, 0o600);
         a.server_config().unwrap();
+    }
+
+    #[test]
+    fn short_or_exposed_token_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        Identity::load_or_create(dir.path(), "h").unwrap();
+        let token = dir.path().join("api.token");
+        for short in ["", "\n", "abc\n"] {
+            std::fs::write(&token, short).unwrap();
+            let err = Identity::load_or_create(dir.path(), "h")
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(err.contains("at least 32"), "{err}");
+        }
+        std::fs::write(&token, "a".repeat(64)).unwrap();
+        std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = Identity::load_or_create(dir.path(), "h")
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("chmod 600"), "{err}");
+        std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(
+            Identity::load_or_create(dir.path(), "h").unwrap().token,
+            "a".repeat(64)
+        );
     }
 
     #[test]

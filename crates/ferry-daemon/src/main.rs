@@ -39,6 +39,10 @@ struct Args {
 }
 
 fn main() -> ExitCode {
+    // Everything ferryd creates (VM disks, replica layers, spools, keys, logs, the admin
+    // socket from the moment it is bound) belongs to it alone, whatever umask started it.
+    // SAFETY: umask(2) only changes this process's file-creation mask.
+    unsafe { libc::umask(0o077) };
     let args = Args::parse();
     init_logging();
     let runtime = match tokio::runtime::Builder::new_multi_thread()

@@ -33,6 +33,8 @@ pub fn bind_unix(path: &Path) -> std::io::Result<UnixListener> {
         }
         std::fs::remove_file(path)?;
     }
+    // Created 0600 (ferryd runs with umask 077 from its first instruction), so there is no
+    // moment when another user could connect; the chmod only states it.
     let listener = UnixListener::bind(path)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     Ok(listener)

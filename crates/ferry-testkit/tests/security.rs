@@ -170,6 +170,14 @@ fn allow_any_admits_only_certificates_of_the_trusted_ca() {
             .all(|e| e.unwrap().file_name() == "app"),
         "a refused primary left files in the replica storage"
     );
+    // Everything ferryd made is its own (umask 077): disks, replica layers, the store.
+    for dir in [
+        b.data_dir.clone(),
+        std::path::PathBuf::from(storage),
+        a.vm_storage.clone(),
+    ] {
+        assert_private(&dir);
+    }
     let refused = events_of_kind(&b, "primary_refused");
     assert!(!refused.is_empty(), "no primary_refused event");
     assert!(refused[0]["code"] == 1200, "{refused:?}");
@@ -519,4 +527,27 @@ fn removing_a_replica_never_deletes_another_primarys_files() {
         b"eve's data",
         "removing mallory's replica deleted eve's"
     );
+}
+
+/// Panics naming any file or directory under `dir` that users other than ferryd's can read.
+fn assert_private(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let mut seen = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            let meta = std::fs::symlink_metadata(e.path()).unwrap();
+            if meta.file_type().is_symlink() {
+                continue;
+            }
+            let mode = meta.permissions().mode() & 0o777;
+            assert_eq!(mode & 0o077, 0, "{} is mode {mode:o}", e.path().display());
+            seen += 1;
+            if meta.is_dir() {
+                stack.push(e.path());
+            }
+        }
+    }
+    assert!(seen > 0, "nothing under {}", dir.display());
 }
