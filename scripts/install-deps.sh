@@ -12,7 +12,7 @@ if ! command -v qemu-system-x86_64 >/dev/null || ! qemu-img --version 2>/dev/nul
   need_apt=1
 fi
 for f in /bin/busybox /usr/sbin/modinfo /usr/bin/cpio /usr/bin/flock /usr/bin/nbdinfo /usr/bin/sqlite3 /usr/bin/curl \
-  /usr/bin/chromium /usr/bin/chromedriver; do
+  /usr/bin/chromium /usr/bin/chromedriver /usr/bin/openssl; do
   [ -e "$f" ] || need_apt=1
 done
 ls /boot/vmlinuz-* >/dev/null 2>&1 || need_apt=1
@@ -31,7 +31,7 @@ if [ "$need_apt" = 1 ]; then
   apt-get install -y -qq --allow-downgrades \
     "qemu-system-x86=$V" "qemu-utils=$V" "qemu-block-extra=$V" \
     busybox-static linux-image-amd64 cpio kmod file util-linux libnbd-bin iproute2 \
-    sqlite3 curl python3 python3-aiosmtpd chromium chromium-driver >/dev/null
+    sqlite3 curl openssl python3 python3-aiosmtpd chromium chromium-driver >/dev/null
 fi
 qemu-system-x86_64 --version | head -n 1
 qemu-img --version | head -n 1

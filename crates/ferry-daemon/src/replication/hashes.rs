@@ -70,6 +70,7 @@ pub async fn hash_disk(client: &mut NbdClient, size: u64) -> anyhow::Result<Vec<
     let map = client.map(BASE_ALLOCATION).await?;
     let zeros = zero_chunks(&map, size);
     let mut out = Vec::with_capacity(zeros.len());
+    // Chunks grow with the disk (1 GiB on a 64 TiB one): read each in bounded pieces.
     let mut buf = Vec::new();
     for (i, zero) in zeros.iter().enumerate() {
         let offset = i as u64 * chunk;
@@ -77,25 +78,27 @@ pub async fn hash_disk(client: &mut NbdClient, size: u64) -> anyhow::Result<Vec<
         if *zero {
             out.push(zero_hash(len));
         } else {
-            buf.resize(len as usize, 0);
-            client.read(offset, &mut buf).await?;
-            out.push(hash(&buf));
+            let mut h = blake3::Hasher::new();
+            let mut done = 0;
+            while done < len {
+                let n = (len - done).min(READ_PIECE);
+                buf.resize(n as usize, 0);
+                client.read(offset + done, &mut buf).await?;
+                h.update(&buf);
+                done += n;
+            }
+            out.push(h.finalize().as_bytes()[..16].try_into().expect("16 bytes"));
         }
     }
     Ok(out)
 }
 
+/// The most read from a disk at once while hashing.
+const READ_PIECE: u64 = 4 << 20;
+
 /// Hashes as one hex string (compact in a JSON control message).
 pub fn encode(hashes: &[Hash]) -> String {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(hashes.len() * 32);
-    for h in hashes {
-        for b in h {
-            s.push(HEX[(b >> 4) as usize] as char);
-            s.push(HEX[(b & 15) as usize] as char);
-        }
-    }
-    s
+    super::proto::to_hex(hashes.as_flattened())
 }
 
 /// The inverse of [`encode`].

@@ -112,6 +112,17 @@ pub struct Pending {
     /// The guest's filesystems were frozen through its agent for the point.
     #[serde(default)]
     pub app_consistent: bool,
+    /// This capture's identity (see `Msg::CycleBegin::capture`).
+    #[serde(default)]
+    pub capture: u64,
+}
+
+/// A fresh, non-zero capture identity.
+fn new_capture_id(vm_id: i64, cycle: i64) -> u64 {
+    let mut seed = [0u8; 8];
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut seed);
+    let h = blake3::hash(&[&seed[..], &vm_id.to_le_bytes(), &cycle.to_le_bytes()].concat());
+    u64::from_le_bytes(h.as_bytes()[..8].try_into().expect("8 bytes")) | 1
 }
 
 /// Where a VM's fleecing overlays live while a cycle holds its point.
@@ -402,7 +413,13 @@ async fn capture(shared: &Arc<Shared>, rel: &ReplicationRow) -> anyhow::Result<(
     let new_gen_no = generation + 1;
     let new_gen = generation_name(new_gen_no);
     let dir = spool_dir(shared, rel.vm_id);
-    std::fs::create_dir_all(&dir)?;
+    if !dir.exists() {
+        std::fs::create_dir_all(&dir)?;
+        // A new spool directory survives a crash only once its parents record it.
+        for d in [Some(dir.as_path()), dir.parent()].into_iter().flatten() {
+            std::fs::File::open(d)?.sync_all()?;
+        }
+    }
     let (spool_path, meta_path) = spool_paths(&dir, cycle);
     let started_ms = now_ms();
     let gran = rel.settings.granularity as u64;
@@ -492,6 +509,7 @@ async fn capture(shared: &Arc<Shared>, rel: &ReplicationRow) -> anyhow::Result<(
                     spool_bytes,
                     started_ms,
                     app_consistent,
+                    capture: new_capture_id(rel.vm_id, cycle),
                 };
                 if let Err(e) = write_meta(&meta_path, &p) {
                     let _ = std::fs::remove_file(&spool_path);
@@ -739,6 +757,7 @@ async fn capture_offline(
                 started_ms,
                 // The VM is off: nothing runs inside to be inconsistent.
                 app_consistent: false,
+                capture: new_capture_id(rel.vm_id, cycle),
             };
             write_meta(meta_path, &p)?;
             set_generation(shared, rel.vm_id, new_gen_no);
@@ -1242,7 +1261,13 @@ pub async fn handshake(
                 resume,
             })
         }
-        Msg::Refused { reason } => bail!("replica server {} refused: {reason}", rel.partner_name),
+        Msg::Refused { reason } => bail!(
+            "replica server {} refused: {}",
+            rel.partner_name,
+            // The replica refuses an unknown certificate before the greeting tells it this
+            // host's name: its advice names the entry to add as NAME; fill it in.
+            reason.replace("--allow NAME=", &format!("--allow {}=", shared.cfg.name))
+        ),
         other => bail!("unexpected answer from the replica server: {other:?}"),
     }
 }
@@ -1273,7 +1298,12 @@ async fn ship(shared: &Arc<Shared>, rel: &ReplicationRow, p: &Pending) -> anyhow
     }
     if last_cycle < p.cycle {
         let from = resume
-            .filter(|r| r.cycle == p.cycle && r.next_batch <= p.frames)
+            .filter(|r| {
+                r.cycle == p.cycle
+                    && p.capture != 0
+                    && r.capture == p.capture
+                    && r.next_batch <= p.frames
+            })
             .map(|r| r.next_batch)
             .unwrap_or(0);
         if from > 0 {
@@ -1289,6 +1319,7 @@ async fn ship(shared: &Arc<Shared>, rel: &ReplicationRow, p: &Pending) -> anyhow
                 batches: p.frames,
                 bytes: p.data_bytes,
                 app_consistent: p.app_consistent,
+                capture: p.capture,
             })
             .await?;
         let sending = async {

@@ -38,6 +38,10 @@ pub struct Resume {
     pub cycle: i64,
     /// The first batch not yet durably written.
     pub next_batch: u64,
+    /// Which capture of the cycle was being received (see `CycleBegin::capture`): a cycle
+    /// captured again after a crash is never spliced onto an older transfer.
+    #[serde(default)]
+    pub capture: u64,
 }
 
 /// A control message.
@@ -156,6 +160,10 @@ pub enum Msg {
         /// The guest's filesystems were frozen (guest agent) when the point was taken.
         #[serde(default)]
         app_consistent: bool,
+        /// Identity of this capture of the cycle (random, non-zero): a transfer resumes only
+        /// onto batches of the same capture. 0: unknown (never resumed).
+        #[serde(default)]
+        capture: u64,
     },
     /// Primary → replica: every batch of the cycle was sent.
     CycleEnd {

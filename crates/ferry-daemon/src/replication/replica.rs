@@ -56,6 +56,9 @@ pub struct Staging {
     cycle: i64,
     layers: Vec<(usize, PathBuf)>,
     next_batch: u64,
+    /// The capture being received (`CycleBegin::capture`).
+    #[serde(default)]
+    capture: u64,
 }
 
 /// The replica-server role's runtime state.
@@ -220,7 +223,7 @@ async fn refuse_peer<W: AsyncWrite + Unpin>(
     from: &std::net::SocketAddr,
     reason: String,
 ) -> anyhow::Result<()> {
-    warn!(%from, %fingerprint, "refused an unauthorized peer before its greeting");
+    warn!(%from, %fingerprint, "refused an unauthorized primary before its greeting");
     let first_in_a_minute = {
         let mut seen = shared.replica.refused.lock().expect("refused");
         let now = std::time::Instant::now();
@@ -433,6 +436,7 @@ where
         .map(|s| Resume {
             cycle: s.cycle,
             next_batch: s.next_batch,
+            capture: s.capture,
         });
     // A direct-kernel replica boots from this host's own copies of its kernel and initrd
     // (in its directory in the replica storage), never from the primary's paths.
@@ -584,6 +588,7 @@ where
             batches,
             bytes,
             app_consistent,
+            capture,
         } = msg
         else {
             bail!("unexpected message from the primary: {msg:?}");
@@ -651,6 +656,7 @@ where
             batches,
             bytes,
             app_consistent,
+            capture,
         )
         .await;
         // The replica's own statistics: what arrived, how long it took to apply.
@@ -795,26 +801,28 @@ async fn become_replica(
     let mut layers = Vec::new();
     for (i, d) in replica_spec.disks.iter_mut().enumerate() {
         let path = vm_dir.join(&d.file);
-        let _ = std::process::Command::new(&shared.cfg.qemu_img)
+        if let Ok(o) = Command::new(&shared.cfg.qemu_img)
             .args(["info", "-U", "--output=json"])
             .arg(&path)
             .output()
-            .map(|o| {
-                let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
-                for b in v["format-specific"]["data"]["bitmaps"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                {
-                    if let Some(n) = b["name"].as_str().filter(|n| n.starts_with("ferry-r")) {
-                        let _ = std::process::Command::new(&shared.cfg.qemu_img)
-                            .args(["bitmap", "--remove", "-f", "qcow2"])
-                            .arg(&path)
-                            .arg(n)
-                            .status();
-                    }
+            .await
+        {
+            let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+            for b in v["format-specific"]["data"]["bitmaps"]
+                .as_array()
+                .into_iter()
+                .flatten()
+            {
+                if let Some(n) = b["name"].as_str().filter(|n| n.starts_with("ferry-r")) {
+                    let _ = Command::new(&shared.cfg.qemu_img)
+                        .args(["bitmap", "--remove", "-f", "qcow2"])
+                        .arg(&path)
+                        .arg(n)
+                        .status()
+                        .await;
                 }
-            });
+            }
+        }
         d.file = path.display().to_string();
         if !settings.excluded_disks.contains(&i) {
             layers.push((i, d.file.clone()));
@@ -953,7 +961,14 @@ fn check_hello(
     settings: &ReplicationSettings,
     boot_files: &[super::proto::BootFileMeta],
 ) -> Result<(), String> {
-    spec.validate()
+    // The primary's disk file names are its own business (a failed-over replica's are
+    // paths into its storage) and are never used here: the replica names its own files.
+    let mut checked = spec.clone();
+    for (i, d) in checked.disks.iter_mut().enumerate() {
+        d.file = format!("disk{i}.qcow2");
+    }
+    checked
+        .validate()
         .map_err(|e| format!("the primary's description of {} is invalid: {e}", spec.name))?;
     settings.validate(spec.disks.len()).map_err(|e| {
         format!(
@@ -1219,6 +1234,7 @@ async fn receive_cycle<R: AsyncRead + Unpin>(
     batches: u64,
     bytes: u64,
     app_consistent: bool,
+    capture: u64,
 ) -> anyhow::Result<i64> {
     let vm = shared
         .store
@@ -1249,7 +1265,14 @@ async fn receive_cycle<R: AsyncRead + Unpin>(
         .expect("staging")
         .remove(&rel.vm_id);
     let staging = match staged {
-        Some(s) if s.cycle == cycle && s.next_batch == from_batch => s,
+        Some(s)
+            if s.cycle == cycle
+                && s.next_batch == from_batch
+                && s.capture == capture
+                && capture != 0 =>
+        {
+            s
+        }
         other => {
             if let Some(old) = other {
                 for (_, p) in &old.layers {
@@ -1281,6 +1304,7 @@ async fn receive_cycle<R: AsyncRead + Unpin>(
                 cycle,
                 layers,
                 next_batch: 0,
+                capture,
             }
         }
     };
@@ -1579,6 +1603,7 @@ pub async fn import_initial(shared: &Arc<Shared>, vm_id: i64, dir: &Path) -> any
         manifest.frames,
         manifest.data_bytes,
         false,
+        0,
     )
     .await
     .with_context(|| format!("importing {}", data.display()))?;
@@ -1787,17 +1812,30 @@ pub async fn apply_retention(shared: &Arc<Shared>, vm_id: i64) -> anyhow::Result
                         .arg(above_layer);
                     run(cmd, "rebase a recovery point layer").await?;
                 }
-            } else if let Some(staged) = shared.replica.staging.lock().expect("staging").get(&vm_id)
-            {
-                // A staged cycle's layers sit on `next_layer`: rebase them too.
-                for (d, p) in &staged.layers {
-                    if d == disk {
-                        let _ = std::process::Command::new(&shared.cfg.qemu_img)
-                            .args(["rebase", "-q", "-u", "-f", "qcow2", "-F", "qcow2", "-b"])
-                            .arg(layer)
-                            .arg(p)
-                            .status();
-                    }
+            } else {
+                // A staged cycle's layers sit on `next_layer`: rebase them too. The list is
+                // copied out first: no lock is held across qemu-img, which would stall
+                // every replication session of this host.
+                let staged: Vec<PathBuf> = shared
+                    .replica
+                    .staging
+                    .lock()
+                    .expect("staging")
+                    .get(&vm_id)
+                    .map(|s| {
+                        s.layers
+                            .iter()
+                            .filter(|(d, _)| d == disk)
+                            .map(|(_, p)| p.clone())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                for p in staged {
+                    let mut cmd = Command::new(&shared.cfg.qemu_img);
+                    cmd.args(["rebase", "-q", "-u", "-f", "qcow2", "-F", "qcow2", "-b"])
+                        .arg(layer)
+                        .arg(&p);
+                    let _ = run(cmd, "rebase a staged layer").await;
                 }
             }
             // 5. The successor's old layer is no longer referenced.
@@ -1831,6 +1869,8 @@ fn save_staging(vm_dir: &Path, staging: &Staging) -> anyhow::Result<()> {
     std::fs::write(&tmp, serde_json::to_vec(staging)?)?;
     fsync(&tmp)?;
     std::fs::rename(&tmp, vm_dir.join(STAGING_FILE))?;
+    // The rename is durable only once the directory is.
+    fsync(vm_dir)?;
     Ok(())
 }
 
