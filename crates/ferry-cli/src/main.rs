@@ -36,9 +36,19 @@ struct Cli {
         default_value = "/run/ferry/ferryd.sock"
     )]
     socket: PathBuf,
-    /// API token, for an https:// URL given with --host.
+    /// API token, for an https:// URL given with --host (visible to other users in the
+    /// process list: prefer --token-file).
     #[arg(long, global = true, env = "FERRY_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// Read the API token from this file (`-`: from standard input), for --host URL or
+    /// `host add`.
+    #[arg(
+        long,
+        global = true,
+        env = "FERRY_TOKEN_FILE",
+        conflicts_with = "token"
+    )]
+    token_file: Option<PathBuf>,
     /// Certificate fingerprint to pin, for an https:// URL given with --host.
     #[arg(long, global = true, env = "FERRY_FINGERPRINT")]
     fingerprint: Option<String>,
@@ -114,9 +124,9 @@ enum HostCmd {
         /// Its certificate fingerprint (`ferry server show` on that host).
         #[arg(long)]
         fingerprint: String,
-        /// Its API token (the api.token file in its data dir).
+        /// Its API token (the api.token file in its data dir); or give --token-file.
         #[arg(long)]
-        token: String,
+        token: Option<String>,
     },
     /// Forget a host.
     Remove {
@@ -246,8 +256,9 @@ fn endpoint(cli: &Cli) -> anyhow::Result<Endpoint> {
         return Ok(Endpoint::Unix(PathBuf::from(host)));
     }
     if let Some(addr) = host.strip_prefix("https://") {
-        let (Some(token), Some(fingerprint)) = (cli.token.clone(), cli.fingerprint.clone()) else {
-            bail!("--host {host} needs --token and --fingerprint (or `ferry host add` it first)");
+        let (Some(token), Some(fingerprint)) = (given_token(cli, None)?, cli.fingerprint.clone())
+        else {
+            bail!("--host {host} needs --token-file (or --token) and --fingerprint (or `ferry host add` it first)");
         };
         return Ok(Endpoint::Tls {
             addr: addr.trim_end_matches('/').to_owned(),
@@ -258,9 +269,31 @@ fn endpoint(cli: &Cli) -> anyhow::Result<Endpoint> {
     hosts::load()?.endpoint(host)
 }
 
+/// The token given on the command line, in a file, or on standard input.
+fn given_token(cli: &Cli, explicit: Option<&String>) -> anyhow::Result<Option<String>> {
+    if let Some(t) = explicit.or(cli.token.as_ref()) {
+        return Ok(Some(t.clone()));
+    }
+    let Some(path) = &cli.token_file else {
+        return Ok(None);
+    };
+    let text = if path.as_os_str() == "-" {
+        std::io::read_to_string(std::io::stdin())
+            .context("cannot read the token from standard input")?
+    } else {
+        std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read --token-file {}", path.display()))?
+    };
+    let token = text.trim();
+    if token.is_empty() {
+        bail!("--token-file {} is empty", path.display());
+    }
+    Ok(Some(token.to_owned()))
+}
+
 async fn run(cli: Cli, out: &Output) -> anyhow::Result<()> {
     if let Command::Host(cmd) = &cli.command {
-        return hosts::run(cmd_host(cmd), out);
+        return hosts::run(cmd_host(&cli, cmd)?, out);
     }
     let client = Client::new(endpoint(&cli)?);
     match cli.command {
@@ -281,8 +314,8 @@ async fn run(cli: Cli, out: &Output) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn cmd_host(cmd: &HostCmd) -> hosts::HostAction {
-    match cmd {
+fn cmd_host(cli: &Cli, cmd: &HostCmd) -> anyhow::Result<hosts::HostAction> {
+    Ok(match cmd {
         HostCmd::List => hosts::HostAction::List,
         HostCmd::Add {
             name,
@@ -293,10 +326,11 @@ fn cmd_host(cmd: &HostCmd) -> hosts::HostAction {
             name: name.clone(),
             url: url.clone(),
             fingerprint: fingerprint.clone(),
-            token: token.clone(),
+            token: given_token(cli, token.as_ref())?
+                .ok_or_else(|| anyhow::anyhow!("host add needs --token-file FILE (or --token)"))?,
         },
         HostCmd::Remove { name } => hosts::HostAction::Remove { name: name.clone() },
-    }
+    })
 }
 
 /// URL path for a VM (names may hold spaces).

@@ -109,6 +109,9 @@ pub fn router(state: Shared) -> Router {
             post(replication_request),
         )
         .fallback(|| async { ApiFailure::not_found("no such API endpoint".to_owned()) })
+        .layer(axum::extract::DefaultBodyLimit::max(
+            crate::limits::MAX_BODY,
+        ))
         .with_state(state)
 }
 

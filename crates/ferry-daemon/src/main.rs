@@ -6,6 +6,7 @@ mod checkpoints;
 mod config;
 mod error;
 mod identity;
+mod limits;
 mod peer;
 mod replication;
 mod server;
@@ -43,6 +44,7 @@ fn main() -> ExitCode {
     // socket from the moment it is bound) belongs to it alone, whatever umask started it.
     // SAFETY: umask(2) only changes this process's file-creation mask.
     unsafe { libc::umask(0o077) };
+    limits::raise_fd_limit();
     let args = Args::parse();
     init_logging();
     let runtime = match tokio::runtime::Builder::new_multi_thread()

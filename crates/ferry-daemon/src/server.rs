@@ -15,8 +15,14 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{debug, warn};
 
+use crate::limits::{self, ConnLimits};
+
 /// How long in-flight requests may run after shutdown begins.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections the TLS API holds at once (admins, consoles, monitoring).
+const MAX_API_CONNS: usize = 256;
+/// Of which from one address.
+const MAX_API_CONNS_PER_PEER: usize = 32;
 
 /// Binds the admin socket (mode 0600: whoever can open it is the host's admin).
 pub fn bind_unix(path: &Path) -> std::io::Result<UnixListener> {
@@ -45,7 +51,11 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let service = TowerToHyperService::new(router);
+    // Without a timer hyper's header timeout is off: a client that connects and says
+    // nothing (or one byte a second) would hold its connection forever.
     if let Err(e) = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(limits::HEADER_TIMEOUT)
         .serve_connection(TokioIo::new(io), service)
         .with_upgrades()
         .await
@@ -82,16 +92,25 @@ pub async fn serve_tls(
     let stopped = until_true(shutdown);
     tokio::pin!(stopped);
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let limits = ConnLimits::new("the TLS API", MAX_API_CONNS, MAX_API_CONNS_PER_PEER);
     let mut conns = JoinSet::new();
     loop {
         tokio::select! {
             _ = &mut stopped => break,
             accepted = listener.accept() => match accepted {
                 Ok((tcp, peer)) => {
+                    let guard = match limits.admit(peer.ip()) {
+                        Ok(g) => g,
+                        Err(why) => {
+                            debug!(%peer, "connection refused: {why}");
+                            continue;
+                        }
+                    };
                     let acceptor = acceptor.clone();
                     let router = router.clone();
                     conns.spawn(async move {
-                        match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                        let _guard = guard;
+                        match tokio::time::timeout(limits::HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                             Ok(Ok(stream)) => serve_conn(stream, router).await,
                             Ok(Err(e)) => debug!(%peer, error = %e, "TLS handshake failed"),
                             Err(_) => debug!(%peer, "TLS handshake timed out"),

@@ -178,8 +178,17 @@ fn allow_any_admits_only_certificates_of_the_trusted_ca() {
     c.launch();
     let bundle = b.dir.path().join("bundle.pem");
     let org_ca = std::fs::read_to_string(org.join("ca.crt")).unwrap();
-    std::fs::write(&bundle, format!("{}{org_ca}", ferry_testkit::pki::test_ca().pem)).unwrap();
-    b.ferry_ok(&["replica-server", "set", "--trust-ca", bundle.to_str().unwrap()]);
+    std::fs::write(
+        &bundle,
+        format!("{}{org_ca}", ferry_testkit::pki::test_ca().pem),
+    )
+    .unwrap();
+    b.ferry_ok(&[
+        "replica-server",
+        "set",
+        "--trust-ca",
+        bundle.to_str().unwrap(),
+    ]);
     replicate_offline(&c, &b, "app-c").expect("a host certified by the documented recipe");
     replicate_offline(&a, &b, "app-a2").expect("the first CA of the bundle still counts");
 
@@ -195,11 +204,17 @@ fn allow_any_admits_only_certificates_of_the_trusted_ca() {
     assert!(err.contains("not issued by the trusted CA"), "{err}");
     let mut names = vm_names(&b);
     names.sort();
-    assert_eq!(names, ["app", "app-a2", "app-c"], "a refused primary left a VM behind");
+    assert_eq!(
+        names,
+        ["app", "app-a2", "app-c"],
+        "a refused primary left a VM behind"
+    );
     assert!(
-        std::fs::read_dir(storage)
+        std::fs::read_dir(storage).unwrap().all(|e| e
             .unwrap()
-            .all(|e| e.unwrap().file_name().to_string_lossy().starts_with("app")),
+            .file_name()
+            .to_string_lossy()
+            .starts_with("app")),
         "a refused primary left files in the replica storage"
     );
     // Everything ferryd made is its own (umask 077): disks, replica layers, the store.

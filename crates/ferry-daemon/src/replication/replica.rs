@@ -48,6 +48,10 @@ pub const DEFAULT_PORT: u16 = 7444;
 const FLUSH_EVERY_BYTES: u64 = 8 << 20;
 /// A session with no frame for this long is dropped.
 const IDLE: Duration = Duration::from_secs(60);
+/// Replication connections held at once (one per replicating VM at a time, plus retries).
+const MAX_REPLICATION_CONNS: usize = 512;
+/// Of which from one address (a primary host with many VMs).
+const MAX_REPLICATION_CONNS_PER_PEER: usize = 128;
 
 /// A cycle being received: its layers and how far it got durably. Also kept as
 /// `staging.json` beside the layers, so a transfer resumes after a replica crash too.
@@ -134,16 +138,38 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, mut stop: watch
             return;
         }
     };
+    let limits = crate::limits::ConnLimits::new(
+        "the replication port",
+        MAX_REPLICATION_CONNS,
+        MAX_REPLICATION_CONNS_PER_PEER,
+    );
     loop {
         tokio::select! {
             _ = stop.changed() => break,
             accepted = listener.accept() => {
-                let Ok((tcp, from)) = accepted else { continue };
+                let (tcp, from) = match accepted {
+                    Ok(x) => x,
+                    Err(e) => {
+                        // Out of file descriptors: wait for some to close instead of
+                        // spinning on the same error.
+                        warn!(error = %e, "accept on the replication port failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let guard = match limits.admit(from.ip()) {
+                    Ok(g) => g,
+                    Err(why) => {
+                        tracing::debug!(%from, "replication connection refused: {why}");
+                        continue;
+                    }
+                };
                 let _ = tcp.set_nodelay(true);
                 let acceptor = acceptor.clone();
                 let shared = shared.clone();
                 tokio::spawn(async move {
-                    match tokio::time::timeout(peer::CONNECT_TIMEOUT, acceptor.accept(tcp)).await {
+                    let _guard = guard;
+                    match tokio::time::timeout(crate::limits::HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                         Ok(Ok(tls)) => {
                             let fp = peer::peer_fingerprint(&tls).unwrap_or_default();
                             // Decided on the certificate alone, before anything the peer
