@@ -16,7 +16,7 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const MAX_BODY: usize = 1 << 20;
 
 /// Counts open connections, refusing those over the limits.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct ConnLimits {
     what: &'static str,
     total: usize,
@@ -25,6 +25,7 @@ pub struct ConnLimits {
 }
 
 /// One admitted connection; dropping it frees its place.
+#[derive(Debug)]
 pub struct ConnGuard {
     limits: ConnLimits,
     peer: IpAddr,

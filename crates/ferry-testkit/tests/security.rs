@@ -387,6 +387,12 @@ fn a_hostile_primary_cannot_choose_what_the_replica_runs() {
         assert_eq!(reason.lines().count(), 1, "{reason}");
     };
 
+    // Protocol versions: one this replica does not speak is refused with what to do.
+    let mut h = hello("mallory", "evil", 0, false);
+    h["protocol"] = json!(7);
+    h["max_protocol"] = json!(9);
+    refused(h, "upgrade ferry on the older host");
+
     // Greetings that are not what they claim.
     refused(
         json!({"type": "hello", "protocol": 1}),
@@ -428,6 +434,8 @@ fn a_hostile_primary_cannot_choose_what_the_replica_runs() {
     peer.send(&h).unwrap();
     let welcome = peer.recv(Duration::from_secs(10)).unwrap().unwrap();
     assert_eq!(welcome["type"], "welcome", "{welcome}");
+    // This peer speaks as a version-1 primary did (no max_protocol): version 1 it is.
+    assert_eq!(welcome["protocol"], 1, "{welcome}");
     assert_eq!(welcome["need_boot_files"], json!(["kernel"]));
     let mut forged = kernel.clone();
     forged[0] ^= 1;

@@ -35,7 +35,8 @@ use tracing::{info, warn};
 
 use super::hashes::{self, Hash};
 use super::proto::{
-    DiskMeta, ExportManifest, Msg, EXPORT_DATA, EXPORT_FORMAT, EXPORT_MANIFEST, PROTOCOL,
+    DiskMeta, ExportManifest, Msg, EXPORT_DATA, EXPORT_FORMAT, EXPORT_MANIFEST, MIN_PROTOCOL,
+    PROTOCOL,
 };
 use super::{now_ms, now_unix, qemu_nbd_path, Shared};
 use crate::peer;
@@ -1220,7 +1221,8 @@ pub async fn handshake(
     }
     writer
         .write_control(&Msg::Hello {
-            protocol: PROTOCOL,
+            protocol: MIN_PROTOCOL,
+            max_protocol: Some(PROTOCOL),
             primary: shared.cfg.name.clone(),
             spec: vm.spec.clone(),
             disks,
@@ -1238,12 +1240,14 @@ pub async fn handshake(
         .await?;
     match next_control(&mut reader, peer::CONNECT_TIMEOUT).await? {
         Msg::Welcome {
+            protocol,
             replica,
             last_cycle,
             resume,
             extra,
             need_boot_files,
         } => {
+            tracing::debug!(vm = %vm.spec.name, %replica, protocol, "replication session");
             super::boot_files::send(
                 &mut reader,
                 &mut writer,

@@ -19,8 +19,33 @@ use ferry_domain::replication::ReplicationSettings;
 use ferry_domain::VmSpec;
 use serde::{Deserialize, Serialize};
 
-/// Bumped on incompatible changes; the replica refuses other versions.
-pub const PROTOCOL: u32 = 1;
+/// The newest protocol version this build speaks.
+///
+/// - 1: the first release.
+/// - 2: a direct-kernel VM's boot files are shipped (`Hello::boot_files`,
+///   `Welcome::need_boot_files`, `BootFile`, `BootFileStored`); captures carry an identity
+///   (`CycleBegin::capture`, `Resume::capture`); `Hello::max_protocol`, `Welcome::protocol`.
+///
+/// Negotiation: a primary's Hello says the oldest version it speaks (`protocol`, which a
+/// version-1 replica checks) and the newest (`max_protocol`); the replica answers the
+/// version both speak in its Welcome. Every field added since version 1 has a default, so
+/// a peer one version apart reads what it knows and ignores the rest.
+pub const PROTOCOL: u32 = 2;
+/// The oldest protocol version this build still speaks.
+pub const MIN_PROTOCOL: u32 = 1;
+
+/// The version a replica speaks with a primary whose Hello says `oldest`..=`newest`, or
+/// why none.
+pub fn negotiate(oldest: u32, newest: Option<u32>) -> Result<u32, String> {
+    let newest = newest.unwrap_or(oldest).max(oldest);
+    let agreed = newest.min(PROTOCOL);
+    if oldest > PROTOCOL || agreed < MIN_PROTOCOL {
+        return Err(format!(
+            "the primary speaks protocol versions {oldest} to {newest}, this replica server {MIN_PROTOCOL} to {PROTOCOL}: upgrade ferry on the older host"
+        ));
+    }
+    Ok(agreed)
+}
 
 /// A disk being replicated.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -50,8 +75,11 @@ pub struct Resume {
 pub enum Msg {
     /// Primary → replica: who is replicating what.
     Hello {
-        /// Protocol version.
+        /// The oldest protocol version the primary speaks.
         protocol: u32,
+        /// The newest (absent from version-1 primaries: `protocol`).
+        #[serde(default)]
+        max_protocol: Option<u32>,
         /// The primary's host name.
         primary: String,
         /// The VM's spec on the primary.
@@ -80,6 +108,9 @@ pub enum Msg {
     },
     /// Replica → primary: accepted.
     Welcome {
+        /// The protocol version of this session (absent from version-1 replicas: 1).
+        #[serde(default = "protocol_one")]
+        protocol: u32,
         /// The replica server's host name.
         replica: String,
         /// The last cycle committed as a recovery point (0 = none).
@@ -184,6 +215,10 @@ pub enum Msg {
     },
 }
 
+fn protocol_one() -> u32 {
+    1
+}
+
 /// A file a direct-kernel VM boots from, as the primary announces it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BootFileMeta {
@@ -257,3 +292,121 @@ pub const EXPORT_FORMAT: u32 = 1;
 pub const EXPORT_MANIFEST: &str = "export.json";
 /// The data file's name.
 pub const EXPORT_DATA: &str = "initial.ferry";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_one_apart_agree_on_the_older() {
+        assert_eq!(negotiate(1, None), Ok(1)); // a version-1 primary
+        assert_eq!(negotiate(1, Some(2)), Ok(2));
+        assert_eq!(negotiate(1, Some(3)), Ok(2)); // a newer primary speaks ours
+        assert!(negotiate(3, Some(4)).unwrap_err().contains("upgrade ferry"));
+    }
+
+    /// What a version-1 replica parses of this build's Hello: its own type, as it was.
+    #[derive(Deserialize)]
+    #[serde(tag = "type", rename_all = "snake_case")]
+    enum MsgV1 {
+        Hello {
+            protocol: u32,
+            primary: String,
+            spec: VmSpec,
+            disks: Vec<DiskMeta>,
+            #[allow(dead_code)]
+            settings: ReplicationSettings,
+        },
+        CycleBegin {
+            cycle: i64,
+            from_batch: u64,
+        },
+    }
+
+    #[test]
+    fn a_version_1_replica_reads_this_builds_messages() {
+        let spec: VmSpec = serde_json::from_value(serde_json::json!({
+            "name": "web1", "cpus": 1, "memory_mib": 256,
+            "disks": [{"file": "disk0.qcow2", "size_bytes": 1048576}],
+            "boot": {"kind": "disk"}, "nics": []
+        }))
+        .unwrap();
+        let settings: ReplicationSettings = serde_json::from_value(serde_json::json!({
+            "interval": {"secs": 30, "nanos": 0},
+            "retention": {"additional": 0, "spacing_secs": 3600},
+            "compression": false, "excluded_disks": [], "initial": {"method": "network"},
+            "bandwidth_limit": null, "granularity": 65536
+        }))
+        .unwrap();
+        let hello = Msg::Hello {
+            protocol: MIN_PROTOCOL,
+            max_protocol: Some(PROTOCOL),
+            primary: "a".into(),
+            spec,
+            disks: vec![DiskMeta {
+                index: 0,
+                size_bytes: 1 << 20,
+            }],
+            settings,
+            last_cycle: 3,
+            reverse: false,
+            reverse_resync: false,
+            boot_files: Vec::new(),
+        };
+        let text = serde_json::to_string(&hello).unwrap();
+        match serde_json::from_str::<MsgV1>(&text).unwrap() {
+            MsgV1::Hello {
+                protocol,
+                primary,
+                spec,
+                disks,
+                ..
+            } => {
+                // Version 1 refused any protocol but 1.
+                assert_eq!(protocol, 1);
+                assert_eq!(
+                    (primary.as_str(), spec.name.as_str(), disks.len()),
+                    ("a", "web1", 1)
+                );
+            }
+            MsgV1::CycleBegin { .. } => unreachable!(),
+        }
+        let begin = Msg::CycleBegin {
+            cycle: 4,
+            kind: "delta".into(),
+            taken_at: 0,
+            from_batch: 0,
+            batches: 1,
+            bytes: 0,
+            app_consistent: false,
+            capture: 77,
+        };
+        let text = serde_json::to_string(&begin).unwrap();
+        assert!(matches!(
+            serde_json::from_str::<MsgV1>(&text).unwrap(),
+            MsgV1::CycleBegin {
+                cycle: 4,
+                from_batch: 0
+            }
+        ));
+        // And this build reads a version-1 replica's Welcome (no protocol, no boot files).
+        let welcome: Msg = serde_json::from_str(
+            r#"{"type":"welcome","replica":"b","last_cycle":3,"resume":{"cycle":4,"next_batch":2}}"#,
+        )
+        .unwrap();
+        match welcome {
+            Msg::Welcome {
+                protocol,
+                need_boot_files,
+                resume,
+                ..
+            } => {
+                assert_eq!(protocol, 1);
+                assert!(need_boot_files.is_empty());
+                // Without a capture identity a transfer is never resumed.
+                assert_eq!(resume.unwrap().capture, 0);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}

@@ -34,7 +34,7 @@ use tracing::{info, warn};
 
 use super::hashes;
 use super::proto::{
-    DiskMeta, ExportManifest, Msg, Resume, EXPORT_DATA, EXPORT_FORMAT, EXPORT_MANIFEST, PROTOCOL,
+    DiskMeta, ExportManifest, Msg, Resume, EXPORT_DATA, EXPORT_FORMAT, EXPORT_MANIFEST,
 };
 use super::{now_ms, now_unix, qemu_nbd_path, Shared};
 use crate::peer;
@@ -343,6 +343,7 @@ where
     reader.set_max_frame(ferry_wire::MAX_FRAME);
     let Msg::Hello {
         protocol,
+        max_protocol,
         primary,
         spec,
         disks,
@@ -356,11 +357,13 @@ where
         bail!("the primary did not start with Hello");
     };
     let refuse = |reason: String| Msg::Refused { reason };
-    if protocol != PROTOCOL {
-        let reason = format!("protocol version {protocol} is not supported by {} (it speaks {PROTOCOL}): upgrade ferry on both hosts", shared.cfg.name);
-        writer.write_control(&refuse(reason.clone())).await?;
-        bail!(reason);
-    }
+    let protocol = match super::proto::negotiate(protocol, max_protocol) {
+        Ok(v) => v,
+        Err(reason) => {
+            writer.write_control(&refuse(reason.clone())).await?;
+            bail!(reason);
+        }
+    };
     let cfg = load_config(&shared.store);
     let (storage, _trust_group) =
         match authorize(&cfg, &shared.cfg.name, &primary, fingerprint, via_ca) {
@@ -481,6 +484,7 @@ where
     let mut incoming_boot_file = None;
     writer
         .write_control(&Msg::Welcome {
+            protocol,
             replica: shared.cfg.name.clone(),
             last_cycle: rel.last_cycle,
             resume,
