@@ -28,6 +28,9 @@ struct Cli {
         env = "FERRY_CONSOLE_CONFIG"
     )]
     config: PathBuf,
+    /// Log lines as `text` (for people) or `json` (one object a line, for log collectors).
+    #[arg(long, default_value = "text", env = "FERRY_LOG_FORMAT")]
+    log_format: String,
     #[command(subcommand)]
     cmd: Option<Cmd>,
 }
@@ -44,8 +47,11 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
-    init_logging();
     let cli = Cli::parse();
+    if let Err(e) = init_logging(&cli.log_format) {
+        eprintln!("ferry-console: error: {e}");
+        return ExitCode::from(2);
+    }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -112,13 +118,21 @@ fn serve(config: Config, store: Arc<Store>) -> anyhow::Result<()> {
     })
 }
 
-fn init_logging() {
+fn init_logging(format: &str) -> Result<(), String> {
     let filter = tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt()
+    let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(ansi)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        "text" => fmt.with_ansi(ansi).init(),
+        "json" => fmt
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .init(),
+        other => return Err(format!("unknown --log-format {other:?}: use text or json")),
+    }
+    Ok(())
 }
