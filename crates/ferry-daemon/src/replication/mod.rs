@@ -4,6 +4,7 @@
 pub mod failover;
 pub mod hashes;
 pub mod health;
+pub mod metrics;
 pub mod primary;
 pub mod proto;
 pub mod replica;
@@ -122,8 +123,16 @@ impl Events {
                 default
             },
         );
+        // The relationship too, so failovers, state changes and failed cycles can be
+        // followed by relationship in the log (a VM re-replicated gets a new one).
+        let relationship = vm
+            .and_then(|v| VmName::new(v).ok())
+            .and_then(|v| self.store.get_vm(&v).ok())
+            .and_then(|v| self.store.replication(v.id).ok().flatten())
+            .map(|r| r.settings.relationship_id);
         info!(
             vm = vm.unwrap_or("-"),
+            relationship,
             event = kind,
             code,
             severity,
