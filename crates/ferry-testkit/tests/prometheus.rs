@@ -239,7 +239,7 @@ fn prometheus_scrapes_ferryd_over_tls_while_a_guest_replicates() {
     a.wait_console("app", Duration::from_secs(60), "guest writes", |c| {
         parse_console(c).last_wrote_seq.unwrap_or(0) >= 1
     });
-    a.ferry_ok(&[
+    let enabled = a.ferry(&[
         "replication",
         "enable",
         "app",
@@ -249,6 +249,11 @@ fn prometheus_scrapes_ferryd_over_tls_while_a_guest_replicates() {
         "5s",
         "--wait",
     ]);
+    assert_eq!(enabled.code, 0, "{enabled:?}");
+    // Off a terminal, --wait's progress is plain lines, never redrawn in place.
+    assert!(!enabled.stderr.is_empty(), "{enabled:?}");
+    assert!(!enabled.stderr.contains('\r'), "{enabled:?}");
+    assert!(!enabled.stderr.contains('\u{1b}'), "{enabled:?}");
 
     // 1. A scrape without the token: 401 and no metric.
     for h in [&a, &b] {
@@ -366,6 +371,10 @@ fn prometheus_scrapes_ferryd_over_tls_while_a_guest_replicates() {
     wait_value(&prom, counter, before as f64);
     // From here on, Prometheus's samples hold `before` until the reset and resume below.
     let flat_since = Instant::now();
+    let flat_wall = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
     let st = status(&a, "app");
     let last_point = st["last_point_at"].as_i64().unwrap();
     let now = std::time::SystemTime::now()
@@ -373,9 +382,9 @@ fn prometheus_scrapes_ferryd_over_tls_while_a_guest_replicates() {
         .unwrap()
         .as_secs() as i64;
     let rpo_status = now - last_point;
-    let rpo_promql = prom.value(&format!(
-        r#"time() - ferry_replication_last_point_timestamp_seconds{{vm="app", role="primary"}}"#
-    ));
+    let rpo_promql = prom.value(
+        r#"time() - ferry_replication_last_point_timestamp_seconds{vm="app", role="primary"}"#,
+    );
     println!("RPO: status {rpo_status} s, PromQL {rpo_promql:.1} s");
     assert!(
         (rpo_promql - rpo_status as f64).abs() <= 2.0,
@@ -402,6 +411,9 @@ fn prometheus_scrapes_ferryd_over_tls_while_a_guest_replicates() {
 
     // 4. Reset the statistics, resume, let cycles run, suspend again: increase() across
     //    the reset is exactly the cycles done, and Prometheus saw no counter reset.
+    // (A few flat samples first: the range below starts at `flat_since`.)
+    let wait = Duration::from_secs(3).saturating_sub(flat_since.elapsed());
+    std::thread::sleep(wait);
     let h = a.ferry_json(&["replication", "health", "app", "--reset"]);
     assert_eq!(h[0]["successful_cycles"], 0, "{h}");
     a.ferry_ok(&["replication", "resume", "app"]);
@@ -416,21 +428,38 @@ fn prometheus_scrapes_ferryd_over_tls_while_a_guest_replicates() {
     // The window's gauge starts again at the reset; the counter does not.
     let window = prom.value(r#"ferry_replication_window_cycles{vm="app", role="primary"}"#);
     assert_eq!(window, done as f64);
-    // A range from before the reset (with flat stretches at both ends) to now: it starts
-    // after Prometheus last saw the count before the reset.
-    std::thread::sleep(Duration::from_secs(3));
-    let range = flat_since.elapsed().as_secs();
-    let inc = prom.value(&format!("increase({counter}[{range}s])"));
-    let delta = prom.value(&format!("{counter} - {counter} offset {range}s"));
-    let resets = prom.value(&format!("resets({counter}[{range}s])"));
-    println!("cycles done {done}; increase() {inc:.3}, delta {delta}, resets {resets}");
-    assert_eq!(delta, done as f64);
+    // The range: from the first sample after `flat_since` (before the reset) to the
+    // newest one, both exactly on sample times, so increase() needs no extrapolation.
+    std::thread::sleep(Duration::from_secs(2));
+    let raw = prom.query(&format!("{counter}[2m]"));
+    let samples: Vec<(f64, f64)> = raw[0]["values"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| {
+            (
+                v[0].as_f64().unwrap(),
+                v[1].as_str().unwrap().parse().unwrap(),
+            )
+        })
+        .collect();
+    let &(from, first) = samples
+        .iter()
+        .find(|(t, _)| *t >= flat_wall)
+        .expect("samples since the counter was flat");
+    let &(to, last) = samples.last().unwrap();
+    assert_eq!((first, last), (before as f64, after as f64), "{samples:?}");
+    let range_ms = ((to - from) * 1000.0).round() as u64;
+    let at = format!("{to:.3}");
+    let at_end = |q: String| -> f64 {
+        let r = prom.api("/api/v1/query", &[("query", &q), ("time", &at)])["result"].clone();
+        r[0]["value"][1].as_str().unwrap().parse().unwrap()
+    };
+    let inc = at_end(format!("increase({counter}[{range_ms}ms])"));
+    let resets = at_end(format!("resets({counter}[{range_ms}ms])"));
+    println!("cycles done {done}; increase() over {range_ms} ms: {inc}, resets {resets}");
     assert_eq!(resets, 0.0);
-    assert_eq!(
-        inc.round(),
-        done as f64,
-        "increase() {inc} vs {done} cycles"
-    );
+    assert_eq!(inc, done as f64, "increase() {inc} vs {done} cycles done");
 
     // 5. ferryd's JSON log: every line of a cycle carries the VM, relationship and cycle.
     let log = a.log_text();
