@@ -1,14 +1,15 @@
 //! Progress of long operations (replication cycles, imports, checkpoint exports), drawn
-//! from the snapshots the daemon reports: an `indicatif` bar with rate and ETA on a
-//! terminal; plain lines (one per phase and per tenth done) when stderr is a file or a
-//! pipe, so a log shows the operation moving without a screenful of redraws; nothing in
-//! JSON mode (scripts get the result and one-line errors only).
+//! from the snapshots the daemon reports: an `indicatif` bar with rate and ETA on stderr
+//! when it is a terminal; otherwise plain lines (one per phase and per tenth done) on
+//! stdout with the text result, so a log shows the operation moving without a screenful
+//! of redraws while stderr keeps only the one-line error of a failure; nothing in JSON
+//! mode (scripts get the result and one-line errors only).
 
 use std::io::IsTerminal;
 use std::time::Duration;
 
 use ferry_api_types::Progress;
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::output::Output;
 use crate::Format;
@@ -19,28 +20,34 @@ enum Mode {
     Off,
 }
 
-/// Shows one operation's progress on stderr.
+/// The bar: phase, bar, percent, bytes done and in all, rate, ETA.
+fn bar(target: ProgressDrawTarget) -> ProgressBar {
+    let bar = ProgressBar::with_draw_target(Some(0), target);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{msg:<9} [{bar:30}] {percent:>3}% {binary_bytes} / {binary_total_bytes}  {binary_bytes_per_sec}  ETA {eta}",
+        )
+        .expect("a valid template")
+        .progress_chars("#>-"),
+    );
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar
+}
+
+/// Shows one operation's progress.
 pub struct ProgressView {
     mode: Mode,
     phase: Option<String>,
 }
 
 impl ProgressView {
-    /// A view for `out`: a bar on a terminal, plain lines off it, nothing for JSON.
+    /// A view for `out`: a bar when stderr is a terminal, plain lines on stdout otherwise,
+    /// nothing for JSON.
     pub fn new(out: &Output) -> Self {
         let mode = if out.format() != Format::Text {
             Mode::Off
         } else if std::io::stderr().is_terminal() {
-            let bar = ProgressBar::new(0);
-            bar.set_style(
-                ProgressStyle::with_template(
-                    "{msg:<9} [{bar:30}] {percent:>3}% {binary_bytes} / {binary_total_bytes}  {binary_bytes_per_sec}  ETA {eta}",
-                )
-                .expect("a valid template")
-                .progress_chars("#>-"),
-            );
-            bar.enable_steady_tick(Duration::from_millis(200));
-            Mode::Bar(bar)
+            Mode::Bar(bar(ProgressDrawTarget::stderr()))
         } else {
             Mode::Plain { last: None }
         };
@@ -72,7 +79,7 @@ impl ProgressView {
                     .as_ref()
                     .is_none_or(|(phase, t)| *phase != p.phase || *t != tenth)
                 {
-                    eprintln!(
+                    println!(
                         "{}: {}% ({} of {} bytes)",
                         p.phase, p.percent, p.done_bytes, p.total_bytes
                     );
@@ -96,7 +103,7 @@ impl ProgressView {
             }
             Mode::Plain { last } => {
                 if last.as_ref().is_none_or(|(phase, _)| phase != msg) {
-                    eprintln!("{msg}");
+                    println!("{msg}");
                     *last = Some((msg.to_owned(), 0));
                 }
                 self.phase = Some(msg.to_owned());
@@ -110,5 +117,73 @@ impl ProgressView {
         if let Mode::Bar(bar) = self.mode {
             bar.abandon();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    /// A terminal that keeps what is drawn on it.
+    #[derive(Debug, Clone, Default)]
+    struct Screen(Arc<Mutex<String>>);
+
+    impl indicatif::TermLike for Screen {
+        fn width(&self) -> u16 {
+            120
+        }
+        fn move_cursor_up(&self, _: usize) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn move_cursor_down(&self, _: usize) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn move_cursor_right(&self, _: usize) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn move_cursor_left(&self, _: usize) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn write_line(&self, s: &str) -> std::io::Result<()> {
+            self.write_str(&format!("{s}\n"))
+        }
+        fn write_str(&self, s: &str) -> std::io::Result<()> {
+            self.0.lock().unwrap().push_str(s);
+            Ok(())
+        }
+        fn clear_line(&self) -> std::io::Result<()> {
+            self.write_str("\r")
+        }
+        fn flush(&self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_bar_on_a_terminal_shows_phase_bytes_rate_and_eta() {
+        let screen = Screen::default();
+        let mut view = ProgressView {
+            mode: Mode::Bar(bar(ProgressDrawTarget::term_like(Box::new(screen.clone())))),
+            phase: None,
+        };
+        let total = 64u64 << 20;
+        for i in 1..=5u64 {
+            view.update(&Progress {
+                phase: "sending".into(),
+                done_bytes: i * (8 << 20),
+                total_bytes: total,
+                percent: (i * 8 * 100 / 64) as u8,
+            });
+            std::thread::sleep(Duration::from_millis(120));
+        }
+        view.finish();
+        let text = screen.0.lock().unwrap().clone();
+        let last = text.rsplit('\r').find(|l| !l.trim().is_empty()).unwrap();
+        assert!(last.starts_with("sending "), "{last:?}");
+        assert!(last.contains(" 62% 40.00 MiB / 64.00 MiB "), "{last:?}");
+        assert!(last.contains("MiB/s"), "rate: {last:?}");
+        assert!(last.contains("ETA "), "{last:?}");
     }
 }

@@ -250,10 +250,21 @@ fn prometheus_scrapes_ferryd_over_tls_while_a_guest_replicates() {
         "--wait",
     ]);
     assert_eq!(enabled.code, 0, "{enabled:?}");
-    // Off a terminal, --wait's progress is plain lines, never redrawn in place.
-    assert!(!enabled.stderr.is_empty(), "{enabled:?}");
-    assert!(!enabled.stderr.contains('\r'), "{enabled:?}");
-    assert!(!enabled.stderr.contains('\u{1b}'), "{enabled:?}");
+    // Off a terminal, --wait's progress is plain lines on stdout, never redrawn in place;
+    // stderr stays for errors.
+    assert!(enabled.stderr.is_empty(), "{enabled:?}");
+    let progress: Vec<&str> = enabled
+        .stdout
+        .lines()
+        .take_while(|l| !l.starts_with("VM:"))
+        .collect();
+    println!("--wait printed {progress:?}");
+    assert!(
+        !progress.is_empty(),
+        "no progress before the result: {enabled:?}"
+    );
+    assert!(!enabled.stdout.contains('\r'), "{enabled:?}");
+    assert!(!enabled.stdout.contains('\u{1b}'), "{enabled:?}");
 
     // 1. A scrape without the token: 401 and no metric.
     for h in [&a, &b] {
