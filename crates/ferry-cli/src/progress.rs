@@ -23,15 +23,22 @@ enum Mode {
 /// The bar: phase, bar, percent, bytes done and in all, rate, ETA.
 fn bar(target: ProgressDrawTarget) -> ProgressBar {
     let bar = ProgressBar::with_draw_target(Some(0), target);
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{msg:<9} [{bar:30}] {percent:>3}% {binary_bytes} / {binary_total_bytes}  {binary_bytes_per_sec}  ETA {eta}",
-        )
-        .expect("a valid template")
-        .progress_chars("#>-"),
-    );
+    bar.set_style(bytes_style());
     bar.enable_steady_tick(Duration::from_millis(200));
     bar
+}
+
+fn bytes_style() -> ProgressStyle {
+    ProgressStyle::with_template(
+        "{msg:<9} [{bar:30}] {percent:>3}% {binary_bytes} / {binary_total_bytes}  {binary_bytes_per_sec}  ETA {eta}",
+    )
+    .expect("a valid template")
+    .progress_chars("#>-")
+}
+
+/// A state without bytes to count (waiting for the next cycle): a spinner and the state.
+fn state_style() -> ProgressStyle {
+    ProgressStyle::with_template("{spinner} {msg}").expect("a valid template")
 }
 
 /// Shows one operation's progress.
@@ -68,6 +75,7 @@ impl ProgressView {
                 if new_phase {
                     // A new phase counts its own bytes: restart the rate and the ETA.
                     bar.reset();
+                    bar.set_style(bytes_style());
                     bar.set_message(p.phase.clone());
                 }
                 bar.set_length(p.total_bytes);
@@ -96,7 +104,7 @@ impl ProgressView {
             Mode::Bar(bar) => {
                 if self.phase.as_deref() != Some(msg) {
                     bar.reset();
-                    bar.set_length(0);
+                    bar.set_style(state_style());
                     bar.set_message(msg.to_owned());
                     self.phase = Some(msg.to_owned());
                 }
@@ -168,6 +176,8 @@ mod tests {
             mode: Mode::Bar(bar(ProgressDrawTarget::term_like(Box::new(screen.clone())))),
             phase: None,
         };
+        view.message("Initial Replication in Progress");
+        std::thread::sleep(Duration::from_millis(80));
         let total = 64u64 << 20;
         for i in 1..=5u64 {
             view.update(&Progress {
@@ -185,5 +195,9 @@ mod tests {
         assert!(last.contains(" 62% 40.00 MiB / 64.00 MiB "), "{last:?}");
         assert!(last.contains("MiB/s"), "rate: {last:?}");
         assert!(last.contains("ETA "), "{last:?}");
+        assert!(
+            text.contains(" Initial Replication in Progress"),
+            "{text:?}"
+        );
     }
 }
