@@ -485,11 +485,15 @@ fn prometheus_scrapes_ferryd_over_tls_while_a_guest_replicates() {
             .any(|v| v["fields"]["message"] == "cycle replicated"),
         "{log}"
     );
+    let relationship = cycle_lines[0]["span"]["relationship"].clone();
+    assert!(relationship.is_string(), "{relationship}");
     for v in &cycle_lines {
         assert_eq!(v["span"]["vm"], "app", "{v}");
-        assert!(v["span"]["relationship"].is_u64(), "{v}");
+        assert_eq!(v["span"]["relationship"], relationship, "{v}");
         assert!(v["span"]["cycle"].is_u64(), "{v}");
     }
+    // The replica's lines of the same cycles, and the event lines (state changes, as
+    // failovers are logged) carry the same relationship.
     let replica_lines = b
         .log_text()
         .lines()
@@ -497,10 +501,21 @@ fn prometheus_scrapes_ferryd_over_tls_while_a_guest_replicates() {
         .filter(|v| v["fields"]["message"] == "recovery point committed")
         .inspect(|v| {
             assert_eq!(v["span"]["vm"], "app", "{v}");
-            assert!(v["span"]["relationship"].is_u64(), "{v}");
+            assert_eq!(v["span"]["relationship"], relationship, "{v}");
+            assert!(v["span"]["cycle"].is_u64(), "{v}");
         })
         .count();
     assert!(replica_lines >= 1);
+    let suspended = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|v| v["fields"]["event"] == "replication_state")
+        .expect("a state change logged");
+    assert_eq!(suspended["fields"]["vm"], "app", "{suspended}");
+    assert_eq!(
+        suspended["fields"]["relationship"], relationship,
+        "{suspended}"
+    );
 }
 
 /// The metric names an expression selects (label matchers, strings and function names

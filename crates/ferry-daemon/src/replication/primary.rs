@@ -226,7 +226,7 @@ pub(crate) async fn run_cycle(shared: &Arc<Shared>, rel: &ReplicationRow) {
     let span = tracing::info_span!(
         "cycle",
         vm = %vm,
-        relationship = rel.settings.relationship_id,
+        relationship = %rel.settings.relationship_id,
         cycle
     );
     run_cycle_in_span(shared, rel).instrument(span).await

@@ -464,7 +464,7 @@ where
         let span = tracing::info_span!(
             "cycle",
             vm = %spec.name,
-            relationship = rel.settings.relationship_id,
+            relationship = %rel.settings.relationship_id,
             cycle
         );
         let received = receive_cycle(
