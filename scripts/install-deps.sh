@@ -31,7 +31,10 @@ if [ "$need_apt" = 1 ]; then
   apt-get install -y -qq --allow-downgrades \
     "qemu-system-x86=$V" "qemu-utils=$V" "qemu-block-extra=$V" \
     busybox-static linux-image-amd64 cpio kmod file util-linux libnbd-bin iproute2 \
-    sqlite3 curl python3 python3-aiosmtpd chromium chromium-driver prometheus >/dev/null
+    sqlite3 curl python3 python3-aiosmtpd chromium chromium-driver >/dev/null
+  # Prometheus and promtool only (not the node exporter it recommends, a daemon the tests
+  # do not need).
+  apt-get install -y -qq --no-install-recommends prometheus >/dev/null
 fi
 qemu-system-x86_64 --version | head -n 1
 qemu-img --version | head -n 1
