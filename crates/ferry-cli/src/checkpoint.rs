@@ -2,7 +2,6 @@
 //! of an exported one.
 
 use std::collections::BTreeMap;
-use std::io::IsTerminal;
 use std::time::Duration;
 
 use clap::Subcommand;
@@ -12,9 +11,8 @@ use ferry_api_types::{
 use ferry_client::Client;
 
 use crate::output::Output;
-use crate::replication::draw_progress;
+use crate::progress::ProgressView;
 use crate::vm_path;
-use crate::Format;
 
 #[derive(Subcommand)]
 pub enum CheckpointCmd {
@@ -170,23 +168,19 @@ pub async fn checkpoint(client: &Client, cmd: CheckpointCmd, out: &Output) -> an
             let path = cp_path(&vm, &checkpoint, "/export");
             let export = client.post::<_, ActionReply>(&path, &body);
             tokio::pin!(export);
-            // A progress bar on a terminal, from the VM's checkpoint list, while it runs.
-            let tty = out.format() == Format::Text && std::io::stderr().is_terminal();
-            let mut drawn = false;
+            // Progress from the VM's checkpoint list, while it runs.
+            let mut view = ProgressView::new(out);
             loop {
                 tokio::select! {
                     r = &mut export => {
-                        if drawn {
-                            eprintln!();
-                        }
+                        view.finish();
                         break r?;
                     }
-                    _ = tokio::time::sleep(Duration::from_millis(300)), if tty => {
+                    _ = tokio::time::sleep(Duration::from_millis(300)), if view.active() => {
                         let list: Result<CheckpointList, _> =
                             client.get(&vm_path(&vm, "/checkpoints")).await;
                         if let Some(p) = list.ok().and_then(|l| l.progress) {
-                            draw_progress(&p);
-                            drawn = true;
+                            view.update(&p);
                         }
                     }
                 }

@@ -5,6 +5,7 @@ mod console;
 mod failover;
 mod hosts;
 mod output;
+mod progress;
 mod replication;
 
 use std::path::PathBuf;

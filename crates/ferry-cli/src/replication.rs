@@ -1,19 +1,19 @@
 //! `ferry replica-server …` and `ferry replication …`.
 
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Subcommand;
 use ferry_api_types::{
-    ActionReply, AuthorizationEntry, EnableReplicationRequest, EventInfo, ImportRequest, Progress,
+    ActionReply, AuthorizationEntry, EnableReplicationRequest, EventInfo, ImportRequest,
     RecoveryPointInfo, ReplicaServerInfo, ReplicaServerSetRequest, ReplicationHealthInfo,
     ReplicationInfo,
 };
 use ferry_client::{Client, Endpoint};
 
 use crate::output::Output;
+use crate::progress::ProgressView;
 use crate::{hosts, vm_path, Format};
 
 #[derive(Subcommand)]
@@ -562,23 +562,19 @@ pub async fn replication(client: &Client, cmd: ReplicationCmd, out: &Output) -> 
             let path = vm_path(&vm, "/replication/import");
             let import = client.post::<_, ReplicationInfo>(&path, &req);
             tokio::pin!(import);
-            let tty = out.format() == Format::Text && std::io::stderr().is_terminal();
+            let mut view = ProgressView::new(out);
             let info = loop {
                 tokio::select! {
                     r = &mut import => break r?,
-                    _ = tokio::time::sleep(Duration::from_millis(250)) => {
-                        if tty {
-                            let i: ReplicationInfo = client.get(&vm_path(&vm, "/replication")).await?;
-                            if let Some(p) = &i.progress {
-                                draw_progress(p);
-                            }
+                    _ = tokio::time::sleep(Duration::from_millis(250)), if view.active() => {
+                        let i: ReplicationInfo = client.get(&vm_path(&vm, "/replication")).await?;
+                        if let Some(p) = &i.progress {
+                            view.update(p);
                         }
                     }
                 }
             };
-            if tty {
-                eprintln!();
-            }
+            view.finish();
             show(out, &info)
         }
         ReplicationCmd::Health { vm, csv, reset } => {
@@ -594,7 +590,7 @@ pub async fn replication(client: &Client, cmd: ReplicationCmd, out: &Output) -> 
                 None => client.get("/v1/replication/health").await?,
             };
             if let Some(path) = &csv {
-                std::fs::write(path, health_csv(&list))
+                std::fs::write(path, health_csv(&list)?)
                     .with_context(|| format!("cannot write {}", path.display()))?;
             }
             if out.json(&list) {
@@ -650,21 +646,16 @@ pub async fn replication(client: &Client, cmd: ReplicationCmd, out: &Output) -> 
 
 const CSV_COLUMNS: &str = "vm,role,state,health,primary_server,replica_server,from_time,to_time,average_size,maximum_size,average_latency_ms,maximum_latency_ms,errors,successful_cycles,missed_cycles,pending_bytes,last_synchronized_at,rpo_s,network_bytes,resynchronized_bytes,test_failover_status,details";
 
-/// CSV quoting (RFC 4180): quotes when needed, doubled inside.
-fn csv_field(v: &str) -> String {
-    if v.contains([',', '"', '\n', '\r']) {
-        format!("\"{}\"", v.replace('"', "\"\""))
-    } else {
-        v.to_owned()
-    }
-}
-
-fn health_csv(list: &[ReplicationHealthInfo]) -> String {
-    let mut s = String::from(CSV_COLUMNS);
-    s.push_str("\r\n");
+/// One RFC 4180 row per relationship (CRLF line ends, quotes only where needed), with
+/// a header: the columns scripts read.
+fn health_csv(list: &[ReplicationHealthInfo]) -> anyhow::Result<Vec<u8>> {
+    let mut w = csv::WriterBuilder::new()
+        .terminator(csv::Terminator::CRLF)
+        .from_writer(Vec::new());
+    w.write_record(CSV_COLUMNS.split(','))?;
     let opt = |v: Option<i64>| v.map(|v| v.to_string()).unwrap_or_default();
     for h in list {
-        let row = [
+        w.write_record([
             h.vm.clone(),
             h.role.clone(),
             h.state.clone(),
@@ -687,12 +678,9 @@ fn health_csv(list: &[ReplicationHealthInfo]) -> String {
             h.resynchronized_bytes.to_string(),
             h.test_failover_status.clone(),
             h.details.join(" "),
-        ];
-        let row: Vec<String> = row.iter().map(|f| csv_field(f)).collect();
-        s.push_str(&row.join(","));
-        s.push_str("\r\n");
+        ])?;
     }
-    s
+    Ok(w.into_inner().map_err(|e| e.into_error())?)
 }
 
 fn print_health(h: &ReplicationHealthInfo) {
@@ -800,20 +788,6 @@ pub async fn events(
     Ok(())
 }
 
-/// One progress line, redrawn in place on stderr.
-pub(crate) fn draw_progress(p: &Progress) {
-    let filled = p.percent as usize * 30 / 100;
-    eprint!(
-        "\r{:<9} [{}{}] {:>3}% {} / {}   ",
-        p.phase,
-        "#".repeat(filled),
-        "-".repeat(30 - filled),
-        p.percent,
-        human(p.done_bytes),
-        human(p.total_bytes)
-    );
-}
-
 /// Polls the relationship, drawing a progress bar on a terminal, until `done` holds or the
 /// state needs an administrator.
 async fn watch(
@@ -822,23 +796,19 @@ async fn watch(
     out: &Output,
     done: impl Fn(&ReplicationInfo) -> bool,
 ) -> anyhow::Result<ReplicationInfo> {
-    let tty = out.format() == Format::Text && std::io::stderr().is_terminal();
+    let mut view = ProgressView::new(out);
     loop {
         let info: ReplicationInfo = client.get(&vm_path(vm, "/replication")).await?;
-        if tty {
-            match &info.progress {
-                Some(p) => draw_progress(p),
-                None => eprint!("\r{:<70}", info.state_label),
-            }
+        match &info.progress {
+            Some(p) => view.update(p),
+            None => view.message(&info.state_label),
         }
         let stuck = matches!(
             info.state.as_str(),
             "resynchronization_required" | "suspended"
         );
         if done(&info) || stuck {
-            if tty {
-                eprintln!();
-            }
+            view.finish();
             if stuck && !done(&info) {
                 bail!(
                     "replication of {vm} is {}: {}",
@@ -938,5 +908,45 @@ mod tests {
     fn times_format_as_utc() {
         assert_eq!(super::time(0), "1970-01-01 00:00:00");
         assert_eq!(super::time(1_795_000_000), "2026-11-18 11:06:40");
+    }
+
+    #[test]
+    fn health_csv_keeps_its_columns_quoting_and_crlf() {
+        let h = ferry_api_types::ReplicationHealthInfo {
+            vm: "web, \"one\"".into(),
+            role: "primary".into(),
+            state: "replicating".into(),
+            state_label: "Replicating".into(),
+            health: "warning".into(),
+            details: vec!["RPO is 2 h,".into(), "a\nb".into()],
+            primary_server: "a".into(),
+            replica_server: "b".into(),
+            from_time: 0,
+            to_time: 60,
+            average_size: 10,
+            maximum_size: 20,
+            average_latency_ms: 30,
+            maximum_latency_ms: 40,
+            errors: 1,
+            successful_cycles: 2,
+            missed_cycles: 3,
+            expected_cycles: 5,
+            pending_bytes: 0,
+            last_synchronized_at: None,
+            rpo_s: Some(7),
+            data_bytes: 9,
+            network_bytes: 8,
+            resynchronized_bytes: 0,
+            test_failover_status: "not running".into(),
+            last_test_failover_at: None,
+        };
+        let text = String::from_utf8(super::health_csv(&[h]).unwrap()).unwrap();
+        assert_eq!(
+            text,
+            format!(
+                "{}\r\n\"web, \"\"one\"\"\",primary,replicating,warning,a,b,1970-01-01 00:00:00,1970-01-01 00:01:00,10,20,30,40,1,2,3,0,,7,8,0,not running,\"RPO is 2 h, a\nb\"\r\n",
+                super::CSV_COLUMNS
+            )
+        );
     }
 }

@@ -262,17 +262,17 @@ fn api_error(status: StatusCode, body: &[u8]) -> ClientError {
     }
 }
 
+/// What [`percent_encode`] leaves as it is: RFC 3986's unreserved characters.
+const UNRESERVED: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~');
+
 /// Percent-encodes one URL path segment or query value (RFC 3986 unreserved characters
 /// stay): VM and checkpoint names may hold spaces and other characters paths cannot.
 pub fn percent_encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
+    percent_encoding::utf8_percent_encode(s, UNRESERVED).to_string()
 }
 
 /// SHA-256 of a DER certificate as `AA:BB:…` (what `ferry server show` prints).

@@ -28,6 +28,9 @@ struct Cli {
         env = "FERRY_CONSOLE_CONFIG"
     )]
     config: PathBuf,
+    /// Log lines as `text` (for people) or `json` (one object a line, for log collectors).
+    #[arg(long, default_value = "text", env = "FERRY_LOG_FORMAT")]
+    log_format: String,
     #[command(subcommand)]
     cmd: Option<Cmd>,
 }
@@ -47,8 +50,11 @@ fn main() -> ExitCode {
     // The console's store, logs and screenshots belong to it alone.
     // SAFETY: umask(2) only changes this process's file-creation mask.
     unsafe { libc::umask(0o077) };
-    init_logging();
     let cli = Cli::parse();
+    if let Err(e) = init_logging(&cli.log_format) {
+        eprintln!("ferry-console: error: {e}");
+        return ExitCode::from(2);
+    }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -115,13 +121,21 @@ fn serve(config: Config, store: Arc<Store>) -> anyhow::Result<()> {
     })
 }
 
-fn init_logging() {
+fn init_logging(format: &str) -> Result<(), String> {
     let filter = tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt()
+    let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(ansi)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        "text" => fmt.with_ansi(ansi).init(),
+        "json" => fmt
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .init(),
+        other => return Err(format!("unknown --log-format {other:?}: use text or json")),
+    }
+    Ok(())
 }

@@ -471,17 +471,12 @@ async fn list_events(
     ))
 }
 
-/// Prometheus text exposition (format 0.0.4).
+/// The Prometheus exposition (OpenMetrics text).
 async fn metrics(State(s): State<Shared>) -> Result<Response, ApiFailure> {
-    let mut body = replication::health::metrics(&s.replication)
+    let body = replication::metrics::metrics_text(&s.replication, s.vms.count())
         .map_err(|e| ApiFailure::internal(format!("{e:#}")))?;
-    body.push_str("# HELP ferry_vms Virtual machines on this host.\n# TYPE ferry_vms gauge\n");
-    body.push_str(&format!("ferry_vms {}\n", s.vms.count()));
     Ok((
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
+        [(header::CONTENT_TYPE, replication::metrics::CONTENT_TYPE)],
         body,
     )
         .into_response())
@@ -504,15 +499,24 @@ async fn replication_request(
     Ok(Json(replication::request(&s.replication, &name, &action)?))
 }
 
+/// The span of a checkpoint operation on `vm`: its log lines carry the VM, the operation
+/// and the checkpoint (as the user named it).
+fn cp_span(vm: &str, op: &str, checkpoint: Option<&str>) -> tracing::Span {
+    tracing::info_span!("checkpoint", vm = %vm, op = %op, checkpoint)
+}
+
 type JsonBody<T> = Result<Json<T>, axum::extract::rejection::JsonRejection>;
 
 /// Runs a checkpoint operation to its end even if the client goes away: hyper drops a
 /// handler's future when its connection closes, which would stop an apply between two
 /// disks (or kill qemu-img mid-revert).
+///
+/// Every log line of the operation carries `span`'s fields (the VM and checkpoint).
 async fn detached<T: Send + 'static>(
+    span: tracing::Span,
     op: impl std::future::Future<Output = Result<T, ApiFailure>> + Send + 'static,
 ) -> Result<T, ApiFailure> {
-    tokio::spawn(op)
+    tokio::spawn(tracing::Instrument::instrument(op, span))
         .await
         .map_err(|e| ApiFailure::internal(format!("the checkpoint operation failed: {e}")))?
 }
@@ -530,7 +534,11 @@ async fn import_vm(
         StatusCode::CREATED,
         Json({
             let (c, req) = (s.checkpoints.clone(), body(req)?);
-            detached(async move { c.import(req).await }).await?
+            detached(
+                tracing::info_span!("checkpoint", op = "import"),
+                async move { c.import(req).await },
+            )
+            .await?
         }),
     ))
 }
@@ -548,7 +556,10 @@ async fn create_checkpoint(
     req: JsonBody<ferry_api_types::CheckpointCreateRequest>,
 ) -> Result<(StatusCode, Json<ferry_api_types::CheckpointCreated>), ApiFailure> {
     let (c, req) = (s.checkpoints.clone(), body(req)?);
-    let (checkpoint, message) = detached(async move { c.create(&name, req).await }).await?;
+    let (checkpoint, message) = detached(cp_span(&name, "create", None), async move {
+        c.create(&name, req).await
+    })
+    .await?;
     Ok((
         StatusCode::CREATED,
         Json(ferry_api_types::CheckpointCreated {
@@ -573,7 +584,10 @@ async fn delete_checkpoint(
     let Query(q) = q.map_err(|e| ApiFailure::invalid(e.body_text()))?;
     let c = s.checkpoints.clone();
     Ok(Json(
-        detached(async move { c.delete(&name, &cp, q.subtree).await }).await?,
+        detached(cp_span(&name, "delete", Some(&cp)), async move {
+            c.delete(&name, &cp, q.subtree).await
+        })
+        .await?,
     ))
 }
 
@@ -597,8 +611,13 @@ async fn checkpoint_action(
         "apply" => {
             let req: ferry_api_types::CheckpointApplyRequest = parse(&raw)?;
             let c = s.checkpoints.clone();
-            Json(detached(async move { c.apply(&name, &cp, req.checkpoint_first).await }).await?)
-                .into_response()
+            Json(
+                detached(cp_span(&name, "apply", Some(&cp)), async move {
+                    c.apply(&name, &cp, req.checkpoint_first).await
+                })
+                .await?,
+            )
+            .into_response()
         }
         "rename" => {
             let req: ferry_api_types::CheckpointRenameRequest = parse_required(&raw)?;
@@ -607,8 +626,13 @@ async fn checkpoint_action(
         "export" => {
             let req: ferry_api_types::CheckpointExportRequest = parse_required(&raw)?;
             let c = s.checkpoints.clone();
-            Json(detached(async move { c.export(&name, &cp, &req.dir).await }).await?)
-                .into_response()
+            Json(
+                detached(cp_span(&name, "export", Some(&cp)), async move {
+                    c.export(&name, &cp, &req.dir).await
+                })
+                .await?,
+            )
+            .into_response()
         }
         other => {
             return Err(ApiFailure::not_found(format!(

@@ -37,6 +37,9 @@ struct Args {
         env = "FERRYD_CONFIG"
     )]
     config: PathBuf,
+    /// Log lines as `text` (for people) or `json` (one object a line, for log collectors).
+    #[arg(long, default_value = "text", env = "FERRY_LOG_FORMAT")]
+    log_format: String,
 }
 
 fn main() -> ExitCode {
@@ -46,7 +49,10 @@ fn main() -> ExitCode {
     unsafe { libc::umask(0o077) };
     limits::raise_fd_limit();
     let args = Args::parse();
-    init_logging();
+    if let Err(e) = init_logging(&args.log_format) {
+        eprintln!("ferryd: error: {e}");
+        return ExitCode::from(2);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -68,17 +74,27 @@ fn main() -> ExitCode {
 }
 
 /// Log levels: error = an operation failed; warn = something a user should know (a VM
-/// crashed); info = lifecycle of VMs and the daemon; debug = per-request detail.
-fn init_logging() {
+/// crashed); info = lifecycle of VMs and the daemon; debug = per-request detail. Lines
+/// about a cycle, failover or checkpoint carry the VM, relationship and cycle as fields
+/// (spans), which `--log-format json` keeps as JSON fields.
+fn init_logging(format: &str) -> Result<(), String> {
     let filter = tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // Colours only on a terminal: a log redirected to a file must stay plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt()
+    let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(ansi)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        "text" => fmt.with_ansi(ansi).init(),
+        "json" => fmt
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .init(),
+        other => return Err(format!("unknown --log-format {other:?}: use text or json")),
+    }
+    Ok(())
 }
 
 /// config → identity → store → accelerator → VMs re-attached → servers → shutdown.

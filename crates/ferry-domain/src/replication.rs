@@ -229,41 +229,23 @@ impl FromStr for Interval {
     }
 }
 
-/// Parses `1h30m`, `45s`, `5m`, `120` (seconds).
+/// Parses `1h30m`, `45s`, `5m`, `2h 30min`, `120` (bare seconds) with `humantime`, to
+/// whole seconds (intervals and schedules are kept in seconds).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let bad = || format!("{s:?} is not a duration: use e.g. 30s, 5m, 1h30m");
     let t = s.trim();
-    if t.is_empty() {
-        return Err(bad());
-    }
     if let Ok(n) = t.parse::<u64>() {
         return Ok(Duration::from_secs(n));
     }
-    let mut total: u64 = 0;
-    let mut num = String::new();
-    for c in t.chars() {
-        if c.is_ascii_digit() {
-            num.push(c);
-            continue;
-        }
-        let unit = match c {
-            's' => 1,
-            'm' => 60,
-            'h' => 3600,
-            'd' => 86_400,
-            _ => return Err(bad()),
-        };
-        let n: u64 = num.parse().map_err(|_| bad())?;
-        total = n
-            .checked_mul(unit)
-            .and_then(|v| total.checked_add(v))
-            .ok_or_else(bad)?;
-        num.clear();
-    }
-    if !num.is_empty() {
+    // Whole units only, as before humantime (which would take `1.5m`).
+    if t.contains('.') {
         return Err(bad());
     }
-    Ok(Duration::from_secs(total))
+    let d = humantime::parse_duration(t).map_err(|_| bad())?;
+    if d.subsec_nanos() != 0 {
+        return Err(format!("{s:?} is not a whole number of seconds"));
+    }
+    Ok(d)
 }
 
 /// Which recovery points to keep: the latest, plus the newest point of each of up to
@@ -441,6 +423,7 @@ mod tests {
         assert_eq!("15m".parse::<Interval>().unwrap().secs(), 900);
         assert_eq!("5".parse::<Interval>().unwrap().secs(), 5);
         assert_eq!("1m30s".parse::<Interval>().unwrap().secs(), 90);
+        assert_eq!("1h 30min".parse::<Interval>().unwrap().secs(), 5400);
         for bad in [
             "4s",
             "0",
@@ -451,6 +434,7 @@ mod tests {
             "1.5m",
             "-5s",
             "99999999999999999999h",
+            "5500ms",
         ] {
             assert!(bad.parse::<Interval>().is_err(), "{bad:?} accepted");
         }

@@ -22,26 +22,20 @@ pub struct CivilTime {
 }
 
 impl CivilTime {
-    /// The UTC date and time of `unix_s` seconds since 1970-01-01 (Howard Hinnant's
-    /// days-to-civil algorithm).
+    /// The UTC date and time of `unix_s` seconds since 1970-01-01 (the `time` crate's
+    /// calendar; times outside its years −9999 to 9999 are clamped to them).
     pub fn from_unix(unix_s: i64) -> Self {
-        let days = unix_s.div_euclid(86_400);
-        let secs = unix_s.rem_euclid(86_400) as u32;
-        let z = days + 719_468;
-        let era = z.div_euclid(146_097);
-        let doe = z.rem_euclid(146_097);
-        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-        let mp = (5 * doy + 2) / 153;
-        let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
-        let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+        let min = time::PrimitiveDateTime::MIN.assume_utc().unix_timestamp();
+        let max = time::PrimitiveDateTime::MAX.assume_utc().unix_timestamp();
+        let t = time::OffsetDateTime::from_unix_timestamp(unix_s.clamp(min, max))
+            .expect("clamped into the supported range");
         CivilTime {
-            year: yoe + era * 400 + i64::from(month <= 2),
-            month,
-            day,
-            hour: secs / 3600,
-            minute: secs / 60 % 60,
-            second: secs % 60,
+            year: i64::from(t.year()),
+            month: u32::from(u8::from(t.month())),
+            day: u32::from(t.day()),
+            hour: u32::from(t.hour()),
+            minute: u32::from(t.minute()),
+            second: u32::from(t.second()),
         }
     }
 }

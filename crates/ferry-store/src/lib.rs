@@ -11,7 +11,7 @@ mod replication;
 
 pub use checkpoints::CheckpointRow;
 pub use events::EventRow;
-pub use replication::{CycleRow, PointRow, ReplicationRow};
+pub use replication::{CounterRow, CycleRow, PointRow, ReplicationRow};
 
 use std::path::Path;
 use std::sync::Mutex;
@@ -40,6 +40,8 @@ const MIGRATIONS: &[&str] = &[
     replication::MIGRATION_CONSISTENCY,
     events::MIGRATION,
     checkpoints::MIGRATION,
+    // 6: relationship counters since creation (Prometheus).
+    replication::MIGRATION_COUNTERS,
 ];
 
 /// The encoding version of `vms.spec` (JSON of [`VmSpec`]).

@@ -60,6 +60,21 @@ pub struct PointRow {
     pub consistency: String,
 }
 
+/// A relationship's totals since its creation.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CounterRow {
+    /// Successful cycles.
+    pub cycles: i64,
+    /// Failed cycles.
+    pub errors: i64,
+    /// Bytes sent (primary) or received (replica) by successful cycles.
+    pub network_bytes: i64,
+    /// Data bytes (before compression) of successful cycles.
+    pub data_bytes: i64,
+    /// Bytes of successful resynchronizations.
+    pub resynchronized_bytes: i64,
+}
+
 /// One finished cycle (either outcome), for statistics.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CycleRow {
@@ -123,6 +138,30 @@ pub(crate) const MIGRATION: &str = "
     );
     CREATE INDEX cycles_by_vm ON cycles (vm_id, id);";
 
+/// Migration 6: each relationship's totals since its creation, for Prometheus counters
+/// (never lowered by a statistics reset, kept across restarts). Filled from the cycle
+/// history of the relationships that exist.
+pub(crate) const MIGRATION_COUNTERS: &str = "
+    CREATE TABLE replication_counters (
+        vm_id INTEGER PRIMARY KEY REFERENCES vms(id) ON DELETE CASCADE,
+        cycles INTEGER NOT NULL DEFAULT 0,
+        errors INTEGER NOT NULL DEFAULT 0,
+        network_bytes INTEGER NOT NULL DEFAULT 0,
+        data_bytes INTEGER NOT NULL DEFAULT 0,
+        resynchronized_bytes INTEGER NOT NULL DEFAULT 0
+    );
+    INSERT INTO replication_counters
+        (vm_id, cycles, errors, network_bytes, data_bytes, resynchronized_bytes)
+    SELECT r.vm_id,
+        coalesce(sum(c.ok), 0),
+        coalesce(sum(1 - c.ok), 0),
+        coalesce(sum(CASE WHEN c.ok THEN max(c.sent_bytes, 0) ELSE 0 END), 0),
+        coalesce(sum(CASE WHEN c.ok THEN max(c.dirty_bytes, 0) ELSE 0 END), 0),
+        coalesce(sum(CASE WHEN c.ok AND c.kind = 'resync' THEN max(c.sent_bytes, 0) ELSE 0 END), 0)
+    FROM replications r
+    LEFT JOIN cycles c ON c.vm_id = r.vm_id AND c.ended_ms >= r.created_at * 1000
+    GROUP BY r.vm_id;";
+
 /// Migration 3: whether a recovery point is crash- or application-consistent.
 pub(crate) const MIGRATION_CONSISTENCY: &str =
     "ALTER TABLE recovery_points ADD COLUMN consistency TEXT NOT NULL DEFAULT 'crash';";
@@ -183,7 +222,9 @@ fn decode_rel(c: [Option<String>; 12]) -> Result<ReplicationRow, StoreError> {
 impl Store {
     /// Records a new relationship; refuses a second one for the same VM.
     pub fn insert_replication(&self, r: &ReplicationRow) -> Result<(), StoreError> {
-        let res = self.conn().execute(
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let res = tx.execute(
             &format!(
                 "INSERT INTO replications ({COLS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12)"
             ),
@@ -211,7 +252,16 @@ impl Store {
                     r.vm_id
                 )))
             }
-            other => other.map(|_| ()).map_err(Into::into),
+            Err(e) => Err(e.into()),
+            Ok(_) => {
+                // A new relationship counts from zero.
+                tx.execute(
+                    "DELETE FROM replication_counters WHERE vm_id = ?1",
+                    [r.vm_id],
+                )?;
+                tx.commit()?;
+                Ok(())
+            }
         }
     }
 
@@ -351,6 +401,7 @@ impl Store {
         let tx = conn.transaction()?;
         tx.execute("DELETE FROM recovery_points WHERE vm_id = ?1", [vm_id])?;
         tx.execute("DELETE FROM replications WHERE vm_id = ?1", [vm_id])?;
+        tx.execute("DELETE FROM replication_counters WHERE vm_id = ?1", [vm_id])?;
         tx.commit()?;
         Ok(())
     }
@@ -439,13 +490,55 @@ impl Store {
         Ok(())
     }
 
-    /// Appends a finished cycle to the history.
+    /// Appends a finished cycle to the history and adds it to the relationship's counters
+    /// (in one transaction: the counters always match the history).
     pub fn record_cycle(&self, c: &CycleRow) -> Result<(), StoreError> {
-        self.conn().execute(
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute(
             "INSERT INTO cycles (vm_id, cycle, kind, started_ms, ended_ms, dirty_bytes, sent_bytes, ok, error) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9)",
             params![c.vm_id, c.cycle, c.kind, c.started_ms, c.ended_ms, c.dirty_bytes, c.sent_bytes, c.ok, c.error],
         )?;
+        let (ok, sent, data) = if c.ok {
+            (1, c.sent_bytes.max(0), c.dirty_bytes.max(0))
+        } else {
+            (0, 0, 0)
+        };
+        let resync = if c.kind == "resync" { sent } else { 0 };
+        tx.execute(
+            "INSERT INTO replication_counters (vm_id, cycles, errors, network_bytes, data_bytes, resynchronized_bytes)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT (vm_id) DO UPDATE SET
+                cycles = cycles + excluded.cycles,
+                errors = errors + excluded.errors,
+                network_bytes = network_bytes + excluded.network_bytes,
+                data_bytes = data_bytes + excluded.data_bytes,
+                resynchronized_bytes = resynchronized_bytes + excluded.resynchronized_bytes",
+            params![c.vm_id, ok, 1 - ok, sent, data, resync],
+        )?;
+        tx.commit()?;
         Ok(())
+    }
+
+    /// A relationship's counters since it was created (zero before its first cycle).
+    pub fn counters(&self, vm_id: i64) -> Result<CounterRow, StoreError> {
+        let row = self
+            .conn()
+            .query_row(
+                "SELECT cycles, errors, network_bytes, data_bytes, resynchronized_bytes FROM replication_counters WHERE vm_id = ?1",
+                [vm_id],
+                |r| {
+                    Ok(CounterRow {
+                        cycles: r.get(0)?,
+                        errors: r.get(1)?,
+                        network_bytes: r.get(2)?,
+                        data_bytes: r.get(3)?,
+                        resynchronized_bytes: r.get(4)?,
+                    })
+                },
+            )
+            .optional()?;
+        Ok(row.unwrap_or_default())
     }
 
     /// A VM's cycles that ended at or after `since_ms`, oldest first.
@@ -521,6 +614,84 @@ mod tests {
             last_error: None,
             created_at: 10,
         }
+    }
+
+    fn cycle(vm_id: i64, n: i64, kind: &str, ok: bool, sent: i64) -> CycleRow {
+        CycleRow {
+            vm_id,
+            cycle: n,
+            kind: kind.into(),
+            started_ms: 20_000 + n,
+            ended_ms: 20_500 + n,
+            dirty_bytes: sent * 2,
+            sent_bytes: sent,
+            ok,
+            error: (!ok).then(|| "x".into()),
+        }
+    }
+
+    #[test]
+    fn counters_count_from_creation_survive_reset_and_reopen_and_migrate_from_history() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.db");
+        let vm_id;
+        {
+            let store = Store::open(&path).unwrap();
+            // The VM's row as such does not matter here (its spec is not read).
+            vm_id = {
+                let conn = store.conn();
+                conn.execute(
+                    "INSERT INTO vms (name, spec_version, spec, state, created_at) VALUES ('v', 1, '{}', 'off', 1)",
+                    [],
+                )
+                .unwrap();
+                conn.last_insert_rowid()
+            };
+            // A cycle of an earlier relationship of the same VM does not count.
+            store
+                .record_cycle(&cycle(vm_id, 1, "delta", true, 999))
+                .unwrap();
+            store.insert_replication(&rel(vm_id)).unwrap();
+            assert_eq!(store.counters(vm_id).unwrap(), CounterRow::default());
+            store
+                .record_cycle(&cycle(vm_id, 1, "initial", true, 100))
+                .unwrap();
+            store
+                .record_cycle(&cycle(vm_id, 2, "failed", false, 0))
+                .unwrap();
+            store.reset_stats(vm_id, 30_000).unwrap();
+            store
+                .record_cycle(&cycle(vm_id, 2, "resync", true, 40))
+                .unwrap();
+        }
+        let want = CounterRow {
+            cycles: 2,
+            errors: 1,
+            network_bytes: 140,
+            data_bytes: 280,
+            resynchronized_bytes: 40,
+        };
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.counters(vm_id).unwrap(), want);
+        // A store from before the counters (schema 5) fills them from its history: the
+        // cycles that ended since the relationship was created (created_at 10 s).
+        {
+            let conn = store.conn();
+            conn.execute_batch("DROP TABLE replication_counters; PRAGMA user_version = 5;")
+                .unwrap();
+            conn.execute(
+                "UPDATE cycles SET ended_ms = 5000 WHERE sent_bytes = 999",
+                [],
+            )
+            .unwrap();
+        }
+        drop(store);
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.counters(vm_id).unwrap(), want);
+        // Removed and enabled again: a new relationship counts from zero.
+        store.delete_replication(vm_id).unwrap();
+        store.insert_replication(&rel(vm_id)).unwrap();
+        assert_eq!(store.counters(vm_id).unwrap(), CounterRow::default());
     }
 
     #[test]

@@ -332,3 +332,86 @@ fn bad_configs_stop_ferryd_at_start_with_one_line() {
     assert!(String::from_utf8_lossy(&out.stderr)
         .contains("cannot read config file /nonexistent/ferryd.toml"));
 }
+
+#[test]
+fn an_unknown_log_format_is_one_line_and_starts_nothing_and_json_logs_json() {
+    let host = Host::configure("a", "127.0.0.1", "accel = \"tcg\"");
+    let console_dir = host.dir.path().join("console");
+    let console_cfg = host.dir.path().join("console.toml");
+    std::fs::write(
+        &console_cfg,
+        format!(
+            "listen = \"127.0.0.1:{}\"\ndata_dir = \"{}\"\n",
+            ferry_testkit::replication::free_port("127.0.0.1"),
+            console_dir.display()
+        ),
+    )
+    .unwrap();
+    let runs = [
+        (
+            "ferryd",
+            Command::new(bin_dir().join("ferryd"))
+                .arg("--config")
+                .arg(&host.config)
+                .args(["--log-format", "xml"])
+                .output()
+                .unwrap(),
+        ),
+        (
+            "ferry-console",
+            Command::new(bin_dir().join("ferry-console"))
+                .arg("--config")
+                .arg(&console_cfg)
+                .args(["--log-format", "xml"])
+                .output()
+                .unwrap(),
+        ),
+    ];
+    for (bin, out) in runs {
+        assert_eq!(out.status.code(), Some(2), "{bin}: {out:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            stderr,
+            format!("{bin}: error: unknown --log-format \"xml\": use text or json\n")
+        );
+        assert!(out.stdout.is_empty(), "{bin}: {out:?}");
+    }
+    assert!(!host.data_dir.exists(), "ferryd must not have started");
+    assert!(!console_dir.exists(), "the console must not have started");
+
+    // `--log-format json` on the console: its log lines are JSON objects.
+    std::fs::write(
+        &console_cfg,
+        format!(
+            "listen = \"127.0.0.1:{}\"\ndata_dir = \"{}\"\n[auth]\nmode = \"proxy_header\"\nheader = \"X-User\"\n",
+            ferry_testkit::replication::free_port("127.0.0.1"),
+            console_dir.display()
+        ),
+    )
+    .unwrap();
+    let mut console = Command::new(bin_dir().join("ferry-console"))
+        .arg("--config")
+        .arg(&console_cfg)
+        .args(["--log-format", "json"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(console.stderr.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let _ = console.kill();
+    let _ = console.wait();
+    let v: serde_json::Value =
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
+    assert_eq!(v["level"], "INFO", "{v}");
+    assert!(
+        v["fields"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("listening"),
+        "{v}"
+    );
+}

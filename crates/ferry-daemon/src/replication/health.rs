@@ -1,16 +1,15 @@
 //! Health, statistics and metrics of the relationships on this host: Hyper-V's
 //! "View Replication Health" over a monitoring window (since the relationship began, the
 //! last statistics reset, or the last 12 hours, whichever is latest), computed from the
-//! cycles the store keeps (the whole history stays there), a watcher that records every
-//! health change as an event, and the Prometheus exposition.
+//! cycles the store keeps (the whole history stays there), and a watcher that records
+//! every health change as an event. The Prometheus exposition is in `metrics`.
 
 use std::collections::HashMap;
-use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_api_types::ReplicationHealthInfo;
-use ferry_domain::health::{evaluate, Health, HealthInput};
+use ferry_domain::health::{evaluate, HealthInput};
 use ferry_domain::{Role, VmName};
 use ferry_store::ReplicationRow;
 
@@ -197,141 +196,4 @@ pub fn reset(shared: &Shared, vm: &VmName, rel: &ReplicationRow) -> anyhow::Resu
         "replication statistics reset: a new monitoring window starts",
     );
     Ok(())
-}
-
-fn label(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
-
-/// The Prometheus text exposition of this host's replication (and its VM count).
-pub fn metrics(shared: &Shared) -> anyhow::Result<String> {
-    let list = all(shared)?;
-    let mut out = String::new();
-    let mut family =
-        |name: &str, kind: &str, help: &str, rows: &mut dyn Iterator<Item = (String, f64)>| {
-            let _ = writeln!(out, "# HELP {name} {help}");
-            let _ = writeln!(out, "# TYPE {name} {kind}");
-            for (labels, v) in rows {
-                let _ = writeln!(out, "{name}{{{labels}}} {v}");
-            }
-        };
-    let base = |r: &ReplicationHealthInfo| {
-        format!(
-            "vm=\"{}\",role=\"{}\",primary=\"{}\",replica=\"{}\"",
-            label(&r.vm),
-            r.role,
-            label(&r.primary_server),
-            label(&r.replica_server)
-        )
-    };
-    family(
-        "ferry_replication_health",
-        "gauge",
-        "Replication health: 0 normal, 1 warning, 2 critical.",
-        &mut list.iter().map(|r| {
-            let h = match r.health.as_str() {
-                "critical" => Health::Critical,
-                "warning" => Health::Warning,
-                _ => Health::Normal,
-            };
-            (base(r), h.level() as f64)
-        }),
-    );
-    family(
-        "ferry_replication_state",
-        "gauge",
-        "1 for the relationship's current state.",
-        &mut list
-            .iter()
-            .map(|r| (format!("{},state=\"{}\"", base(r), r.state), 1.0)),
-    );
-    let gauges: [(&str, &str, fn(&ReplicationHealthInfo) -> f64); 8] = [
-        (
-            "ferry_replication_rpo_seconds",
-            "Now minus the newest complete recovery point.",
-            |r| r.rpo_s.unwrap_or(-1) as f64,
-        ),
-        (
-            "ferry_replication_pending_bytes",
-            "Captured, not yet on the replica.",
-            |r| r.pending_bytes as f64,
-        ),
-        (
-            "ferry_replication_average_size_bytes",
-            "Average bytes per cycle in the window.",
-            |r| r.average_size as f64,
-        ),
-        (
-            "ferry_replication_maximum_size_bytes",
-            "Largest cycle in the window.",
-            |r| r.maximum_size as f64,
-        ),
-        (
-            "ferry_replication_average_latency_seconds",
-            "Average cycle latency in the window.",
-            |r| r.average_latency_ms as f64 / 1000.0,
-        ),
-        (
-            "ferry_replication_maximum_latency_seconds",
-            "Longest cycle latency in the window.",
-            |r| r.maximum_latency_ms as f64 / 1000.0,
-        ),
-        (
-            "ferry_replication_missed_cycles",
-            "Cycles expected in the window and not done.",
-            |r| r.missed_cycles as f64,
-        ),
-        (
-            "ferry_replication_compression_efficiency",
-            "Data bytes per byte sent in the window (1 = none).",
-            |r| {
-                if r.network_bytes == 0 {
-                    1.0
-                } else {
-                    r.data_bytes as f64 / r.network_bytes as f64
-                }
-            },
-        ),
-    ];
-    for (name, help, f) in gauges {
-        family(
-            name,
-            "gauge",
-            help,
-            &mut list.iter().map(|r| (base(r), f(r))),
-        );
-    }
-    let counters: [(&str, &str, fn(&ReplicationHealthInfo) -> f64); 4] = [
-        (
-            "ferry_replication_cycles_total",
-            "Successful cycles in the window.",
-            |r| r.successful_cycles as f64,
-        ),
-        (
-            "ferry_replication_errors_total",
-            "Failed cycles in the window.",
-            |r| r.errors as f64,
-        ),
-        (
-            "ferry_replication_network_bytes_total",
-            "Bytes sent (primary) or received (replica) in the window.",
-            |r| r.network_bytes as f64,
-        ),
-        (
-            "ferry_replication_resynchronized_bytes_total",
-            "Bytes sent by resynchronizations in the window.",
-            |r| r.resynchronized_bytes as f64,
-        ),
-    ];
-    for (name, help, f) in counters {
-        family(
-            name,
-            "counter",
-            help,
-            &mut list.iter().map(|r| (base(r), f(r))),
-        );
-    }
-    Ok(out)
 }

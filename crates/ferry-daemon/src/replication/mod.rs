@@ -5,6 +5,7 @@ pub mod boot_files;
 pub mod failover;
 pub mod hashes;
 pub mod health;
+pub mod metrics;
 pub mod primary;
 pub mod proto;
 pub mod replica;
@@ -130,8 +131,18 @@ impl Events {
                 default
             },
         );
+        // The relationship too, so failovers, state changes and failed cycles can be
+        // followed by relationship in the log (a VM re-replicated gets a new one). As a
+        // string, like in the cycle spans: the ids are random 64-bit numbers, which JSON
+        // tools (jq, log stores with signed or float numbers) would not keep exact.
+        let relationship = vm
+            .and_then(|v| VmName::new(v).ok())
+            .and_then(|v| self.store.get_vm(&v).ok())
+            .and_then(|v| self.store.replication(v.id).ok().flatten())
+            .map(|r| r.settings.relationship_id.to_string());
         info!(
             vm = vm.unwrap_or("-"),
+            relationship = relationship.as_deref(),
             event = kind,
             code,
             severity,

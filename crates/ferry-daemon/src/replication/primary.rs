@@ -31,7 +31,7 @@ use ferry_qemu::process::disk_node;
 use ferry_store::{CycleRow, ReplicationRow, VmRow};
 use ferry_wire::{BatchBuilder, Extent, FrameReader, FrameWriter, SpoolReader, SpoolWriter};
 use serde::{Deserialize, Serialize};
-use tracing::{info, warn};
+use tracing::{info, warn, Instrument};
 
 use super::hashes::{self, Hash};
 use super::proto::{
@@ -226,7 +226,25 @@ fn set_state(shared: &Shared, vm_id: i64, state: ReplicationState, error: Option
     }
 }
 
+/// Runs one cycle; every log line of it carries the VM, the relationship and the cycle
+/// number (a span), so an operator can follow one cycle through the log.
 pub(crate) async fn run_cycle(shared: &Arc<Shared>, rel: &ReplicationRow) {
+    let vm = vm_row(shared, rel.vm_id)
+        .map(|v| v.spec.name.to_string())
+        .unwrap_or_default();
+    let cycle = pending(shared, rel.vm_id)
+        .map(|p| p.cycle)
+        .unwrap_or(rel.last_cycle + 1);
+    let span = tracing::info_span!(
+        "cycle",
+        vm = %vm,
+        relationship = %rel.settings.relationship_id,
+        cycle
+    );
+    run_cycle_in_span(shared, rel).instrument(span).await
+}
+
+async fn run_cycle_in_span(shared: &Arc<Shared>, rel: &ReplicationRow) {
     let started_ms = now_ms();
     let result = async {
         if pending(shared, rel.vm_id).is_none() {
@@ -303,7 +321,7 @@ pub(crate) async fn run_cycle(shared: &Arc<Shared>, rel: &ReplicationRow) {
             } else {
                 ReplicationState::Error
             };
-            warn!(vm_id = rel.vm_id, error = %msg, "replication cycle failed");
+            warn!(error = %msg, "replication cycle failed");
             shared.events.emit_id(
                 rel.vm_id,
                 "cycle_failed",

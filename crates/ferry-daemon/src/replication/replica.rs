@@ -30,7 +30,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::process::{Child, Command};
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::{info, warn, Instrument};
 
 use super::hashes;
 use super::proto::{
@@ -675,6 +675,13 @@ where
             continue;
         }
         let started_ms = now_ms();
+        // Every log line of this cycle carries the VM, relationship and cycle number.
+        let span = tracing::info_span!(
+            "cycle",
+            vm = %spec.name,
+            relationship = %rel.settings.relationship_id,
+            cycle
+        );
         let received = receive_cycle(
             shared,
             &rel,
@@ -688,6 +695,7 @@ where
             app_consistent,
             capture,
         )
+        .instrument(span.clone())
         .await;
         // The replica's own statistics: what arrived, how long it took to apply.
         let _ = shared.store.record_cycle(&ferry_store::CycleRow {
@@ -706,12 +714,16 @@ where
                 // Retention before the answer: when the primary counts the cycle done, the
                 // replica's points are settled (nothing merges under a reader or under the
                 // next cycle's layer).
-                if let Err(e) = apply_retention(shared, rel.vm_id).await {
-                    warn!(
-                        vm_id = rel.vm_id,
-                        error = format!("{e:#}"),
-                        "retention failed; it is retried after the next cycle"
-                    );
+                if let Err(e) = apply_retention(shared, rel.vm_id)
+                    .instrument(span.clone())
+                    .await
+                {
+                    span.in_scope(|| {
+                        warn!(
+                            error = format!("{e:#}"),
+                            "retention failed; it is retried after the next cycle"
+                        )
+                    });
                 }
                 writer
                     .write_control(&Msg::Committed { cycle, point })
