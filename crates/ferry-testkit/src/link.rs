@@ -19,6 +19,8 @@ struct State {
     live: Mutex<Vec<TcpStream>>,
     partitioned: AtomicBool,
     connections: AtomicU64,
+    /// Bytes per second each direction of each connection may carry (0: no limit).
+    rate: AtomicU64,
 }
 
 impl Link {
@@ -31,6 +33,7 @@ impl Link {
             live: Mutex::new(Vec::new()),
             partitioned: AtomicBool::new(false),
             connections: AtomicU64::new(0),
+            rate: AtomicU64::new(0),
         });
         let s = state.clone();
         thread::spawn(move || {
@@ -52,8 +55,9 @@ impl Link {
                 pipe(
                     inbound.try_clone().expect("clone"),
                     outbound.try_clone().expect("clone"),
+                    s.clone(),
                 );
-                pipe(outbound, inbound);
+                pipe(outbound, inbound, s.clone());
             }
         });
         Self { addr, state }
@@ -77,6 +81,14 @@ impl Link {
         self.state.partitioned.store(false, Ordering::SeqCst);
     }
 
+    /// Slows the link to `bytes_per_s` each way (`None`: full speed), from now on, for the
+    /// connections in flight too.
+    pub fn set_rate(&self, bytes_per_s: Option<u64>) {
+        self.state
+            .rate
+            .store(bytes_per_s.unwrap_or(0), Ordering::SeqCst);
+    }
+
     /// Connections forwarded so far.
     pub fn connections(&self) -> u64 {
         self.state.connections.load(Ordering::SeqCst)
@@ -85,9 +97,24 @@ impl Link {
 
 /// Copies one direction; when it ends (EOF or error) both sockets are closed both ways, as
 /// a peer's reset would: a dead peer must not leave the other side writing into a buffer.
-fn pipe(mut from: TcpStream, mut to: TcpStream) {
+fn pipe(mut from: TcpStream, mut to: TcpStream, state: Arc<State>) {
     thread::spawn(move || {
-        let _ = std::io::copy(&mut from, &mut to);
+        use std::io::{Read, Write};
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let n = match from.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            if to.write_all(&buf[..n]).is_err() {
+                break;
+            }
+            // Paced per chunk: a slow link, not a stalled one.
+            let rate = state.rate.load(Ordering::SeqCst);
+            if rate > 0 {
+                thread::sleep(std::time::Duration::from_secs_f64(n as f64 / rate as f64));
+            }
+        }
         let _ = to.shutdown(Shutdown::Both);
         let _ = from.shutdown(Shutdown::Both);
     });
