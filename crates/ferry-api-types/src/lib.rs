@@ -259,6 +259,13 @@ pub struct ReplicaServerConfig {
     /// a bridge the primary named.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub bridge_map: std::collections::BTreeMap<String, String>,
+    /// Most replica VMs one primary may have here (none: no limit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_vms_per_primary: Option<u32>,
+    /// Most virtual disk bytes the replica VMs of one storage location may add up to
+    /// (none: no limit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_quota_bytes: Option<u64>,
 }
 
 /// The replica-server role and how to reach it.
@@ -311,6 +318,12 @@ pub struct ReplicaServerSetRequest {
     /// Remove the network mapping of `FROM` or `PRIMARY/FROM`.
     #[serde(default)]
     pub unmap_bridge: Option<String>,
+    /// Set the most replica VMs per primary (0: no limit).
+    #[serde(default)]
+    pub max_vms_per_primary: Option<u32>,
+    /// Set the quota of virtual disk bytes per storage location (0: no limit).
+    #[serde(default)]
+    pub storage_quota_bytes: Option<u64>,
     /// Default storage (with `allow_any`) or the storage of the entry being added.
     pub storage: Option<String>,
     /// Add (or replace, by primary name) an authorization entry.

@@ -49,6 +49,13 @@ pub enum ReplicaServerCmd {
         /// Remove the network mapping of [PRIMARY/]BRIDGE.
         #[arg(long, value_name = "[PRIMARY/]BRIDGE")]
         unmap_bridge: Option<String>,
+        /// Most replica VMs one primary may have here (0: no limit).
+        #[arg(long, value_name = "N")]
+        max_vms_per_primary: Option<u32>,
+        /// Most virtual disk space the replicas of one storage location may take, e.g.
+        /// `2T` (0: no limit).
+        #[arg(long, value_name = "SIZE")]
+        storage_quota: Option<String>,
         /// Stop accepting primaries that are not listed.
         #[arg(long)]
         deny_any: bool,
@@ -222,6 +229,8 @@ pub async fn replica_server(
             allow_primary_start,
             map_bridge,
             unmap_bridge,
+            max_vms_per_primary,
+            storage_quota,
             deny_any,
             allow,
             trust_group,
@@ -279,6 +288,15 @@ pub async fn replica_server(
                     }
                 },
                 unmap_bridge,
+                max_vms_per_primary,
+                storage_quota_bytes: match storage_quota {
+                    None => None,
+                    Some(q) if q == "0" => Some(0),
+                    Some(q) => Some(
+                        ferry_domain::parse_size(&q)
+                            .map_err(|e| anyhow::anyhow!("--storage-quota {q}: {e}"))?,
+                    ),
+                },
                 storage,
                 allow,
                 disallow,
@@ -318,6 +336,12 @@ pub async fn replica_server(
             "  allow {} ({}) -> {} [trust group {}]",
             e.primary, e.fingerprint, e.storage, e.trust_group
         );
+    }
+    if let Some(n) = c.max_vms_per_primary {
+        println!("Limit:          {n} replica VMs per primary");
+    }
+    if let Some(q) = c.storage_quota_bytes {
+        println!("Quota:          {q} bytes of virtual disk per storage location");
     }
     for (from, to) in &c.bridge_map {
         println!("  network {from} -> {to}");

@@ -506,6 +506,28 @@ fn a_hostile_primary_cannot_choose_what_the_replica_runs() {
         "a point dated by the primary's clock: {taken}"
     );
 
+    // Limits per primary and quota per storage location: a new replica past either is
+    // refused in one line and nothing is created.
+    b.ferry_ok(&["replica-server", "set", "--max-vms-per-primary", "1"]);
+    refused(
+        hello("mallory", "second", 0, false),
+        "already has 1 replica VMs",
+    );
+    b.ferry_ok(&[
+        "replica-server",
+        "set",
+        "--max-vms-per-primary",
+        "0",
+        "--storage-quota",
+        "20M",
+    ]);
+    refused(hello("mallory", "second", 0, false), "past its quota");
+    b.ferry_ok(&["replica-server", "set", "--storage-quota", "0"]);
+    assert_eq!(vm_names(&b), ["evil"]);
+    assert!(!storage.join("second").exists());
+    let err = b.ferry_err(&["replica-server", "set", "--storage-quota", "lots"]);
+    assert!(err.contains("--storage-quota lots"), "{err}");
+
     // Failover: no mapping for the primary's bridge here, so the NIC is left out instead of
     // joining "br-mgmt"; a mapping to a bridge this host lacks is refused.
     let err = b.ferry_err(&[

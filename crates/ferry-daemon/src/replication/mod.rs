@@ -935,6 +935,12 @@ pub async fn replica_server_set(
         }
         cfg.bridge_map.insert(from.clone(), to.clone());
     }
+    if let Some(n) = req.max_vms_per_primary {
+        cfg.max_vms_per_primary = (n > 0).then_some(n);
+    }
+    if let Some(q) = req.storage_quota_bytes {
+        cfg.storage_quota_bytes = (q > 0).then_some(q);
+    }
     if let Some(from) = &req.unmap_bridge {
         if cfg.bridge_map.remove(from).is_none() {
             return Err(ApiFailure::not_found(format!(

@@ -1066,6 +1066,60 @@ fn managed_boot_dir(
     Ok(Some(dir))
 }
 
+/// This replica server's limits on a new replica VM: how many one primary may have, and
+/// how many virtual disk bytes the replicas in one storage location may add up to.
+fn check_limits(
+    shared: &Arc<Shared>,
+    primary: &str,
+    fingerprint: &str,
+    storage: &Path,
+    disks: &[DiskMeta],
+) -> Result<(), String> {
+    let cfg = load_config(&shared.store);
+    let me = &shared.cfg.name;
+    let replicas: Vec<(ferry_store::VmRow, ReplicationRow)> = shared
+        .store
+        .list_vms()
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .filter_map(|v| {
+            let rel = shared.store.replication(v.id).ok()??;
+            (rel.role == Role::Replica).then_some((v, rel))
+        })
+        .collect();
+    if let Some(max) = cfg.max_vms_per_primary {
+        let mine = replicas
+            .iter()
+            .filter(|(_, r)| r.partner_fingerprint == fingerprint)
+            .count();
+        if mine >= max as usize {
+            return Err(format!(
+                "primary {primary} already has {mine} replica VMs on {me}, its limit: on {me}, raise it with `ferry replica-server set --max-vms-per-primary N` or remove one"
+            ));
+        }
+    }
+    if let Some(quota) = cfg.storage_quota_bytes {
+        let used: u64 = replicas
+            .iter()
+            .filter(|(v, _)| {
+                v.spec
+                    .disks
+                    .first()
+                    .is_some_and(|d| Path::new(&d.file).starts_with(storage))
+            })
+            .flat_map(|(v, _)| v.spec.disks.iter().map(|d| d.size_bytes))
+            .sum();
+        let wanted: u64 = disks.iter().map(|d| d.size_bytes).sum();
+        if used.saturating_add(wanted) > quota {
+            return Err(format!(
+                "a replica of {wanted} bytes would take {} past its quota of {quota} bytes ({used} in use): on {me}, raise it with `ferry replica-server set --storage-quota SIZE`",
+                storage.display()
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Finds (or creates) the replica VM and relationship for this primary's VM.
 #[allow(clippy::too_many_arguments)]
 fn replica_for(
@@ -1105,6 +1159,7 @@ fn replica_for(
             "the primary sent a disk list that does not match its VM and exclusions".into(),
         );
     }
+    check_limits(shared, primary, fingerprint, storage, disks)?;
     let dir = storage.join(spec.name.as_str());
     if settings.initial == InitialMethod::Existing {
         for d in disks {
