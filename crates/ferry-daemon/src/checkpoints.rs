@@ -21,9 +21,11 @@ use std::time::Duration;
 
 use ferry_api_types::{
     ActionReply, CheckpointCreateRequest, CheckpointInfo, CheckpointKind, CheckpointList,
-    DiskRequest, NicRequest, Progress, VmCreateRequest, VmImportRequest, VmInfo,
+    DiskRequest, ImageFormat, NicRequest, Progress, VmCreateRequest, VmImportRequest, VmInfo,
 };
-use ferry_domain::{Boot, CivilTime, NicKind, ReplicationState, Role, VmName, VmSpec, VmState};
+use ferry_domain::{
+    Boot, CdromSpec, CivilTime, DiskRole, NicKind, ReplicationState, Role, VmName, VmSpec, VmState,
+};
 use ferry_qemu::process::disk_node;
 use ferry_qemu::qmp::{self, Qmp, Transaction, TransactionAction};
 use ferry_qemu::{qcow2, snapshot};
@@ -934,11 +936,20 @@ impl Checkpoints {
                 append,
             } => (Some(kernel), initrd, append),
         };
-        let disks = (0..spec.disks.len())
-            .map(|i| DiskRequest::Import {
-                path: dir.join(format!("disk{i}.qcow2")).display().to_string(),
-            })
-            .collect();
+        // The NVRAM travels as its own image; the data disks keep their order and buses.
+        let mut disks = Vec::new();
+        let mut nvram = None;
+        for (i, d) in spec.disks.iter().enumerate() {
+            let path = dir.join(format!("disk{i}.qcow2")).display().to_string();
+            match d.role {
+                DiskRole::Nvram => nvram = Some(path),
+                DiskRole::Data => disks.push(DiskRequest::Import {
+                    path,
+                    format: Some(ImageFormat::Qcow2),
+                    bus: d.bus,
+                }),
+            }
+        }
         self.shared
             .vms
             .create(VmCreateRequest {
@@ -959,6 +970,14 @@ impl Checkpoints {
                         NicKind::User => NicRequest::User,
                     })
                     .collect(),
+                machine: spec.machine,
+                firmware: spec.firmware,
+                secure_boot: spec.secure_boot,
+                // The ISO may not exist where the export is imported: an empty drive.
+                cdrom: spec.cdrom.as_ref().map(|_| CdromSpec { iso: None }),
+                boot_order: spec.boot_order.clone(),
+                rng: spec.rng,
+                nvram,
             })
             .await
     }
