@@ -4,7 +4,9 @@
 //! the disc is changed and ejected while the VM runs (QEMU's `query-block`, through
 //! `ferry vm show`); the test guest boots under q35 with an RNG; a raw image used in place
 //! replicates through its qcow2 metadata file, with the UEFI NVRAM, to a replica equal to
-//! the raw image. Bad hardware input is refused with one line and changes nothing.
+//! the raw image, and a test failover boots it through OVMF from the replicated NVRAM;
+//! Secure Boot refuses the unsigned GRUB. Bad hardware input is refused with one line and
+//! changes nothing.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -302,6 +304,29 @@ fn uefi_vm_boots_an_iso_and_its_cd_changes_while_it_runs() {
     ]);
     assert_eq!(same.status.code(), Some(1), "the NVRAM was written by OVMF");
 
+    // Secure Boot (q35 + SMM, Microsoft's keys enrolled) refuses the unsigned GRUB.
+    a.ferry_ok(&[
+        "vm",
+        "create",
+        "sb",
+        "--memory",
+        "256M",
+        "--machine",
+        "q35",
+        "--firmware",
+        "uefi",
+        "--secure-boot",
+        "--cdrom",
+        s(&iso1),
+    ]);
+    assert_eq!(a.ferry_json(&["vm", "show", "sb"])["secure_boot"], true);
+    a.ferry_ok(&["vm", "start", "sb"]);
+    let console = a.wait_console("sb", Duration::from_secs(120), "OVMF's refusal", |c| {
+        c.contains("Access Denied")
+    });
+    assert!(!console.contains("FERRY-GRUB"), "{console}");
+    a.ferry_ok(&["vm", "stop", "sb"]);
+
     // The NVRAM travels with a checkpoint export and import.
     a.ferry_ok(&["checkpoint", "create", "efi", "cp1"]);
     let export = dir.join("export");
@@ -357,6 +382,8 @@ fn test_guest_runs_on_q35_and_a_raw_disk_with_uefi_nvram_replicates() {
             "--firmware",
             "uefi",
             "--rng",
+            "--nic",
+            "user",
             "--disk",
             s(&raw),
         ],
@@ -468,4 +495,19 @@ fn test_guest_runs_on_q35_and_a_raw_disk_with_uefi_nvram_replicates() {
     let replica = b.ferry_json(&["vm", "show", "rawvm"]);
     assert_eq!(replica["firmware"], "uefi", "{replica}");
     assert_eq!(replica["disks"][1]["role"], "nvram");
+
+    // A test failover boots the replica through OVMF from the replicated NVRAM.
+    b.ferry_ok(&["failover", "test", "rawvm"]);
+    let t = b.ferry_json(&["vm", "show", "rawvm-test"]);
+    assert_eq!(t["state"], "running", "{t}");
+    assert_eq!(t["firmware"], "uefi");
+    assert_eq!(t["machine"], "q35");
+    assert_eq!(t["disks"][1]["role"], "nvram");
+    b.wait_console(
+        "rawvm-test",
+        Duration::from_secs(120),
+        "the test VM's writes",
+        |c| parse_console(c).last_wrote_seq.unwrap_or(0) >= 1,
+    );
+    b.ferry_ok(&["failover", "stop-test", "rawvm"]);
 }
