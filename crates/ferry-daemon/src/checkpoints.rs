@@ -332,6 +332,14 @@ impl Checkpoints {
         }
         let tag = format!("ferry-cp-{created_ms}");
         let disks = self.shared.vms.disk_paths(&row);
+        // QEMU keeps no internal snapshots in a qcow2 whose data lives in a raw file.
+        for d in &disks {
+            if let Ok(Some(raw)) = qcow2::external_data_file(d) {
+                return Err(ApiFailure::invalid(format!(
+                    "VM {vm} has a raw disk ({raw}): checkpoints need qcow2 disks (QEMU keeps no internal snapshots when the data is in a raw file)"
+                )));
+            }
+        }
         let nodes: Vec<String> = (0..disks.len()).map(|i| disk_node(i)).collect();
         let qmp = self.shared.vms.live_qmp(vm);
         let (consistency, with_memory, note) = match (&qmp, req.kind) {

@@ -407,6 +407,9 @@ fn test_guest_runs_on_q35_and_a_raw_disk_with_uefi_nvram_replicates() {
         "{err}"
     );
     assert_eq!(fingerprint(&a), before);
+    let err = a.ferry_err(&["checkpoint", "create", "rawvm"]);
+    assert!(err.contains("checkpoints need qcow2 disks"), "{err}");
+    assert_eq!(fingerprint(&a), before);
 
     a.ferry_ok(&["vm", "start", "rawvm"]);
     a.wait_console("rawvm", Duration::from_secs(120), "guest writes", |c| {
