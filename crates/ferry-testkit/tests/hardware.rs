@@ -289,7 +289,16 @@ fn uefi_vm_boots_an_iso_and_its_cd_changes_while_it_runs() {
         a.ferry_json(&["vm", "show", "efi"])["cdrom"]["iso"],
         s(&iso1)
     );
+    // A standard checkpoint (memory too) saves the NVRAM with the disks: QEMU's savevm
+    // takes the qcow2 flash node, where a raw flash file would make it fail.
+    a.ferry_ok(&["checkpoint", "create", "efi", "running", "--standard"]);
     a.ferry_ok(&["vm", "stop", "efi"]);
+    let snaps = qemu_img(&["snapshot", "-l", s(&nvram)]);
+    assert!(
+        String::from_utf8_lossy(&snaps.stdout).contains("ferry-cp-"),
+        "the NVRAM holds the checkpoint's snapshot: {}",
+        String::from_utf8_lossy(&snaps.stdout)
+    );
 
     // OVMF wrote its boot entries into the VM's own NVRAM, not into the template.
     let same = qemu_img(&[
