@@ -76,9 +76,9 @@ pub enum Firmware {
     Uefi,
 }
 
-/// The bus a disk is attached to in the guest.
+/// The bus a disk is attached to in the guest (named as the CLI's `bus=` takes it).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[serde(rename_all = "kebab-case")]
 pub enum DiskBus {
     /// One virtio-blk PCI device per disk (`vda`, `vdb`, …).
     #[default]

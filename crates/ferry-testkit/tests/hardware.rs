@@ -71,6 +71,31 @@ fn fingerprint(host: &Host) -> (Value, Vec<String>) {
     (list, files)
 }
 
+/// A loop device over a file, detached on drop.
+struct LoopDevice(String);
+
+impl LoopDevice {
+    fn attach(file: &Path) -> Self {
+        let out = Command::new("losetup")
+            .args(["-f", "--show"])
+            .arg(file)
+            .output()
+            .expect("losetup (util-linux)");
+        assert!(
+            out.status.success(),
+            "losetup: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Self(String::from_utf8(out.stdout).unwrap().trim().to_owned())
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.0]).status();
+    }
+}
+
 fn qemu_img(args: &[&str]) -> std::process::Output {
     Command::new("qemu-img")
         .args(args)
@@ -223,7 +248,7 @@ fn uefi_vm_boots_an_iso_and_its_cd_changes_while_it_runs() {
     assert_eq!(show["firmware"], "uefi");
     assert_eq!(show["rng"], true);
     assert_eq!(show["boot_order"], serde_json::json!(["cdrom", "disk"]));
-    assert_eq!(show["disks"][0]["bus"], "virtio_scsi");
+    assert_eq!(show["disks"][0]["bus"], "virtio-scsi");
     assert_eq!(show["disks"][1]["role"], "nvram");
     let nvram = PathBuf::from(show["disks"][1]["path"].as_str().unwrap());
     assert_eq!(nvram, a.vm_storage.join("efi").join("nvram.qcow2"));
@@ -344,7 +369,7 @@ fn uefi_vm_boots_an_iso_and_its_cd_changes_while_it_runs() {
     let copy = a.ferry_json(&["vm", "show", "efi-copy"]);
     assert_eq!(copy["firmware"], "uefi", "{copy}");
     assert_eq!(copy["machine"], "q35");
-    assert_eq!(copy["disks"][0]["bus"], "virtio_scsi");
+    assert_eq!(copy["disks"][0]["bus"], "virtio-scsi");
     assert_eq!(copy["disks"][1]["role"], "nvram");
     assert!(
         copy["cdrom"]["iso"].is_null(),
@@ -362,6 +387,59 @@ fn uefi_vm_boots_an_iso_and_its_cd_changes_while_it_runs() {
     assert!(
         copied.status.success(),
         "the imported NVRAM equals the exported one"
+    );
+
+    // Hardware of a VM that is off changes through `vm set`: a CD drive is added.
+    a.ferry_ok(&["vm", "create", "plain", "--memory", "64M", "--disk", "16M"]);
+    a.ferry_ok(&[
+        "vm",
+        "set",
+        "plain",
+        "--cdrom",
+        s(&iso2),
+        "--boot",
+        "cdrom,disk",
+        "--rng",
+        "on",
+        "--machine",
+        "q35",
+    ]);
+    let plain = a.ferry_json(&["vm", "show", "plain"]);
+    assert_eq!(plain["cdrom"]["iso"], s(&iso2), "{plain}");
+    assert_eq!(plain["boot_order"], serde_json::json!(["cdrom", "disk"]));
+    assert_eq!(
+        (plain["rng"].clone(), plain["machine"].clone()),
+        (true.into(), "q35".into())
+    );
+
+    // A block device is used in place like a raw file, by one VM only, and outlives it.
+    let lun = dir.join("lun.img");
+    let data: Vec<u8> = (0..8u32 << 20).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&lun, &data).unwrap();
+    let dev = LoopDevice::attach(&lun);
+    a.ferry_ok(&["vm", "create", "blk", "--memory", "64M", "--disk", &dev.0]);
+    let blk = a.ferry_json(&["vm", "show", "blk"]);
+    assert_eq!(blk["disks"][0]["data_file"], dev.0.as_str(), "{blk}");
+    assert_eq!(blk["disks"][0]["size_bytes"], 8u64 << 20);
+    let same = qemu_img(&[
+        "compare",
+        "-f",
+        "qcow2",
+        "-F",
+        "raw",
+        blk["disks"][0]["path"].as_str().unwrap(),
+        s(&lun),
+    ]);
+    assert!(same.status.success(), "the metadata file reads the device");
+    let before = fingerprint(&a);
+    let err = a.ferry_err(&["vm", "create", "blk2", "--disk", &dev.0]);
+    assert!(err.contains("is already used by VM blk"), "{err}");
+    assert_eq!(fingerprint(&a), before);
+    a.ferry_ok(&["vm", "delete", "blk"]);
+    assert_eq!(
+        std::fs::read(&lun).unwrap(),
+        data,
+        "the device's data is kept"
     );
 }
 
