@@ -998,6 +998,14 @@ impl VmManager {
                     "VM {vm} is a replica; change its hardware on its primary"
                 )));
             }
+            // The replica keeps the spec it got when replication was enabled; a machine,
+            // RNG or boot order changed here alone would come up differently after a
+            // failover. The CD drive's disc is host-local and may change.
+            if req.machine.is_some() || req.rng.is_some() || req.boot_order.is_some() {
+                return Err(ApiFailure::conflict(format!(
+                    "VM {vm} is replicated and its replica keeps the hardware it had when replication was enabled; remove replication, change it, and enable replication again"
+                )));
+            }
         }
         if req.cdrom.is_some() && req.eject {
             return Err(ApiFailure::invalid(

@@ -512,6 +512,11 @@ fn test_guest_runs_on_q35_and_a_raw_disk_with_uefi_nvram_replicates() {
         "5s",
         "--wait",
     ]);
+    // The replica keeps the hardware it got: changing it on the primary alone is refused.
+    let err = a.ferry_err(&["vm", "set", "rawvm", "--machine", "pc"]);
+    assert!(err.contains("is replicated"), "{err}");
+    let err = b.ferry_err(&["vm", "set", "rawvm", "--boot", "disk"]);
+    assert!(err.contains("is a replica"), "{err}");
     // Delta cycles while the guest writes, tracked by the metadata file's dirty bitmap.
     let first = status(&a, "rawvm")["last_cycle"].as_i64().unwrap();
     wait_for("two delta cycles", Duration::from_secs(90), || {
