@@ -479,21 +479,26 @@ impl VmManager {
         }
         if req.firmware == Firmware::Uefi {
             let (_, template) = self.ovmf_files(req.secure_boot)?;
-            let (source, size_bytes) = match &req.nvram {
-                Some(path) => match self.resolve_image(path, Some(ImageFormat::Qcow2)).await? {
-                    (DiskSource::CopyQcow2(p), size) => (DiskSource::CopyQcow2(p), size),
-                    _ => unreachable!("a qcow2 is copied"),
-                },
-                None => {
-                    let size = std::fs::metadata(&template).map(|m| m.len()).map_err(|e| {
-                        ApiFailure::invalid(format!(
-                            "cannot read the UEFI variable template {}: {e}",
-                            template.display()
-                        ))
-                    })?;
-                    (DiskSource::NvramTemplate(template), size)
+            let flash_size = std::fs::metadata(&template).map(|m| m.len()).map_err(|e| {
+                ApiFailure::invalid(format!(
+                    "cannot read the UEFI variable template {}: {e}",
+                    template.display()
+                ))
+            })?;
+            let source = match &req.nvram {
+                Some(path) => {
+                    let (source, size) = self.resolve_image(path, Some(ImageFormat::Qcow2)).await?;
+                    // The flash chip's size is fixed by the firmware build.
+                    if size != flash_size {
+                        return Err(ApiFailure::invalid(format!(
+                            "NVRAM image {path} is {size} bytes; this host's OVMF needs {flash_size}"
+                        )));
+                    }
+                    source
                 }
+                None => DiskSource::NvramTemplate(template),
             };
+            let size_bytes = flash_size;
             disks.push(DiskSpec {
                 file: NVRAM_FILE.to_owned(),
                 size_bytes,
