@@ -561,3 +561,59 @@ pub(crate) fn absolute(p: PathBuf) -> anyhow::Result<String> {
     };
     Ok(abs.display().to_string())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disk_arguments() {
+        assert_eq!(
+            parse_disk("20G").unwrap(),
+            DiskRequest::New {
+                size_bytes: 20 << 30,
+                bus: DiskBus::VirtioBlk
+            }
+        );
+        assert_eq!(
+            parse_disk("/dev/vg0/db,bus=virtio-scsi").unwrap(),
+            DiskRequest::Import {
+                path: "/dev/vg0/db".into(),
+                format: None,
+                bus: DiskBus::VirtioScsi
+            }
+        );
+        assert_eq!(
+            parse_disk("/srv/old.img,format=raw").unwrap(),
+            DiskRequest::Import {
+                path: "/srv/old.img".into(),
+                format: Some(ImageFormat::Raw),
+                bus: DiskBus::VirtioBlk
+            }
+        );
+        for (bad, want) in [
+            ("8G,format=raw", "format= is for existing images"),
+            ("/x.img,format=vmdk", "unknown format \"vmdk\""),
+            ("/x.img,bus=ide", "unknown bus \"ide\""),
+            ("/x.img,cache=none", "unknown option \"cache=none\""),
+        ] {
+            let err = parse_disk(bad).unwrap_err().to_string();
+            assert!(err.contains(want), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn boot_order_and_machine() {
+        assert_eq!(
+            parse_boot("cdrom,disk,network").unwrap(),
+            [BootDevice::Cdrom, BootDevice::Disk, BootDevice::Network]
+        );
+        assert!(parse_boot("").unwrap().is_empty());
+        assert!(parse_boot("cdrom,floppy")
+            .unwrap_err()
+            .to_string()
+            .contains("unknown device \"floppy\""));
+        assert_eq!(parse_machine("q35").unwrap(), Machine::Q35);
+        assert!(parse_machine("isapc").is_err());
+    }
+}
