@@ -353,7 +353,16 @@ impl Checkpoints {
                 ("offline", false, "taken while the VM was off".to_owned())
             }
             (Some(qmp), CheckpointKind::Standard) => {
-                qmp::snapshot_save(qmp, &tag, &nodes[0], nodes.clone(), SAVE_TIMEOUT)
+                // The memory state goes where `-loadvm` looks for it when the checkpoint is
+                // applied: the first writable block backend, which for a UEFI VM is its
+                // NVRAM flash (the machine creates it before any -device disk).
+                let vmstate = row
+                    .spec
+                    .disks
+                    .iter()
+                    .position(|d| d.role == DiskRole::Nvram)
+                    .map_or(&nodes[0], |i| &nodes[i]);
+                qmp::snapshot_save(qmp, &tag, vmstate, nodes.clone(), SAVE_TIMEOUT)
                     .await
                     .map_err(|e| qemu_err(vm, "saving the VM's state", e))?;
                 (

@@ -389,6 +389,11 @@ fn uefi_vm_boots_an_iso_and_its_cd_changes_while_it_runs() {
         "the imported NVRAM equals the exported one"
     );
 
+    // Applying the standard checkpoint restores the running VM with its NVRAM (loadvm).
+    a.ferry_ok(&["checkpoint", "apply", "efi", "running"]);
+    assert_eq!(a.vm_state("efi"), "running");
+    a.ferry_ok(&["vm", "stop", "efi"]);
+
     // Hardware of a VM that is off changes through `vm set`: a CD drive is added.
     a.ferry_ok(&["vm", "create", "plain", "--memory", "64M", "--disk", "16M"]);
     a.ferry_ok(&[
