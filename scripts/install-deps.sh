@@ -2,9 +2,11 @@
 # Installs the system packages Ferry and its tests need (Debian bookworm, as root):
 # QEMU 7.2 (system emulator and qemu-utils from the same release: the machine may carry a
 # newer qemu-utils from backports, which must be replaced together), the test guest's
-# kernel and busybox, and tools the tests use (the console's: headless Chromium with
-# chromedriver, Python's aiosmtpd as a real SMTP server, and Prometheus with promtool for
-# the shipped rules and the scrape test). Does nothing when all is in place.
+# kernel and busybox, UEFI firmware (OVMF) for `--firmware uefi` VMs, and tools the tests
+# use (the console's: headless Chromium with chromedriver, Python's aiosmtpd as a real SMTP
+# server; Prometheus with promtool for the shipped rules and the scrape test; grub-mkrescue
+# with BIOS and EFI GRUB, xorriso and mtools to build the bootable test ISO; openssl for the
+# CA recipe). Does nothing when all is in place.
 set -euo pipefail
 
 need_apt=0
@@ -12,7 +14,9 @@ if ! command -v qemu-system-x86_64 >/dev/null || ! qemu-img --version 2>/dev/nul
   need_apt=1
 fi
 for f in /bin/busybox /usr/sbin/modinfo /usr/bin/cpio /usr/bin/flock /usr/bin/nbdinfo /usr/bin/sqlite3 /usr/bin/curl \
-  /usr/bin/chromium /usr/bin/chromedriver /usr/bin/openssl /usr/bin/prometheus /usr/bin/promtool; do
+  /usr/bin/chromium /usr/bin/chromedriver /usr/bin/openssl /usr/bin/prometheus /usr/bin/promtool \
+  /usr/share/OVMF/OVMF_CODE_4M.fd /usr/bin/grub-mkrescue \
+  /usr/lib/grub/i386-pc/boot.img /usr/lib/grub/x86_64-efi/linux.mod /usr/bin/xorriso /usr/bin/mformat; do
   [ -e "$f" ] || need_apt=1
 done
 ls /boot/vmlinuz-* >/dev/null 2>&1 || need_apt=1
@@ -31,7 +35,8 @@ if [ "$need_apt" = 1 ]; then
   apt-get install -y -qq --allow-downgrades \
     "qemu-system-x86=$V" "qemu-utils=$V" "qemu-block-extra=$V" \
     busybox-static linux-image-amd64 cpio kmod file util-linux libnbd-bin iproute2 \
-    sqlite3 curl openssl python3 python3-aiosmtpd chromium chromium-driver >/dev/null
+    sqlite3 curl openssl python3 python3-aiosmtpd chromium chromium-driver \
+    ovmf grub-common grub-pc-bin grub-efi-amd64-bin xorriso mtools >/dev/null
   # Prometheus and promtool only (not the node exporter it recommends, a daemon the tests
   # do not need).
   apt-get install -y -qq --no-install-recommends prometheus >/dev/null

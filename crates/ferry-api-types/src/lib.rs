@@ -10,6 +10,7 @@
 //! | DELETE | `/v1/vms/{name}` | → [`ActionReply`] |
 //! | POST | `/v1/vms/{name}/start`, `/stop`, `/pause`, `/resume` | → [`ActionReply`] |
 //! | POST | `/v1/vms/{name}/shutdown` | [`ShutdownRequest`] → [`ActionReply`] |
+//! | POST | `/v1/vms/{name}/set` | [`VmSetRequest`] → [`VmInfo`] |
 //! | GET | `/v1/vms/{name}/console/log?offset=N` | → [`ConsoleLog`] |
 //! | GET | `/v1/vms/{name}/console` | HTTP upgrade `ferry-console` → raw serial stream |
 //! | POST | `/v1/import` | [`VmImportRequest`] → [`VmInfo`] |
@@ -28,6 +29,7 @@ use serde::{Deserialize, Serialize};
 
 /// Parses sizes such as `512M` or `8G`, as the CLI accepts them.
 pub use ferry_domain::parse_size;
+pub use ferry_domain::{BootDevice, CdromSpec, DiskBus, DiskRole, Firmware, Machine};
 pub use ferry_domain::{VmName, VmState};
 
 /// The upgrade protocol name of the console stream.
@@ -84,12 +86,34 @@ pub enum DiskRequest {
     New {
         /// Virtual size in bytes.
         size_bytes: u64,
+        /// The guest bus.
+        #[serde(default)]
+        bus: DiskBus,
     },
-    /// A copy of an existing image on the host (any format qemu-img reads), as qcow2.
+    /// An existing image on the host. A qcow2 is copied into the VM's directory; a raw
+    /// image or block device stays where it is and is tracked through a qcow2 metadata
+    /// file in the VM's directory (see docs/HARDWARE.md).
     Import {
         /// Absolute path of the image on the host that runs ferryd.
         path: String,
+        /// Its format; `None`: `qcow2` for a `*.qcow2` name, `raw` for `*.raw` and block
+        /// devices, otherwise it must be given (the contents are never probed).
+        #[serde(default)]
+        format: Option<ImageFormat>,
+        /// The guest bus.
+        #[serde(default)]
+        bus: DiskBus,
     },
+}
+
+/// The format of an existing image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ImageFormat {
+    /// qcow2 (without a backing file or an external data file).
+    Qcow2,
+    /// Raw bytes: a plain image file or a block device.
+    Raw,
 }
 
 /// A NIC to give a new VM.
@@ -125,6 +149,50 @@ pub struct VmCreateRequest {
     pub append: Option<String>,
     /// NICs; empty = no network.
     pub nics: Vec<NicRequest>,
+    /// Machine type (default `pc`).
+    #[serde(default)]
+    pub machine: Machine,
+    /// Firmware (default BIOS). UEFI gives the VM an NVRAM disk made from OVMF's template.
+    #[serde(default)]
+    pub firmware: Firmware,
+    /// UEFI Secure Boot (needs `uefi` and `q35`).
+    #[serde(default)]
+    pub secure_boot: bool,
+    /// A CD drive: with an ISO (absolute host path) in it, or empty.
+    #[serde(default)]
+    pub cdrom: Option<CdromSpec>,
+    /// Firmware boot order; empty = the first disk.
+    #[serde(default)]
+    pub boot_order: Vec<BootDevice>,
+    /// A virtio-rng device.
+    #[serde(default)]
+    pub rng: bool,
+    /// An NVRAM image (qcow2) to copy instead of the firmware's blank template; how an
+    /// imported export keeps its UEFI variables.
+    #[serde(default)]
+    pub nvram: Option<String>,
+}
+
+/// `POST /v1/vms/{name}/set`: change a VM's hardware. The CD drive changes while the VM
+/// runs; the others while it is off, or take effect at its next start (boot order).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct VmSetRequest {
+    /// Put this ISO (absolute host path) into the CD drive.
+    #[serde(default)]
+    pub cdrom: Option<String>,
+    /// Empty the CD drive.
+    #[serde(default)]
+    pub eject: bool,
+    /// New firmware boot order.
+    #[serde(default)]
+    pub boot_order: Option<Vec<BootDevice>>,
+    /// New machine type (VM off).
+    #[serde(default)]
+    pub machine: Option<Machine>,
+    /// Add or remove the virtio-rng device (VM off).
+    #[serde(default)]
+    pub rng: Option<bool>,
 }
 
 /// A disk as shown to users.
@@ -136,6 +204,15 @@ pub struct DiskInfo {
     pub size_bytes: u64,
     /// QEMU block node name (`drive0`, …).
     pub node: String,
+    /// The guest bus.
+    #[serde(default)]
+    pub bus: DiskBus,
+    /// `data`, or `nvram` for a UEFI VM's variable store.
+    #[serde(default)]
+    pub role: DiskRole,
+    /// The raw image or block device a raw disk's qcow2 metadata file tracks.
+    #[serde(default)]
+    pub data_file: Option<String>,
 }
 
 /// A NIC as shown to users.
@@ -178,6 +255,24 @@ pub struct VmInfo {
     /// failover.
     #[serde(default)]
     pub replication: Option<String>,
+    /// Machine type.
+    #[serde(default)]
+    pub machine: Machine,
+    /// Firmware.
+    #[serde(default)]
+    pub firmware: Firmware,
+    /// UEFI Secure Boot.
+    #[serde(default)]
+    pub secure_boot: bool,
+    /// The CD drive, if the VM has one. While the VM runs, what QEMU reports is in it.
+    #[serde(default)]
+    pub cdrom: Option<CdromSpec>,
+    /// Firmware boot order (empty: the first disk).
+    #[serde(default)]
+    pub boot_order: Vec<BootDevice>,
+    /// Whether the VM has a virtio-rng device.
+    #[serde(default)]
+    pub rng: bool,
 }
 
 /// `POST /v1/vms/{name}/shutdown`.

@@ -14,8 +14,8 @@ use std::process::ExitCode;
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand, ValueEnum};
 use ferry_api_types::{
-    ActionReply, ConsoleLog, DiskRequest, NicRequest, ServerInfo, ShutdownRequest, VmCreateRequest,
-    VmInfo,
+    ActionReply, BootDevice, CdromSpec, ConsoleLog, DiskBus, DiskRequest, Firmware, ImageFormat,
+    Machine, NicRequest, ServerInfo, ShutdownRequest, VmCreateRequest, VmInfo, VmSetRequest,
 };
 use ferry_client::{Client, Endpoint};
 
@@ -148,10 +148,33 @@ enum VmCmd {
         /// Memory, e.g. 512M or 2G.
         #[arg(long, default_value = "512M")]
         memory: String,
-        /// A disk: a size for a new qcow2 (e.g. 20G), or a path of an image to import.
-        /// Repeat for more disks.
+        /// A disk: a size for a new qcow2 (e.g. 20G), or the path of an existing image (a
+        /// qcow2 is copied; a raw image or block device is used in place). Options after
+        /// commas: format=qcow2|raw (needed unless the name ends in .qcow2/.raw or it is a
+        /// block device), bus=virtio-blk|virtio-scsi. Repeat for more disks.
         #[arg(long)]
         disk: Vec<String>,
+        /// Machine type: pc (i440FX, the default) or q35.
+        #[arg(long)]
+        machine: Option<String>,
+        /// Firmware: bios (SeaBIOS, the default) or uefi (OVMF, with an NVRAM kept with the VM).
+        #[arg(long)]
+        firmware: Option<String>,
+        /// UEFI Secure Boot with Microsoft's keys enrolled (needs --firmware uefi --machine q35).
+        #[arg(long)]
+        secure_boot: bool,
+        /// A CD drive with this ISO in it.
+        #[arg(long, conflicts_with = "cd_drive")]
+        cdrom: Option<PathBuf>,
+        /// An empty CD drive (insert a disc later with `ferry vm set VM --cdrom ISO`).
+        #[arg(long)]
+        cd_drive: bool,
+        /// Firmware boot order, e.g. cdrom,disk,network (default: the first disk).
+        #[arg(long)]
+        boot: Option<String>,
+        /// A virtio-rng device, so the guest has entropy early (installers, key generation).
+        #[arg(long)]
+        rng: bool,
         /// Boot this kernel directly instead of from disk.
         #[arg(long)]
         kernel: Option<PathBuf>,
@@ -164,6 +187,27 @@ enum VmCmd {
         /// A NIC: bridge=BR, bridge (the host's default bridge), user, or none. Repeatable.
         #[arg(long)]
         nic: Vec<String>,
+    },
+    /// Change a VM's hardware: the CD drive (also while it runs), boot order, machine
+    /// type and RNG (while it is off).
+    Set {
+        /// The VM.
+        vm: String,
+        /// Put this ISO into the CD drive (adds a drive to a VM that is off and has none).
+        #[arg(long, conflicts_with = "eject")]
+        cdrom: Option<PathBuf>,
+        /// Empty the CD drive.
+        #[arg(long)]
+        eject: bool,
+        /// Firmware boot order, e.g. cdrom,disk,network; an empty value resets it.
+        #[arg(long)]
+        boot: Option<String>,
+        /// Machine type: pc or q35 (VM off).
+        #[arg(long)]
+        machine: Option<String>,
+        /// Add (on) or remove (off) the virtio-rng device (VM off).
+        #[arg(long)]
+        rng: Option<String>,
     },
     /// List VMs.
     List,
@@ -351,17 +395,19 @@ async fn vm(client: &Client, cmd: VmCmd, out: &Output) -> anyhow::Result<()> {
             initrd,
             append,
             nic,
+            machine,
+            firmware,
+            secure_boot,
+            cdrom,
+            cd_drive,
+            boot,
+            rng,
         } => {
             let memory_bytes =
                 ferry_domain_size(&memory).with_context(|| format!("--memory {memory}"))?;
             let mut disks = Vec::new();
             for d in &disk {
-                disks.push(match ferry_domain_size(d) {
-                    Ok(size_bytes) => DiskRequest::New { size_bytes },
-                    Err(_) => DiskRequest::Import {
-                        path: absolute(PathBuf::from(d))?,
-                    },
-                });
+                disks.push(parse_disk(d)?);
             }
             let mut nics = Vec::new();
             for n in &nic {
@@ -386,9 +432,57 @@ async fn vm(client: &Client, cmd: VmCmd, out: &Output) -> anyhow::Result<()> {
                 initrd: initrd.map(absolute).transpose()?,
                 append,
                 nics,
+                machine: machine
+                    .as_deref()
+                    .map(parse_machine)
+                    .transpose()?
+                    .unwrap_or_default(),
+                firmware: match firmware.as_deref() {
+                    None | Some("bios") => Firmware::Bios,
+                    Some("uefi") => Firmware::Uefi,
+                    Some(other) => bail!("--firmware {other}: use bios or uefi"),
+                },
+                secure_boot,
+                cdrom: match (cdrom, cd_drive) {
+                    (Some(iso), _) => Some(CdromSpec {
+                        iso: Some(absolute(iso)?),
+                    }),
+                    (None, true) => Some(CdromSpec { iso: None }),
+                    (None, false) => None,
+                },
+                boot_order: boot
+                    .as_deref()
+                    .map(parse_boot)
+                    .transpose()?
+                    .unwrap_or_default(),
+                rng,
+                nvram: None,
             };
             let info: VmInfo = client.post("/v1/vms", &req).await?;
             out.vm_created(&info);
+        }
+        VmCmd::Set {
+            vm,
+            cdrom,
+            eject,
+            boot,
+            machine,
+            rng,
+        } => {
+            let req = VmSetRequest {
+                cdrom: cdrom.map(absolute).transpose()?,
+                eject,
+                boot_order: boot.as_deref().map(parse_boot).transpose()?,
+                machine: machine.as_deref().map(parse_machine).transpose()?,
+                rng: match rng.as_deref() {
+                    None => None,
+                    Some("on") => Some(true),
+                    Some("off") => Some(false),
+                    Some(other) => bail!("--rng {other}: use on or off"),
+                },
+            };
+            let info: VmInfo = client.post(&vm_path(&vm, "/set"), &req).await?;
+            out.vm_show(&info);
         }
         VmCmd::List => {
             let vms: Vec<VmInfo> = client.get("/v1/vms").await?;
@@ -441,6 +535,55 @@ async fn vm(client: &Client, cmd: VmCmd, out: &Output) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `--disk SIZE|PATH[,format=qcow2|raw][,bus=virtio-blk|virtio-scsi]`.
+fn parse_disk(arg: &str) -> anyhow::Result<DiskRequest> {
+    let mut parts = arg.split(',');
+    let what = parts.next().unwrap_or_default();
+    let (mut format, mut bus) = (None, DiskBus::VirtioBlk);
+    for opt in parts {
+        match opt.split_once('=') {
+            Some(("format", "qcow2")) => format = Some(ImageFormat::Qcow2),
+            Some(("format", "raw")) => format = Some(ImageFormat::Raw),
+            Some(("bus", "virtio-blk")) => bus = DiskBus::VirtioBlk,
+            Some(("bus", "virtio-scsi")) => bus = DiskBus::VirtioScsi,
+            Some(("format", f)) => bail!("--disk {arg}: unknown format {f:?}; use qcow2 or raw"),
+            Some(("bus", b)) => {
+                bail!("--disk {arg}: unknown bus {b:?}; use virtio-blk or virtio-scsi")
+            }
+            _ => bail!("--disk {arg}: unknown option {opt:?}; use format=qcow2|raw or bus=virtio-blk|virtio-scsi"),
+        }
+    }
+    Ok(match ferry_domain_size(what) {
+        Ok(size_bytes) if format.is_none() => DiskRequest::New { size_bytes, bus },
+        Ok(_) => bail!("--disk {arg}: format= is for existing images, not new disks"),
+        Err(_) => DiskRequest::Import {
+            path: absolute(PathBuf::from(what))?,
+            format,
+            bus,
+        },
+    })
+}
+
+fn parse_machine(s: &str) -> anyhow::Result<Machine> {
+    match s {
+        "pc" => Ok(Machine::Pc),
+        "q35" => Ok(Machine::Q35),
+        other => bail!("--machine {other}: use pc or q35"),
+    }
+}
+
+/// `--boot cdrom,disk,network`; an empty value is the default order.
+fn parse_boot(s: &str) -> anyhow::Result<Vec<BootDevice>> {
+    s.split(',')
+        .filter(|d| !d.is_empty())
+        .map(|d| {
+            BootDevice::parse(d).ok_or_else(|| {
+                anyhow::anyhow!("--boot {s}: unknown device {d:?}; use cdrom, disk and network")
+            })
+        })
+        .collect()
+}
+
 fn ferry_domain_size(s: &str) -> anyhow::Result<u64> {
     ferry_api_types::parse_size(s).map_err(|e| anyhow::anyhow!(e))
 }
@@ -452,4 +595,60 @@ pub(crate) fn absolute(p: PathBuf) -> anyhow::Result<String> {
         std::env::current_dir()?.join(p)
     };
     Ok(abs.display().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disk_arguments() {
+        assert_eq!(
+            parse_disk("20G").unwrap(),
+            DiskRequest::New {
+                size_bytes: 20 << 30,
+                bus: DiskBus::VirtioBlk
+            }
+        );
+        assert_eq!(
+            parse_disk("/dev/vg0/db,bus=virtio-scsi").unwrap(),
+            DiskRequest::Import {
+                path: "/dev/vg0/db".into(),
+                format: None,
+                bus: DiskBus::VirtioScsi
+            }
+        );
+        assert_eq!(
+            parse_disk("/srv/old.img,format=raw").unwrap(),
+            DiskRequest::Import {
+                path: "/srv/old.img".into(),
+                format: Some(ImageFormat::Raw),
+                bus: DiskBus::VirtioBlk
+            }
+        );
+        for (bad, want) in [
+            ("8G,format=raw", "format= is for existing images"),
+            ("/x.img,format=vmdk", "unknown format \"vmdk\""),
+            ("/x.img,bus=ide", "unknown bus \"ide\""),
+            ("/x.img,cache=none", "unknown option \"cache=none\""),
+        ] {
+            let err = parse_disk(bad).unwrap_err().to_string();
+            assert!(err.contains(want), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn boot_order_and_machine() {
+        assert_eq!(
+            parse_boot("cdrom,disk,network").unwrap(),
+            [BootDevice::Cdrom, BootDevice::Disk, BootDevice::Network]
+        );
+        assert!(parse_boot("").unwrap().is_empty());
+        assert!(parse_boot("cdrom,floppy")
+            .unwrap_err()
+            .to_string()
+            .contains("unknown device \"floppy\""));
+        assert_eq!(parse_machine("q35").unwrap(), Machine::Q35);
+        assert!(parse_machine("isapc").is_err());
+    }
 }

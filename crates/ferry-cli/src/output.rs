@@ -176,8 +176,43 @@ impl Output {
         if let Some(a) = &vm.append {
             println!("Append:   {a}");
         }
+        let machine = match vm.machine {
+            ferry_api_types::Machine::Pc => "pc",
+            ferry_api_types::Machine::Q35 => "q35",
+        };
+        let firmware = match (vm.firmware, vm.secure_boot) {
+            (ferry_api_types::Firmware::Bios, _) => "bios",
+            (ferry_api_types::Firmware::Uefi, false) => "uefi",
+            (ferry_api_types::Firmware::Uefi, true) => "uefi, secure boot",
+        };
+        println!("Machine:  {machine}, firmware {firmware}");
+        if !vm.boot_order.is_empty() {
+            let order: Vec<&str> = vm.boot_order.iter().map(|d| d.as_str()).collect();
+            println!("Order:    {}", order.join(","));
+        }
         for d in &vm.disks {
-            println!("Disk:     {} {} ({})", d.node, d.path, gib(d.size_bytes));
+            let bus = match (d.role, d.bus) {
+                (ferry_api_types::DiskRole::Nvram, _) => "UEFI NVRAM",
+                (_, ferry_api_types::DiskBus::VirtioBlk) => "virtio-blk",
+                (_, ferry_api_types::DiskBus::VirtioScsi) => "virtio-scsi",
+            };
+            let raw = d
+                .data_file
+                .as_ref()
+                .map(|f| format!(", data in raw {f}"))
+                .unwrap_or_default();
+            println!(
+                "Disk:     {} {} ({}, {bus}{raw})",
+                d.node,
+                d.path,
+                gib(d.size_bytes)
+            );
+        }
+        if let Some(cd) = &vm.cdrom {
+            println!("CD-ROM:   {}", cd.iso.as_deref().unwrap_or("(empty)"));
+        }
+        if vm.rng {
+            println!("RNG:      virtio-rng");
         }
         if vm.nics.is_empty() {
             println!("NICs:     none");

@@ -14,7 +14,7 @@ use axum::{Json, Router};
 use ferry_api_types::{
     ActionReply, ConsoleLog, EnableReplicationRequest, EventInfo, ImportRequest, RecoveryPointInfo,
     ReplicaServerInfo, ReplicaServerSetRequest, ReplicationHealthInfo, ReplicationInfo, ServerInfo,
-    ShutdownRequest, VmCreateRequest, VmInfo, CONSOLE_UPGRADE,
+    ShutdownRequest, VmCreateRequest, VmInfo, VmSetRequest, CONSOLE_UPGRADE,
 };
 use hyper_util::rt::TokioIo;
 use serde::Deserialize;
@@ -62,6 +62,7 @@ pub fn router(state: Shared) -> Router {
             post(checkpoint_action),
         )
         .route("/v1/vms/{name}/start", post(start_vm))
+        .route("/v1/vms/{name}/set", post(set_vm))
         .route("/v1/vms/{name}/shutdown", post(shutdown_vm))
         .route("/v1/vms/{name}/stop", post(stop_vm))
         .route("/v1/vms/{name}/pause", post(pause_vm))
@@ -165,7 +166,16 @@ async fn create_vm(
 }
 
 async fn show_vm(State(s): State<Shared>, Path(name): Path<String>) -> ApiResult<VmInfo> {
-    Ok(Json(s.vms.show(&name)?))
+    Ok(Json(s.vms.show(&name).await?))
+}
+
+async fn set_vm(
+    State(s): State<Shared>,
+    Path(name): Path<String>,
+    body: Result<Json<VmSetRequest>, axum::extract::rejection::JsonRejection>,
+) -> ApiResult<VmInfo> {
+    let Json(req) = body.map_err(|e| ApiFailure::invalid(e.body_text()))?;
+    Ok(Json(s.vms.set(&name, req).await?))
 }
 
 async fn delete_vm(State(s): State<Shared>, Path(name): Path<String>) -> ApiResult<ActionReply> {

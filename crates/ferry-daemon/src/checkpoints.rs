@@ -21,9 +21,11 @@ use std::time::Duration;
 
 use ferry_api_types::{
     ActionReply, CheckpointCreateRequest, CheckpointInfo, CheckpointKind, CheckpointList,
-    DiskRequest, NicRequest, Progress, VmCreateRequest, VmImportRequest, VmInfo,
+    DiskRequest, ImageFormat, NicRequest, Progress, VmCreateRequest, VmImportRequest, VmInfo,
 };
-use ferry_domain::{Boot, CivilTime, NicKind, ReplicationState, Role, VmName, VmSpec, VmState};
+use ferry_domain::{
+    Boot, CdromSpec, CivilTime, DiskRole, NicKind, ReplicationState, Role, VmName, VmSpec, VmState,
+};
 use ferry_qemu::process::disk_node;
 use ferry_qemu::qmp::{self, Qmp, Transaction, TransactionAction};
 use ferry_qemu::{qcow2, snapshot};
@@ -330,6 +332,14 @@ impl Checkpoints {
         }
         let tag = format!("ferry-cp-{created_ms}");
         let disks = self.shared.vms.disk_paths(&row);
+        // QEMU keeps no internal snapshots in a qcow2 whose data lives in a raw file.
+        for d in &disks {
+            if let Ok(Some(raw)) = qcow2::external_data_file(d) {
+                return Err(ApiFailure::invalid(format!(
+                    "VM {vm} has a raw disk ({raw}): checkpoints need qcow2 disks (QEMU keeps no internal snapshots when the data is in a raw file)"
+                )));
+            }
+        }
         let nodes: Vec<String> = (0..disks.len()).map(|i| disk_node(i)).collect();
         let qmp = self.shared.vms.live_qmp(vm);
         let (consistency, with_memory, note) = match (&qmp, req.kind) {
@@ -343,7 +353,16 @@ impl Checkpoints {
                 ("offline", false, "taken while the VM was off".to_owned())
             }
             (Some(qmp), CheckpointKind::Standard) => {
-                qmp::snapshot_save(qmp, &tag, &nodes[0], nodes.clone(), SAVE_TIMEOUT)
+                // The memory state goes where `-loadvm` looks for it when the checkpoint is
+                // applied: the first writable block backend, which for a UEFI VM is its
+                // NVRAM flash (the machine creates it before any -device disk).
+                let vmstate = row
+                    .spec
+                    .disks
+                    .iter()
+                    .position(|d| d.role == DiskRole::Nvram)
+                    .map_or(&nodes[0], |i| &nodes[i]);
+                qmp::snapshot_save(qmp, &tag, vmstate, nodes.clone(), SAVE_TIMEOUT)
                     .await
                     .map_err(|e| qemu_err(vm, "saving the VM's state", e))?;
                 (
@@ -934,11 +953,20 @@ impl Checkpoints {
                 append,
             } => (Some(kernel), initrd, append),
         };
-        let disks = (0..spec.disks.len())
-            .map(|i| DiskRequest::Import {
-                path: dir.join(format!("disk{i}.qcow2")).display().to_string(),
-            })
-            .collect();
+        // The NVRAM travels as its own image; the data disks keep their order and buses.
+        let mut disks = Vec::new();
+        let mut nvram = None;
+        for (i, d) in spec.disks.iter().enumerate() {
+            let path = dir.join(format!("disk{i}.qcow2")).display().to_string();
+            match d.role {
+                DiskRole::Nvram => nvram = Some(path),
+                DiskRole::Data => disks.push(DiskRequest::Import {
+                    path,
+                    format: Some(ImageFormat::Qcow2),
+                    bus: d.bus,
+                }),
+            }
+        }
         self.shared
             .vms
             .create(VmCreateRequest {
@@ -959,6 +987,14 @@ impl Checkpoints {
                         NicKind::User => NicRequest::User,
                     })
                     .collect(),
+                machine: spec.machine,
+                firmware: spec.firmware,
+                secure_boot: spec.secure_boot,
+                // The ISO may not exist where the export is imported: an empty drive.
+                cdrom: spec.cdrom.as_ref().map(|_| CdromSpec { iso: None }),
+                boot_order: spec.boot_order.clone(),
+                rng: spec.rng,
+                nvram,
             })
             .await
     }

@@ -11,6 +11,7 @@
 //! accel = "auto"                        # auto | kvm | tcg
 //! qemu_binary = "qemu-system-x86_64"
 //! qemu_img = "qemu-img"
+//! firmware_dir = "/usr/share/OVMF"     # OVMF_CODE_4M*.fd, OVMF_VARS_4M*.fd (Debian's ovmf)
 //! replication_bandwidth_limit = "50M"  # bytes/s for all outgoing replication
 //! replication_bandwidth_schedule = ["08:00-18:00=10M", "22:00-06:00=unlimited"]
 //! ```
@@ -57,6 +58,8 @@ struct RawConfig {
     qemu_binary: Option<PathBuf>,
     /// qemu-img.
     qemu_img: Option<PathBuf>,
+    /// Where the UEFI firmware (OVMF) files are.
+    firmware_dir: Option<PathBuf>,
     /// Host-wide limit on outgoing replication traffic, e.g. `"100M"` (bytes/s).
     replication_bandwidth_limit: Option<String>,
     /// Time-of-day windows overriding it, e.g. `["08:00-18:00=10M"]`.
@@ -85,6 +88,8 @@ pub struct Config {
     pub qemu_binary: PathBuf,
     /// qemu-img binary.
     pub qemu_img: PathBuf,
+    /// Directory of the OVMF firmware files.
+    pub firmware_dir: PathBuf,
     /// Host-wide outgoing replication limit, bytes/s.
     pub replication_bandwidth_limit: Option<u64>,
     /// Time-of-day windows overriding the host-wide limit (local time).
@@ -216,6 +221,9 @@ impl Config {
                 .qemu_binary
                 .unwrap_or_else(|| PathBuf::from("qemu-system-x86_64")),
             qemu_img: raw.qemu_img.unwrap_or_else(|| PathBuf::from("qemu-img")),
+            firmware_dir: raw
+                .firmware_dir
+                .unwrap_or_else(|| PathBuf::from("/usr/share/OVMF")),
         })
     }
 }

@@ -9,14 +9,19 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ferry_api_types::{
-    ActionReply, ConsoleLog, DiskInfo, DiskRequest, NicInfo, NicRequest, VmCreateRequest, VmInfo,
+    ActionReply, ConsoleLog, DiskInfo, DiskRequest, ImageFormat, NicInfo, NicRequest,
+    VmCreateRequest, VmInfo, VmSetRequest,
 };
 use ferry_domain::lifecycle::{self, Action, Operation};
 use ferry_domain::spec::mac_from_seed;
-use ferry_domain::{Boot, DiskSpec, NicKind, NicSpec, VmName, VmSpec, VmState};
-use ferry_qemu::img;
+use ferry_domain::{
+    Boot, CdromSpec, DiskBus, DiskRole, DiskSpec, Firmware, NicKind, NicSpec, VmName, VmSpec,
+    VmState,
+};
+use ferry_qemu::hardware::{self, Hardware, Uefi};
 use ferry_qemu::process::{self, disk_node, Accel, NicArg, NicBackend, QemuCommand};
 use ferry_qemu::qmp::{self, Qmp};
+use ferry_qemu::{img, qcow2};
 use ferry_store::{Store, StoreError, VmRow};
 use ring::rand::SecureRandom;
 use tokio::sync::watch;
@@ -33,6 +38,41 @@ const QUIT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(60);
 /// Most console log returned by one request.
 const CONSOLE_CHUNK: u64 = 1 << 20;
+
+/// File name of a UEFI VM's NVRAM (its variable store) in the VM's directory.
+const NVRAM_FILE: &str = "nvram.qcow2";
+
+/// Where a new VM's disk comes from.
+#[derive(Debug, PartialEq, Eq)]
+enum DiskSource {
+    /// A new empty qcow2.
+    New,
+    /// A copy of a qcow2 image.
+    CopyQcow2(PathBuf),
+    /// A copy of OVMF's raw variable template, as qcow2.
+    NvramTemplate(PathBuf),
+    /// A raw image or block device used in place, tracked by a qcow2 metadata file.
+    TrackRaw(PathBuf),
+}
+
+/// An ISO given for the CD drive must exist and be readable now.
+fn check_iso(iso: &str) -> Result<(), ApiFailure> {
+    if !iso.starts_with('/') {
+        return Err(ApiFailure::invalid(format!(
+            "ISO path {iso:?} must be absolute"
+        )));
+    }
+    std::fs::File::open(iso)
+        .and_then(|f| f.metadata())
+        .and_then(|m| {
+            if m.is_dir() {
+                Err(std::io::Error::other("it is a directory"))
+            } else {
+                Ok(())
+            }
+        })
+        .map_err(|e| ApiFailure::invalid(format!("ISO {iso} cannot be read: {e}")))
+}
 
 /// A live QEMU process of a VM.
 struct Instance {
@@ -293,10 +333,17 @@ impl VmManager {
             .collect())
     }
 
-    /// One VM.
-    pub fn show(&self, name: &str) -> Result<VmInfo, ApiFailure> {
-        let (_, row) = self.row(name)?;
-        Ok(self.info(&row))
+    /// One VM. While it runs, the CD drive shows what QEMU has in it (the guest may have
+    /// ejected the disc itself).
+    pub async fn show(&self, name: &str) -> Result<VmInfo, ApiFailure> {
+        let (vm, row) = self.row(name)?;
+        let mut info = self.info(&row);
+        if let (Some(cd), Some(qmp)) = (info.cdrom.as_mut(), self.live_qmp(&vm)) {
+            if let Ok(medium) = hardware::cdrom_medium(&qmp).await {
+                cd.iso = medium;
+            }
+        }
+        Ok(info)
     }
 
     /// Number of VMs.
@@ -325,10 +372,16 @@ impl VmManager {
                 .disks
                 .iter()
                 .enumerate()
-                .map(|(i, d)| DiskInfo {
-                    path: dir.join(&d.file).display().to_string(),
-                    size_bytes: d.size_bytes,
-                    node: disk_node(i),
+                .map(|(i, d)| {
+                    let path = dir.join(&d.file);
+                    DiskInfo {
+                        data_file: qcow2::external_data_file(&path).ok().flatten(),
+                        path: path.display().to_string(),
+                        size_bytes: d.size_bytes,
+                        node: disk_node(i),
+                        bus: d.bus,
+                        role: d.role,
+                    }
                 })
                 .collect(),
             nics: row
@@ -356,6 +409,12 @@ impl VmManager {
                 .ok()
                 .flatten()
                 .map(|r| r.role.as_str().to_owned()),
+            machine: row.spec.machine,
+            firmware: row.spec.firmware,
+            secure_boot: row.spec.secure_boot,
+            cdrom: row.spec.cdrom.clone(),
+            boot_order: row.spec.boot_order.clone(),
+            rng: row.spec.rng,
         }
     }
 
@@ -375,39 +434,78 @@ impl VmManager {
             Err(StoreError::NotFound(_)) => {}
             Err(e) => return Err(e.into()),
         }
-        // Resolve disks: sizes of new ones, existence and size of imported ones.
+        // Resolve disks: sizes of new ones, existence, format and size of imported ones.
         let mut disks = Vec::new();
-        let mut imports = Vec::new();
+        let mut sources = Vec::new();
         for (i, d) in req.disks.iter().enumerate() {
             let file = format!("disk{i}.qcow2");
             match d {
-                DiskRequest::New { size_bytes } => {
+                DiskRequest::New { size_bytes, bus } => {
                     disks.push(DiskSpec {
                         file,
                         size_bytes: *size_bytes,
+                        bus: *bus,
+                        role: DiskRole::Data,
                     });
-                    imports.push(None);
+                    sources.push(DiskSource::New);
                 }
-                DiskRequest::Import { path } => {
-                    let p = Path::new(path);
-                    if !p.is_absolute() {
-                        return Err(ApiFailure::invalid(format!(
-                            "disk image path {path:?} must be absolute"
-                        )));
+                DiskRequest::Import { path, format, bus } => {
+                    let (source, size_bytes) = self.resolve_image(path, *format).await?;
+                    if let DiskSource::TrackRaw(raw) = &source {
+                        if sources.contains(&DiskSource::TrackRaw(raw.clone())) {
+                            return Err(ApiFailure::invalid(format!(
+                                "raw disk {} is given twice",
+                                raw.display()
+                            )));
+                        }
                     }
-                    if !p.is_file() {
-                        return Err(ApiFailure::invalid(format!("disk image {path} not found")));
-                    }
-                    let info = img::info(&self.cfg.qemu_img, p)
-                        .await
-                        .map_err(|e| ApiFailure::invalid(format!("disk image {path}: {e}")))?;
                     disks.push(DiskSpec {
                         file,
-                        size_bytes: info.virtual_size,
+                        size_bytes,
+                        bus: *bus,
+                        role: DiskRole::Data,
                     });
-                    imports.push(Some(p.to_path_buf()));
+                    sources.push(source);
                 }
             }
+        }
+        if let Some(iso) = req.cdrom.as_ref().and_then(|c| c.iso.as_deref()) {
+            check_iso(iso)?;
+        }
+        if req.nvram.is_some() && req.firmware != Firmware::Uefi {
+            return Err(ApiFailure::invalid(
+                "an NVRAM image needs --firmware uefi".to_owned(),
+            ));
+        }
+        if req.firmware == Firmware::Uefi {
+            let (_, template) = self.ovmf_files(req.secure_boot)?;
+            let flash_size = std::fs::metadata(&template).map(|m| m.len()).map_err(|e| {
+                ApiFailure::invalid(format!(
+                    "cannot read the UEFI variable template {}: {e}",
+                    template.display()
+                ))
+            })?;
+            let source = match &req.nvram {
+                Some(path) => {
+                    let (source, size) = self.resolve_image(path, Some(ImageFormat::Qcow2)).await?;
+                    // The flash chip's size is fixed by the firmware build.
+                    if size != flash_size {
+                        return Err(ApiFailure::invalid(format!(
+                            "NVRAM image {path} is {size} bytes; this host's OVMF needs {flash_size}"
+                        )));
+                    }
+                    source
+                }
+                None => DiskSource::NvramTemplate(template),
+            };
+            let size_bytes = flash_size;
+            disks.push(DiskSpec {
+                file: NVRAM_FILE.to_owned(),
+                size_bytes,
+                bus: DiskBus::default(),
+                role: DiskRole::Nvram,
+            });
+            sources.push(source);
         }
         for (what, path) in [("kernel", &req.kernel), ("initrd", &req.initrd)] {
             if let Some(p) = path {
@@ -453,6 +551,12 @@ impl VmManager {
                 None => Boot::Disk,
             },
             nics,
+            machine: req.machine,
+            firmware: req.firmware,
+            secure_boot: req.secure_boot,
+            cdrom: req.cdrom,
+            boot_order: req.boot_order,
+            rng: req.rng,
         };
         spec.validate()
             .map_err(|e| ApiFailure::invalid(e.to_string()))?;
@@ -476,11 +580,22 @@ impl VmManager {
         std::fs::create_dir_all(&dir)
             .map_err(|e| ApiFailure::internal(format!("cannot create {}: {e}", dir.display())))?;
         let made = async {
-            for (d, import) in spec.disks.iter().zip(&imports) {
+            for (d, source) in spec.disks.iter().zip(&sources) {
                 let target = dir.join(&d.file);
-                match import {
-                    None => img::create_qcow2(&self.cfg.qemu_img, &target, d.size_bytes).await,
-                    Some(src) => img::convert_to_qcow2(&self.cfg.qemu_img, src, &target).await,
+                let qemu_img = &self.cfg.qemu_img;
+                match source {
+                    DiskSource::New => img::create_qcow2(qemu_img, &target, d.size_bytes).await,
+                    DiskSource::CopyQcow2(src) => {
+                        img::convert_to_qcow2_from(qemu_img, src, "qcow2", &target).await
+                    }
+                    DiskSource::NvramTemplate(src) => {
+                        img::convert_to_qcow2_from(qemu_img, src, "raw", &target).await
+                    }
+                    DiskSource::TrackRaw(raw) => {
+                        let scratch = dir.join(format!("{}.scratch", d.file));
+                        img::create_raw_tracker(qemu_img, &target, raw, &scratch, d.size_bytes)
+                            .await
+                    }
                 }
                 .map_err(|e| ApiFailure::qemu(e.to_string()))?;
             }
@@ -498,6 +613,125 @@ impl VmManager {
                 Err(e)
             }
         }
+    }
+
+    /// Checks an existing image and tells how it becomes a disk: a qcow2 is copied, a raw
+    /// image or block device is tracked in place. The format is the one given or the
+    /// name's (`.qcow2`, `.raw`, a block device); the contents are never probed.
+    async fn resolve_image(
+        &self,
+        path: &str,
+        format: Option<ImageFormat>,
+    ) -> Result<(DiskSource, u64), ApiFailure> {
+        let p = Path::new(path);
+        if !p.is_absolute() {
+            return Err(ApiFailure::invalid(format!(
+                "disk image path {path:?} must be absolute"
+            )));
+        }
+        let meta = std::fs::metadata(p)
+            .map_err(|e| ApiFailure::invalid(format!("disk image {path} not found: {e}")))?;
+        let is_block = std::os::unix::fs::FileTypeExt::is_block_device(&meta.file_type());
+        if !meta.is_file() && !is_block {
+            return Err(ApiFailure::invalid(format!(
+                "disk image {path} is neither a file nor a block device"
+            )));
+        }
+        let format = match format {
+            Some(f) => f,
+            None if is_block || path.ends_with(".raw") => ImageFormat::Raw,
+            None if path.ends_with(".qcow2") => ImageFormat::Qcow2,
+            None => {
+                return Err(ApiFailure::invalid(format!(
+                    "cannot tell the format of disk image {path}: add ,format=raw or ,format=qcow2 (ferry never guesses from the contents)"
+                )))
+            }
+        };
+        // Reading the first bytes proves the image is readable at all, with a clear error.
+        let mut magic = [0u8; 4];
+        std::fs::File::open(p)
+            .and_then(|f| {
+                use std::os::unix::fs::FileExt;
+                f.read_at(&mut magic, 0)
+            })
+            .map_err(|e| ApiFailure::invalid(format!("cannot read disk image {path}: {e}")))?;
+        let fmt = match format {
+            ImageFormat::Qcow2 => "qcow2",
+            ImageFormat::Raw => "raw",
+        };
+        let info = img::info_as(&self.cfg.qemu_img, p, fmt)
+            .await
+            .map_err(|e| {
+                ApiFailure::invalid(format!("disk image {path} is unreadable as {fmt}: {e}"))
+            })?;
+        match format {
+            ImageFormat::Qcow2 => {
+                if let Some(b) = &info.backing_filename {
+                    return Err(ApiFailure::invalid(format!(
+                        "qcow2 image {path} has a backing file ({b}); flatten it first (qemu-img convert -O qcow2)"
+                    )));
+                }
+                if let Some(f) = &info.data_file {
+                    return Err(ApiFailure::invalid(format!(
+                        "qcow2 image {path} keeps its data in an external file ({f}); give that raw file with ,format=raw instead"
+                    )));
+                }
+                Ok((DiskSource::CopyQcow2(p.to_path_buf()), info.virtual_size))
+            }
+            ImageFormat::Raw => {
+                if &magic == b"QFI\xfb" {
+                    return Err(ApiFailure::invalid(format!(
+                        "disk image {path} starts with a qcow2 header; if it is a qcow2, give ,format=qcow2"
+                    )));
+                }
+                let raw = std::fs::canonicalize(p)
+                    .map_err(|e| ApiFailure::invalid(format!("disk image {path}: {e}")))?;
+                if let Some(owner) = self.raw_owner(&raw)? {
+                    return Err(ApiFailure::conflict(format!(
+                        "raw disk {} is already used by VM {owner}",
+                        raw.display()
+                    )));
+                }
+                Ok((DiskSource::TrackRaw(raw), info.virtual_size))
+            }
+        }
+    }
+
+    /// The VM whose disk tracks the raw image or block device `raw` (canonical path).
+    fn raw_owner(&self, raw: &Path) -> Result<Option<String>, ApiFailure> {
+        for row in self.store.list_vms()? {
+            for disk in self.disk_paths(&row) {
+                let Ok(Some(data)) = qcow2::external_data_file(&disk) else {
+                    continue;
+                };
+                let data = disk.parent().unwrap_or(Path::new("/")).join(data);
+                let same = std::fs::canonicalize(&data).is_ok_and(|d| d == raw) || data == raw;
+                if same {
+                    return Ok(Some(row.spec.name.to_string()));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// The OVMF code and variable-template files for a UEFI VM, which must exist.
+    fn ovmf_files(&self, secure_boot: bool) -> Result<(PathBuf, PathBuf), ApiFailure> {
+        let dir = &self.cfg.firmware_dir;
+        let (code, vars) = if secure_boot {
+            ("OVMF_CODE_4M.secboot.fd", "OVMF_VARS_4M.ms.fd")
+        } else {
+            ("OVMF_CODE_4M.fd", "OVMF_VARS_4M.fd")
+        };
+        let (code, vars) = (dir.join(code), dir.join(vars));
+        for f in [&code, &vars] {
+            if !f.is_file() {
+                return Err(ApiFailure::invalid(format!(
+                    "UEFI firmware {} not found; install Debian's ovmf package (apt-get install ovmf) or set firmware_dir in ferryd's config",
+                    f.display()
+                )));
+            }
+        }
+        Ok((code, vars))
     }
 
     /// Deletes a VM that is off: its inventory entry, disks and directory.
@@ -670,7 +904,9 @@ impl VmManager {
                 append.clone(),
             ),
         };
+        let hardware = self.hardware(&row.spec)?;
         let cmd = QemuCommand {
+            hardware,
             binary: self.cfg.qemu_binary.clone(),
             name: row.spec.name.to_string(),
             accel: self.accel,
@@ -711,6 +947,127 @@ impl VmManager {
                 )))
             }
         }
+    }
+
+    /// The QEMU hardware of a spec. An ISO that is gone (e.g. a VM failed over to a host
+    /// without it) leaves the drive empty rather than keeping the VM from starting.
+    fn hardware(&self, spec: &VmSpec) -> Result<Hardware, ApiFailure> {
+        let uefi = match spec.firmware {
+            Firmware::Bios => None,
+            Firmware::Uefi => {
+                let (code, _) = self.ovmf_files(spec.secure_boot)?;
+                let nvram_disk = spec
+                    .disks
+                    .iter()
+                    .position(|d| d.role == DiskRole::Nvram)
+                    .ok_or_else(|| {
+                        ApiFailure::internal(format!("UEFI VM {} has no NVRAM disk", spec.name))
+                    })?;
+                Some(Uefi {
+                    code,
+                    nvram_disk,
+                    secure_boot: spec.secure_boot,
+                })
+            }
+        };
+        let cdrom = spec.cdrom.as_ref().map(|c| {
+            c.iso.as_ref().map(PathBuf::from).filter(|iso| {
+                let there = iso.exists();
+                if !there {
+                    warn!(vm = %spec.name, "ISO {} is gone; the CD drive starts empty", iso.display());
+                }
+                there
+            })
+        });
+        Ok(Hardware {
+            machine: spec.machine,
+            uefi,
+            disk_buses: spec.disks.iter().map(|d| d.bus).collect(),
+            cdrom,
+            boot_order: spec.boot_order.clone(),
+            rng: spec.rng,
+        })
+    }
+
+    /// Changes a VM's hardware (`ferry vm set`): the CD drive also while it runs (through
+    /// QMP, then recorded); the machine type and RNG only while it is off; the boot order
+    /// at any time, effective at the next start. Everything is checked before anything
+    /// changes.
+    pub async fn set(&self, name: &str, req: VmSetRequest) -> Result<VmInfo, ApiFailure> {
+        let (vm, _) = self.row(name)?;
+        let _guard = self.lock_vm(&vm).await;
+        let row = self.store.get_vm(&vm)?;
+        if let Some(rel) = self.store.replication(row.id)? {
+            if rel.role == ferry_domain::Role::Replica {
+                return Err(ApiFailure::conflict(format!(
+                    "VM {vm} is a replica; change its hardware on its primary"
+                )));
+            }
+            // The replica keeps the spec it got when replication was enabled; a machine,
+            // RNG or boot order changed here alone would come up differently after a
+            // failover. The CD drive's disc is host-local and may change.
+            if req.machine.is_some() || req.rng.is_some() || req.boot_order.is_some() {
+                return Err(ApiFailure::conflict(format!(
+                    "VM {vm} is replicated and its replica keeps the hardware it had when replication was enabled; remove replication, change it, and enable replication again"
+                )));
+            }
+        }
+        if req.cdrom.is_some() && req.eject {
+            return Err(ApiFailure::invalid(
+                "--cdrom and --eject exclude each other".to_owned(),
+            ));
+        }
+        if req == VmSetRequest::default() {
+            return Err(ApiFailure::invalid(
+                "nothing to change; give --cdrom, --eject, --boot, --machine or --rng".to_owned(),
+            ));
+        }
+        let running = row.state.has_process();
+        let mut spec = row.spec.clone();
+        if let Some(iso) = &req.cdrom {
+            check_iso(iso)?;
+            if spec.cdrom.is_none() && running {
+                return Err(ApiFailure::conflict(format!(
+                    "VM {vm} has no CD drive; add one while it is off (ferry vm set {vm} --cdrom ISO)"
+                )));
+            }
+            spec.cdrom = Some(CdromSpec {
+                iso: Some(iso.clone()),
+            });
+        }
+        if req.eject {
+            let Some(cd) = spec.cdrom.as_mut() else {
+                return Err(ApiFailure::invalid(format!("VM {vm} has no CD drive")));
+            };
+            cd.iso = None;
+        }
+        if req.machine.is_some() || req.rng.is_some() {
+            if running {
+                return Err(ApiFailure::conflict(format!(
+                    "VM {vm} is {}: change its machine type or RNG while it is off",
+                    row.state
+                )));
+            }
+            spec.machine = req.machine.unwrap_or(spec.machine);
+            spec.rng = req.rng.unwrap_or(spec.rng);
+        }
+        if let Some(order) = &req.boot_order {
+            spec.boot_order = order.clone();
+        }
+        spec.validate()
+            .map_err(|e| ApiFailure::invalid(e.to_string()))?;
+        if running && (req.cdrom.is_some() || req.eject) {
+            let inst = self.live(&vm)?;
+            let done = match &req.cdrom {
+                Some(iso) => hardware::change_cdrom(&inst.qmp, Path::new(iso)).await,
+                None => hardware::eject_cdrom(&inst.qmp).await,
+            };
+            done.map_err(|e| ApiFailure::qemu(format!("{vm}: QEMU refused the CD change: {e}")))?;
+        }
+        self.store.set_vm_spec(row.id, &spec)?;
+        info!(vm = %vm, "hardware changed");
+        let row = self.store.get_vm(&vm)?;
+        Ok(self.info(&row))
     }
 
     fn live(&self, vm: &VmName) -> Result<Arc<Instance>, ApiFailure> {

@@ -14,5 +14,8 @@ pub use lifecycle::{Action, LifecycleError, Operation, VmState};
 pub use name::{NameError, VmName};
 pub use replication::{Interval, ReplicationState, RetentionPolicy, Role};
 pub use size::{parse_size, SizeError};
-pub use spec::{Boot, DiskSpec, NicKind, NicSpec, ValidationError, VmSpec};
+pub use spec::{
+    Boot, BootDevice, CdromSpec, DiskBus, DiskRole, DiskSpec, Firmware, Machine, NicKind, NicSpec,
+    ValidationError, VmSpec,
+};
 pub use time::CivilTime;

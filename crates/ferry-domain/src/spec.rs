@@ -33,15 +33,124 @@ pub struct VmSpec {
     pub boot: Boot,
     /// Network adapters.
     pub nics: Vec<NicSpec>,
+    /// The virtual hardware platform (absent in VMs made before it existed: `pc`).
+    #[serde(default)]
+    pub machine: Machine,
+    /// The firmware (absent: BIOS). A UEFI VM's NVRAM is one of its disks, of role
+    /// [`DiskRole::Nvram`], so it is replicated, checkpointed and exported with them.
+    #[serde(default)]
+    pub firmware: Firmware,
+    /// UEFI Secure Boot (needs UEFI and q35).
+    #[serde(default)]
+    pub secure_boot: bool,
+    /// The CD drive, if the VM has one.
+    #[serde(default)]
+    pub cdrom: Option<CdromSpec>,
+    /// Firmware boot order; empty = the first disk (QEMU's `-boot c`).
+    #[serde(default)]
+    pub boot_order: Vec<BootDevice>,
+    /// A virtio-rng device feeding the guest's entropy pool from the host's.
+    #[serde(default)]
+    pub rng: bool,
+}
+
+/// The virtual hardware platform.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Machine {
+    /// i440FX + PIIX: the oldest, most compatible platform.
+    #[default]
+    Pc,
+    /// Q35 + ICH9 with PCI Express; needed for Secure Boot.
+    Q35,
+}
+
+/// The firmware a VM boots with.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Firmware {
+    /// SeaBIOS.
+    #[default]
+    Bios,
+    /// OVMF (UEFI), with a per-VM NVRAM.
+    Uefi,
+}
+
+/// The bus a disk is attached to in the guest (named as the CLI's `bus=` takes it).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DiskBus {
+    /// One virtio-blk PCI device per disk (`vda`, `vdb`, …).
+    #[default]
+    VirtioBlk,
+    /// A LUN on the VM's virtio-scsi controller (`sda`, …); supports discard and many disks.
+    VirtioScsi,
+}
+
+/// What a disk is to the VM.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DiskRole {
+    /// A disk the guest sees.
+    #[default]
+    Data,
+    /// The UEFI variable store (OVMF's second flash chip); not a guest disk.
+    Nvram,
+}
+
+/// A device the firmware may boot from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BootDevice {
+    /// The CD drive.
+    Cdrom,
+    /// The first data disk.
+    Disk,
+    /// The first NIC (PXE).
+    Network,
+}
+
+impl BootDevice {
+    /// Parses `cdrom`, `disk` or `network`.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "cdrom" => Some(Self::Cdrom),
+            "disk" => Some(Self::Disk),
+            "network" | "net" => Some(Self::Network),
+            _ => None,
+        }
+    }
+
+    /// Its name as [`parse`](Self::parse) takes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Cdrom => "cdrom",
+            Self::Disk => "disk",
+            Self::Network => "network",
+        }
+    }
+}
+
+/// A VM's CD drive.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CdromSpec {
+    /// Absolute host path of the ISO in the drive; `None` = the drive is empty.
+    pub iso: Option<String>,
 }
 
 /// One qcow2 disk, stored in the VM's own directory under the host's VM storage path.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskSpec {
     /// File name inside the VM's directory (`disk0.qcow2`), never a path.
     pub file: String,
     /// Virtual size in bytes.
     pub size_bytes: u64,
+    /// The guest bus (absent: virtio-blk).
+    #[serde(default)]
+    pub bus: DiskBus,
+    /// Data disk or UEFI NVRAM (absent: data).
+    #[serde(default)]
+    pub role: DiskRole,
 }
 
 /// How a VM boots.
@@ -131,6 +240,18 @@ pub enum ValidationError {
     /// Disk boot without a disk.
     #[error("a VM that boots from disk needs at least one disk")]
     NoBootDisk,
+    /// UEFI without exactly one NVRAM disk, or an NVRAM disk without UEFI.
+    #[error("a UEFI VM has exactly one NVRAM disk and a BIOS VM none, got {0}")]
+    Nvram(usize),
+    /// Secure Boot without UEFI on q35.
+    #[error("secure boot needs --firmware uefi and --machine q35")]
+    SecureBoot,
+    /// An ISO path that is not absolute or holds characters QEMU can't take.
+    #[error("ISO path {0:?} must be absolute and contain no ','")]
+    IsoPath(String),
+    /// Booting from a device the VM does not have, or twice from one.
+    #[error("boot order {0}: the VM has no such device or names it twice")]
+    BootOrder(String),
 }
 
 impl VmSpec {
@@ -159,6 +280,32 @@ impl VmSpec {
                 return Err(ValidationError::DuplicateDisk(disk.file.clone()));
             }
         }
+        let nvram = self
+            .disks
+            .iter()
+            .filter(|d| d.role == DiskRole::Nvram)
+            .count();
+        if nvram != usize::from(self.firmware == Firmware::Uefi) {
+            return Err(ValidationError::Nvram(nvram));
+        }
+        if self.secure_boot && (self.firmware != Firmware::Uefi || self.machine != Machine::Q35) {
+            return Err(ValidationError::SecureBoot);
+        }
+        if let Some(iso) = self.cdrom.as_ref().and_then(|c| c.iso.as_ref()) {
+            if check_boot_path("ISO", iso).is_err() {
+                return Err(ValidationError::IsoPath(iso.clone()));
+            }
+        }
+        for (i, dev) in self.boot_order.iter().enumerate() {
+            let present = match dev {
+                BootDevice::Cdrom => self.cdrom.is_some(),
+                BootDevice::Disk => self.disks.iter().any(|d| d.role == DiskRole::Data),
+                BootDevice::Network => !self.nics.is_empty(),
+            };
+            if !present || self.boot_order[..i].contains(dev) {
+                return Err(ValidationError::BootOrder(dev.as_str().to_owned()));
+            }
+        }
         if self.nics.len() > MAX_NICS {
             return Err(ValidationError::TooManyNics(self.nics.len()));
         }
@@ -173,7 +320,12 @@ impl VmSpec {
             }
         }
         match &self.boot {
-            Boot::Disk if self.disks.is_empty() => return Err(ValidationError::NoBootDisk),
+            // A CD drive is a boot device too (an installer ISO onto an empty disk).
+            Boot::Disk
+                if self.cdrom.is_none() && !self.disks.iter().any(|d| d.role == DiskRole::Data) =>
+            {
+                return Err(ValidationError::NoBootDisk)
+            }
             Boot::Disk => {}
             Boot::Kernel {
                 kernel,
@@ -255,6 +407,8 @@ mod tests {
             disks: vec![DiskSpec {
                 file: "disk0.qcow2".into(),
                 size_bytes: 64 << 20,
+                bus: DiskBus::VirtioBlk,
+                role: DiskRole::Data,
             }],
             boot: Boot::Kernel {
                 kernel: "/boot/vmlinuz".into(),
@@ -265,6 +419,12 @@ mod tests {
                 kind: NicKind::User,
                 mac: "52:54:00:12:34:56".into(),
             }],
+            machine: Machine::Pc,
+            firmware: Firmware::Bios,
+            secure_boot: false,
+            cdrom: None,
+            boot_order: vec![],
+            rng: false,
         }
     }
 
@@ -334,12 +494,64 @@ mod tests {
                 },
                 ValidationError::NoBootDisk,
             ),
+            (|s| s.firmware = Firmware::Uefi, ValidationError::Nvram(0)),
+            (
+                |s| s.disks[0].role = DiskRole::Nvram,
+                ValidationError::Nvram(1),
+            ),
+            (|s| s.secure_boot = true, ValidationError::SecureBoot),
+            (
+                |s| {
+                    s.cdrom = Some(CdromSpec {
+                        iso: Some("rel.iso".into()),
+                    })
+                },
+                ValidationError::IsoPath("rel.iso".into()),
+            ),
+            (
+                |s| s.boot_order = vec![BootDevice::Cdrom],
+                ValidationError::BootOrder("cdrom".into()),
+            ),
+            (
+                |s| s.boot_order = vec![BootDevice::Disk, BootDevice::Disk],
+                ValidationError::BootOrder("disk".into()),
+            ),
         ];
         for (mutate, want) in cases {
             let mut spec = base();
             mutate(&mut spec);
             assert_eq!(spec.validate().unwrap_err(), *want);
         }
+    }
+
+    #[test]
+    fn uefi_q35_with_nvram_and_cdrom_is_valid() {
+        let mut s = base();
+        s.machine = Machine::Q35;
+        s.firmware = Firmware::Uefi;
+        s.secure_boot = true;
+        s.disks.push(DiskSpec {
+            file: "nvram.qcow2".into(),
+            size_bytes: 540672,
+            bus: DiskBus::VirtioBlk,
+            role: DiskRole::Nvram,
+        });
+        s.cdrom = Some(CdromSpec {
+            iso: Some("/isos/debian.iso".into()),
+        });
+        s.boot_order = vec![BootDevice::Cdrom, BootDevice::Disk, BootDevice::Network];
+        s.validate().unwrap();
+    }
+
+    #[test]
+    fn specs_stored_before_the_hardware_fields_read_as_pc_bios() {
+        let old = r#"{"name":"vm1","cpus":1,"memory_mib":256,"disks":[{"file":"disk0.qcow2","size_bytes":1}],"boot":{"kind":"disk"},"nics":[]}"#;
+        let spec: VmSpec = serde_json::from_str(old).unwrap();
+        assert_eq!(spec.machine, Machine::Pc);
+        assert_eq!(spec.firmware, Firmware::Bios);
+        assert_eq!(spec.disks[0].bus, DiskBus::VirtioBlk);
+        assert_eq!(spec.disks[0].role, DiskRole::Data);
+        assert!(spec.cdrom.is_none() && spec.boot_order.is_empty() && !spec.rng);
     }
 
     #[test]

@@ -114,6 +114,8 @@ pub struct ImageInfo {
     pub backing_filename: Option<String>,
     /// Names of the persistent dirty bitmaps stored in a qcow2.
     pub dirty_bitmaps: Vec<String>,
+    /// A qcow2's external data file (the raw image its metadata describes), if any.
+    pub data_file: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -141,6 +143,8 @@ struct FormatSpecific {
 struct FormatData {
     #[serde(default)]
     bitmaps: Vec<RawBitmap>,
+    #[serde(rename = "data-file")]
+    data_file: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -152,10 +156,13 @@ struct RawBitmap {
 pub fn parse_info(json: &str) -> Result<ImageInfo, ImgError> {
     let raw: RawInfo =
         serde_json::from_str(json).map_err(|source| ImgError::ParseInfo { source })?;
-    let dirty_bitmaps = match raw.format_specific {
+    let (dirty_bitmaps, data_file) = match raw.format_specific {
         // Only qcow2 stores bitmaps; other formats' data has other shapes.
-        Some(fs) if fs.kind == "qcow2" => fs.data.bitmaps.into_iter().map(|b| b.name).collect(),
-        _ => Vec::new(),
+        Some(fs) if fs.kind == "qcow2" => (
+            fs.data.bitmaps.into_iter().map(|b| b.name).collect(),
+            fs.data.data_file,
+        ),
+        _ => (Vec::new(), None),
     };
     Ok(ImageInfo {
         format: raw.format,
@@ -163,6 +170,7 @@ pub fn parse_info(json: &str) -> Result<ImageInfo, ImgError> {
         actual_size: raw.actual_size,
         backing_filename: raw.backing_filename,
         dirty_bitmaps,
+        data_file,
     })
 }
 
@@ -185,6 +193,107 @@ pub async fn info(qemu_img: &Path, path: &Path) -> Result<ImageInfo, ImgError> {
         });
     }
     parse_info(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// Runs `qemu-img info -f FORMAT` on an image: the format is stated, never probed, because
+/// a raw image whose guest wrote a qcow2 header would otherwise be read as a qcow2 (with
+/// whatever backing file that header names).
+pub async fn info_as(qemu_img: &Path, path: &Path, format: &str) -> Result<ImageInfo, ImgError> {
+    require_input(path).await?;
+    let args = [
+        OsStr::new("info"),
+        OsStr::new("--output=json"),
+        OsStr::new("-U"),
+        OsStr::new("-f"),
+        OsStr::new(format),
+        path.as_os_str(),
+    ];
+    let out = run(qemu_img, &args, Some(("info", path))).await?;
+    if !out.status.success() {
+        return Err(ImgError::Info {
+            path: path.into(),
+            stderr: failure_text(&out),
+        });
+    }
+    parse_info(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// Copies an image of the stated `format` into a new qcow2 (no format probing).
+pub async fn convert_to_qcow2_from(
+    qemu_img: &Path,
+    src: &Path,
+    format: &str,
+    dst: &Path,
+) -> Result<(), ImgError> {
+    convert(qemu_img, src, dst, &["-f", format, "-O", "qcow2"]).await
+}
+
+/// Creates `meta`, a qcow2 that holds no data itself but tracks the raw image or block
+/// device `raw` as its external data file (`data_file_raw=on`: guest offset = raw offset,
+/// so `raw` stays a valid raw image). The qcow2 layer carries what a raw file cannot:
+/// persistent dirty bitmaps for replication.
+///
+/// `qemu-img create -o data_file=RAW` would truncate an existing RAW to zero first, so
+/// the image is created over `scratch` (a new sparse file, removed afterwards) and then
+/// pointed at `raw` with `qemu-img amend`, which leaves the raw data untouched.
+pub async fn create_raw_tracker(
+    qemu_img: &Path,
+    meta: &Path,
+    raw: &Path,
+    scratch: &Path,
+    size_bytes: u64,
+) -> Result<(), ImgError> {
+    require_absent(meta).await?;
+    require_absent(scratch).await?;
+    require_input(raw).await?;
+    let mut create = OsStr::new("data_file=").to_os_string();
+    create.push(scratch);
+    create.push(",data_file_raw=on");
+    let size = size_bytes.to_string();
+    let args = [
+        OsStr::new("create"),
+        OsStr::new("-q"),
+        OsStr::new("-f"),
+        OsStr::new("qcow2"),
+        OsStr::new("-o"),
+        &create,
+        meta.as_os_str(),
+        OsStr::new(&size),
+    ];
+    let made = async {
+        let out = run(qemu_img, &args, Some(("create", meta))).await?;
+        if !out.status.success() {
+            return Err(ImgError::Create {
+                path: meta.into(),
+                stderr: failure_text(&out),
+            });
+        }
+        let mut amend = OsStr::new("data_file=").to_os_string();
+        amend.push(raw);
+        let args = [
+            OsStr::new("amend"),
+            OsStr::new("-f"),
+            OsStr::new("qcow2"),
+            OsStr::new("-o"),
+            &amend,
+            meta.as_os_str(),
+        ];
+        let out = run(qemu_img, &args, Some(("create", meta))).await?;
+        if !out.status.success() {
+            return Err(ImgError::Create {
+                path: meta.into(),
+                stderr: failure_text(&out),
+            });
+        }
+        Ok(())
+    }
+    .await;
+    // amend opens the data file named in the image, so the scratch goes only now.
+    let _ = tokio::fs::remove_file(scratch).await;
+    if made.is_err() {
+        let _ = tokio::fs::remove_file(meta).await;
+    }
+    made
 }
 
 /// Creates an empty qcow2 image of `size_bytes` with default options.
@@ -329,6 +438,7 @@ mod tests {
                 actual_size: Some(200704),
                 backing_filename: None,
                 dirty_bitmaps: vec![],
+                data_file: None,
             }
         );
     }
@@ -369,6 +479,7 @@ mod tests {
                 actual_size: Some(4096),
                 backing_filename: None,
                 dirty_bitmaps: vec![],
+                data_file: None,
             }
         );
     }

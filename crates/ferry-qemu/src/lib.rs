@@ -16,6 +16,7 @@
 
 pub mod agent;
 pub mod cbt;
+pub mod hardware;
 pub mod img;
 pub mod process;
 pub mod qcow2;

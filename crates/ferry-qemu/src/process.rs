@@ -17,6 +17,8 @@ use std::time::Duration;
 use tokio::process::Command;
 use tokio::time::Instant;
 
+use crate::hardware::Hardware;
+
 /// Longest unix socket path QEMU can bind: `sun_path` is 108 bytes including
 /// the terminating NUL.
 const SUN_PATH_MAX: usize = 107;
@@ -261,6 +263,8 @@ pub struct QemuCommand {
     /// starts with `-loadvm TAG -S`, so the vCPUs wait for `cont` (the caller re-arms
     /// change tracking first).
     pub loadvm: Option<String>,
+    /// Machine type, firmware, disk buses, CD drive, boot order, RNG.
+    pub hardware: Hardware,
 }
 
 impl QemuCommand {
@@ -291,6 +295,7 @@ impl QemuCommand {
         for (i, disk) in self.disks.iter().enumerate() {
             paths.push((format!("disk {i}"), disk));
         }
+        paths.extend(self.hardware.paths());
         for (what, path) in &paths {
             check_path(what, path)?;
         }
@@ -336,7 +341,7 @@ impl QemuCommand {
         // a property of -name.
         a.push2("-name", format!("guest={}", self.name));
         a.push2("-accel", self.accel.as_str());
-        a.push2("-machine", "pc");
+        a.push2("-machine", self.hardware.machine_arg());
         a.push2("-cpu", self.accel.cpu_model());
         a.push2("-smp", self.cpus.to_string());
         a.push2("-m", self.memory_mib.to_string());
@@ -382,6 +387,7 @@ impl QemuCommand {
             );
         }
 
+        a.0.extend(self.hardware.firmware_args());
         for (i, disk) in self.disks.iter().enumerate() {
             let file = format!("driver=file,node-name=file{i},filename=");
             a.push2("-blockdev", opt(&file, disk, ",cache.direct=off"));
@@ -390,11 +396,9 @@ impl QemuCommand {
                 "-blockdev",
                 format!("driver=qcow2,node-name={},file=file{i}", disk_node(i)),
             );
-            a.push2(
-                "-device",
-                format!("virtio-blk-pci,drive={},id=vblk{i}", disk_node(i)),
-            );
         }
+        a.0.extend(self.hardware.disk_device_args(self.disks.len()));
+        a.0.extend(self.hardware.device_args());
 
         if self.nics.is_empty() {
             a.push2("-nic", "none");
@@ -407,7 +411,11 @@ impl QemuCommand {
             a.push2("-netdev", netdev);
             a.push2(
                 "-device",
-                format!("virtio-net-pci,netdev=net{j},mac={}", nic.mac),
+                format!(
+                    "virtio-net-pci,netdev=net{j},mac={}{}",
+                    nic.mac,
+                    self.hardware.nic_suffix(j)
+                ),
             );
         }
 
@@ -421,7 +429,9 @@ impl QemuCommand {
                     a.push2("-append", append);
                 }
             }
-            None => a.push2("-boot", "c"),
+            // With a boot order, each device's bootindex decides instead.
+            None if self.hardware.boot_order.is_empty() => a.push2("-boot", "c"),
+            None => {}
         }
         if let Some(tag) = &self.loadvm {
             a.push2("-loadvm", tag);
@@ -878,6 +888,7 @@ mod tests {
             console_socket: "/run/ferry/web1/console.sock".into(),
             agent_socket: None,
             loadvm: None,
+            hardware: Hardware::default(),
             console_log: "/var/log/ferry/web1-console.log".into(),
             pidfile: "/run/ferry/web1/qemu.pid".into(),
         }
@@ -918,9 +929,9 @@ mod tests {
             "-serial", "chardev:serial0",
             "-blockdev", "driver=file,node-name=file0,filename=/vms/web1/disk0.qcow2,cache.direct=off",
             "-blockdev", "driver=qcow2,node-name=drive0,file=file0",
-            "-device", "virtio-blk-pci,drive=drive0,id=vblk0",
             "-blockdev", "driver=file,node-name=file1,filename=/vms/web1/disk1.qcow2,cache.direct=off",
             "-blockdev", "driver=qcow2,node-name=drive1,file=file1",
+            "-device", "virtio-blk-pci,drive=drive0,id=vblk0",
             "-device", "virtio-blk-pci,drive=drive1,id=vblk1",
             "-nic", "none",
             "-boot", "c",

@@ -105,6 +105,40 @@ fn be16(b: &[u8], at: usize) -> u16 {
     u16::from_be_bytes(b[at..at + 2].try_into().expect("2 bytes"))
 }
 
+/// Header extension type of a qcow2's external data file name.
+const EXT_DATA_FILE: u32 = 0x4441_5441;
+
+/// The external data file a qcow2 names in its header (the raw image a metadata-only qcow2
+/// tracks), or `None`. Reads only the header, so it is cheap enough for listing VMs.
+pub fn external_data_file(path: &Path) -> Result<Option<String>, Qcow2Error> {
+    let io = |source| Qcow2Error::Io {
+        path: path.into(),
+        source,
+    };
+    let file = File::open(path).map_err(io)?;
+    let mut head = vec![0u8; 4096];
+    let n = file.read_at(&mut head, 0).map_err(io)?;
+    head.truncate(n);
+    if head.len() < 104 || &head[..4] != b"QFI\xfb" || be32(&head, 4) < 3 {
+        return Ok(None);
+    }
+    let mut at = be32(&head, 100) as usize;
+    while at + 8 <= head.len() {
+        let (kind, len) = (be32(&head, at), be32(&head, at + 4) as usize);
+        if kind == 0 {
+            break;
+        }
+        let data = at + 8;
+        if kind == EXT_DATA_FILE {
+            return Ok(head
+                .get(data..data + len)
+                .map(|b| String::from_utf8_lossy(b).into_owned()));
+        }
+        at = data + len.div_ceil(8) * 8;
+    }
+    Ok(None)
+}
+
 /// Bit 62 of an L2 entry: a compressed cluster (its data is not at a plain offset).
 const COMPRESSED: u64 = 1 << 62;
 /// Bit 0 of a standard L2 entry (v3): the cluster reads as zeros.

@@ -361,9 +361,16 @@ mod tests {
             disks: vec![DiskSpec {
                 file: "disk0.qcow2".into(),
                 size_bytes: 1 << 30,
+                ..Default::default()
             }],
             boot: Boot::Disk,
             nics: vec![],
+            machine: Default::default(),
+            firmware: Default::default(),
+            secure_boot: false,
+            cdrom: None,
+            boot_order: vec![],
+            rng: false,
         }
     }
 

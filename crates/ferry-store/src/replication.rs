@@ -708,9 +708,16 @@ mod tests {
                 disks: vec![DiskSpec {
                     file: "disk0.qcow2".into(),
                     size_bytes: 1 << 20,
+                    ..Default::default()
                 }],
                 boot: Boot::Disk,
                 nics: vec![],
+                machine: Default::default(),
+                firmware: Default::default(),
+                secure_boot: false,
+                cdrom: None,
+                boot_order: vec![],
+                rng: false,
             };
             vm_id = store.insert_vm(&spec, 1).unwrap().id;
             let mut r = rel(vm_id);

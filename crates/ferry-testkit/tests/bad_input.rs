@@ -173,7 +173,7 @@ fn bad_requests_are_refused_with_one_line_and_change_nothing() {
         "create",
         "v",
         "--disk",
-        not_an_image.to_str().unwrap(),
+        &format!("{},format=raw", not_an_image.display()),
     ]);
     assert!(err.contains("size must be between"), "{err}");
     assert_eq!(snapshot(&host), before);

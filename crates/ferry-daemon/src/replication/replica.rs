@@ -1204,6 +1204,7 @@ fn replica_for(
         slots.push(DiskSpec {
             file: file.display().to_string(),
             size_bytes: d.size_bytes,
+            ..d.clone()
         });
     }
     replica_spec.disks = slots;

@@ -123,6 +123,7 @@ pub async fn start(
             disks.push(DiskSpec {
                 file: overlay.display().to_string(),
                 size_bytes: d.size_bytes,
+                ..d.clone()
             });
         }
         let mut spec = row.spec.clone();
