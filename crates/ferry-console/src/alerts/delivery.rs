@@ -171,9 +171,18 @@ impl ChannelSettings {
         }
         if !self.webhook_url.is_empty() {
             let (addr, _, _) = parse_http_url(&self.webhook_url)?;
-            let resolved: Vec<SocketAddr> = std::net::ToSocketAddrs::to_socket_addrs(&addr)
-                .map_err(|e| format!("webhook URL {:?}: {e}", self.webhook_url))?
-                .collect();
+            let lookup = || std::net::ToSocketAddrs::to_socket_addrs(&addr);
+            // A name lookup blocks: on the server's (multi-threaded) runtime it runs with
+            // this worker handed over, so other requests go on meanwhile.
+            let on_workers = tokio::runtime::Handle::try_current()
+                .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+            let resolved: Vec<SocketAddr> = if on_workers {
+                tokio::task::block_in_place(lookup)
+            } else {
+                lookup()
+            }
+            .map_err(|e| format!("webhook URL {:?}: {e}", self.webhook_url))?
+            .collect();
             for a in resolved {
                 allow.check(&self.webhook_url, a.ip())?;
             }
