@@ -337,6 +337,24 @@ fn cookies_are_secure_over_https_sessions_end_with_a_new_password_and_logins_are
         let r = login_from(&c, "127.0.0.1", USER, PASSWORD, &via(ip));
         assert_eq!(r.status, 429, "{ip}: {r:?}");
     }
+    // A burst of parallel guesses is no way around it: the count is checked again when
+    // each guess gets its turn at the (two) password checkers.
+    let answers: Vec<u16> = std::thread::scope(|sc| {
+        let hs: Vec<_> = (0..12)
+            .map(|i| {
+                let c = &c;
+                sc.spawn(move || {
+                    let ip = format!("10.0.2.{i}");
+                    let xff = [("X-Forwarded-For", ip.as_str())];
+                    login_from(c, "127.0.0.1", "burst", "wrong", &xff).status
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let checked = answers.iter().filter(|&&a| a == 401).count();
+    assert!((5..=6).contains(&checked), "{answers:?}");
+    assert_eq!(answers.iter().filter(|&&a| a == 429).count(), 12 - checked);
     // The existing session is untouched by the lock.
     assert!(c.get(&cookie, "/hosts").contains("Hosts"));
     assert!(c.log().contains("login refused: too many failures"));

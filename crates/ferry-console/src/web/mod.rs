@@ -290,23 +290,28 @@ async fn login(
     let keys = auth::throttle_keys(&f.user, s.access.client(peer, &headers));
     // A locked name or address is refused before the password is looked at, whatever it
     // is, so the answer says nothing about the password or whether the user exists.
-    let locked = s
-        .access
-        .throttle
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .check(&keys, crate::now());
-    if let Err(left) = locked {
-        tracing::warn!(user = ?f.user, keys = ?keys, "login refused: too many failures");
-        return (
-            StatusCode::TOO_MANY_REQUESTS,
-            [(header::RETRY_AFTER, left.to_string())],
-            login_form(Some(&format!(
-                "too many failed logins for this user or from this address: try again in {} min",
-                (left + 59) / 60
-            ))),
-        )
-            .into_response();
+    let refused = || {
+        let locked = s
+            .access
+            .throttle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .check(&keys, crate::now());
+        locked.err().map(|left| {
+            tracing::warn!(user = ?f.user, keys = ?keys, "login refused: too many failures");
+            (
+                StatusCode::TOO_MANY_REQUESTS,
+                [(header::RETRY_AFTER, left.to_string())],
+                login_form(Some(&format!(
+                    "too many failed logins for this user or from this address: try again in {} min",
+                    (left + 59) / 60
+                ))),
+            )
+                .into_response()
+        })
+    };
+    if let Some(r) = refused() {
+        return r;
     }
     // A missing user is checked against a dummy hash so both paths cost the same; argon2
     // is CPU-bound by design, so it runs off the async workers.
@@ -316,6 +321,11 @@ async fn login(
     // instead of exhausting memory.
     static CHECKS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
     let _turn = CHECKS.acquire().await;
+    // Again with the turn: a burst of parallel guesses all passed the first look while
+    // the earlier ones were still being checked.
+    if let Some(r) = refused() {
+        return r;
+    }
     let ok = tokio::task::spawn_blocking(move || match &phc {
         Some(phc) => auth::verify_password(&password, phc),
         None => {
