@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
+use ferry_console::alerts::delivery::WebhookAllow;
 use ferry_console::alerts::Alerter;
 use ferry_console::config::Config;
 use ferry_console::hosts::Poller;
@@ -87,7 +88,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 bail!("the password must have at least 8 characters");
             }
             store.set_user(&user, &auth::hash_password(password))?;
-            println!("password of {user} set");
+            // A new password ends the old sessions: a stolen cookie or a browser left
+            // signed in is why passwords get changed.
+            let ended = store.delete_user_sessions(&user)?;
+            println!("password of {user} set; {ended} session(s) ended");
             Ok(())
         }
         Cmd::Serve => serve(config, store),
@@ -100,19 +104,24 @@ fn serve(config: Config, store: Arc<Store>) -> anyhow::Result<()> {
     }
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
-        let alerter = Arc::new(Alerter::new(store.clone()));
+        let webhook_allow = WebhookAllow(config.webhook_allow.clone());
+        let alerter = Arc::new(Alerter::new(store.clone(), webhook_allow.clone()));
         let poller = Arc::new(Poller::new(store.clone(), alerter, config.poll_interval));
         tokio::spawn(poller.clone().run());
         let state = Arc::new(AppState {
             store,
             poller,
             auth: config.auth.clone(),
+            access: web::Access::from_config(&config),
+            webhook_allow,
         });
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("cannot listen on {}", config.listen))?;
         tracing::info!("ferry-console listening on http://{}", config.listen);
-        axum::serve(listener, web::router(state))
+        // The peer's address decides whether proxy headers are believed.
+        let app = web::router(state).into_make_service_with_connect_info::<std::net::SocketAddr>();
+        axum::serve(listener, app)
             .with_graceful_shutdown(async {
                 let _ = tokio::signal::ctrl_c().await;
             })

@@ -219,6 +219,12 @@ impl Store {
         })
     }
 
+    /// Ends every session of `user` (its password changed: whoever had it, or a stolen
+    /// cookie, is out); returns how many ended.
+    pub fn delete_user_sessions(&self, user: &str) -> Result<usize> {
+        self.with(|c| c.execute("DELETE FROM sessions WHERE user = ?1", [user]))
+    }
+
     /// Ends a session.
     pub fn delete_session(&self, token_hash: &str) -> Result<()> {
         self.with(|c| {
@@ -523,6 +529,23 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_users_sessions_end_together_and_only_theirs() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let far = crate::now() + 3600;
+        s.add_session("a1", "alice", far).unwrap();
+        s.add_session("a2", "alice", far).unwrap();
+        s.add_session("b1", "bob", far).unwrap();
+        assert_eq!(s.delete_user_sessions("alice").unwrap(), 2);
+        assert_eq!(s.session_user("a1", crate::now()).unwrap(), None);
+        assert_eq!(s.session_user("a2", crate::now()).unwrap(), None);
+        assert_eq!(
+            s.session_user("b1", crate::now()).unwrap().as_deref(),
+            Some("bob")
+        );
+    }
 
     #[test]
     fn hosts_alerts_and_history_round_trip() {

@@ -7,7 +7,7 @@ mod common;
 use std::io::Write;
 use std::process::{Command, Stdio};
 
-use common::{http, Console};
+use common::{form, http, http_from, Console, PASSWORD, USER};
 use ferry_testkit::bin_dir;
 
 #[test]
@@ -124,6 +124,15 @@ fn bad_configs_and_weak_passwords_are_refused_in_one_line() {
             "listen = \"127.0.0.1:1\"\ndata_dir = \"/tmp/x\"\n[auth]\nmode = \"ldap\"\n",
             "unknown variant",
         ),
+        // Anyone reaching a public address could set the user header.
+        (
+            "listen = \"0.0.0.0:1\"\ndata_dir = \"/tmp/x\"\n[auth]\nmode = \"proxy_header\"\nheader = \"X-Forwarded-User\"\n",
+            "listen on loopback or set trusted_proxies",
+        ),
+        (
+            "listen = \"127.0.0.1:1\"\ndata_dir = \"/tmp/x\"\nwebhook_allow = [\"intranet\"]\n",
+            "webhook_allow: \"intranet\": use IP or IP/PREFIX",
+        ),
     ] {
         std::fs::write(&config, text).unwrap();
         let (ok, err) = console_cmd(&config, &[], "");
@@ -165,4 +174,241 @@ fn bad_configs_and_weak_passwords_are_refused_in_one_line() {
     let phc = String::from_utf8_lossy(&phc.stdout);
     assert!(phc.starts_with("$argon2id$"), "{phc}");
     assert!(!phc.contains("long enough"), "{phc}");
+}
+
+#[test]
+fn proxy_header_is_taken_only_from_trusted_proxies_and_webhooks_stay_outside() {
+    // The proxy is 127.0.0.2; this test's ordinary requests come from 127.0.0.1, a peer
+    // that reaches the console directly.
+    let c = Console::start_with(
+        60,
+        "trusted_proxies = [\"127.0.0.2\"]\n[auth]\nmode = \"proxy_header\"\nheader = \"X-Forwarded-User\"\n",
+    );
+    let user = ("X-Forwarded-User", "ops-alice");
+    for (method, path) in [("GET", "/vms"), ("POST", "/hosts"), ("GET", "/")] {
+        let r = http(&c.addr, method, path, &[user], "");
+        assert_eq!(r.status, 403, "{method} {path}: {r:?}");
+        assert_eq!(r.body.trim().lines().count(), 1, "{r:?}");
+        assert!(
+            r.body.contains("127.0.0.1 is not one (trusted_proxies)"),
+            "{r:?}"
+        );
+    }
+    let r = http_from("127.0.0.2", &c.addr, "GET", "/vms", &[user], "");
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(r.body.contains("ops-alice"));
+
+    // Webhooks may not target internal addresses the config does not list: the settings
+    // are refused in one line and nothing changes.
+    for (url, want) in [
+        (
+            "http://127.0.0.1:9/hook",
+            "127.0.0.1 is a loopback address; refused unless listed in webhook_allow",
+        ),
+        (
+            "http://169.254.169.254/latest/meta-data/",
+            "169.254.169.254 is a link-local address",
+        ),
+        ("http://localhost:9/hook", "is a loopback address"),
+    ] {
+        let r = http_from(
+            "127.0.0.2",
+            &c.addr,
+            "POST",
+            "/alerts/settings",
+            &[user, ("Content-Type", "application/x-www-form-urlencoded")],
+            &form(&[("health_min", "warning"), ("webhook_url", url)]),
+        );
+        assert_eq!(r.status, 303, "{r:?}");
+        let to = r.header("location").unwrap_or_default();
+        let err = percent_decode(to.split_once("err=").expect(to).1);
+        assert!(err.contains(want), "{url}: {err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+    }
+    let page = http_from("127.0.0.2", &c.addr, "GET", "/alerts", &[user], "");
+    assert!(
+        !page.body.contains("127.0.0.1:9/hook"),
+        "the settings changed"
+    );
+    assert!(
+        !page.body.contains("169.254.169.254"),
+        "the settings changed"
+    );
+}
+
+fn login_from(
+    c: &Console,
+    source: &str,
+    user: &str,
+    password: &str,
+    extra: &[(&str, &str)],
+) -> common::Answer {
+    let mut headers = vec![("Content-Type", "application/x-www-form-urlencoded")];
+    headers.extend_from_slice(extra);
+    http_from(
+        source,
+        &c.addr,
+        "POST",
+        "/login",
+        &headers,
+        &form(&[("user", user), ("password", password)]),
+    )
+}
+
+#[test]
+fn cookies_are_secure_over_https_sessions_end_with_a_new_password_and_logins_are_throttled() {
+    let c = Console::start(60);
+    // Plain http: no `Secure` (the browser would drop the cookie), HttpOnly and SameSite.
+    let r = login_from(&c, "127.0.0.1", USER, PASSWORD, &[]);
+    assert_eq!(r.status, 303, "{r:?}");
+    let set = r.header("set-cookie").unwrap().to_owned();
+    assert!(
+        set.contains("HttpOnly") && set.contains("SameSite=Strict"),
+        "{set}"
+    );
+    assert!(!set.contains("Secure"), "{set}");
+    let plain = set.split(';').next().unwrap().to_owned();
+    // Through a proxy on this machine (loopback is trusted when no proxies are listed)
+    // that says the browser used https: `Secure`.
+    let r = login_from(
+        &c,
+        "127.0.0.1",
+        USER,
+        PASSWORD,
+        &[("X-Forwarded-Proto", "https")],
+    );
+    let set = r.header("set-cookie").unwrap().to_owned();
+    assert!(set.contains("; Secure"), "{set}");
+    let secure = set.split(';').next().unwrap().to_owned();
+    for cookie in [&plain, &secure] {
+        assert!(c.get(cookie, "/hosts").contains("Hosts"));
+    }
+
+    // A new password ends every session of the user.
+    let dir = c.config();
+    let (ok, err) = console_cmd(&dir, &["set-password", USER], &format!("{PASSWORD}\n"));
+    assert!(ok, "{err}");
+    for cookie in [&plain, &secure] {
+        let r = http(&c.addr, "GET", "/hosts", &[("Cookie", cookie)], "");
+        assert_eq!(r.status, 303, "the old session still works: {r:?}");
+        assert_eq!(r.header("location"), Some("/login"));
+    }
+    let cookie = c.login();
+    assert!(c.get(&cookie, "/hosts").contains("Hosts"));
+
+    // Five failures from one address (the proxy's X-Forwarded-For) lock that address,
+    // even for the right password of another user…
+    let via = |ip: &'static str| [("X-Forwarded-For", ip)];
+    for i in 0..5 {
+        let r = login_from(
+            &c,
+            "127.0.0.1",
+            &format!("guess{i}"),
+            "wrong",
+            &via("10.0.0.1"),
+        );
+        assert_eq!(r.status, 401, "{r:?}");
+    }
+    let r = login_from(&c, "127.0.0.1", USER, PASSWORD, &via("10.0.0.1"));
+    assert_eq!(r.status, 429, "{r:?}");
+    assert!(
+        r.body.contains(
+            "too many failed logins for this user or from this address: try again in 15 min"
+        ),
+        "{}",
+        r.body
+    );
+    assert!(r.header("retry-after").is_some(), "{r:?}");
+    assert!(r.header("set-cookie").is_none());
+    // …but not the user from elsewhere.
+    assert_eq!(
+        login_from(&c, "127.0.0.1", USER, PASSWORD, &via("10.0.0.2")).status,
+        303
+    );
+    // Five failures for one user from five addresses lock the user everywhere.
+    for i in 0..5 {
+        let ip = ["10.0.1.1", "10.0.1.2", "10.0.1.3", "10.0.1.4", "10.0.1.5"][i];
+        assert_eq!(
+            login_from(&c, "127.0.0.1", USER, "wrong", &via(ip)).status,
+            401
+        );
+    }
+    for ip in ["10.0.0.3", "10.0.1.1"] {
+        let r = login_from(&c, "127.0.0.1", USER, PASSWORD, &via(ip));
+        assert_eq!(r.status, 429, "{ip}: {r:?}");
+    }
+    // A burst of parallel guesses is no way around it: the count is checked again when
+    // each guess gets its turn at the (two) password checkers.
+    let answers: Vec<u16> = std::thread::scope(|sc| {
+        let hs: Vec<_> = (0..12)
+            .map(|i| {
+                let c = &c;
+                sc.spawn(move || {
+                    let ip = format!("10.0.2.{i}");
+                    let xff = [("X-Forwarded-For", ip.as_str())];
+                    login_from(c, "127.0.0.1", "burst", "wrong", &xff).status
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let checked = answers.iter().filter(|&&a| a == 401).count();
+    assert!((5..=6).contains(&checked), "{answers:?}");
+    assert_eq!(answers.iter().filter(|&&a| a == 429).count(), 12 - checked);
+    // The existing session is untouched by the lock.
+    assert!(c.get(&cookie, "/hosts").contains("Hosts"));
+    assert!(c.log().contains("login refused: too many failures"));
+}
+
+#[test]
+fn forwarded_headers_count_only_from_listed_proxies() {
+    let c = Console::start_with(60, "trusted_proxies = [\"127.0.0.2\"]");
+    let https = [("X-Forwarded-Proto", "https")];
+    let r = login_from(&c, "127.0.0.1", USER, PASSWORD, &https);
+    assert_eq!(r.status, 303, "{r:?}");
+    assert!(!r.header("set-cookie").unwrap().contains("Secure"), "{r:?}");
+    let r = login_from(&c, "127.0.0.2", USER, PASSWORD, &https);
+    assert!(
+        r.header("set-cookie").unwrap().contains("; Secure"),
+        "{r:?}"
+    );
+    // A peer that is not a listed proxy cannot dodge the address throttle by claiming
+    // other addresses in X-Forwarded-For: its failures count against its own address.
+    for ip in ["10.2.0.1", "10.2.0.2", "10.2.0.3", "10.2.0.4", "10.2.0.5"] {
+        let r = login_from(
+            &c,
+            "127.0.0.3",
+            &format!("g{ip}"),
+            "wrong",
+            &[("X-Forwarded-For", ip)],
+        );
+        assert_eq!(r.status, 401, "{r:?}");
+    }
+    let r = login_from(
+        &c,
+        "127.0.0.3",
+        USER,
+        PASSWORD,
+        &[("X-Forwarded-For", "10.2.0.9")],
+    );
+    assert_eq!(r.status, 429, "{r:?}");
+}
+
+/// Decodes `%XX` escapes (the console's redirects carry their message so).
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let Ok(x) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                out.push(x);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(if b[i] == b'+' { b' ' } else { b[i] });
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }

@@ -35,6 +35,8 @@ pub struct Alerter {
     engine: Mutex<Engine>,
     /// Notifications a channel failed to take, sent again at later polls.
     retries: Mutex<Vec<Retry>>,
+    /// Internal networks webhooks may target.
+    webhook_allow: delivery::WebhookAllow,
 }
 
 /// A notification to send again to one channel.
@@ -66,7 +68,7 @@ fn transition_name(kind: &TransitionKind) -> &'static str {
 
 impl Alerter {
     /// An alerter that knows the alerts already active in the store.
-    pub fn new(store: Arc<Store>) -> Self {
+    pub fn new(store: Arc<Store>, webhook_allow: delivery::WebhookAllow) -> Self {
         let active = store.alerts(0).map(|(a, _)| a).unwrap_or_default();
         let engine = Engine::with_active(active.into_iter().map(|a| {
             let hosts = rules::hosts_of_key(&a.key, &a.host);
@@ -87,6 +89,7 @@ impl Alerter {
             store,
             engine: Mutex::new(engine),
             retries: Mutex::new(Vec::new()),
+            webhook_allow,
         }
     }
 
@@ -131,7 +134,15 @@ impl Alerter {
                 }
             };
             tracing::info!(alert = id, key = %c.key, kind = ?t.kind, "alert transition");
-            for o in delivery::deliver(&settings.channels, &t, id, &settings.console_url).await {
+            for o in delivery::deliver(
+                &settings.channels,
+                &t,
+                id,
+                &settings.console_url,
+                &self.webhook_allow,
+            )
+            .await
+            {
                 self.record(id, &t, o, 0, now).await;
             }
         }
@@ -183,9 +194,14 @@ impl Alerter {
         };
         for r in due {
             let channels = settings.channels.only(r.channel);
-            let outcomes =
-                delivery::deliver(&channels, &r.transition, r.alert_id, &settings.console_url)
-                    .await;
+            let outcomes = delivery::deliver(
+                &channels,
+                &r.transition,
+                r.alert_id,
+                &settings.console_url,
+                &self.webhook_allow,
+            )
+            .await;
             // A channel that was switched off meanwhile has nothing to send to.
             for o in outcomes.into_iter().filter(|o| o.channel == r.channel) {
                 self.record(r.alert_id, &r.transition, o, r.attempts, now)

@@ -12,9 +12,10 @@
 mod charts;
 mod pages;
 
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
-use axum::extract::{Request, State};
+use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::Next;
 use axum::response::{Html, IntoResponse, Redirect, Response};
@@ -34,6 +35,73 @@ pub struct AppState {
     pub poller: Arc<Poller>,
     /// How users are authenticated.
     pub auth: AuthMode,
+    /// Who may pass proxy headers, https, the login throttle.
+    pub access: Access,
+    /// Internal networks webhooks may target.
+    pub webhook_allow: crate::alerts::delivery::WebhookAllow,
+}
+
+/// What the console knows of the way users reach it.
+#[derive(Debug, Default)]
+pub struct Access {
+    /// Users reach the console over https (`public_url`): cookies are `Secure`.
+    pub https: bool,
+    /// Peers trusted to pass proxy headers (empty: loopback peers).
+    pub trusted_proxies: Vec<IpAddr>,
+    /// Failed logins per user name and client address.
+    pub throttle: std::sync::Mutex<auth::Throttle>,
+}
+
+impl Access {
+    /// The same settings as `config`, with an empty throttle.
+    pub fn from_config(config: &crate::config::Config) -> Self {
+        Self {
+            https: config.https,
+            trusted_proxies: config.trusted_proxies.clone(),
+            throttle: Default::default(),
+        }
+    }
+
+    fn trusted(&self, peer: Option<IpAddr>) -> bool {
+        crate::config::trusted_peer(&self.trusted_proxies, peer)
+    }
+
+    /// Whether the cookie must be `Secure`: the console is configured as served over
+    /// https, or a trusted proxy says the request came over https.
+    fn secure(&self, peer: Option<IpAddr>, headers: &HeaderMap) -> bool {
+        self.https
+            || (self.trusted(peer)
+                && headers
+                    .get("x-forwarded-proto")
+                    .and_then(|v| v.to_str().ok())
+                    .is_some_and(|p| p.trim().eq_ignore_ascii_case("https")))
+    }
+
+    /// The client's address: the peer, or behind a trusted proxy the last address the
+    /// proxy appended to `X-Forwarded-For` (earlier ones are the client's own claims).
+    fn client(&self, peer: Option<IpAddr>, headers: &HeaderMap) -> Option<IpAddr> {
+        if self.trusted(peer) {
+            let forwarded = headers
+                .get_all("x-forwarded-for")
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .last()
+                .and_then(|a| a.trim().parse::<IpAddr>().ok());
+            if forwarded.is_some() {
+                return forwarded;
+            }
+        }
+        peer
+    }
+}
+
+/// The TCP peer of a request (set by `into_make_service_with_connect_info`); `None` if
+/// unknown, which is never trusted.
+fn peer_of(req: &Request) -> Option<IpAddr> {
+    req.extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip())
 }
 
 /// Shared state.
@@ -126,6 +194,20 @@ async fn security_headers(req: Request, next: Next) -> Response {
 /// Lets a request through only with a live session (password mode) or the proxy's user
 /// header (proxy mode). Pages redirect to the login form; nothing else runs.
 async fn gate(State(s): State<Shared>, mut req: Request, next: Next) -> Response {
+    // In header mode only the proxy may name the user: anyone else reaching the console
+    // directly could set the header.
+    if let AuthMode::ProxyHeader(h) = &s.auth {
+        let peer = peer_of(&req);
+        if !s.access.trusted(peer) {
+            let who = peer.map_or("an unknown peer".to_owned(), |p| p.to_string());
+            tracing::warn!(peer = %who, "refused a request from outside the trusted proxies");
+            return (
+                StatusCode::FORBIDDEN,
+                format!("ferry-console: refused: {h} is only taken from a trusted proxy, and {who} is not one (trusted_proxies)\n"),
+            )
+                .into_response();
+        }
+    }
     let user = match &s.auth {
         AuthMode::ProxyHeader(h) => req
             .headers()
@@ -195,9 +277,41 @@ struct LoginForm {
     password: String,
 }
 
-async fn login(State(s): State<Shared>, axum::Form(f): axum::Form<LoginForm>) -> Response {
+async fn login(
+    State(s): State<Shared>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    axum::Form(f): axum::Form<LoginForm>,
+) -> Response {
     if let AuthMode::ProxyHeader(_) = s.auth {
         return Redirect::to("/").into_response();
+    }
+    let peer = Some(peer.ip());
+    let keys = auth::throttle_keys(&f.user, s.access.client(peer, &headers));
+    // A locked name or address is refused before the password is looked at, whatever it
+    // is, so the answer says nothing about the password or whether the user exists.
+    let refused = || {
+        let locked = s
+            .access
+            .throttle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .check(&keys, crate::now());
+        locked.err().map(|left| {
+            tracing::warn!(user = ?f.user, keys = ?keys, "login refused: too many failures");
+            (
+                StatusCode::TOO_MANY_REQUESTS,
+                [(header::RETRY_AFTER, left.to_string())],
+                login_form(Some(&format!(
+                    "too many failed logins for this user or from this address: try again in {} min",
+                    (left + 59) / 60
+                ))),
+            )
+                .into_response()
+        })
+    };
+    if let Some(r) = refused() {
+        return r;
     }
     // A missing user is checked against a dummy hash so both paths cost the same; argon2
     // is CPU-bound by design, so it runs off the async workers.
@@ -207,6 +321,11 @@ async fn login(State(s): State<Shared>, axum::Form(f): axum::Form<LoginForm>) ->
     // instead of exhausting memory.
     static CHECKS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
     let _turn = CHECKS.acquire().await;
+    // Again with the turn: a burst of parallel guesses all passed the first look while
+    // the earlier ones were still being checked.
+    if let Some(r) = refused() {
+        return r;
+    }
     let ok = tokio::task::spawn_blocking(move || match &phc {
         Some(phc) => auth::verify_password(&password, phc),
         None => {
@@ -217,13 +336,23 @@ async fn login(State(s): State<Shared>, axum::Form(f): axum::Form<LoginForm>) ->
     .await
     .unwrap_or(false);
     if !ok {
-        tracing::warn!(user = ?f.user, "failed login");
+        tracing::warn!(user = ?f.user, keys = ?keys, "failed login");
+        s.access
+            .throttle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .fail(&keys, crate::now());
         return (
             StatusCode::UNAUTHORIZED,
             login_form(Some("wrong user or password")),
         )
             .into_response();
     }
+    s.access
+        .throttle
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .succeed(&f.user);
     let token = auth::new_token();
     let now = crate::now();
     if let Err(e) = s.store.add_session(
@@ -233,11 +362,7 @@ async fn login(State(s): State<Shared>, axum::Form(f): axum::Form<LoginForm>) ->
     ) {
         return error_page(&format!("cannot start a session: {e}"));
     }
-    let cookie = format!(
-        "{}={token}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}",
-        auth::COOKIE,
-        auth::SESSION_TTL_S
-    );
+    let cookie = auth::session_cookie(&token, s.access.secure(peer, &headers));
     ([(header::SET_COOKIE, cookie)], Redirect::to("/")).into_response()
 }
 
@@ -247,7 +372,11 @@ fn dummy_phc() -> &'static str {
     PHC.get_or_init(|| auth::hash_password(&auth::new_token()))
 }
 
-async fn logout(State(s): State<Shared>, headers: HeaderMap) -> Response {
+async fn logout(
+    State(s): State<Shared>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Response {
     if let Some(token) = headers
         .get(header::COOKIE)
         .and_then(|v| v.to_str().ok())
@@ -255,7 +384,7 @@ async fn logout(State(s): State<Shared>, headers: HeaderMap) -> Response {
     {
         let _ = s.store.delete_session(&auth::token_hash(token));
     }
-    let clear = format!("{}=; Path=/; Max-Age=0", auth::COOKIE);
+    let clear = auth::clear_cookie(s.access.secure(Some(peer.ip()), &headers));
     ([(header::SET_COOKIE, clear)], Redirect::to("/login")).into_response()
 }
 
@@ -375,5 +504,33 @@ mod tests {
         );
         assert_eq!(url_enc("a b/c"), "a%20b%2Fc");
         assert_eq!(fmt_secs(30), "30 s");
+    }
+
+    #[test]
+    fn https_and_client_address_come_from_config_or_trusted_proxies() {
+        let ip = |s: &str| Some(s.parse::<IpAddr>().unwrap());
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-proto", "https".parse().unwrap());
+        h.append("x-forwarded-for", "1.1.1.1, 2.2.2.2".parse().unwrap());
+        h.append("x-forwarded-for", "3.3.3.3".parse().unwrap());
+        let none = HeaderMap::new();
+        // public_url = "https://…": Secure whoever asks.
+        let a = Access {
+            https: true,
+            ..Access::default()
+        };
+        assert!(a.secure(ip("10.9.9.9"), &none));
+        // Otherwise only a trusted proxy's word counts.
+        let a = Access {
+            trusted_proxies: vec!["10.0.0.5".parse().unwrap()],
+            ..Access::default()
+        };
+        assert!(a.secure(ip("10.0.0.5"), &h));
+        assert!(!a.secure(ip("10.0.0.6"), &h));
+        assert!(!a.secure(ip("10.0.0.5"), &none));
+        // The client is the address the proxy appended last; others' claims are ignored.
+        assert_eq!(a.client(ip("10.0.0.5"), &h), ip("3.3.3.3"));
+        assert_eq!(a.client(ip("10.0.0.6"), &h), ip("10.0.0.6"));
+        assert_eq!(a.client(ip("10.0.0.5"), &none), ip("10.0.0.5"));
     }
 }

@@ -1463,7 +1463,7 @@ pub async fn save_alert_settings(
             new.channels.smtp_password = old.channels.smtp_password;
         }
         new.rules.validate()?;
-        new.channels.validate()?;
+        new.channels.validate(&s.webhook_allow)?;
         s.store
             .set_setting(SETTINGS_KEY, &new)
             .map_err(|e| e.to_string())?;
@@ -1493,7 +1493,14 @@ pub async fn test_alert(State(s): State<Shared>) -> Response {
         },
         at: crate::now(),
     };
-    let outcomes = delivery::deliver(&settings.channels, &t, 0, &settings.console_url).await;
+    let outcomes = delivery::deliver(
+        &settings.channels,
+        &t,
+        0,
+        &settings.console_url,
+        &s.webhook_allow,
+    )
+    .await;
     if outcomes.is_empty() {
         return back("/alerts", Err("no channel is configured".into()));
     }

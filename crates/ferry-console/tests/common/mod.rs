@@ -50,7 +50,45 @@ impl Answer {
 
 /// One HTTP/1.1 request (`Connection: close`).
 pub fn http(addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> Answer {
-    let mut s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    let s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    exchange(s, addr, method, path, headers, body)
+}
+
+/// The same from a chosen source address (e.g. `127.0.0.2`: every 127/8 address is this
+/// machine's, so a test can be a peer other than 127.0.0.1).
+pub fn http_from(
+    source: &str,
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Answer {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .unwrap();
+    let s = rt.block_on(async {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind(format!("{source}:0").parse().unwrap()).unwrap();
+        sock.connect(addr.parse().unwrap())
+            .await
+            .unwrap_or_else(|e| panic!("connect {addr} from {source}: {e}"))
+            .into_std()
+            .unwrap()
+    });
+    s.set_nonblocking(false).unwrap();
+    exchange(s, addr, method, path, headers, body)
+}
+
+fn exchange(
+    mut s: TcpStream,
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Answer {
     s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
     let mut req = format!(
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
@@ -220,6 +258,11 @@ impl Console {
     /// The console's log.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("console.log")).unwrap_or_default()
+    }
+
+    /// The config file.
+    pub fn config(&self) -> PathBuf {
+        self.dir.path().join("console.toml")
     }
 
     /// Logs in with the form; returns the `Cookie` header value.
