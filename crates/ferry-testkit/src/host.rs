@@ -30,6 +30,8 @@ pub struct Host {
     /// ferryd's log file.
     pub log: PathBuf,
     child: Option<Child>,
+    /// Its certificate is issued by the test CA (else ferryd makes a self-signed one).
+    ca_issued: bool,
 }
 
 /// What a `ferry` invocation did.
@@ -63,10 +65,20 @@ impl Host {
     /// Writes the config without starting ferryd; the host's certificate is issued by the
     /// test organization's CA ([`crate::pki::test_ca`]), whose certificate is in
     /// [`Host::trusted_ca`].
+    /// The files are written when ferryd is first launched (or by
+    /// [`Host::issue_identity`]): a config ferryd refuses leaves no data dir behind.
     pub fn configure(name: &str, ip: &str, extra: &str) -> Self {
-        let host = Self::configure_self_signed(name, ip, extra);
-        crate::pki::test_ca().issue_host(name, &host.data_dir);
+        let mut host = Self::configure_self_signed(name, ip, extra);
+        host.ca_issued = true;
         host
+    }
+
+    /// Writes the CA-issued identity into the data dir unless one is there (a host made
+    /// with [`Host::configure`]; ferryd uses these files instead of making its own).
+    pub fn issue_identity(&self) {
+        if self.ca_issued && !self.data_dir.join("host.key").exists() {
+            crate::pki::test_ca().issue_host(&self.name, &self.data_dir);
+        }
     }
 
     /// Like [`Host::start`], but ferryd makes its own self-signed certificate (its default
@@ -119,12 +131,14 @@ impl Host {
             tls_addr,
             log,
             child: None,
+            ca_issued: false,
         }
     }
 
     /// Starts ferryd and waits until its API answers.
     pub fn launch(&mut self) {
         assert!(self.child.is_none(), "ferryd already running");
+        self.issue_identity();
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)

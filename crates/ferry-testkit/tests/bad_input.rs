@@ -159,7 +159,7 @@ fn bad_requests_are_refused_with_one_line_and_change_nothing() {
         ),
         (
             &["--host", "https://127.0.0.1:1", "vm", "list"],
-            "needs --token and --fingerprint",
+            "needs --token-file (or --token) and --fingerprint",
         ),
     ];
     for (args, want) in cases {

@@ -30,6 +30,7 @@ fn replica_port(host: &Host) -> (String, String) {
 
 /// A peer presenting `host`'s own certificate and key (a compromised `host`).
 fn peer_as(host: &Host, to: &Host) -> HostilePeer {
+    host.issue_identity();
     let (addr, fp) = replica_port(to);
     let read = |f: &str| std::fs::read(host.data_dir.join(f)).expect("identity file");
     HostilePeer::connect(&addr, &fp, &read("host.crt"), &read("host.key")).expect("TLS")
@@ -554,6 +555,7 @@ fn hex(bytes: &[u8]) -> String {
 
 /// The SHA-256 fingerprint of a host's certificate, as `ferry server show` prints it.
 fn fingerprint_of(host: &Host) -> String {
+    host.issue_identity();
     let out = std::process::Command::new("openssl")
         .args(["x509", "-noout", "-fingerprint", "-sha256", "-in"])
         .arg(host.data_dir.join("host.crt"))
