@@ -12,6 +12,8 @@
 //! | POST | `/v1/vms/{name}/shutdown` | [`ShutdownRequest`] → [`ActionReply`] |
 //! | GET | `/v1/vms/{name}/console/log?offset=N` | → [`ConsoleLog`] |
 //! | GET | `/v1/vms/{name}/console` | HTTP upgrade `ferry-console` → raw serial stream |
+//! | GET | `/v1/vms/{name}/screenshot` | → `image/png` of the VM's display |
+//! | GET | `/v1/vms/{name}/vnc` | websocket upgrade → the VM's VNC (RFB) stream, binary frames |
 //! | POST | `/v1/import` | [`VmImportRequest`] → [`VmInfo`] |
 //! | GET | `/v1/vms/{name}/checkpoints` | → [`CheckpointList`] |
 //! | POST | `/v1/vms/{name}/checkpoints` | [`CheckpointCreateRequest`] → [`CheckpointCreated`] |
@@ -125,6 +127,10 @@ pub struct VmCreateRequest {
     pub append: Option<String>,
     /// NICs; empty = no network.
     pub nics: Vec<NicRequest>,
+    /// A graphical display (VGA + USB tablet, VNC reached through ferryd's websocket);
+    /// absent = on.
+    #[serde(default)]
+    pub vnc: Option<bool>,
 }
 
 /// A disk as shown to users.
@@ -178,6 +184,9 @@ pub struct VmInfo {
     /// failover.
     #[serde(default)]
     pub replication: Option<String>,
+    /// Whether the VM has a graphical display (screenshots, the console's Connect view).
+    #[serde(default)]
+    pub vnc: bool,
 }
 
 /// `POST /v1/vms/{name}/shutdown`.

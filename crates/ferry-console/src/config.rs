@@ -23,6 +23,8 @@ struct RawConfig {
     /// How users are authenticated.
     #[serde(default)]
     auth: RawAuth,
+    /// Where noVNC's ES modules are (`core/`, `vendor/`): Debian's `novnc` package.
+    novnc_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -63,7 +65,12 @@ pub struct Config {
     pub poll_interval: Duration,
     /// Authentication.
     pub auth: AuthMode,
+    /// noVNC's files, served to the Connect view.
+    pub novnc_dir: PathBuf,
 }
+
+/// Where Debian's `novnc` package installs noVNC.
+pub const DEFAULT_NOVNC_DIR: &str = "/usr/share/novnc";
 
 /// A config that cannot be used, with the reason in one line.
 #[derive(Debug, thiserror::Error)]
@@ -162,6 +169,9 @@ impl Config {
             data_dir: raw.data_dir,
             poll_interval: Duration::from_secs(poll),
             auth,
+            novnc_dir: raw
+                .novnc_dir
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_NOVNC_DIR)),
         })
     }
 }

@@ -98,6 +98,7 @@ fn serve(config: Config, store: Arc<Store>) -> anyhow::Result<()> {
             store,
             poller,
             auth: config.auth.clone(),
+            novnc_dir: config.novnc_dir.clone(),
         });
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await

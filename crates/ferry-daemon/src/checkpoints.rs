@@ -959,6 +959,7 @@ impl Checkpoints {
                         NicKind::User => NicRequest::User,
                     })
                     .collect(),
+                vnc: Some(spec.vnc),
             })
             .await
     }

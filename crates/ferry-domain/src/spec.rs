@@ -33,6 +33,11 @@ pub struct VmSpec {
     pub boot: Boot,
     /// Network adapters.
     pub nics: Vec<NicSpec>,
+    /// A graphical display (VGA, USB tablet, VNC on a unix socket ferryd bridges to the
+    /// web console). Absent in specs stored before displays existed: those VMs keep
+    /// running without one, so their checkpoints' device state still matches.
+    #[serde(default)]
+    pub vnc: bool,
 }
 
 /// One qcow2 disk, stored in the VM's own directory under the host's VM storage path.
@@ -265,6 +270,7 @@ mod tests {
                 kind: NicKind::User,
                 mac: "52:54:00:12:34:56".into(),
             }],
+            vnc: true,
         }
     }
 

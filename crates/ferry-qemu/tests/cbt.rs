@@ -152,6 +152,7 @@ async fn start_vm(dir: &Path, disk: &Path, interval: Option<&str>) -> Vm {
         pidfile: dir.join("qemu.pid"),
         agent_socket: None,
         loadvm: None,
+        vnc_socket: None,
     };
     let pid = process::spawn_daemonized(&cmd).await.unwrap();
     let guard = PidGuard(pid);

@@ -55,6 +55,7 @@ fn command(dir: &Path, name: &str, disks: Vec<PathBuf>) -> QemuCommand {
         pidfile: dir.join("qemu.pid"),
         agent_socket: None,
         loadvm: None,
+        vnc_socket: None,
     }
 }
 

@@ -362,6 +362,7 @@ mod tests {
             }],
             boot: Boot::Disk,
             nics: vec![],
+            vnc: false,
         }
     }
 

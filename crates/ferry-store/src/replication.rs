@@ -540,6 +540,7 @@ mod tests {
                 }],
                 boot: Boot::Disk,
                 nics: vec![],
+                vnc: false,
             };
             vm_id = store.insert_vm(&spec, 1).unwrap().id;
             let mut r = rel(vm_id);
