@@ -339,7 +339,10 @@ fn connect_shows_the_guest_screen_and_takes_its_keys() {
         &[("Cookie", &cookie)],
         "",
     );
-    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.status, 200,
+        "noVNC is missing: scripts/install-deps.sh installs Debian's novnc"
+    );
     assert!(r
         .header("content-type")
         .unwrap()
