@@ -373,6 +373,16 @@ fn connect_shows_the_guest_screen_and_takes_its_keys() {
         "{csp}"
     );
     assert!(csp.starts_with("default-src 'none'"), "{csp}");
+    // Connect to a VM that is off says so on its page.
+    let r = http(
+        &console.addr,
+        "GET",
+        &vm_url.replace("/vms/app", "/vms/plain/connect"),
+        &[("Cookie", &cookie)],
+        "",
+    );
+    assert_eq!(r.status, 303, "{r:?}");
+    assert!(r.header("location").unwrap().contains("err="), "{r:?}");
 
     // In the browser: the thumbnail, then Connect.
     let shots = screenshot_dir(&console);

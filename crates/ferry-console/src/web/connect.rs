@@ -57,6 +57,12 @@ pub async fn connect_page(
             )),
         );
     }
+    if !info.state.has_process() {
+        return back(
+            &url,
+            Err(format!("VM {vm} is {}: start it to connect", info.state)),
+        );
+    }
     let body = format!(
         r#"<p>Host <b>{host}</b> · state <b id="vm-state">{state}</b> · <span id="vnc-status">connecting…</span> <button type="button" id="send-cad">Ctrl+Alt+Del</button> <a href="{url}" id="back-to-vm">Back to the VM</a></p><div id="screen" data-ws="{ws}"></div><script type="module" src="/static/connect.js"></script>"#,
         host = esc(&row.name),
