@@ -274,6 +274,13 @@ fn connect_shows_the_guest_screen_and_takes_its_keys() {
             .await
             .unwrap();
         assert!(is_rfb_greeting(&frames), "{frames:?}");
+        // A plain GET is told what the endpoint is for.
+        let e = c.get_bytes("/v1/vms/app/vnc").await.unwrap_err();
+        assert!(
+            matches!(e, ClientError::Api { status: 400, .. })
+                && e.to_string().contains("websocket"),
+            "{e}"
+        );
         // A VM without a display (or off) gets no websocket.
         let e = c
             .upgrade_with("/v1/vms/plain/vnc", "websocket", &ws_headers)
