@@ -3,8 +3,8 @@
 # QEMU 7.2 (system emulator and qemu-utils from the same release: the machine may carry a
 # newer qemu-utils from backports, which must be replaced together), the test guest's
 # kernel and busybox, and tools the tests use (the console's: headless Chromium with
-# chromedriver, and Python's aiosmtpd as a real SMTP server), and noVNC, which the
-# console serves in its Connect view. Does nothing when all is in place.
+# chromedriver, and Python's aiosmtpd as a real SMTP server). Does nothing when all is in
+# place.
 set -euo pipefail
 
 need_apt=0
@@ -12,7 +12,7 @@ if ! command -v qemu-system-x86_64 >/dev/null || ! qemu-img --version 2>/dev/nul
   need_apt=1
 fi
 for f in /bin/busybox /usr/sbin/modinfo /usr/bin/cpio /usr/bin/flock /usr/bin/nbdinfo /usr/bin/sqlite3 /usr/bin/curl \
-  /usr/bin/chromium /usr/bin/chromedriver /usr/share/novnc/core/rfb.js; do
+  /usr/bin/chromium /usr/bin/chromedriver; do
   [ -e "$f" ] || need_apt=1
 done
 ls /boot/vmlinuz-* >/dev/null 2>&1 || need_apt=1
@@ -32,9 +32,12 @@ if [ "$need_apt" = 1 ]; then
     "qemu-system-x86=$V" "qemu-utils=$V" "qemu-block-extra=$V" \
     busybox-static linux-image-amd64 cpio kmod file util-linux libnbd-bin iproute2 \
     sqlite3 curl python3 python3-aiosmtpd chromium chromium-driver >/dev/null
-  # noVNC for the console's Connect view: only its ES modules in /usr/share/novnc are
-  # used (the websockify and Python parts it depends on never run).
-  apt-get install -y -qq --no-install-recommends novnc >/dev/null
+fi
+# noVNC, which the console serves in its Connect view: only its ES modules in
+# /usr/share/novnc are used (the websockify and Python parts it depends on never run).
+if [ ! -e /usr/share/novnc/core/rfb.js ]; then
+  [ "$need_apt" = 1 ] || apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends novnc >/dev/null
 fi
 qemu-system-x86_64 --version | head -n 1
 qemu-img --version | head -n 1

@@ -125,12 +125,12 @@ pub struct VmCreateRequest {
     pub initrd: Option<String>,
     /// Kernel command line.
     pub append: Option<String>,
-    /// NICs; empty = no network.
-    pub nics: Vec<NicRequest>,
     /// A graphical display (VGA + USB tablet, VNC reached through ferryd's websocket);
     /// absent = on.
     #[serde(default)]
     pub vnc: Option<bool>,
+    /// NICs; empty = no network.
+    pub nics: Vec<NicRequest>,
 }
 
 /// A disk as shown to users.
@@ -178,15 +178,15 @@ pub struct VmInfo {
     pub boot: String,
     /// Kernel command line, for kernel boot.
     pub append: Option<String>,
+    /// Whether the VM has a graphical display (screenshots, the console's Connect view).
+    #[serde(default)]
+    pub vnc: bool,
     /// The last problem worth knowing about.
     pub last_error: Option<String>,
     /// `primary` or `replica` when the VM is replicated. A replica VM starts only through
     /// failover.
     #[serde(default)]
     pub replication: Option<String>,
-    /// Whether the VM has a graphical display (screenshots, the console's Connect view).
-    #[serde(default)]
-    pub vnc: bool,
 }
 
 /// `POST /v1/vms/{name}/shutdown`.

@@ -141,6 +141,13 @@ enum VmCmd {
         /// Repeat for more disks.
         #[arg(long)]
         disk: Vec<String>,
+        /// A graphical display: VGA and a USB tablet, seen through VNC on a unix socket
+        /// only (the web console's Connect view, `ferry vm screenshot`). The default.
+        #[arg(long, overrides_with = "no_vnc")]
+        vnc: bool,
+        /// No graphical display (serial console only).
+        #[arg(long, overrides_with = "vnc")]
+        no_vnc: bool,
         /// Boot this kernel directly instead of from disk.
         #[arg(long)]
         kernel: Option<PathBuf>,
@@ -153,13 +160,6 @@ enum VmCmd {
         /// A NIC: bridge=BR, bridge (the host's default bridge), user, or none. Repeatable.
         #[arg(long)]
         nic: Vec<String>,
-        /// A graphical display: VGA and a USB tablet, seen through VNC on a unix socket
-        /// only (the web console's Connect view, `ferry vm screenshot`). The default.
-        #[arg(long, overrides_with = "no_vnc")]
-        vnc: bool,
-        /// No graphical display (serial console only).
-        #[arg(long, overrides_with = "vnc")]
-        no_vnc: bool,
     },
     /// List VMs.
     List,
@@ -328,10 +328,10 @@ async fn vm(client: &Client, cmd: VmCmd, out: &Output) -> anyhow::Result<()> {
             disk,
             kernel,
             initrd,
-            append,
-            nic,
             vnc: _,
             no_vnc,
+            append,
+            nic,
         } => {
             let memory_bytes =
                 ferry_domain_size(&memory).with_context(|| format!("--memory {memory}"))?;
@@ -365,9 +365,9 @@ async fn vm(client: &Client, cmd: VmCmd, out: &Output) -> anyhow::Result<()> {
                 disks,
                 kernel: kernel.map(absolute).transpose()?,
                 initrd: initrd.map(absolute).transpose()?,
+                vnc: Some(!no_vnc),
                 append,
                 nics,
-                vnc: Some(!no_vnc),
             };
             let info: VmInfo = client.post("/v1/vms", &req).await?;
             out.vm_created(&info);

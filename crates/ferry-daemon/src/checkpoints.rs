@@ -946,6 +946,7 @@ impl Checkpoints {
                 cpus: spec.cpus,
                 memory_mib: spec.memory_mib,
                 disks,
+                vnc: Some(spec.vnc),
                 kernel,
                 initrd,
                 append,
@@ -959,7 +960,6 @@ impl Checkpoints {
                         NicKind::User => NicRequest::User,
                     })
                     .collect(),
-                vnc: Some(spec.vnc),
             })
             .await
     }

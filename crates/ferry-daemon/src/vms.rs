@@ -351,6 +351,7 @@ impl VmManager {
                 .collect(),
             boot,
             append,
+            vnc: row.spec.vnc,
             last_error: row.last_error.clone(),
             replication: self
                 .store
@@ -358,7 +359,6 @@ impl VmManager {
                 .ok()
                 .flatten()
                 .map(|r| r.role.as_str().to_owned()),
-            vnc: row.spec.vnc,
         }
     }
 
@@ -447,6 +447,7 @@ impl VmManager {
             cpus: req.cpus,
             memory_mib: req.memory_mib,
             disks,
+            vnc: req.vnc.unwrap_or(true),
             boot: match req.kernel {
                 Some(kernel) => Boot::Kernel {
                     kernel,
@@ -456,7 +457,6 @@ impl VmManager {
                 None => Boot::Disk,
             },
             nics,
-            vnc: req.vnc.unwrap_or(true),
         };
         spec.validate()
             .map_err(|e| ApiFailure::invalid(e.to_string()))?;

@@ -31,13 +31,13 @@ pub struct VmSpec {
     pub disks: Vec<DiskSpec>,
     /// How the VM boots.
     pub boot: Boot,
-    /// Network adapters.
-    pub nics: Vec<NicSpec>,
     /// A graphical display (VGA, USB tablet, VNC on a unix socket ferryd bridges to the
     /// web console). Absent in specs stored before displays existed: those VMs keep
     /// running without one, so their checkpoints' device state still matches.
     #[serde(default)]
     pub vnc: bool,
+    /// Network adapters.
+    pub nics: Vec<NicSpec>,
 }
 
 /// One qcow2 disk, stored in the VM's own directory under the host's VM storage path.

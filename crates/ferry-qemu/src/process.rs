@@ -254,6 +254,9 @@ pub struct QemuCommand {
     pub console_log: PathBuf,
     /// File QEMU writes its pid to.
     pub pidfile: PathBuf,
+    /// Unix socket QEMU's VNC server listens on; `None` gives the VM no display. See
+    /// [`push_display`].
+    pub vnc_socket: Option<PathBuf>,
     /// Unix socket QEMU listens on for the guest agent channel (a virtio-serial port
     /// named `org.qemu.guest_agent.0`); `None` gives the VM no agent channel.
     pub agent_socket: Option<PathBuf>,
@@ -261,9 +264,6 @@ pub struct QemuCommand {
     /// starts with `-loadvm TAG -S`, so the vCPUs wait for `cont` (the caller re-arms
     /// change tracking first).
     pub loadvm: Option<String>,
-    /// Unix socket QEMU's VNC server listens on; `None` gives the VM no display. See
-    /// [`push_display`].
-    pub vnc_socket: Option<PathBuf>,
 }
 
 impl QemuCommand {
@@ -900,9 +900,9 @@ mod tests {
             nics: vec![],
             qmp_socket: "/run/ferry/web1/qmp.sock".into(),
             console_socket: "/run/ferry/web1/console.sock".into(),
+            vnc_socket: None,
             agent_socket: None,
             loadvm: None,
-            vnc_socket: None,
             console_log: "/var/log/ferry/web1-console.log".into(),
             pidfile: "/run/ferry/web1/qemu.pid".into(),
         }

@@ -150,9 +150,9 @@ async fn start_vm(dir: &Path, disk: &Path, interval: Option<&str>) -> Vm {
         console_socket: dir.join("console.sock"),
         console_log: dir.join("console.log"),
         pidfile: dir.join("qemu.pid"),
+        vnc_socket: None,
         agent_socket: None,
         loadvm: None,
-        vnc_socket: None,
     };
     let pid = process::spawn_daemonized(&cmd).await.unwrap();
     let guard = PidGuard(pid);

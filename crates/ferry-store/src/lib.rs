@@ -360,9 +360,9 @@ mod tests {
                 file: "disk0.qcow2".into(),
                 size_bytes: 1 << 30,
             }],
+            vnc: false,
             boot: Boot::Disk,
             nics: vec![],
-            vnc: false,
         }
     }
 

@@ -538,9 +538,9 @@ mod tests {
                     file: "disk0.qcow2".into(),
                     size_bytes: 1 << 20,
                 }],
+                vnc: false,
                 boot: Boot::Disk,
                 nics: vec![],
-                vnc: false,
             };
             vm_id = store.insert_vm(&spec, 1).unwrap().id;
             let mut r = rel(vm_id);
