@@ -141,6 +141,12 @@ enum VmCmd {
         /// Repeat for more disks.
         #[arg(long)]
         disk: Vec<String>,
+        /// Boot this kernel directly instead of from disk.
+        #[arg(long)]
+        kernel: Option<PathBuf>,
+        /// Initrd for --kernel.
+        #[arg(long)]
+        initrd: Option<PathBuf>,
         /// A graphical display: VGA and a USB tablet, seen through VNC on a unix socket
         /// only (the web console's Connect view, `ferry vm screenshot`). The default.
         #[arg(long, overrides_with = "no_vnc")]
@@ -148,12 +154,6 @@ enum VmCmd {
         /// No graphical display (serial console only).
         #[arg(long, overrides_with = "vnc")]
         no_vnc: bool,
-        /// Boot this kernel directly instead of from disk.
-        #[arg(long)]
-        kernel: Option<PathBuf>,
-        /// Initrd for --kernel.
-        #[arg(long)]
-        initrd: Option<PathBuf>,
         /// Kernel command line for --kernel.
         #[arg(long)]
         append: Option<String>,
@@ -313,6 +313,15 @@ fn cmd_host(cmd: &HostCmd) -> hosts::HostAction {
     }
 }
 
+/// Width and height from a PNG's IHDR chunk (the first one, at a fixed offset).
+fn png_size(png: &[u8]) -> anyhow::Result<(u32, u32)> {
+    if png.len() < 24 || &png[..8] != b"\x89PNG\r\n\x1a\n" || &png[12..16] != b"IHDR" {
+        bail!("no PNG signature and header");
+    }
+    let be = |b: &[u8]| u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+    Ok((be(&png[16..20]), be(&png[20..24])))
+}
+
 /// URL path for a VM (names may hold spaces).
 pub(crate) fn vm_path(name: &str, suffix: &str) -> String {
     format!("/v1/vms/{}{suffix}", ferry_client::percent_encode(name))
@@ -429,15 +438,6 @@ async fn vm(client: &Client, cmd: VmCmd, out: &Output) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-/// Width and height from a PNG's IHDR chunk (the first one, at a fixed offset).
-fn png_size(png: &[u8]) -> anyhow::Result<(u32, u32)> {
-    if png.len() < 24 || &png[..8] != b"\x89PNG\r\n\x1a\n" || &png[12..16] != b"IHDR" {
-        bail!("no PNG signature and header");
-    }
-    let be = |b: &[u8]| u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
-    Ok((be(&png[16..20]), be(&png[20..24])))
 }
 
 fn ferry_domain_size(s: &str) -> anyhow::Result<u64> {

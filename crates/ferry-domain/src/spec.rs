@@ -257,6 +257,7 @@ mod tests {
             name: VmName::new("vm1").unwrap(),
             cpus: 1,
             memory_mib: 256,
+            vnc: true,
             disks: vec![DiskSpec {
                 file: "disk0.qcow2".into(),
                 size_bytes: 64 << 20,
@@ -270,7 +271,6 @@ mod tests {
                 kind: NicKind::User,
                 mac: "52:54:00:12:34:56".into(),
             }],
-            vnc: true,
         }
     }
 
