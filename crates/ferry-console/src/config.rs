@@ -20,11 +20,11 @@ struct RawConfig {
     data_dir: PathBuf,
     /// Seconds between two polls of every host (default 10).
     poll_interval_s: Option<u64>,
+    /// Where noVNC's ES modules are (`core/`, `vendor/`): Debian's `novnc` package.
+    novnc_dir: Option<PathBuf>,
     /// How users are authenticated.
     #[serde(default)]
     auth: RawAuth,
-    /// Where noVNC's ES modules are (`core/`, `vendor/`): Debian's `novnc` package.
-    novnc_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -54,6 +54,9 @@ pub enum AuthMode {
     ProxyHeader(String),
 }
 
+/// Where Debian's `novnc` package installs noVNC.
+pub const DEFAULT_NOVNC_DIR: &str = "/usr/share/novnc";
+
 /// The validated config.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -63,14 +66,11 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// Time between polls.
     pub poll_interval: Duration,
-    /// Authentication.
-    pub auth: AuthMode,
     /// noVNC's files, served to the Connect view.
     pub novnc_dir: PathBuf,
+    /// Authentication.
+    pub auth: AuthMode,
 }
-
-/// Where Debian's `novnc` package installs noVNC.
-pub const DEFAULT_NOVNC_DIR: &str = "/usr/share/novnc";
 
 /// A config that cannot be used, with the reason in one line.
 #[derive(Debug, thiserror::Error)]
@@ -167,11 +167,11 @@ impl Config {
         Ok(Self {
             listen,
             data_dir: raw.data_dir,
-            poll_interval: Duration::from_secs(poll),
-            auth,
             novnc_dir: raw
                 .novnc_dir
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_NOVNC_DIR)),
+            poll_interval: Duration::from_secs(poll),
+            auth,
         })
     }
 }

@@ -96,9 +96,9 @@ fn serve(config: Config, store: Arc<Store>) -> anyhow::Result<()> {
         tokio::spawn(poller.clone().run());
         let state = Arc::new(AppState {
             store,
+            novnc_dir: config.novnc_dir.clone(),
             poller,
             auth: config.auth.clone(),
-            novnc_dir: config.novnc_dir.clone(),
         });
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await

@@ -41,12 +41,12 @@ use crate::store::Store;
 pub struct AppState {
     /// The console's store.
     pub store: Arc<Store>,
+    /// noVNC's files (`core/`, `vendor/`).
+    pub novnc_dir: std::path::PathBuf,
     /// The poller and its fleet snapshot.
     pub poller: Arc<Poller>,
     /// How users are authenticated.
     pub auth: AuthMode,
-    /// noVNC's files (`core/`, `vendor/`).
-    pub novnc_dir: std::path::PathBuf,
 }
 
 /// Shared state.
