@@ -41,5 +41,11 @@ if [ "$need_apt" = 1 ]; then
   # do not need).
   apt-get install -y -qq --no-install-recommends prometheus >/dev/null
 fi
+# noVNC, which the console serves in its Connect view: only its ES modules in
+# /usr/share/novnc are used (the websockify and Python parts it depends on never run).
+if [ ! -e /usr/share/novnc/core/rfb.js ]; then
+  [ "$need_apt" = 1 ] || apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends novnc >/dev/null
+fi
 qemu-system-x86_64 --version | head -n 1
 qemu-img --version | head -n 1

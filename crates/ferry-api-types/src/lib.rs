@@ -13,6 +13,8 @@
 //! | POST | `/v1/vms/{name}/set` | [`VmSetRequest`] → [`VmInfo`] |
 //! | GET | `/v1/vms/{name}/console/log?offset=N` | → [`ConsoleLog`] |
 //! | GET | `/v1/vms/{name}/console` | HTTP upgrade `ferry-console` → raw serial stream |
+//! | GET | `/v1/vms/{name}/screenshot` | → `image/png` of the VM's display |
+//! | GET | `/v1/vms/{name}/vnc` | websocket upgrade → the VM's VNC (RFB) stream, binary frames |
 //! | POST | `/v1/import` | [`VmImportRequest`] → [`VmInfo`] |
 //! | GET | `/v1/vms/{name}/checkpoints` | → [`CheckpointList`] |
 //! | POST | `/v1/vms/{name}/checkpoints` | [`CheckpointCreateRequest`] → [`CheckpointCreated`] |
@@ -147,6 +149,10 @@ pub struct VmCreateRequest {
     pub initrd: Option<String>,
     /// Kernel command line.
     pub append: Option<String>,
+    /// A graphical display (VGA + USB tablet, VNC reached through ferryd's websocket);
+    /// absent = on.
+    #[serde(default)]
+    pub vnc: Option<bool>,
     /// NICs; empty = no network.
     pub nics: Vec<NicRequest>,
     /// Machine type (default `pc`).
@@ -249,6 +255,9 @@ pub struct VmInfo {
     pub boot: String,
     /// Kernel command line, for kernel boot.
     pub append: Option<String>,
+    /// Whether the VM has a graphical display (screenshots, the console's Connect view).
+    #[serde(default)]
+    pub vnc: bool,
     /// The last problem worth knowing about.
     pub last_error: Option<String>,
     /// `primary` or `replica` when the VM is replicated. A replica VM starts only through

@@ -181,6 +181,13 @@ enum VmCmd {
         /// Initrd for --kernel.
         #[arg(long)]
         initrd: Option<PathBuf>,
+        /// A graphical display: VGA and a USB tablet, seen through VNC on a unix socket
+        /// only (the web console's Connect view, `ferry vm screenshot`). The default.
+        #[arg(long, overrides_with = "no_vnc")]
+        vnc: bool,
+        /// No graphical display (serial console only).
+        #[arg(long, overrides_with = "vnc")]
+        no_vnc: bool,
         /// Kernel command line for --kernel.
         #[arg(long)]
         append: Option<String>,
@@ -243,6 +250,13 @@ enum VmCmd {
     Resume {
         /// The VM.
         vm: String,
+    },
+    /// Save a PNG of a running VM's screen.
+    Screenshot {
+        /// The VM.
+        vm: String,
+        /// The PNG file to write (replaced if it exists).
+        file: PathBuf,
     },
     /// Delete a VM that is off, with its disks.
     Delete {
@@ -378,6 +392,15 @@ fn cmd_host(cli: &Cli, cmd: &HostCmd) -> anyhow::Result<hosts::HostAction> {
     })
 }
 
+/// Width and height from a PNG's IHDR chunk (the first one, at a fixed offset).
+fn png_size(png: &[u8]) -> anyhow::Result<(u32, u32)> {
+    if png.len() < 24 || &png[..8] != b"\x89PNG\r\n\x1a\n" || &png[12..16] != b"IHDR" {
+        bail!("no PNG signature and header");
+    }
+    let be = |b: &[u8]| u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+    Ok((be(&png[16..20]), be(&png[20..24])))
+}
+
 /// URL path for a VM (names may hold spaces).
 pub(crate) fn vm_path(name: &str, suffix: &str) -> String {
     format!("/v1/vms/{}{suffix}", ferry_client::percent_encode(name))
@@ -393,6 +416,8 @@ async fn vm(client: &Client, cmd: VmCmd, out: &Output) -> anyhow::Result<()> {
             disk,
             kernel,
             initrd,
+            vnc: _,
+            no_vnc,
             append,
             nic,
             machine,
@@ -430,6 +455,7 @@ async fn vm(client: &Client, cmd: VmCmd, out: &Output) -> anyhow::Result<()> {
                 disks,
                 kernel: kernel.map(absolute).transpose()?,
                 initrd: initrd.map(absolute).transpose()?,
+                vnc: Some(!no_vnc),
                 append,
                 nics,
                 machine: machine
@@ -502,6 +528,14 @@ async fn vm(client: &Client, cmd: VmCmd, out: &Output) -> anyhow::Result<()> {
                 timeout_s: Some(timeout),
             };
             action(client.post(&vm_path(&vm, "/shutdown"), &req).await?)
+        }
+        VmCmd::Screenshot { vm, file } => {
+            let png = client.get_bytes(&vm_path(&vm, "/screenshot")).await?;
+            let (width, height) = png_size(&png)
+                .with_context(|| format!("ferryd's screenshot of {vm} is not a PNG"))?;
+            std::fs::write(&file, &png)
+                .with_context(|| format!("cannot write {}", file.display()))?;
+            out.screenshot(&file, width, height, png.len());
         }
         VmCmd::Delete { vm } => action(client.delete(&vm_path(&vm, "")).await?),
         VmCmd::Import { dir, name } => checkpoint::import(client, &dir, name, out).await?,

@@ -223,8 +223,19 @@ impl Output {
                 None => println!("NIC:      {} {}", n.kind, n.mac),
             }
         }
+        println!("Display:  {}", if vm.vnc { "VGA (VNC)" } else { "none" });
         if let Some(e) = &vm.last_error {
             println!("Last error: {e}");
+        }
+    }
+
+    /// `ferry vm screenshot`.
+    pub fn screenshot(&self, file: &std::path::Path, width: u32, height: u32, bytes: usize) {
+        let file = file.display().to_string();
+        if !self.json(&serde_json::json!({
+            "file": file, "width": width, "height": height, "bytes": bytes,
+        })) {
+            println!("{file}: {width}x{height} PNG, {bytes} bytes");
         }
     }
 

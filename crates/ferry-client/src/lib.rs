@@ -202,6 +202,11 @@ impl Client {
         decode(&self.send(Method::GET, path, None).await?)
     }
 
+    /// `GET path`, the body as it is (e.g. an image).
+    pub async fn get_bytes(&self, path: &str) -> Result<Bytes, ClientError> {
+        self.send(Method::GET, path, None).await
+    }
+
     /// `POST path` with a JSON body, decoded.
     pub async fn post<B: Serialize, T: DeserializeOwned>(
         &self,
@@ -219,6 +224,17 @@ impl Client {
 
     /// `GET path` with an HTTP upgrade to `protocol`: the raw stream afterwards.
     pub async fn upgrade(&self, path: &str, protocol: &str) -> Result<RawStream, ClientError> {
+        Ok(self.upgrade_with(path, protocol, &[]).await?.1)
+    }
+
+    /// The same with `headers` added to the request (e.g. a websocket handshake's
+    /// `Sec-WebSocket-Key`, relayed by a proxy); returns the `101` reply's headers too.
+    pub async fn upgrade_with(
+        &self,
+        path: &str,
+        protocol: &str,
+        headers: &[(hyper::header::HeaderName, hyper::header::HeaderValue)],
+    ) -> Result<(hyper::HeaderMap, RawStream), ClientError> {
         let io = self.connect().await?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
         tokio::spawn(conn.with_upgrades());
@@ -233,14 +249,18 @@ impl Client {
                 .parse()
                 .map_err(|_| ClientError::Decode("bad protocol".into()))?,
         );
+        for (name, value) in headers {
+            req.headers_mut().insert(name, value.clone());
+        }
         let resp = sender.send_request(req).await?;
         let status = resp.status();
         if status != StatusCode::SWITCHING_PROTOCOLS {
             let bytes = resp.into_body().collect().await?.to_bytes();
             return Err(api_error(status, &bytes));
         }
+        let reply_headers = resp.headers().clone();
         let upgraded = hyper::upgrade::on(resp).await?;
-        Ok(Box::pin(TokioIo::new(upgraded)))
+        Ok((reply_headers, Box::pin(TokioIo::new(upgraded))))
     }
 }
 

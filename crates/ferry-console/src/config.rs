@@ -20,6 +20,8 @@ struct RawConfig {
     data_dir: PathBuf,
     /// Seconds between two polls of every host (default 10).
     poll_interval_s: Option<u64>,
+    /// Where noVNC's ES modules are (`core/`, `vendor/`): Debian's `novnc` package.
+    novnc_dir: Option<PathBuf>,
     /// How users are authenticated.
     #[serde(default)]
     auth: RawAuth,
@@ -64,6 +66,9 @@ pub enum AuthMode {
     ProxyHeader(String),
 }
 
+/// Where Debian's `novnc` package installs noVNC.
+pub const DEFAULT_NOVNC_DIR: &str = "/usr/share/novnc";
+
 /// The validated config.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -73,6 +78,8 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// Time between polls.
     pub poll_interval: Duration,
+    /// noVNC's files, served to the Connect view.
+    pub novnc_dir: PathBuf,
     /// Authentication.
     pub auth: AuthMode,
     /// Whether users reach the console over https (`public_url` starts with `https://`):
@@ -255,6 +262,9 @@ impl Config {
         Ok(Self {
             listen,
             data_dir: raw.data_dir,
+            novnc_dir: raw
+                .novnc_dir
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_NOVNC_DIR)),
             poll_interval: Duration::from_secs(poll),
             auth,
             https,

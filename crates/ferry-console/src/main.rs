@@ -110,6 +110,7 @@ fn serve(config: Config, store: Arc<Store>) -> anyhow::Result<()> {
         tokio::spawn(poller.clone().run());
         let state = Arc::new(AppState {
             store,
+            novnc_dir: config.novnc_dir.clone(),
             poller,
             auth: config.auth.clone(),
             access: web::Access::from_config(&config),

@@ -5,6 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::Next;
@@ -69,6 +71,8 @@ pub fn router(state: Shared) -> Router {
         .route("/v1/vms/{name}/resume", post(resume_vm))
         .route("/v1/vms/{name}/console/log", get(console_log))
         .route("/v1/vms/{name}/console", get(console))
+        .route("/v1/vms/{name}/screenshot", get(screenshot))
+        .route("/v1/vms/{name}/vnc", get(vnc))
         .route(
             "/v1/replica-server",
             get(replica_server).post(set_replica_server),
@@ -261,6 +265,87 @@ async fn console(
     resp.headers_mut()
         .insert(header::UPGRADE, HeaderValue::from_static(CONSOLE_UPGRADE));
     Ok(resp)
+}
+
+/// A PNG of the VM's display.
+async fn screenshot(
+    State(s): State<Shared>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiFailure> {
+    let png = s.vms.screenshot(&name).await?;
+    Ok((
+        [
+            (header::CONTENT_TYPE, "image/png"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        png,
+    )
+        .into_response())
+}
+
+/// Upgrades to a websocket joined to the VM's VNC server: each binary message carries RFB
+/// bytes, as noVNC (and websockify) speak it. The socket is opened before the upgrade is
+/// accepted, so a VM that is off or has no display is refused with a JSON error instead.
+async fn vnc(
+    State(s): State<Shared>,
+    Path(name): Path<String>,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<Response, ApiFailure> {
+    let ws = ws.map_err(|e| {
+        ApiFailure::invalid(format!(
+            "the VNC endpoint takes a websocket upgrade: {}",
+            e.body_text()
+        ))
+    })?;
+    let path = s.vms.vnc_socket(&name)?;
+    let vnc = tokio::net::UnixStream::connect(&path)
+        .await
+        .map_err(|e| ApiFailure::qemu(format!("cannot open the VM's VNC socket: {e}")))?;
+    // noVNC before 1.2 asks for the `binary` subprotocol; later ones ask for none.
+    Ok(ws
+        .protocols(["binary"])
+        .on_upgrade(move |socket| bridge_vnc(socket, vnc)))
+}
+
+/// Copies RFB bytes between the websocket and QEMU until either side closes.
+async fn bridge_vnc(socket: WebSocket, vnc: tokio::net::UnixStream) {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut ws_tx, mut ws_rx) = socket.split();
+    let (mut vnc_rx, mut vnc_tx) = vnc.into_split();
+    let to_vnc = async {
+        while let Some(Ok(msg)) = ws_rx.next().await {
+            let bytes = match msg {
+                Message::Binary(b) => b,
+                Message::Close(_) => break,
+                // Pings are answered by the library; text is not RFB.
+                _ => continue,
+            };
+            if vnc_tx.write_all(&bytes).await.is_err() {
+                break;
+            }
+        }
+    };
+    let from_vnc = async {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match vnc_rx.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    let msg = Message::Binary(bytes::Bytes::copy_from_slice(&buf[..n]));
+                    if ws_tx.send(msg).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = ws_tx.close().await;
+    };
+    // Either direction ending ends the session: QEMU sees its client go away.
+    tokio::select! {
+        _ = to_vnc => {}
+        _ = from_vnc => {}
+    }
 }
 
 // ---- replication ------------------------------------------------------------------------

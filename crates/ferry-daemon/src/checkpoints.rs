@@ -974,6 +974,7 @@ impl Checkpoints {
                 cpus: spec.cpus,
                 memory_mib: spec.memory_mib,
                 disks,
+                vnc: Some(spec.vnc),
                 kernel,
                 initrd,
                 append,

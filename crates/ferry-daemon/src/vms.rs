@@ -99,6 +99,7 @@ struct RuntimePaths {
     console: PathBuf,
     pidfile: PathBuf,
     agent: PathBuf,
+    vnc: PathBuf,
 }
 
 fn now_unix() -> i64 {
@@ -131,6 +132,7 @@ impl VmManager {
             console: dir.join(format!("{id}.console")),
             pidfile: dir.join(format!("{id}.pid")),
             agent: dir.join(format!("{id}.qga")),
+            vnc: dir.join(format!("{id}.vnc")),
         }
     }
 
@@ -402,6 +404,7 @@ impl VmManager {
                 .collect(),
             boot,
             append,
+            vnc: row.spec.vnc,
             last_error: row.last_error.clone(),
             replication: self
                 .store
@@ -542,6 +545,7 @@ impl VmManager {
             cpus: req.cpus,
             memory_mib: req.memory_mib,
             disks,
+            vnc: req.vnc.unwrap_or(true),
             boot: match req.kernel {
                 Some(kernel) => Boot::Kernel {
                     kernel,
@@ -934,6 +938,7 @@ impl VmManager {
             pidfile: paths.pidfile.clone(),
             agent_socket: Some(paths.agent.clone()),
             loadvm: loadvm.map(str::to_owned),
+            vnc_socket: row.spec.vnc.then(|| paths.vnc.clone()),
         };
         let pid = process::spawn_daemonized(&cmd)
             .await
@@ -1229,6 +1234,45 @@ impl VmManager {
         Ok(self.runtime_paths(row.id).console)
     }
 
+    /// The VNC socket of a running VM with a display.
+    pub fn vnc_socket(&self, name: &str) -> Result<PathBuf, ApiFailure> {
+        let (vm, row) = self.row(name)?;
+        self.live(&vm)?;
+        if !row.spec.vnc {
+            return Err(no_display(&vm));
+        }
+        Ok(self.runtime_paths(row.id).vnc)
+    }
+
+    /// A PNG of a running VM's display, through QMP `screendump` into a file of its own
+    /// in the run directory (QEMU writes it; each request gets its own name so two at
+    /// once do not read each other's half-written file).
+    pub async fn screenshot(&self, name: &str) -> Result<Vec<u8>, ApiFailure> {
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let (vm, row) = self.row(name)?;
+        let inst = self.live(&vm)?;
+        if !row.spec.vnc {
+            return Err(no_display(&vm));
+        }
+        let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let file = self.run_dir().join(format!("{}.screen{n}.png", row.id));
+        let dumped = inst
+            .qmp
+            .execute(&qmp::Screendump {
+                filename: file.clone(),
+                format: Some(qmp::ImageFormat::Png),
+            })
+            .await;
+        let read = match dumped {
+            Ok(_) => tokio::fs::read(&file)
+                .await
+                .map_err(|e| ApiFailure::internal(format!("cannot read {}: {e}", file.display()))),
+            Err(e) => Err(ApiFailure::qemu(format!("screendump failed: {e}"))),
+        };
+        let _ = tokio::fs::remove_file(&file).await;
+        read
+    }
+
     /// Drops QMP connections without touching the VMs (daemon shutdown: VMs keep running).
     pub fn detach_all(&self) {
         self.instances.lock().expect("instances").clear();
@@ -1236,9 +1280,15 @@ impl VmManager {
 }
 
 fn cleanup_runtime(paths: &RuntimePaths) {
-    for p in [&paths.qmp, &paths.console, &paths.pidfile] {
+    for p in [&paths.qmp, &paths.console, &paths.pidfile, &paths.vnc] {
         let _ = std::fs::remove_file(p);
     }
+}
+
+fn no_display(vm: &VmName) -> ApiFailure {
+    ApiFailure::conflict(format!(
+        "VM {vm} has no display; create it with --vnc to get one"
+    ))
 }
 
 fn random_mac() -> String {

@@ -31,6 +31,11 @@ pub struct VmSpec {
     pub disks: Vec<DiskSpec>,
     /// How the VM boots.
     pub boot: Boot,
+    /// A graphical display (VGA, USB tablet, VNC on a unix socket ferryd bridges to the
+    /// web console). Absent in specs stored before displays existed: those VMs keep
+    /// running without one, so their checkpoints' device state still matches.
+    #[serde(default)]
+    pub vnc: bool,
     /// Network adapters.
     pub nics: Vec<NicSpec>,
     /// The virtual hardware platform (absent in VMs made before it existed: `pc`).
@@ -404,6 +409,7 @@ mod tests {
             name: VmName::new("vm1").unwrap(),
             cpus: 1,
             memory_mib: 256,
+            vnc: true,
             disks: vec![DiskSpec {
                 file: "disk0.qcow2".into(),
                 size_bytes: 64 << 20,

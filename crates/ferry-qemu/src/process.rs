@@ -256,6 +256,9 @@ pub struct QemuCommand {
     pub console_log: PathBuf,
     /// File QEMU writes its pid to.
     pub pidfile: PathBuf,
+    /// Unix socket QEMU's VNC server listens on; `None` gives the VM no display. See
+    /// [`push_display`].
+    pub vnc_socket: Option<PathBuf>,
     /// Unix socket QEMU listens on for the guest agent channel (a virtio-serial port
     /// named `org.qemu.guest_agent.0`); `None` gives the VM no agent channel.
     pub agent_socket: Option<PathBuf>,
@@ -305,11 +308,15 @@ impl QemuCommand {
         if let Some(agent) = &self.agent_socket {
             check_path("guest agent socket", agent)?;
         }
+        if let Some(vnc) = &self.vnc_socket {
+            check_path("VNC socket", vnc)?;
+        }
         let agent = self.agent_socket.as_ref();
         for (what, path) in [
             ("QMP", Some(&self.qmp_socket)),
             ("console", Some(&self.console_socket)),
             ("guest agent", agent),
+            ("VNC", self.vnc_socket.as_ref()),
         ]
         .into_iter()
         .filter_map(|(w, p)| p.map(|p| (w, p)))
@@ -419,6 +426,10 @@ impl QemuCommand {
             );
         }
 
+        if let Some(vnc) = &self.vnc_socket {
+            push_display(&mut a, vnc);
+        }
+
         match &self.kernel {
             Some(kernel) => {
                 a.push2("-kernel", kernel);
@@ -439,6 +450,19 @@ impl QemuCommand {
         }
         a.0
     }
+}
+
+/// The graphical console: a standard VGA adapter (the one every OS installer and
+/// firmware drives), a USB tablet so the pointer is absolute (a VNC client's mouse then
+/// lands where it points, without pointer grabbing), and QEMU's VNC server on a unix
+/// socket only: no TCP port is ever opened; ferryd bridges the socket to authenticated
+/// websocket clients. Pushed after the disks and NICs so those keep their PCI slots
+/// whether or not the VM has a display.
+fn push_display(a: &mut Args, vnc_socket: &Path) {
+    a.push2("-device", "VGA,id=vga0");
+    a.push2("-device", "qemu-xhci,id=usb0");
+    a.push2("-device", "usb-tablet,id=tablet0,bus=usb0.0");
+    a.push2("-vnc", opt("unix:", vnc_socket, ""));
 }
 
 /// Argv under construction.
@@ -886,6 +910,7 @@ mod tests {
             nics: vec![],
             qmp_socket: "/run/ferry/web1/qmp.sock".into(),
             console_socket: "/run/ferry/web1/console.sock".into(),
+            vnc_socket: None,
             agent_socket: None,
             loadvm: None,
             hardware: Hardware::default(),
@@ -975,6 +1000,35 @@ mod tests {
         assert_eq!(values(&args, "-append"), ["console=ttyS0 root=/dev/vda,x"]);
         assert!(values(&args, "-boot").is_empty());
         cmd.validate().unwrap();
+    }
+
+    #[test]
+    fn args_display_on_a_unix_socket_only() {
+        let mut cmd = sample();
+        assert!(values(&argv(&cmd), "-vnc").is_empty());
+        let plain = values(&argv(&cmd), "-device");
+        cmd.vnc_socket = Some("/run/ferry/7.vnc".into());
+        let args = argv(&cmd);
+        assert_eq!(values(&args, "-vnc"), ["unix:/run/ferry/7.vnc"]);
+        let devices = values(&args, "-device");
+        // The display devices come after the others, which keep their order (PCI slots).
+        assert_eq!(devices[..plain.len()], plain[..]);
+        assert_eq!(
+            devices[plain.len()..],
+            [
+                "VGA,id=vga0",
+                "qemu-xhci,id=usb0",
+                "usb-tablet,id=tablet0,bus=usb0.0"
+            ]
+        );
+        cmd.validate().unwrap();
+        cmd.vnc_socket = Some(format!("/run/{}/x.vnc", "d".repeat(110)).into());
+        assert!(matches!(
+            cmd.validate(),
+            Err(ProcessError::SocketPathTooLong { .. })
+        ));
+        cmd.vnc_socket = Some("/run/a,b.vnc".into());
+        assert!(cmd.validate().is_err());
     }
 
     #[test]

@@ -614,6 +614,34 @@ impl Command for Quit {
     type Ok = Empty;
 }
 
+/// `screendump`: QEMU writes the display's current picture to a file on the host (the
+/// monitor's process writes it, so the path must be one QEMU may create). In QEMU 7.2 the
+/// schema is `{filename, *device, *head, *format}`; `format` (`ppm`, the default, or
+/// `png`) exists since 7.1.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Screendump {
+    /// Where QEMU writes the picture (replaced if it exists).
+    pub filename: PathBuf,
+    /// The image format; `None` is QEMU's default, PPM.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub format: Option<ImageFormat>,
+}
+
+impl Command for Screendump {
+    const NAME: &'static str = "screendump";
+    type Ok = Empty;
+}
+
+/// `ImageFormat` of [`Screendump`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ImageFormat {
+    /// Portable pixmap (binary `P6`), QEMU's default.
+    Ppm,
+    /// PNG (QEMU built with libpng, as Debian's is).
+    Png,
+}
+
 /// `query-named-block-nodes`: every named block node with its dirty
 /// bitmaps.
 #[derive(Debug, Clone, Copy, Default, Serialize)]
@@ -1406,6 +1434,26 @@ mod tests {
         assert_eq!(
             serde_json::to_value(QueryNamedBlockNodes::default()).unwrap(),
             serde_json::json!({})
+        );
+    }
+
+    #[test]
+    fn screendump_arguments() {
+        let png = Screendump {
+            filename: "/run/ferry/1.shot".into(),
+            format: Some(ImageFormat::Png),
+        };
+        assert_eq!(
+            serde_json::to_value(png).unwrap(),
+            serde_json::json!({"filename": "/run/ferry/1.shot", "format": "png"})
+        );
+        let ppm = Screendump {
+            filename: "/x".into(),
+            format: None,
+        };
+        assert_eq!(
+            serde_json::to_value(ppm).unwrap(),
+            serde_json::json!({"filename": "/x"})
         );
     }
 }

@@ -150,6 +150,7 @@ async fn start_vm(dir: &Path, disk: &Path, interval: Option<&str>) -> Vm {
         console_socket: dir.join("console.sock"),
         console_log: dir.join("console.log"),
         pidfile: dir.join("qemu.pid"),
+        vnc_socket: None,
         agent_socket: None,
         loadvm: None,
         hardware: Default::default(),

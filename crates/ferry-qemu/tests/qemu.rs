@@ -53,6 +53,7 @@ fn command(dir: &Path, name: &str, disks: Vec<PathBuf>) -> QemuCommand {
         console_socket: dir.join("console.sock"),
         console_log: dir.join("console.log"),
         pidfile: dir.join("qemu.pid"),
+        vnc_socket: None,
         agent_socket: None,
         loadvm: None,
         hardware: Default::default(),

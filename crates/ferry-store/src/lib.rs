@@ -363,6 +363,7 @@ mod tests {
                 size_bytes: 1 << 30,
                 ..Default::default()
             }],
+            vnc: false,
             boot: Boot::Disk,
             nics: vec![],
             machine: Default::default(),

@@ -710,6 +710,7 @@ mod tests {
                     size_bytes: 1 << 20,
                     ..Default::default()
                 }],
+                vnc: false,
                 boot: Boot::Disk,
                 nics: vec![],
                 machine: Default::default(),

@@ -1,4 +1,5 @@
-//! The web console: server-rendered HTML pages (no scripts), forms that POST and redirect,
+//! The web console: server-rendered HTML pages (no scripts but the Connect view's noVNC),
+//! forms that POST and redirect,
 //! and the authentication gate every page and action passes through.
 //!
 //! | page | what |
@@ -7,9 +8,19 @@
 //! | `/hosts` | hosts: add (URL, fingerprint, token), remove, reachability |
 //! | `/vms` | every VM of every host, state and replication health |
 //! | `/hosts/{id}/vms/{vm}` | a VM: overview, actions, replication tab, enable wizard |
+//! | `/hosts/{id}/vms/{vm}/connect` | a VM's screen, keyboard and mouse (noVNC) |
 //! | `/alerts` | active and past alerts, rules and channels |
 
+/// The content security policy of every page but Connect, which adds noVNC's scripts and
+/// websocket to it (a macro so that one can be `concat!`ed from it).
+macro_rules! base_csp {
+    () => {
+        "default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+    };
+}
+
 mod charts;
+mod connect;
 mod pages;
 
 use std::net::{IpAddr, SocketAddr};
@@ -31,6 +42,8 @@ use crate::store::Store;
 pub struct AppState {
     /// The console's store.
     pub store: Arc<Store>,
+    /// noVNC's files (`core/`, `vendor/`).
+    pub novnc_dir: std::path::PathBuf,
     /// The poller and its fleet snapshot.
     pub poller: Arc<Poller>,
     /// How users are authenticated.
@@ -120,6 +133,11 @@ pub fn router(state: Shared) -> Router {
         .route("/vms", get(pages::vms))
         .route("/hosts/{id}/vms/{vm}", get(pages::vm_page))
         .route("/hosts/{id}/vms/{vm}/action", post(pages::vm_action))
+        .route("/hosts/{id}/vms/{vm}/connect", get(connect::connect_page))
+        .route("/hosts/{id}/vms/{vm}/vnc", get(connect::vnc_proxy))
+        .route("/hosts/{id}/vms/{vm}/screen.png", get(connect::screen_png))
+        .route("/static/connect.js", get(connect::connect_js))
+        .route("/novnc/{*path}", get(connect::novnc_file))
         .route(
             "/hosts/{id}/vms/{vm}/enable-replication",
             get(pages::enable_wizard).post(pages::enable_replication),
@@ -146,9 +164,20 @@ async fn same_origin_only(req: Request, next: Next) -> Response {
     if req.method() == axum::http::Method::GET || req.method() == axum::http::Method::HEAD {
         return next.run(req).await;
     }
-    let h = req.headers();
+    if cross_site(req.headers()) {
+        return (
+            StatusCode::FORBIDDEN,
+            "ferry-console: refused a request sent from another site\n",
+        )
+            .into_response();
+    }
+    next.run(req).await
+}
+
+/// Whether the browser says the request comes from another site's page.
+fn cross_site(h: &HeaderMap) -> bool {
     let site = h.get("sec-fetch-site").and_then(|v| v.to_str().ok());
-    let cross_site = match site {
+    match site {
         Some(site) => !matches!(site, "same-origin" | "none"),
         None => match (
             h.get(header::ORIGIN).and_then(|v| v.to_str().ok()),
@@ -160,16 +189,10 @@ async fn same_origin_only(req: Request, next: Next) -> Response {
             (Some(_), None) => true,
             (None, _) => false,
         },
-    };
-    if cross_site {
-        return (
-            StatusCode::FORBIDDEN,
-            "ferry-console: refused a request sent from another site\n",
-        )
-            .into_response();
     }
-    next.run(req).await
 }
+
+const BASE_CSP: &str = base_csp!();
 
 /// Headers on every response: the pages run no scripts and are never framed, so the
 /// browser is told to refuse both (a hole in escaping then runs nothing), and error texts
@@ -177,11 +200,14 @@ async fn same_origin_only(req: Request, next: Next) -> Response {
 async fn security_headers(req: Request, next: Next) -> Response {
     let mut res = next.run(req).await;
     let h = res.headers_mut();
-    for (name, value) in [
-        (
+    // The Connect page sets its own (wider) policy; every other response gets the base one.
+    if !h.contains_key("content-security-policy") {
+        h.insert(
             "content-security-policy",
-            "default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
-        ),
+            axum::http::HeaderValue::from_static(BASE_CSP),
+        );
+    }
+    for (name, value) in [
         ("x-frame-options", "DENY"),
         ("x-content-type-options", "nosniff"),
         ("referrer-policy", "no-referrer"),
@@ -471,6 +497,7 @@ label{display:block;margin:4px 0}.inline{display:inline-block;margin:2px}
 .charts svg{margin:4px}.tabs a{margin-right:12px}.login{max-width:320px;background:#fff;padding:16px}
 button{cursor:pointer}
 #hosts td:nth-child(3){max-width:300px;word-break:break-all;font-size:12px}
+#screen{height:75vh;min-height:420px}img.thumb{width:160px;border:1px solid #d5d8de;background:#000}
 "#;
 
 /// The page frame: navigation (when signed in) and the body.

@@ -44,7 +44,7 @@ fn flash(f: &Flash) -> String {
     s
 }
 
-fn back(to: &str, result: Result<String, String>) -> Response {
+pub(super) fn back(to: &str, result: Result<String, String>) -> Response {
     let sep = if to.contains('?') { '&' } else { '?' };
     let q = match result {
         Ok(m) => format!("ok={}", url_enc(&m)),
@@ -65,11 +65,11 @@ fn health_badge(h: &str) -> String {
     )
 }
 
-fn page(title: &str, user: &User, body: String) -> Html<String> {
+pub(super) fn page(title: &str, user: &User, body: String) -> Html<String> {
     Html(layout(title, Some(&user.0), &body))
 }
 
-fn host_row(s: &Shared, id: i64) -> Result<HostRow, String> {
+pub(super) fn host_row(s: &Shared, id: i64) -> Result<HostRow, String> {
     s.store
         .hosts()
         .map_err(|e| e.to_string())?
@@ -78,11 +78,11 @@ fn host_row(s: &Shared, id: i64) -> Result<HostRow, String> {
         .ok_or_else(|| format!("no host with id {id}"))
 }
 
-fn vm_url(id: i64, vm: &str) -> String {
+pub(super) fn vm_url(id: i64, vm: &str) -> String {
     format!("/hosts/{id}/vms/{}", url_enc(vm))
 }
 
-fn api_vm(vm: &str, rest: &str) -> String {
+pub(super) fn api_vm(vm: &str, rest: &str) -> String {
     format!("/v1/vms/{}{rest}", url_enc(vm))
 }
 
@@ -416,11 +416,11 @@ pub async fn vms(
 ) -> Response {
     let fleet = s.poller.fleet.read().await;
     let mut body = flash(&f);
-    body.push_str(r#"<table id="vms"><tr><th>Host</th><th>VM</th><th>State</th><th>CPUs</th><th>Memory</th><th>Replication</th><th>Replication state</th><th>Health</th><th>RPO</th></tr>"#);
+    body.push_str(r#"<table id="vms"><tr><th>Host</th><th>VM</th><th>State</th><th>CPUs</th><th>Memory</th><th>Replication</th><th>Replication state</th><th>Health</th><th>RPO</th><th>Screen</th></tr>"#);
     for v in fleet.hosts.values() {
         if let Some(e) = &v.error {
             body.push_str(&format!(
-                r#"<tr><td>{}</td><td colspan="8" class="error">unreachable: {}</td></tr>"#,
+                r#"<tr><td>{}</td><td colspan="9" class="error">unreachable: {}</td></tr>"#,
                 esc(&v.row.name),
                 esc(e)
             ));
@@ -430,7 +430,7 @@ pub async fn vms(
             let rep = v.replication_of(&vm.name);
             let h = v.health_of(&vm.name);
             body.push_str(&format!(
-                r#"<tr data-host="{host}" data-vm="{name}"><td>{host}</td><td><a href="{link}">{name}</a></td><td class="vm-state">{state}</td><td>{cpus}</td><td>{mem} MiB</td><td>{role}</td><td>{rstate}</td><td class="vm-health">{health}</td><td>{rpo}</td></tr>"#,
+                r#"<tr data-host="{host}" data-vm="{name}"><td>{host}</td><td><a href="{link}">{name}</a></td><td class="vm-state">{state}</td><td>{cpus}</td><td>{mem} MiB</td><td>{role}</td><td>{rstate}</td><td class="vm-health">{health}</td><td>{rpo}</td><td>{screen}</td></tr>"#,
                 host = esc(&v.row.name),
                 name = esc(&vm.name),
                 link = vm_url(v.row.id, &vm.name),
@@ -441,6 +441,16 @@ pub async fn vms(
                 rstate = esc(rep.map(|r| r.state_label.as_str()).unwrap_or("-")),
                 health = h.map(|h| health_badge(&h.health)).unwrap_or_else(|| "-".into()),
                 rpo = h.and_then(|h| h.rpo_s).map(fmt_secs).unwrap_or_else(|| "-".into()),
+                // The thumbnail is the host's screendump, fetched when the browser shows it.
+                screen = if vm.vnc && vm.state.has_process() {
+                    let link = vm_url(v.row.id, &vm.name);
+                    format!(
+                        r#"<a href="{link}/connect"><img class="thumb" src="{link}/screen.png" alt="screen of {name}" loading="lazy"></a>"#,
+                        name = esc(&vm.name),
+                    )
+                } else {
+                    "-".into()
+                },
             ));
         }
     }
@@ -474,9 +484,14 @@ pub async fn vm_page(
     let url = vm_url(id, &vm);
     let mut body = flash(&f);
     body.push_str(&format!(
-        r#"<p>Host <b>{}</b> · state <b id="vm-state">{}</b></p><p class="tabs"><a href="{url}?tab=overview" id="tab-overview">Overview</a><a href="{url}?tab=replication" id="tab-replication">Replication</a><a href="{url}?tab=checkpoints" id="tab-checkpoints">Checkpoints</a></p>"#,
+        r#"<p>Host <b>{}</b> · state <b id="vm-state">{}</b></p><p class="tabs"><a href="{url}?tab=overview" id="tab-overview">Overview</a><a href="{url}?tab=replication" id="tab-replication">Replication</a><a href="{url}?tab=checkpoints" id="tab-checkpoints">Checkpoints</a>{connect}</p>"#,
         esc(&row.name),
         esc(&info.state.to_string()),
+        connect = if info.vnc && info.state.has_process() {
+            format!(r#"<a href="{url}/connect" id="connect">Connect</a>"#)
+        } else {
+            String::new()
+        },
     ));
     if tab == "replication" {
         body.push_str(&replication_tab(&s, &c, id, &row, &info, rep.as_ref()).await);

@@ -462,7 +462,8 @@ impl Browser {
         );
     }
 
-    fn script(&self, js: &str) -> Value {
+    /// Runs `js` (a function body) in the page; its return value.
+    pub fn script(&self, js: &str) -> Value {
         self.call(
             "POST",
             &self.s("/execute/sync"),
@@ -517,6 +518,23 @@ impl Browser {
             }
         }
         panic!("no option {label} in {css}");
+    }
+
+    /// Types `text` as real key presses into whatever has the focus (WebDriver actions:
+    /// keydown/keyup events as a keyboard makes them, not a value set on an input).
+    /// `\n` is the Enter key.
+    pub fn keys(&self, text: &str) {
+        let mut actions = Vec::new();
+        for c in text.chars() {
+            let key = if c == '\n' { '\u{E007}' } else { c }.to_string();
+            actions.push(json!({"type": "keyDown", "value": key}));
+            actions.push(json!({"type": "keyUp", "value": key}));
+        }
+        self.call(
+            "POST",
+            &self.s("/actions"),
+            json!({"actions": [{"type": "key", "id": "keyboard", "actions": actions}]}),
+        );
     }
 
     /// The visible text of the element matching `css`.
