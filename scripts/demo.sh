@@ -36,6 +36,7 @@ data_dir = "$DEMO/$1/data"
 admin_socket = "$DEMO/$1/ferryd.sock"
 tls_listen = "$2:$3"
 accel = "$ACCEL"
+file_roots = ["$DEMO", "$PWD/guest/out"]
 TOML
   "$BIN/ferryd" --config "$DEMO/$1/ferryd.toml" 2>"$DEMO/$1/ferryd.log" &
   PIDS+=($!)

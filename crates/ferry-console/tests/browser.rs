@@ -196,7 +196,7 @@ fn browser_logs_in_adds_hosts_sees_health_and_runs_a_test_failover() {
         .contains("app-test"));
     // Importing an exported initial copy goes to the host, which refuses it here (this
     // replica already holds points): its one-line reason is shown.
-    br.fill("#import-dir", "/nonexistent/export");
+    br.fill("#import-dir", "/tmp/nonexistent/export");
     br.click("#action-import");
     let err = br.text("#flash-err");
     assert!(err.contains("already has recovery points"), "{err}");

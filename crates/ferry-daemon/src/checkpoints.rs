@@ -842,6 +842,10 @@ impl Checkpoints {
                 "export folder {dir:?} must be an absolute path"
             )));
         }
+        self.shared
+            .cfg
+            .allowed_path("export folder", dir_path)
+            .map_err(ApiFailure::invalid)?;
         let _busy = self.begin(&vm, "export")?;
         self.check_replication(&vm, &row, "export")?;
         let target = resolve(&self.shared.store.checkpoints(row.id)?, &vm, cp)?.clone();
@@ -926,6 +930,10 @@ impl Checkpoints {
                 req.dir
             )));
         }
+        self.shared
+            .cfg
+            .allowed_path("import folder", dir)
+            .map_err(ApiFailure::invalid)?;
         let manifest_path = dir.join(EXPORT_MANIFEST);
         let text = std::fs::read(&manifest_path).map_err(|e| {
             ApiFailure::invalid(format!(

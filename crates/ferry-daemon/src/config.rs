@@ -14,6 +14,7 @@
 //! firmware_dir = "/usr/share/OVMF"     # OVMF_CODE_4M*.fd, OVMF_VARS_4M*.fd (Debian's ovmf)
 //! replication_bandwidth_limit = "50M"  # bytes/s for all outgoing replication
 //! replication_bandwidth_schedule = ["08:00-18:00=10M", "22:00-06:00=unlimited"]
+//! file_roots = ["/srv/ferry"]          # the only folders the API reads or writes files in
 //! ```
 
 use std::net::SocketAddr;
@@ -65,7 +66,15 @@ struct RawConfig {
     /// Time-of-day windows overriding it, e.g. `["08:00-18:00=10M"]`.
     #[serde(default)]
     replication_bandwidth_schedule: Vec<String>,
+    /// The folders API requests may name files in (images, ISOs, kernels, imports,
+    /// exports); default [`DEFAULT_FILE_ROOTS`] and the VM storage.
+    file_roots: Option<Vec<PathBuf>>,
 }
+
+/// Where the API may read and write files when the config does not say: the API token is
+/// root on the host, and must not reach /etc, /root or other hosts' secrets through an
+/// import or export path.
+pub const DEFAULT_FILE_ROOTS: [&str; 4] = ["/srv", "/var/lib/ferry", "/media", "/mnt"];
 
 /// The validated configuration.
 #[derive(Debug, Clone)]
@@ -94,6 +103,8 @@ pub struct Config {
     pub replication_bandwidth_limit: Option<u64>,
     /// Time-of-day windows overriding the host-wide limit (local time).
     pub replication_bandwidth_schedule: Vec<BandwidthWindow>,
+    /// The folders API requests may name files in.
+    pub file_roots: Vec<PathBuf>,
 }
 
 /// Why the configuration was refused.
@@ -127,6 +138,56 @@ pub enum ConfigError {
 }
 
 impl Config {
+    /// `path` (absolute), resolved through symlinks and `..`, if it lies in one of
+    /// [`Config::file_roots`]; else why not, in one line. A path that does not exist yet (an
+    /// export target) is judged by its nearest existing ancestor.
+    pub fn allowed_path(&self, what: &str, path: &Path) -> Result<PathBuf, String> {
+        if !path.is_absolute() {
+            return Err(format!(
+                "{what} {} must be an absolute path",
+                path.display()
+            ));
+        }
+        let mut existing = path.to_path_buf();
+        let mut rest = Vec::new();
+        let resolved = loop {
+            match std::fs::canonicalize(&existing) {
+                Ok(c) => break c,
+                Err(_) => match (existing.file_name(), existing.parent()) {
+                    (Some(name), Some(parent)) => {
+                        rest.push(name.to_owned());
+                        existing = parent.to_path_buf();
+                    }
+                    _ => return Err(format!("{what} {} cannot be resolved", path.display())),
+                },
+            }
+        };
+        if rest.iter().any(|c| c == ".." || c == ".") {
+            return Err(format!(
+                "{what} {} must not contain . or ..",
+                path.display()
+            ));
+        }
+        let full = rest.iter().rev().fold(resolved, |p, c| p.join(c));
+        let inside = self.file_roots.iter().any(|root| {
+            let root = std::fs::canonicalize(root).unwrap_or_else(|_| root.clone());
+            full.starts_with(&root)
+        });
+        if !inside {
+            let roots: Vec<String> = self
+                .file_roots
+                .iter()
+                .map(|r| r.display().to_string())
+                .collect();
+            return Err(format!(
+                "{what} {} is outside the folders this host lets the API use ({}): move it there, or add its folder to file_roots in ferryd's config",
+                path.display(),
+                roots.join(", ")
+            ));
+        }
+        Ok(full)
+    }
+
     /// Reads and validates the file at `path`.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -207,7 +268,15 @@ impl Config {
             .map(|w| w.parse::<BandwidthWindow>())
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| invalid(format!("replication_bandwidth_schedule: {e}")))?;
+        let mut file_roots = raw
+            .file_roots
+            .unwrap_or_else(|| DEFAULT_FILE_ROOTS.iter().map(PathBuf::from).collect());
+        for r in &file_roots {
+            absolute("file_roots", r)?;
+        }
+        file_roots.push(vm_storage.clone());
         Ok(Self {
+            file_roots,
             replication_bandwidth_limit,
             replication_bandwidth_schedule,
             name,

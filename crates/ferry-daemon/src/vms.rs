@@ -55,13 +55,16 @@ enum DiskSource {
     TrackRaw(PathBuf),
 }
 
-/// An ISO given for the CD drive must exist and be readable now.
-fn check_iso(iso: &str) -> Result<(), ApiFailure> {
+/// An ISO given for the CD drive must lie in the API's file roots, exist and be readable
+/// now.
+fn check_iso(cfg: &Config, iso: &str) -> Result<(), ApiFailure> {
     if !iso.starts_with('/') {
         return Err(ApiFailure::invalid(format!(
             "ISO path {iso:?} must be absolute"
         )));
     }
+    cfg.allowed_path("ISO", Path::new(iso))
+        .map_err(ApiFailure::invalid)?;
     std::fs::File::open(iso)
         .and_then(|f| f.metadata())
         .and_then(|m| {
@@ -473,7 +476,7 @@ impl VmManager {
             }
         }
         if let Some(iso) = req.cdrom.as_ref().and_then(|c| c.iso.as_deref()) {
-            check_iso(iso)?;
+            check_iso(&self.cfg, iso)?;
         }
         if req.nvram.is_some() && req.firmware != Firmware::Uefi {
             return Err(ApiFailure::invalid(
@@ -512,6 +515,11 @@ impl VmManager {
         }
         for (what, path) in [("kernel", &req.kernel), ("initrd", &req.initrd)] {
             if let Some(p) = path {
+                if Path::new(p).is_absolute() {
+                    self.cfg
+                        .allowed_path(what, Path::new(p))
+                        .map_err(ApiFailure::invalid)?;
+                }
                 if Path::new(p).is_absolute() && !Path::new(p).is_file() {
                     return Err(ApiFailure::invalid(format!("{what} {p} not found")));
                 }
@@ -633,6 +641,9 @@ impl VmManager {
                 "disk image path {path:?} must be absolute"
             )));
         }
+        self.cfg
+            .allowed_path("disk image", p)
+            .map_err(ApiFailure::invalid)?;
         let meta = std::fs::metadata(p)
             .map_err(|e| ApiFailure::invalid(format!("disk image {path} not found: {e}")))?;
         let is_block = std::os::unix::fs::FileTypeExt::is_block_device(&meta.file_type());
@@ -1030,7 +1041,7 @@ impl VmManager {
         let running = row.state.has_process();
         let mut spec = row.spec.clone();
         if let Some(iso) = &req.cdrom {
-            check_iso(iso)?;
+            check_iso(&self.cfg, iso)?;
             if spec.cdrom.is_none() && running {
                 return Err(ApiFailure::conflict(format!(
                     "VM {vm} has no CD drive; add one while it is off (ferry vm set {vm} --cdrom ISO)"

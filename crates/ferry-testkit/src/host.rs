@@ -113,10 +113,20 @@ impl Host {
         std::fs::write(
             &config,
             format!(
-                "name = \"{name}\"\ndata_dir = \"{}\"\nvm_storage = \"{}\"\nadmin_socket = \"{}\"\ntls_listen = \"{tls_addr}\"\n{extra}\n",
+                "name = \"{name}\"\ndata_dir = \"{}\"\nvm_storage = \"{}\"\nadmin_socket = \"{}\"\ntls_listen = \"{tls_addr}\"\n{}{extra}\n",
                 data_dir.display(),
                 vm_storage.display(),
-                socket.display()
+                socket.display(),
+                // Tests keep their images, ISOs, exports and loop devices in temp dirs, the
+                // checkout (the test guest) and the Debian guest's cache.
+                if extra.contains("file_roots") {
+                    String::new()
+                } else {
+                    format!(
+                        "file_roots = [\"/tmp\", \"{}\", \"/var/cache/ferry-debian\", \"/dev\"]\n",
+                        crate::repo_root().display()
+                    )
+                },
             ),
         )
         .expect("write config");

@@ -80,12 +80,40 @@ fn bad_requests_are_refused_with_one_line_and_change_nothing() {
             "size must be between",
         ),
         (
-            &["vm", "create", "v", "--disk", "/nonexistent/disk.qcow2"],
-            "/nonexistent/disk.qcow2 not found",
+            &["vm", "create", "v", "--disk", "/tmp/nonexistent/disk.qcow2"],
+            "/tmp/nonexistent/disk.qcow2 not found",
+        ),
+        // The API reads and writes files only in its file roots: the token is not a key
+        // to the host's secrets.
+        (
+            &["vm", "create", "v", "--disk", "/etc/shadow,format=raw"],
+            "disk image /etc/shadow is outside the folders",
         ),
         (
-            &["vm", "create", "v", "--kernel", "/nonexistent/vmlinuz"],
-            "kernel /nonexistent/vmlinuz not found",
+            &["vm", "create", "v", "--kernel", "/etc/shadow"],
+            "kernel /etc/shadow is outside the folders",
+        ),
+        (
+            &["vm", "create", "v", "--cdrom", "/root/secret.iso"],
+            "ISO /root/secret.iso is outside the folders",
+        ),
+        (
+            &["vm", "import", "/etc"],
+            "import folder /etc is outside the folders",
+        ),
+        (
+            &[
+                "replica-server",
+                "set",
+                "--enable",
+                "--storage",
+                "/etc/ferry-replicas",
+            ],
+            "storage /etc/ferry-replicas is outside the folders",
+        ),
+        (
+            &["vm", "create", "v", "--kernel", "/tmp/nonexistent/vmlinuz"],
+            "kernel /tmp/nonexistent/vmlinuz not found",
         ),
         (&["vm", "create", "v", "--append", "x"], "need --kernel"),
         (
@@ -150,7 +178,7 @@ fn bad_requests_are_refused_with_one_line_and_change_nothing() {
             "has no checkpoint \"nosuch\"",
         ),
         (
-            &["vm", "import", "/nonexistent/export"],
+            &["vm", "import", "/tmp/nonexistent/export"],
             "is not a Ferry export",
         ),
         (

@@ -145,9 +145,9 @@ fn uefi_vm_boots_an_iso_and_its_cd_changes_while_it_runs() {
                 "--disk",
                 "16M",
                 "--cdrom",
-                "/nonexistent/x.iso",
+                "/tmp/nonexistent/x.iso",
             ],
-            "ISO /nonexistent/x.iso cannot be read",
+            "ISO /tmp/nonexistent/x.iso cannot be read",
         ),
         (
             &[
@@ -278,8 +278,8 @@ fn uefi_vm_boots_an_iso_and_its_cd_changes_while_it_runs() {
     let before = fingerprint(&a);
     for (args, want) in [
         (
-            vec!["vm", "set", "efi", "--cdrom", "/nonexistent/y.iso"],
-            "ISO /nonexistent/y.iso cannot be read",
+            vec!["vm", "set", "efi", "--cdrom", "/tmp/nonexistent/y.iso"],
+            "ISO /tmp/nonexistent/y.iso cannot be read",
         ),
         (
             vec!["vm", "set", "efi", "--machine", "pc"],

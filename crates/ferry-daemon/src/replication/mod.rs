@@ -494,6 +494,7 @@ pub fn points(shared: &Shared, name: &str) -> Result<Vec<RecoveryPointInfo>, Api
 }
 
 fn parse_settings(
+    shared: &Shared,
     req: &EnableReplicationRequest,
     disks: usize,
 ) -> Result<ReplicationSettings, ApiFailure> {
@@ -511,6 +512,10 @@ fn parse_settings(
             if !dir.starts_with('/') {
                 return Err(bad(format!("{s:?}: the export folder must be an absolute path")));
             }
+            shared
+                .cfg
+                .allowed_path("export folder", std::path::Path::new(dir))
+                .map_err(bad)?;
             InitialMethod::Export(dir.to_owned())
         }
         s if s.starts_with("at:") => {
@@ -572,7 +577,7 @@ pub async fn enable(
             rel.partner_name
         )));
     }
-    let settings = parse_settings(&req, row.spec.disks.len())?;
+    let settings = parse_settings(shared, &req, row.spec.disks.len())?;
     let fp = ferry_client::normalize_fingerprint(&req.replica_fingerprint);
     if fp.len() != 95 {
         return Err(ApiFailure::invalid(format!(
@@ -745,6 +750,10 @@ pub async fn import(
     dir: &str,
 ) -> Result<ReplicationInfo, ApiFailure> {
     let (vm, _, rel) = rel_of(shared, name)?;
+    shared
+        .cfg
+        .allowed_path("import folder", std::path::Path::new(dir))
+        .map_err(ApiFailure::invalid)?;
     replica::import_initial(shared, rel.vm_id, std::path::Path::new(dir))
         .await
         .map_err(|e| ApiFailure::invalid(format!("{e:#}")))?;
@@ -887,6 +896,10 @@ pub async fn replica_server_set(
                 "storage {s:?} must be an absolute path"
             )));
         }
+        shared
+            .cfg
+            .allowed_path("storage", p)
+            .map_err(ApiFailure::invalid)?;
         std::fs::create_dir_all(p)
             .map_err(|e| ApiFailure::invalid(format!("cannot use storage {s}: {e}")))?;
         Ok(s.to_owned())
