@@ -349,6 +349,7 @@ fn hostile_spec(vm: &str) -> Value {
         "disks": [{"file": "disk0.qcow2", "size_bytes": 16u64 << 20}],
         "boot": {"kind": "kernel", "kernel": "/etc/shadow", "initrd": null, "append": "console=ttyS0"},
         "nics": [{"kind": {"kind": "bridge", "bridge": "br-mgmt"}, "mac": "52:54:00:12:34:56"}],
+        "cdrom": {"iso": "/etc/ssh/ssh_host_ed25519_key"},
     })
 }
 
@@ -469,6 +470,8 @@ fn a_hostile_primary_cannot_choose_what_the_replica_runs() {
         local_kernel.to_str().unwrap()
     );
     assert!(!spec.to_string().contains("/etc/shadow"), "{spec}");
+    // The CD drive stays, empty: the primary's ISO path could name any file here.
+    assert_eq!(spec["cdrom"], json!({"iso": null}), "{spec}");
 
     // Extents: one beyond the declared disk size fails the whole cycle; no point.
     let begin = json!({"type": "cycle_begin", "cycle": 1, "kind": "initial", "taken_at": 4_000_000_000i64,

@@ -178,9 +178,14 @@ pub fn local_path(vm_dir: &Path, role: &str) -> PathBuf {
     vm_dir.join("boot").join(role)
 }
 
-/// `spec` with its boot paths pointing at this host's own copies in `vm_dir`.
+/// `spec` with its boot paths pointing at this host's own copies in `vm_dir`, and its CD
+/// drive empty: an ISO path names a file on the primary, and on this host it could name
+/// anything (the drive stays, so the guest's hardware is the same).
 pub fn localize(spec: &VmSpec, vm_dir: &Path) -> VmSpec {
     let mut spec = spec.clone();
+    if let Some(cd) = spec.cdrom.as_mut() {
+        cd.iso = None;
+    }
     if let Boot::Kernel { kernel, initrd, .. } = &mut spec.boot {
         *kernel = local_path(vm_dir, "kernel").display().to_string();
         if let Some(i) = initrd {
