@@ -110,6 +110,13 @@ enum Command {
 enum ServerCmd {
     /// Name, version, certificate fingerprint, accelerator, paths.
     Show,
+    /// Replace the API token; the current one stays valid for the grace period, so
+    /// consoles and scripts can be given the new one without an outage.
+    RotateToken {
+        /// How long the current token keeps working (e.g. 1h, 30m; at most 7d).
+        #[arg(long, default_value = "1h")]
+        grace: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -360,6 +367,27 @@ async fn run(cli: Cli, out: &Output) -> anyhow::Result<()> {
         Command::Server(ServerCmd::Show) => {
             let info: ServerInfo = client.get("/v1/server").await?;
             out.server(&info);
+        }
+        Command::Server(ServerCmd::RotateToken { grace }) => {
+            let grace = ferry_domain::replication::parse_duration(&grace)
+                .map_err(|e| anyhow::anyhow!("--grace {grace}: {e}"))?;
+            let reply: serde_json::Value = client
+                .post(
+                    "/v1/server/rotate-token",
+                    &serde_json::json!({ "grace_s": grace.as_secs() }),
+                )
+                .await?;
+            if !out.json(&reply) {
+                println!(
+                    "New API token (also in {}):",
+                    reply["token_file"].as_str().unwrap_or("-")
+                );
+                println!("{}", reply["token"].as_str().unwrap_or(""));
+                println!(
+                    "The previous token keeps working until {} (UNIX time); give the new one to the console and scripts before then.",
+                    reply["previous_valid_until"]
+                );
+            }
         }
         Command::Vm(cmd) => vm(&client, cmd, out).await?,
         Command::ReplicaServer(cmd) => replication::replica_server(&client, cmd, out).await?,

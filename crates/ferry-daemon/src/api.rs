@@ -35,8 +35,8 @@ pub struct AppState {
     pub checkpoints: Arc<Checkpoints>,
     /// What `GET /v1/server` returns (minus the VM count).
     pub server: ServerInfo,
-    /// The bearer token for the TLS API.
-    pub token: String,
+    /// The bearer tokens the TLS API accepts.
+    pub tokens: Arc<crate::identity::ApiTokens>,
     /// The replication engine.
     pub replication: Arc<replication::Shared>,
 }
@@ -48,6 +48,7 @@ type ApiResult<T> = Result<Json<T>, ApiFailure>;
 pub fn router(state: Shared) -> Router {
     Router::new()
         .route("/v1/server", get(server_info))
+        .route("/v1/server/rotate-token", post(rotate_token))
         .route("/v1/vms", get(list_vms).post(create_vm))
         .route("/v1/import", post(import_vm))
         .route("/v1/vms/{name}", get(show_vm).delete(delete_vm))
@@ -122,16 +123,16 @@ pub fn router(state: Shared) -> Router {
 
 /// The router for the TLS port: every request needs `Authorization: Bearer <token>`.
 pub fn tls_router(state: Shared) -> Router {
-    let token = state.token.clone();
+    let tokens = state.tokens.clone();
     router(state).layer(axum::middleware::from_fn(move |req: Request, next: Next| {
-        let token = token.clone();
+        let tokens = tokens.clone();
         async move {
             let ok = req
                 .headers()
                 .get(header::AUTHORIZATION)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.strip_prefix("Bearer "))
-                .is_some_and(|given| constant_time_eq(given.as_bytes(), token.as_bytes()));
+                .is_some_and(|given| tokens.accepts(given, replication::now_unix()));
             if ok {
                 next.run(req).await
             } else {
@@ -146,8 +147,39 @@ pub fn tls_router(state: Shared) -> Router {
     }))
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// `POST /v1/server/rotate-token` body.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RotateTokenRequest {
+    /// How long the current token stays valid, in seconds (default an hour, at most a week).
+    #[serde(default)]
+    grace_s: Option<u64>,
+}
+
+async fn rotate_token(
+    State(s): State<Shared>,
+    Json(req): Json<RotateTokenRequest>,
+) -> ApiResult<serde_json::Value> {
+    let grace = req.grace_s.unwrap_or(3600);
+    if grace > 7 * 86_400 {
+        return Err(ApiFailure::invalid(format!(
+            "a grace period of {grace} s is too long: at most a week (604800 s)"
+        )));
+    }
+    let until = replication::now_unix() + grace as i64;
+    let (token, record) = s
+        .tokens
+        .rotate(until)
+        .map_err(|e| ApiFailure::internal(format!("{e}")))?;
+    s.replication
+        .store
+        .set_setting(crate::identity::PREVIOUS_TOKEN_KEY, &record)?;
+    tracing::info!(previous_valid_until = until, "API token rotated");
+    Ok(Json(serde_json::json!({
+        "token": token,
+        "token_file": s.server.token_file,
+        "previous_valid_until": until,
+    })))
 }
 
 async fn server_info(State(s): State<Shared>) -> ApiResult<ServerInfo> {

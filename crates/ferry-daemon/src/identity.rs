@@ -142,6 +142,85 @@ impl Identity {
     }
 }
 
+/// The API tokens this host accepts: the current one, and after a rotation the previous
+/// one until its grace period ends (so consoles and scripts can be updated without an
+/// outage). The previous token is kept only as a SHA-256 hash, in the store, so a restart
+/// during the grace period keeps honouring it.
+pub struct ApiTokens {
+    tokens: std::sync::RwLock<Tokens>,
+    path: PathBuf,
+}
+
+struct Tokens {
+    current: String,
+    /// SHA-256 of the previous token, and until when (UNIX s) it is accepted.
+    previous: Option<([u8; 32], i64)>,
+}
+
+/// Store setting holding the previous token's hash and deadline.
+pub const PREVIOUS_TOKEN_KEY: &str = "api_token_previous";
+
+fn sha256(s: &str) -> [u8; 32] {
+    ring::digest::digest(&ring::digest::SHA256, s.as_bytes())
+        .as_ref()
+        .try_into()
+        .expect("32 bytes")
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+impl ApiTokens {
+    /// The current token (from the identity) and the previous one's stored record
+    /// (`"HEX:UNTIL"`), if any.
+    pub fn new(current: String, path: PathBuf, previous: Option<&str>) -> Self {
+        let previous = previous.and_then(|v| {
+            let (hex, until) = v.split_once(':')?;
+            let bytes: Vec<u8> = (0..hex.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
+                .collect::<Option<_>>()?;
+            Some((bytes.try_into().ok()?, until.parse().ok()?))
+        });
+        Self {
+            tokens: std::sync::RwLock::new(Tokens { current, previous }),
+            path,
+        }
+    }
+
+    /// Whether `given` is the current token, or the previous one within its grace period.
+    pub fn accepts(&self, given: &str, now: i64) -> bool {
+        let t = self.tokens.read().expect("tokens");
+        let current = constant_time_eq(given.as_bytes(), t.current.as_bytes());
+        let previous = t
+            .previous
+            .is_some_and(|(hash, until)| now <= until && constant_time_eq(&sha256(given), &hash));
+        current | previous
+    }
+
+    /// Makes a new token, written to the token file (0600, atomically), keeping the
+    /// current one valid until `previous_until`; returns the new token and the record to
+    /// store for the previous one.
+    pub fn rotate(&self, previous_until: i64) -> Result<(String, String), IdentityError> {
+        let mut bytes = [0u8; 32];
+        ring::rand::SystemRandom::new()
+            .fill(&mut bytes)
+            .expect("system randomness");
+        let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        write_secret(&self.path, format!("{token}\n").as_bytes())?;
+        let mut t = self.tokens.write().expect("tokens");
+        let old = sha256(&t.current);
+        t.previous = Some((old, previous_until));
+        t.current = token.clone();
+        let record = format!(
+            "{}:{previous_until}",
+            old.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        );
+        Ok((token, record))
+    }
+}
+
 /// Least length of an API token: it is root on this host over the network.
 pub const MIN_TOKEN_LEN: usize = 32;
 
@@ -232,6 +311,26 @@ mod tests {
             .mode();
         assert_eq!(mode & 0o777, 0o600);
         a.server_config().unwrap();
+    }
+
+    #[test]
+    fn a_rotated_token_keeps_the_old_one_for_its_grace_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = Identity::load_or_create(dir.path(), "h").unwrap();
+        let tokens = ApiTokens::new(id.token.clone(), id.token_path.clone(), None);
+        assert!(tokens.accepts(&id.token, 0));
+        let (new, record) = tokens.rotate(100).unwrap();
+        assert!(tokens.accepts(&new, 50) && tokens.accepts(&id.token, 100));
+        assert!(
+            !tokens.accepts(&id.token, 101),
+            "the old token outlived its grace"
+        );
+        assert!(!tokens.accepts("x", 50));
+        // The file holds the new token; the record brings the grace back after a restart.
+        let reloaded = Identity::load_or_create(dir.path(), "h").unwrap();
+        assert_eq!(reloaded.token, new);
+        let again = ApiTokens::new(reloaded.token, reloaded.token_path, Some(&record));
+        assert!(again.accepts(&id.token, 99) && !again.accepts(&id.token, 101));
     }
 
     #[test]

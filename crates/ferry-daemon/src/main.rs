@@ -149,7 +149,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 })
                 .collect(),
         },
-        token: identity.token.clone(),
+        tokens: Arc::new(identity::ApiTokens::new(
+            identity.token.clone(),
+            identity.token_path.clone(),
+            store
+                .setting(identity::PREVIOUS_TOKEN_KEY)
+                .ok()
+                .flatten()
+                .as_deref(),
+        )),
         replication: replication.clone(),
     });
 

@@ -633,3 +633,55 @@ fn assert_private(dir: &Path) {
     }
     assert!(seen > 0, "nothing under {}", dir.display());
 }
+
+/// The API token is rotated without an outage: the new one works at once, the old one
+/// until its grace period ends (also across a ferryd restart), then never again.
+#[test]
+fn the_api_token_rotates_with_a_grace_period() {
+    let mut a = Host::start("a", "127.0.0.1", "accel = \"tcg\"");
+    let (old, fp) = a.credentials();
+    let url = format!("https://{}", a.tls_addr);
+    let with = |a: &Host, token: &str| {
+        let file = a.dir.path().join("tok");
+        std::fs::write(&file, token).unwrap();
+        a.ferry(&[
+            "--host",
+            &url,
+            "--token-file",
+            file.to_str().unwrap(),
+            "--fingerprint",
+            &fp,
+            "server",
+            "show",
+        ])
+    };
+    let err = a.ferry_err(&["server", "rotate-token", "--grace", "30d"]);
+    assert!(err.contains("at most a week"), "{err}");
+    let reply = a.ferry_json(&["server", "rotate-token", "--grace", "6s"]);
+    let new = reply["token"].as_str().unwrap().to_owned();
+    assert_ne!(new, old);
+    assert_eq!(a.credentials().0, new, "the token file holds the new token");
+    let deadline = reply["previous_valid_until"].as_i64().unwrap();
+    assert_eq!(with(&a, &new).code, 0);
+    assert_eq!(
+        with(&a, &old).code,
+        0,
+        "the old token stopped before its grace ended"
+    );
+    a.stop_daemon();
+    a.launch();
+    assert_eq!(with(&a, &old).code, 0, "a restart ended the grace period");
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64
+    };
+    while now() <= deadline {
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let late = with(&a, &old);
+    assert_ne!(late.code, 0);
+    assert!(late.stderr.contains("wrong API token"), "{}", late.stderr);
+    assert_eq!(with(&a, &new).code, 0);
+}
