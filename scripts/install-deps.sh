@@ -3,8 +3,10 @@
 # QEMU 7.2 (system emulator and qemu-utils from the same release: the machine may carry a
 # newer qemu-utils from backports, which must be replaced together), the test guest's
 # kernel and busybox, and tools the tests use (the console's: headless Chromium with
-# chromedriver, and Python's aiosmtpd as a real SMTP server). Does nothing when all is in
-# place.
+# chromedriver, and Python's aiosmtpd as a real SMTP server), and what the real Debian guest
+# (guest/debian/build.sh) and its UEFI install test need: mmdebstrap, squashfs-tools, grub
+# for BIOS and EFI with xorriso and mtools (grub-mkrescue), OVMF, sfdisk and e2fsck. Does
+# nothing when all is in place.
 set -euo pipefail
 
 need_apt=0
@@ -12,7 +14,10 @@ if ! command -v qemu-system-x86_64 >/dev/null || ! qemu-img --version 2>/dev/nul
   need_apt=1
 fi
 for f in /bin/busybox /usr/sbin/modinfo /usr/bin/cpio /usr/bin/flock /usr/bin/nbdinfo /usr/bin/sqlite3 /usr/bin/curl \
-  /usr/bin/chromium /usr/bin/chromedriver; do
+  /usr/bin/chromium /usr/bin/chromedriver \
+  /usr/bin/mmdebstrap /usr/bin/mksquashfs /usr/bin/grub-mkrescue /usr/lib/grub/i386-pc/boot.img \
+  /usr/lib/grub/x86_64-efi/linux.mod /usr/bin/xorriso /usr/bin/mformat \
+  /usr/share/OVMF/OVMF_CODE_4M.fd /sbin/sfdisk /sbin/e2fsck; do
   [ -e "$f" ] || need_apt=1
 done
 ls /boot/vmlinuz-* >/dev/null 2>&1 || need_apt=1
@@ -32,6 +37,9 @@ if [ "$need_apt" = 1 ]; then
     "qemu-system-x86=$V" "qemu-utils=$V" "qemu-block-extra=$V" \
     busybox-static linux-image-amd64 cpio kmod file util-linux libnbd-bin iproute2 \
     sqlite3 curl python3 python3-aiosmtpd chromium chromium-driver >/dev/null
+  # Binary-only grub packages: they do not touch this machine's own boot loader.
+  apt-get install -y -qq --no-install-recommends mmdebstrap squashfs-tools grub-common \
+    grub-pc-bin grub-efi-amd64-bin xorriso mtools ovmf fdisk e2fsprogs >/dev/null
 fi
 qemu-system-x86_64 --version | head -n 1
 qemu-img --version | head -n 1
