@@ -53,6 +53,97 @@ pub fn debian_image() -> DebianImage {
     DebianImage { iso, dir }
 }
 
+/// Installs the guest from `iso` onto `disk` (raw; erased) in a UEFI VM with the OVMF vars
+/// `vars`: boots the ISO, waits for the installer to power off, and checks its console
+/// (`console_log`) says `FERRY-INSTALL: DONE`. Returns how long it took.
+pub fn install(iso: &Path, disk: &Path, vars: &Path, console_log: &Path) -> Result<Duration> {
+    let t = Instant::now();
+    let mut vm = RawVm::start(&RawVmConfig {
+        disk: disk.to_path_buf(),
+        cdrom: Some(iso.to_path_buf()),
+        vars: vars.to_path_buf(),
+        agent_socket: None,
+        console_log: console_log.to_path_buf(),
+        memory_mib: 1024,
+    })?;
+    let finished = vm.wait_exit(Duration::from_secs(480));
+    let console = vm.console();
+    if finished.is_err() || !console.contains("FERRY-INSTALL: DONE") {
+        bail!(
+            "the install did not finish ({finished:?}); console:\n{}",
+            tail(&console, 40)
+        );
+    }
+    Ok(t.elapsed())
+}
+
+/// Makes `to` a fresh copy of the OVMF vars template (a VM's empty NVRAM).
+pub fn fresh_vars(to: &Path) -> Result<()> {
+    std::fs::copy(ovmf().vars_template, to)
+        .with_context(|| format!("copy OVMF vars to {}", to.display()))?;
+    Ok(())
+}
+
+impl DebianImage {
+    /// Where the installed, never booted disk is cached (qcow2).
+    pub fn installed_disk_path(&self) -> PathBuf {
+        self.dir.join("installed.qcow2")
+    }
+
+    /// Keeps a freshly installed raw disk (not yet booted: its first boot makes the
+    /// machine-id) as the cached installed disk, unless one is cached already.
+    pub fn cache_installed_disk(&self, raw: &Path) -> Result<PathBuf> {
+        let path = self.installed_disk_path();
+        let _lock = self.lock()?;
+        if path.is_file() {
+            return Ok(path);
+        }
+        let tmp = self.dir.join("installed.qcow2.tmp");
+        let out = Command::new("qemu-img")
+            .args(["convert", "-f", "raw", "-O", "qcow2"])
+            .arg(raw)
+            .arg(&tmp)
+            .output()
+            .context("run qemu-img")?;
+        if !out.status.success() {
+            bail!(
+                "qemu-img convert: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        std::fs::rename(&tmp, &path)?;
+        Ok(path)
+    }
+
+    /// The installed guest's disk (qcow2, never booted), installed from the ISO once per
+    /// build and then cached next to it (a few minutes under TCG the first time). Use it as
+    /// a backing file or copy it; it boots with a fresh copy of the OVMF vars ([`fresh_vars`]),
+    /// since grub sits at the removable-media path.
+    pub fn installed_disk(&self) -> Result<PathBuf> {
+        let path = self.installed_disk_path();
+        if path.is_file() {
+            return Ok(path);
+        }
+        let dir = tempfile::tempdir()?;
+        let raw = dir.path().join("disk.raw");
+        std::fs::File::create(&raw)?.set_len(INSTALL_DISK_BYTES)?;
+        let vars = dir.path().join("OVMF_VARS.fd");
+        fresh_vars(&vars)?;
+        install(&self.iso, &raw, &vars, &dir.path().join("install.log"))?;
+        self.cache_installed_disk(&raw)
+    }
+
+    /// Serializes writers of the cache directory across test processes.
+    fn lock(&self) -> Result<std::fs::File> {
+        let f = std::fs::File::create(self.dir.join(".lock"))?;
+        f.lock()?;
+        Ok(f)
+    }
+}
+
+/// Size of the disk the guest is installed on (sparse: about 700 MB are used).
+pub const INSTALL_DISK_BYTES: u64 = 4 << 30;
+
 /// OVMF (Debian's `ovmf` package): the firmware code, and the template of a VM's NVRAM
 /// variables (copy it per VM: the firmware writes to it).
 #[derive(Debug, Clone)]
