@@ -9,7 +9,8 @@
 #                          onto the VM's first virtio disk unattended and powers off
 # CACHE is /var/cache/ferry-debian/<key> (FERRY_DEBIAN_CACHE overrides the parent), where
 # <key> hashes every file of guest/debian/, so a changed script rebuilds and an unchanged
-# one costs nothing. Prints the ISO's path on stdout (progress goes to stderr).
+# one costs nothing; the three newest builds are kept. Builds are serialized by a lock in the
+# cache. Prints the ISO's path on stdout (progress goes to stderr).
 # Needs (as root): apt-get install mmdebstrap squashfs-tools grub-common grub-pc-bin
 #   grub-efi-amd64-bin xorriso mtools busybox-static kmod cpio (scripts/install-deps.sh).
 set -euo pipefail
@@ -21,7 +22,7 @@ PKGS="mmdebstrap squashfs-tools grub-common grub-pc-bin grub-efi-amd64-bin xorri
 die() { echo "guest/debian/build.sh: $*" >&2; exit 1; }
 log() { echo "guest/debian/build.sh: $*" >&2; }
 
-for tool in mmdebstrap mksquashfs grub-mkrescue xorriso mformat cpio gzip modinfo sha256sum; do
+for tool in mmdebstrap mksquashfs grub-mkrescue xorriso mformat cpio gzip modinfo sha256sum flock file; do
   command -v "$tool" >/dev/null 2>&1 || die "missing tool '$tool' (install with: apt-get install $PKGS)"
 done
 for d in /usr/lib/grub/i386-pc /usr/lib/grub/x86_64-efi; do
@@ -40,6 +41,15 @@ if [ -f "$OUT/ferry-debian.iso" ]; then
   exit 0
 fi
 mkdir -p "$PARENT"
+# One build at a time on this machine (tests, scripts/test.sh and other checkouts share the
+# cache); whoever waited may find the build done.
+exec 9>"$PARENT/.lock"
+flock 9
+if [ -f "$OUT/ferry-debian.iso" ]; then
+  echo "$OUT/ferry-debian.iso"
+  exit 0
+fi
+rm -rf "$PARENT"/.build.*   # left by a build that was killed (we hold the lock)
 TMP=$(mktemp -d "$PARENT/.build.XXXXXX")
 trap 'rm -rf "$TMP"' EXIT
 START=$(date +%s)
@@ -160,9 +170,8 @@ mv "$ISO/live/root.squashfs" "$OUT/root.squashfs.tmp"
 mv "$TMP/ferry-debian.iso" "$OUT/ferry-debian.iso.tmp"
 mv "$OUT/root.squashfs.tmp" "$OUT/root.squashfs"
 mv "$OUT/ferry-debian.iso.tmp" "$OUT/ferry-debian.iso"
-# Builds of older versions of these scripts are of no further use.
-for old in "$PARENT"/*/; do
-  [ "${old%/}" = "$OUT" ] || rm -rf "${old%/}"
-done
+# Only the three newest builds are kept: older versions of these scripts are of no further
+# use, but another checkout on this machine may still be using a recent one.
+ls -1dt "$PARENT"/*/ | tail -n +4 | xargs -r rm -rf
 log "built in $(( $(date +%s) - START )) s: $OUT/ferry-debian.iso ($(du -m "$OUT/ferry-debian.iso" | cut -f1) MB)"
 echo "$OUT/ferry-debian.iso"

@@ -117,20 +117,28 @@ fn debian_iso_installs_and_boots_from_disk_with_uefi() {
         "systemctl start ferry-writer: {}",
         start.stderr
     );
-    std::thread::sleep(Duration::from_secs(4));
-    let rows = exec(
-        &mut agent,
-        "/usr/bin/sqlite3",
-        &[
-            "/var/lib/ferry-writer/rows.db",
-            "SELECT COUNT(*) = MAX(n) AND MAX(n) >= 2 FROM rows",
-        ],
-    );
-    assert_eq!(
-        rows.stdout.trim(),
-        "1",
-        "ferry-writer's rows are not 1..N with N >= 2: {rows:?}"
-    );
+    // Its rows must be 1..N without a gap; wait (TCG is slow to start processes) for N >= 2.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let rows = exec(
+            &mut agent,
+            "/usr/bin/sqlite3",
+            &[
+                "/var/lib/ferry-writer/rows.db",
+                "SELECT COUNT(*), COALESCE(MAX(n), 0) FROM rows",
+            ],
+        );
+        let (count, max) = rows.stdout.trim().split_once('|').unwrap_or(("?", "?"));
+        assert_eq!(count, max, "ferry-writer's rows have a gap: {rows:?}");
+        if max.parse::<u64>().is_ok_and(|n| n >= 2) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "ferry-writer wrote {max} rows in 90 s: {rows:?}"
+        );
+        std::thread::sleep(Duration::from_secs(2));
+    }
 
     // 3. A clean shutdown through the agent; the root filesystem then checks clean.
     agent.shutdown().expect("guest-shutdown");
