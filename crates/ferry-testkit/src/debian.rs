@@ -57,6 +57,7 @@ pub fn install(iso: &Path, disk: &Path, vars: &Path, console_log: &Path) -> Resu
     let t = Instant::now();
     let mut vm = RawVm::start(&RawVmConfig {
         disk: disk.to_path_buf(),
+        disk_format: "raw",
         cdrom: Some(iso.to_path_buf()),
         vars: vars.to_path_buf(),
         agent_socket: None,
@@ -165,8 +166,10 @@ pub fn ovmf() -> Ovmf {
 /// What a [`RawVm`] gets.
 #[derive(Debug, Clone)]
 pub struct RawVmConfig {
-    /// The VM's only disk (raw), as a virtio-blk device.
+    /// The VM's only disk, as a virtio-blk device.
     pub disk: PathBuf,
+    /// Its format: "raw" or "qcow2" (e.g. an overlay on [`DebianImage::installed_disk`]).
+    pub disk_format: &'static str,
     /// An ISO in a SATA CD-ROM drive.
     pub cdrom: Option<PathBuf>,
     /// This VM's copy of the OVMF variables.
@@ -204,7 +207,8 @@ impl RawVm {
             ))
             .arg("-drive")
             .arg(format!(
-                "if=none,id=disk0,format=raw,file={}",
+                "if=none,id=disk0,format={},file={}",
+                cfg.disk_format,
                 cfg.disk.display()
             ))
             .args(["-device", "virtio-blk-pci,drive=disk0"])

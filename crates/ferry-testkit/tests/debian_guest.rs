@@ -44,6 +44,7 @@ fn debian_iso_installs_and_boots_from_disk_with_uefi() {
     let agent_socket = dir.path().join("qga.sock");
     let cfg = RawVmConfig {
         disk: disk.clone(),
+        disk_format: "raw",
         cdrom: None,
         vars,
         agent_socket: Some(agent_socket.clone()),
