@@ -6,7 +6,8 @@
 # use (the console's: headless Chromium with chromedriver, Python's aiosmtpd as a real SMTP
 # server; Prometheus with promtool for the shipped rules and the scrape test; grub-mkrescue
 # with BIOS and EFI GRUB, xorriso and mtools to build the bootable test ISO; openssl for the
-# CA recipe). Does nothing when all is in place.
+# CA recipe); and what the real Debian guest (guest/debian/build.sh) and its UEFI install
+# test need: mmdebstrap, squashfs-tools, sfdisk and e2fsck. Does nothing when all is in place.
 set -euo pipefail
 
 need_apt=0
@@ -16,7 +17,8 @@ fi
 for f in /bin/busybox /usr/sbin/modinfo /usr/bin/cpio /usr/bin/flock /usr/bin/nbdinfo /usr/bin/sqlite3 /usr/bin/curl \
   /usr/bin/chromium /usr/bin/chromedriver /usr/bin/openssl /usr/bin/prometheus /usr/bin/promtool \
   /usr/share/OVMF/OVMF_CODE_4M.fd /usr/bin/grub-mkrescue \
-  /usr/lib/grub/i386-pc/boot.img /usr/lib/grub/x86_64-efi/linux.mod /usr/bin/xorriso /usr/bin/mformat; do
+  /usr/lib/grub/i386-pc/boot.img /usr/lib/grub/x86_64-efi/linux.mod /usr/bin/xorriso /usr/bin/mformat \
+  /usr/bin/mmdebstrap /usr/bin/mksquashfs /sbin/sfdisk /sbin/e2fsck; do
   [ -e "$f" ] || need_apt=1
 done
 ls /boot/vmlinuz-* >/dev/null 2>&1 || need_apt=1
@@ -35,8 +37,10 @@ if [ "$need_apt" = 1 ]; then
   apt-get install -y -qq --allow-downgrades \
     "qemu-system-x86=$V" "qemu-utils=$V" "qemu-block-extra=$V" \
     busybox-static linux-image-amd64 cpio kmod file util-linux libnbd-bin iproute2 \
-    sqlite3 curl openssl python3 python3-aiosmtpd chromium chromium-driver \
-    ovmf grub-common grub-pc-bin grub-efi-amd64-bin xorriso mtools >/dev/null
+    sqlite3 curl openssl python3 python3-aiosmtpd chromium chromium-driver >/dev/null
+  # Binary-only grub packages: they do not touch this machine's own boot loader.
+  apt-get install -y -qq --no-install-recommends mmdebstrap squashfs-tools grub-common \
+    grub-pc-bin grub-efi-amd64-bin xorriso mtools ovmf fdisk e2fsprogs >/dev/null
   # Prometheus and promtool only (not the node exporter it recommends, a daemon the tests
   # do not need).
   apt-get install -y -qq --no-install-recommends prometheus >/dev/null

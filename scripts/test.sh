@@ -6,6 +6,9 @@ cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/cache/ferry-target}
 scripts/install-deps.sh
 guest/build.sh
+# The real Debian guest's installer ISO: a few minutes once, then cached under
+# /var/cache/ferry-debian (keyed on guest/debian/'s content).
+guest/debian/build.sh >/dev/null
 cargo fmt --all --check
 # ferryd and ferry are run by the integration tests: build them first (nextest builds
 # only test targets).

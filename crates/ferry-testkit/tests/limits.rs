@@ -112,7 +112,7 @@ fn silent_and_slow_clients_are_cut_off_and_others_still_served() {
 
     // A TLS client that completes the handshake and then sends one header byte a second
     // never finishes its request: it is cut off by the header timeout.
-    let mut slow = connect_from("127.0.0.5", api);
+    let slow = connect_from("127.0.0.5", api);
     let mut tls = {
         let config = ferry_client::pinned_client_config(&fp, None).unwrap();
         let conn = rustls::ClientConnection::new(
