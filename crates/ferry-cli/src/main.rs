@@ -117,6 +117,23 @@ enum ServerCmd {
         #[arg(long, default_value = "1h")]
         grace: String,
     },
+    /// Rotate the host certificate without stopping replication: first prepare a successor
+    /// (a new self-signed one, or --cert/--key from your CA), which every replication
+    /// partner learns at its next session; then --commit, and ferryd restarts with it.
+    RotateCertificate {
+        /// The successor's certificate (PEM, chain after it), e.g. issued by your CA.
+        #[arg(long, requires = "key", conflicts_with = "commit")]
+        cert: Option<PathBuf>,
+        /// Its private key (PEM).
+        #[arg(long, requires = "cert", conflicts_with = "commit")]
+        key: Option<PathBuf>,
+        /// Switch to the prepared certificate (ferryd restarts; VMs keep running).
+        #[arg(long)]
+        commit: bool,
+        /// With --commit: even if some partner has not learnt the successor yet.
+        #[arg(long, requires = "commit")]
+        force: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -367,6 +384,34 @@ async fn run(cli: Cli, out: &Output) -> anyhow::Result<()> {
         Command::Server(ServerCmd::Show) => {
             let info: ServerInfo = client.get("/v1/server").await?;
             out.server(&info);
+        }
+        Command::Server(ServerCmd::RotateCertificate {
+            cert,
+            key,
+            commit,
+            force,
+        }) => {
+            let read = |p: &PathBuf| {
+                std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))
+            };
+            let body = serde_json::json!({
+                "action": if commit { "commit" } else { "prepare" },
+                "cert": cert.as_ref().map(read).transpose()?,
+                "key": key.as_ref().map(read).transpose()?,
+                "force": force,
+            });
+            let reply: serde_json::Value = client.post("/v1/server/certificate", &body).await?;
+            if !out.json(&reply) {
+                if let Some(next) = reply["next_fingerprint"].as_str() {
+                    println!("Next certificate: {next}");
+                } else {
+                    println!(
+                        "Certificate:      {}",
+                        reply["fingerprint"].as_str().unwrap_or("-")
+                    );
+                }
+                println!("{}", reply["message"].as_str().unwrap_or(""));
+            }
         }
         Command::Server(ServerCmd::RotateToken { grace }) => {
             let grace = ferry_domain::replication::parse_duration(&grace)

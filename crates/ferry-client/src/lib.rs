@@ -332,9 +332,24 @@ pub fn pinned_client_config(
         rustls::pki_types::PrivateKeyDer<'static>,
     )>,
 ) -> Result<rustls::ClientConfig, rustls::Error> {
+    pinned_client_config_any(&[fingerprint], client_auth)
+}
+
+/// [`pinned_client_config`] trusting any of `fingerprints` (a host's certificate and the
+/// successor it announced while rotating it).
+pub fn pinned_client_config_any(
+    fingerprints: &[&str],
+    client_auth: Option<(
+        Vec<CertificateDer<'static>>,
+        rustls::pki_types::PrivateKeyDer<'static>,
+    )>,
+) -> Result<rustls::ClientConfig, rustls::Error> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let verifier = Arc::new(PinnedCert {
-        fingerprint: normalize_fingerprint(fingerprint),
+        fingerprints: fingerprints
+            .iter()
+            .map(|f| normalize_fingerprint(f))
+            .collect(),
         provider: provider.clone(),
     });
     let builder = rustls::ClientConfig::builder_with_provider(provider)
@@ -351,7 +366,7 @@ pub fn pinned_client_config(
 /// created at first start, and trust is established by pinning, as with SSH host keys.
 #[derive(Debug)]
 struct PinnedCert {
-    fingerprint: String,
+    fingerprints: Vec<String>,
     provider: Arc<rustls::crypto::CryptoProvider>,
 }
 
@@ -365,12 +380,12 @@ impl ServerCertVerifier for PinnedCert {
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         let got = fingerprint(end_entity);
-        if got == self.fingerprint {
+        if self.fingerprints.contains(&got) {
             Ok(ServerCertVerified::assertion())
         } else {
             Err(rustls::Error::General(format!(
                 "certificate fingerprint {got} is not the pinned {}",
-                self.fingerprint
+                self.fingerprints.join(" or ")
             )))
         }
     }

@@ -39,6 +39,8 @@ pub struct AppState {
     pub tokens: Arc<crate::identity::ApiTokens>,
     /// The replication engine.
     pub replication: Arc<replication::Shared>,
+    /// Asks ferryd to restart itself (a committed certificate rotation).
+    pub restart: Arc<tokio::sync::Notify>,
 }
 
 type Shared = Arc<AppState>;
@@ -49,6 +51,7 @@ pub fn router(state: Shared) -> Router {
     Router::new()
         .route("/v1/server", get(server_info))
         .route("/v1/server/rotate-token", post(rotate_token))
+        .route("/v1/server/certificate", post(rotate_certificate))
         .route("/v1/vms", get(list_vms).post(create_vm))
         .route("/v1/import", post(import_vm))
         .route("/v1/vms/{name}", get(show_vm).delete(delete_vm))
@@ -145,6 +148,96 @@ pub fn tls_router(state: Shared) -> Router {
             }
         }
     }))
+}
+
+/// `POST /v1/server/certificate` body.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RotateCertificateRequest {
+    /// `prepare` or `commit`.
+    action: String,
+    /// With `prepare`: the successor's certificate chain and key (PEM); absent, a new
+    /// self-signed pair with a new key is made.
+    #[serde(default)]
+    cert: Option<String>,
+    #[serde(default)]
+    key: Option<String>,
+    /// With `commit`: even if some partner has not learnt the successor yet.
+    #[serde(default)]
+    force: bool,
+}
+
+async fn rotate_certificate(
+    State(s): State<Shared>,
+    Json(req): Json<RotateCertificateRequest>,
+) -> ApiResult<serde_json::Value> {
+    use crate::replication::rotation::PREPARED_AT_KEY;
+    let store = &s.replication.store;
+    let identity = &s.replication.identity;
+    match req.action.as_str() {
+        "prepare" => {
+            let given = match (&req.cert, &req.key) {
+                (Some(c), Some(k)) => Some((c.as_str(), k.as_str())),
+                (None, None) => None,
+                _ => {
+                    return Err(ApiFailure::invalid(
+                        "give both --cert and --key, or neither (a new self-signed pair)".into(),
+                    ))
+                }
+            };
+            let fp = identity
+                .prepare_rotation(&s.server.name, given)
+                .map_err(|e| ApiFailure::invalid(format!("{e}")))?;
+            store.set_setting(PREPARED_AT_KEY, &replication::now_unix().to_string())?;
+            tracing::info!(next = %fp, "certificate rotation prepared");
+            Ok(Json(serde_json::json!({
+                "fingerprint": identity.fingerprint,
+                "next_fingerprint": fp,
+                "message": "announced to every replication partner at its next session; commit once each has had one (`ferry server rotate-certificate --commit`)",
+            })))
+        }
+        "commit" => {
+            let Some(next) = identity.next() else {
+                return Err(ApiFailure::conflict(
+                    "no certificate rotation is prepared: run `ferry server rotate-certificate` first".into(),
+                ));
+            };
+            let mut lagging = Vec::new();
+            for rel in store.list_replications()? {
+                if !replication::rotation::was_told(store, rel.vm_id, &next) {
+                    let vm = store
+                        .vm_by_id(rel.vm_id)?
+                        .map(|v| v.spec.name.to_string())
+                        .unwrap_or_default();
+                    lagging.push(format!("{vm} (partner {})", rel.partner_name));
+                }
+            }
+            if !lagging.is_empty() && !req.force {
+                return Err(ApiFailure::conflict(format!(
+                    "not every replication partner has learnt the next certificate yet: {} had no session since the rotation was prepared; wait for their next cycle (`ferry replication now VM`), or --force (they will then refuse this host until re-paired)",
+                    lagging.join(", ")
+                )));
+            }
+            identity
+                .commit_rotation()
+                .map_err(|e| ApiFailure::internal(format!("{e}")))?;
+            store.delete_setting(PREPARED_AT_KEY)?;
+            tracing::info!(fingerprint = %next, "certificate rotation committed; restarting");
+            let restart = s.restart.clone();
+            tokio::spawn(async move {
+                // The reply goes out first.
+                tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+                restart.notify_one();
+            });
+            Ok(Json(serde_json::json!({
+                "fingerprint": next,
+                "message": "ferryd restarts with the new certificate; VMs keep running and replication resumes; re-pin it in `ferry host add` entries and the console",
+            })))
+        }
+        other => Err(ApiFailure::invalid(format!(
+            "unknown certificate action {other:?}: use prepare or commit"
+        ))),
+    }
 }
 
 /// `POST /v1/server/rotate-token` body.

@@ -23,6 +23,11 @@ pub struct Identity {
     pub token: String,
     /// Where the token is stored (shown to the admin).
     pub token_path: PathBuf,
+    /// The fingerprint of the certificate being rotated to (`host.next.crt`), announced to
+    /// replication partners until the rotation is committed.
+    pub next_fingerprint: std::sync::Mutex<Option<String>>,
+    /// The data dir the identity lives in.
+    pub dir: PathBuf,
 }
 
 /// Why the identity could not be loaded or created.
@@ -117,8 +122,14 @@ impl Identity {
             .trim()
             .to_owned();
         check_token(&token_path, &token)?;
+        let next_fingerprint = std::fs::read(dir.join(NEXT_CERT))
+            .ok()
+            .and_then(|pem| rustls_pemfile::certs(&mut pem.as_slice()).next()?.ok())
+            .map(|c| fingerprint(&c));
         Ok(Self {
             fingerprint: fingerprint(cert),
+            next_fingerprint: std::sync::Mutex::new(next_fingerprint),
+            dir: dir.to_owned(),
             chain,
             key,
             token,
@@ -139,6 +150,94 @@ impl Identity {
             .with_no_client_auth()
             .with_single_cert(self.chain.clone(), self.key.clone_key())?;
         Ok(Arc::new(config))
+    }
+}
+
+/// The successor certificate and key while a rotation is prepared.
+pub const NEXT_CERT: &str = "host.next.crt";
+/// See [`NEXT_CERT`].
+pub const NEXT_KEY: &str = "host.next.key";
+
+impl Identity {
+    /// The successor's fingerprint while a rotation is prepared.
+    pub fn next(&self) -> Option<String> {
+        self.next_fingerprint.lock().expect("next").clone()
+    }
+
+    /// Prepares a certificate rotation: `pem` (certificate chain and key, e.g. issued by
+    /// the organization's CA) or a new self-signed certificate with a new key becomes
+    /// `host.next.*`; returns its fingerprint.
+    pub fn prepare_rotation(
+        &self,
+        host_name: &str,
+        given: Option<(&str, &str)>,
+    ) -> Result<String, IdentityError> {
+        let bad = |what: &'static str| IdentityError::BadPem {
+            path: format!("the given {what}"),
+            what,
+        };
+        let (cert_pem, key_pem) = match given {
+            Some((c, k)) => (c.to_owned(), k.to_owned()),
+            None => {
+                let mut params =
+                    rcgen::CertificateParams::new(vec!["ferryd".to_owned(), host_name.to_owned()])?;
+                params
+                    .distinguished_name
+                    .push(rcgen::DnType::CommonName, format!("ferryd {host_name}"));
+                let key = rcgen::KeyPair::generate()?;
+                let cert = params.self_signed(&key)?;
+                (cert.pem(), key.serialize_pem())
+            }
+        };
+        let chain = rustls_pemfile::certs(&mut cert_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| bad("certificate"))?;
+        let key = rustls_pemfile::private_key(&mut key_pem.as_bytes())
+            .ok()
+            .flatten()
+            .ok_or_else(|| bad("private key"))?;
+        let first = chain.first().cloned().ok_or_else(|| bad("certificate"))?;
+        // The pair must work as a TLS identity (rustls checks the key against the
+        // certificate) before it is written.
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_single_cert(chain, key)?;
+        write_secret(&self.dir.join(NEXT_KEY), key_pem.as_bytes())?;
+        write_secret(&self.dir.join(NEXT_CERT), cert_pem.as_bytes())?;
+        let fp = fingerprint(&first);
+        *self.next_fingerprint.lock().expect("next") = Some(fp.clone());
+        Ok(fp)
+    }
+
+    /// Commits a prepared rotation: the successor becomes `host.crt`/`host.key`, the
+    /// current pair is kept as `host.prev.*`. Takes effect when ferryd starts again.
+    pub fn commit_rotation(&self) -> Result<(), IdentityError> {
+        let err = |action, path: &Path, source| IdentityError::File {
+            action,
+            path: path.display().to_string(),
+            source,
+        };
+        for (next, cur, prev) in [
+            (NEXT_KEY, "host.key", "host.prev.key"),
+            (NEXT_CERT, "host.crt", "host.prev.crt"),
+        ] {
+            let (next, cur, prev) = (self.dir.join(next), self.dir.join(cur), self.dir.join(prev));
+            if !next.exists() {
+                return Err(err(
+                    "find",
+                    &next,
+                    std::io::Error::other("no rotation is prepared"),
+                ));
+            }
+            std::fs::copy(&cur, &prev).map_err(|e| err("keep", &prev, e))?;
+            std::fs::rename(&next, &cur).map_err(|e| err("install", &cur, e))?;
+        }
+        std::fs::File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| err("fsync", &self.dir, e))?;
+        Ok(())
     }
 }
 

@@ -64,7 +64,21 @@ fn main() -> ExitCode {
         }
     };
     match runtime.block_on(run(args)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::SUCCESS,
+        Ok(true) => {
+            // A committed certificate rotation: the same program with the same arguments,
+            // in the same process (pid kept for the service manager), once every listener
+            // of this one is closed.
+            drop(runtime);
+            use std::os::unix::process::CommandExt;
+            let err = std::process::Command::new(
+                std::env::current_exe().unwrap_or_else(|_| "ferryd".into()),
+            )
+            .args(std::env::args_os().skip(1))
+            .exec();
+            eprintln!("ferryd: cannot restart itself: {err}");
+            ExitCode::FAILURE
+        }
         Err(e) => {
             error!("{e:#}");
             eprintln!("ferryd: {e:#}");
@@ -98,7 +112,8 @@ fn init_logging(format: &str) -> Result<(), String> {
 }
 
 /// config → identity → store → accelerator → VMs re-attached → servers → shutdown.
-async fn run(args: Args) -> anyhow::Result<()> {
+/// Runs ferryd until a signal; `Ok(true)` when it stopped to restart itself.
+async fn run(args: Args) -> anyhow::Result<bool> {
     let cfg = Arc::new(Config::load(&args.config)?);
     for dir in [&cfg.data_dir, &cfg.vm_storage] {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
@@ -119,6 +134,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         replication::Shared::new(cfg.clone(), store.clone(), identity.clone(), vms.clone());
     replication::start(&replication).await?;
 
+    let restart = Arc::new(tokio::sync::Notify::new());
     let state = Arc::new(api::AppState {
         vms: vms.clone(),
         checkpoints: checkpoints::Checkpoints::new(replication.clone()),
@@ -159,6 +175,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 .as_deref(),
         )),
         replication: replication.clone(),
+        restart: restart.clone(),
     });
 
     let unix = server::bind_unix(&cfg.admin_socket)
@@ -186,7 +203,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "ferryd ready"
     );
 
-    wait_for_signal().await;
+    let restart_requested = tokio::select! {
+        _ = wait_for_signal() => false,
+        _ = restart.notified() => true,
+    };
     info!("shutting down; VMs keep running and are re-attached at the next start");
     let _ = stop_tx.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(10), async {
@@ -197,7 +217,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     vms.detach_all();
     let _ = std::fs::remove_file(&cfg.admin_socket);
     info!("ferryd stopped");
-    Ok(())
+    Ok(restart_requested)
 }
 
 async fn wait_for_signal() {

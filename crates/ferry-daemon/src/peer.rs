@@ -144,18 +144,29 @@ pub fn chain_trusted(ca_pem: &str, chain: &[CertificateDer<'static>]) -> Result<
         .map_err(|e| format!("its certificate was not issued by the trusted CA ({e})"))
 }
 
+/// The fingerprint of the certificate the replica presented.
+pub fn server_fingerprint(conn: &PeerStream) -> Option<String> {
+    conn.get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(|c| fingerprint(c))
+}
+
 /// The primary's side of a host-to-host connection.
 pub type PeerStream = client::TlsStream<TcpStream>;
 
-/// Connects to a replica server at `addr`, trusting only `replica_fingerprint` and
-/// presenting this host's certificate.
-pub async fn connect(
+/// Connects to a replica server at `addr`, trusting any of `fingerprints` (its pinned
+/// certificate and the successor
+/// it announced while rotating), presenting this host's certificate;
+/// [`server_fingerprint`] tells which one it presented.
+pub async fn connect_any(
     identity: &Identity,
     addr: &str,
-    replica_fingerprint: &str,
+    fingerprints: &[&str],
 ) -> anyhow::Result<PeerStream> {
-    let config = ferry_client::pinned_client_config(
-        replica_fingerprint,
+    let config = ferry_client::pinned_client_config_any(
+        fingerprints,
         Some((identity.chain.clone(), identity.key())),
     )?;
     let connector = TlsConnector::from(Arc::new(config));

@@ -285,6 +285,15 @@ impl Store {
         Ok(())
     }
 
+    /// Re-pins every relationship with a partner whose certificate was `old` to `new` (the
+    /// partner rotated its certificate); returns how many.
+    pub fn replace_partner_fingerprint(&self, old: &str, new: &str) -> Result<usize, StoreError> {
+        Ok(self.conn().execute(
+            "UPDATE replications SET partner_fingerprint=?2 WHERE partner_fingerprint=?1",
+            params![old, new],
+        )?)
+    }
+
     // Targeted updates: the API and a relationship's task change different columns of the
     // same row concurrently; rewriting the whole row could roll the other's change back.
 

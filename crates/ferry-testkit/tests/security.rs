@@ -685,3 +685,149 @@ fn the_api_token_rotates_with_a_grace_period() {
     assert!(late.stderr.contains("wrong API token"), "{}", late.stderr);
     assert_eq!(with(&a, &new).code, 0);
 }
+
+/// Certificates rotate without stopping replication, on the primary (b's authorization
+/// entry moves to the new certificate) and on the replica server (the primary's pin
+/// moves), each announced over the old certificate first; the old certificate is then
+/// refused.
+#[test]
+fn certificates_rotate_on_both_sides_while_replication_goes_on() {
+    let a = Host::start("a", "127.0.0.1", "accel = \"tcg\"");
+    let b = Host::start("b", "127.0.0.2", "accel = \"tcg\"");
+    let fp = |h: &Host| {
+        h.ferry_json(&["server", "show"])["fingerprint"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let storage = b.dir.path().join("replicas");
+    b.ferry_ok(&[
+        "replica-server",
+        "set",
+        "--enable",
+        "--port",
+        &ferry_testkit::replication::free_port("127.0.0.2"),
+        "--allow",
+        &format!("a={}", fp(&a)),
+        "--storage",
+        storage.to_str().unwrap(),
+    ]);
+    a.ferry_ok(&["vm", "create", "app", "--memory", "256M", "--disk", "16M"]);
+    a.ferry_ok(&[
+        "replication",
+        "enable",
+        "app",
+        "--to",
+        b.socket.to_str().unwrap(),
+        "--interval",
+        "15m",
+        "--wait",
+    ]);
+    let cycle = |h: &Host| status(h, "app")["last_cycle"].as_i64().unwrap();
+    let one_more = |a: &Host| {
+        let before = cycle(a);
+        a.ferry_ok(&["replication", "now", "app"]);
+        wait_for("a cycle", Duration::from_secs(60), || {
+            let st = status(a, "app");
+            st["state"] == "replicating" && st["last_cycle"].as_i64().unwrap() > before
+        });
+    };
+    // Bad input changes nothing.
+    let err = a.ferry_err(&["server", "rotate-certificate", "--commit"]);
+    assert!(err.contains("no certificate rotation is prepared"), "{err}");
+    let junk = a.dir.path().join("junk.pem");
+    std::fs::write(&junk, "junk").unwrap();
+    let err = a.ferry_err(&[
+        "server",
+        "rotate-certificate",
+        "--cert",
+        junk.to_str().unwrap(),
+        "--key",
+        junk.to_str().unwrap(),
+    ]);
+    assert!(err.contains("not a valid PEM"), "{err}");
+
+    // The primary rotates: prepared, announced at the next cycle, committed.
+    let a_old = fp(&a);
+    let a_next = a.ferry_json(&["server", "rotate-certificate"])["next_fingerprint"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_ne!(a_next, a_old);
+    let err = a.ferry_err(&["server", "rotate-certificate", "--commit"]);
+    assert!(
+        err.contains("app (partner b) had no session since"),
+        "{err}"
+    );
+    let mut committed = false;
+    for _ in 0..3 {
+        one_more(&a);
+        let r = a.ferry(&["server", "rotate-certificate", "--commit"]);
+        if r.code == 0 {
+            committed = true;
+            break;
+        }
+        assert!(r.stderr.contains("had no session since"), "{}", r.stderr);
+    }
+    assert!(committed, "a's partner never learnt its next certificate");
+    wait_for(
+        "a to restart with its new certificate",
+        Duration::from_secs(30),
+        || {
+            a.ferry(&["--output", "json", "server", "show"])
+                .stdout
+                .contains(&a_next)
+        },
+    );
+    one_more(&a);
+    let entry = &b.ferry_json(&["replica-server", "show"])["config"]["entries"][0];
+    assert_eq!(entry["fingerprint"], a_next.as_str(), "{entry}");
+    // The old certificate is refused now.
+    let (addr, b_fp) = replica_port(&b);
+    let read = |f: &str| std::fs::read(a.data_dir.join(f)).unwrap();
+    let mut old =
+        HostilePeer::connect(&addr, &b_fp, &read("host.prev.crt"), &read("host.prev.key")).unwrap();
+    let reply = old.recv(Duration::from_secs(10)).unwrap().unwrap();
+    assert_eq!(reply["type"], "refused", "{reply}");
+
+    // The replica server rotates to a certificate its organization's CA issued.
+    let next_dir = b.dir.path().join("next");
+    ferry_testkit::pki::test_ca().issue_host("b", &next_dir);
+    let b_next = b.ferry_json(&[
+        "server",
+        "rotate-certificate",
+        "--cert",
+        next_dir.join("host.crt").to_str().unwrap(),
+        "--key",
+        next_dir.join("host.key").to_str().unwrap(),
+    ])["next_fingerprint"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // A cycle already in flight when b prepared did not carry the announcement: the
+    // commit waits for one that did, as an admin would.
+    let mut committed = false;
+    for _ in 0..3 {
+        one_more(&a);
+        let r = b.ferry(&["server", "rotate-certificate", "--commit"]);
+        if r.code == 0 {
+            committed = true;
+            break;
+        }
+        assert!(r.stderr.contains("had no session since"), "{}", r.stderr);
+    }
+    assert!(committed, "b's partner never learnt its next certificate");
+    wait_for(
+        "b to restart with its new certificate",
+        Duration::from_secs(30),
+        || {
+            b.ferry(&["--output", "json", "server", "show"])
+                .stdout
+                .contains(&b_next)
+        },
+    );
+    one_more(&a);
+    one_more(&a);
+    assert_eq!(status(&a, "app")["state"], "replicating");
+    assert!(points(&b, "app").len() >= 1);
+}

@@ -9,6 +9,7 @@ pub mod metrics;
 pub mod primary;
 pub mod proto;
 pub mod replica;
+pub mod rotation;
 pub mod test_failover;
 
 use std::collections::HashMap;

@@ -1222,12 +1222,16 @@ pub async fn handshake(
         .map(|(index, _, size_bytes)| DiskMeta { index, size_bytes })
         .collect();
     let boot = super::boot_files::announce(&vm.spec).await?;
-    let tls = peer::connect(
-        &shared.identity,
-        &rel.partner_addr,
-        &rel.partner_fingerprint,
-    )
-    .await?;
+    // The replica's pinned certificate, or the successor it announced while rotating it.
+    let successor = super::rotation::successor(&shared.store, &rel.partner_fingerprint);
+    let mut pins = vec![rel.partner_fingerprint.as_str()];
+    pins.extend(successor.as_deref());
+    let tls = peer::connect_any(&shared.identity, &rel.partner_addr, &pins).await?;
+    let presented = peer::server_fingerprint(&tls).unwrap_or_default();
+    if presented != rel.partner_fingerprint {
+        super::rotation::adopt(&shared.store, &presented);
+    }
+    let next_fp = shared.identity.next();
     let (r, w) = tokio::io::split(tls);
     let mut reader = FrameReader::new(r);
     let mut writer = FrameWriter::new(w);
@@ -1254,6 +1258,7 @@ pub async fn handshake(
                 .is_some(),
             reverse_resync: rel.state == ReplicationState::Resynchronizing,
             boot_files: boot.iter().map(|(m, _)| m.clone()).collect(),
+            next_fingerprint: next_fp.clone(),
         })
         .await?;
     match next_control(&mut reader, peer::CONNECT_TIMEOUT).await? {
@@ -1264,8 +1269,14 @@ pub async fn handshake(
             resume,
             extra,
             need_boot_files,
+            next_fingerprint,
         } => {
             tracing::debug!(vm = %vm.spec.name, %replica, protocol, "replication session");
+            super::rotation::learn(&shared.store, &presented, next_fingerprint.as_deref());
+            if let Some(next) = &next_fp {
+                // The replica answered a Hello that carried it.
+                super::rotation::told(&shared.store, rel.vm_id, next);
+            }
             super::boot_files::send(
                 &mut reader,
                 &mut writer,

@@ -105,6 +105,10 @@ pub enum Msg {
         /// primary's host paths, it keeps its own copies (sent when it lacks them).
         #[serde(default)]
         boot_files: Vec<BootFileMeta>,
+        /// The fingerprint of the certificate this primary is rotating to (see
+        /// `rotation`): the replica re-pins to it when it is presented.
+        #[serde(default)]
+        next_fingerprint: Option<String>,
     },
     /// Replica → primary: accepted.
     Welcome {
@@ -126,6 +130,9 @@ pub enum Msg {
         /// primary sends them now, as `BootFile` chunks.
         #[serde(default)]
         need_boot_files: Vec<String>,
+        /// The fingerprint of the certificate this replica server is rotating to.
+        #[serde(default)]
+        next_fingerprint: Option<String>,
     },
     /// Primary → replica: a chunk of a boot file the replica asked for; chunks arrive in
     /// order, and the last one (offset + data = size) completes the file.
@@ -352,6 +359,7 @@ mod tests {
             reverse: false,
             reverse_resync: false,
             boot_files: Vec::new(),
+            next_fingerprint: None,
         };
         let text = serde_json::to_string(&hello).unwrap();
         match serde_json::from_str::<MsgV1>(&text).unwrap() {

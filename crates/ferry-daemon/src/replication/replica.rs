@@ -172,6 +172,9 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, mut stop: watch
                     match tokio::time::timeout(crate::limits::HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                         Ok(Ok(tls)) => {
                             let fp = peer::peer_fingerprint(&tls).unwrap_or_default();
+                            // A primary that rotated its certificate presents the
+                            // successor it announced: re-pin before deciding.
+                            super::rotation::adopt(&shared.store, &fp);
                             // Decided on the certificate alone, before anything the peer
                             // sends is read or buffered.
                             let admitted = admit(
@@ -352,6 +355,7 @@ where
         reverse,
         reverse_resync,
         boot_files,
+        next_fingerprint,
     } = hello
     else {
         bail!("the primary did not start with Hello");
@@ -386,6 +390,8 @@ where
         writer.write_control(&refuse(reason.clone())).await?;
         bail!(reason);
     }
+    // Authenticated by its current certificate: its announced successor is trusted next.
+    super::rotation::learn(&shared.store, fingerprint, next_fingerprint.as_deref());
     let mut extra = Vec::new();
     if reverse {
         match become_replica(
@@ -482,6 +488,7 @@ where
         None => Vec::new(),
     };
     let mut incoming_boot_file = None;
+    let next_fp = shared.identity.next();
     writer
         .write_control(&Msg::Welcome {
             protocol,
@@ -490,6 +497,7 @@ where
             resume,
             extra,
             need_boot_files: need_boot_files.clone(),
+            next_fingerprint: next_fp.clone(),
         })
         .await?;
 
@@ -501,6 +509,10 @@ where
             Ok(Ok(Some(f))) => f.control::<Msg>()?,
             Ok(Err(e)) => return Err(e.into()),
         };
+        if let Some(next) = &next_fp {
+            // The primary went on after a Welcome that carried it.
+            super::rotation::told(&shared.store, rel.vm_id, next);
+        }
         if let Msg::PlannedFailover {
             cycle,
             start,
