@@ -106,6 +106,17 @@ fn browser_logs_in_adds_hosts_sees_health_and_runs_a_test_failover() {
         );
     }
     br.screenshot(&shots.join("hosts.png"));
+    // The hosts page (it holds a form) shows the fleet's status in a fragment that
+    // reloads itself.
+    let fleet = br
+        .script("return document.querySelector('#status-frame').contentDocument.body.innerText;")
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        fleet.contains("site-a: reachable") && fleet.contains("site-b: reachable"),
+        "{fleet}"
+    );
 
     create_vm_refresh_and_confirm(&br, &a, &console, &cookie, &shots);
 

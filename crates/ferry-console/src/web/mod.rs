@@ -136,6 +136,7 @@ pub fn router(state: Shared) -> Router {
             get(wizard::create_form).post(wizard::create_vm),
         )
         .route("/hosts/{id}/vms/{vm}/status", get(wizard::vm_status))
+        .route("/status", get(wizard::fleet_status))
         .route("/hosts/{id}/vms/{vm}/confirm", get(wizard::confirm_page))
         .route("/vms", get(pages::vms))
         .route("/hosts/{id}/vms/{vm}", get(pages::vm_page))

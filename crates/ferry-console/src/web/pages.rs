@@ -291,6 +291,8 @@ pub async fn hosts(
     let fleet = s.poller.fleet.read().await;
     let rows = s.store.hosts().unwrap_or_default();
     let mut body = flash(&f);
+    // The page holds the add-host form: only the status fragment reloads itself.
+    body.push_str(&super::wizard::fleet_frame());
     body.push_str(r#"<table id="hosts"><tr><th>Host</th><th>URL</th><th>Fingerprint (pinned)</th><th>Status</th><th>Version</th><th>Accel</th><th>VMs</th><th>Replica storage free</th><th></th></tr>"#);
     for h in &rows {
         let v = fleet.hosts.get(&h.id);
@@ -1362,6 +1364,8 @@ pub async fn alerts(
         .flatten()
         .unwrap_or_default();
     let mut body = flash(&f);
+    // The page holds the settings form: only the status fragment reloads itself.
+    body.push_str(&super::wizard::fleet_frame());
     let table = |rows: &[crate::store::AlertRow], id: &str| {
         let mut t = format!(
             r#"<table id="{id}"><tr><th>#</th><th>Rule</th><th>Host</th><th>VM</th><th>Message</th><th>Started (UTC)</th><th>Cleared</th><th>Notified</th></tr>"#

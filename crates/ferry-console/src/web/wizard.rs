@@ -135,9 +135,11 @@ fn create_request(f: &Fields) -> Result<VmCreateRequest, String> {
         };
         match (size.is_empty(), path.is_empty()) {
             (true, true) => {}
-            (false, false) => return Err(format!(
+            (false, false) => {
+                return Err(format!(
                 "disk {i}: give a size for a new disk or the path of an existing image, not both"
-            )),
+            ))
+            }
             (false, true) => disks.push(DiskRequest::New {
                 size_bytes: parse_size(size).map_err(|e| format!("disk {i}: {e}"))?,
                 bus,
@@ -354,6 +356,65 @@ pub async fn vm_status(State(s): State<Shared>, Path((id, vm)): Path<(i64, Strin
             }
         }
     };
+    fragment(&body)
+}
+
+/// The `<iframe>` of the fleet's status fragment (hosts and alerts pages, which hold forms).
+pub fn fleet_frame() -> String {
+    r#"<iframe id="status-frame" title="live status" src="/status" style="border:1px solid #d5d8de;background:#fff;width:100%;height:64px"></iframe>"#.to_owned()
+}
+
+/// `GET /status`: each host's reachability and the active alerts, from the poller's
+/// latest snapshot; reloads itself.
+pub async fn fleet_status(State(s): State<Shared>) -> Response {
+    let fleet = s.poller.fleet.read().await;
+    let hosts: Vec<String> = fleet
+        .hosts
+        .values()
+        .map(|v| {
+            let status = match (&v.error, v.polled_at) {
+                (Some(e), _) => format!(r#"<span class="error">UNREACHABLE</span> ({})"#, esc(e)),
+                (None, 0) => "not polled yet".to_owned(),
+                (None, _) => format!("reachable, {} VMs", v.vms.len()),
+            };
+            format!(
+                r#"<span data-host="{name}">{name}: {status}</span>"#,
+                name = esc(&v.row.name)
+            )
+        })
+        .collect();
+    let active = s.store.alerts(0).map(|(a, _)| a).unwrap_or_default();
+    let alerts: Vec<String> = active
+        .iter()
+        .take(5)
+        .map(|a| {
+            esc(&format!(
+                "{} {}{}",
+                a.rule,
+                a.host,
+                a.vm.as_deref().map(|v| format!("/{v}")).unwrap_or_default()
+            ))
+        })
+        .collect();
+    fragment(&format!(
+        r#"Hosts: {} · active alerts: <b id="status-alerts">{}</b>{}"#,
+        if hosts.is_empty() {
+            "none".to_owned()
+        } else {
+            hosts.join(" · ")
+        },
+        active.len(),
+        if alerts.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", alerts.join(", "))
+        }
+    ))
+}
+
+/// A status fragment page around `body`: reloads itself, may be framed by the console's
+/// own pages, never cached.
+fn fragment(body: &str) -> Response {
     let html = format!(
         r#"<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><meta http-equiv="refresh" content="{STATUS_REFRESH_S}"><title>status</title><style>body{{font-family:system-ui,sans-serif;font-size:14px;margin:6px;color:#222}}.error{{color:#b00020;font-weight:bold}}</style></head><body><div id="status">{body}</div> <small>(refreshes every {STATUS_REFRESH_S} s; {at} UTC)</small></body></html>"#,
         at = super::fmt_clock(crate::now()),
