@@ -118,7 +118,12 @@ fn browser_logs_in_adds_hosts_sees_health_and_runs_a_test_failover() {
         "{fleet}"
     );
 
+    let t = std::time::Instant::now();
     create_vm_refresh_and_confirm(&br, &a, &console, &cookie, &shots);
+    eprintln!(
+        "new VM, live status and confirmation steps: {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
 
     // The guest on site-a, then replication through the wizard.
     br.wait_text(
