@@ -59,6 +59,27 @@ fn proxy_header_mode_needs_the_header_on_every_page_and_action() {
         "{r:?}"
     );
     assert_eq!(r.header("x-frame-options"), Some("DENY"));
+    // ... but may frame the console's own status fragments, which alone may be framed,
+    // only by the console's pages, and run no script either.
+    assert!(csp.contains("frame-src 'self'"), "{csp}");
+    assert!(!csp.contains("script-src"), "{csp}");
+    let r = http(
+        &c.addr,
+        "GET",
+        "/status",
+        &[("X-Forwarded-User", "ops-alice")],
+        "",
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(r.body.contains(r#"http-equiv="refresh""#), "{r:?}");
+    let csp = r.header("content-security-policy").unwrap_or_default();
+    assert!(
+        csp.contains("default-src 'none'")
+            && csp.contains("frame-ancestors 'self'")
+            && !csp.contains("script-src"),
+        "{r:?}"
+    );
+    assert_eq!(r.header("x-frame-options"), Some("SAMEORIGIN"));
 
     // The proxy's header alone does not let another site post the console's forms: a
     // browser says where a request came from, and cross-site ones are refused.

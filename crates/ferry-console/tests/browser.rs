@@ -12,6 +12,7 @@
 
 mod common;
 
+use std::path::Path;
 use std::time::Duration;
 
 use common::{
@@ -105,6 +106,24 @@ fn browser_logs_in_adds_hosts_sees_health_and_runs_a_test_failover() {
         );
     }
     br.screenshot(&shots.join("hosts.png"));
+    // The hosts page (it holds a form) shows the fleet's status in a fragment that
+    // reloads itself.
+    let fleet = br
+        .script("return document.querySelector('#status-frame').contentDocument.body.innerText;")
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        fleet.contains("site-a: reachable") && fleet.contains("site-b: reachable"),
+        "{fleet}"
+    );
+
+    let t = std::time::Instant::now();
+    create_vm_refresh_and_confirm(&br, &a, &console, &cookie, &shots);
+    eprintln!(
+        "new VM, live status and confirmation steps: {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
 
     // The guest on site-a, then replication through the wizard.
     br.wait_text(
@@ -219,6 +238,13 @@ fn browser_logs_in_adds_hosts_sees_health_and_runs_a_test_failover() {
     br.click("tr[data-checkpoint='before-upgrade'] #action-cp_rename");
     assert_eq!(br.flash_ok(), "checkpoint renamed to baseline");
     br.click("tr[data-checkpoint='baseline'] #action-cp_apply");
+    assert!(
+        br.text("#confirm-text")
+            .contains("everything it wrote since that checkpoint is lost"),
+        "{}",
+        br.text("#confirm-text")
+    );
+    br.click("#confirm");
     br.flash_ok();
     let list = a.ferry_json(&["checkpoint", "list", "app"]);
     let id_of = |name: &str| {
@@ -234,6 +260,8 @@ fn browser_logs_in_adds_hosts_sees_health_and_runs_a_test_failover() {
     assert_eq!(br.count("#checkpoint-now"), 1);
     br.screenshot(&shots.join("vm-checkpoints.png"));
     br.click("tr[data-checkpoint='second'] #action-cp_delete");
+    assert!(br.text("#confirm-text").contains("Checkpoint second"));
+    br.click("#confirm");
     br.flash_ok();
     let list = a.ferry_json(&["checkpoint", "list", "app"]);
     assert_eq!(list["checkpoints"].as_array().unwrap().len(), 1, "{list}");
@@ -287,6 +315,13 @@ fn browser_logs_in_adds_hosts_sees_health_and_runs_a_test_failover() {
     // primary and replicates back to site-a.
     br.check("input[name=reverse]");
     br.click("#action-planned");
+    assert!(
+        br.text("#confirm-text")
+            .contains("with replication reversed"),
+        "{}",
+        br.text("#confirm-text")
+    );
+    br.click("#confirm");
     let ok = br.flash_ok();
     assert!(ok.contains("reversed"), "{ok}");
     assert_eq!(status(&b, "app")["role"], "primary");
@@ -300,10 +335,14 @@ fn browser_logs_in_adds_hosts_sees_health_and_runs_a_test_failover() {
     // points), then cancelled, back to replicating.
     br.check("form:has(#action-failover) input[name=force]");
     br.click("#action-failover");
+    assert!(br.text("#confirm-text").contains("lost"));
+    br.click("#confirm");
     br.flash_ok();
     assert_eq!(status(&a, "app")["state"], "failed_over_waiting_completion");
     assert_eq!(br.text("#replication-state"), "Failover Complete");
     br.click("#action-cancel");
+    assert!(br.text("#confirm-text").contains("discarded"));
+    br.click("#confirm");
     br.flash_ok();
     assert_eq!(status(&a, "app")["state"], "replicating");
     br.goto(&format!("{base}/alerts"));
@@ -313,4 +352,123 @@ fn browser_logs_in_adds_hosts_sees_health_and_runs_a_test_failover() {
     br.click("#logout");
     br.goto(&format!("{base}/vms"));
     assert!(br.url().ends_with("/login"), "{}", br.url());
+}
+
+/// The New VM form makes a real VM on site-a (a bad ISO first: ferryd's one line, the form
+/// keeps what was typed, nothing is created); its page's status fragment follows a start
+/// made with the host's CLI while the page (and what a form on it holds) stays; deleting it
+/// shows what is lost, does nothing when cancelled and deletes it when confirmed.
+fn create_vm_refresh_and_confirm(
+    br: &Browser,
+    a: &Host,
+    console: &Console,
+    cookie: &str,
+    shots: &Path,
+) {
+    br.click("tr[data-host='site-a'] a.create-vm");
+    br.fill("#vm-name", "web1");
+    br.fill("#vm-cpus", "2");
+    br.fill("#vm-memory", "128M");
+    br.fill("#disk0-size", "16M");
+    br.fill("#vm-iso", "/var/lib/ferry-no-such/install.iso");
+    br.select("#vm-machine", "q35 (PCI Express)");
+    br.select("#vm-network", "user-mode (NAT)");
+    br.click("#create-vm-submit");
+    let err = br.text("#form-err");
+    assert!(err.contains("install.iso"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    let value = |css: &str| {
+        br.script(&format!("return document.querySelector({css:?}).value;"))
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    assert_eq!(value("#vm-name"), "web1");
+    assert_eq!(value("#vm-cpus"), "2");
+    assert_eq!(value("#vm-memory"), "128M");
+    assert_eq!(value("#disk0-size"), "16M");
+    assert_eq!(value("#vm-machine"), "q35");
+    assert_eq!(value("#vm-iso"), "/var/lib/ferry-no-such/install.iso");
+    assert!(a.ferry_err(&["vm", "show", "web1"]).contains("web1"));
+    br.screenshot(&shots.join("create-vm.png"));
+    br.fill("#vm-iso", "");
+    br.click("#create-vm-submit");
+    assert_eq!(br.flash_ok(), "VM web1 created on site-a");
+    let vm = a.ferry_json(&["vm", "show", "web1"]);
+    assert_eq!(vm["cpus"], 2, "{vm}");
+    assert_eq!(vm["memory_mib"], 128, "{vm}");
+    assert_eq!(vm["machine"], "q35", "{vm}");
+    assert_eq!(vm["disks"].as_array().unwrap().len(), 1, "{vm}");
+    assert_eq!(vm["nics"][0]["kind"], "user", "{vm}");
+    assert_eq!(vm["state"], "off", "{vm}");
+    // The VM's page on the console, e.g. /hosts/1/vms/web1.
+    let page = br.url();
+    let page = page[page.find("/hosts/").unwrap()..page.find('?').unwrap()].to_owned();
+
+    // The status fragment refreshes by itself: type into a form, start the VM with the
+    // host's CLI, and the fragment says running while the page (a marker set in it) and
+    // the typed text stay.
+    let fragment = || {
+        br.script(
+            "const d = document.querySelector('#status-frame').contentDocument; \
+             const e = d && d.querySelector('#status-state'); return e ? e.textContent : '';",
+        )
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+    };
+    br.click("#tab-checkpoints");
+    common::wait_until("the fragment shows off", Duration::from_secs(20), || {
+        fragment() == "off"
+    });
+    br.fill("#checkpoint-name", "typed, not sent");
+    br.script("window.__ferryKeep = 1;");
+    a.ferry_ok(&["vm", "start", "web1"]);
+    common::wait_until(
+        "the fragment shows running by itself",
+        Duration::from_secs(30),
+        || fragment() == "running",
+    );
+    assert_eq!(
+        br.script("return window.__ferryKeep;"),
+        1,
+        "the page was reloaded"
+    );
+    assert_eq!(value("#checkpoint-name"), "typed, not sent");
+    a.ferry_ok(&["vm", "stop", "web1"]);
+
+    // Delete asks first, says what is lost, and does nothing when cancelled.
+    br.click("#tab-overview");
+    br.click("#action-delete");
+    let text = br.text("#confirm-text");
+    assert!(
+        text.contains("VM web1 is deleted from site-a with all its disks"),
+        "{text}"
+    );
+    br.screenshot(&shots.join("confirm.png"));
+    br.click("#confirm-cancel");
+    assert!(br.url().ends_with("?tab=overview"), "{}", br.url());
+    assert_eq!(a.vm_state("web1"), "off");
+    // A POST without the confirmation (an old page, a script) only leads to that page,
+    // and a confirmed one from another site is refused.
+    let to = console.post(cookie, &format!("{page}/action"), &[("action", "delete")]);
+    assert_eq!(to, format!("{page}/confirm?action=delete"));
+    let r = http(
+        &console.addr,
+        "POST",
+        &format!("{page}/action"),
+        &[
+            ("Cookie", cookie),
+            ("Content-Type", "application/x-www-form-urlencoded"),
+            ("Sec-Fetch-Site", "cross-site"),
+        ],
+        &form(&[("action", "delete"), ("confirmed", "yes")]),
+    );
+    assert_eq!(r.status, 403, "{r:?}");
+    assert_eq!(a.vm_state("web1"), "off");
+    br.click("#action-delete");
+    br.click("#confirm");
+    assert_eq!(br.flash_ok(), "VM web1 deleted with its disks");
+    assert!(br.url().contains("/vms?"), "{}", br.url());
+    assert!(a.ferry_err(&["vm", "show", "web1"]).contains("web1"));
 }

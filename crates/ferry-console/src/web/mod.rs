@@ -15,13 +15,14 @@
 /// websocket to it (a macro so that one can be `concat!`ed from it).
 macro_rules! base_csp {
     () => {
-        "default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+        "default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; frame-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
     };
 }
 
 mod charts;
 mod connect;
 mod pages;
+mod wizard;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -130,6 +131,13 @@ pub fn router(state: Shared) -> Router {
         .route("/", get(pages::dashboard))
         .route("/hosts", get(pages::hosts).post(pages::add_host))
         .route("/hosts/{id}/remove", post(pages::remove_host))
+        .route(
+            "/hosts/{id}/create-vm",
+            get(wizard::create_form).post(wizard::create_vm),
+        )
+        .route("/hosts/{id}/vms/{vm}/status", get(wizard::vm_status))
+        .route("/status", get(wizard::fleet_status))
+        .route("/hosts/{id}/vms/{vm}/confirm", get(wizard::confirm_page))
         .route("/vms", get(pages::vms))
         .route("/hosts/{id}/vms/{vm}", get(pages::vm_page))
         .route("/hosts/{id}/vms/{vm}/action", post(pages::vm_action))
@@ -207,8 +215,15 @@ async fn security_headers(req: Request, next: Next) -> Response {
             axum::http::HeaderValue::from_static(BASE_CSP),
         );
     }
+    // Status fragments allow framing by the console's own pages (SAMEORIGIN); every
+    // other response may not be framed at all.
+    if !h.contains_key("x-frame-options") {
+        h.insert(
+            "x-frame-options",
+            axum::http::HeaderValue::from_static("DENY"),
+        );
+    }
     for (name, value) in [
-        ("x-frame-options", "DENY"),
         ("x-content-type-options", "nosniff"),
         ("referrer-policy", "no-referrer"),
     ] {
@@ -499,6 +514,16 @@ button{cursor:pointer}
 #hosts td:nth-child(3){max-width:300px;word-break:break-all;font-size:12px}
 #screen{height:75vh;min-height:420px}img.thumb{width:160px;border:1px solid #d5d8de;background:#000}
 "#;
+
+/// A page that reloads itself every `secs` seconds (pages without forms: nothing typed is
+/// lost; no script needed).
+pub fn refreshing(html: String, secs: u32) -> String {
+    html.replacen(
+        r#"<meta charset="utf-8">"#,
+        &format!(r#"<meta charset="utf-8"><meta http-equiv="refresh" content="{secs}">"#),
+        1,
+    )
+}
 
 /// The page frame: navigation (when signed in) and the body.
 pub fn layout(title: &str, user: Option<&str>, body: &str) -> String {

@@ -207,7 +207,11 @@ pub async fn dashboard(
             ));
         }
     }
-    page("Replication dashboard", &user, body).into_response()
+    Html(super::refreshing(
+        page("Replication dashboard", &user, body).0,
+        LIST_REFRESH_S,
+    ))
+    .into_response()
 }
 
 fn worst(r: &Relationship<'_>) -> &'static str {
@@ -287,6 +291,8 @@ pub async fn hosts(
     let fleet = s.poller.fleet.read().await;
     let rows = s.store.hosts().unwrap_or_default();
     let mut body = flash(&f);
+    // The page holds the add-host form: only the status fragment reloads itself.
+    body.push_str(&super::wizard::fleet_frame());
     body.push_str(r#"<table id="hosts"><tr><th>Host</th><th>URL</th><th>Fingerprint (pinned)</th><th>Status</th><th>Version</th><th>Accel</th><th>VMs</th><th>Replica storage free</th><th></th></tr>"#);
     for h in &rows {
         let v = fleet.hosts.get(&h.id);
@@ -339,7 +345,7 @@ pub async fn hosts(
             storage.join("<br>")
         };
         body.push_str(&format!(
-            r#"<tr data-host="{name}"><td>{name}</td><td>{url}</td><td><code>{fp}</code></td><td class="status">{status}</td><td>{version}</td><td>{accel}</td><td>{vms}</td><td class="storage">{storage}</td><td><form method="post" action="/hosts/{id}/remove"><button type="submit">Remove</button></form></td></tr>"#,
+            r#"<tr data-host="{name}"><td>{name}</td><td>{url}</td><td><code>{fp}</code></td><td class="status">{status}</td><td>{version}</td><td>{accel}</td><td>{vms}</td><td class="storage">{storage}</td><td><a href="/hosts/{id}/create-vm" class="create-vm">New VM…</a> <form method="post" action="/hosts/{id}/remove" class="inline"><button type="submit">Remove</button></form></td></tr>"#,
             name = esc(&h.name),
             url = esc(&h.url),
             fp = esc(&h.fingerprint),
@@ -408,6 +414,9 @@ pub async fn remove_host(State(s): State<Shared>, Path(id): Path<i64>) -> Respon
 
 // ---- VMs --------------------------------------------------------------------------------
 
+/// Seconds between reloads of the pages that hold no form (dashboard, VM list).
+const LIST_REFRESH_S: u32 = 10;
+
 /// `GET /vms`: every VM of every host.
 pub async fn vms(
     State(s): State<Shared>,
@@ -416,6 +425,23 @@ pub async fn vms(
 ) -> Response {
     let fleet = s.poller.fleet.read().await;
     let mut body = flash(&f);
+    let new_vm: Vec<String> = fleet
+        .hosts
+        .values()
+        .map(|v| {
+            format!(
+                r#"<a href="/hosts/{}/create-vm" class="create-vm">{}</a>"#,
+                v.row.id,
+                esc(&v.row.name)
+            )
+        })
+        .collect();
+    if !new_vm.is_empty() {
+        body.push_str(&format!(
+            "<p>New virtual machine on: {}</p>",
+            new_vm.join(" · ")
+        ));
+    }
     body.push_str(r#"<table id="vms"><tr><th>Host</th><th>VM</th><th>State</th><th>CPUs</th><th>Memory</th><th>Replication</th><th>Replication state</th><th>Health</th><th>RPO</th><th>Screen</th></tr>"#);
     for v in fleet.hosts.values() {
         if let Some(e) = &v.error {
@@ -455,7 +481,11 @@ pub async fn vms(
         }
     }
     body.push_str("</table>");
-    page("Virtual machines", &user, body).into_response()
+    Html(super::refreshing(
+        page("Virtual machines", &user, body).0,
+        LIST_REFRESH_S,
+    ))
+    .into_response()
 }
 
 /// `GET /hosts/{id}/vms/{vm}`: overview or (`?tab=replication`) the replication tab.
@@ -493,6 +523,7 @@ pub async fn vm_page(
             String::new()
         },
     ));
+    body.push_str(&super::wizard::status_frame(id, &vm));
     if tab == "replication" {
         body.push_str(&replication_tab(&s, &c, id, &row, &info, rep.as_ref()).await);
     } else if tab == "checkpoints" {
@@ -518,9 +549,16 @@ pub async fn vm_page(
     page(&format!("VM {vm}"), &user, body).into_response()
 }
 
+/// A form for one action. A destructive action's form GETs its confirmation page (which
+/// says what will be lost and POSTs the action); the others POST at once.
 fn action_button(id: i64, vm: &str, action: &str, label: &str, extra: &str) -> String {
+    let (method, to) = if super::wizard::destructive(action) {
+        ("get", "confirm")
+    } else {
+        ("post", "action")
+    };
     format!(
-        r#"<form method="post" action="{}/action" class="inline"><input type="hidden" name="action" value="{action}">{extra}<button type="submit" id="action-{action}">{label}</button></form>"#,
+        r#"<form method="{method}" action="{}/{to}" class="inline"><input type="hidden" name="action" value="{action}">{extra}<button type="submit" id="action-{action}">{label}</button></form>"#,
         vm_url(id, vm)
     )
 }
@@ -574,6 +612,7 @@ fn overview_tab(id: i64, vm: &VmInfo, rep: Option<&ReplicationInfo>) -> String {
     s.push_str(&action_button(id, &vm.name, "start", "Start", ""));
     s.push_str(&action_button(id, &vm.name, "shutdown", "Shut down", ""));
     s.push_str(&action_button(id, &vm.name, "stop", "Turn off", ""));
+    s.push_str(&action_button(id, &vm.name, "delete", "Delete VM…", ""));
     if rep.is_none() {
         s.push_str(&format!(
             r#" <a href="{}/enable-replication" id="enable-replication">Enable replication…</a>"#,
@@ -905,7 +944,11 @@ pub async fn vm_action(
     Form(f): Form<HashMap<String, String>>,
 ) -> Response {
     let action = f.get("action").map(String::as_str).unwrap_or("");
-    let tab = if matches!(action, "start" | "shutdown" | "stop") {
+    // Nothing destructive happens without its confirmation page's button.
+    if super::wizard::destructive(action) && f.get("confirmed").map(String::as_str) != Some("yes") {
+        return super::wizard::to_confirmation(id, &vm, &f);
+    }
+    let tab = if matches!(action, "start" | "shutdown" | "stop" | "delete") {
         "overview"
     } else if action.starts_with("cp_") {
         "checkpoints"
@@ -919,6 +962,10 @@ pub async fn vm_action(
     };
     let r = run_action(&s, &row, &vm, action, &f).await;
     s.poller.poll_soon();
+    // A deleted VM has no page left to go back to.
+    if action == "delete" && r.is_ok() {
+        return back("/vms", r);
+    }
     back(&to, r)
 }
 
@@ -949,6 +996,7 @@ async fn run_action(
     let info = |i: ReplicationInfo| format!("replication of {}: {}", i.vm, i.state_label);
     match action {
         "start" | "stop" => c.post(&api_vm(vm, &format!("/{action}")), &()).await.map(reply).map_err(e),
+        "delete" => c.delete(&api_vm(vm, "")).await.map(reply).map_err(e),
         "shutdown" => c
             .post(&api_vm(vm, "/shutdown"), &ShutdownRequest::default())
             .await
@@ -1316,6 +1364,8 @@ pub async fn alerts(
         .flatten()
         .unwrap_or_default();
     let mut body = flash(&f);
+    // The page holds the settings form: only the status fragment reloads itself.
+    body.push_str(&super::wizard::fleet_frame());
     let table = |rows: &[crate::store::AlertRow], id: &str| {
         let mut t = format!(
             r#"<table id="{id}"><tr><th>#</th><th>Rule</th><th>Host</th><th>VM</th><th>Message</th><th>Started (UTC)</th><th>Cleared</th><th>Notified</th></tr>"#
