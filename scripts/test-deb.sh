@@ -1,0 +1,141 @@
+#!/bin/bash
+# CI step (scripts/test.sh): builds the Debian package from the debug binaries test.sh just
+# built, checks what it holds (control fields, conffiles, maintainer scripts, every file),
+# unpacks it into a throwaway root (never installs it on this machine), has
+# `systemd-analyze verify` check its units there, runs the packaged binaries, reads the
+# packaged man pages and loads the completions in real bash, zsh and fish, and starts the
+# packaged ferryd with the packaged default config (paths moved into the throwaway dir) on a
+# store written by an older release (crates/ferry-store/tests/fixtures), which it upgrades
+# and then serves. Any mismatch: one line on stderr, exit 1.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/cache/ferry-target}
+
+fail() {
+  echo "test-deb: $*" >&2
+  exit 1
+}
+has() { # has TEXT NEEDLE WHAT
+  grep -qF -- "$2" <<<"$1" || fail "$3: no \"$2\""
+}
+
+start=$(date +%s)
+deb=$(scripts/build-deb.sh --profile dev --fast | tail -n 1)
+version=$(cargo metadata --no-deps --format-version 1 | python3 -c \
+  'import json,sys; print(next(p["version"] for p in json.load(sys.stdin)["packages"] if p["name"]=="ferry-daemon"))')
+
+# Control fields.
+info=$(dpkg-deb -f "$deb" Package Version Depends Section)
+has "$info" "Package: ferry" "control"
+has "$info" "Version: $version-1" "control"
+for dep in qemu-system-x86 qemu-utils qemu-block-extra iproute2 systemd "libc6 (>="; do
+  has "$(dpkg-deb -f "$deb" Depends)" "$dep" "Depends"
+done
+conffiles=$(dpkg-deb -I "$deb" conffiles)
+has "$conffiles" "/etc/ferry/ferryd.toml" "conffiles"
+has "$conffiles" "/etc/ferry/console.toml" "conffiles"
+postinst=$(dpkg-deb -I "$deb" postinst)
+has "$postinst" "systemd-sysusers" "postinst (the ferry-console user)"
+has "$postinst" "deb-systemd-helper enable ferryd.service" "postinst"
+has "$postinst" "deb-systemd-invoke \$_dh_action ferryd.service" "postinst"
+# ferry-console is enabled only where it was before (upgrades), and never started: it needs a
+# user first.
+has "$postinst" "if deb-systemd-helper debian-installed ferry-console.service" "postinst"
+grep -q 'deb-systemd-invoke start ferry-console' <<<"$postinst" && fail "postinst starts ferry-console (it needs a user first)"
+
+# Every file, with its mode.
+contents=$(dpkg-deb -c "$deb" | awk '{print $1, $6}')
+for f in "-rwxr-xr-x ./usr/sbin/ferryd" "-rwxr-xr-x ./usr/bin/ferry" "-rwxr-xr-x ./usr/bin/ferry-console" \
+  "-rw-r--r-- ./etc/ferry/ferryd.toml" "-rw-r--r-- ./etc/ferry/console.toml" \
+  "-rw-r--r-- ./usr/lib/systemd/system/ferryd.service" "-rw-r--r-- ./usr/lib/systemd/system/ferry-console.service" \
+  "-rw-r--r-- ./usr/lib/sysusers.d/ferry.conf" "-rw-r--r-- ./usr/share/doc/ferry/copyright" \
+  "-rw-r--r-- ./usr/share/doc/ferry/README.md" "-rw-r--r-- ./usr/share/doc/ferry/CONFIG.md"; do
+  has "$contents" "$f" "package contents"
+done
+for b in ferry ferryd ferry-console; do
+  has "$contents" "./usr/share/bash-completion/completions/$b" "package contents"
+  has "$contents" "./usr/share/zsh/vendor-completions/_$b" "package contents"
+  has "$contents" "./usr/share/fish/vendor_completions.d/$b.fish" "package contents"
+  has "$contents" "./usr/share/man/man1/$b.1.gz" "package contents"
+done
+# One page per subcommand too, as git has.
+for p in ferry-vm-create ferry-replication-enable ferry-failover-planned ferry-checkpoint-apply ferry-console-set-password; do
+  has "$contents" "./usr/share/man/man1/$p.1.gz" "package contents"
+done
+pages=$(grep -c 'usr/share/man/man1/.*\.1\.gz$' <<<"$contents")
+
+root=$(mktemp -d /tmp/ferry-deb.XXXXXX)
+ferryd_pid=
+cleanup() {
+  [ -n "$ferryd_pid" ] && kill "$ferryd_pid" 2>/dev/null && wait "$ferryd_pid" 2>/dev/null
+  rm -rf "$root"
+}
+trap cleanup EXIT
+dpkg -x "$deb" "$root"
+
+# The units, checked against the unpacked root (with this machine's systemd units beside
+# them, for the targets they refer to; man pages looked up in the package's own).
+cp -an /usr/lib/systemd/system/. "$root/usr/lib/systemd/system/"
+verify=$(cd "$root" && MANPATH="$root/usr/share/man" systemd-analyze verify --root="$root" \
+  usr/lib/systemd/system/ferryd.service usr/lib/systemd/system/ferry-console.service 2>&1) ||
+  fail "systemd-analyze verify failed: $verify"
+[ -z "$verify" ] || fail "systemd-analyze verify warns: $verify"
+exposure=$(for u in ferryd ferry-console; do
+  systemd-analyze security --offline=yes --root="$root" "$root/usr/lib/systemd/system/$u.service" 2>/dev/null |
+    sed -n "s/.*Overall exposure level for $u.service: \([0-9.]*\).*/$u \1/p"
+done | paste -sd ' ')
+
+# The packaged binaries run.
+[ "$("$root/usr/bin/ferry" --version)" = "ferry $version" ] || fail "ferry --version: $("$root/usr/bin/ferry" --version)"
+[ "$("$root/usr/sbin/ferryd" --version)" = "ferryd $version" ] || fail "ferryd --version"
+[ "$("$root/usr/bin/ferry-console" --version)" = "ferry-console $version" ] || fail "ferry-console --version"
+has "$("$root/usr/sbin/ferryd" --help)" "/etc/ferry/ferryd.toml" "ferryd --help"
+has "$("$root/usr/bin/ferry-console" --help)" "set-password" "ferry-console --help"
+
+# Man pages render, and say what --help says.
+page=$(MANWIDTH=200 man -l "$root/usr/share/man/man1/ferry-replication-enable.1.gz" 2>/dev/null)
+has "$page" "--recovery-points" "man ferry-replication-enable"
+has "$(MANWIDTH=200 man -l "$root/usr/share/man/man1/ferryd.1.gz" 2>/dev/null)" "FERRYD_CONFIG" "man ferryd"
+
+# Completions load in each shell and complete subcommands.
+words=$(bash -c 'source "$1"; COMP_WORDS=(ferry repl); COMP_CWORD=1; COMP_LINE="ferry repl"; COMP_POINT=10;
+  _ferry ferry repl ferry; echo "${COMPREPLY[*]}"' _ "$root/usr/share/bash-completion/completions/ferry")
+has "$words" "replication" "bash completion of \"ferry repl\""
+has "$words" "replica-server" "bash completion of \"ferry repl\""
+for b in ferry ferryd ferry-console; do
+  bash -n "$root/usr/share/bash-completion/completions/$b" || fail "bash: $b completion"
+  zsh -n "$root/usr/share/zsh/vendor-completions/_$b" || fail "zsh: _$b completion"
+  fish -n "$root/usr/share/fish/vendor_completions.d/$b.fish" || fail "fish: $b completion"
+done
+words=$(fish -c "source $root/usr/share/fish/vendor_completions.d/ferry.fish; complete -C 'ferry failover '" | cut -f1)
+has "$words" "planned" "fish completion of \"ferry failover \""
+
+# The packaged ferryd, with the packaged config (paths moved into the throwaway dir, TCG,
+# loopback), upgrades a store written by release a16d500 and serves what it held.
+lib=$root/var/lib/ferry
+mkdir -p "$lib"
+sqlite3 "$lib/ferry.db" <crates/ferry-store/tests/fixtures/store-a16d500.sql
+sed -e "s#^data_dir = .*#data_dir = \"$lib\"#" -e "s#^vm_storage = .*#vm_storage = \"$lib/vms\"#" \
+  -e "s#^admin_socket = .*#admin_socket = \"$root/run/ferryd.sock\"#" -e 's#^tls_listen = .*#tls_listen = "127.0.0.1:0"#' \
+  -e 's#^accel = .*#accel = "tcg"#' "$root/etc/ferry/ferryd.toml" >"$root/ferryd.toml"
+grep -q "^data_dir = \"$lib\"" "$root/ferryd.toml" || fail "the packaged ferryd.toml has no data_dir line"
+mkdir -p "$root/run"
+"$root/usr/sbin/ferryd" --config "$root/ferryd.toml" 2>"$root/ferryd.log" &
+ferryd_pid=$!
+for _ in $(seq 100); do
+  [ -S "$root/run/ferryd.sock" ] && break
+  kill -0 "$ferryd_pid" 2>/dev/null || fail "the packaged ferryd exited: $(tail -n 3 "$root/ferryd.log")"
+  sleep 0.1
+done
+[ -S "$root/run/ferryd.sock" ] || fail "the packaged ferryd made no admin socket in 10 s"
+ferry() { "$root/usr/bin/ferry" --socket "$root/run/ferryd.sock" --output json "$@"; }
+vms=$(ferry vm list)
+has "$vms" '"name": "web1"' "ferry vm list"
+has "$vms" '"name": "db1"' "ferry vm list"
+points=$(ferry replication points db1)
+[ "$(grep -c '"cycle"' <<<"$points")" = 3 ] || fail "ferry replication points db1: $points"
+has "$(ferry events --last 10)" "replica storage 91% full" "ferry events"
+has "$(ferry replica-server show)" '"trust_group": "g1"' "ferry replica-server show"
+has "$(ferry checkpoint list web1)" "before upgrade" "ferry checkpoint list web1"
+
+echo "test-deb: ok in $(($(date +%s) - start)) s: $(basename "$deb"), $(du -k "$deb" | cut -f1) KiB, $pages man pages, exposure $exposure"
