@@ -67,6 +67,10 @@ pages=$(grep -c 'usr/share/man/man1/.*\.1\.gz$' <<<"$contents")
 root=$(mktemp -d /tmp/ferry-deb.XXXXXX)
 ferryd_pid=
 cleanup() {
+  # A daemonized QEMU outlives ferryd: stop the test VM by its pid file, then ferryd.
+  for pidfile in "$root"/var/lib/ferry/run/*.pid; do
+    [ -f "$pidfile" ] && kill -9 "$(cat "$pidfile")" 2>/dev/null
+  done
   [ -n "$ferryd_pid" ] && kill "$ferryd_pid" 2>/dev/null && wait "$ferryd_pid" 2>/dev/null
   rm -rf "$root"
 }
@@ -120,7 +124,14 @@ sed -e "s#^data_dir = .*#data_dir = \"$lib\"#" -e "s#^vm_storage = .*#vm_storage
   -e 's#^accel = .*#accel = "tcg"#' "$root/etc/ferry/ferryd.toml" >"$root/ferryd.toml"
 grep -q "^data_dir = \"$lib\"" "$root/ferryd.toml" || fail "the packaged ferryd.toml has no data_dir line"
 mkdir -p "$root/run"
-"$root/usr/sbin/ferryd" --config "$root/ferryd.toml" 2>"$root/ferryd.log" &
+# Under the unit's main restrictions, approximated without systemd (none runs here): a
+# mount namespace where everything is read-only but the state and runtime directories
+# (ProtectSystem=strict + StateDirectory/RuntimeDirectory), CAP_NET_ADMIN as the only
+# capability left (CapabilityBoundingSet), no new privileges (NoNewPrivileges).
+unshare -m sh -c 'mount --make-rprivate / && mount --bind "$1" "$1" && mount --bind "$2" "$2" &&
+  mount -o remount,bind,ro / && exec setpriv --bounding-set -all,+net_admin --inh-caps -all \
+  --no-new-privs "$3" --config "$4"' _ "$lib" "$root/run" "$root/usr/sbin/ferryd" "$root/ferryd.toml" \
+  2>"$root/ferryd.log" &
 ferryd_pid=$!
 for _ in $(seq 100); do
   [ -S "$root/run/ferryd.sock" ] && break
@@ -137,5 +148,23 @@ points=$(ferry replication points db1)
 has "$(ferry events --last 10)" "replica storage 91% full" "ferry events"
 has "$(ferry replica-server show)" '"trust_group": "g1"' "ferry replica-server show"
 has "$(ferry checkpoint list web1)" "before upgrade" "ferry checkpoint list web1"
+# (unshare, sh and setpriv exec'd each other: the pid is ferryd's.) CAP_NET_ADMIN is bit 12.
+[ "$(cat "/proc/$ferryd_pid/comm")" = ferryd ] || fail "pid $ferryd_pid is not ferryd"
+grep -q '^CapBnd:[[:space:]]*0000000000001000$' "/proc/$ferryd_pid/status" ||
+  fail "ferryd's capability bounding set is not CAP_NET_ADMIN alone"
+
+# ...where it creates and runs a VM: the test guest boots under TCG and writes its blocks.
+guest/build.sh >/dev/null
+ferry vm create pkgtest --cpus 1 --memory 256M --disk 64M --kernel "$PWD/guest/out/vmlinuz" \
+  --initrd "$PWD/guest/out/initramfs.gz" --nic user \
+  --append "console=ttyS0 quiet panic=-1 guest.span=4096 guest.interval=0.5" >/dev/null
+ferry vm start pkgtest >/dev/null
+for _ in $(seq 120); do
+  "$root/usr/bin/ferry" --socket "$root/run/ferryd.sock" vm console pkgtest --log | grep -q 'WROTE seq=2 ' && break
+  sleep 0.5
+done
+"$root/usr/bin/ferry" --socket "$root/run/ferryd.sock" vm console pkgtest --log | grep -q 'WROTE seq=2 ' ||
+  fail "the test guest did not write under the packaged, restricted ferryd in 60 s: $(tail -n 3 "$root/ferryd.log")"
+ferry vm stop pkgtest >/dev/null
 
 echo "test-deb: ok in $(($(date +%s) - start)) s: $(basename "$deb"), $(du -k "$deb" | cut -f1) KiB, $pages man pages, exposure $exposure"
