@@ -36,6 +36,10 @@ has "$conffiles" "/etc/ferry/ferryd.toml" "conffiles"
 has "$conffiles" "/etc/ferry/console.toml" "conffiles"
 postinst=$(dpkg-deb -I "$deb" postinst)
 has "$postinst" "systemd-sysusers" "postinst (the ferry-console user)"
+has "$postinst" "systemd-tmpfiles" "postinst (/var/lib/ferry-console, the user's)"
+[ "$(grep -n systemd-sysusers <<<"$postinst" | cut -d: -f1 | head -n 1)" -lt \
+  "$(grep -n systemd-tmpfiles <<<"$postinst" | cut -d: -f1 | head -n 1)" ] ||
+  fail "postinst makes /var/lib/ferry-console before its user"
 has "$postinst" "deb-systemd-helper enable ferryd.service" "postinst"
 has "$postinst" "deb-systemd-invoke \$_dh_action ferryd.service" "postinst"
 # ferry-console is enabled only where it was before (upgrades), and never started: it needs a
@@ -48,7 +52,7 @@ contents=$(dpkg-deb -c "$deb" | awk '{print $1, $6}')
 for f in "-rwxr-xr-x ./usr/sbin/ferryd" "-rwxr-xr-x ./usr/bin/ferry" "-rwxr-xr-x ./usr/bin/ferry-console" \
   "-rw-r--r-- ./etc/ferry/ferryd.toml" "-rw-r--r-- ./etc/ferry/console.toml" \
   "-rw-r--r-- ./usr/lib/systemd/system/ferryd.service" "-rw-r--r-- ./usr/lib/systemd/system/ferry-console.service" \
-  "-rw-r--r-- ./usr/lib/sysusers.d/ferry.conf" "-rw-r--r-- ./usr/share/doc/ferry/copyright" \
+  "-rw-r--r-- ./usr/lib/sysusers.d/ferry.conf" "-rw-r--r-- ./usr/lib/tmpfiles.d/ferry-console.conf" "-rw-r--r-- ./usr/share/doc/ferry/copyright" \
   "-rw-r--r-- ./usr/share/doc/ferry/README.md" "-rw-r--r-- ./usr/share/doc/ferry/CONFIG.md"; do
   has "$contents" "$f" "package contents"
 done
