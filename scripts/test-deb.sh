@@ -70,7 +70,9 @@ pages=$(grep -c 'usr/share/man/man1/.*\.1\.gz$' <<<"$contents")
 
 root=$(mktemp -d /tmp/ferry-deb.XXXXXX)
 ferryd_pid=
+console_pid=
 cleanup() {
+  [ -n "$console_pid" ] && kill "$console_pid" 2>/dev/null
   # A daemonized QEMU outlives ferryd: stop the test VM by its pid file, then ferryd.
   for pidfile in "$root"/var/lib/ferry/run/*.pid; do
     [ -f "$pidfile" ] && kill -9 "$(cat "$pidfile")" 2>/dev/null
@@ -92,6 +94,40 @@ exposure=$(for u in ferryd ferry-console; do
   systemd-analyze security --offline=yes --root="$root" "$root/usr/lib/systemd/system/$u.service" 2>/dev/null |
     sed -n "s/.*Overall exposure level for $u.service: \([0-9.]*\).*/$u \1/p"
 done | paste -sd ' ')
+
+# The postinst's user and store directory, made from the packaged sysusers.d and tmpfiles.d
+# entries inside the root; then the console's documented first steps as that user: the
+# first user's password, and serving with the packaged console.toml (on a free port).
+systemd-sysusers --root="$root" ferry.conf >/dev/null 2>&1 || fail "systemd-sysusers refused ferry.conf"
+uid=$(awk -F: '$1 == "ferry-console" {print $3}' "$root/etc/passwd")
+[ -n "$uid" ] || fail "sysusers made no ferry-console user"
+systemd-tmpfiles --create --root="$root" ferry-console.conf || fail "systemd-tmpfiles refused ferry-console.conf"
+[ "$(stat -c '%u %a' "$root/var/lib/ferry-console")" = "$uid 700" ] ||
+  fail "/var/lib/ferry-console is $(stat -c '%u %a' "$root/var/lib/ferry-console"), not the console user's 0700"
+chmod 755 "$root"
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+sed -e "s#^data_dir = .*#data_dir = \"$root/var/lib/ferry-console\"#" -e "s#^listen = .*#listen = \"127.0.0.1:$port\"#" \
+  "$root/etc/ferry/console.toml" >"$root/console.toml"
+as_console() { setpriv --reuid "$uid" --regid "$uid" --clear-groups "$root/usr/bin/ferry-console" --config "$root/console.toml" "$@"; }
+echo 'a long password' | as_console set-password admin >/dev/null || fail "set-password as the console's user failed"
+# Not through the function: $! must be ferry-console itself (setpriv execs it), which gets
+# the SIGINT below.
+setpriv --reuid "$uid" --regid "$uid" --clear-groups "$root/usr/bin/ferry-console" --config "$root/console.toml" \
+  serve 2>"$root/console.log" &
+console_pid=$!
+for _ in $(seq 100); do
+  curl -sf -o /dev/null "http://127.0.0.1:$port/login" && break
+  sleep 0.1
+done
+curl -sf -o /dev/null "http://127.0.0.1:$port/login" || fail "the packaged console does not serve: $(tail -n 2 "$root/console.log")"
+kill -INT "$console_pid"
+for _ in $(seq 50); do
+  kill -0 "$console_pid" 2>/dev/null || break
+  sleep 0.1
+done
+kill -0 "$console_pid" 2>/dev/null && fail "the console did not stop in 5 s on SIGINT (its KillSignal)"
+wait "$console_pid" || fail "the console exited with status $? on SIGINT (its KillSignal)"
+console_pid=
 
 # The packaged binaries run.
 [ "$("$root/usr/bin/ferry" --version)" = "ferry $version" ] || fail "ferry --version: $("$root/usr/bin/ferry" --version)"
