@@ -194,9 +194,12 @@ grep -q '^CapBnd:[[:space:]]*0000000000001000$' "/proc/$ferryd_pid/status" ||
   fail "ferryd's capability bounding set is not CAP_NET_ADMIN alone"
 
 # ...where it creates and runs a VM: the test guest boots under TCG and writes its blocks.
+# Its kernel and initrd inside the VM storage, which API requests may always name.
 guest/build.sh >/dev/null
-ferry vm create pkgtest --cpus 1 --memory 256M --disk 64M --kernel "$PWD/guest/out/vmlinuz" \
-  --initrd "$PWD/guest/out/initramfs.gz" --nic user \
+mkdir -p "$lib/vms"
+cp guest/out/vmlinuz guest/out/initramfs.gz "$lib/vms/"
+ferry vm create pkgtest --cpus 1 --memory 256M --disk 64M --kernel "$lib/vms/vmlinuz" \
+  --initrd "$lib/vms/initramfs.gz" --nic user \
   --append "console=ttyS0 quiet panic=-1 guest.span=4096 guest.interval=0.5" >/dev/null
 ferry vm start pkgtest >/dev/null
 for _ in $(seq 120); do
