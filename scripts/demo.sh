@@ -149,7 +149,9 @@ A replication suspend demo
 B replication points demo
 
 say "The newest recovery point on host-b is byte-identical to the primary's disk"
-PRIMARY_DISK=$(A --output json vm show demo | sed -n '/"path":/{s/^ *"path": "\(.*\)",*$/\1/p;q;}')
+# (sed reads all of it: quitting early would make ferry die of SIGPIPE under pipefail)
+PRIMARY_DISK=$(A --output json vm show demo | sed -n '/"path":/{s/^ *"path": "\(.*\)",*$/\1/p;}')
+PRIMARY_DISK=${PRIMARY_DISK%%$'\n'*}
 echo "host-a disk:             $PRIMARY_DISK"
 echo "host-b point (cycle $cyc): $layer"
 echo "guest's last write: $(guest_wrote); the point holds writes up to $(newest_write "$layer")"

@@ -53,3 +53,8 @@ if [ ! -e /usr/share/novnc/core/rfb.js ]; then
 fi
 qemu-system-x86_64 --version | head -n 1
 qemu-img --version | head -n 1
+# The package test (scripts/test-deb.sh) loads the shell completions in real zsh and fish.
+if ! command -v zsh >/dev/null || ! command -v fish >/dev/null; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq zsh fish >/dev/null
+fi

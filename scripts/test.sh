@@ -13,4 +13,7 @@ cargo fmt --all --check
 # ferryd and ferry are run by the integration tests: build them first (nextest builds
 # only test targets).
 cargo build --workspace --bins
+# The Debian package, from those binaries: contents, units, completions, man pages, and its
+# ferryd upgrading an older release's store (about 30 s; never installed on this machine).
+scripts/test-deb.sh
 cargo nextest run --workspace --profile ci

@@ -23,7 +23,7 @@ use crate::output::Output;
 
 /// Ferry: replication and disaster recovery for QEMU/KVM hosts.
 #[derive(Parser)]
-#[command(version, about, propagate_version = true)]
+#[command(name = "ferry", version, about, propagate_version = true)]
 struct Cli {
     /// The host to talk to: a name from `ferry host list`, an https://ADDR:PORT URL, or a
     /// unix socket path. Default: the local ferryd's socket.
@@ -104,6 +104,9 @@ enum Command {
         #[arg(long, default_value_t = 50)]
         last: usize,
     },
+    /// Hidden: `completions SHELL` and `man DIR`, for packaging.
+    #[command(flatten)]
+    Docs(ferry_docgen::DocsCmd),
 }
 
 #[derive(Subcommand)]
@@ -375,12 +378,18 @@ fn given_token(cli: &Cli, explicit: Option<&String>) -> anyhow::Result<Option<St
 }
 
 async fn run(cli: Cli, out: &Output) -> anyhow::Result<()> {
+    if let Command::Docs(docs) = &cli.command {
+        return Ok(ferry_docgen::run(
+            <Cli as clap::CommandFactory>::command(),
+            docs,
+        )?);
+    }
     if let Command::Host(cmd) = &cli.command {
         return hosts::run(cmd_host(&cli, cmd)?, out);
     }
     let client = Client::new(endpoint(&cli)?);
     match cli.command {
-        Command::Host(_) => unreachable!("handled above"),
+        Command::Host(_) | Command::Docs(_) => unreachable!("handled above"),
         Command::Server(ServerCmd::Show) => {
             let info: ServerInfo = client.get("/v1/server").await?;
             out.server(&info);

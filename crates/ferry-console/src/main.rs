@@ -45,6 +45,9 @@ enum Cmd {
         /// The user name.
         user: String,
     },
+    /// Hidden: `completions SHELL` and `man DIR`, for packaging.
+    #[command(flatten)]
+    Docs(ferry_docgen::DocsCmd),
 }
 
 fn main() -> ExitCode {
@@ -66,6 +69,12 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Some(Cmd::Docs(docs)) = &cli.cmd {
+        return Ok(ferry_docgen::run(
+            <Cli as clap::CommandFactory>::command(),
+            docs,
+        )?);
+    }
     let config = Config::load(&cli.config)?;
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create {}", config.data_dir.display()))?;
@@ -95,6 +104,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Serve => serve(config, store),
+        Cmd::Docs(_) => unreachable!("handled above"),
     }
 }
 

@@ -27,8 +27,11 @@ use crate::config::{AccelChoice, Config};
 
 /// ferryd: Ferry's host daemon.
 #[derive(Parser)]
-#[command(version, about)]
+#[command(name = "ferryd", version, about)]
 struct Args {
+    /// Hidden: `completions SHELL` and `man DIR`, for packaging.
+    #[command(subcommand)]
+    docs: Option<ferry_docgen::DocsCmd>,
     /// The configuration file.
     #[arg(
         long,
@@ -114,6 +117,10 @@ fn init_logging(format: &str) -> Result<(), String> {
 /// config → identity → store → accelerator → VMs re-attached → servers → shutdown.
 /// Runs ferryd until a signal; `Ok(true)` when it stopped to restart itself.
 async fn run(args: Args) -> anyhow::Result<bool> {
+    if let Some(docs) = &args.docs {
+        ferry_docgen::run(<Args as clap::CommandFactory>::command(), docs)?;
+        return Ok(false);
+    }
     let cfg = Arc::new(Config::load(&args.config)?);
     for dir in [&cfg.data_dir, &cfg.vm_storage] {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
