@@ -273,11 +273,14 @@ fn planned_failover_loses_nothing_and_cancel_restores_replication() {
         "data lost in the planned failover: {}",
         String::from_utf8_lossy(&out.stdout)
     );
+    // Every write the guest announced is on the replica. A hard stop can land after a
+    // block reached the disk (dd ... fsync) and before its console line: then the replica
+    // (equal to the primary's disk, above) holds that one more write, never fewer.
     let wrote = parse_console(&a.console("app")).last_wrote_seq.unwrap();
-    assert_eq!(
-        last_seq(&replica_disk),
-        wrote,
-        "the replica misses the last writes"
+    let held = last_seq(&replica_disk);
+    assert!(
+        held == wrote || held == wrote + 1,
+        "the replica misses the last writes: it holds up to {held}, the guest wrote {wrote}"
     );
 
     // Cancel on both sides: the VM runs on the primary again and cycles go on.
