@@ -10,4 +10,7 @@ cargo fmt --all --check
 # ferryd and ferry are run by the integration tests: build them first (nextest builds
 # only test targets).
 cargo build --workspace --bins
+# Every fuzz target briefly from its committed corpus (fuzz/, docs/FUZZING.md): a crash,
+# hang or oversized allocation fails the run.
+scripts/fuzz.sh smoke 5
 cargo nextest run --workspace --profile ci
