@@ -5,7 +5,7 @@
 #![no_main]
 
 use ferry_fuzz::replication::proto::{ExportManifest, Msg};
-use ferry_fuzz::{drain_frames, runtime};
+use ferry_fuzz::{block_on, drain_frames};
 use ferry_wire::{FrameReader, FrameWriter};
 use libfuzzer_sys::fuzz_target;
 
@@ -24,7 +24,7 @@ fuzz_target!(|data: &[u8]| {
         }
         Err(_) => 1,
     };
-    runtime().block_on(async {
+    block_on(async {
         let mut end = FrameWriter::new(Vec::new());
         end.write_control(&Msg::CycleEnd { cycle })
             .await

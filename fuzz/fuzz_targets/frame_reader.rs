@@ -5,7 +5,7 @@
 //! whether a tight greeting limit is in force; the rest is the byte stream.
 #![no_main]
 
-use ferry_fuzz::{drain_frames, runtime, Trickle};
+use ferry_fuzz::{block_on, drain_frames, Trickle};
 use ferry_wire::{FrameReader, MAX_FRAME};
 use libfuzzer_sys::fuzz_target;
 
@@ -19,7 +19,7 @@ fuzz_target!(|data: &[u8]| {
     };
     // Bit 7: the pre-authorization greeting limit (64 KiB) instead of the full frame limit.
     let max = if ctl & 0x80 != 0 { 64 << 10 } else { MAX_FRAME };
-    runtime().block_on(async {
+    block_on(async {
         let reader = FrameReader::new(Trickle::new(stream, chunk)).with_max_frame(max);
         drain_frames(reader).await;
         // The verbatim-forwarding path (spool → wire) verifies without decompressing.

@@ -6,7 +6,7 @@
 //! session replays exactly.
 #![no_main]
 
-use ferry_fuzz::{runtime, OwnedTrickle};
+use ferry_fuzz::{block_on, OwnedTrickle};
 use ferry_nbd::{NbdClient, BASE_ALLOCATION};
 use libfuzzer_sys::fuzz_target;
 
@@ -18,7 +18,7 @@ fuzz_target!(|data: &[u8]| {
         0 => usize::MAX,
         n => n as usize,
     };
-    runtime().block_on(async {
+    block_on(async {
         let stream = OwnedTrickle::new(server.to_vec(), chunk);
         let Ok(mut nbd) = NbdClient::connect(stream, "drive0", &[BASE_ALLOCATION]).await else {
             return;

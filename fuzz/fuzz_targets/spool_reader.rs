@@ -4,7 +4,7 @@
 //! Opening at index k must yield exactly the frames a reader from 0 yields after k.
 #![no_main]
 
-use ferry_fuzz::{runtime, scratch_file};
+use ferry_fuzz::{block_on, scratch_file};
 use ferry_wire::SpoolReader;
 use libfuzzer_sys::fuzz_target;
 
@@ -15,7 +15,7 @@ fuzz_target!(|data: &[u8]| {
     let start = u16::from_le_bytes([data[0], data[1]]) as u64 % 64;
     let path = scratch_file("spool");
     std::fs::write(&path, &data[2..]).expect("write scratch spool");
-    runtime().block_on(async {
+    block_on(async {
         let mut all = Vec::new();
         let mut full_end_ok = false;
         if let Ok(mut r) = SpoolReader::open(&path).await {

@@ -13,11 +13,17 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// A single-threaded runtime to drive the async decoders on one input.
-pub fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
+thread_local! {
+    /// One single-threaded runtime per fuzzing thread, reused across inputs (building
+    /// one per input cost most of the time of the stream targets).
+    static RUNTIME: tokio::runtime::Runtime = tokio::runtime::Builder::new_current_thread()
         .build()
-        .expect("runtime")
+        .expect("runtime");
+}
+
+/// Drives an async decoder on one input to completion.
+pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    RUNTIME.with(|rt| rt.block_on(f))
 }
 
 /// A byte source that hands out its bytes at most `chunk` at a time, so a reader sees a
