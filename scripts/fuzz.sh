@@ -68,6 +68,8 @@ case "${1:-}" in
   list) printf '%s\n' "${TARGETS[@]}" ;;
   smoke)
     secs=${2:-5}
+    # fuzz/ is its own workspace: the main `cargo fmt --all --check` does not see it.
+    (cd fuzz && cargo fmt --check)
     build
     failed=()
     for t in "${TARGETS[@]}"; do

@@ -370,7 +370,7 @@ async fn main() {
     for (name, bytes) in qcow2_images(&tmp) {
         let mut s = vec![12u8]; // unit 4 KiB
         s.extend(&bytes);
-        put("qcow2_metadata", &format!("{name}"), &s);
+        put("qcow2_metadata", &name, &s);
     }
 
     let img = tmp.join("nbd.qcow2");

@@ -1,11 +1,11 @@
 //! The replica's message types and greeting checks, compiled from ferryd's own sources.
 
 #[path = "../../crates/ferry-daemon/src/replication/proto.rs"]
-#[allow(dead_code)]
+#[allow(dead_code, clippy::all)] // linted where it lives, in ferryd
 pub mod proto;
 
 #[path = "../../crates/ferry-daemon/src/replication/boot_files.rs"]
-#[allow(dead_code, unused_imports)]
+#[allow(dead_code, unused_imports, clippy::all)]
 pub mod boot_files;
 
 use proto::Msg;
