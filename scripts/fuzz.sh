@@ -28,13 +28,14 @@ fi
 TARGETS=(frame_reader batch_decode spool_reader replication_msg export_import qcow2_metadata nbd_client api_requests)
 
 # Limits per target. Every allocation above -malloc_limit_mb is a failure: for the wire
-# targets that is the frame limit (8 MiB, ferry_wire::MAX_FRAME) plus the reader's
-# rounding, for the qcow2 reader QEMU's own L1 table limit (32 MiB), for JSON and NBD a
+# targets that is the frame limit (8 MiB, ferry_wire::MAX_FRAME) plus its header, for the qcow2 reader QEMU's own L1 table limit (32 MiB), for JSON and NBD a
 # few MiB. -timeout is the per-input hang limit in seconds.
 malloc_limit() {
   case "$1" in
     qcow2_metadata) echo 40 ;;
-    frame_reader | spool_reader | export_import | nbd_client) echo 17 ;;
+    # One maximal frame is 8 MiB + its 24-byte header (the corpus has a frame declaring it).
+    frame_reader | spool_reader | export_import) echo 9 ;;
+    nbd_client) echo 17 ;;
     *) echo 8 ;;
   esac
 }
