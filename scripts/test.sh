@@ -16,4 +16,7 @@ cargo build --workspace --bins
 # The Debian package, from those binaries: contents, units, completions, man pages, and its
 # ferryd upgrading an older release's store (about 30 s; never installed on this machine).
 scripts/test-deb.sh
+# Every fuzz target briefly from its committed corpus (fuzz/, docs/FUZZING.md): a crash,
+# hang or oversized allocation fails the run.
+scripts/fuzz.sh smoke 5
 cargo nextest run --workspace --profile ci

@@ -245,7 +245,16 @@ pub fn changed_since_snapshot(
     // Only guest clusters count: a snapshot's L1 table may be longer than the disk (it
     // also maps the memory state of a standard checkpoint, past the virtual size).
     let span = cluster * (cluster / 8);
-    let guest_l1 = img.size.div_ceil(span) as u32;
+    // Checked, not `as u32`: a header whose virtual size needs more L1 entries than QEMU
+    // allows would otherwise wrap to a short (even empty) table and report "unchanged".
+    let guest_l1 = img.size.div_ceil(span);
+    if guest_l1 > u64::from(MAX_L1_ENTRIES) {
+        return Err(img.unsupported(format!(
+            "virtual size {} needs a larger L1 table than QEMU allows (damaged header)",
+            img.size
+        )));
+    }
+    let guest_l1 = guest_l1 as u32;
     let active = img.table(active_l1_offset, active_l1_size.min(guest_l1))?;
     let snap = img.table(snap_l1_offset, snap_l1_size.min(guest_l1))?;
     let unit = if unit.is_power_of_two() && unit <= cluster {
@@ -390,6 +399,37 @@ mod tests {
             changed_since_snapshot(&img, "nope", 4096),
             Err(Qcow2Error::NoSnapshot { .. })
         ));
+        // A virtual size no L1 table of QEMU's can map (found while writing the fuzz
+        // target): refused, where the size's L1 entry count used to wrap to 0 and the
+        // image read as unchanged.
+        let huge = dir.path().join("huge.qcow2");
+        run(&[
+            "qemu-img",
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=512",
+            huge.to_str().unwrap(),
+            "1M",
+        ]);
+        run(&["qemu-img", "snapshot", "-c", "cp", huge.to_str().unwrap()]);
+        run(&["qemu-io", "-c", "write -P 9 0 4k", huge.to_str().unwrap()]);
+        let mut bytes = std::fs::read(&huge).unwrap();
+        assert_eq!(
+            changed_since_snapshot(&huge, "cp", 512).unwrap(),
+            vec![(0, 4096)]
+        );
+        // 2^47 bytes at 512-byte clusters is 2^32 L1 entries.
+        bytes[24..32].copy_from_slice(&(1u64 << 47).to_be_bytes());
+        std::fs::write(&huge, &bytes).unwrap();
+        match changed_since_snapshot(&huge, "cp", 512) {
+            Err(Qcow2Error::Unsupported { reason, .. }) => {
+                assert!(reason.contains("larger L1 table"), "{reason}")
+            }
+            other => panic!("a wrapped L1 size was not refused: {other:?}"),
+        }
         let raw = dir.path().join("r.raw");
         std::fs::write(&raw, vec![0u8; 4096]).unwrap();
         assert!(matches!(
