@@ -62,6 +62,9 @@ fuzz_one() {
   local rc=$?
   set -e
   rm -rf "$work"
+  # The spool and qcow2 targets' scratch files (one per fuzzing process; a running fuzzer
+  # rewrites its own for every input, so removing them under it is harmless).
+  rm -f /dev/shm/ferry-fuzz-{spool,qcow2}-* "${TMPDIR:-/tmp}"/ferry-fuzz-{spool,qcow2}-*
   return $rc
 }
 
