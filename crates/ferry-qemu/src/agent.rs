@@ -1,6 +1,7 @@
 //! A client for the QEMU guest agent (QGA), over the unix socket of the VM's
 //! `org.qemu.guest_agent.0` channel: just what application-consistent recovery points need
-//! (sync, filesystem freeze and thaw).
+//! (sync, filesystem freeze and thaw), and what re-IP at failover and `ferry vm exec` need
+//! (run a program, write a file).
 //!
 //! The channel exists whether or not the guest runs an agent; a guest without one simply
 //! never answers, so every call has a timeout, and `guest-sync` with a fresh id first
@@ -9,6 +10,8 @@
 use std::path::Path;
 use std::time::Duration;
 
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
@@ -35,6 +38,17 @@ pub enum AgentError {
     /// The socket failed.
     #[error("guest agent channel: {0}")]
     Io(#[from] std::io::Error),
+}
+
+/// What a program run in the guest did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecOutput {
+    /// Its exit code (128 + signal when killed by one).
+    pub exit_code: i32,
+    /// Its standard output.
+    pub stdout: String,
+    /// Its standard error.
+    pub stderr: String,
 }
 
 /// A connected guest agent channel.
@@ -90,8 +104,101 @@ impl GuestAgent {
         Ok(r.as_u64().unwrap_or(0))
     }
 
+    /// Runs `path` with `args` in the guest (`guest-exec`, output captured) and waits for
+    /// it to exit, at most `timeout`.
+    pub async fn exec(
+        &mut self,
+        path: &str,
+        args: &[String],
+        timeout: Duration,
+    ) -> Result<ExecOutput, AgentError> {
+        let started = self
+            .call_with(
+                "guest-exec",
+                json!({"path": path, "arg": args, "capture-output": true}),
+                timeout,
+            )
+            .await?;
+        let pid = started.get("pid").and_then(Value::as_i64).unwrap_or(0);
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let st = self
+                .call_with("guest-exec-status", json!({ "pid": pid }), timeout)
+                .await?;
+            if st.get("exited").and_then(Value::as_bool) == Some(true) {
+                let text = |k: &str| {
+                    st.get(k)
+                        .and_then(Value::as_str)
+                        .and_then(|b| B64.decode(b).ok())
+                        .map(|b| String::from_utf8_lossy(&b).into_owned())
+                        .unwrap_or_default()
+                };
+                return Ok(ExecOutput {
+                    exit_code: st
+                        .get("exitcode")
+                        .and_then(Value::as_i64)
+                        .or_else(|| st.get("signal").and_then(Value::as_i64).map(|s| 128 + s))
+                        .unwrap_or(-1) as i32,
+                    stdout: text("out-data"),
+                    stderr: text("err-data"),
+                });
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(AgentError::Timeout {
+                    command: format!("{path} (still running)"),
+                    timeout,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Writes `data` to `path` in the guest (created or truncated), through
+    /// guest-file-open/write/close.
+    pub async fn write_file(
+        &mut self,
+        path: &str,
+        data: &[u8],
+        timeout: Duration,
+    ) -> Result<(), AgentError> {
+        let handle = self
+            .call_with(
+                "guest-file-open",
+                json!({"path": path, "mode": "w"}),
+                timeout,
+            )
+            .await?;
+        let written = self
+            .call_with(
+                "guest-file-write",
+                json!({"handle": handle, "buf-b64": B64.encode(data)}),
+                timeout,
+            )
+            .await;
+        let closed = self
+            .call_with("guest-file-close", json!({ "handle": handle }), timeout)
+            .await;
+        written?;
+        closed?;
+        Ok(())
+    }
+
     async fn call(&mut self, command: &str, timeout: Duration) -> Result<Value, AgentError> {
-        self.send(&json!({ "execute": command })).await?;
+        self.call_with(command, Value::Null, timeout).await
+    }
+
+    async fn call_with(
+        &mut self,
+        command: &str,
+        arguments: Value,
+        timeout: Duration,
+    ) -> Result<Value, AgentError> {
+        let msg = if arguments.is_null() {
+            json!({ "execute": command })
+        } else {
+            json!({ "execute": command, "arguments": arguments })
+        };
+        self.send(&msg).await?;
         let deadline = tokio::time::Instant::now() + timeout;
         let reply = self.read_reply(command, deadline, timeout).await?;
         if let Some(err) = reply.get("error") {

@@ -257,6 +257,19 @@ pub async fn start(
         shared.vms.start(vm.as_str()).await?;
         state = VmState::Running;
         message.push_str("; the VM is running");
+        let ips: Vec<_> = spec
+            .failover_ip
+            .iter()
+            .filter(|ip| spec.nics.iter().any(|n| n.mac == ip.mac))
+            .cloned()
+            .collect();
+        if !ips.is_empty() {
+            message.push_str(&format!(
+                "; its failover IP ({}) is applied through the guest agent once the guest answers (see `ferry events`)",
+                ips.iter().map(|i| i.address.as_str()).collect::<Vec<_>>().join(", ")
+            ));
+            super::reip::spawn_apply(shared, row.id, ips, "failover");
+        }
     }
     Ok(ActionReply { state, message })
 }
