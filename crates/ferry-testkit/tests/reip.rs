@@ -2,9 +2,11 @@
 //! made from the installed disk gets a replica-site address for its NIC (bad ones refused,
 //! nothing changed), is replicated with it, and after a planned failover with start on the
 //! replica server its qemu-guest-agent is told to configure it; `ferry vm exec` then shows
-//! the address inside the guest, the DNS server in its resolver, and a guest that reached
-//! multi-user with nothing failed.
+//! the addresses inside the guest, the DNS server in its resolver, a guest that reached
+//! multi-user with nothing failed, and the guest answering ping on its replica-site address
+//! from the replica side's network (a bridge and a network namespace of the test's own).
 
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use ferry_testkit::debian::debian_image;
@@ -15,6 +17,76 @@ use serde_json::Value;
 /// The replica site's address of the guest's NIC (on QEMU's user-mode network 10.0.2.0/24,
 /// where DHCP would give 10.0.2.15).
 const ADDR: &str = "10.0.2.77/24";
+
+/// The replica site's network on the bridge NIC: the test's own bridge (no uplink), and a
+/// network namespace of its own plugged into it by a veth pair, holding 10.77.0.1/24, from
+/// where the guest is pinged. Both go when the test ends, even on failure.
+struct SiteNet {
+    bridge: String,
+    netns: String,
+}
+
+/// The guest's address on the replica site's network.
+const SITE_ADDR: &str = "10.77.0.5/24";
+
+impl SiteNet {
+    fn create() -> Self {
+        let id = std::process::id() % 100000;
+        let net = SiteNet {
+            bridge: format!("frb{id}"),
+            netns: format!("ferry-reip-{id}"),
+        };
+        let (va, vb) = (format!("frv{id}a"), format!("frv{id}b"));
+        let _ = Command::new("ip")
+            .args(["link", "del", &net.bridge])
+            .status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &net.netns])
+            .status();
+        run(&["link", "add", &net.bridge, "type", "bridge"]);
+        run(&["link", "set", &net.bridge, "up"]);
+        run(&["netns", "add", &net.netns]);
+        run(&["link", "add", &va, "type", "veth", "peer", "name", &vb]);
+        run(&["link", "set", &va, "master", &net.bridge]);
+        run(&["link", "set", &va, "up"]);
+        run(&["link", "set", &vb, "netns", &net.netns]);
+        for args in [
+            vec!["addr", "add", "10.77.0.1/24", "dev", vb.as_str()],
+            vec!["link", "set", vb.as_str(), "up"],
+            vec!["link", "set", "lo", "up"],
+        ] {
+            let mut all = vec!["netns", "exec", net.netns.as_str(), "ip"];
+            all.extend(args);
+            run(&all);
+        }
+        // qemu-bridge-helper only attaches taps to bridges its ACL allows.
+        std::fs::create_dir_all("/etc/qemu").unwrap();
+        let conf = std::path::Path::new("/etc/qemu/bridge.conf");
+        let allow = format!("allow {}", net.bridge);
+        let text = std::fs::read_to_string(conf).unwrap_or_default();
+        if !text.lines().any(|l| l.trim() == allow) {
+            std::fs::write(conf, format!("{text}{allow}\n")).unwrap();
+        }
+        net
+    }
+}
+
+impl Drop for SiteNet {
+    fn drop(&mut self) {
+        // The veth goes with the namespace.
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.netns])
+            .status();
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.bridge])
+            .status();
+    }
+}
+
+fn run(args: &[&str]) {
+    let st = Command::new("ip").args(args).status().expect("run ip");
+    assert!(st.success(), "ip {args:?} failed");
+}
 
 fn events(host: &Host) -> Vec<Value> {
     host.ferry_json(&["events", "--vm", "app", "--last", "200"])
@@ -28,8 +100,14 @@ fn failover_ip_is_applied_in_the_real_guest_through_its_agent() {
     let disk = debian_image()
         .installed_disk()
         .unwrap_or_else(|e| panic!("{e:#}"));
+    let net = SiteNet::create();
     let a = Host::start("a", "127.0.0.1", "accel = \"tcg\"");
-    let b = Host::start("b", "127.0.0.2", "accel = \"tcg\"");
+    // The replica server maps the primary's bridge onto its default bridge at failover.
+    let b = Host::start(
+        "b",
+        "127.0.0.2",
+        &format!("accel = \"tcg\"\ndefault_bridge = \"{}\"", net.bridge),
+    );
     enable_replica_server(&b, "127.0.0.2");
     a.ferry_ok(&[
         "vm",
@@ -45,11 +123,12 @@ fn failover_ip_is_applied_in_the_real_guest_through_its_agent() {
         disk.to_str().expect("utf-8 path"),
         "--nic",
         "user",
+        "--nic",
+        &format!("bridge={}", net.bridge),
     ]);
-    let mac = a.ferry_json(&["vm", "show", "app"])["nics"][0]["mac"]
-        .as_str()
-        .expect("a MAC")
-        .to_owned();
+    let nics = a.ferry_json(&["vm", "show", "app"])["nics"].clone();
+    let mac = nics[0]["mac"].as_str().expect("a MAC").to_owned();
+    let mac1 = nics[1]["mac"].as_str().expect("a MAC").to_owned();
 
     // Bad settings: one line each, and nothing stored.
     for (bad, why) in [
@@ -58,7 +137,7 @@ fn failover_ip_is_applied_in_the_real_guest_through_its_agent() {
         ("0=10.0.2.77/40", "prefix"),
         ("0=10.0.2.77/24,gw=gateway", "not an IP address"),
         ("0=10.0.2.77/24,mtu=1400", "neither gw=IP nor dns=IP;IP"),
-        ("1=10.0.2.77/24", "has no NIC 1"),
+        ("2=10.0.2.77/24", "has no NIC 2"),
         ("10.0.2.77/24", "not NIC=ADDRESS/PREFIX"),
     ] {
         let err = a.ferry_err(&["vm", "set", "app", "--failover-ip", bad]);
@@ -72,10 +151,20 @@ fn failover_ip_is_applied_in_the_real_guest_through_its_agent() {
         serde_json::json!([])
     );
     let ip = format!("{mac}={ADDR},gw=10.0.2.2,dns=10.0.2.3");
-    a.ferry_ok(&["vm", "set", "app", "--failover-ip", &ip]);
-    let expected = serde_json::json!([{
-        "mac": mac, "address": ADDR, "gateway": "10.0.2.2", "dns": ["10.0.2.3"]
-    }]);
+    let ip1 = format!("1={SITE_ADDR}");
+    a.ferry_ok(&[
+        "vm",
+        "set",
+        "app",
+        "--failover-ip",
+        &ip,
+        "--failover-ip",
+        &ip1,
+    ]);
+    let expected = serde_json::json!([
+        { "mac": mac, "address": ADDR, "gateway": "10.0.2.2", "dns": ["10.0.2.3"] },
+        { "mac": mac1, "address": SITE_ADDR, "gateway": null, "dns": [] },
+    ]);
     assert_eq!(
         a.ferry_json(&["vm", "show", "app"])["failover_ip"],
         expected
@@ -139,7 +228,8 @@ fn failover_ip_is_applied_in_the_real_guest_through_its_agent() {
     let mut addr = Value::Null;
     wait_for("the address in the guest", Duration::from_secs(120), || {
         addr = exec(&["/usr/sbin/ip", "-4", "-o", "addr", "show"]);
-        addr["stdout"].as_str().unwrap_or("").contains(ADDR)
+        let text = addr["stdout"].as_str().unwrap_or("");
+        text.contains(ADDR) && text.contains(SITE_ADDR)
     });
     assert!(
         !addr["stdout"].as_str().unwrap().contains("10.0.2.15/"),
@@ -158,6 +248,24 @@ fn failover_ip_is_applied_in_the_real_guest_through_its_agent() {
             .contains("nameserver 10.0.2.3"),
         "{resolv}"
     );
+    // It answers on the replica-site address, from the replica side's network.
+    wait_for("the guest to answer ping", Duration::from_secs(90), || {
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &net.netns,
+                "ping",
+                "-c",
+                "2",
+                "-W",
+                "5",
+                "10.77.0.5",
+            ])
+            .status()
+            .expect("run ping (iputils-ping, scripts/install-deps.sh)")
+            .success()
+    });
     // The guest came up whole: multi-user, nothing failed.
     let state = exec(&["/usr/bin/systemctl", "is-system-running", "--wait"]);
     assert_eq!(
