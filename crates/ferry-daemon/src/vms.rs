@@ -1120,12 +1120,11 @@ impl VmManager {
             ));
         };
         let timeout = Duration::from_secs(req.timeout_s.unwrap_or(60).clamp(1, 600));
-        let mut agent = ferry_qemu::agent::GuestAgent::connect(
-            &self.agent_socket(row.id),
-            Duration::from_secs(5).min(timeout),
-        )
-        .await
-        .map_err(|e| ApiFailure::conflict(format!("{vm}: {e}")))?;
+        // The channel takes one client at a time: a replication cycle freezing the guest
+        // holds it for a moment, so the connection may wait as long as the whole call.
+        let mut agent = ferry_qemu::agent::GuestAgent::connect(&self.agent_socket(row.id), timeout)
+            .await
+            .map_err(|e| ApiFailure::conflict(format!("{vm}: {e}")))?;
         let out = agent
             .exec(path, &req.argv[1..], timeout)
             .await

@@ -4,14 +4,16 @@
 //! replica server its qemu-guest-agent is told to configure it; `ferry vm exec` then shows
 //! the addresses inside the guest, the DNS server in its resolver, a guest that reached
 //! multi-user with nothing failed, and the guest answering ping on its replica-site address
-//! from the replica side's network (a bridge and a network namespace of the test's own).
+//! from the replica side's network (a bridge and a network namespace of the test's own);
+//! the reverse replication back to the old primary then takes application-consistent points
+//! through the real guest's agent (fsfreeze).
 
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use ferry_testkit::debian::debian_image;
 use ferry_testkit::host::Host;
-use ferry_testkit::replication::{enable_replica_server, wait_for};
+use ferry_testkit::replication::{enable_replica_server, points, wait_for};
 use serde_json::Value;
 
 /// The replica site's address of the guest's NIC (on QEMU's user-mode network 10.0.2.0/24,
@@ -37,12 +39,13 @@ impl SiteNet {
             netns: format!("ferry-reip-{id}"),
         };
         let (va, vb) = (format!("frv{id}a"), format!("frv{id}b"));
-        let _ = Command::new("ip")
-            .args(["link", "del", &net.bridge])
-            .status();
-        let _ = Command::new("ip")
-            .args(["netns", "del", &net.netns])
-            .status();
+        // Left over by a killed run of this test (same pid), if any.
+        for args in [["link", "del", &net.bridge], ["netns", "del", &net.netns]] {
+            let _ = Command::new("ip")
+                .args(args)
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
         run(&["link", "add", &net.bridge, "type", "bridge"]);
         run(&["link", "set", &net.bridge, "up"]);
         run(&["netns", "add", &net.netns]);
@@ -109,6 +112,8 @@ fn failover_ip_is_applied_in_the_real_guest_through_its_agent() {
         &format!("accel = \"tcg\"\ndefault_bridge = \"{}\"", net.bridge),
     );
     enable_replica_server(&b, "127.0.0.2");
+    // A takes the reverse replication after the planned failover.
+    enable_replica_server(&a, "127.0.0.1");
     a.ferry_ok(&[
         "vm",
         "create",
@@ -187,6 +192,10 @@ fn failover_ip_is_applied_in_the_real_guest_through_its_agent() {
         b.socket.to_str().unwrap(),
         "--interval",
         "30s",
+        // Tried on every cycle: skipped while the VM is off on A, through the real
+        // guest's agent (fsfreeze) once the failed-over VM replicates back.
+        "--app-consistent-every",
+        "30s",
         "--wait",
     ]);
     let initial_s = t.elapsed().as_secs();
@@ -195,9 +204,10 @@ fn failover_ip_is_applied_in_the_real_guest_through_its_agent() {
         expected
     );
 
-    // Planned failover (the VM is off on the primary) with start on the replica server.
+    // Planned failover (the VM is off on the primary) with start on the replica server,
+    // and reverse replication back to A.
     let t = Instant::now();
-    let out = a.ferry_ok(&["failover", "planned", "app", "--start"]);
+    let out = a.ferry_ok(&["failover", "planned", "app", "--start", "--reverse"]);
     println!("{out}");
     // The replica server's reply and event: applied once the guest's agent answers.
     let mut outcome = None;
@@ -298,6 +308,19 @@ fn failover_ip_is_applied_in_the_real_guest_through_its_agent() {
         err.contains("guest agent") && err.trim().lines().count() == 1,
         "{err}"
     );
+    // Reverse replication takes application-consistent points through the real guest's
+    // qemu-guest-agent (fsfreeze), now that it runs.
+    wait_for(
+        "an application-consistent point on A",
+        Duration::from_secs(300),
+        || {
+            points(&a, "app")
+                .iter()
+                .any(|p| p["consistency"] == "application")
+        },
+    );
+    let app_s = t.elapsed().as_secs();
+    eprintln!("reip: app-consistent point back on A {app_s} s after the failover");
     eprintln!(
         "reip: initial copy {initial_s} s, planned failover to failover IP applied {applied_s} s"
     );
