@@ -14,9 +14,6 @@ use tracing::info;
 
 use super::Shared;
 
-/// How long a failed-over guest has to boot until its agent answers (TCG boots of a real
-/// distribution take minutes on a loaded host).
-const BOOT_WAIT: Duration = Duration::from_secs(600);
 /// Each agent call's bound.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// The restart of the guest's network stack.
@@ -65,7 +62,8 @@ pub fn spawn_apply(shared: &Arc<Shared>, vm_id: i64, ips: Vec<FailoverIp>, what:
 
 async fn apply(shared: &Shared, vm_id: i64, ips: &[FailoverIp]) -> Result<String, String> {
     let socket = shared.vms.agent_socket(vm_id);
-    let deadline = tokio::time::Instant::now() + BOOT_WAIT;
+    let wait = shared.cfg.failover_ip_wait;
+    let deadline = tokio::time::Instant::now() + wait;
     // The channel exists from QEMU's start; the agent answers once the guest has booted.
     let mut agent = loop {
         match GuestAgent::connect(&socket, CALL_TIMEOUT).await {
@@ -73,7 +71,7 @@ async fn apply(shared: &Shared, vm_id: i64, ips: &[FailoverIp]) -> Result<String
             Err(e) if tokio::time::Instant::now() >= deadline => {
                 return Err(format!(
                     "the guest has no agent: none answered within {} s of the start ({e}); set the addresses by hand",
-                    BOOT_WAIT.as_secs()
+                    wait.as_secs()
                 ))
             }
             Err(_) => tokio::time::sleep(Duration::from_secs(3)).await,
