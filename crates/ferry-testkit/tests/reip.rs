@@ -203,6 +203,23 @@ fn failover_ip_is_applied_in_the_real_guest_through_its_agent() {
         b.ferry_json(&["vm", "show", "app"])["failover_ip"],
         expected
     );
+    // The replica site owns its addresses (as in Hyper-V, set on the replica VM): the
+    // replica server may set them on the replica VM, and nothing else of its hardware.
+    b.ferry_ok(&[
+        "vm",
+        "set",
+        "app",
+        "--failover-ip",
+        &ip,
+        "--failover-ip",
+        &ip1,
+    ]);
+    assert_eq!(
+        b.ferry_json(&["vm", "show", "app"])["failover_ip"],
+        expected
+    );
+    let err = b.ferry_err(&["vm", "set", "app", "--rng", "on"]);
+    assert!(err.contains("is a replica"), "{err}");
 
     // Planned failover (the VM is off on the primary) with start on the replica server,
     // and reverse replication back to A.
