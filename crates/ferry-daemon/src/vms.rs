@@ -1088,7 +1088,17 @@ impl VmManager {
         if let Some(list) = &req.test_failover_ip {
             spec.test_failover_ip = parse_failover_ips(&spec, list)?;
         }
-        spec.validate()
+        // A replica's or failed-over VM's disks are paths into the replica storage, not
+        // the plain names a new VM's spec has (as the replica server's own check of a
+        // primary's spec, they are judged under plain names).
+        let mut checked = spec.clone();
+        for (i, d) in checked.disks.iter_mut().enumerate() {
+            if d.file.starts_with('/') {
+                d.file = format!("ferry-check-{i}.qcow2");
+            }
+        }
+        checked
+            .validate()
             .map_err(|e| ApiFailure::invalid(e.to_string()))?;
         if running && (req.cdrom.is_some() || req.eject) {
             let inst = self.live(&vm)?;
