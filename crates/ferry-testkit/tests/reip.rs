@@ -338,6 +338,37 @@ fn failover_ip_is_applied_in_the_real_guest_through_its_agent() {
     );
     let app_s = t.elapsed().as_secs();
     eprintln!("reip: app-consistent point back on A {app_s} s after the failover");
+
+    // A test failover on A (now the replica) from the latest point: the real guest boots,
+    // isolated, to multi-user with its services up, checked through its agent.
+    let t = Instant::now();
+    let out = a.ferry_ok(&["failover", "test", "app"]);
+    assert!(out.contains("app-test"), "{out}");
+    let mut state = String::new();
+    wait_for(
+        "the test failover's guest to reach multi-user",
+        Duration::from_secs(400),
+        || {
+            let r = a.ferry(&[
+                "vm",
+                "exec",
+                "app-test",
+                "--timeout",
+                "30",
+                "--",
+                "/usr/bin/systemctl",
+                "is-system-running",
+                "--wait",
+            ]);
+            state = r.stdout.trim().to_owned();
+            // Anything but "no agent yet" ends the wait; the state is checked below.
+            !r.stderr.contains("guest agent did not answer")
+        },
+    );
+    assert_eq!(state, "running");
+    let test_s = t.elapsed().as_secs();
+    a.ferry_ok(&["failover", "stop-test", "app"]);
+    eprintln!("reip: test failover to multi-user {test_s} s");
     eprintln!(
         "reip: initial copy {initial_s} s, planned failover to failover IP applied {applied_s} s"
     );
