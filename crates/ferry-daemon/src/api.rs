@@ -230,7 +230,9 @@ async fn delete_vm(State(s): State<Shared>, Path(name): Path<String>) -> ApiResu
 }
 
 async fn start_vm(State(s): State<Shared>, Path(name): Path<String>) -> ApiResult<ActionReply> {
-    Ok(Json(s.vms.start(&name).await?))
+    let reply = s.vms.start(&name).await?;
+    replication::reip::on_start(&s.replication, &name);
+    Ok(Json(reply))
 }
 
 async fn shutdown_vm(

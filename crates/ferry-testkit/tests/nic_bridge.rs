@@ -155,7 +155,13 @@ fn failed_over_vm_nics_join_the_replica_hosts_bridge() {
         "5s",
         "--wait",
     ]);
-    b.ferry_ok(&["failover", "start", "app", "--start", "--force"]);
+    // Failed over without --start, started by hand: the failover IP is applied then.
+    let out = b.ferry_ok(&["failover", "start", "app", "--force"]);
+    assert!(
+        out.contains("failover IP is applied through the guest agent when it starts"),
+        "{out}"
+    );
+    b.ferry_ok(&["vm", "start", "app"]);
     let show = b.ferry_json(&["vm", "show", "app"]);
     assert_eq!(
         show["nics"][0]["bridge"].as_str(),

@@ -40,6 +40,36 @@ pub fn network_file(ip: &FailoverIp) -> (String, String) {
     (name, text)
 }
 
+/// The store key marking a failed-over VM, not started by its failover, whose failover IP
+/// is applied at its next start.
+pub fn pending_key(vm_id: i64) -> String {
+    format!("failover_ip_pending:{vm_id}")
+}
+
+/// The failover IPs of `spec` for the NICs it has (a failover may leave one out).
+pub fn present(spec: &ferry_domain::VmSpec) -> Vec<FailoverIp> {
+    spec.failover_ip
+        .iter()
+        .filter(|ip| spec.nics.iter().any(|n| n.mac == ip.mac))
+        .cloned()
+        .collect()
+}
+
+/// After `ferry vm start`: a failed-over VM whose failover IP is pending gets it now.
+pub fn on_start(shared: &Arc<Shared>, name: &str) {
+    let Ok(vm) = ferry_domain::VmName::new(name) else {
+        return;
+    };
+    let Ok(row) = shared.store.get_vm(&vm) else {
+        return;
+    };
+    let key = pending_key(row.id);
+    if shared.store.setting(&key).ok().flatten().is_some() {
+        let _ = shared.store.delete_setting(&key);
+        spawn_apply(shared, row.id, present(&row.spec), "failover");
+    }
+}
+
 /// Applies `ips` to the running VM `vm` (by id) in the background; `what` is `failover` or
 /// `test failover`, for the event.
 pub fn spawn_apply(shared: &Arc<Shared>, vm_id: i64, ips: Vec<FailoverIp>, what: &'static str) {
