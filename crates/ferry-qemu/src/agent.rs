@@ -40,6 +40,21 @@ pub enum AgentError {
     Io(#[from] std::io::Error),
 }
 
+/// A `guest-sync` id no earlier connection used. A connection that gave up (a guest still
+/// booting) leaves its guest-sync in the channel, and the agent answers it later, to
+/// whoever is connected then: with the same id, that stale answer would pass for the new
+/// connection's, and every reply after it would be one call late.
+fn fresh_sync_id() -> u64 {
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    // Within i64 (the protocol's int), distinct per connection and across restarts.
+    (nanos.wrapping_add(SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed) << 20))
+        & (i64::MAX as u64)
+}
+
 /// What a program run in the guest did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExecOutput {
@@ -71,7 +86,7 @@ impl GuestAgent {
         let mut agent = Self {
             reader: BufReader::new(r),
             writer: w,
-            next_id: std::process::id() as u64 * 1000 + 1,
+            next_id: fresh_sync_id(),
         };
         agent.sync(timeout).await?;
         Ok(agent)
@@ -80,7 +95,6 @@ impl GuestAgent {
     /// `guest-sync`: replies before ours (stale ones) are skipped.
     async fn sync(&mut self, timeout: Duration) -> Result<(), AgentError> {
         let id = self.next_id;
-        self.next_id += 1;
         self.send(&json!({"execute": "guest-sync", "arguments": {"id": id}}))
             .await?;
         let deadline = tokio::time::Instant::now() + timeout;
@@ -246,5 +260,16 @@ impl GuestAgent {
                 return Ok(v);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sync_ids_differ_per_connection() {
+        let a = super::fresh_sync_id();
+        let b = super::fresh_sync_id();
+        assert_ne!(a, b);
+        assert!(a <= i64::MAX as u64 && b <= i64::MAX as u64);
     }
 }
