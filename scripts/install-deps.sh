@@ -23,6 +23,8 @@ for f in /bin/busybox /usr/sbin/modinfo /usr/bin/cpio /usr/bin/flock /usr/bin/nb
 done
 ls /boot/vmlinuz-* >/dev/null 2>&1 || need_apt=1
 command -v python3 >/dev/null || need_apt=1
+# ping: the re-IP test pings a failed-over guest on its replica-site address.
+command -v ping >/dev/null || need_apt=1
 # Debian's python3 (not a pyenv shim's): the console's alert test runs /usr/bin/python3.
 /usr/bin/python3 -c 'import aiosmtpd' 2>/dev/null || need_apt=1
 if [ -e /bin/busybox ] && ! file -L /bin/busybox 2>/dev/null | grep -q 'statically linked'; then
@@ -37,7 +39,7 @@ if [ "$need_apt" = 1 ]; then
   apt-get install -y -qq --allow-downgrades \
     "qemu-system-x86=$V" "qemu-utils=$V" "qemu-block-extra=$V" \
     busybox-static linux-image-amd64 cpio kmod file util-linux libnbd-bin iproute2 \
-    sqlite3 curl openssl python3 python3-aiosmtpd chromium chromium-driver >/dev/null
+    sqlite3 curl openssl python3 python3-aiosmtpd chromium chromium-driver iputils-ping >/dev/null
   # Binary-only grub packages: they do not touch this machine's own boot loader.
   apt-get install -y -qq --no-install-recommends mmdebstrap squashfs-tools grub-common \
     grub-pc-bin grub-efi-amd64-bin xorriso mtools ovmf fdisk e2fsprogs >/dev/null

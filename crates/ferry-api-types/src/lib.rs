@@ -31,6 +31,7 @@ use serde::{Deserialize, Serialize};
 
 /// Parses sizes such as `512M` or `8G`, as the CLI accepts them.
 pub use ferry_domain::parse_size;
+pub use ferry_domain::spec::FailoverIp;
 pub use ferry_domain::{BootDevice, CdromSpec, DiskBus, DiskRole, Firmware, Machine};
 pub use ferry_domain::{VmName, VmState};
 
@@ -199,6 +200,36 @@ pub struct VmSetRequest {
     /// Add or remove the virtio-rng device (VM off).
     #[serde(default)]
     pub rng: Option<bool>,
+    /// New failover IP settings, each `NIC=ADDR/PREFIX[,gw=IP][,dns=IP;IP]` (NIC: its
+    /// index from 0 or its MAC); an empty list removes them all.
+    #[serde(default)]
+    pub failover_ip: Option<Vec<String>>,
+    /// The same for test failovers.
+    #[serde(default)]
+    pub test_failover_ip: Option<Vec<String>>,
+}
+
+/// `POST /v1/vms/{name}/exec`: run a program in the guest through qemu-guest-agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecRequest {
+    /// The program (an absolute path in the guest; `/bin/sh -c '…'` for a shell line) and
+    /// its arguments.
+    pub argv: Vec<String>,
+    /// How long it may take, agent answer included (default 60 s, at most 600 s).
+    #[serde(default)]
+    pub timeout_s: Option<u64>,
+}
+
+/// What a program run in the guest did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecReply {
+    /// Its exit code (128 + signal when a signal ended it).
+    pub exit_code: i32,
+    /// Its standard output.
+    pub stdout: String,
+    /// Its standard error.
+    pub stderr: String,
 }
 
 /// A disk as shown to users.
@@ -282,6 +313,12 @@ pub struct VmInfo {
     /// Whether the VM has a virtio-rng device.
     #[serde(default)]
     pub rng: bool,
+    /// Per NIC, the guest's IP settings after a failover.
+    #[serde(default)]
+    pub failover_ip: Vec<FailoverIp>,
+    /// The same for a test failover.
+    #[serde(default)]
+    pub test_failover_ip: Vec<FailoverIp>,
 }
 
 /// `POST /v1/vms/{name}/shutdown`.

@@ -14,8 +14,9 @@ use std::process::ExitCode;
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand, ValueEnum};
 use ferry_api_types::{
-    ActionReply, BootDevice, CdromSpec, ConsoleLog, DiskBus, DiskRequest, Firmware, ImageFormat,
-    Machine, NicRequest, ServerInfo, ShutdownRequest, VmCreateRequest, VmInfo, VmSetRequest,
+    ActionReply, BootDevice, CdromSpec, ConsoleLog, DiskBus, DiskRequest, ExecReply, ExecRequest,
+    Firmware, ImageFormat, Machine, NicRequest, ServerInfo, ShutdownRequest, VmCreateRequest,
+    VmInfo, VmSetRequest,
 };
 use ferry_client::{Client, Endpoint};
 
@@ -242,6 +243,26 @@ enum VmCmd {
         /// Add (on) or remove (off) the virtio-rng device (VM off).
         #[arg(long)]
         rng: Option<String>,
+        /// The guest's IP settings after a failover, per NIC (index from 0, or MAC):
+        /// NIC=ADDR/PREFIX[,gw=IP][,dns=IP;IP]; repeat for more NICs; `none` removes them.
+        /// Applied through qemu-guest-agent (systemd-networkd guests).
+        #[arg(long = "failover-ip")]
+        failover_ip: Vec<String>,
+        /// The same for a test failover's VM.
+        #[arg(long = "test-failover-ip")]
+        test_failover_ip: Vec<String>,
+    },
+    /// Run a program in a running guest through qemu-guest-agent: its output, and its exit
+    /// code as ours, e.g. `ferry vm exec web -- /usr/sbin/ip -4 addr`.
+    Exec {
+        /// The VM.
+        vm: String,
+        /// Give up after this many seconds (at most 600).
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+        /// The program (absolute path in the guest) and its arguments.
+        #[arg(last = true, required = true)]
+        argv: Vec<String>,
     },
     /// List VMs.
     List,
@@ -576,8 +597,17 @@ async fn vm(client: &Client, cmd: VmCmd, out: &Output) -> anyhow::Result<()> {
             boot,
             machine,
             rng,
+            failover_ip,
+            test_failover_ip,
         } => {
+            let ips = |v: Vec<String>| match v.as_slice() {
+                [] => None,
+                [none] if none == "none" => Some(Vec::new()),
+                _ => Some(v),
+            };
             let req = VmSetRequest {
+                failover_ip: ips(failover_ip),
+                test_failover_ip: ips(test_failover_ip),
                 cdrom: cdrom.map(absolute).transpose()?,
                 eject,
                 boot_order: boot.as_deref().map(parse_boot).transpose()?,
@@ -591,6 +621,22 @@ async fn vm(client: &Client, cmd: VmCmd, out: &Output) -> anyhow::Result<()> {
             };
             let info: VmInfo = client.post(&vm_path(&vm, "/set"), &req).await?;
             out.vm_show(&info);
+        }
+        VmCmd::Exec { vm, timeout, argv } => {
+            let req = ExecRequest {
+                argv,
+                timeout_s: Some(timeout),
+            };
+            let r: ExecReply = client.post(&vm_path(&vm, "/exec"), &req).await?;
+            if !out.json(&r) {
+                use std::io::Write as _;
+                print!("{}", r.stdout);
+                eprint!("{}", r.stderr);
+                std::io::stdout().flush().ok();
+            }
+            if r.exit_code != 0 {
+                std::process::exit(r.exit_code.clamp(1, 255));
+            }
         }
         VmCmd::List => {
             let vms: Vec<VmInfo> = client.get("/v1/vms").await?;

@@ -214,6 +214,21 @@ impl Output {
         if vm.rng {
             println!("RNG:      virtio-rng");
         }
+        for (list, what) in [
+            (&vm.failover_ip, "Failover IP:"),
+            (&vm.test_failover_ip, "Test failover IP:"),
+        ] {
+            for ip in list {
+                let mut line = format!("{what} {} on NIC {}", ip.address, ip.mac);
+                if let Some(gw) = &ip.gateway {
+                    line.push_str(&format!(", gateway {gw}"));
+                }
+                if !ip.dns.is_empty() {
+                    line.push_str(&format!(", DNS {}", ip.dns.join(" ")));
+                }
+                println!("{line}");
+            }
+        }
         if vm.nics.is_empty() {
             println!("NICs:     none");
         }

@@ -14,9 +14,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use ferry_api_types::{
-    ActionReply, ConsoleLog, EnableReplicationRequest, EventInfo, ImportRequest, RecoveryPointInfo,
-    ReplicaServerInfo, ReplicaServerSetRequest, ReplicationHealthInfo, ReplicationInfo, ServerInfo,
-    ShutdownRequest, VmCreateRequest, VmInfo, VmSetRequest, CONSOLE_UPGRADE,
+    ActionReply, ConsoleLog, EnableReplicationRequest, EventInfo, ExecReply, ExecRequest,
+    ImportRequest, RecoveryPointInfo, ReplicaServerInfo, ReplicaServerSetRequest,
+    ReplicationHealthInfo, ReplicationInfo, ServerInfo, ShutdownRequest, VmCreateRequest, VmInfo,
+    VmSetRequest, CONSOLE_UPGRADE,
 };
 use hyper_util::rt::TokioIo;
 use serde::Deserialize;
@@ -69,6 +70,7 @@ pub fn router(state: Shared) -> Router {
         )
         .route("/v1/vms/{name}/start", post(start_vm))
         .route("/v1/vms/{name}/set", post(set_vm))
+        .route("/v1/vms/{name}/exec", post(exec_vm))
         .route("/v1/vms/{name}/shutdown", post(shutdown_vm))
         .route("/v1/vms/{name}/stop", post(stop_vm))
         .route("/v1/vms/{name}/pause", post(pause_vm))
@@ -307,12 +309,23 @@ async fn set_vm(
     Ok(Json(s.vms.set(&name, req).await?))
 }
 
+async fn exec_vm(
+    State(s): State<Shared>,
+    Path(name): Path<String>,
+    body: Result<Json<ExecRequest>, axum::extract::rejection::JsonRejection>,
+) -> ApiResult<ExecReply> {
+    let Json(req) = body.map_err(|e| ApiFailure::invalid(e.body_text()))?;
+    Ok(Json(s.vms.exec(&name, req).await?))
+}
+
 async fn delete_vm(State(s): State<Shared>, Path(name): Path<String>) -> ApiResult<ActionReply> {
     Ok(Json(s.vms.delete(&name).await?))
 }
 
 async fn start_vm(State(s): State<Shared>, Path(name): Path<String>) -> ApiResult<ActionReply> {
-    Ok(Json(s.vms.start(&name).await?))
+    let reply = s.vms.start(&name).await?;
+    replication::reip::on_start(&s.replication, &name);
+    Ok(Json(reply))
 }
 
 async fn shutdown_vm(

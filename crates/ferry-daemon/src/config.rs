@@ -15,6 +15,7 @@
 //! replication_bandwidth_limit = "50M"  # bytes/s for all outgoing replication
 //! replication_bandwidth_schedule = ["08:00-18:00=10M", "22:00-06:00=unlimited"]
 //! file_roots = ["/srv/ferry"]          # the only folders the API reads or writes files in
+//! failover_ip_wait_s = 600             # how long a failed-over guest has to answer its agent
 //! ```
 
 use std::net::SocketAddr;
@@ -69,6 +70,8 @@ struct RawConfig {
     /// The folders API requests may name files in (images, ISOs, kernels, imports,
     /// exports); default [`DEFAULT_FILE_ROOTS`] and the VM storage.
     file_roots: Option<Vec<PathBuf>>,
+    /// Seconds a failed-over guest has to boot until its agent answers, for re-IP.
+    failover_ip_wait_s: Option<u64>,
 }
 
 /// Where the API may read and write files when the config does not say: the API token is
@@ -105,6 +108,8 @@ pub struct Config {
     pub replication_bandwidth_schedule: Vec<BandwidthWindow>,
     /// The folders API requests may name files in.
     pub file_roots: Vec<PathBuf>,
+    /// How long a failed-over guest has to boot until its agent answers, for re-IP.
+    pub failover_ip_wait: std::time::Duration,
 }
 
 /// Why the configuration was refused.
@@ -275,7 +280,13 @@ impl Config {
             absolute("file_roots", r)?;
         }
         file_roots.push(vm_storage.clone());
+        let failover_ip_wait = match raw.failover_ip_wait_s {
+            Some(0) => return Err(invalid("failover_ip_wait_s must be at least 1".into())),
+            // TCG boots of a real distribution take minutes on a loaded host.
+            s => std::time::Duration::from_secs(s.unwrap_or(600)),
+        };
         Ok(Self {
+            failover_ip_wait,
             file_roots,
             replication_bandwidth_limit,
             replication_bandwidth_schedule,

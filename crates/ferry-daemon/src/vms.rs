@@ -9,8 +9,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ferry_api_types::{
-    ActionReply, ConsoleLog, DiskInfo, DiskRequest, ImageFormat, NicInfo, NicRequest,
-    VmCreateRequest, VmInfo, VmSetRequest,
+    ActionReply, ConsoleLog, DiskInfo, DiskRequest, ExecReply, ExecRequest, ImageFormat, NicInfo,
+    NicRequest, VmCreateRequest, VmInfo, VmSetRequest,
 };
 use ferry_domain::lifecycle::{self, Action, Operation};
 use ferry_domain::spec::mac_from_seed;
@@ -421,6 +421,8 @@ impl VmManager {
             cdrom: row.spec.cdrom.clone(),
             boot_order: row.spec.boot_order.clone(),
             rng: row.spec.rng,
+            failover_ip: row.spec.failover_ip.clone(),
+            test_failover_ip: row.spec.test_failover_ip.clone(),
         }
     }
 
@@ -569,6 +571,8 @@ impl VmManager {
             cdrom: req.cdrom,
             boot_order: req.boot_order,
             rng: req.rng,
+            failover_ip: Vec::new(),
+            test_failover_ip: Vec::new(),
         };
         spec.validate()
             .map_err(|e| ApiFailure::invalid(e.to_string()))?;
@@ -1013,8 +1017,16 @@ impl VmManager {
         let (vm, _) = self.row(name)?;
         let _guard = self.lock_vm(&vm).await;
         let row = self.store.get_vm(&vm)?;
+        let ip_only = req.cdrom.is_none()
+            && !req.eject
+            && req.boot_order.is_none()
+            && req.machine.is_none()
+            && req.rng.is_none()
+            && (req.failover_ip.is_some() || req.test_failover_ip.is_some());
         if let Some(rel) = self.store.replication(row.id)? {
-            if rel.role == ferry_domain::Role::Replica {
+            // Failover IPs are the replica site's business (as in Hyper-V, where they are
+            // set on the replica VM's NIC): a replica may change its own.
+            if rel.role == ferry_domain::Role::Replica && !ip_only {
                 return Err(ApiFailure::conflict(format!(
                     "VM {vm} is a replica; change its hardware on its primary"
                 )));
@@ -1035,7 +1047,7 @@ impl VmManager {
         }
         if req == VmSetRequest::default() {
             return Err(ApiFailure::invalid(
-                "nothing to change; give --cdrom, --eject, --boot, --machine or --rng".to_owned(),
+                "nothing to change; give --cdrom, --eject, --boot, --machine, --rng, --failover-ip or --test-failover-ip".to_owned(),
             ));
         }
         let running = row.state.has_process();
@@ -1070,7 +1082,23 @@ impl VmManager {
         if let Some(order) = &req.boot_order {
             spec.boot_order = order.clone();
         }
-        spec.validate()
+        if let Some(list) = &req.failover_ip {
+            spec.failover_ip = parse_failover_ips(&spec, list)?;
+        }
+        if let Some(list) = &req.test_failover_ip {
+            spec.test_failover_ip = parse_failover_ips(&spec, list)?;
+        }
+        // A replica's or failed-over VM's disks are paths into the replica storage, not
+        // the plain names a new VM's spec has (as the replica server's own check of a
+        // primary's spec, they are judged under plain names).
+        let mut checked = spec.clone();
+        for (i, d) in checked.disks.iter_mut().enumerate() {
+            if d.file.starts_with('/') {
+                d.file = format!("ferry-check-{i}.qcow2");
+            }
+        }
+        checked
+            .validate()
             .map_err(|e| ApiFailure::invalid(e.to_string()))?;
         if running && (req.cdrom.is_some() || req.eject) {
             let inst = self.live(&vm)?;
@@ -1084,6 +1112,38 @@ impl VmManager {
         info!(vm = %vm, "hardware changed");
         let row = self.store.get_vm(&vm)?;
         Ok(self.info(&row))
+    }
+
+    /// Runs a program in a running guest through its agent (`ferry vm exec`), bounded in
+    /// time; an admin's way into a guest without a network, and how tests look inside.
+    pub async fn exec(&self, name: &str, req: ExecRequest) -> Result<ExecReply, ApiFailure> {
+        let (vm, row) = self.row(name)?;
+        if !row.state.has_process() {
+            return Err(ApiFailure::conflict(format!(
+                "VM {vm} is {}: start it first",
+                row.state
+            )));
+        }
+        let Some(path) = req.argv.first() else {
+            return Err(ApiFailure::invalid(
+                "nothing to run: give the program and its arguments after --".to_owned(),
+            ));
+        };
+        let timeout = Duration::from_secs(req.timeout_s.unwrap_or(60).clamp(1, 600));
+        // The channel takes one client at a time: a replication cycle freezing the guest
+        // holds it for a moment, so the connection may wait as long as the whole call.
+        let mut agent = ferry_qemu::agent::GuestAgent::connect(&self.agent_socket(row.id), timeout)
+            .await
+            .map_err(|e| ApiFailure::conflict(format!("{vm}: {e}")))?;
+        let out = agent
+            .exec(path, &req.argv[1..], timeout)
+            .await
+            .map_err(|e| ApiFailure::conflict(format!("{vm}: {e}")))?;
+        Ok(ExecReply {
+            exit_code: out.exit_code,
+            stdout: out.stdout,
+            stderr: out.stderr,
+        })
     }
 
     fn live(&self, vm: &VmName) -> Result<Arc<Instance>, ApiFailure> {
@@ -1308,4 +1368,36 @@ fn random_mac() -> String {
         .fill(&mut b)
         .expect("system randomness");
     mac_from_seed(b)
+}
+
+/// `NIC=ADDR/PREFIX[,gw=IP][,dns=IP;IP]` settings, NIC being an index from 0 or a MAC.
+fn parse_failover_ips(
+    spec: &VmSpec,
+    list: &[String],
+) -> Result<Vec<ferry_domain::spec::FailoverIp>, ApiFailure> {
+    list.iter()
+        .map(|item| {
+            let (nic, rest) = item.split_once('=').ok_or_else(|| {
+                ApiFailure::invalid(format!(
+                    "failover IP {item:?} is not NIC=ADDRESS/PREFIX[,gw=IP][,dns=IP;IP]"
+                ))
+            })?;
+            let mac = match nic.parse::<usize>() {
+                Ok(i) => spec.nics.get(i).map(|n| n.mac.clone()),
+                Err(_) => spec
+                    .nics
+                    .iter()
+                    .find(|n| n.mac.eq_ignore_ascii_case(nic))
+                    .map(|n| n.mac.clone()),
+            }
+            .ok_or_else(|| {
+                ApiFailure::invalid(format!(
+                    "failover IP {item:?}: {} has no NIC {nic} (give its index from 0 or its MAC)",
+                    spec.name
+                ))
+            })?;
+            ferry_domain::spec::FailoverIp::parse(&mac, rest)
+                .map_err(|e| ApiFailure::invalid(format!("{item:?}: {e}")))
+        })
+        .collect()
 }

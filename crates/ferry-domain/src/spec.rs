@@ -57,6 +57,83 @@ pub struct VmSpec {
     /// A virtio-rng device feeding the guest's entropy pool from the host's.
     #[serde(default)]
     pub rng: bool,
+    /// Hyper-V's "Failover TCP/IP": per NIC, the address the guest must have after a
+    /// failover (applied through qemu-guest-agent); replicated with the spec.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failover_ip: Vec<FailoverIp>,
+    /// The same for a test failover's VM.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub test_failover_ip: Vec<FailoverIp>,
+}
+
+/// The IP settings one NIC gets in the guest after a failover.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailoverIp {
+    /// The NIC, by its MAC address (it survives network mapping at failover).
+    pub mac: String,
+    /// `ADDRESS/PREFIX`, IPv4 or IPv6.
+    pub address: String,
+    /// Default gateway.
+    #[serde(default)]
+    pub gateway: Option<String>,
+    /// DNS servers.
+    #[serde(default)]
+    pub dns: Vec<String>,
+}
+
+impl FailoverIp {
+    /// Parses `ADDR/PREFIX[,gw=IP][,dns=IP;IP]` for the NIC `mac`; the error is one line
+    /// saying what is wrong.
+    pub fn parse(mac: &str, text: &str) -> Result<Self, ValidationError> {
+        let mut parts = text.split(',');
+        let address = parts.next().unwrap_or_default().trim().to_owned();
+        let mut ip = FailoverIp {
+            mac: mac.to_owned(),
+            address,
+            gateway: None,
+            dns: Vec::new(),
+        };
+        for part in parts {
+            match part.split_once('=') {
+                Some(("gw", gw)) => ip.gateway = Some(gw.trim().to_owned()),
+                Some(("dns", dns)) => {
+                    ip.dns = dns
+                        .split(';')
+                        .map(|d| d.trim().to_owned())
+                        .filter(|d| !d.is_empty())
+                        .collect()
+                }
+                _ => {
+                    return Err(ValidationError::FailoverIp(format!(
+                        "{part:?} is neither gw=IP nor dns=IP;IP"
+                    )))
+                }
+            }
+        }
+        ip.check()?;
+        Ok(ip)
+    }
+
+    /// Every address parses; the prefix fits the address family.
+    pub fn check(&self) -> Result<(), ValidationError> {
+        let bad = |what: String| Err(ValidationError::FailoverIp(what));
+        let Some((addr, prefix)) = self.address.split_once('/') else {
+            return bad(format!("{:?} is not ADDRESS/PREFIX", self.address));
+        };
+        let Ok(addr) = addr.parse::<std::net::IpAddr>() else {
+            return bad(format!("{addr:?} is not an IP address"));
+        };
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        if !prefix.parse::<u8>().is_ok_and(|p| (1..=max).contains(&p)) {
+            return bad(format!("prefix {prefix:?} is not between 1 and {max}"));
+        }
+        for ip in self.gateway.iter().chain(&self.dns) {
+            if ip.parse::<std::net::IpAddr>().is_err() {
+                return bad(format!("{ip:?} is not an IP address"));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The virtual hardware platform.
@@ -257,6 +334,9 @@ pub enum ValidationError {
     /// Booting from a device the VM does not have, or twice from one.
     #[error("boot order {0}: the VM has no such device or names it twice")]
     BootOrder(String),
+    /// A failover IP setting that does not parse, or names no NIC of the VM.
+    #[error("failover IP: {0}")]
+    FailoverIp(String),
 }
 
 impl VmSpec {
@@ -321,6 +401,26 @@ impl VmSpec {
             if let NicKind::Bridge(br) = &nic.kind {
                 if !is_valid_ifname(br) {
                     return Err(ValidationError::Bridge(br.clone()));
+                }
+            }
+        }
+        for (list, what) in [(&self.failover_ip, ""), (&self.test_failover_ip, "test ")] {
+            for (i, ip) in list.iter().enumerate() {
+                // Not tied to the VM's NICs here: a failover may leave a NIC out (no network
+                // mapping on the replica site) and its setting then simply matches nothing;
+                // `ferry vm set` resolves each setting to a NIC the VM has.
+                ip.check()?;
+                if !is_valid_mac(&ip.mac) {
+                    return Err(ValidationError::FailoverIp(format!(
+                        "{what}failover IP for {:?}, which is not a MAC address",
+                        ip.mac
+                    )));
+                }
+                if list[..i].iter().any(|o| o.mac == ip.mac) {
+                    return Err(ValidationError::FailoverIp(format!(
+                        "NIC {} has two {what}failover IPs",
+                        ip.mac
+                    )));
                 }
             }
         }
@@ -431,6 +531,8 @@ mod tests {
             cdrom: None,
             boot_order: vec![],
             rng: false,
+            failover_ip: Vec::new(),
+            test_failover_ip: Vec::new(),
         }
     }
 
@@ -565,6 +667,38 @@ mod tests {
         let spec = base();
         let json = serde_json::to_string(&spec).unwrap();
         assert_eq!(serde_json::from_str::<VmSpec>(&json).unwrap(), spec);
+    }
+
+    #[test]
+    fn failover_ip_parses_or_says_why() {
+        let ip = FailoverIp::parse(
+            "52:54:00:12:34:56",
+            "10.1.2.3/24,gw=10.1.2.1,dns=10.1.2.2;2001:db8::1",
+        )
+        .unwrap();
+        assert_eq!(ip.address, "10.1.2.3/24");
+        assert_eq!(ip.gateway.as_deref(), Some("10.1.2.1"));
+        assert_eq!(ip.dns, ["10.1.2.2", "2001:db8::1"]);
+        assert!(FailoverIp::parse("52:54:00:12:34:56", "2001:db8::5/64").is_ok());
+        for (bad, why) in [
+            ("10.1.2.3", "not ADDRESS/PREFIX"),
+            ("10.1.2.300/24", "not an IP address"),
+            ("10.1.2.3/33", "prefix"),
+            ("10.1.2.3/24,gw=x", "not an IP address"),
+            ("10.1.2.3/24,mtu=9000", "neither gw=IP nor dns=IP;IP"),
+        ] {
+            let e = FailoverIp::parse("52:54:00:12:34:56", bad)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(why) && !e.contains('\n'), "{bad}: {e}");
+        }
+        let mut s = base();
+        s.failover_ip = vec![ip.clone(), ip];
+        assert!(s
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("two failover IPs"));
     }
 
     #[test]

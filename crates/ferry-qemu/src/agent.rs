@@ -1,6 +1,7 @@
 //! A client for the QEMU guest agent (QGA), over the unix socket of the VM's
 //! `org.qemu.guest_agent.0` channel: just what application-consistent recovery points need
-//! (sync, filesystem freeze and thaw).
+//! (sync, filesystem freeze and thaw), and what re-IP at failover and `ferry vm exec` need
+//! (run a program, write a file).
 //!
 //! The channel exists whether or not the guest runs an agent; a guest without one simply
 //! never answers, so every call has a timeout, and `guest-sync` with a fresh id first
@@ -9,6 +10,8 @@
 use std::path::Path;
 use std::time::Duration;
 
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
@@ -37,6 +40,32 @@ pub enum AgentError {
     Io(#[from] std::io::Error),
 }
 
+/// A `guest-sync` id no earlier connection used. A connection that gave up (a guest still
+/// booting) leaves its guest-sync in the channel, and the agent answers it later, to
+/// whoever is connected then: with the same id, that stale answer would pass for the new
+/// connection's, and every reply after it would be one call late.
+fn fresh_sync_id() -> u64 {
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    // Within i64 (the protocol's int), distinct per connection and across restarts.
+    (nanos.wrapping_add(SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed) << 20))
+        & (i64::MAX as u64)
+}
+
+/// What a program run in the guest did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecOutput {
+    /// Its exit code (128 + signal when killed by one).
+    pub exit_code: i32,
+    /// Its standard output.
+    pub stdout: String,
+    /// Its standard error.
+    pub stderr: String,
+}
+
 /// A connected guest agent channel.
 pub struct GuestAgent {
     reader: BufReader<tokio::net::unix::OwnedReadHalf>,
@@ -57,7 +86,7 @@ impl GuestAgent {
         let mut agent = Self {
             reader: BufReader::new(r),
             writer: w,
-            next_id: std::process::id() as u64 * 1000 + 1,
+            next_id: fresh_sync_id(),
         };
         agent.sync(timeout).await?;
         Ok(agent)
@@ -66,7 +95,6 @@ impl GuestAgent {
     /// `guest-sync`: replies before ours (stale ones) are skipped.
     async fn sync(&mut self, timeout: Duration) -> Result<(), AgentError> {
         let id = self.next_id;
-        self.next_id += 1;
         self.send(&json!({"execute": "guest-sync", "arguments": {"id": id}}))
             .await?;
         let deadline = tokio::time::Instant::now() + timeout;
@@ -90,8 +118,101 @@ impl GuestAgent {
         Ok(r.as_u64().unwrap_or(0))
     }
 
+    /// Runs `path` with `args` in the guest (`guest-exec`, output captured) and waits for
+    /// it to exit, at most `timeout`.
+    pub async fn exec(
+        &mut self,
+        path: &str,
+        args: &[String],
+        timeout: Duration,
+    ) -> Result<ExecOutput, AgentError> {
+        let started = self
+            .call_with(
+                "guest-exec",
+                json!({"path": path, "arg": args, "capture-output": true}),
+                timeout,
+            )
+            .await?;
+        let pid = started.get("pid").and_then(Value::as_i64).unwrap_or(0);
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let st = self
+                .call_with("guest-exec-status", json!({ "pid": pid }), timeout)
+                .await?;
+            if st.get("exited").and_then(Value::as_bool) == Some(true) {
+                let text = |k: &str| {
+                    st.get(k)
+                        .and_then(Value::as_str)
+                        .and_then(|b| B64.decode(b).ok())
+                        .map(|b| String::from_utf8_lossy(&b).into_owned())
+                        .unwrap_or_default()
+                };
+                return Ok(ExecOutput {
+                    exit_code: st
+                        .get("exitcode")
+                        .and_then(Value::as_i64)
+                        .or_else(|| st.get("signal").and_then(Value::as_i64).map(|s| 128 + s))
+                        .unwrap_or(-1) as i32,
+                    stdout: text("out-data"),
+                    stderr: text("err-data"),
+                });
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(AgentError::Timeout {
+                    command: format!("{path} (still running)"),
+                    timeout,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Writes `data` to `path` in the guest (created or truncated), through
+    /// guest-file-open/write/close.
+    pub async fn write_file(
+        &mut self,
+        path: &str,
+        data: &[u8],
+        timeout: Duration,
+    ) -> Result<(), AgentError> {
+        let handle = self
+            .call_with(
+                "guest-file-open",
+                json!({"path": path, "mode": "w"}),
+                timeout,
+            )
+            .await?;
+        let written = self
+            .call_with(
+                "guest-file-write",
+                json!({"handle": handle, "buf-b64": B64.encode(data)}),
+                timeout,
+            )
+            .await;
+        let closed = self
+            .call_with("guest-file-close", json!({ "handle": handle }), timeout)
+            .await;
+        written?;
+        closed?;
+        Ok(())
+    }
+
     async fn call(&mut self, command: &str, timeout: Duration) -> Result<Value, AgentError> {
-        self.send(&json!({ "execute": command })).await?;
+        self.call_with(command, Value::Null, timeout).await
+    }
+
+    async fn call_with(
+        &mut self,
+        command: &str,
+        arguments: Value,
+        timeout: Duration,
+    ) -> Result<Value, AgentError> {
+        let msg = if arguments.is_null() {
+            json!({ "execute": command })
+        } else {
+            json!({ "execute": command, "arguments": arguments })
+        };
+        self.send(&msg).await?;
         let deadline = tokio::time::Instant::now() + timeout;
         let reply = self.read_reply(command, deadline, timeout).await?;
         if let Some(err) = reply.get("error") {
@@ -139,5 +260,16 @@ impl GuestAgent {
                 return Ok(v);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sync_ids_differ_per_connection() {
+        let a = super::fresh_sync_id();
+        let b = super::fresh_sync_id();
+        assert_ne!(a, b);
+        assert!(a <= i64::MAX as u64 && b <= i64::MAX as u64);
     }
 }

@@ -372,6 +372,8 @@ mod tests {
             cdrom: None,
             boot_order: vec![],
             rng: false,
+            failover_ip: Vec::new(),
+            test_failover_ip: Vec::new(),
         }
     }
 

@@ -728,6 +728,8 @@ mod tests {
                 cdrom: None,
                 boot_order: vec![],
                 rng: false,
+                failover_ip: Vec::new(),
+                test_failover_ip: Vec::new(),
             };
             vm_id = store.insert_vm(&spec, 1).unwrap().id;
             let mut r = rel(vm_id);

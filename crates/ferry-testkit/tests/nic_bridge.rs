@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use ferry_testkit::guest::GuestWorkload;
 use ferry_testkit::host::Host;
-use ferry_testkit::replication::enable_replica_server;
+use ferry_testkit::replication::{enable_replica_server, wait_for};
 
 /// A bridge created for the test and removed when it ends, even on failure.
 struct TestBridge(String);
@@ -126,7 +126,11 @@ fn failed_over_vm_nics_join_the_replica_hosts_bridge() {
     let b = Host::start(
         "b",
         "127.0.0.2",
-        &format!("accel = \"tcg\"\ndefault_bridge = \"{}\"", site_b.0),
+        // A short wait for the guest agent: this VM's empty disk boots nothing.
+        &format!(
+            "accel = \"tcg\"\ndefault_bridge = \"{}\"\nfailover_ip_wait_s = 15",
+            site_b.0
+        ),
     );
     enable_replica_server(&b, "127.0.0.2");
     a.ferry_ok(&[
@@ -140,6 +144,7 @@ fn failed_over_vm_nics_join_the_replica_hosts_bridge() {
         "--nic",
         &format!("bridge={}", site_a.0),
     ]);
+    a.ferry_ok(&["vm", "set", "app", "--failover-ip", "0=10.78.0.5/24"]);
     a.ferry_ok(&[
         "replication",
         "enable",
@@ -150,7 +155,13 @@ fn failed_over_vm_nics_join_the_replica_hosts_bridge() {
         "5s",
         "--wait",
     ]);
-    b.ferry_ok(&["failover", "start", "app", "--start", "--force"]);
+    // Failed over without --start, started by hand: the failover IP is applied then.
+    let out = b.ferry_ok(&["failover", "start", "app", "--force"]);
+    assert!(
+        out.contains("failover IP is applied through the guest agent when it starts"),
+        "{out}"
+    );
+    b.ferry_ok(&["vm", "start", "app"]);
     let show = b.ferry_json(&["vm", "show", "app"]);
     assert_eq!(
         show["nics"][0]["bridge"].as_str(),
@@ -159,6 +170,27 @@ fn failed_over_vm_nics_join_the_replica_hosts_bridge() {
     );
     assert_eq!(site_b.ports().len(), 1, "no tap on {}", site_b.0);
     assert!(site_a.ports().is_empty());
+    // Re-IP in a guest without an agent: reported plainly, as an error event.
+    let mut failed = None;
+    wait_for("the failover IP's outcome", Duration::from_secs(90), || {
+        failed = b
+            .ferry_json(&["events", "--vm", "app"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["kind"] == "failover_ip_failed")
+            .cloned();
+        failed.is_some()
+    });
+    let failed = failed.unwrap();
+    assert_eq!(failed["severity"], "error", "{failed}");
+    assert!(
+        failed["message"]
+            .as_str()
+            .unwrap()
+            .contains("the guest has no agent"),
+        "{failed}"
+    );
     b.ferry_ok(&["failover", "cancel", "app"]);
     assert_eq!(b.vm_state("app"), "off");
 }

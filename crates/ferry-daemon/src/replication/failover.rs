@@ -253,10 +253,24 @@ pub async fn start(
         ));
     }
     let mut state = VmState::Off;
+    let ips = super::reip::present(&spec);
     if power_on {
         shared.vms.start(vm.as_str()).await?;
         state = VmState::Running;
         message.push_str("; the VM is running");
+        if !ips.is_empty() {
+            message.push_str(&format!(
+                "; its failover IP ({}) is applied through the guest agent once the guest answers (see `ferry events`)",
+                ips.iter().map(|i| i.address.as_str()).collect::<Vec<_>>().join(", ")
+            ));
+            super::reip::spawn_apply(shared, row.id, ips, "failover");
+        }
+    } else if !ips.is_empty() {
+        // Started later by hand (`ferry vm start`): applied then, once.
+        shared
+            .store
+            .set_setting(&super::reip::pending_key(row.id), "1")?;
+        message.push_str("; its failover IP is applied through the guest agent when it starts");
     }
     Ok(ActionReply { state, message })
 }
@@ -520,6 +534,9 @@ pub async fn cancel(shared: &Arc<Shared>, name: &str) -> Result<ActionReply, Api
     }
     shared.store.delete_setting(&key(row.id))?;
     shared.store.delete_setting(&later_key(row.id))?;
+    shared
+        .store
+        .delete_setting(&super::reip::pending_key(row.id))?;
     shared.unpin(row.id, f.point);
     shared
         .store

@@ -8,6 +8,7 @@ pub mod health;
 pub mod metrics;
 pub mod primary;
 pub mod proto;
+pub mod reip;
 pub mod replica;
 pub mod rotation;
 pub mod test_failover;
@@ -84,6 +85,8 @@ pub fn event_code(kind: &str) -> (u32, &'static str) {
         "failover_completed" => (1112, "info"),
         "test_failover_started" => (1100, "info"),
         "test_failover_stopped" => (1101, "info"),
+        "failover_ip_applied" => (1116, "info"),
+        "failover_ip_failed" => (1117, "error"),
         "checkpoint_applied" => (1120, "warning"),
         "checkpoint_created" => (1121, "info"),
         "checkpoint_deleted" => (1122, "info"),
