@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use ring::rand::SecureRandom;
+
+use crate::replication::proto::{from_hex, to_hex};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 /// The host's certificate, key and API token.
@@ -91,7 +93,7 @@ impl Identity {
             ring::rand::SystemRandom::new()
                 .fill(&mut bytes)
                 .expect("system randomness");
-            let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+            let token = to_hex(&bytes);
             write_secret(&token_path, format!("{token}\n").as_bytes())?;
         }
         let read = |path: &Path| {
@@ -276,11 +278,7 @@ impl ApiTokens {
     pub fn new(current: String, path: PathBuf, previous: Option<&str>) -> Self {
         let previous = previous.and_then(|v| {
             let (hex, until) = v.split_once(':')?;
-            let bytes: Vec<u8> = (0..hex.len())
-                .step_by(2)
-                .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
-                .collect::<Option<_>>()?;
-            Some((bytes.try_into().ok()?, until.parse().ok()?))
+            Some((from_hex(hex)?.try_into().ok()?, until.parse().ok()?))
         });
         Self {
             tokens: std::sync::RwLock::new(Tokens { current, previous }),
@@ -306,16 +304,13 @@ impl ApiTokens {
         ring::rand::SystemRandom::new()
             .fill(&mut bytes)
             .expect("system randomness");
-        let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        let token = to_hex(&bytes);
         write_secret(&self.path, format!("{token}\n").as_bytes())?;
         let mut t = self.tokens.write().expect("tokens");
         let old = sha256(&t.current);
         t.previous = Some((old, previous_until));
         t.current = token.clone();
-        let record = format!(
-            "{}:{previous_until}",
-            old.iter().map(|b| format!("{b:02x}")).collect::<String>()
-        );
+        let record = format!("{}:{previous_until}", to_hex(&old));
         Ok((token, record))
     }
 }

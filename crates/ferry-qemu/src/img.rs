@@ -178,36 +178,31 @@ pub fn parse_info(json: &str) -> Result<ImageInfo, ImgError> {
 /// on images a running VM holds; the data is then a snapshot that may be
 /// slightly stale.
 pub async fn info(qemu_img: &Path, path: &Path) -> Result<ImageInfo, ImgError> {
-    require_input(path).await?;
-    let args = [
-        OsStr::new("info"),
-        OsStr::new("--output=json"),
-        OsStr::new("-U"),
-        path.as_os_str(),
-    ];
-    let out = run(qemu_img, &args, Some(("info", path))).await?;
-    if !out.status.success() {
-        return Err(ImgError::Info {
-            path: path.into(),
-            stderr: failure_text(&out),
-        });
-    }
-    parse_info(&String::from_utf8_lossy(&out.stdout))
+    info_with(qemu_img, path, None).await
 }
 
 /// Runs `qemu-img info -f FORMAT` on an image: the format is stated, never probed, because
 /// a raw image whose guest wrote a qcow2 header would otherwise be read as a qcow2 (with
 /// whatever backing file that header names).
 pub async fn info_as(qemu_img: &Path, path: &Path, format: &str) -> Result<ImageInfo, ImgError> {
+    info_with(qemu_img, path, Some(format)).await
+}
+
+async fn info_with(
+    qemu_img: &Path,
+    path: &Path,
+    format: Option<&str>,
+) -> Result<ImageInfo, ImgError> {
     require_input(path).await?;
-    let args = [
+    let mut args = vec![
         OsStr::new("info"),
         OsStr::new("--output=json"),
         OsStr::new("-U"),
-        OsStr::new("-f"),
-        OsStr::new(format),
-        path.as_os_str(),
     ];
+    if let Some(f) = format {
+        args.extend([OsStr::new("-f"), OsStr::new(f)]);
+    }
+    args.push(path.as_os_str());
     let out = run(qemu_img, &args, Some(("info", path))).await?;
     if !out.status.success() {
         return Err(ImgError::Info {

@@ -24,6 +24,7 @@ use ferry_testkit::link::Link;
 use ferry_testkit::replication::{
     enable_replica_server_at, free_port, layer, points, read_image, status,
 };
+use ferry_testkit::tmpfs::Tmpfs;
 
 const SEED: u64 = 4242;
 const SPAN: u64 = 2048; // 8 MiB of verifiable writes on a 16 MiB disk
@@ -64,11 +65,6 @@ fn until(timeout: Duration, mut pred: impl FnMut() -> bool) -> bool {
         std::thread::sleep(Duration::from_millis(250));
     }
     false
-}
-
-fn sh(cmd: &str) {
-    let st = Command::new("sh").arg("-c").arg(cmd).status().expect("sh");
-    assert!(st.success(), "{cmd}");
 }
 
 /// `ferry ARGS` whose failure is only reported (the soak goes on).
@@ -124,18 +120,7 @@ fn main() {
     let mut a = Host::start("a", "127.0.0.1", "accel = \"tcg\"");
     let mut b = Host::start("b", "127.0.0.2", "accel = \"tcg\"");
     let storage = b.dir.path().join("replicas");
-    std::fs::create_dir(&storage).unwrap();
-    sh(&format!(
-        "mount -t tmpfs -o size=160M ferry-soak {}",
-        storage.display()
-    ));
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-        }
-    }
-    let _unmount = Unmount(storage.clone());
+    let _tmpfs = Tmpfs::mount(&storage, "160M", "ferry-soak");
     let port: u16 = free_port("127.0.0.2").parse().unwrap();
     enable_replica_server_at(&b, &port.to_string());
     let b_fp = b.ferry_json(&["server", "show"])["fingerprint"]

@@ -9,6 +9,7 @@ pub mod hostile;
 pub mod link;
 pub mod pki;
 pub mod replication;
+pub mod tmpfs;
 
 use std::path::PathBuf;
 

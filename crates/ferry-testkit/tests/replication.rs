@@ -731,18 +731,11 @@ fn a_cycle_that_cannot_fit_the_spool_fails_clearly_and_retries() {
     a.ferry_ok(&["vm", "create", "big", "--disk", seed.to_str().unwrap()]);
     // The spool directory on a 300 MiB tmpfs: 256 MiB stay in reserve, 44 MiB usable.
     let spool = a.data_dir.join("spool");
-    std::fs::create_dir_all(&spool).unwrap();
-    sh(format!(
-        "mount -t tmpfs -o size=300M ferry-spool {}",
-        spool.display()
+    let mut mounted = Some(ferry_testkit::tmpfs::Tmpfs::mount(
+        &spool,
+        "300M",
+        "ferry-spool",
     ));
-    struct Unmount(PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-        }
-    }
-    let mut mounted = Some(Unmount(spool.clone()));
     a.ferry_ok(&[
         "replication",
         "enable",

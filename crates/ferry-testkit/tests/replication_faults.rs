@@ -17,6 +17,7 @@ use ferry_testkit::replication::{
     compare_images, enable_replica_server_at, free_port, layer, points, read_image, status,
     wait_for,
 };
+use ferry_testkit::tmpfs::Tmpfs;
 
 const SEED: u64 = 777;
 const SPAN: u64 = 4096; // the guest writes the first 16 MiB; 48 MiB of random data follow
@@ -84,26 +85,13 @@ fn sh(cmd: &str) {
     assert!(st.success(), "{cmd}");
 }
 
-/// Unmounts on drop.
-struct Mount(PathBuf);
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
-
 #[test]
 fn replication_recovers_from_link_cuts_crashes_and_full_storage() {
     let mut a = Host::start("a", "127.0.0.1", "accel = \"tcg\"");
     let mut b = Host::start("b", "127.0.0.2", "accel = \"tcg\"");
     // The replica's storage is a 256 MiB tmpfs, so the test can fill it.
     let storage = b.dir.path().join("replicas");
-    std::fs::create_dir(&storage).unwrap();
-    sh(&format!(
-        "mount -t tmpfs -o size=256M ferry-test {}",
-        storage.display()
-    ));
-    let _mount = Mount(storage.clone());
+    let _mount = Tmpfs::mount(&storage, "256M", "ferry-test");
     let port: u16 = free_port("127.0.0.2").parse().unwrap();
     enable_replica_server_at(&b, &port.to_string());
     let b_fp = b.ferry_json(&["server", "show"])["fingerprint"]
@@ -296,12 +284,7 @@ fn replication_recovers_from_link_cuts_crashes_and_full_storage() {
     //     cycle fails after the fleecing point was taken, the old generation is folded into
     //     the new one, and once there is room the next cycles are deltas again (no resync).
     let spool = a.data_dir.join("spool");
-    std::fs::create_dir_all(&spool).unwrap();
-    sh(&format!(
-        "mount -t tmpfs -o size=200M ferry-spool {}",
-        spool.display()
-    ));
-    let spool_mount = Mount(spool.clone());
+    let spool_mount = Tmpfs::mount(&spool, "200M", "ferry-spool");
     wait_for("the spool-space error", Duration::from_secs(60), || {
         status(&a, "app")["last_error"]
             .as_str()

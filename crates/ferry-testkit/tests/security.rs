@@ -686,6 +686,36 @@ fn the_api_token_rotates_with_a_grace_period() {
     assert_eq!(with(&a, &new).code, 0);
 }
 
+/// Commits `host`'s prepared certificate rotation once its partner has learnt it (a cycle
+/// already in flight when it prepared did not carry the announcement: `cycle` runs one
+/// more, as an admin would), then waits for ferryd to restart with `next`.
+fn commit_rotation(host: &Host, next: &str, cycle: impl Fn()) {
+    let mut committed = false;
+    for _ in 0..3 {
+        cycle();
+        let r = host.ferry(&["server", "rotate-certificate", "--commit"]);
+        if r.code == 0 {
+            committed = true;
+            break;
+        }
+        assert!(r.stderr.contains("had no session since"), "{}", r.stderr);
+    }
+    assert!(
+        committed,
+        "{}'s partner never learnt its next certificate",
+        host.name
+    );
+    wait_for(
+        &format!("{} to restart with its new certificate", host.name),
+        Duration::from_secs(30),
+        || {
+            host.ferry(&["--output", "json", "server", "show"])
+                .stdout
+                .contains(next)
+        },
+    );
+}
+
 /// Certificates rotate without stopping replication, on the primary (b's authorization
 /// entry moves to the new certificate) and on the replica server (the primary's pin
 /// moves), each announced over the old certificate first; the old certificate is then
@@ -759,26 +789,7 @@ fn certificates_rotate_on_both_sides_while_replication_goes_on() {
         err.contains("app (partner b) had no session since"),
         "{err}"
     );
-    let mut committed = false;
-    for _ in 0..3 {
-        one_more(&a);
-        let r = a.ferry(&["server", "rotate-certificate", "--commit"]);
-        if r.code == 0 {
-            committed = true;
-            break;
-        }
-        assert!(r.stderr.contains("had no session since"), "{}", r.stderr);
-    }
-    assert!(committed, "a's partner never learnt its next certificate");
-    wait_for(
-        "a to restart with its new certificate",
-        Duration::from_secs(30),
-        || {
-            a.ferry(&["--output", "json", "server", "show"])
-                .stdout
-                .contains(&a_next)
-        },
-    );
+    commit_rotation(&a, &a_next, || one_more(&a));
     one_more(&a);
     let entry = &b.ferry_json(&["replica-server", "show"])["config"]["entries"][0];
     assert_eq!(entry["fingerprint"], a_next.as_str(), "{entry}");
@@ -804,28 +815,7 @@ fn certificates_rotate_on_both_sides_while_replication_goes_on() {
         .as_str()
         .unwrap()
         .to_owned();
-    // A cycle already in flight when b prepared did not carry the announcement: the
-    // commit waits for one that did, as an admin would.
-    let mut committed = false;
-    for _ in 0..3 {
-        one_more(&a);
-        let r = b.ferry(&["server", "rotate-certificate", "--commit"]);
-        if r.code == 0 {
-            committed = true;
-            break;
-        }
-        assert!(r.stderr.contains("had no session since"), "{}", r.stderr);
-    }
-    assert!(committed, "b's partner never learnt its next certificate");
-    wait_for(
-        "b to restart with its new certificate",
-        Duration::from_secs(30),
-        || {
-            b.ferry(&["--output", "json", "server", "show"])
-                .stdout
-                .contains(&b_next)
-        },
-    );
+    commit_rotation(&b, &b_next, || one_more(&a));
     one_more(&a);
     one_more(&a);
     assert_eq!(status(&a, "app")["state"], "replicating");
