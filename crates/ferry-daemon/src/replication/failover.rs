@@ -108,6 +108,9 @@ pub async fn start(
             )));
         }
     }
+    // Chosen and pinned while retention cannot be merging (it would delete the chosen
+    // point's layer under us).
+    let points_locked = shared.lock_points(row.id).await;
     let points = shared.store.list_points(row.id)?;
     let chosen = match point {
         Some(id) => points.iter().find(|p| p.id == id).cloned().ok_or_else(|| {
@@ -120,6 +123,7 @@ pub async fn start(
         })?,
     };
     shared.pin(row.id, chosen.id);
+    drop(points_locked);
     let dir = PathBuf::from(&row.spec.disks[0].file)
         .parent()
         .map(PathBuf::from)

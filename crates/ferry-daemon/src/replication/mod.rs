@@ -192,6 +192,9 @@ pub struct Shared {
     tasks: Mutex<HashMap<i64, tokio::task::JoinHandle<()>>>,
     /// Recovery points in use (test failover, failover), never merged away.
     pinned: Mutex<HashMap<i64, Vec<i64>>>,
+    /// Per replica VM: held by retention while it merges layers, and by whoever chooses a
+    /// point to pin, so a point is never chosen from a list a running merge is rewriting.
+    point_locks: Mutex<HashMap<i64, Arc<tokio::sync::Mutex<()>>>>,
     /// When an application-consistent point was last attempted, per VM (UNIX s).
     pub(crate) app_consistent_tried: Mutex<HashMap<i64, i64>>,
 }
@@ -227,6 +230,7 @@ impl Shared {
             limiters: Mutex::new(HashMap::new()),
             tasks: Mutex::new(HashMap::new()),
             pinned: Mutex::new(HashMap::new()),
+            point_locks: Mutex::new(HashMap::new()),
             app_consistent_tried: Mutex::new(HashMap::new()),
         })
     }
@@ -275,6 +279,21 @@ impl Shared {
             l.set_rate(limit);
         }
         Some(l.clone())
+    }
+
+    /// Locks a replica VM's recovery points against retention's merges. Retention holds it
+    /// for its whole run; test failover and failover hold it from reading the point list
+    /// until their point is pinned (a merge already under way would otherwise delete the
+    /// layer they chose).
+    pub async fn lock_points(&self, vm_id: i64) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = self
+            .point_locks
+            .lock()
+            .expect("point locks")
+            .entry(vm_id)
+            .or_default()
+            .clone();
+        lock.lock_owned().await
     }
 
     /// Pins a recovery point: retention neither drops it nor merges anything it is built on.

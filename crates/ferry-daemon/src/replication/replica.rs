@@ -1870,6 +1870,7 @@ pub async fn apply_retention(shared: &Arc<Shared>, vm_id: i64) -> anyhow::Result
     let Some(rel) = shared.store.replication(vm_id)? else {
         return Ok(());
     };
+    let _points_locked = shared.lock_points(vm_id).await;
     let points = shared.store.list_points(vm_id)?;
     let list: Vec<(i64, i64)> = points.iter().map(|p| (p.id, p.taken_at)).collect();
     let pinned = shared.pinned_points(vm_id);

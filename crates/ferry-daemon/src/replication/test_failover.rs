@@ -67,6 +67,9 @@ pub async fn start(
             t.test_vm
         )));
     }
+    // Chosen and pinned while retention cannot be merging (it would delete the chosen
+    // point's layer under us).
+    let points_locked = shared.lock_points(row.id).await;
     let points = shared.store.list_points(row.id)?;
     let chosen = match point {
         Some(id) => points.iter().find(|p| p.id == id).cloned().ok_or_else(|| {
@@ -90,6 +93,7 @@ pub async fn start(
     }
     // Pinned before anything reads the point's layers: retention must not merge them now.
     shared.pin(row.id, chosen.id);
+    drop(points_locked);
     let result = async {
         let dir = PathBuf::from(&row.spec.disks[0].file)
             .parent()
