@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context};
 use bytes::Bytes;
 use ferry_domain::replication::InitialMethod;
-use ferry_domain::{ReplicationState, Role, VmName};
+use ferry_domain::{ReplicationState, Role, VmName, VmState};
 use ferry_nbd::{Extent as NbdExtent, NbdClient, BASE_ALLOCATION, STATE_ZERO};
 use ferry_qemu::agent::GuestAgent;
 use ferry_qemu::cbt::{self, BitmapState, FleecePoint, NodeSpec, OfflineExport};
@@ -246,37 +246,16 @@ pub(crate) async fn run_cycle(shared: &Arc<Shared>, rel: &ReplicationRow) {
 
 async fn run_cycle_in_span(shared: &Arc<Shared>, rel: &ReplicationRow) {
     let started_ms = now_ms();
-    let result = async {
-        if pending(shared, rel.vm_id).is_none() {
-            capture(shared, rel).await?;
-        }
-        let p = pending(shared, rel.vm_id).ok_or_else(|| anyhow!("the captured cycle vanished"))?;
-        if let InitialMethod::Export(dir) = &rel.settings.initial {
-            if p.kind == "initial" {
-                if rel.state != ReplicationState::WaitingForInitialReplication {
-                    export_initial(shared, rel, &p, Path::new(dir)).await?;
-                    set_state(
-                        shared,
-                        rel.vm_id,
-                        ReplicationState::WaitingForInitialReplication,
-                        None,
-                    );
-                    return Err(AwaitingImport.into());
-                }
-                // Exported: ship() below only records it once the replica has imported it.
-                let vm = vm_row(shared, rel.vm_id)?;
-                let session = handshake(shared, &vm, rel).await?;
-                let imported = session.last_cycle >= p.cycle;
-                session.close().await;
-                if !imported {
-                    return Err(AwaitingImport.into());
-                }
-            }
-        }
-        ship(shared, rel, &p).await?;
-        Ok::<Pending, anyhow::Error>(p)
+    let was_running = vm_is_running(shared, rel.vm_id);
+    let mut result = attempt_cycle(shared, rel).await;
+    // The guest shut down under the cycle (an administrator preparing a planned failover
+    // does exactly this): not a replication error. The capture that lost its QEMU left its
+    // change-tracking generation on the disk, which the offline capture adopts, so the
+    // cycle runs again at once from the stopped VM's disks.
+    if result.is_err() && was_running && vm_went_off(shared, rel.vm_id).await {
+        info!("the VM stopped during the cycle: captured again from its disks");
+        result = attempt_cycle(shared, rel).await;
     }
-    .await;
     shared.clear_progress(rel.vm_id);
     match result {
         Ok(p) => {
@@ -330,6 +309,54 @@ async fn run_cycle_in_span(shared: &Arc<Shared>, rel: &ReplicationRow) {
             set_state(shared, rel.vm_id, state, Some(msg));
         }
     }
+}
+
+/// One try at a cycle: capture (unless a captured one waits), then ship.
+async fn attempt_cycle(shared: &Arc<Shared>, rel: &ReplicationRow) -> anyhow::Result<Pending> {
+    if pending(shared, rel.vm_id).is_none() {
+        capture(shared, rel).await?;
+    }
+    let p = pending(shared, rel.vm_id).ok_or_else(|| anyhow!("the captured cycle vanished"))?;
+    if let InitialMethod::Export(dir) = &rel.settings.initial {
+        if p.kind == "initial" {
+            if rel.state != ReplicationState::WaitingForInitialReplication {
+                export_initial(shared, rel, &p, Path::new(dir)).await?;
+                set_state(
+                    shared,
+                    rel.vm_id,
+                    ReplicationState::WaitingForInitialReplication,
+                    None,
+                );
+                return Err(AwaitingImport.into());
+            }
+            // Exported: ship() below only records it once the replica has imported it.
+            let vm = vm_row(shared, rel.vm_id)?;
+            let session = handshake(shared, &vm, rel).await?;
+            let imported = session.last_cycle >= p.cycle;
+            session.close().await;
+            if !imported {
+                return Err(AwaitingImport.into());
+            }
+        }
+    }
+    ship(shared, rel, &p).await?;
+    Ok(p)
+}
+
+fn vm_is_running(shared: &Shared, vm_id: i64) -> bool {
+    matches!(shared.store.vm_by_id(vm_id), Ok(Some(v)) if v.state != VmState::Off)
+}
+
+/// Whether the VM is off, or goes off within a few seconds (QEMU exiting is noticed a
+/// moment after its monitor closes).
+async fn vm_went_off(shared: &Shared, vm_id: i64) -> bool {
+    for _ in 0..50 {
+        if !vm_is_running(shared, vm_id) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    false
 }
 
 fn vm_row(shared: &Shared, vm_id: i64) -> anyhow::Result<VmRow> {
