@@ -1,6 +1,11 @@
-//! `ferry-tls-baseline BYTES [IP]`: copies BYTES bytes from a client to a server through one
-//! TLS connection over loopback, in one process, and prints
-//! `{"bytes":N,"secs":S,"mib_per_s":R}`.
+//! `ferry-tls-baseline BYTES [IP] [--durable DIR]`: copies BYTES bytes from a client to a
+//! server through one TLS connection over loopback, in one process, and prints
+//! `{"bytes":N,"secs":S,"mib_per_s":R,"durable":B}`.
+//!
+//! With `--durable DIR` the server writes what it receives into a new file in DIR (the
+//! replica's storage) and fdatasyncs it before it answers, and the sender's clock stops at
+//! that answer: the physical limit of a replication — read, send over mutual TLS, write
+//! durably on the receiver (issue 12's honest baseline). Without it, memory to memory.
 //!
 //! It is the baseline of the benchmark harness's delta-throughput figure
 //! (`crates/ferry-testkit/examples/bench.rs`): the same TLS stack as ferryd's host-to-host
@@ -100,7 +105,20 @@ async fn main() -> anyhow::Result<()> {
         .context("usage: ferry-tls-baseline BYTES [IP]")?
         .parse()
         .context("BYTES must be a number")?;
-    let ip = args.next().unwrap_or_else(|| "127.0.0.2".to_owned());
+    let mut ip = "127.0.0.2".to_owned();
+    let mut durable: Option<std::path::PathBuf> = None;
+    while let Some(a) = args.next() {
+        if a == "--durable" {
+            durable = Some(args.next().context("--durable DIR")?.into());
+        } else {
+            ip = a;
+        }
+    }
+    let sink_path = match &durable {
+        Some(dir) => Some(dir.join(format!("ferry-tls-baseline-{}.bin", std::process::id()))),
+        None => None,
+    };
+    let sink_for_server = sink_path.clone();
 
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let (server_cert, server_key) = identity("replica")?;
@@ -121,6 +139,14 @@ async fn main() -> anyhow::Result<()> {
         let (tcp, _) = listener.accept().await?;
         tcp.set_nodelay(true)?;
         let mut tls = acceptor.accept(tcp).await?;
+        let mut file = match &sink_for_server {
+            Some(p) => Some(
+                tokio::fs::File::create(p)
+                    .await
+                    .with_context(|| format!("create {}", p.display()))?,
+            ),
+            None => None,
+        };
         let mut buf = vec![0u8; 256 << 10];
         let mut got = 0u64;
         loop {
@@ -128,10 +154,17 @@ async fn main() -> anyhow::Result<()> {
             if n == 0 {
                 break;
             }
+            if let Some(f) = file.as_mut() {
+                f.write_all(&buf[..n]).await?;
+            }
             got += n as u64;
             if got == total {
                 break;
             }
+        }
+        if let Some(f) = file.as_mut() {
+            f.flush().await?;
+            f.sync_data().await?;
         }
         tls.write_all(&got.to_le_bytes()).await?;
         tls.flush().await?;
@@ -159,12 +192,16 @@ async fn main() -> anyhow::Result<()> {
     tls.read_exact(&mut ack).await?;
     let secs = start.elapsed().as_secs_f64();
     let got = server.await??;
+    if let Some(p) = &sink_path {
+        let _ = std::fs::remove_file(p);
+    }
     if got != total || u64::from_le_bytes(ack) != total {
         bail!("the server received {got} of {total} bytes");
     }
     println!(
-        "{{\"bytes\":{total},\"secs\":{secs:.6},\"mib_per_s\":{:.3}}}",
-        total as f64 / (1 << 20) as f64 / secs
+        "{{\"bytes\":{total},\"secs\":{secs:.6},\"mib_per_s\":{:.3},\"durable\":{}}}",
+        total as f64 / (1 << 20) as f64 / secs,
+        durable.is_some()
     );
     Ok(())
 }

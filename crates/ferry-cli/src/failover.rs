@@ -58,6 +58,10 @@ pub enum FailoverCmd {
         /// The recovery point; default the latest.
         #[arg(long)]
         point: Option<i64>,
+        /// Put the test VM's NICs on this bridge, an isolated test network (its test
+        /// failover IP, `ferry vm set --test-failover-ip`, is then applied); default: no NICs.
+        #[arg(long, value_name = "BRIDGE")]
+        network: Option<String>,
     },
     /// Stop a test failover: the test VM and its disks are deleted, the points stay.
     StopTest {
@@ -95,11 +99,11 @@ pub async fn failover(client: &Client, cmd: FailoverCmd, out: &Output) -> anyhow
                 .post(&vm_path(&vm, "/failover/complete"), &())
                 .await?
         }
-        FailoverCmd::Test { vm, point } => {
+        FailoverCmd::Test { vm, point, network } => {
             client
                 .post(
                     &vm_path(&vm, "/replication/test-failover"),
-                    &serde_json::json!({ "point": point }),
+                    &serde_json::json!({ "point": point, "network": network }),
                 )
                 .await?
         }

@@ -539,6 +539,8 @@ async fn recovery_points(
 #[serde(deny_unknown_fields)]
 struct TestFailoverRequest {
     point: Option<i64>,
+    /// A bridge for the test VM's NICs (an isolated test network); none: no NICs.
+    network: Option<String>,
 }
 
 /// `POST /v1/vms/{name}/failover` body.
@@ -637,7 +639,8 @@ async fn start_test_failover(
     Json(req): Json<TestFailoverRequest>,
 ) -> ApiResult<ActionReply> {
     Ok(Json(
-        replication::test_failover::start(&s.replication, &name, req.point).await?,
+        replication::test_failover::start(&s.replication, &name, req.point, req.network.as_deref())
+            .await?,
     ))
 }
 

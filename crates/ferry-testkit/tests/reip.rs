@@ -6,12 +6,20 @@
 //! multi-user with nothing failed, and the guest answering ping on its replica-site address
 //! from the replica side's network (a bridge and a network namespace of the test's own);
 //! the reverse replication back to the old primary then takes application-consistent points
-//! through the real guest's agent (fsfreeze).
+//! through the real guest's agent (fsfreeze), and a test failover there, on the replica
+//! side's isolated test network, reaches multi-user and answers on its test failover IP.
+//! Then the failback: a file written in the guest on the replica side, a shutdown, a planned
+//! failover back to the old primary with reverse replication, and the file is there. Last
+//! the unplanned failover: an SQLite workload runs in the guest, a crash-consistent point
+//! reaches the replica server, the primary site dies (ferryd and QEMU SIGKILLed), and the
+//! forced failover to that point boots: the boot's fsck of the root says clean, the
+//! guest reaches multi-user, the database passes its integrity check with rows 1..N and no
+//! gap, and after a shutdown `e2fsck -f` of the failed-over disk finds nothing to fix.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use ferry_testkit::debian::debian_image;
+use ferry_testkit::debian::{debian_image, fsck_root};
 use ferry_testkit::host::Host;
 use ferry_testkit::replication::{enable_replica_server, points, wait_for};
 use serde_json::Value;
@@ -32,13 +40,15 @@ struct SiteNet {
 const SITE_ADDR: &str = "10.77.0.5/24";
 
 impl SiteNet {
-    fn create() -> Self {
+    /// A bridge and a namespace holding `host_addr` (e.g. 10.77.0.1/24) on it; `tag` keeps
+    /// the names of two networks of one test apart.
+    fn create(tag: char, host_addr: &str) -> Self {
         let id = std::process::id() % 100000;
         let net = SiteNet {
-            bridge: format!("frb{id}"),
-            netns: format!("ferry-reip-{id}"),
+            bridge: format!("fr{tag}{id}"),
+            netns: format!("ferry-reip{tag}-{id}"),
         };
-        let (va, vb) = (format!("frv{id}a"), format!("frv{id}b"));
+        let (va, vb) = (format!("fv{tag}{id}a"), format!("fv{tag}{id}b"));
         // Left over by a killed run of this test (same pid), if any.
         for args in [["link", "del", &net.bridge], ["netns", "del", &net.netns]] {
             let _ = Command::new("ip")
@@ -54,7 +64,7 @@ impl SiteNet {
         run(&["link", "set", &va, "up"]);
         run(&["link", "set", &vb, "netns", &net.netns]);
         for args in [
-            vec!["addr", "add", "10.77.0.1/24", "dev", vb.as_str()],
+            vec!["addr", "add", host_addr, "dev", vb.as_str()],
             vec!["link", "set", vb.as_str(), "up"],
             vec!["link", "set", "lo", "up"],
         ] {
@@ -103,8 +113,10 @@ fn failover_ip_is_applied_in_the_real_guest_through_its_agent() {
     let disk = debian_image()
         .installed_disk()
         .unwrap_or_else(|e| panic!("{e:#}"));
-    let net = SiteNet::create();
-    let a = Host::start("a", "127.0.0.1", "accel = \"tcg\"");
+    let net = SiteNet::create('b', "10.77.0.1/24");
+    // The replica side's isolated test network, for test failovers.
+    let test_net = SiteNet::create('t', "10.88.0.1/24");
+    let mut a = Host::start("a", "127.0.0.1", "accel = \"tcg\"");
     // The replica server maps the primary's bridge onto its default bridge at failover.
     let b = Host::start(
         "b",
@@ -341,9 +353,32 @@ fn failover_ip_is_applied_in_the_real_guest_through_its_agent() {
 
     // A test failover on A (now the replica) from the latest point: the real guest boots,
     // isolated, to multi-user with its services up, checked through its agent.
+    // It runs on the replica side's test network, with the test failover IP set there
+    // (the replica owns it, as the failover IP).
+    a.ferry_ok(&[
+        "vm",
+        "set",
+        "app",
+        "--test-failover-ip",
+        "0=10.88.0.8/24",
+        "--test-failover-ip",
+        "1=10.88.0.9/24",
+    ]);
+    let err = a.ferry_err(&["failover", "test", "app", "--network", "nosuchbr0"]);
+    assert!(
+        err.contains("does not exist") && err.trim().lines().count() == 1,
+        "{err}"
+    );
+    // Refused before anything happened: no test VM.
+    assert!(a
+        .ferry_err(&["vm", "show", "app-test"])
+        .contains("app-test"));
     let t = Instant::now();
-    let out = a.ferry_ok(&["failover", "test", "app"]);
-    assert!(out.contains("app-test"), "{out}");
+    let out = a.ferry_ok(&["failover", "test", "app", "--network", &test_net.bridge]);
+    assert!(
+        out.contains("app-test") && out.contains(&format!("on test network {}", test_net.bridge)),
+        "{out}"
+    );
     let mut state = String::new();
     wait_for(
         "the test failover's guest to reach multi-user",
@@ -366,9 +401,224 @@ fn failover_ip_is_applied_in_the_real_guest_through_its_agent() {
         },
     );
     assert_eq!(state, "running");
+    // Its test failover IP, applied through its agent, answers on the test network.
+    wait_for(
+        "the test failover IP in the test VM",
+        Duration::from_secs(120),
+        || {
+            let r = a.ferry(&[
+                "vm",
+                "exec",
+                "app-test",
+                "--timeout",
+                "30",
+                "--",
+                "/usr/sbin/ip",
+                "-4",
+                "-o",
+                "addr",
+                "show",
+            ]);
+            r.stdout.contains("10.88.0.8/24") && r.stdout.contains("10.88.0.9/24")
+        },
+    );
+    wait_for(
+        "the test VM to answer ping",
+        Duration::from_secs(90),
+        || {
+            Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    &test_net.netns,
+                    "ping",
+                    "-c",
+                    "2",
+                    "-W",
+                    "5",
+                    "10.88.0.9",
+                ])
+                .status()
+                .expect("run ping")
+                .success()
+        },
+    );
     let test_s = t.elapsed().as_secs();
     a.ferry_ok(&["failover", "stop-test", "app"]);
     eprintln!("reip: test failover to multi-user {test_s} s");
+
+    // Failback: what the guest wrote on B comes back to A with a planned failover (no data
+    // loss), and A is the primary again, replicating to B.
+    let t = Instant::now();
+    let marker = exec(&[
+        "/bin/sh",
+        "-c",
+        "echo written-on-b > /root/failback-marker && sync && cat /root/failback-marker",
+    ]);
+    assert_eq!(marker["stdout"], "written-on-b\n", "{marker}");
+    b.ferry_ok(&["vm", "shutdown", "app"]);
+    let out = b.ferry_ok(&["failover", "planned", "app", "--start", "--reverse"]);
+    println!("{out}");
+    let on_a = |args: &[&str]| {
+        let mut all = vec!["vm", "exec", "app", "--timeout", "120", "--"];
+        all.extend_from_slice(args);
+        a.ferry(&all)
+    };
+    let mut r = on_a(&["/usr/bin/systemctl", "is-system-running", "--wait"]);
+    wait_for(
+        "the failed-back guest's agent",
+        Duration::from_secs(400),
+        || {
+            r = on_a(&["/usr/bin/systemctl", "is-system-running", "--wait"]);
+            !r.stderr.contains("guest agent did not answer")
+        },
+    );
+    assert_eq!(r.stdout.trim(), "running", "{r:?}");
+    let r = on_a(&["/usr/bin/cat", "/root/failback-marker"]);
+    assert_eq!((r.code, r.stdout.as_str()), (0, "written-on-b\n"), "{r:?}");
+    let role = a.ferry_json(&["replication", "status", "app"]);
+    assert_eq!(role["role"], "primary", "{role}");
+    let failback_s = t.elapsed().as_secs();
+    eprintln!("reip: failback to a running guest on A {failback_s} s");
+
+    // Unplanned failover: the guest's SQLite workload runs, a crash-consistent point of it
+    // reaches B, and the primary site dies.
+    let r = on_a(&["/usr/bin/systemctl", "start", "ferry-writer"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let rows_on_a = || -> i64 {
+        let r = on_a(&[
+            "/usr/bin/sqlite3",
+            "/var/lib/ferry-writer/rows.db",
+            "SELECT COUNT(*) FROM rows",
+        ]);
+        r.stdout.trim().parse().unwrap_or(0)
+    };
+    wait_for("ferry-writer's rows", Duration::from_secs(120), || {
+        rows_on_a() >= 5
+    });
+    // A point taken now, soon after the last application-consistent one, is
+    // crash-consistent (the agent is asked at most every 30 s): the hard case.
+    let mut crash_point = Value::Null;
+    wait_for(
+        "a crash-consistent point of the running workload on B",
+        Duration::from_secs(300),
+        || {
+            if let Some(p) = points(&b, "app")
+                .into_iter()
+                .rev()
+                .find(|p| p["consistency"] == "crash" && p["kind"] != "initial")
+            {
+                crash_point = p;
+                return true;
+            }
+            a.ferry(&["replication", "now", "app"]);
+            std::thread::sleep(Duration::from_secs(5));
+            false
+        },
+    );
+    let qemu_pid = a.ferry_json(&["vm", "show", "app"])["pid"]
+        .as_u64()
+        .expect("the VM runs on A") as i32;
+    a.kill_daemon();
+    // SAFETY: kill(2) of the QEMU process this test's ferryd started.
+    unsafe { libc::kill(qemu_pid, libc::SIGKILL) };
+    let t = Instant::now();
+    let point = crash_point["id"].as_i64().expect("a point id").to_string();
+    let out = b.ferry_ok(&[
+        "failover", "start", "app", "--point", &point, "--start", "--force",
+    ]);
+    println!("{out}");
+    let mut r = b.ferry(&["vm", "show", "app"]);
+    wait_for(
+        "the failed-over guest's agent",
+        Duration::from_secs(400),
+        || {
+            r = b.ferry(&[
+                "vm",
+                "exec",
+                "app",
+                "--timeout",
+                "120",
+                "--",
+                "/usr/bin/systemctl",
+                "is-system-running",
+                "--wait",
+            ]);
+            !r.stderr.contains("guest agent did not answer")
+        },
+    );
+    let booted_s = t.elapsed().as_secs();
+    assert_eq!(r.stdout.trim(), "running", "{r:?}");
+    // The boot checked the root before mounting it read-write (systemd-fsck-root: the
+    // kernel mounts it read-only, this guest's initramfs has no fsck): the check ran,
+    // succeeded, and e2fsck called the file system clean.
+    let unit = exec(&[
+        "/usr/bin/systemctl",
+        "show",
+        "systemd-fsck-root.service",
+        "-p",
+        "Result",
+        "-p",
+        "ExecMainStatus",
+        "-p",
+        "ExecMainStartTimestampMonotonic",
+    ]);
+    let unit = unit["stdout"].as_str().unwrap_or("").to_owned();
+    assert!(
+        unit.contains("Result=success\n")
+            && unit.contains("ExecMainStatus=0\n")
+            && !unit.contains("ExecMainStartTimestampMonotonic=0\n"),
+        "{unit}"
+    );
+    let fsck = exec(&[
+        "/usr/bin/journalctl",
+        "-b",
+        "-u",
+        "systemd-fsck-root.service",
+        "-o",
+        "cat",
+        "--no-pager",
+    ]);
+    let log = fsck["stdout"].as_str().unwrap_or("");
+    println!("the failed-over boot's fsck of its root:\n{log}");
+    assert!(
+        log.contains("clean,") && !log.contains("UNEXPECTED INCONSISTENCY"),
+        "{fsck}"
+    );
+    // The database: whole, with rows 1..N and no gap.
+    let db = |sql: &str| {
+        exec(&["/usr/bin/sqlite3", "/var/lib/ferry-writer/rows.db", sql])["stdout"]
+            .as_str()
+            .unwrap_or("")
+            .trim()
+            .to_owned()
+    };
+    assert_eq!(db("PRAGMA integrity_check"), "ok");
+    let (count, max) = (
+        db("SELECT COUNT(*) FROM rows"),
+        db("SELECT MAX(n) FROM rows"),
+    );
+    assert_eq!(count, max, "the failed-over database has a gap");
+    assert!(count.parse::<i64>().unwrap() >= 5, "{count} rows");
+    // Shut down cleanly, then a forced full check of the failed-over disk finds nothing.
+    b.ferry_ok(&["vm", "shutdown", "app"]);
+    let shown = b.ferry_json(&["vm", "show", "app"]);
+    let file = shown["disks"][0]["path"]
+        .as_str()
+        .expect("disk 0's path")
+        .to_owned();
+    let raw = tempfile::NamedTempFile::new_in("/var/tmp").expect("a temporary file");
+    let st = Command::new("qemu-img")
+        .args(["convert", "-O", "raw", &file])
+        .arg(raw.path())
+        .status()
+        .expect("run qemu-img");
+    assert!(st.success(), "qemu-img convert of {file}");
+    let report = fsck_root(raw.path()).unwrap_or_else(|e| panic!("{e:#}"));
+    println!("{report}");
+    eprintln!(
+        "reip: unplanned failover to crash-consistent point {point}: {count} rows, guest running {booted_s} s after the failover"
+    );
     eprintln!(
         "reip: initial copy {initial_s} s, planned failover to failover IP applied {applied_s} s"
     );

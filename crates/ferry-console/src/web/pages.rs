@@ -767,7 +767,7 @@ async fn replication_tab(
             name,
             "test_failover",
             "Test failover",
-            &ps,
+            &format!(r#"{ps}<label class="inline">test network <input name="network" size="10" placeholder="none" title="a bridge of the replica host for the test VM's NICs; empty: no NICs"></label>"#),
         ));
         out.push_str(&action_button(
             id,
@@ -1016,7 +1016,8 @@ async fn run_action(
         "remove" => c.delete(&api_vm(vm, "/replication")).await.map(reply).map_err(e),
         "test_failover" => {
             let point = point_of(f)?;
-            c.post(&api_vm(vm, "/replication/test-failover"), &serde_json::json!({ "point": point }))
+            let network = f.get("network").map(|n| n.trim()).filter(|n| !n.is_empty());
+            c.post(&api_vm(vm, "/replication/test-failover"), &serde_json::json!({ "point": point, "network": network }))
                 .await
                 .map(reply)
                 .map_err(e)

@@ -55,6 +55,15 @@ pub fn present(spec: &ferry_domain::VmSpec) -> Vec<FailoverIp> {
         .collect()
 }
 
+/// The test failover IPs of `spec` for the NICs it has.
+pub fn present_for_test(spec: &ferry_domain::VmSpec) -> Vec<FailoverIp> {
+    spec.test_failover_ip
+        .iter()
+        .filter(|ip| spec.nics.iter().any(|n| n.mac == ip.mac))
+        .cloned()
+        .collect()
+}
+
 /// After `ferry vm start`: a failed-over VM whose failover IP is pending gets it now.
 pub fn on_start(shared: &Arc<Shared>, name: &str) {
     let Ok(vm) = ferry_domain::VmName::new(name) else {

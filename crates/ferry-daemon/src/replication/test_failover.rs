@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use ferry_api_types::ActionReply;
-use ferry_domain::{DiskSpec, Role, VmName, VmState};
+use ferry_domain::{DiskSpec, NicKind, Role, VmName, VmState};
 use serde::{Deserialize, Serialize};
 
 use super::{now_unix, rel_of, Shared};
@@ -48,12 +48,32 @@ pub fn last_started(shared: &Shared, vm_id: i64) -> Option<i64> {
         .ok()
 }
 
-/// Starts a test failover of replica VM `name` from `point` (default: the latest).
+/// Starts a test failover of replica VM `name` from `point` (default: the latest). With
+/// `network`, a bridge of this host, the test VM's NICs (same MACs) join it — an isolated
+/// test network, Hyper-V's test failover switch — and its test failover IP is applied
+/// through its agent; without, it has no NICs at all.
 pub async fn start(
     shared: &Arc<Shared>,
     name: &str,
     point: Option<i64>,
+    network: Option<&str>,
 ) -> Result<ActionReply, ApiFailure> {
+    if let Some(br) = network {
+        if !ferry_domain::spec::is_valid_ifname(br) {
+            return Err(ApiFailure::invalid(format!(
+                "--network {br:?}: use a bridge's interface name (1-15 characters, no spaces or slashes)"
+            )));
+        }
+        if !std::path::Path::new("/sys/class/net")
+            .join(br)
+            .join("bridge")
+            .exists()
+        {
+            return Err(ApiFailure::invalid(format!(
+                "bridge {br} does not exist on this host; create the test network (ip link add {br} type bridge) or pick another"
+            )));
+        }
+    }
     let (vm, row, rel) = rel_of(shared, name)?;
     if rel.role != Role::Replica {
         return Err(ApiFailure::invalid(format!(
@@ -133,8 +153,17 @@ pub async fn start(
         let mut spec = row.spec.clone();
         spec.name = test_name.clone();
         spec.disks = disks;
-        // Isolated: a test must never talk to production.
-        spec.nics.clear();
+        // Isolated: a test must never talk to production. Either no NICs, or every NIC on
+        // the test network the administrator named (same MACs, so the test failover IP's
+        // per-NIC settings find them).
+        match network {
+            Some(br) => {
+                for nic in &mut spec.nics {
+                    nic.kind = NicKind::Bridge(br.to_owned());
+                }
+            }
+            None => spec.nics.clear(),
+        }
         // Its own directory holds its console log (its disks stay beside the points).
         std::fs::create_dir_all(shared.vms.vm_dir(&test_name)).map_err(|e| {
             ApiFailure::internal(format!("cannot create the test VM's directory: {e}"))
@@ -167,18 +196,34 @@ pub async fn start(
         stop(shared, name).await.ok();
         return Err(e);
     }
+    let mut net = match network {
+        Some(br) => format!("on test network {br}"),
+        None => "without network".to_owned(),
+    };
+    if network.is_some() {
+        if let Ok(test_row) = shared.store.get_vm(&test_name) {
+            let ips = super::reip::present_for_test(&test_row.spec);
+            if !ips.is_empty() {
+                net.push_str(&format!(
+                    "; its test failover IP ({}) is applied through the guest agent once the guest answers (see `ferry events`)",
+                    ips.iter().map(|i| i.address.as_str()).collect::<Vec<_>>().join(", ")
+                ));
+            }
+            super::reip::spawn_apply(shared, test_row.id, ips, "test failover");
+        }
+    }
     shared.events.emit(
         &vm,
         "test_failover_started",
         &format!(
-            "test failover started: {} runs from recovery point {} (cycle {}), without network",
+            "test failover started: {} runs from recovery point {} (cycle {}), {net}",
             t.test_vm, chosen.id, chosen.cycle
         ),
     );
     Ok(ActionReply {
         state: VmState::Running,
         message: format!(
-            "test VM {} started from recovery point {} (cycle {}), without network; replication goes on. Stop it with `ferry failover stop-test {vm}`",
+            "test VM {} started from recovery point {} (cycle {}), {net}; replication goes on. Stop it with `ferry failover stop-test {vm}`",
             t.test_vm, chosen.id, chosen.cycle
         ),
     })
