@@ -496,6 +496,13 @@ fn failover_ip_is_applied_in_the_real_guest_through_its_agent() {
     wait_for("ferry-writer's rows", Duration::from_secs(120), || {
         rows_on_a() >= 5
     });
+    // Only a point taken after this second holds those rows (the reverse replication's
+    // first points, taken while the guest booted, are crash-consistent too). Same clock:
+    // both hosts run on this machine.
+    let rows_seen_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
     // A point taken now, soon after the last application-consistent one, is
     // crash-consistent (the agent is asked at most every 30 s): the hard case.
     let mut crash_point = Value::Null;
@@ -503,11 +510,9 @@ fn failover_ip_is_applied_in_the_real_guest_through_its_agent() {
         "a crash-consistent point of the running workload on B",
         Duration::from_secs(300),
         || {
-            if let Some(p) = points(&b, "app")
-                .into_iter()
-                .rev()
-                .find(|p| p["consistency"] == "crash" && p["kind"] != "initial")
-            {
+            if let Some(p) = points(&b, "app").into_iter().rev().find(|p| {
+                p["consistency"] == "crash" && p["taken_at"].as_i64() > Some(rows_seen_at)
+            }) {
                 crash_point = p;
                 return true;
             }

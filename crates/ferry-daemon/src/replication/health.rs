@@ -30,7 +30,17 @@ pub fn report(
         .into_iter()
         .max()
         .unwrap_or(now);
-    let cycles = shared.store.cycles_since(rel.vm_id, window_start * 1000)?;
+    // Cycles counted from the reset's exact millisecond: one that ended earlier in the same
+    // second belongs to the old window.
+    let since_ms = [
+        rel.created_at * 1000,
+        reset_ms,
+        (now - MONITORING_WINDOW_S) * 1000,
+    ]
+    .into_iter()
+    .max()
+    .unwrap_or(now * 1000);
+    let cycles = shared.store.cycles_since(rel.vm_id, since_ms)?;
     let ok: Vec<_> = cycles.iter().filter(|c| c.ok).collect();
     let errors = cycles.len() as u64 - ok.len() as u64;
     let sizes: Vec<u64> = ok.iter().map(|c| c.sent_bytes.max(0) as u64).collect();
