@@ -26,9 +26,13 @@ fuzz_target!(|data: &[u8]| {
     };
     block_on(async {
         let mut end = FrameWriter::new(Vec::new());
-        end.write_control(&Msg::CycleEnd { cycle })
-            .await
-            .expect("encode CycleEnd");
+        end.write_control(&Msg::CycleEnd {
+            cycle,
+            batches: None,
+            bytes: None,
+        })
+        .await
+        .expect("encode CycleEnd");
         let stream = tokio::io::AsyncReadExt::chain(file, std::io::Cursor::new(end.into_inner()));
         drain_frames(FrameReader::new(stream)).await;
     });

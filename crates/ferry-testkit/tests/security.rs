@@ -488,6 +488,51 @@ fn a_hostile_primary_cannot_choose_what_the_replica_runs() {
     );
     assert!(points(&b, "evil").is_empty(), "a bad cycle left a point");
 
+    // Streamed cycles (protocol 3) say their size at the end: one that announces a size up
+    // front, ends without one, or ends with a count other than what it sent is refused,
+    // and no point appears.
+    let streamed = |batches: u64| {
+        json!({"type": "cycle_begin", "cycle": 1, "kind": "initial", "taken_at": 0,
+            "from_batch": 0, "batches": batches, "bytes": 0, "streamed": true})
+    };
+    for (begin, end, why) in [
+        (
+            streamed(1),
+            json!({"type": "cycle_end", "cycle": 1, "batches": 1, "bytes": 4096}),
+            "announces its size at its end",
+        ),
+        (
+            streamed(0),
+            json!({"type": "cycle_end", "cycle": 1}),
+            "ended without its batch count and size",
+        ),
+        (
+            streamed(0),
+            json!({"type": "cycle_end", "cycle": 1, "batches": 2, "bytes": 4096}),
+            "but 2 were announced",
+        ),
+    ] {
+        let mut peer = peer_as(&mallory, &b);
+        let mut h3 = h.clone();
+        h3["max_protocol"] = json!(3);
+        peer.send(&h3).unwrap();
+        let welcome = peer.recv(Duration::from_secs(10)).unwrap().unwrap();
+        assert_eq!(welcome["protocol"], 3, "{welcome}");
+        peer.send(&begin).unwrap();
+        // (Refused at the beginning, the replica may close before these arrive.)
+        let _ = peer.send_batch(0, &[(0, 0, vec![9u8; 4096])]);
+        let _ = peer.send(&end);
+        let reply = peer.recv(Duration::from_secs(30)).unwrap().unwrap();
+        assert!(
+            reply["type"] == "failed" && reply["reason"].as_str().unwrap().contains(why),
+            "{why}: {reply}"
+        );
+        assert!(
+            points(&b, "evil").is_empty(),
+            "a bad streamed cycle left a point"
+        );
+    }
+
     // A well-formed cycle is a point; its time is not the primary's future clock.
     let mut peer = peer_as(&mallory, &b);
     peer.send(&h).unwrap();
@@ -508,6 +553,24 @@ fn a_hostile_primary_cannot_choose_what_the_replica_runs() {
     assert!(
         taken <= now + 5,
         "a point dated by the primary's clock: {taken}"
+    );
+    // A well-formed streamed cycle: committed, with the size its end announced.
+    peer.send(
+        &json!({"type": "cycle_begin", "cycle": 2, "kind": "delta", "taken_at": 0,
+        "from_batch": 0, "batches": 0, "bytes": 0, "streamed": true}),
+    )
+    .unwrap();
+    peer.send_batch(0, &[(0, 8192, vec![5u8; 4096])]).unwrap();
+    peer.send_batch(1, &[(0, 12288, vec![6u8; 4096])]).unwrap();
+    peer.send(&json!({"type": "cycle_end", "cycle": 2, "batches": 2, "bytes": 8192}))
+        .unwrap();
+    let reply = peer.recv(Duration::from_secs(30)).unwrap().unwrap();
+    assert_eq!(reply["type"], "committed", "{reply}");
+    let last = points(&b, "evil").last().cloned().unwrap();
+    assert_eq!(
+        (last["cycle"].as_i64(), last["bytes"].as_i64()),
+        (Some(2), Some(8192)),
+        "{last}"
     );
 
     // Limits per primary and quota per storage location: a new replica past either is

@@ -79,6 +79,21 @@ impl SpoolWriter {
             .await
     }
 
+    /// Append an extent batch and return its encoded frame too, for a caller that also
+    /// streams it (the frame as written, checksummed and maybe compressed once).
+    pub async fn append_batch_frame(
+        &mut self,
+        batch: &ExtentBatch,
+        compress: bool,
+    ) -> Result<EncodedFrame> {
+        let payload = batch.encode()?;
+        let frame = self
+            .encoder
+            .encode(FrameKind::ExtentBatch, &payload, compress)?;
+        self.append_encoded(&frame).await?;
+        Ok(frame)
+    }
+
     /// Append a JSON control message; returns its frame index.
     pub async fn append_control<T: Serialize + ?Sized>(&mut self, msg: &T) -> Result<u64> {
         let payload = encode_control(msg)?;

@@ -17,6 +17,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -29,7 +30,9 @@ use ferry_qemu::agent::GuestAgent;
 use ferry_qemu::cbt::{self, BitmapState, FleecePoint, NodeSpec, OfflineExport};
 use ferry_qemu::process::disk_node;
 use ferry_store::{CycleRow, ReplicationRow, VmRow};
-use ferry_wire::{BatchBuilder, Extent, FrameReader, FrameWriter, SpoolReader, SpoolWriter};
+use ferry_wire::{
+    BatchBuilder, EncodedFrame, Extent, FrameReader, FrameWriter, SpoolReader, SpoolWriter,
+};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn, Instrument};
 
@@ -66,6 +69,9 @@ fn free_bytes(dir: &Path) -> u64 {
 const READ_AHEAD: usize = 8;
 /// Payload of one extent batch (one frame).
 const BATCH_PAYLOAD: usize = 1 << 20;
+/// Frames a capture may queue for the shipper streaming them (about 1 MiB each): beyond
+/// that the link is slower than the read, and the rest waits in the spool.
+const STREAM_QUEUE_FRAMES: usize = 32;
 /// A frame that cannot be sent for this long means the link is dead (a partition gives no
 /// error, writes just stop draining).
 const STALL_TIMEOUT: Duration = Duration::from_secs(60);
@@ -314,7 +320,33 @@ async fn run_cycle_in_span(shared: &Arc<Shared>, rel: &ReplicationRow) {
 /// One try at a cycle: capture (unless a captured one waits), then ship.
 async fn attempt_cycle(shared: &Arc<Shared>, rel: &ReplicationRow) -> anyhow::Result<Pending> {
     if pending(shared, rel.vm_id).is_none() {
-        capture(shared, rel).await?;
+        // An initial copy carried by hand (export) is written out, not sent.
+        let exported =
+            matches!(rel.settings.initial, InitialMethod::Export(_)) && rel.generation == 0;
+        if exported {
+            capture(shared, rel, None).await?;
+        } else {
+            // Capture and ship at once: batches go to the replica while they are read, as
+            // far as the link keeps up (the rest is shipped from the spool once read).
+            let (tx, rx) = tokio::sync::mpsc::channel(STREAM_QUEUE_FRAMES);
+            let progress = Arc::new(StreamProgress::default());
+            let tap = Tap {
+                tx,
+                open: true,
+                progress: progress.clone(),
+            };
+            let (captured, streamed) = tokio::join!(
+                capture(shared, rel, Some(tap)),
+                stream_ship(shared, rel, rx, &progress)
+            );
+            captured?;
+            // Sent and committed, or the error of the send (the cycle stays captured and
+            // its transfer resumes at the next attempt); `None`: a replica older than
+            // protocol 3, shipped below.
+            if let Some(p) = streamed? {
+                return Ok(p);
+            }
+        }
     }
     let p = pending(shared, rel.vm_id).ok_or_else(|| anyhow!("the captured cycle vanished"))?;
     if let InitialMethod::Export(dir) = &rel.settings.initial {
@@ -394,7 +426,11 @@ enum Scope {
     Dirty,
 }
 
-async fn capture(shared: &Arc<Shared>, rel: &ReplicationRow) -> anyhow::Result<()> {
+async fn capture(
+    shared: &Arc<Shared>,
+    rel: &ReplicationRow,
+    mut tap: Option<Tap>,
+) -> anyhow::Result<()> {
     let vm = vm_row(shared, rel.vm_id)?;
     let name = vm.spec.name.clone();
     let cycle = rel.last_cycle + 1;
@@ -520,6 +556,11 @@ async fn capture(shared: &Arc<Shared>, rel: &ReplicationRow) -> anyhow::Result<(
         }
         let fleece = fleece?;
         let taken_at = now_unix();
+        let capture_id = new_capture_id(rel.vm_id, cycle);
+        if let Some(t) = tap.as_mut() {
+            t.begin(cycle, kind, taken_at, app_consistent, capture_id)
+                .await;
+        }
         let context = fleece.meta_context();
         let sources: Vec<Source> = disks
             .iter()
@@ -540,6 +581,7 @@ async fn capture(shared: &Arc<Shared>, rel: &ReplicationRow) -> anyhow::Result<(
             &extra,
             &context,
             &spool_path,
+            tap.as_mut(),
         )
         .await;
         match read {
@@ -555,7 +597,7 @@ async fn capture(shared: &Arc<Shared>, rel: &ReplicationRow) -> anyhow::Result<(
                     spool_bytes,
                     started_ms,
                     app_consistent,
-                    capture: new_capture_id(rel.vm_id, cycle),
+                    capture: capture_id,
                 };
                 if let Err(e) = write_meta(&meta_path, &p) {
                     let _ = std::fs::remove_file(&spool_path);
@@ -610,6 +652,7 @@ async fn capture(shared: &Arc<Shared>, rel: &ReplicationRow) -> anyhow::Result<(
             &spool_path,
             &meta_path,
             started_ms,
+            tap.as_mut(),
         )
         .await
     }
@@ -739,6 +782,7 @@ async fn capture_offline(
     spool_path: &Path,
     meta_path: &Path,
     started_ms: i64,
+    mut tap: Option<&mut Tap>,
 ) -> anyhow::Result<()> {
     let qemu_img = &shared.cfg.qemu_img;
     let gran = rel.settings.granularity as u64;
@@ -758,6 +802,11 @@ async fn capture_offline(
         }
     }
     let taken_at = now_unix();
+    let capture_id = new_capture_id(rel.vm_id, cycle);
+    if let Some(t) = tap.as_deref_mut() {
+        // The VM is off: nothing runs inside to be inconsistent.
+        t.begin(cycle, kind, taken_at, false, capture_id).await;
+    }
     let qemu_nbd = qemu_nbd_path(&shared.cfg);
     let mut exports = Vec::new();
     let mut sources = Vec::new();
@@ -781,7 +830,7 @@ async fn capture_offline(
             .map(ferry_nbd::dirty_bitmap_context)
             .unwrap_or_else(|| BASE_ALLOCATION.to_owned());
         read_to_spool(
-            shared, rel, &sources, scope, theirs, &extra, &context, spool_path,
+            shared, rel, &sources, scope, theirs, &extra, &context, spool_path, tap,
         )
         .await
     }
@@ -803,7 +852,7 @@ async fn capture_offline(
                 started_ms,
                 // The VM is off: nothing runs inside to be inconsistent.
                 app_consistent: false,
-                capture: new_capture_id(rel.vm_id, cycle),
+                capture: capture_id,
             };
             write_meta(meta_path, &p)?;
             set_generation(shared, rel.vm_id, new_gen_no);
@@ -894,6 +943,7 @@ async fn read_to_spool(
     extra: &[(usize, u64, u64)],
     context: &str,
     spool_path: &Path,
+    mut tap: Option<&mut Tap>,
 ) -> anyhow::Result<(u64, u64, u64, u64)> {
     let compress = rel.settings.compression;
     let mut spool = SpoolWriter::create(spool_path).await?;
@@ -975,7 +1025,15 @@ async fn read_to_spool(
             reserve >> 20
         );
     }
-    shared.set_progress(rel.vm_id, "reading", 0, dirty_bytes);
+    // While a shipper streams this cycle, the progress shown is its sending; this read's
+    // own is shown only when nobody streams it.
+    let quiet = tap.as_deref().is_some_and(|t| !t.tx.is_closed());
+    if let Some(t) = tap.as_deref() {
+        t.progress.hint.store(dirty_bytes, Ordering::Relaxed);
+    }
+    if !quiet {
+        shared.set_progress(rel.vm_id, "reading", 0, dirty_bytes);
+    }
     let mut done = 0u64;
     for (s, mut client, ranges, map) in plans {
         if scope == Scope::Compare {
@@ -989,7 +1047,9 @@ async fn read_to_spool(
                 let offset = i as u64 * chunk;
                 let len = chunk.min(s.size - offset);
                 done += len;
-                shared.set_progress(rel.vm_id, "comparing", done, dirty_bytes);
+                if !quiet {
+                    shared.set_progress(rel.vm_id, "comparing", done, dirty_bytes);
+                }
                 let ext = if *zero {
                     if theirs[i] == hashes::zero_hash(len) {
                         continue;
@@ -1009,7 +1069,10 @@ async fn read_to_spool(
                     }
                 };
                 for b in builder.push(ext) {
-                    spool.append_batch(&b, compress).await?;
+                    let frame = spool.append_batch_frame(&b, compress).await?;
+                    if let Some(t) = tap.as_deref_mut() {
+                        t.frame(frame);
+                    }
                 }
             }
             let _ = client.disconnect().await;
@@ -1068,17 +1131,28 @@ async fn read_to_spool(
                     Extent::data(s.disk as u16, pos, Bytes::from(buf))
                 };
                 for b in builder.push(ext) {
-                    spool.append_batch(&b, compress).await?;
+                    let frame = spool.append_batch_frame(&b, compress).await?;
+                    if let Some(t) = tap.as_deref_mut() {
+                        t.frame(frame);
+                    }
                 }
             }
-            shared.set_progress(rel.vm_id, "reading", done, dirty_bytes);
+            if !quiet {
+                shared.set_progress(rel.vm_id, "reading", done, dirty_bytes);
+            }
         }
         let _ = client.disconnect().await;
     }
     if let Some(b) = builder.finish() {
-        spool.append_batch(&b, compress).await?;
+        let frame = spool.append_batch_frame(&b, compress).await?;
+        if let Some(t) = tap.as_deref_mut() {
+            t.frame(frame);
+        }
     }
     let summary = spool.finish().await?;
+    if let Some(t) = tap.as_deref() {
+        t.progress.total.store(summary.bytes, Ordering::Relaxed);
+    }
     Ok((summary.frames, data_bytes, dirty_bytes, summary.bytes))
 }
 
@@ -1234,6 +1308,8 @@ pub struct Session {
     pub last_cycle: i64,
     /// A partially received cycle on the replica.
     pub resume: Option<super::proto::Resume>,
+    /// The protocol version the replica answered.
+    pub protocol: u32,
 }
 
 /// Connects to the replica server (mutual TLS, pinned certificate) and introduces the VM:
@@ -1319,6 +1395,7 @@ pub async fn handshake(
                 extra,
                 last_cycle,
                 resume,
+                protocol,
             })
         }
         Msg::Refused { reason } => bail!(
@@ -1337,6 +1414,172 @@ impl Session {
     pub async fn close(mut self) {
         let _ = self.writer.shutdown().await;
     }
+}
+
+/// What a capture tells the shipper streaming its cycle.
+pub(crate) enum StreamItem {
+    /// The point was taken: the cycle's identity.
+    Begin {
+        cycle: i64,
+        kind: String,
+        taken_at: i64,
+        app_consistent: bool,
+        capture: u64,
+    },
+    /// The next batch, as written to the spool.
+    Frame(EncodedFrame),
+}
+
+/// A capture's end of the stream. Frames go to the shipper while it keeps up; from the
+/// first one it cannot take, none: the rest stays, in order, in the spool, and the shipper
+/// sends it from there once the capture has finished.
+pub(crate) struct Tap {
+    tx: tokio::sync::mpsc::Sender<StreamItem>,
+    open: bool,
+    progress: Arc<StreamProgress>,
+}
+
+/// How much a streamed cycle holds, for the shipper's progress: the read's estimate (the
+/// dirty bytes) until the spool is complete, then its exact size.
+#[derive(Default)]
+pub(crate) struct StreamProgress {
+    hint: AtomicU64,
+    total: AtomicU64,
+}
+
+impl StreamProgress {
+    fn total(&self, sent: u64) -> u64 {
+        match self.total.load(Ordering::Relaxed) {
+            0 => self.hint.load(Ordering::Relaxed).max(sent),
+            n => n,
+        }
+    }
+}
+
+impl Tap {
+    async fn begin(
+        &mut self,
+        cycle: i64,
+        kind: &str,
+        taken_at: i64,
+        app_consistent: bool,
+        capture: u64,
+    ) {
+        let begin = StreamItem::Begin {
+            cycle,
+            kind: kind.to_owned(),
+            taken_at,
+            app_consistent,
+            capture,
+        };
+        if self.tx.send(begin).await.is_err() {
+            self.open = false;
+        }
+    }
+
+    fn frame(&mut self, frame: EncodedFrame) {
+        if self.open && self.tx.try_send(StreamItem::Frame(frame)).is_err() {
+            self.open = false;
+        }
+    }
+}
+
+/// Ships a cycle while it is captured (protocol 3, `CycleBegin::streamed`): the batches the
+/// capture streams, then those it left in the spool, then the cycle's size with its end.
+/// The replica commits only after that end, which is sent once the capture (and its
+/// durable spool) is complete, so a failure anywhere leaves the same states as a shipped
+/// spool would. Returns the committed cycle; `None` when it was not streamed (the capture
+/// failed before its point, a replica older than protocol 3, or one that already has the
+/// cycle): the caller ships it from the spool.
+async fn stream_ship(
+    shared: &Arc<Shared>,
+    rel: &ReplicationRow,
+    mut rx: tokio::sync::mpsc::Receiver<StreamItem>,
+    progress: &StreamProgress,
+) -> anyhow::Result<Option<Pending>> {
+    let Some(StreamItem::Begin {
+        cycle,
+        kind,
+        taken_at,
+        app_consistent,
+        capture,
+    }) = rx.recv().await
+    else {
+        return Ok(None);
+    };
+    let vm = vm_row(shared, rel.vm_id)?;
+    let Session {
+        mut reader,
+        mut writer,
+        last_cycle,
+        protocol,
+        ..
+    } = handshake(shared, &vm, rel).await?;
+    if protocol < 3 || last_cycle >= cycle {
+        // Dropping `rx` stops the stream; the capture goes on into the spool.
+        let _ = writer.shutdown().await;
+        return Ok(None);
+    }
+    writer
+        .write_control(&Msg::CycleBegin {
+            cycle,
+            kind,
+            taken_at,
+            from_batch: 0,
+            batches: 0,
+            bytes: 0,
+            app_consistent,
+            capture,
+            streamed: true,
+        })
+        .await?;
+    let sending = async {
+        let (mut frames, mut sent) = (0u64, 0u64);
+        while let Some(item) = rx.recv().await {
+            let StreamItem::Frame(frame) = item else {
+                bail!("the capture began cycle {cycle} twice");
+            };
+            send_frame(&mut writer, &frame, rel).await?;
+            frames += 1;
+            sent += frame.wire_len() as u64;
+            shared.set_progress(rel.vm_id, "sending", sent, progress.total(sent));
+        }
+        // The capture has ended (its sender is gone): done, or failed.
+        let p = pending(shared, rel.vm_id)
+            .filter(|p| p.capture == capture)
+            .ok_or_else(|| anyhow!("the capture of cycle {cycle} did not complete"))?;
+        let (spool_path, _) = spool_paths(&spool_dir(shared, rel.vm_id), cycle);
+        let mut spool = SpoolReader::open_at(&spool_path, frames).await?;
+        shared.set_progress(rel.vm_id, "sending", sent, p.spool_bytes);
+        while let Some(frame) = spool.next_encoded().await? {
+            send_frame(&mut writer, &frame, rel).await?;
+            sent += frame.wire_len() as u64;
+            shared.set_progress(rel.vm_id, "sending", sent, p.spool_bytes);
+        }
+        writer
+            .write_control(&Msg::CycleEnd {
+                cycle,
+                batches: Some(p.frames),
+                bytes: Some(p.data_bytes),
+            })
+            .await?;
+        info!(
+            cycle,
+            batches = p.frames,
+            streamed = frames,
+            "cycle streamed: batches sent while read, the rest from the spool"
+        );
+        Ok::<Pending, anyhow::Error>(p)
+    }
+    .await;
+    let p = match sending {
+        Ok(p) => p,
+        Err(e) => return Err(refusal_or(&mut reader, rel, cycle, e).await),
+    };
+    await_commit(&mut reader, rel, cycle).await?;
+    let _ = writer.shutdown().await;
+    record_replicated(shared, rel, &vm, &p)?;
+    Ok(Some(p))
 }
 
 /// Sends a captured cycle and waits for the replica to commit it.
@@ -1380,6 +1623,7 @@ async fn ship(shared: &Arc<Shared>, rel: &ReplicationRow, p: &Pending) -> anyhow
                 bytes: p.data_bytes,
                 app_consistent: p.app_consistent,
                 capture: p.capture,
+                streamed: false,
             })
             .await?;
         let sending = async {
@@ -1388,53 +1632,92 @@ async fn ship(shared: &Arc<Shared>, rel: &ReplicationRow, p: &Pending) -> anyhow
             let total = p.spool_bytes;
             shared.set_progress(rel.vm_id, "sending", 0, total);
             while let Some(frame) = spool.next_encoded().await? {
-                tokio::time::timeout(STALL_TIMEOUT, writer.write_encoded(&frame))
-                    .await
-                    .map_err(|_| {
-                        anyhow!(
-                            "the link to replica server {} stalled for {}s",
-                            rel.partner_name,
-                            STALL_TIMEOUT.as_secs()
-                        )
-                    })??;
+                send_frame(&mut writer, &frame, rel).await?;
                 sent += frame.wire_len() as u64;
                 shared.set_progress(rel.vm_id, "sending", sent, total);
             }
             writer
-                .write_control(&Msg::CycleEnd { cycle: p.cycle })
+                .write_control(&Msg::CycleEnd {
+                    cycle: p.cycle,
+                    batches: None,
+                    bytes: None,
+                })
                 .await?;
             Ok::<(), anyhow::Error>(())
         }
         .await;
         if let Err(e) = sending {
-            // The replica may have refused the cycle and closed: its reason (already sent)
-            // says more than the broken pipe.
-            if let Ok(Ok(Msg::Failed { reason })) = tokio::time::timeout(
-                Duration::from_secs(2),
-                next_control(&mut reader, Duration::from_secs(2)),
-            )
-            .await
-            {
-                bail!(
-                    "replica server {} could not apply cycle {}: {reason}",
-                    rel.partner_name,
-                    p.cycle
-                );
-            }
-            return Err(e);
+            return Err(refusal_or(&mut reader, rel, p.cycle, e).await);
         }
-        match next_control(&mut reader, COMMIT_TIMEOUT).await? {
-            Msg::Committed { cycle, .. } if cycle == p.cycle => {}
-            Msg::Failed { reason } => bail!(
-                "replica server {} could not apply cycle {}: {reason}",
-                rel.partner_name,
-                p.cycle
-            ),
-            other => bail!("unexpected answer from the replica server: {other:?}"),
-        }
+        await_commit(&mut reader, rel, p.cycle).await?;
     }
     let _ = writer.shutdown().await;
-    // The point exists on the replica: record it, then forget the spool.
+    record_replicated(shared, rel, &vm, p)
+}
+
+/// Writes one frame, failing when the link stalls.
+async fn send_frame(
+    writer: &mut FrameWriter<tokio::io::WriteHalf<peer::PeerStream>>,
+    frame: &EncodedFrame,
+    rel: &ReplicationRow,
+) -> anyhow::Result<()> {
+    tokio::time::timeout(STALL_TIMEOUT, writer.write_encoded(frame))
+        .await
+        .map_err(|_| {
+            anyhow!(
+                "the link to replica server {} stalled for {}s",
+                rel.partner_name,
+                STALL_TIMEOUT.as_secs()
+            )
+        })??;
+    Ok(())
+}
+
+/// A send failed: the replica may have refused the cycle and closed, and its reason
+/// (already sent) says more than the broken pipe.
+async fn refusal_or(
+    reader: &mut FrameReader<tokio::io::ReadHalf<peer::PeerStream>>,
+    rel: &ReplicationRow,
+    cycle: i64,
+    e: anyhow::Error,
+) -> anyhow::Error {
+    if let Ok(Ok(Msg::Failed { reason })) = tokio::time::timeout(
+        Duration::from_secs(2),
+        next_control(reader, Duration::from_secs(2)),
+    )
+    .await
+    {
+        return anyhow!(
+            "replica server {} could not apply cycle {cycle}: {reason}",
+            rel.partner_name
+        );
+    }
+    e
+}
+
+/// Waits for the replica's answer to a cycle's end.
+async fn await_commit(
+    reader: &mut FrameReader<tokio::io::ReadHalf<peer::PeerStream>>,
+    rel: &ReplicationRow,
+    cycle: i64,
+) -> anyhow::Result<()> {
+    match next_control(reader, COMMIT_TIMEOUT).await? {
+        Msg::Committed { cycle: c, .. } if c == cycle => Ok(()),
+        Msg::Failed { reason } => bail!(
+            "replica server {} could not apply cycle {cycle}: {reason}",
+            rel.partner_name
+        ),
+        other => bail!("unexpected answer from the replica server: {other:?}"),
+    }
+}
+
+/// The point exists on the replica: record it, then forget the spool.
+fn record_replicated(
+    shared: &Shared,
+    rel: &ReplicationRow,
+    vm: &VmRow,
+    p: &Pending,
+) -> anyhow::Result<()> {
     // (The spool's generation too: a crash between writing the spool's description and
     // recording the generation must not leave the store behind the bitmaps.)
     if let Some(before) =

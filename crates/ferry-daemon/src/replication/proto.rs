@@ -25,12 +25,15 @@ use serde::{Deserialize, Serialize};
 /// - 2: a direct-kernel VM's boot files are shipped (`Hello::boot_files`,
 ///   `Welcome::need_boot_files`, `BootFile`, `BootFileStored`); captures carry an identity
 ///   (`CycleBegin::capture`, `Resume::capture`); `Hello::max_protocol`, `Welcome::protocol`.
+/// - 3: a streamed cycle (`CycleBegin::streamed`): batches are sent while the primary still
+///   reads them, so their number and data bytes come at the end (`CycleEnd::batches`,
+///   `CycleEnd::bytes`). Sent only to a replica that answered protocol 3.
 ///
 /// Negotiation: a primary's Hello says the oldest version it speaks (`protocol`, which a
 /// version-1 replica checks) and the newest (`max_protocol`); the replica answers the
 /// version both speak in its Welcome. Every field added since version 1 has a default, so
 /// a peer one version apart reads what it knows and ignores the rest.
-pub const PROTOCOL: u32 = 2;
+pub const PROTOCOL: u32 = 3;
 /// The oldest protocol version this build still speaks.
 pub const MIN_PROTOCOL: u32 = 1;
 
@@ -202,11 +205,21 @@ pub enum Msg {
         /// onto batches of the same capture. 0: unknown (never resumed).
         #[serde(default)]
         capture: u64,
+        /// Protocol 3: the batches follow while the primary still reads them; `batches` and
+        /// `bytes` here are 0 and the real ones come with `CycleEnd`.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        streamed: bool,
     },
     /// Primary → replica: every batch of the cycle was sent.
     CycleEnd {
         /// Cycle number.
         cycle: i64,
+        /// A streamed cycle's batch count.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        batches: Option<u64>,
+        /// A streamed cycle's data bytes.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        bytes: Option<u64>,
     },
     /// Replica → primary: the recovery point exists.
     Committed {
@@ -307,9 +320,10 @@ mod tests {
     #[test]
     fn versions_one_apart_agree_on_the_older() {
         assert_eq!(negotiate(1, None), Ok(1)); // a version-1 primary
-        assert_eq!(negotiate(1, Some(2)), Ok(2));
-        assert_eq!(negotiate(1, Some(3)), Ok(2)); // a newer primary speaks ours
-        assert!(negotiate(3, Some(4)).unwrap_err().contains("upgrade ferry"));
+        assert_eq!(negotiate(1, Some(2)), Ok(2)); // a version-2 primary
+        assert_eq!(negotiate(1, Some(3)), Ok(3));
+        assert_eq!(negotiate(1, Some(4)), Ok(3)); // a newer primary speaks ours
+        assert!(negotiate(4, Some(5)).unwrap_err().contains("upgrade ferry"));
     }
 
     /// What a version-1 replica parses of this build's Hello: its own type, as it was.
@@ -388,6 +402,7 @@ mod tests {
             bytes: 0,
             app_consistent: false,
             capture: 77,
+            streamed: false,
         };
         let text = serde_json::to_string(&begin).unwrap();
         assert!(matches!(

@@ -631,6 +631,7 @@ where
             bytes,
             app_consistent,
             capture,
+            streamed,
         } = msg
         else {
             bail!("unexpected message from the primary: {msg:?}");
@@ -706,9 +707,13 @@ where
             bytes,
             app_consistent,
             capture,
+            streamed,
         )
         .instrument(span.clone())
         .await;
+        // A streamed cycle says its size at the end.
+        let bytes = received.as_ref().map(|r| r.1).unwrap_or(bytes);
+        let received = received.map(|r| r.0);
         // The replica's own statistics: what arrived, how long it took to apply.
         let _ = shared.store.record_cycle(&ferry_store::CycleRow {
             vm_id: rel.vm_id,
@@ -1345,7 +1350,12 @@ async fn receive_cycle<R: AsyncRead + Unpin>(
     bytes: u64,
     app_consistent: bool,
     capture: u64,
-) -> anyhow::Result<i64> {
+    streamed: bool,
+) -> anyhow::Result<(i64, u64)> {
+    let (mut batches, mut bytes) = (batches, bytes);
+    if streamed && (batches != 0 || bytes != 0 || from_batch != 0) {
+        bail!("a streamed cycle starts at batch 0 and announces its size at its end");
+    }
     let vm = shared
         .store
         .vm_by_id(rel.vm_id)?
@@ -1445,7 +1455,19 @@ async fn receive_cycle<R: AsyncRead + Unpin>(
                 FrameKind::Control => {
                     let msg: Msg = frame.control()?;
                     match msg {
-                        Msg::CycleEnd { cycle: c } if c == cycle => break,
+                        Msg::CycleEnd {
+                            cycle: c,
+                            batches: b,
+                            bytes: n,
+                        } if c == cycle => {
+                            if streamed {
+                                let (Some(b), Some(n)) = (b, n) else {
+                                    bail!("the streamed cycle {cycle} ended without its batch count and size");
+                                };
+                                (batches, bytes) = (b, n);
+                            }
+                            break;
+                        }
                         other => bail!("unexpected message during cycle {cycle}: {other:?}"),
                     }
                 }
@@ -1595,7 +1617,7 @@ async fn receive_cycle<R: AsyncRead + Unpin>(
         &format!("recovery point {id} (cycle {cycle}, {kind}, {bytes} bytes)"),
     );
     info!(vm = %vm.spec.name, cycle, point = id, bytes, "recovery point committed");
-    Ok(id)
+    Ok((id, bytes))
 }
 
 /// Applies an initial copy exported on the primary (`--initial export:DIR`) as the first
@@ -1695,6 +1717,8 @@ pub async fn import_initial(shared: &Arc<Shared>, vm_id: i64, dir: &Path) -> any
     let mut end = FrameWriter::new(Vec::new());
     end.write_control(&Msg::CycleEnd {
         cycle: manifest.cycle,
+        batches: None,
+        bytes: None,
     })
     .await?;
     let stream = tokio::io::AsyncReadExt::chain(
@@ -1714,9 +1738,11 @@ pub async fn import_initial(shared: &Arc<Shared>, vm_id: i64, dir: &Path) -> any
         manifest.data_bytes,
         false,
         0,
+        false,
     )
     .await
-    .with_context(|| format!("importing {}", data.display()))?;
+    .with_context(|| format!("importing {}", data.display()))?
+    .0;
     info!(vm = %vm.spec.name, point, "initial copy imported");
     Ok(point)
 }
