@@ -483,7 +483,7 @@ pub struct EnableReplicationRequest {
     pub replica_addr: String,
     /// Its certificate fingerprint.
     pub replica_fingerprint: String,
-    /// `30s`, `5m`, `15m`, or any duration from 5s.
+    /// `30s`, `5m`, `15m`, or any duration from 1s.
     pub interval: String,
     /// Additional recovery points besides the latest (0–96; Hyper-V: 0–24).
     pub recovery_points: u32,

@@ -87,7 +87,7 @@ pub enum ReplicationCmd {
         /// The replica server's certificate fingerprint, when --to is ADDR:PORT.
         #[arg(long)]
         replica_fingerprint: Option<String>,
-        /// Time between cycles: 30s, 5m, 15m (Hyper-V's), or any duration from 5s.
+        /// Time between cycles: 30s, 5m, 15m (Hyper-V's), or any duration from 1s.
         #[arg(long, default_value = "5m")]
         interval: String,
         /// Additional recovery points to keep besides the latest (Hyper-V: 0-24).

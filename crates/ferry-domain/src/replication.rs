@@ -8,8 +8,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-/// The shortest replication interval Ferry accepts. Hyper-V's shortest is 30 s.
-pub const MIN_INTERVAL: Duration = Duration::from_secs(5);
+/// The shortest replication interval Ferry accepts (Hyper-V's shortest is 30 s). A cycle
+/// of a small delta takes well under a second since cycles stream (docs/BENCHMARKS.md).
+pub const MIN_INTERVAL: Duration = Duration::from_secs(1);
 /// The longest: a day. Longer gaps are a schedule, not replication.
 pub const MAX_INTERVAL: Duration = Duration::from_secs(86_400);
 /// Hyper-V allows 0–24 additional recovery points; Ferry allows up to this many.
@@ -200,7 +201,7 @@ pub fn on_request(state: ReplicationState, req: Request) -> Result<ReplicationSt
     }
 }
 
-/// A replication interval: any duration from 5 s to a day; `30s`, `5m` and `15m` are
+/// A replication interval: any duration from 1 s to a day; `30s`, `5m` and `15m` are
 /// Hyper-V's choices.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Interval(pub Duration);
@@ -222,7 +223,7 @@ impl FromStr for Interval {
         let d = parse_duration(s)?;
         if d < MIN_INTERVAL || d > MAX_INTERVAL {
             return Err(format!(
-                "interval {s:?} is out of range: use 5s to 24h (Hyper-V's are 30s, 5m, 15m)"
+                "interval {s:?} is out of range: use 1s to 24h (Hyper-V's are 30s, 5m, 15m)"
             ));
         }
         Ok(Interval(d))
@@ -417,15 +418,16 @@ mod tests {
     }
 
     #[test]
-    fn intervals_parse_presets_and_any_value_from_5s() {
+    fn intervals_parse_presets_and_any_value_from_1s() {
         assert_eq!("30s".parse::<Interval>().unwrap().secs(), 30);
         assert_eq!("5m".parse::<Interval>().unwrap().secs(), 300);
         assert_eq!("15m".parse::<Interval>().unwrap().secs(), 900);
         assert_eq!("5".parse::<Interval>().unwrap().secs(), 5);
+        assert_eq!("1s".parse::<Interval>().unwrap().secs(), 1);
         assert_eq!("1m30s".parse::<Interval>().unwrap().secs(), 90);
         assert_eq!("1h 30min".parse::<Interval>().unwrap().secs(), 5400);
         for bad in [
-            "4s",
+            "0s",
             "0",
             "",
             "5x",

@@ -1195,7 +1195,7 @@ pub async fn enable_wizard(
 <label>Host <select name="to" id="replica-host"><option value="">(address below)</option>{hosts}</select></label>
 <label>or ADDRESS:PORT of its replication port <input name="replica_addr"> with fingerprint <input name="replica_fingerprint" size="60"></label></fieldset>
 <fieldset><legend>2. Frequency and recovery points</legend>
-<label>Interval <input name="interval" id="interval" value="5m"> (30s, 5m, 15m, or any duration from 5s)</label>
+<label>Interval <input name="interval" id="interval" value="5m"> (30s, 5m, 15m, or any duration from 1s)</label>
 <label>Additional recovery points <input name="recovery_points" type="number" min="0" max="96" value="0"></label>
 <label>Point spacing <input name="point_spacing" value="1h"></label>
 <label>Application-consistent every <input name="app_consistent_every" placeholder="e.g. 4h (empty: crash-consistent only)"></label></fieldset>
