@@ -24,6 +24,10 @@
 //! - `wan`        (7) a 1 GiB random delta over the testkit's userspace WAN link at 50 ms
 //!   RTT and 200 Mbit/s, vs the link's nominal rate and vs a plain TCP stream of 256 MiB
 //!   through the same link in the same run; target >= 0.9 of the link rate.
+//! - `cpu`        (8) ferryd's CPU time (both sides, from /proc) per GiB of a 1 GiB random
+//!   delta, compression off and on, vs the CPU time of `ferry-tls-baseline --durable`
+//!   copying the same GiB in the same run; target off <= 1.5 s per GiB; and each ferryd's
+//!   peak RSS (VmHWM), target <= 256 MiB.
 //!
 //! The binaries (`ferryd`, `ferry`, `ferry-tls-baseline`) are taken from the profile
 //! directory this example was built into (`target/debug` unless `--release`), or from
@@ -934,6 +938,102 @@ fn bench_wan(_o: &Opts) -> Vec<Figure> {
     ]
 }
 
+// ---------------------------------------------------------------------------------------
+// 8. ferryd's CPU per GiB and peak memory
+// ---------------------------------------------------------------------------------------
+
+/// CPU seconds (user + system) a process has used so far, from /proc.
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("/proc/PID/stat");
+    // Fields after the command name (which may hold spaces) start after its ')'.
+    let rest = &stat[stat.rfind(')').expect("comm") + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of stat(5): 12 and 13 after the state field.
+    let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+/// Peak resident memory of a process (VmHWM), MiB.
+fn peak_rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc/PID/status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .expect("VmHWM")
+        / 1024.0
+}
+
+/// CPU seconds of children reaped so far (this process's).
+fn children_cpu_secs() -> f64 {
+    // SAFETY: getrusage writes into the struct we pass.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut u) };
+    let t = |v: libc::timeval| v.tv_sec as f64 + v.tv_usec as f64 / 1e6;
+    t(u.ru_utime) + t(u.ru_stime)
+}
+
+fn bench_cpu(_o: &Opts) -> Vec<Figure> {
+    const SIZE: u64 = GIB;
+    let mut figs = Vec::new();
+    let mut rows = Vec::new();
+    for (label, compression) in [("off", false), ("on", true)] {
+        let (a, b, storage) = pair();
+        let image = create_vm(&a, "cpu", "2G");
+        let extra: &[&str] = if compression {
+            &[]
+        } else {
+            &["--no-compression"]
+        };
+        enable(&a, &b, "cpu", "24h", extra);
+        write_random(&a, &image, 0, SIZE, 8001);
+        let (pa, pb) = (a.pid().expect("ferryd a"), b.pid().expect("ferryd b"));
+        let (ca, cb) = (cpu_secs(pa), cpu_secs(pb));
+        let (row, _) = cycle_now(&a, "cpu");
+        assert!(row.dirty_bytes >= SIZE, "dirty {}", row.dirty_bytes);
+        let (ua, ub) = (cpu_secs(pa) - ca, cpu_secs(pb) - cb);
+        let used = ua + ub;
+        let per_gib = used / (row.dirty_bytes as f64 / GIB as f64);
+        let (ra, rb) = (peak_rss_mib(pa), peak_rss_mib(pb));
+        // The baseline: the same GiB over mutual TLS, written durably (its whole process).
+        let before = children_cpu_secs();
+        tls_baseline(SIZE, Some(&storage));
+        let base = children_cpu_secs() - before;
+        println!(
+            "  compression {label}: {:.0} MiB in {:.2} s; ferryd CPU {used:.2} s (primary {ua:.2}, replica {ub:.2}) = {per_gib:.2} s/GiB; peak RSS primary {ra:.0} MiB, replica {rb:.0} MiB; TLS copy CPU {base:.2} s",
+            mib(row.dirty_bytes),
+            row.secs(),
+        );
+        rows.push((label, per_gib, base, ra.max(rb)));
+    }
+    for (label, per_gib, base, rss) in rows {
+        figs.push(Figure {
+            bench: "cpu",
+            what: format!("ferryd CPU per GiB, compression {label}, vs TLS copy"),
+            measured: format!("{per_gib:.2} s/GiB"),
+            baseline: format!("{base:.2} s/GiB"),
+            ratio: Some(per_gib / base),
+            target: if label == "off" {
+                "<= 1.5 s/GiB".into()
+            } else {
+                "(reported)".into()
+            },
+            pass: Some(label != "off" || per_gib <= 1.5),
+        });
+        figs.push(Figure {
+            bench: "cpu",
+            what: format!("ferryd peak RSS, 1 GiB cycle, compression {label}"),
+            measured: format!("{rss:.0} MiB"),
+            baseline: "256 MiB".into(),
+            ratio: Some(rss / 256.0),
+            target: "<= 256 MiB".into(),
+            pass: Some(rss <= 256.0),
+        });
+    }
+    figs
+}
+
 const BENCHES: &[(&str, &str, Bench)] = &[
     ("disk-size", "1", bench_disk_size),
     ("throughput", "2", bench_throughput),
@@ -942,6 +1042,7 @@ const BENCHES: &[(&str, &str, Bench)] = &[
     ("steady", "5", bench_steady),
     ("failover", "6", bench_failover),
     ("wan", "7", bench_wan),
+    ("cpu", "8", bench_cpu),
 ];
 
 fn main() {
