@@ -511,6 +511,11 @@ fn a_hostile_primary_cannot_choose_what_the_replica_runs() {
             json!({"type": "cycle_end", "cycle": 1, "batches": 2, "bytes": 4096}),
             "but 2 were announced",
         ),
+        (
+            streamed(0),
+            json!({"type": "cycle_end", "cycle": 1, "batches": 1, "bytes": 5}),
+            "carried 4096 data bytes, but 5 were announced",
+        ),
     ] {
         let mut peer = peer_as(&mallory, &b);
         let mut h3 = h.clone();

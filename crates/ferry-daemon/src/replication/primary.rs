@@ -72,6 +72,9 @@ const BATCH_PAYLOAD: usize = 1 << 20;
 /// Frames a capture may queue for the shipper streaming them (about 1 MiB each): beyond
 /// that the link is slower than the read, and the rest waits in the spool.
 const STREAM_QUEUE_FRAMES: usize = 32;
+/// How long a streamed cycle's link may stay quiet before a keepalive (the replica gives
+/// up on a primary silent for a minute).
+const STREAM_KEEPALIVE: Duration = Duration::from_secs(15);
 /// A frame that cannot be sent for this long means the link is dead (a partition gives no
 /// error, writes just stop draining).
 const STALL_TIMEOUT: Duration = Duration::from_secs(60);
@@ -260,7 +263,10 @@ async fn run_cycle_in_span(shared: &Arc<Shared>, rel: &ReplicationRow) {
     // cycle runs again at once from the stopped VM's disks.
     if result.is_err() && was_running && vm_went_off(shared, rel.vm_id).await {
         info!("the VM stopped during the cycle: captured again from its disks");
-        result = attempt_cycle(shared, rel).await;
+        // From the store again: the failed attempt may have recorded a cycle.
+        if let Ok(Some(fresh)) = shared.store.replication(rel.vm_id) {
+            result = attempt_cycle(shared, &fresh).await;
+        }
     }
     shared.clear_progress(rel.vm_id);
     match result {
@@ -339,12 +345,21 @@ async fn attempt_cycle(shared: &Arc<Shared>, rel: &ReplicationRow) -> anyhow::Re
                 capture(shared, rel, Some(tap)),
                 stream_ship(shared, rel, rx, &progress)
             );
-            captured?;
-            // Sent and committed, or the error of the send (the cycle stays captured and
-            // its transfer resumes at the next attempt); `None`: a replica older than
-            // protocol 3, shipped below.
-            if let Some(p) = streamed? {
-                return Ok(p);
+            match (captured, streamed) {
+                // Committed on the replica: the cycle is done, even if the capture failed
+                // after its spool was complete (e.g. releasing the fleecing point).
+                (captured, Ok(Some(p))) => {
+                    if let Err(e) = captured {
+                        warn!(error = %format!("{e:#}"), "the capture failed after its cycle was complete; the cycle is replicated");
+                    }
+                    return Ok(p);
+                }
+                (Err(e), _) => return Err(e),
+                // The send failed: the cycle stays captured and its transfer resumes from
+                // the spool at the next attempt.
+                (Ok(()), Err(e)) => return Err(e),
+                // A replica older than protocol 3 (or one that has the cycle): below.
+                (Ok(()), Ok(None)) => {}
             }
         }
     }
@@ -1027,11 +1042,11 @@ async fn read_to_spool(
     }
     // While a shipper streams this cycle, the progress shown is its sending; this read's
     // own is shown only when nobody streams it.
-    let quiet = tap.as_deref().is_some_and(|t| !t.tx.is_closed());
+    let quiet = |tap: &Option<&mut Tap>| tap.as_deref().is_some_and(Tap::streaming);
     if let Some(t) = tap.as_deref() {
         t.progress.hint.store(dirty_bytes, Ordering::Relaxed);
     }
-    if !quiet {
+    if !quiet(&tap) {
         shared.set_progress(rel.vm_id, "reading", 0, dirty_bytes);
     }
     let mut done = 0u64;
@@ -1047,7 +1062,7 @@ async fn read_to_spool(
                 let offset = i as u64 * chunk;
                 let len = chunk.min(s.size - offset);
                 done += len;
-                if !quiet {
+                if !quiet(&tap) {
                     shared.set_progress(rel.vm_id, "comparing", done, dirty_bytes);
                 }
                 let ext = if *zero {
@@ -1137,7 +1152,7 @@ async fn read_to_spool(
                     }
                 }
             }
-            if !quiet {
+            if !quiet(&tap) {
                 shared.set_progress(rel.vm_id, "reading", done, dirty_bytes);
             }
         }
@@ -1477,6 +1492,12 @@ impl Tap {
         }
     }
 
+    /// Whether the shipper still takes this capture's frames (its progress is then the
+    /// cycle's).
+    fn streaming(&self) -> bool {
+        self.open && !self.tx.is_closed()
+    }
+
     fn frame(&mut self, frame: EncodedFrame) {
         if self.open && self.tx.try_send(StreamItem::Frame(frame)).is_err() {
             self.open = false;
@@ -1535,7 +1556,19 @@ async fn stream_ship(
         .await?;
     let sending = async {
         let (mut frames, mut sent) = (0u64, 0u64);
-        while let Some(item) = rx.recv().await {
+        let mut keepalives = 0u64;
+        loop {
+            // A read that runs ahead of a full queue (or finds little to send) leaves the
+            // link quiet: keepalives keep the replica from taking it for a dead primary.
+            let item = match tokio::time::timeout(STREAM_KEEPALIVE, rx.recv()).await {
+                Ok(Some(item)) => item,
+                Ok(None) => break,
+                Err(_) => {
+                    keepalives += 1;
+                    writer.write_keepalive(keepalives).await?;
+                    continue;
+                }
+            };
             let StreamItem::Frame(frame) = item else {
                 bail!("the capture began cycle {cycle} twice");
             };

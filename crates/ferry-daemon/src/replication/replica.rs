@@ -1527,6 +1527,10 @@ async fn receive_cycle<R: AsyncRead + Unpin>(
         if expected != batches {
             bail!("cycle {cycle} ended after {expected} batches, but {batches} were announced");
         }
+        // A streamed cycle starts at batch 0: what arrived is its whole size.
+        if streamed && data_bytes != bytes {
+            bail!("cycle {cycle} carried {data_bytes} data bytes, but {bytes} were announced");
+        }
         Ok(())
     }
     .await;
