@@ -57,6 +57,16 @@ enum DiskSource {
 
 /// An ISO given for the CD drive must lie in the API's file roots, exist and be readable
 /// now.
+/// Refuses a bridge this host does not have (VM NICs, bridge mappings, test networks).
+pub fn require_bridge(br: &str) -> Result<(), ApiFailure> {
+    if Path::new("/sys/class/net").join(br).join("bridge").exists() {
+        return Ok(());
+    }
+    Err(ApiFailure::invalid(format!(
+        "bridge {br} does not exist on this host; create it (ip link add {br} type bridge) or pick another"
+    )))
+}
+
 fn check_iso(cfg: &Config, iso: &str) -> Result<(), ApiFailure> {
     if !iso.starts_with('/') {
         return Err(ApiFailure::invalid(format!(
@@ -578,11 +588,7 @@ impl VmManager {
             .map_err(|e| ApiFailure::invalid(e.to_string()))?;
         for nic in &spec.nics {
             if let NicKind::Bridge(br) = &nic.kind {
-                if !Path::new("/sys/class/net").join(br).join("bridge").exists() {
-                    return Err(ApiFailure::invalid(format!(
-                        "bridge {br} does not exist on this host; create it (ip link add {br} type bridge) or pick another"
-                    )));
-                }
+                require_bridge(br)?;
             }
         }
 

@@ -102,23 +102,30 @@ fn free_port(ip: &str) -> String {
 
 /// A primary (127.0.0.1) and a replica server (127.0.0.2) accepting any primary.
 fn pair() -> (Host, Host, PathBuf) {
+    let (a, b, storage, _) = pair_with_port();
+    (a, b, storage)
+}
+
+/// [`pair`], and the replica server's replication port.
+fn pair_with_port() -> (Host, Host, PathBuf, String) {
     let a = Host::start("a", "127.0.0.1", "accel = \"tcg\"");
     let b = Host::start("b", "127.0.0.2", "accel = \"tcg\"");
     let storage = b.dir.path().join("replicas");
     std::fs::create_dir_all(&storage).expect("storage dir");
+    let port = free_port("127.0.0.2");
     b.ferry_ok(&[
         "replica-server",
         "set",
         "--enable",
         "--port",
-        &free_port("127.0.0.2"),
+        &port,
         "--allow-any",
         "--trust-ca",
         b.trusted_ca().to_str().expect("utf-8"),
         "--storage",
         storage.to_str().expect("utf-8"),
     ]);
-    (a, b, storage)
+    (a, b, storage, port)
 }
 
 /// Creates an (offline) VM with one new disk of `size` (e.g. "1G").
@@ -857,23 +864,7 @@ fn link_baseline(link_rtt: Duration, bytes: u64) -> f64 {
 fn bench_wan(_o: &Opts) -> Vec<Figure> {
     const SIZE: u64 = GIB;
     let rtt = Duration::from_millis(50);
-    let a = Host::start("a", "127.0.0.1", "accel = \"tcg\"");
-    let b = Host::start("b", "127.0.0.2", "accel = \"tcg\"");
-    let storage = b.dir.path().join("replicas");
-    std::fs::create_dir_all(&storage).expect("storage dir");
-    let port = free_port("127.0.0.2");
-    b.ferry_ok(&[
-        "replica-server",
-        "set",
-        "--enable",
-        "--port",
-        &port,
-        "--allow-any",
-        "--trust-ca",
-        b.trusted_ca().to_str().expect("utf-8"),
-        "--storage",
-        storage.to_str().expect("utf-8"),
-    ]);
+    let (a, b, _, port) = pair_with_port();
     let fp = b.ferry_json(&["server", "show"])["fingerprint"]
         .as_str()
         .expect("fingerprint")

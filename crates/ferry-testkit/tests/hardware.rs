@@ -557,37 +557,28 @@ fn test_guest_runs_on_q35_and_a_raw_disk_with_uefi_nvram_replicates() {
             .unwrap()
             .to_owned()
     };
-    let out = qemu_img(&[
-        "compare",
-        "-U",
-        "-f",
-        "qcow2",
-        "-F",
-        "raw",
-        &layer(0),
-        s(&raw),
-    ]);
-    assert!(
-        out.status.success(),
-        "replica differs from the raw image: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    // Both replicated disks are their source's exact copy: the raw data disk and the NVRAM.
     let nvram = a.vm_storage.join("rawvm").join("nvram.qcow2");
-    let out = qemu_img(&[
-        "compare",
-        "-U",
-        "-f",
-        "qcow2",
-        "-F",
-        "qcow2",
-        &layer(1),
-        s(&nvram),
-    ]);
-    assert!(
-        out.status.success(),
-        "replica NVRAM differs: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    for (disk, source, format, what) in [
+        (0, &raw, "raw", "the raw image"),
+        (1, &nvram, "qcow2", "the NVRAM"),
+    ] {
+        let out = qemu_img(&[
+            "compare",
+            "-U",
+            "-f",
+            "qcow2",
+            "-F",
+            format,
+            &layer(disk),
+            s(source),
+        ]);
+        assert!(
+            out.status.success(),
+            "the replica differs from {what}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
     let data = std::fs::read(&raw).unwrap();
     let v = verify_prefix(&data, workload.seed, workload.span_blocks)
         .unwrap_or_else(|e| panic!("the raw image holds the guest's writes: {e}"));

@@ -20,7 +20,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use ferry_testkit::debian::{debian_image, fsck_root};
-use ferry_testkit::host::Host;
+use ferry_testkit::host::{CliResult, Host};
 use ferry_testkit::replication::{enable_replica_server, points, wait_for};
 use serde_json::Value;
 
@@ -99,6 +99,30 @@ impl Drop for SiteNet {
 fn run(args: &[&str]) {
     let st = Command::new("ip").args(args).status().expect("run ip");
     assert!(st.success(), "ip {args:?} failed");
+}
+
+/// Waits for `vm`'s guest agent to answer, then returns what `systemctl
+/// is-system-running --wait` said (the system's state once its boot has finished).
+fn system_state(host: &Host, vm: &str, what: &str) -> CliResult {
+    let mut r = None;
+    wait_for(what, Duration::from_secs(400), || {
+        let out = host.ferry(&[
+            "vm",
+            "exec",
+            vm,
+            "--timeout",
+            "120",
+            "--",
+            "/usr/bin/systemctl",
+            "is-system-running",
+            "--wait",
+        ]);
+        // Anything but "no agent yet" ends the wait; the caller checks the state.
+        let answered = !out.stderr.contains("guest agent did not answer");
+        r = Some(out);
+        answered
+    });
+    r.expect("an answer")
 }
 
 fn events(host: &Host) -> Vec<Value> {
@@ -379,28 +403,12 @@ fn failover_ip_is_applied_in_the_real_guest_through_its_agent() {
         out.contains("app-test") && out.contains(&format!("on test network {}", test_net.bridge)),
         "{out}"
     );
-    let mut state = String::new();
-    wait_for(
+    let state = system_state(
+        &a,
+        "app-test",
         "the test failover's guest to reach multi-user",
-        Duration::from_secs(400),
-        || {
-            let r = a.ferry(&[
-                "vm",
-                "exec",
-                "app-test",
-                "--timeout",
-                "30",
-                "--",
-                "/usr/bin/systemctl",
-                "is-system-running",
-                "--wait",
-            ]);
-            state = r.stdout.trim().to_owned();
-            // Anything but "no agent yet" ends the wait; the state is checked below.
-            !r.stderr.contains("guest agent did not answer")
-        },
     );
-    assert_eq!(state, "running");
+    assert_eq!(state.stdout.trim(), "running", "{state:?}");
     // Its test failover IP, applied through its agent, answers on the test network.
     wait_for(
         "the test failover IP in the test VM",
@@ -464,15 +472,7 @@ fn failover_ip_is_applied_in_the_real_guest_through_its_agent() {
         all.extend_from_slice(args);
         a.ferry(&all)
     };
-    let mut r = on_a(&["/usr/bin/systemctl", "is-system-running", "--wait"]);
-    wait_for(
-        "the failed-back guest's agent",
-        Duration::from_secs(400),
-        || {
-            r = on_a(&["/usr/bin/systemctl", "is-system-running", "--wait"]);
-            !r.stderr.contains("guest agent did not answer")
-        },
-    );
+    let r = system_state(&a, "app", "the failed-back guest's agent");
     assert_eq!(r.stdout.trim(), "running", "{r:?}");
     let r = on_a(&["/usr/bin/cat", "/root/failback-marker"]);
     assert_eq!((r.code, r.stdout.as_str()), (0, "written-on-b\n"), "{r:?}");
@@ -533,25 +533,7 @@ fn failover_ip_is_applied_in_the_real_guest_through_its_agent() {
         "failover", "start", "app", "--point", &point, "--start", "--force",
     ]);
     println!("{out}");
-    let mut r = b.ferry(&["vm", "show", "app"]);
-    wait_for(
-        "the failed-over guest's agent",
-        Duration::from_secs(400),
-        || {
-            r = b.ferry(&[
-                "vm",
-                "exec",
-                "app",
-                "--timeout",
-                "120",
-                "--",
-                "/usr/bin/systemctl",
-                "is-system-running",
-                "--wait",
-            ]);
-            !r.stderr.contains("guest agent did not answer")
-        },
-    );
+    let r = system_state(&b, "app", "the failed-over guest's agent");
     let booted_s = t.elapsed().as_secs();
     assert_eq!(r.stdout.trim(), "running", "{r:?}");
     // The boot checked the root before mounting it read-write (systemd-fsck-root: the

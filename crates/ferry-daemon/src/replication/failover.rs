@@ -257,7 +257,7 @@ pub async fn start(
         ));
     }
     let mut state = VmState::Off;
-    let ips = super::reip::present(&spec);
+    let ips = super::reip::present(&spec, &spec.failover_ip);
     if power_on {
         shared.vms.start(vm.as_str()).await?;
         state = VmState::Running;

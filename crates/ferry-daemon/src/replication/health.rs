@@ -26,12 +26,8 @@ pub fn report(
 ) -> anyhow::Result<ReplicationHealthInfo> {
     let now = now_unix();
     let reset_ms = shared.store.stats_reset_ms(rel.vm_id)?;
-    let window_start = [rel.created_at, reset_ms / 1000, now - MONITORING_WINDOW_S]
-        .into_iter()
-        .max()
-        .unwrap_or(now);
-    // Cycles counted from the reset's exact millisecond: one that ended earlier in the same
-    // second belongs to the old window.
+    // The window starts at the reset's exact millisecond: a cycle that ended earlier in the
+    // same second belongs to the old window. (Reported in whole seconds.)
     let since_ms = [
         rel.created_at * 1000,
         reset_ms,
@@ -40,6 +36,7 @@ pub fn report(
     .into_iter()
     .max()
     .unwrap_or(now * 1000);
+    let window_start = since_ms / 1000;
     let cycles = shared.store.cycles_since(rel.vm_id, since_ms)?;
     let ok: Vec<_> = cycles.iter().filter(|c| c.ok).collect();
     let errors = cycles.len() as u64 - ok.len() as u64;

@@ -960,15 +960,7 @@ pub async fn replica_server_set(
                 "--map-bridge {from}={to}: use [PRIMARY/]BRIDGE=LOCAL_BRIDGE with interface names (1-15 characters, no spaces or slashes)"
             )));
         }
-        if !std::path::Path::new("/sys/class/net")
-            .join(to)
-            .join("bridge")
-            .exists()
-        {
-            return Err(ApiFailure::invalid(format!(
-                "bridge {to} does not exist on this host; create it (ip link add {to} type bridge) or pick another"
-            )));
-        }
+        crate::vms::require_bridge(to)?;
         cfg.bridge_map.insert(from.clone(), to.clone());
     }
     if let Some(n) = req.max_vms_per_primary {

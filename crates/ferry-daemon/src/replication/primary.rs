@@ -1582,13 +1582,16 @@ async fn stream_ship(
             .filter(|p| p.capture == capture)
             .ok_or_else(|| anyhow!("the capture of cycle {cycle} did not complete"))?;
         let (spool_path, _) = spool_paths(&spool_dir(shared, rel.vm_id), cycle);
-        let mut spool = SpoolReader::open_at(&spool_path, frames).await?;
-        shared.set_progress(rel.vm_id, "sending", sent, p.spool_bytes);
-        while let Some(frame) = spool.next_encoded().await? {
-            send_frame(&mut writer, &frame, rel).await?;
-            sent += frame.wire_len() as u64;
-            shared.set_progress(rel.vm_id, "sending", sent, p.spool_bytes);
-        }
+        send_spool(
+            shared,
+            rel,
+            &mut writer,
+            &spool_path,
+            frames,
+            sent,
+            p.spool_bytes,
+        )
+        .await?;
         writer
             .write_control(&Msg::CycleEnd {
                 cycle,
@@ -1660,15 +1663,16 @@ async fn ship(shared: &Arc<Shared>, rel: &ReplicationRow, p: &Pending) -> anyhow
             })
             .await?;
         let sending = async {
-            let mut spool = SpoolReader::open_at(&spool_path, from).await?;
-            let mut sent = 0u64;
-            let total = p.spool_bytes;
-            shared.set_progress(rel.vm_id, "sending", 0, total);
-            while let Some(frame) = spool.next_encoded().await? {
-                send_frame(&mut writer, &frame, rel).await?;
-                sent += frame.wire_len() as u64;
-                shared.set_progress(rel.vm_id, "sending", sent, total);
-            }
+            send_spool(
+                shared,
+                rel,
+                &mut writer,
+                &spool_path,
+                from,
+                0,
+                p.spool_bytes,
+            )
+            .await?;
             writer
                 .write_control(&Msg::CycleEnd {
                     cycle: p.cycle,
@@ -1686,6 +1690,27 @@ async fn ship(shared: &Arc<Shared>, rel: &ReplicationRow, p: &Pending) -> anyhow
     }
     let _ = writer.shutdown().await;
     record_replicated(shared, rel, &vm, p)
+}
+
+/// Sends a spool's frames from index `from` on, with the "sending" progress (`sent` bytes
+/// already sent of `total`).
+async fn send_spool(
+    shared: &Shared,
+    rel: &ReplicationRow,
+    writer: &mut FrameWriter<tokio::io::WriteHalf<peer::PeerStream>>,
+    spool_path: &Path,
+    from: u64,
+    mut sent: u64,
+    total: u64,
+) -> anyhow::Result<()> {
+    let mut spool = SpoolReader::open_at(spool_path, from).await?;
+    shared.set_progress(rel.vm_id, "sending", sent, total);
+    while let Some(frame) = spool.next_encoded().await? {
+        send_frame(writer, &frame, rel).await?;
+        sent += frame.wire_len() as u64;
+        shared.set_progress(rel.vm_id, "sending", sent, total);
+    }
+    Ok(())
 }
 
 /// Writes one frame, failing when the link stalls.

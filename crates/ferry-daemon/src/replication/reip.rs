@@ -46,19 +46,10 @@ pub fn pending_key(vm_id: i64) -> String {
     format!("failover_ip_pending:{vm_id}")
 }
 
-/// The failover IPs of `spec` for the NICs it has (a failover may leave one out).
-pub fn present(spec: &ferry_domain::VmSpec) -> Vec<FailoverIp> {
-    spec.failover_ip
-        .iter()
-        .filter(|ip| spec.nics.iter().any(|n| n.mac == ip.mac))
-        .cloned()
-        .collect()
-}
-
-/// The test failover IPs of `spec` for the NICs it has.
-pub fn present_for_test(spec: &ferry_domain::VmSpec) -> Vec<FailoverIp> {
-    spec.test_failover_ip
-        .iter()
+/// The settings of `ips` (a spec's failover or test failover IPs) for the NICs `spec` has
+/// (a failover may leave one out).
+pub fn present(spec: &ferry_domain::VmSpec, ips: &[FailoverIp]) -> Vec<FailoverIp> {
+    ips.iter()
         .filter(|ip| spec.nics.iter().any(|n| n.mac == ip.mac))
         .cloned()
         .collect()
@@ -75,7 +66,12 @@ pub fn on_start(shared: &Arc<Shared>, name: &str) {
     let key = pending_key(row.id);
     if shared.store.setting(&key).ok().flatten().is_some() {
         let _ = shared.store.delete_setting(&key);
-        spawn_apply(shared, row.id, present(&row.spec), "failover");
+        spawn_apply(
+            shared,
+            row.id,
+            present(&row.spec, &row.spec.failover_ip),
+            "failover",
+        );
     }
 }
 

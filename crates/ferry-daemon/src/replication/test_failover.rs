@@ -64,15 +64,7 @@ pub async fn start(
                 "--network {br:?}: use a bridge's interface name (1-15 characters, no spaces or slashes)"
             )));
         }
-        if !std::path::Path::new("/sys/class/net")
-            .join(br)
-            .join("bridge")
-            .exists()
-        {
-            return Err(ApiFailure::invalid(format!(
-                "bridge {br} does not exist on this host; create the test network (ip link add {br} type bridge) or pick another"
-            )));
-        }
+        crate::vms::require_bridge(br)?;
     }
     let (vm, row, rel) = rel_of(shared, name)?;
     if rel.role != Role::Replica {
@@ -202,7 +194,7 @@ pub async fn start(
     };
     if network.is_some() {
         if let Ok(test_row) = shared.store.get_vm(&test_name) {
-            let ips = super::reip::present_for_test(&test_row.spec);
+            let ips = super::reip::present(&test_row.spec, &test_row.spec.test_failover_ip);
             if !ips.is_empty() {
                 net.push_str(&format!(
                     "; its test failover IP ({}) is applied through the guest agent once the guest answers (see `ferry events`)",
