@@ -594,6 +594,17 @@ pub struct ReleaseReport {
     pub duration: Duration,
 }
 
+/// What releasing a fleecing point does with the change-tracking generations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Generations {
+    /// The point is safe elsewhere: the old generation goes.
+    DropOld,
+    /// The copy failed: the old generation is merged into the new one.
+    FoldBack,
+    /// The point is not committed yet: both stay (see `release_keeping_generations`).
+    Keep,
+}
+
 /// A point-in-time view of every disk of a VM, exported read-only over
 /// QEMU's NBD server, with the generation that stopped recording at that
 /// instant. Create with [`FleecePoint::create`]; always end with
@@ -761,7 +772,7 @@ impl FleecePoint {
                     cycle = cycle_id,
                     "Creating fleecing point failed, undoing: {e}"
                 );
-                let (_, failures) = point.teardown(qmp, false).await;
+                let (_, failures) = point.teardown(qmp, Generations::FoldBack).await;
                 for f in failures {
                     tracing::warn!(cycle = cycle_id, "Undoing a failed fleecing point: {f}");
                 }
@@ -915,8 +926,31 @@ impl FleecePoint {
     ///
     /// Every step tolerates objects that are already gone and all steps run
     /// even if one fails; the error lists what was left undone.
-    pub async fn release(mut self, qmp: &Qmp, success: bool) -> Result<ReleaseReport, CbtError> {
-        let (report, failures) = self.teardown(qmp, success).await;
+    pub async fn release(self, qmp: &Qmp, success: bool) -> Result<ReleaseReport, CbtError> {
+        let outcome = match success {
+            true => Generations::DropOld,
+            false => Generations::FoldBack,
+        };
+        self.release_with(qmp, outcome).await
+    }
+
+    /// Ends the fleecing point like [`FleecePoint::release`], but leaves both generations
+    /// as they are: the old one (frozen) still holds every change up to this point, the new
+    /// one everything after it. For a point the replica has not committed yet: the caller
+    /// removes the old generation once it has, and a failure before that is folded back by
+    /// whoever reconciles the generations next (nothing is lost even if the process dies
+    /// in between).
+    pub async fn release_keeping_generations(self, qmp: &Qmp) -> Result<ReleaseReport, CbtError> {
+        self.release_with(qmp, Generations::Keep).await
+    }
+
+    async fn release_with(
+        mut self,
+        qmp: &Qmp,
+        outcome: Generations,
+    ) -> Result<ReleaseReport, CbtError> {
+        let success = outcome != Generations::FoldBack;
+        let (report, failures) = self.teardown(qmp, outcome).await;
         tracing::info!(
             cycle = self.cycle_id,
             success,
@@ -935,7 +969,7 @@ impl FleecePoint {
         }
     }
 
-    async fn teardown(&mut self, qmp: &Qmp, success: bool) -> (ReleaseReport, Vec<String>) {
+    async fn teardown(&mut self, qmp: &Qmp, outcome: Generations) -> (ReleaseReport, Vec<String>) {
         let started = Instant::now();
         self.released = true;
         let mut failures = Vec::new();
@@ -970,7 +1004,8 @@ impl FleecePoint {
             }
         }
 
-        if self.committed {
+        if self.committed && outcome != Generations::Keep {
+            let success = outcome == Generations::DropOld;
             let nodes: Vec<&str> = self.disks.iter().map(|d| d.node.as_str()).collect();
             match (self.old_gen.as_deref(), success) {
                 (Some(old), true) => {

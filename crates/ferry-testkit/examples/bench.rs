@@ -316,6 +316,47 @@ fn fmt_phases(a: &Host, vm: &str, row: &CycleRow) -> String {
     }
 }
 
+/// Where the time of cycle `cycle` went, from both daemons' logs: the primary's read
+/// (`timing=` of "cycle captured": NBD reads, frame encoding, spool writes, waiting for the
+/// shipper), its shipper ("cycle streamed": writing to the link, waiting for the read,
+/// sending from the spool) and the replica's apply and commit ("recovery point committed").
+fn profile(a: &Host, b: &Host, vm: &str, cycle: i64) -> String {
+    let find = |host: &Host, what: &str, keys: &[&str]| -> Option<String> {
+        let log = strip_ansi(&host.log_text());
+        let tag = format!("cycle={cycle} ");
+        let line = log
+            .lines()
+            .rev()
+            .map(|l| format!("{l} "))
+            .find(|l| l.contains(what) && l.contains(&tag) && l.contains(vm))?;
+        let fields: Vec<String> = keys
+            .iter()
+            .filter_map(|k| {
+                let at = line.find(&format!(" {k}="))? + k.len() + 2;
+                let rest = &line[at..];
+                // `timing=` is a phrase up to its last unit; the others are one token.
+                let end = if *k == "timing" {
+                    rest.find(" s ").map(|i| i + 2)
+                } else {
+                    rest.find(' ')
+                }?;
+                Some(format!("{k} {}", rest[..end].trim_matches('"')))
+            })
+            .collect();
+        (!fields.is_empty()).then(|| fields.join(", "))
+    };
+    let read = find(a, "captured", &["timing"]).unwrap_or_else(|| "-".into());
+    let ship =
+        find(a, "cycle streamed", &["write_s", "wait_s", "spool_s"]).unwrap_or_else(|| "-".into());
+    let apply = find(
+        b,
+        "recovery point committed",
+        &["receive_s", "apply_s", "flush_s", "commit_s"],
+    )
+    .unwrap_or_else(|| "-".into());
+    format!("read [{read}] | ship [{ship}] | replica [{apply}]")
+}
+
 /// Writes `len` bytes of incompressible data (xorshift, seeded) to `path`.
 fn random_file(path: &Path, len: u64, seed: u64) {
     let mut x = seed | 1;
@@ -473,6 +514,7 @@ fn bench_throughput(o: &Opts) -> Vec<Figure> {
             "dirty {} < {SIZE}",
             row.dirty_bytes
         );
+        println!("  profile: {}", profile(&a, &b, "tput", row.cycle));
         ferry.push(rate);
         // The baseline: the same bytes over mutual TLS, written durably on the replica's
         // storage; memory to memory for scale.

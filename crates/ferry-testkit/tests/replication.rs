@@ -10,7 +10,7 @@ use std::time::Duration;
 use ferry_testkit::guest::{parse_console, verify_prefix, GuestWorkload};
 use ferry_testkit::host::Host;
 use ferry_testkit::replication::{
-    enable_replica_server, free_port, layer, points, read_image, status, wait_for,
+    compare_images, enable_replica_server, free_port, layer, points, read_image, status, wait_for,
 };
 use serde_json::Value;
 
@@ -709,11 +709,13 @@ fn bandwidth_schedule_sets_the_host_limit_by_time_of_day() {
     );
 }
 
-/// The primary's spool is bounded by the free space where it lives: a cycle that could not
-/// fit fails up front with a clear message (nothing spooled, changes still tracked) and
-/// succeeds once there is room.
+/// The primary's spool is bounded by the free space where it lives, but a cycle is not: one
+/// larger than that space (here an initial copy of 64 MiB with 44 MiB usable) streams to the
+/// replica without a spool (ADR 0004) and arrives whole. An initial copy carried by hand
+/// (export) has no stream: it still fails up front with a clear message, nothing spooled,
+/// and succeeds once there is room.
 #[test]
-fn a_cycle_that_cannot_fit_the_spool_fails_clearly_and_retries() {
+fn a_cycle_larger_than_the_spools_free_space_streams_without_it() {
     let a = Host::start("a", "127.0.0.1", "accel = \"tcg\"");
     let b = Host::start("b", "127.0.0.2", "accel = \"tcg\"");
     enable_replica_server(&b, "127.0.0.2");
@@ -729,6 +731,7 @@ fn a_cycle_that_cannot_fit_the_spool_fails_clearly_and_retries() {
         s = seed.display()
     ));
     a.ferry_ok(&["vm", "create", "big", "--disk", seed.to_str().unwrap()]);
+    a.ferry_ok(&["vm", "create", "carried", "--disk", seed.to_str().unwrap()]);
     // The spool directory on a 300 MiB tmpfs: 256 MiB stay in reserve, 44 MiB usable.
     let spool = a.data_dir.join("spool");
     let mut mounted = Some(ferry_testkit::tmpfs::Tmpfs::mount(
@@ -746,21 +749,55 @@ fn a_cycle_that_cannot_fit_the_spool_fails_clearly_and_retries() {
         "5s",
         "--no-compression",
     ]);
-    wait_for("the refused cycle", Duration::from_secs(30), || {
-        !status(&a, "big")["last_error"].is_null()
+    wait_for("the initial copy", Duration::from_secs(120), || {
+        status(&a, "big")["last_cycle"].as_i64().unwrap() >= 1
     });
+    assert!(
+        a.log_text().contains("it streams without a spool"),
+        "the initial copy did not stream without a spool"
+    );
     let st = status(&a, "big");
+    assert!(st["last_error"].is_null(), "{st}");
+    let disk = PathBuf::from(
+        a.ferry_json(&["vm", "show", "big"])["disks"][0]["path"]
+            .as_str()
+            .unwrap(),
+    );
+    let point = points(&b, "big").pop().expect("the initial point");
+    compare_images(&disk, &layer(&point)).expect("the unspooled initial copy differs");
+
+    // Exported by hand: refused up front, nothing spooled.
+    let export = a.dir.path().join("usb-drive");
+    a.ferry_ok(&[
+        "replication",
+        "enable",
+        "carried",
+        "--to",
+        b.socket.to_str().unwrap(),
+        "--interval",
+        "5s",
+        "--no-compression",
+        "--initial",
+        &format!("export:{}", export.display()),
+    ]);
+    wait_for("the refused export", Duration::from_secs(30), || {
+        !status(&a, "carried")["last_error"].is_null()
+    });
+    let st = status(&a, "carried");
     let err = st["last_error"].as_str().unwrap();
     assert!(
         err.contains("may spool up to 64 MiB") && err.contains("free space there"),
         "{st}"
     );
-    assert_eq!(st["state"], "initial_replication_in_progress");
-    assert!(points(&b, "big").is_empty());
-    // Room again: the retry goes through.
+    assert!(
+        files_under(&export).is_empty(),
+        "a refused export wrote {:?}",
+        files_under(&export)
+    );
+    // Room again: the retry writes the export.
     drop(mounted.take());
-    wait_for("the initial copy", Duration::from_secs(60), || {
-        status(&a, "big")["last_cycle"].as_i64().unwrap() >= 1
+    wait_for("the export", Duration::from_secs(60), || {
+        status(&a, "carried")["state"] == "waiting_for_initial_replication"
     });
-    assert_eq!(points(&b, "big").len(), 1);
+    assert!(!files_under(&export).is_empty(), "nothing was exported");
 }

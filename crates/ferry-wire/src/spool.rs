@@ -94,6 +94,18 @@ impl SpoolWriter {
         Ok(frame)
     }
 
+    /// Encode an extent batch as [`SpoolWriter::append_batch_frame`] would, without writing
+    /// it: for a frame that goes only to the wire.
+    pub fn encode_batch_frame(
+        &mut self,
+        batch: &ExtentBatch,
+        compress: bool,
+    ) -> Result<EncodedFrame> {
+        let payload = batch.encode()?;
+        self.encoder
+            .encode(FrameKind::ExtentBatch, &payload, compress)
+    }
+
     /// Append a JSON control message; returns its frame index.
     pub async fn append_control<T: Serialize + ?Sized>(&mut self, msg: &T) -> Result<u64> {
         let payload = encode_control(msg)?;
@@ -123,6 +135,19 @@ impl SpoolWriter {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Flush and close without forcing the data to disk. For a spool whose loss costs only
+    /// a re-read (the primary keeps the change tracking that produced it until the replica
+    /// has committed it), so a cycle does not pay a durable write it does not need; a spool
+    /// torn by a power loss fails its frame checksums when read back.
+    pub async fn finish_unsynced(mut self) -> Result<SpoolSummary> {
+        self.file.flush().await?;
+        Ok(SpoolSummary {
+            path: self.path,
+            frames: self.frames,
+            bytes: self.bytes,
+        })
     }
 
     /// Flush, fsync the file and its directory entry, and close.

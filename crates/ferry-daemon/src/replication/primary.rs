@@ -1,16 +1,21 @@
 //! The primary side: one task per relationship runs cycles at the interval.
 //!
-//! A cycle has two halves, so that the fleecing window never depends on the link:
+//! A cycle captures and ships at once (ADR 0004), yet the fleecing window never depends on
+//! the link:
 //! 1. **capture** (VM lock held, short): a fleecing point (running VM) or a `qemu-nbd`
 //!    export (VM off) gives a frozen view of every replicated disk; the dirty extents of the
 //!    frozen generation (or, for the initial copy and resynchronization, every allocated
-//!    extent) are read locally into a spool file of checksummed, optionally compressed
-//!    frames; the spool is fsynced and described by a `.meta` file (temp + rename); only then
-//!    does the old generation go. A failure before that merges the old generation back into
-//!    the new one: nothing is lost.
-//! 2. **ship**: the spool is sent over mutual TLS; the replica applies it as a new recovery
-//!    point and answers only once it is committed. A dropped link resumes at the first batch
-//!    the replica had not made durable. The spool is deleted after the replica's answer.
+//!    extent) are read into checksummed, optionally compressed frames. Each frame goes to
+//!    the shipper while the link keeps up and, in any case, to a local spool (not fsynced)
+//!    described by a `.meta` file (fsynced, temp + rename) once the read is complete.
+//! 2. **ship**: the frames go over mutual TLS as they are read, the rest from the spool; the
+//!    replica applies them as a new recovery point and answers only once it is committed.
+//!    A dropped link resumes from the spool at the first batch the replica had not made
+//!    durable.
+//! 3. **commit**: only the replica's answer drops the previous change-tracking generation
+//!    (and the spool). Until then it is kept, so that a cycle lost before its commit (the
+//!    spool lost with the host, a capture that failed) is folded into the next point: that
+//!    point is later, never missing data. A failed read folds it back at once.
 //!
 //! While a spool is pending no new point is taken (the cycle counts as missed), so pending
 //! replication size stays one cycle's worth.
@@ -93,6 +98,18 @@ pub fn generation_name(n: i64) -> String {
 #[error("waiting for the exported initial copy to be imported on the replica server")]
 pub struct AwaitingImport;
 
+/// A captured cycle's spool cannot be read back (missing, torn or corrupt, e.g. after a
+/// power loss: it is not fsynced). The cycle is abandoned; the change tracking kept until
+/// the replica's commit carries its changes into the next point.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the spool of cycle {cycle} is damaged ({why}): discarded; the next cycle carries its changes"
+)]
+pub struct SpoolLost {
+    cycle: i64,
+    why: String,
+}
+
 /// A change tracking failure that only a resynchronization repairs.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -125,6 +142,19 @@ pub struct Pending {
     /// This capture's identity (see `Msg::CycleBegin::capture`).
     #[serde(default)]
     pub capture: u64,
+    /// The ranges read besides the dirty ones (reverse replication's first cycle, a
+    /// checkpoint applied): forgotten only once the replica has committed the point.
+    #[serde(default)]
+    pub extra: Vec<(usize, u64, u64)>,
+    /// Whether the spool holds every frame (false: the cycle was larger than the spool's
+    /// free space and went only to the wire; it cannot be resumed, only captured again).
+    #[serde(default = "spooled_by_default")]
+    pub spooled: bool,
+}
+
+/// Descriptions written before `Pending::spooled` existed describe whole spools.
+fn spooled_by_default() -> bool {
+    true
 }
 
 /// A fresh, non-zero capture identity.
@@ -600,7 +630,14 @@ async fn capture(
         )
         .await;
         match read {
-            Ok((frames, data_bytes, dirty_bytes, spool_bytes)) => {
+            Ok(ReadSummary {
+                frames,
+                data_bytes,
+                dirty_bytes,
+                bytes: spool_bytes,
+                spooled,
+                timing,
+            }) => {
                 let p = Pending {
                     cycle,
                     kind: kind.into(),
@@ -613,6 +650,8 @@ async fn capture(
                     started_ms,
                     app_consistent,
                     capture: capture_id,
+                    extra: extra.clone(),
+                    spooled,
                 };
                 if let Err(e) = write_meta(&meta_path, &p) {
                     let _ = std::fs::remove_file(&spool_path);
@@ -622,19 +661,14 @@ async fn capture(
                     return Err(e);
                 }
                 set_generation(shared, rel.vm_id, new_gen_no);
-                // The spool holds those ranges now.
-                let _ = shared.store.delete_setting(&extra_key);
-                let report = fleece.release(&qmp, true).await?;
+                // The old generation stays until the replica has committed this point
+                // (ADR 0004 decision 3): if the spool is lost before that (it is not
+                // fsynced), the next capture folds it into the new one.
+                let report = fleece.release_keeping_generations(&qmp).await?;
                 if let Some(err) = report.io_error {
                     warn!(vm = %name, ?err, "a guest write failed during the fleecing window");
                 }
-                if resync {
-                    // Every older generation is obsolete once a full comparison is captured.
-                    for g in 1..new_gen_no {
-                        let _ = cbt::remove_generation(&qmp, &nodes, &generation_name(g)).await;
-                    }
-                }
-                info!(vm = %name, cycle, kind, dirty_bytes, data_bytes, "cycle captured");
+                info!(vm = %name, cycle, kind, dirty_bytes, data_bytes, %timing, "cycle captured");
                 Ok(())
             }
             Err(e) => {
@@ -681,17 +715,14 @@ async fn reconcile_generations(
     nodes: &[String],
     current: i64,
 ) -> anyhow::Result<i64> {
-    let infos = qmp
-        .execute(&ferry_qemu::qmp::QueryNamedBlockNodes { flat: Some(true) })
-        .await?;
+    let found = generations_on(qmp, nodes).await?;
     let on_node = |node: &str| -> Vec<i64> {
-        infos
+        found
             .iter()
-            .find(|n| n.node_name == node)
-            .map(|info| {
-                info.dirty_bitmaps
+            .find(|(n, _)| n == node)
+            .map(|(_, names)| {
+                names
                     .iter()
-                    .filter_map(|b| b.name.clone())
                     .filter_map(|n| n.strip_prefix("ferry-r").and_then(|g| g.parse().ok()))
                     .collect()
             })
@@ -854,7 +885,14 @@ async fn capture_offline(
         let _ = e.close().await;
     }
     match result {
-        Ok((frames, data_bytes, dirty_bytes, spool_bytes)) => {
+        Ok(ReadSummary {
+            frames,
+            data_bytes,
+            dirty_bytes,
+            bytes: spool_bytes,
+            spooled,
+            timing,
+        }) => {
             let p = Pending {
                 cycle,
                 kind: kind.into(),
@@ -868,20 +906,13 @@ async fn capture_offline(
                 // The VM is off: nothing runs inside to be inconsistent.
                 app_consistent: false,
                 capture: capture_id,
+                extra: extra.to_vec(),
+                spooled,
             };
             write_meta(meta_path, &p)?;
             set_generation(shared, rel.vm_id, new_gen_no);
-            let _ = shared
-                .store
-                .delete_setting(&super::failover::reverse_extra_key(rel.vm_id));
-            for (_, image, _) in disks {
-                for b in cbt::offline_bitmaps(qemu_img, image).await? {
-                    if b.name.starts_with("ferry-r") && b.name != new_gen {
-                        cbt::remove_bitmap_offline(qemu_img, image, &b.name).await?;
-                    }
-                }
-            }
-            info!(vm = %vm.spec.name, cycle, kind, dirty_bytes, "offline cycle captured");
+            // The older generations stay until the replica has committed this point.
+            info!(vm = %vm.spec.name, cycle, kind, dirty_bytes, %timing, "offline cycle captured");
             Ok(())
         }
         Err(e) => {
@@ -946,8 +977,49 @@ async fn fetch_hashes(
     Ok(out)
 }
 
-/// Reads the extents in `scope` of every source into a spool. Returns (frames, data bytes,
-/// dirty bytes, spool bytes).
+/// What a capture's read produced.
+struct ReadSummary {
+    /// Batches (frames) read.
+    frames: u64,
+    /// Data bytes in them (uncompressed).
+    data_bytes: u64,
+    /// Bytes marked dirty (or allocated) when read.
+    dirty_bytes: u64,
+    /// Their size on the wire (and in the spool, when spooled).
+    bytes: u64,
+    /// Whether the spool holds them all.
+    spooled: bool,
+    /// Where the read's time went.
+    timing: ReadTiming,
+}
+
+/// Where a capture's read spent its time (the cycle's profile, logged with "cycle
+/// captured"): waiting for NBD reads, encoding frames (checksums, compression), writing
+/// the spool, and waiting for the shipper (a cycle streamed without a spool).
+#[derive(Debug, Default, Clone, Copy)]
+struct ReadTiming {
+    nbd: Duration,
+    encode: Duration,
+    spool: Duration,
+    wait: Duration,
+}
+
+impl std::fmt::Display for ReadTiming {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "nbd {:.3} s, encode {:.3} s, spool {:.3} s, wait {:.3} s",
+            self.nbd.as_secs_f64(),
+            self.encode.as_secs_f64(),
+            self.spool.as_secs_f64(),
+            self.wait.as_secs_f64()
+        )
+    }
+}
+
+/// Reads the extents in `scope` of every source into a spool, and to the shipper through
+/// `tap` as far as it keeps up. A read larger than the spool's free space streams to the
+/// shipper only, at the link's pace, and is not spooled at all.
 #[allow(clippy::too_many_arguments)]
 async fn read_to_spool(
     shared: &Shared,
@@ -959,7 +1031,7 @@ async fn read_to_spool(
     context: &str,
     spool_path: &Path,
     mut tap: Option<&mut Tap>,
-) -> anyhow::Result<(u64, u64, u64, u64)> {
+) -> anyhow::Result<ReadSummary> {
     let compress = rel.settings.compression;
     let mut spool = SpoolWriter::create(spool_path).await?;
     let mut builder = BatchBuilder::new(0, BATCH_PAYLOAD);
@@ -1027,11 +1099,21 @@ async fn read_to_spool(
         }
         plans.push((s, client, ranges, map));
     }
-    // The spool is bounded by the space it may take: refuse up front (the cycle fails, the
-    // bitmap generation is merged back, nothing is lost) rather than fill the data disk.
+    // The spool is bounded by the space it may take. A streamed cycle that may not fit goes
+    // to the wire only (the read then waits for the link, so the fleecing window does); any
+    // other is refused up front (the cycle fails, the bitmap generation is merged back,
+    // nothing is lost) rather than fill the data disk.
     let free = free_bytes(spool_path.parent().unwrap_or(spool_path));
     let reserve = SPOOL_RESERVE_BYTES;
-    if free < spool_bound.saturating_add(reserve) {
+    let fits = free >= spool_bound.saturating_add(reserve);
+    let wire_only = !fits && tap.as_deref().is_some_and(Tap::streaming);
+    if wire_only {
+        info!(
+            may_spool_mib = spool_bound >> 20,
+            free_mib = free >> 20,
+            "this cycle is larger than the spool's free space: it streams without a spool"
+        );
+    } else if !fits {
         bail!(
             "this cycle may spool up to {} MiB but only {} MiB are free in {} (of which {} MiB stay in reserve): free space there or move data_dir; changes stay tracked",
             spool_bound >> 20,
@@ -1049,6 +1131,14 @@ async fn read_to_spool(
     if !quiet(&tap) {
         shared.set_progress(rel.vm_id, "reading", 0, dirty_bytes);
     }
+    let mut out = Emitter {
+        compress,
+        wire_only,
+        frames: 0,
+        bytes: 0,
+        timing: ReadTiming::default(),
+    };
+    let mut nbd = Duration::ZERO;
     let mut done = 0u64;
     for (s, mut client, ranges, map) in plans {
         if scope == Scope::Compare {
@@ -1072,7 +1162,9 @@ async fn read_to_spool(
                     Extent::zeroes(s.disk as u16, offset, len)
                 } else {
                     buf.resize(len as usize, 0);
+                    let t = Instant::now();
                     client.read(offset, &mut buf).await?;
+                    nbd += t.elapsed();
                     if hashes::hash(&buf) == theirs[i] {
                         continue;
                     }
@@ -1084,10 +1176,7 @@ async fn read_to_spool(
                     }
                 };
                 for b in builder.push(ext) {
-                    let frame = spool.append_batch_frame(&b, compress).await?;
-                    if let Some(t) = tap.as_deref_mut() {
-                        t.frame(frame);
-                    }
+                    out.emit(&mut spool, &mut tap, &b).await?;
                 }
             }
             let _ = client.disconnect().await;
@@ -1122,6 +1211,7 @@ async fn read_to_spool(
                     }
                 })
                 .collect();
+            let t = Instant::now();
             client
                 .read_many(
                     window
@@ -1131,6 +1221,7 @@ async fn read_to_spool(
                         .map(|((pos, _, _), buf)| (*pos, buf.as_mut_slice())),
                 )
                 .await?;
+            nbd += t.elapsed();
             for (&(pos, n, zero), buf) in window.iter().zip(bufs) {
                 let ext = if zero {
                     Extent::zeroes(s.disk as u16, pos, n)
@@ -1146,10 +1237,7 @@ async fn read_to_spool(
                     Extent::data(s.disk as u16, pos, Bytes::from(buf))
                 };
                 for b in builder.push(ext) {
-                    let frame = spool.append_batch_frame(&b, compress).await?;
-                    if let Some(t) = tap.as_deref_mut() {
-                        t.frame(frame);
-                    }
+                    out.emit(&mut spool, &mut tap, &b).await?;
                 }
             }
             if !quiet(&tap) {
@@ -1159,16 +1247,63 @@ async fn read_to_spool(
         let _ = client.disconnect().await;
     }
     if let Some(b) = builder.finish() {
-        let frame = spool.append_batch_frame(&b, compress).await?;
-        if let Some(t) = tap.as_deref_mut() {
-            t.frame(frame);
-        }
+        out.emit(&mut spool, &mut tap, &b).await?;
     }
-    let summary = spool.finish().await?;
+    // Not fsynced: the generation that produced it stays until the replica has committed
+    // the point, so a lost spool costs a re-read, never data (ADR 0004 decision 3).
+    spool.finish_unsynced().await?;
     if let Some(t) = tap.as_deref() {
-        t.progress.total.store(summary.bytes, Ordering::Relaxed);
+        t.progress.total.store(out.bytes, Ordering::Relaxed);
     }
-    Ok((summary.frames, data_bytes, dirty_bytes, summary.bytes))
+    Ok(ReadSummary {
+        frames: out.frames,
+        data_bytes,
+        dirty_bytes,
+        bytes: out.bytes,
+        spooled: !wire_only,
+        timing: ReadTiming { nbd, ..out.timing },
+    })
+}
+
+/// Where a capture's batches go: the spool and the shipper as far as it keeps up, or (a
+/// cycle larger than the spool's free space) the shipper only, waiting for it.
+struct Emitter {
+    compress: bool,
+    wire_only: bool,
+    frames: u64,
+    bytes: u64,
+    timing: ReadTiming,
+}
+
+impl Emitter {
+    async fn emit(
+        &mut self,
+        spool: &mut SpoolWriter,
+        tap: &mut Option<&mut Tap>,
+        batch: &ferry_wire::ExtentBatch,
+    ) -> anyhow::Result<()> {
+        let started = Instant::now();
+        let frame = spool.encode_batch_frame(batch, self.compress)?;
+        let encoded = Instant::now();
+        self.timing.encode += encoded - started;
+        let len = frame.wire_len() as u64;
+        if self.wire_only {
+            let tap = tap.as_deref_mut().ok_or_else(|| {
+                anyhow!("a cycle larger than the spool's free space has no stream")
+            })?;
+            tap.send(frame).await?;
+            self.timing.wait += encoded.elapsed();
+        } else {
+            spool.append_encoded(&frame).await?;
+            self.timing.spool += encoded.elapsed();
+            if let Some(t) = tap.as_deref_mut() {
+                t.frame(frame);
+            }
+        }
+        self.frames += 1;
+        self.bytes += len;
+        Ok(())
+    }
 }
 
 /// Writes the captured initial copy to `dir/VM/` (data file + manifest) for carrying to
@@ -1498,6 +1633,14 @@ impl Tap {
         self.open && !self.tx.is_closed()
     }
 
+    /// Hands the shipper a frame that is not spooled, waiting for room in the queue.
+    async fn send(&mut self, frame: EncodedFrame) -> anyhow::Result<()> {
+        if !self.open || self.tx.send(StreamItem::Frame(frame)).await.is_err() {
+            bail!("the stream to the replica server ended while a cycle too large for the spool's free space was read (a replica older than protocol 3 needs that space: free space in the spool's directory or move data_dir)");
+        }
+        Ok(())
+    }
+
     fn frame(&mut self, frame: EncodedFrame) {
         if self.open && self.tx.try_send(StreamItem::Frame(frame)).is_err() {
             self.open = false;
@@ -1557,10 +1700,15 @@ async fn stream_ship(
     let sending = async {
         let (mut frames, mut sent) = (0u64, 0u64);
         let mut keepalives = 0u64;
+        // The shipper's profile: time writing frames to the link, time waiting for the read.
+        let (mut writing, mut waiting) = (Duration::ZERO, Duration::ZERO);
         loop {
             // A read that runs ahead of a full queue (or finds little to send) leaves the
             // link quiet: keepalives keep the replica from taking it for a dead primary.
-            let item = match tokio::time::timeout(STREAM_KEEPALIVE, rx.recv()).await {
+            let t = Instant::now();
+            let received = tokio::time::timeout(STREAM_KEEPALIVE, rx.recv()).await;
+            waiting += t.elapsed();
+            let item = match received {
                 Ok(Some(item)) => item,
                 Ok(None) => break,
                 Err(_) => {
@@ -1572,26 +1720,26 @@ async fn stream_ship(
             let StreamItem::Frame(frame) = item else {
                 bail!("the capture began cycle {cycle} twice");
             };
+            let t = Instant::now();
             send_frame(&mut writer, &frame, rel).await?;
+            writing += t.elapsed();
             frames += 1;
             sent += frame.wire_len() as u64;
             shared.set_progress(rel.vm_id, "sending", sent, progress.total(sent));
         }
+        let from_spool = Instant::now();
         // The capture has ended (its sender is gone): done, or failed.
         let p = pending(shared, rel.vm_id)
             .filter(|p| p.capture == capture)
             .ok_or_else(|| anyhow!("the capture of cycle {cycle} did not complete"))?;
-        let (spool_path, _) = spool_paths(&spool_dir(shared, rel.vm_id), cycle);
-        send_spool(
-            shared,
-            rel,
-            &mut writer,
-            &spool_path,
-            frames,
-            sent,
-            p.spool_bytes,
-        )
-        .await?;
+        if p.spooled {
+            send_spool(shared, rel, &mut writer, &p, frames, sent).await?;
+        } else if frames != p.frames {
+            bail!(
+                "cycle {cycle} was streamed without a spool, but {frames} of its {} batches were sent",
+                p.frames
+            );
+        }
         writer
             .write_control(&Msg::CycleEnd {
                 cycle,
@@ -1603,6 +1751,9 @@ async fn stream_ship(
             cycle,
             batches = p.frames,
             streamed = frames,
+            write_s = format!("{:.3}", writing.as_secs_f64()),
+            wait_s = format!("{:.3}", waiting.as_secs_f64()),
+            spool_s = format!("{:.3}", from_spool.elapsed().as_secs_f64()),
             "cycle streamed: batches sent while read, the rest from the spool"
         );
         Ok::<Pending, anyhow::Error>(p)
@@ -1610,11 +1761,19 @@ async fn stream_ship(
     .await;
     let p = match sending {
         Ok(p) => p,
-        Err(e) => return Err(refusal_or(&mut reader, rel, cycle, e).await),
+        Err(e) => {
+            if e.is::<SpoolLost>() {
+                if let Some(p) = pending(shared, rel.vm_id).filter(|p| p.cycle == cycle) {
+                    abandon_pending(shared, rel, &p).await;
+                }
+                return Err(e);
+            }
+            return Err(refusal_or(&mut reader, rel, cycle, e).await);
+        }
     };
     await_commit(&mut reader, rel, cycle).await?;
     let _ = writer.shutdown().await;
-    record_replicated(shared, rel, &vm, &p)?;
+    record_replicated(shared, rel, &vm, &p).await?;
     Ok(Some(p))
 }
 
@@ -1648,7 +1807,6 @@ async fn ship(shared: &Arc<Shared>, rel: &ReplicationRow, p: &Pending) -> anyhow
         if from > 0 {
             info!(vm = %vm.spec.name, cycle = p.cycle, from, "resuming an interrupted transfer");
         }
-        let (spool_path, _) = spool_paths(&spool_dir(shared, rel.vm_id), p.cycle);
         writer
             .write_control(&Msg::CycleBegin {
                 cycle: p.cycle,
@@ -1663,16 +1821,7 @@ async fn ship(shared: &Arc<Shared>, rel: &ReplicationRow, p: &Pending) -> anyhow
             })
             .await?;
         let sending = async {
-            send_spool(
-                shared,
-                rel,
-                &mut writer,
-                &spool_path,
-                from,
-                0,
-                p.spool_bytes,
-            )
-            .await?;
+            send_spool(shared, rel, &mut writer, p, from, 0).await?;
             writer
                 .write_control(&Msg::CycleEnd {
                     cycle: p.cycle,
@@ -1684,33 +1833,86 @@ async fn ship(shared: &Arc<Shared>, rel: &ReplicationRow, p: &Pending) -> anyhow
         }
         .await;
         if let Err(e) = sending {
+            if e.is::<SpoolLost>() {
+                abandon_pending(shared, rel, p).await;
+                return Err(e);
+            }
             return Err(refusal_or(&mut reader, rel, p.cycle, e).await);
         }
         await_commit(&mut reader, rel, p.cycle).await?;
     }
     let _ = writer.shutdown().await;
-    record_replicated(shared, rel, &vm, p)
+    record_replicated(shared, rel, &vm, p).await
 }
 
-/// Sends a spool's frames from index `from` on, with the "sending" progress (`sent` bytes
-/// already sent of `total`).
+/// Sends the frames of cycle `p`'s spool from index `from` on, with the "sending" progress
+/// (`sent` bytes already sent). A spool that cannot be read back whole fails with
+/// [`SpoolLost`].
 async fn send_spool(
     shared: &Shared,
     rel: &ReplicationRow,
     writer: &mut FrameWriter<tokio::io::WriteHalf<peer::PeerStream>>,
-    spool_path: &Path,
+    p: &Pending,
     from: u64,
     mut sent: u64,
-    total: u64,
 ) -> anyhow::Result<()> {
-    let mut spool = SpoolReader::open_at(spool_path, from).await?;
-    shared.set_progress(rel.vm_id, "sending", sent, total);
-    while let Some(frame) = spool.next_encoded().await? {
+    let (spool_path, _) = spool_paths(&spool_dir(shared, rel.vm_id), p.cycle);
+    let lost = |why: String| SpoolLost {
+        cycle: p.cycle,
+        why,
+    };
+    if !p.spooled {
+        return Err(lost(
+            "it was larger than the spool's free space and went only to the wire".into(),
+        )
+        .into());
+    }
+    let mut spool = SpoolReader::open_at(&spool_path, from)
+        .await
+        .map_err(|e| lost(e.to_string()))?;
+    shared.set_progress(rel.vm_id, "sending", sent, p.spool_bytes);
+    let mut index = from;
+    while let Some(frame) = spool
+        .next_encoded()
+        .await
+        .map_err(|e| lost(e.to_string()))?
+    {
         send_frame(writer, &frame, rel).await?;
+        index += 1;
         sent += frame.wire_len() as u64;
-        shared.set_progress(rel.vm_id, "sending", sent, total);
+        shared.set_progress(rel.vm_id, "sending", sent, p.spool_bytes);
+    }
+    if index != p.frames {
+        return Err(lost(format!("{index} of its {} batches", p.frames)).into());
     }
     Ok(())
+}
+
+/// Gives up a captured cycle whose spool is damaged: its files go, and the change tracking
+/// kept for it until the replica's commit makes the next capture carry its changes (a
+/// delta folds the old generation into the new one; a resynchronization compares again).
+/// An initial copy starts again from scratch.
+async fn abandon_pending(shared: &Shared, rel: &ReplicationRow, p: &Pending) {
+    warn!(cycle = p.cycle, kind = %p.kind, "abandoning a captured cycle whose spool is damaged");
+    let (spool_path, meta_path) = spool_paths(&spool_dir(shared, rel.vm_id), p.cycle);
+    let _ = std::fs::remove_file(meta_path);
+    let _ = std::fs::remove_file(spool_path);
+    if p.kind == "initial" {
+        if let Ok(vm) = vm_row(shared, rel.vm_id) {
+            let _vm_lock = shared.vms.lock_vm(&vm.spec.name).await;
+            let disks = disks(shared, &vm, rel);
+            let name = generation_name(p.generation);
+            if let Some(qmp) = shared.vms.live_qmp(&vm.spec.name) {
+                let nodes: Vec<String> = disks.iter().map(|(i, _, _)| disk_node(*i)).collect();
+                let _ = cbt::remove_generation(&qmp, &nodes, &name).await;
+            } else {
+                for (_, image, _) in &disks {
+                    let _ = cbt::remove_bitmap_offline(&shared.cfg.qemu_img, image, &name).await;
+                }
+            }
+        }
+        set_generation(shared, rel.vm_id, 0);
+    }
 }
 
 /// Writes one frame, failing when the link stalls.
@@ -1769,8 +1971,9 @@ async fn await_commit(
     }
 }
 
-/// The point exists on the replica: record it, then forget the spool.
-fn record_replicated(
+/// The point exists on the replica: record it, drop what it made obsolete (the older
+/// change-tracking generations, the extra ranges it carried), then forget the spool.
+async fn record_replicated(
     shared: &Shared,
     rel: &ReplicationRow,
     vm: &VmRow,
@@ -1796,6 +1999,7 @@ fn record_replicated(
             );
         }
     }
+    drop_old_generations(shared, rel, vm, p).await;
     let (spool_path, meta_path) = spool_paths(&spool_dir(shared, rel.vm_id), p.cycle);
     let _ = std::fs::remove_file(meta_path);
     let _ = std::fs::remove_file(spool_path);
@@ -1811,6 +2015,85 @@ fn record_replicated(
         );
     }
     Ok(())
+}
+
+/// The replica has committed the point of `p`: the generations before `p.generation` go,
+/// and so do the extra ranges the point carried (if nobody added others since). Until now
+/// they were kept so that a cycle lost before its commit (a spool lost with the host, a
+/// transfer that cannot resume) is folded into the next one. A failure here costs only a
+/// larger next point: whatever is left is folded into the current generation by the next
+/// capture.
+async fn drop_old_generations(shared: &Shared, rel: &ReplicationRow, vm: &VmRow, p: &Pending) {
+    let _vm_lock = shared.vms.lock_vm(&vm.spec.name).await;
+    let extra_key = super::failover::reverse_extra_key(rel.vm_id);
+    if !p.extra.is_empty() {
+        let now: Vec<(usize, u64, u64)> = shared
+            .store
+            .setting(&extra_key)
+            .ok()
+            .flatten()
+            .and_then(|v| serde_json::from_str(&v).ok())
+            .unwrap_or_default();
+        if now == p.extra {
+            let _ = shared.store.delete_setting(&extra_key);
+        }
+    }
+    let disks = disks(shared, vm, rel);
+    let obsolete = |name: &str| {
+        name.strip_prefix("ferry-r")
+            .and_then(|g| g.parse::<i64>().ok())
+            .is_some_and(|g| g < p.generation)
+    };
+    let result: anyhow::Result<()> = async {
+        if let Some(qmp) = shared.vms.live_qmp(&vm.spec.name) {
+            let nodes: Vec<String> = disks.iter().map(|(i, _, _)| disk_node(*i)).collect();
+            for (node, names) in generations_on(&qmp, &nodes).await? {
+                for name in names.iter().filter(|n| obsolete(n)) {
+                    cbt::remove_generation(&qmp, &[node.as_str()], name).await?;
+                }
+            }
+        } else {
+            for (_, image, _) in &disks {
+                for b in cbt::offline_bitmaps(&shared.cfg.qemu_img, image).await? {
+                    if obsolete(&b.name) {
+                        cbt::remove_bitmap_offline(&shared.cfg.qemu_img, image, &b.name).await?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+    .await;
+    if let Err(e) = result {
+        warn!(vm = %vm.spec.name, error = %format!("{e:#}"), "the generations before the committed point could not be removed; the next capture folds them in");
+    }
+}
+
+/// The change-tracking generations (`ferry-r<N>` bitmaps) on each of `nodes`.
+async fn generations_on(
+    qmp: &ferry_qemu::qmp::Qmp,
+    nodes: &[String],
+) -> anyhow::Result<Vec<(String, Vec<String>)>> {
+    let infos = qmp
+        .execute(&ferry_qemu::qmp::QueryNamedBlockNodes { flat: Some(true) })
+        .await?;
+    Ok(nodes
+        .iter()
+        .map(|node| {
+            let names = infos
+                .iter()
+                .find(|n| &n.node_name == node)
+                .map(|info| {
+                    info.dirty_bitmaps
+                        .iter()
+                        .filter_map(|b| b.name.clone())
+                        .filter(|n| n.starts_with("ferry-r"))
+                        .collect()
+                })
+                .unwrap_or_default();
+            (node.clone(), names)
+        })
+        .collect())
 }
 
 async fn next_control<R: tokio::io::AsyncRead + Unpin>(
