@@ -1,0 +1,189 @@
+//! The receive stage: a cycle's frames read off the connection and checked before anything
+//! is written — the cycle must be the next one, every batch must come in sequence and stay
+//! within its disk, and the end must match what was announced. Keepalives are skipped;
+//! decoding and checksums are the frame reader's. Each checked batch goes to the apply
+//! stage, and every few MiB the cycle is checkpointed (staging).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail};
+use ferry_store::{PointRow, ReplicationRow, VmRow};
+use ferry_wire::{ExtentBatch, FrameKind, FrameReader};
+use tokio::io::AsyncRead;
+
+use super::apply::Layers;
+use super::cycle::Announced;
+use super::staging::{self, Staging};
+use super::{replicated_disks, IDLE};
+use crate::replication::proto::Msg;
+use crate::replication::Shared;
+
+/// Data between durable checkpoints of a cycle being received (flush + resume mark): a
+/// dropped link re-sends at most this much.
+const FLUSH_EVERY_BYTES: u64 = 8 << 20;
+
+/// Where an announced cycle goes: the replica VM, its latest point and directory, and the
+/// replicated disks with their sizes.
+pub(super) struct Target {
+    pub(super) vm: VmRow,
+    pub(super) latest: Option<PointRow>,
+    pub(super) vm_dir: PathBuf,
+    pub(super) disk_sizes: Vec<(usize, u64)>,
+}
+
+/// Checks a cycle's announcement before anything is received: a streamed cycle's shape,
+/// and that it is the next cycle of this replica.
+pub(super) fn target(
+    shared: &Shared,
+    rel: &ReplicationRow,
+    announced: &Announced<'_>,
+) -> anyhow::Result<Target> {
+    let (cycle, batches, bytes, from_batch) = (
+        announced.cycle,
+        announced.batches,
+        announced.bytes,
+        announced.from_batch,
+    );
+    if announced.streamed && (batches != 0 || bytes != 0 || from_batch != 0) {
+        bail!("a streamed cycle starts at batch 0 and announces its size at its end");
+    }
+    let vm = shared
+        .store
+        .vm_by_id(rel.vm_id)?
+        .ok_or_else(|| anyhow!("the replica VM is gone"))?;
+    // Only the next cycle is applied: anything else would delete or build on the wrong layer.
+    let current = shared
+        .store
+        .replication(rel.vm_id)?
+        .map(|r| r.last_cycle)
+        .unwrap_or(-1);
+    if cycle != current + 1 {
+        bail!("cycle {cycle} does not follow cycle {current}: refused");
+    }
+    let points = shared.store.list_points(rel.vm_id)?;
+    let latest = points.last().cloned();
+    let vm_dir = PathBuf::from(&vm.spec.disks[0].file)
+        .parent()
+        .map(Path::to_path_buf)
+        .ok_or_else(|| anyhow!("the replica VM has no storage directory"))?;
+    let disk_sizes: Vec<(usize, u64)> = replicated_disks(&vm.spec, rel);
+    Ok(Target {
+        vm,
+        latest,
+        vm_dir,
+        disk_sizes,
+    })
+}
+
+/// Receives the cycle's frames up to its `CycleEnd`, applying each batch into `layers`
+/// and checkpointing `staging` as it goes; the cycle's size (a streamed cycle says it at
+/// its end). The replica VM's progress shows meanwhile.
+pub(super) async fn frames<R: AsyncRead + Unpin>(
+    shared: &Arc<Shared>,
+    rel: &ReplicationRow,
+    reader: &mut FrameReader<R>,
+    announced: &Announced<'_>,
+    target: &Target,
+    layers: &mut Layers,
+    staging: &mut Staging,
+) -> anyhow::Result<u64> {
+    let result = receive(shared, rel, reader, announced, target, layers, staging).await;
+    shared.clear_progress(rel.vm_id);
+    result
+}
+
+async fn receive<R: AsyncRead + Unpin>(
+    shared: &Arc<Shared>,
+    rel: &ReplicationRow,
+    reader: &mut FrameReader<R>,
+    announced: &Announced<'_>,
+    target: &Target,
+    layers: &mut Layers,
+    staging: &mut Staging,
+) -> anyhow::Result<u64> {
+    let (cycle, streamed) = (announced.cycle, announced.streamed);
+    let (mut batches, mut bytes) = (announced.batches, announced.bytes);
+    let mut expected = staging.next_batch;
+    let mut unflushed = 0u64;
+    let mut data_bytes = 0u64;
+    shared.set_progress(rel.vm_id, "applying", 0, bytes);
+    loop {
+        let frame = tokio::time::timeout(IDLE, reader.read_frame())
+            .await
+            .map_err(|_| anyhow!("the primary went silent during cycle {cycle}"))??
+            .ok_or_else(|| anyhow!("the connection closed in the middle of cycle {cycle}"))?;
+        match frame.kind {
+            FrameKind::Keepalive => continue,
+            FrameKind::Control => {
+                let msg: Msg = frame.control()?;
+                match msg {
+                    Msg::CycleEnd {
+                        cycle: c,
+                        batches: b,
+                        bytes: n,
+                    } if c == cycle => {
+                        if streamed {
+                            let (Some(b), Some(n)) = (b, n) else {
+                                bail!("the streamed cycle {cycle} ended without its batch count and size");
+                            };
+                            (batches, bytes) = (b, n);
+                        }
+                        break;
+                    }
+                    other => bail!("unexpected message during cycle {cycle}: {other:?}"),
+                }
+            }
+            FrameKind::ExtentBatch => {
+                let batch = frame.batch()?;
+                batch.expect_seq(expected)?;
+                // Checked first: a bad extent applies nothing of its batch.
+                check_extents(&batch, layers, &target.disk_sizes)?;
+                layers.write(&batch).await?;
+                data_bytes += batch.data_bytes();
+                unflushed += batch.data_bytes().max(1);
+                expected += 1;
+                shared.set_progress(rel.vm_id, "applying", data_bytes, bytes);
+                if unflushed >= FLUSH_EVERY_BYTES {
+                    staging::checkpoint(layers, staging, &target.vm_dir, expected).await?;
+                    unflushed = 0;
+                }
+            }
+        }
+    }
+    if expected != batches {
+        bail!("cycle {cycle} ended after {expected} batches, but {batches} were announced");
+    }
+    // A streamed cycle starts at batch 0: what arrived is its whole size.
+    if streamed && data_bytes != bytes {
+        bail!("cycle {cycle} carried {data_bytes} data bytes, but {bytes} were announced");
+    }
+    Ok(bytes)
+}
+
+/// Checks that every extent of a batch is for a replicated disk and within its size.
+fn check_extents(
+    batch: &ExtentBatch,
+    layers: &Layers,
+    disk_sizes: &[(usize, u64)],
+) -> anyhow::Result<()> {
+    for ext in &batch.extents {
+        let disk = ext.disk as usize;
+        if !layers.contains(disk) {
+            bail!("extent for disk {disk}, which is not replicated");
+        }
+        let size = disk_sizes
+            .iter()
+            .find(|d| d.0 == disk)
+            .map(|d| d.1)
+            .unwrap_or(0);
+        if ext.end().is_none_or(|end| end > size) {
+            bail!(
+                "extent at {} (+{}) is beyond disk {disk}'s size {size}",
+                ext.offset,
+                ext.len()
+            );
+        }
+    }
+    Ok(())
+}
