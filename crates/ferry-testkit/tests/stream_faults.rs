@@ -2,7 +2,7 @@
 //!
 //! One guest writes verifiable blocks without pause; its delta cycles stream through a
 //! slowed link, so each fault lands while a cycle is on the wire: the primary daemon
-//! SIGKILLed (and its unsynced spool then torn, as a power loss would leave it), the
+//! SIGKILLed with the link cut (and its unsynced spool then torn: a power loss), the
 //! replica daemon SIGKILLed, the link cut, QEMU SIGKILLed. After each, no half-applied point
 //! is ever visible on the replica and every point is an exact prefix of the guest's writes:
 //! the next point holds every write, also those of the cycle that was lost with its spool,
@@ -191,7 +191,10 @@ fn streamed_cycles_survive_faults_mid_stream_and_lose_no_write() {
         "sending",
         "the cycle was no longer on the wire"
     );
+    // A power loss: the daemon dies and what it had sent but the link had not delivered
+    // is lost with it.
     a.kill_daemon();
+    link.cut();
     no_point(&b, "app", cycle, "the primary daemon died");
     let spool = spool_of("spool").expect("the captured cycle's spool");
     let len = std::fs::metadata(&spool)

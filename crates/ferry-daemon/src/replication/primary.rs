@@ -416,8 +416,7 @@ async fn attempt_cycle(shared: &Arc<Shared>, rel: &ReplicationRow) -> anyhow::Re
             }
         }
     }
-    ship(shared, rel, &p).await?;
-    Ok(p)
+    ship(shared, rel, &p).await
 }
 
 fn vm_is_running(shared: &Shared, vm_id: i64) -> bool {
@@ -1456,6 +1455,8 @@ pub struct Session {
     pub extra: Vec<(usize, u64, u64)>,
     /// The last cycle the replica committed.
     pub last_cycle: i64,
+    /// The capture that cycle came from, if the replica says.
+    pub last_capture: Option<u64>,
     /// A partially received cycle on the replica.
     pub resume: Option<super::proto::Resume>,
     /// The protocol version the replica answered.
@@ -1519,6 +1520,7 @@ pub async fn handshake(
             protocol,
             replica,
             last_cycle,
+            last_capture,
             resume,
             extra,
             need_boot_files,
@@ -1544,6 +1546,7 @@ pub async fn handshake(
                 replica,
                 extra,
                 last_cycle,
+                last_capture,
                 resume,
                 protocol,
             })
@@ -1676,14 +1679,19 @@ async fn stream_ship(
         mut reader,
         mut writer,
         last_cycle,
+        last_capture,
         protocol,
         ..
     } = handshake(shared, &vm, rel).await?;
-    if protocol < 3 || last_cycle >= cycle {
+    let superseded = last_cycle == cycle && superseded(last_capture, capture);
+    if protocol < 3 || (last_cycle >= cycle && !superseded) {
         // Dropping `rx` stops the stream; the capture goes on into the spool.
         let _ = writer.shutdown().await;
         return Ok(None);
     }
+    // The replica committed another capture of this cycle number (one given up here): this
+    // one holds every change since the cycle before it, so it goes on top, as the next.
+    let cycle = if superseded { cycle + 1 } else { cycle };
     writer
         .write_control(&Msg::CycleBegin {
             cycle,
@@ -1732,6 +1740,10 @@ async fn stream_ship(
         let p = pending(shared, rel.vm_id)
             .filter(|p| p.capture == capture)
             .ok_or_else(|| anyhow!("the capture of cycle {cycle} did not complete"))?;
+        let p = match p.cycle == cycle {
+            true => p,
+            false => renumber(shared, rel, &p, cycle)?,
+        };
         if p.spooled {
             send_spool(shared, rel, &mut writer, &p, frames, sent).await?;
         } else if frames != p.frames {
@@ -1763,7 +1775,7 @@ async fn stream_ship(
         Ok(p) => p,
         Err(e) => {
             if e.is::<SpoolLost>() {
-                if let Some(p) = pending(shared, rel.vm_id).filter(|p| p.cycle == cycle) {
+                if let Some(p) = pending(shared, rel.vm_id).filter(|p| p.capture == capture) {
                     abandon_pending(shared, rel, &p).await;
                 }
                 return Err(e);
@@ -1777,16 +1789,56 @@ async fn stream_ship(
     Ok(Some(p))
 }
 
-/// Sends a captured cycle and waits for the replica to commit it.
-async fn ship(shared: &Arc<Shared>, rel: &ReplicationRow, p: &Pending) -> anyhow::Result<()> {
+/// Whether the replica's last cycle came from another capture than `capture` (of the same
+/// cycle number: one this primary gave up, whose end still reached the replica).
+fn superseded(last_capture: Option<u64>, capture: u64) -> bool {
+    capture != 0 && last_capture.is_some_and(|c| c != capture)
+}
+
+/// Gives a captured cycle the number `cycle` (its spool renamed, its description
+/// rewritten), for a capture that must go on top of another capture of its number.
+fn renumber(
+    shared: &Shared,
+    rel: &ReplicationRow,
+    p: &Pending,
+    cycle: i64,
+) -> anyhow::Result<Pending> {
+    let dir = spool_dir(shared, rel.vm_id);
+    let (old_spool, old_meta) = spool_paths(&dir, p.cycle);
+    let (new_spool, new_meta) = spool_paths(&dir, cycle);
+    info!(
+        from = p.cycle,
+        to = cycle,
+        "the replica committed an earlier capture of this cycle: this one goes on top of it"
+    );
+    if old_spool.exists() {
+        std::fs::rename(&old_spool, &new_spool)?;
+    }
+    let q = Pending { cycle, ..p.clone() };
+    write_meta(&new_meta, &q)?;
+    std::fs::remove_file(&old_meta)?;
+    Ok(q)
+}
+
+/// Sends a captured cycle and waits for the replica to commit it; returns the cycle as
+/// shipped (renumbered if the replica already had another capture of its number).
+async fn ship(shared: &Arc<Shared>, rel: &ReplicationRow, p: &Pending) -> anyhow::Result<Pending> {
     let vm = vm_row(shared, rel.vm_id)?;
     let Session {
         mut reader,
         mut writer,
         last_cycle,
+        last_capture,
         resume,
         ..
     } = handshake(shared, &vm, rel).await?;
+    let renumbered;
+    let p = if last_cycle == p.cycle && superseded(last_capture, p.capture) {
+        renumbered = renumber(shared, rel, p, last_cycle + 1)?;
+        &renumbered
+    } else {
+        p
+    };
     if last_cycle > p.cycle {
         bail!(
             "replica server {} has cycle {last_cycle}, beyond this primary's cycle {}: remove replication on both sides and enable it again",
@@ -1842,7 +1894,8 @@ async fn ship(shared: &Arc<Shared>, rel: &ReplicationRow, p: &Pending) -> anyhow
         await_commit(&mut reader, rel, p.cycle).await?;
     }
     let _ = writer.shutdown().await;
-    record_replicated(shared, rel, &vm, p).await
+    record_replicated(shared, rel, &vm, p).await?;
+    Ok(p.clone())
 }
 
 /// Sends the frames of cycle `p`'s spool from index `from` on, with the "sending" progress

@@ -122,6 +122,13 @@ pub enum Msg {
         replica: String,
         /// The last cycle committed as a recovery point (0 = none).
         last_cycle: i64,
+        /// The capture that cycle came from (`CycleBegin::capture`; absent from older
+        /// replicas and for cycles without one). A primary that gave a cycle up (its spool
+        /// was lost) while its end was still on the way learns here that the replica
+        /// committed it after all, and sends its new capture of that cycle number as the
+        /// next cycle instead of taking it for done.
+        #[serde(default)]
+        last_capture: Option<u64>,
         /// A partially received cycle.
         resume: Option<Resume>,
         /// Reverse replication after an unplanned failover: what this (old primary's) disk

@@ -90,6 +90,14 @@ pub(super) fn record_point(
         .to_owned(),
     };
     let id = shared.store.commit_point(&point, &rel)?;
+    // Which capture this point came from, for the primary's next greeting. Written after
+    // the commit: lost in a crash in between, the primary sees no match and sends its
+    // capture again as the next cycle (more data, never less).
+    if announced.capture != 0 {
+        let _ = shared
+            .store
+            .set_setting(&last_capture_key(vm_id), &announced.capture.to_string());
+    }
     let _ = std::fs::remove_file(target.vm_dir.join(STAGING_FILE));
     // The replica VM's disks show the latest point.
     let mut spec = target.vm.spec.clone();
@@ -106,6 +114,11 @@ pub(super) fn record_point(
     );
     info!(vm = %target.vm.spec.name, cycle, point = id, bytes, "recovery point committed");
     Ok((id, bytes))
+}
+
+/// Where the capture of a replica VM's last committed cycle is kept.
+pub(super) fn last_capture_key(vm_id: i64) -> String {
+    format!("replica_last_capture:{vm_id}")
 }
 
 /// Makes a file (or a directory's entries) durable.

@@ -174,11 +174,23 @@ async fn welcome<'a, W: AsyncWrite + Unpin>(
         None => Vec::new(),
     };
     let next_fp = shared.identity.next();
+    // Read again now that this session holds the VM: a session still running when the
+    // greeting arrived (a primary that died with a cycle's end on the way) may have
+    // committed a cycle since.
+    let last_cycle = shared
+        .store
+        .replication(vm_id)?
+        .map_or(accepted.rel.last_cycle, |r| r.last_cycle);
+    let last_capture = shared
+        .store
+        .setting(&super::commit::last_capture_key(vm_id))?
+        .and_then(|v| v.parse().ok());
     writer
         .write_control(&Msg::Welcome {
             protocol: accepted.protocol,
             replica: shared.cfg.name.clone(),
-            last_cycle: accepted.rel.last_cycle,
+            last_cycle,
+            last_capture,
             resume,
             extra: accepted.extra,
             need_boot_files: need_boot_files.clone(),
