@@ -319,7 +319,8 @@ fn fmt_phases(a: &Host, vm: &str, row: &CycleRow) -> String {
 /// Where the time of cycle `cycle` went, from both daemons' logs: the primary's read
 /// (`timing=` of "cycle captured": NBD reads, frame encoding, spool writes, waiting for the
 /// shipper), its shipper ("cycle streamed": writing to the link, waiting for the read,
-/// sending from the spool) and the replica's apply and commit ("recovery point committed").
+/// sending from the spool) and the replica's ("cycle applied": reading frames off the link,
+/// decoding, NBD writes, resumable checkpoints, close + fsync, the commit).
 fn profile(a: &Host, b: &Host, vm: &str, cycle: i64) -> String {
     let find = |host: &Host, what: &str, keys: &[&str]| -> Option<String> {
         let log = strip_ansi(&host.log_text());
@@ -350,8 +351,15 @@ fn profile(a: &Host, b: &Host, vm: &str, cycle: i64) -> String {
         find(a, "cycle streamed", &["write_s", "wait_s", "spool_s"]).unwrap_or_else(|| "-".into());
     let apply = find(
         b,
-        "recovery point committed",
-        &["receive_s", "apply_s", "flush_s", "commit_s"],
+        "cycle applied",
+        &[
+            "receive_s",
+            "decode_s",
+            "apply_s",
+            "checkpoint_s",
+            "durable_s",
+            "record_s",
+        ],
     )
     .unwrap_or_else(|| "-".into());
     format!("read [{read}] | ship [{ship}] | replica [{apply}]")

@@ -5,10 +5,12 @@
 //! through here.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use ferry_store::ReplicationRow;
 use ferry_wire::FrameReader;
 use tokio::io::AsyncRead;
+use tracing::info;
 
 use super::{apply, commit, receive, staging};
 use crate::replication::Shared;
@@ -40,6 +42,7 @@ pub(super) async fn receive_cycle<R: AsyncRead + Unpin>(
     let target = receive::target(shared, rel, announced)?;
     let mut staging = staging::resume_or_start(shared, rel, &target, announced).await?;
     let mut layers = apply::Layers::open(shared, rel.vm_id, &staging).await?;
+    let mut timing = receive::ApplyTiming::default();
     let received = receive::frames(
         shared,
         rel,
@@ -48,6 +51,7 @@ pub(super) async fn receive_cycle<R: AsyncRead + Unpin>(
         &target,
         &mut layers,
         &mut staging,
+        &mut timing,
     )
     .await;
     let bytes = match received {
@@ -59,6 +63,23 @@ pub(super) async fn receive_cycle<R: AsyncRead + Unpin>(
             return Err(e);
         }
     };
+    let t = Instant::now();
     commit::make_durable(layers, &staging, &target.vm_dir).await?;
-    commit::record_point(shared, rel.vm_id, &target, announced, bytes, &staging)
+    let durable = Instant::now();
+    timing.durable = durable - t;
+    let point = commit::record_point(shared, rel.vm_id, &target, announced, bytes, &staging)?;
+    timing.record = durable.elapsed();
+    let s = |d: std::time::Duration| format!("{:.3}", d.as_secs_f64());
+    info!(
+        vm = %target.vm.spec.name,
+        cycle = announced.cycle,
+        receive_s = s(timing.receive),
+        decode_s = s(timing.decode),
+        apply_s = s(timing.apply),
+        checkpoint_s = s(timing.checkpoint),
+        durable_s = s(timing.durable),
+        record_s = s(timing.record),
+        "cycle applied"
+    );
+    Ok(point)
 }

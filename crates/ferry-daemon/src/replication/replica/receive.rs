@@ -6,6 +6,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail};
 use ferry_store::{PointRow, ReplicationRow, VmRow};
@@ -87,12 +88,17 @@ pub(super) async fn frames<R: AsyncRead + Unpin>(
     target: &Target,
     layers: &mut Layers,
     staging: &mut Staging,
+    timing: &mut ApplyTiming,
 ) -> anyhow::Result<u64> {
-    let result = receive(shared, rel, reader, announced, target, layers, staging).await;
+    let result = receive(
+        shared, rel, reader, announced, target, layers, staging, timing,
+    )
+    .await;
     shared.clear_progress(rel.vm_id);
     result
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn receive<R: AsyncRead + Unpin>(
     shared: &Arc<Shared>,
     rel: &ReplicationRow,
@@ -101,6 +107,7 @@ async fn receive<R: AsyncRead + Unpin>(
     target: &Target,
     layers: &mut Layers,
     staging: &mut Staging,
+    timing: &mut ApplyTiming,
 ) -> anyhow::Result<u64> {
     let (cycle, streamed) = (announced.cycle, announced.streamed);
     let (mut batches, mut bytes) = (announced.batches, announced.bytes);
@@ -109,10 +116,12 @@ async fn receive<R: AsyncRead + Unpin>(
     let mut data_bytes = 0u64;
     shared.set_progress(rel.vm_id, "applying", 0, bytes);
     loop {
+        let t = Instant::now();
         let frame = tokio::time::timeout(IDLE, reader.read_frame())
             .await
             .map_err(|_| anyhow!("the primary went silent during cycle {cycle}"))??
             .ok_or_else(|| anyhow!("the connection closed in the middle of cycle {cycle}"))?;
+        timing.receive += t.elapsed();
         match frame.kind {
             FrameKind::Keepalive => continue,
             FrameKind::Control => {
@@ -135,17 +144,23 @@ async fn receive<R: AsyncRead + Unpin>(
                 }
             }
             FrameKind::ExtentBatch => {
+                let t = Instant::now();
                 let batch = frame.batch()?;
                 batch.expect_seq(expected)?;
                 // Checked first: a bad extent applies nothing of its batch.
                 check_extents(&batch, layers, &target.disk_sizes)?;
+                let decoded = Instant::now();
+                timing.decode += decoded - t;
                 layers.write(&batch).await?;
+                timing.apply += decoded.elapsed();
                 data_bytes += batch.data_bytes();
                 unflushed += batch.data_bytes().max(1);
                 expected += 1;
                 shared.set_progress(rel.vm_id, "applying", data_bytes, bytes);
                 if unflushed >= FLUSH_EVERY_BYTES {
+                    let t = Instant::now();
                     staging::checkpoint(layers, staging, &target.vm_dir, expected).await?;
+                    timing.checkpoint += t.elapsed();
                     unflushed = 0;
                 }
             }
@@ -159,6 +174,20 @@ async fn receive<R: AsyncRead + Unpin>(
         bail!("cycle {cycle} carried {data_bytes} data bytes, but {bytes} were announced");
     }
     Ok(bytes)
+}
+
+/// Where the replica's time for a cycle went (its profile, logged as "cycle applied"):
+/// waiting for and reading frames off the link, decoding and checking batches, writing
+/// them into the layers (NBD), the resumable checkpoints (flush + mark), and making the
+/// point durable (close + fsync) and recording it.
+#[derive(Debug, Default)]
+pub(super) struct ApplyTiming {
+    pub(super) receive: Duration,
+    pub(super) decode: Duration,
+    pub(super) apply: Duration,
+    pub(super) checkpoint: Duration,
+    pub(super) durable: Duration,
+    pub(super) record: Duration,
 }
 
 /// Checks that every extent of a batch is for a replicated disk and within its size.
