@@ -337,7 +337,9 @@ fn write_off(image: &Path, src: &Path, seed: u64, counts: &WriterCounts) {
         x ^= x << 17;
         let off = (x % (DISK_BYTES / OFF_WRITE_LEN)) * OFF_WRITE_LEN;
         let file = src.with_extension(n.to_string());
-        random_file(&file, OFF_WRITE_LEN, x);
+        // Its own stream: seeding with `x` itself would make the next buffer this one
+        // shifted by a few words, which compresses.
+        random_file(&file, OFF_WRITE_LEN, x.wrapping_mul(0x2545_f491_4f6c_dd1d));
         cmd.arg("-c").arg(format!(
             "write -q -s {} {off} {OFF_WRITE_LEN}",
             file.display()
