@@ -4,6 +4,7 @@
 //! ```text
 //! cargo build --workspace
 //! cargo run -p ferry-testkit --example bench -- [NAMES...] [--reps N] [--minutes M]
+//!     [--interval S] [--guests G]
 //! ```
 //!
 //! NAMES (default: all, in this order):
@@ -28,6 +29,12 @@
 //!   delta, compression off and on, vs the CPU time of `ferry-tls-baseline --durable`
 //!   copying the same GiB in the same run; target off <= 1.5 s per GiB; and each ferryd's
 //!   peak RSS (VmHWM), target <= 256 MiB.
+//! - `scale`      (9) one primary replicating 100 VMs every 30 s to one replica server
+//!   for M minutes (default 10): G running test guests (`--guests G`, default 8, TCG) and
+//!   100 - G VMs that are off, whose images a writer changes between their cycles;
+//!   missed cycles, target 0 (1 per VM allowed for phase); each ferryd's CPU (from /proc)
+//!   over the window vs the target 10 % of one core, its CPU per cycle, and its peak RSS;
+//!   the time the 100 initial copies took is reported.
 //!
 //! The binaries (`ferryd`, `ferry`, `ferry-tls-baseline`) are taken from the profile
 //! directory this example was built into (`target/debug` unless `--release`), or from
@@ -40,6 +47,10 @@ use std::time::{Duration, Instant};
 use ferry_testkit::guest::{parse_console, GuestWorkload};
 use ferry_testkit::host::Host;
 use serde_json::Value;
+
+// Benchmark 9 (`scale`) in its own file: it is long, and shares this file's helpers.
+#[path = "bench/scale.rs"]
+mod scale;
 
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
@@ -79,9 +90,12 @@ fn verdict(pass: Option<bool>) -> &'static str {
 
 struct Opts {
     reps: usize,
-    minutes: f64,
+    /// `steady`'s and `scale`'s run time; each has its own default.
+    minutes: Option<f64>,
     /// `steady`'s replication interval, seconds.
     interval: u64,
+    /// `scale`'s running test guests.
+    guests: usize,
 }
 
 // ---------------------------------------------------------------------------------------
@@ -700,7 +714,8 @@ fn bench_steady(o: &Opts) -> Vec<Figure> {
     let c0 = last_cycle(&a, "steady");
     let rows0 = cycle_rows(&a, "steady").len();
     let t0 = Instant::now();
-    let run = Duration::from_secs_f64(o.minutes * 60.0);
+    let minutes = o.minutes.unwrap_or(5.0);
+    let run = Duration::from_secs_f64(minutes * 60.0);
     while t0.elapsed() < run {
         std::thread::sleep(Duration::from_secs(5).min(run.saturating_sub(t0.elapsed())));
     }
@@ -776,7 +791,7 @@ fn bench_steady(o: &Opts) -> Vec<Figure> {
     vec![
         Figure {
             bench: "steady",
-            what: format!("guest writing, {interval} s interval, {:.1} min", o.minutes),
+            what: format!("guest writing, {interval} s interval, {minutes:.1} min"),
             measured: format!("{done} cycles done, {failed} failed"),
             baseline: format!("{expected} expected"),
             ratio: Some(done as f64 / expected.max(1) as f64),
@@ -1084,6 +1099,7 @@ const BENCHES: &[(&str, &str, Bench)] = &[
     ("failover", "6", bench_failover),
     ("wan", "7", bench_wan),
     ("cpu", "8", bench_cpu),
+    ("scale", "9", scale::bench_scale),
 ];
 
 fn main() {
@@ -1099,8 +1115,9 @@ fn main() {
     }
     let mut opts = Opts {
         reps: 3,
-        minutes: 5.0,
+        minutes: None,
         interval: 5,
+        guests: 8,
     };
     let mut names = Vec::new();
     let mut args = std::env::args().skip(1);
@@ -1114,14 +1131,21 @@ fn main() {
                     .expect("--interval SECONDS")
             }
             "--minutes" => {
-                opts.minutes = args
+                opts.minutes = Some(
+                    args.next()
+                        .and_then(|v| v.parse().ok())
+                        .expect("--minutes M"),
+                )
+            }
+            "--guests" => {
+                opts.guests = args
                     .next()
                     .and_then(|v| v.parse().ok())
-                    .expect("--minutes M")
+                    .expect("--guests G")
             }
             "-h" | "--help" => {
                 println!(
-                    "usage: bench [{}] [--reps N (default 3)] [--minutes M (default 5)] [--interval S (steady, default 5)]",
+                    "usage: bench [{}] [--reps N (default 3)] [--minutes M (steady 5, scale 10)] [--interval S (steady, default 5)] [--guests G (scale, default 8)]",
                     BENCHES.iter().map(|b| b.0).collect::<Vec<_>>().join("|")
                 );
                 return;
@@ -1137,10 +1161,10 @@ fn main() {
     }
     let bins = ferry_testkit::bin_dir();
     println!(
-        "ferry bench: {} (reps {}, steady {} min), binaries from {}",
+        "ferry bench: {} (reps {}, minutes {}), binaries from {}",
         names.join(" "),
         opts.reps,
-        opts.minutes,
+        opts.minutes.map_or("default".into(), |m| m.to_string()),
         bins.display()
     );
     let mut summary = Vec::new();
