@@ -21,8 +21,12 @@ use crate::replication::proto::Msg;
 use crate::replication::Shared;
 
 /// Data between durable checkpoints of a cycle being received (flush + resume mark): a
-/// dropped link re-sends at most this much.
-const FLUSH_EVERY_BYTES: u64 = 8 << 20;
+/// dropped link re-sends at most this much. Each checkpoint costs a flush of the layers (an
+/// fdatasync): at 8 MiB they took a fifth of a 256 MiB cycle's time (docs/BENCHMARKS.md).
+const FLUSH_EVERY_BYTES: u64 = 64 << 20;
+/// ... or this long, whichever comes first: on a slow link a dropped connection re-sends at
+/// most this many seconds of transfer.
+const FLUSH_EVERY: Duration = Duration::from_secs(2);
 
 /// Where an announced cycle goes: the replica VM, its latest point and directory, and the
 /// replicated disks with their sizes.
@@ -109,12 +113,64 @@ async fn receive<R: AsyncRead + Unpin>(
     staging: &mut Staging,
     timing: &mut ApplyTiming,
 ) -> anyhow::Result<u64> {
+    let cycle = announced.cycle;
+    let first = staging.next_batch;
+    shared.set_progress(rel.vm_id, "applying", 0, announced.bytes);
+    // Two stages at once: frames are read and checked while the batches before them are
+    // written, through a short queue (its memory: APPLY_QUEUE batches of at most 8 MiB).
+    let replicated: Vec<usize> = target
+        .disk_sizes
+        .iter()
+        .map(|d| d.0)
+        .filter(|d| layers.contains(*d))
+        .collect();
+    let (tx, rx) = tokio::sync::mpsc::channel(APPLY_QUEUE);
+    let mut read_timing = ApplyTiming::default();
+    let (read, applied) = tokio::join!(
+        read_batches(
+            reader,
+            announced,
+            target,
+            &replicated,
+            first,
+            tx,
+            &mut read_timing
+        ),
+        apply_batches(shared, rel, announced, target, layers, staging, rx, timing),
+    );
+    timing.receive = read_timing.receive;
+    timing.decode = read_timing.decode;
+    // A failed read is the cause; the writes only stopped because of it.
+    let (batches, bytes) = read?;
+    let (applied, data_bytes) = applied?;
+    if applied != batches {
+        bail!("cycle {cycle} ended after {applied} batches, but {batches} were announced");
+    }
+    // A streamed cycle starts at batch 0: what arrived is its whole size.
+    if announced.streamed && data_bytes != bytes {
+        bail!("cycle {cycle} carried {data_bytes} data bytes, but {bytes} were announced");
+    }
+    Ok(bytes)
+}
+
+/// Batches read ahead of the writes: enough to keep the link and the disk busy at once.
+const APPLY_QUEUE: usize = 4;
+
+/// The read half of [`receive`]: frames off the connection until the cycle's end, each
+/// batch checked (sequence from `first`, extents within replicated disks) before it goes
+/// to the writes. Returns the batch count and data bytes the cycle ends with (as announced
+/// up front, or at the end for a streamed cycle).
+async fn read_batches<R: AsyncRead + Unpin>(
+    reader: &mut FrameReader<R>,
+    announced: &Announced<'_>,
+    target: &Target,
+    replicated: &[usize],
+    first: u64,
+    tx: tokio::sync::mpsc::Sender<ExtentBatch>,
+    timing: &mut ApplyTiming,
+) -> anyhow::Result<(u64, u64)> {
     let (cycle, streamed) = (announced.cycle, announced.streamed);
-    let (mut batches, mut bytes) = (announced.batches, announced.bytes);
-    let mut expected = staging.next_batch;
-    let mut unflushed = 0u64;
-    let mut data_bytes = 0u64;
-    shared.set_progress(rel.vm_id, "applying", 0, bytes);
+    let mut expected = first;
     loop {
         let t = Instant::now();
         let frame = tokio::time::timeout(IDLE, reader.read_frame())
@@ -132,13 +188,15 @@ async fn receive<R: AsyncRead + Unpin>(
                         batches: b,
                         bytes: n,
                     } if c == cycle => {
-                        if streamed {
-                            let (Some(b), Some(n)) = (b, n) else {
-                                bail!("the streamed cycle {cycle} ended without its batch count and size");
-                            };
-                            (batches, bytes) = (b, n);
+                        if !streamed {
+                            return Ok((announced.batches, announced.bytes));
                         }
-                        break;
+                        let (Some(b), Some(n)) = (b, n) else {
+                            bail!(
+                                "the streamed cycle {cycle} ended without its batch count and size"
+                            );
+                        };
+                        return Ok((b, n));
                     }
                     other => bail!("unexpected message during cycle {cycle}: {other:?}"),
                 }
@@ -148,32 +206,53 @@ async fn receive<R: AsyncRead + Unpin>(
                 let batch = frame.batch()?;
                 batch.expect_seq(expected)?;
                 // Checked first: a bad extent applies nothing of its batch.
-                check_extents(&batch, layers, &target.disk_sizes)?;
-                let decoded = Instant::now();
-                timing.decode += decoded - t;
-                layers.write(&batch).await?;
-                timing.apply += decoded.elapsed();
-                data_bytes += batch.data_bytes();
-                unflushed += batch.data_bytes().max(1);
+                check_extents(&batch, replicated, &target.disk_sizes)?;
+                timing.decode += t.elapsed();
                 expected += 1;
-                shared.set_progress(rel.vm_id, "applying", data_bytes, bytes);
-                if unflushed >= FLUSH_EVERY_BYTES {
-                    let t = Instant::now();
-                    staging::checkpoint(layers, staging, &target.vm_dir, expected).await?;
-                    timing.checkpoint += t.elapsed();
-                    unflushed = 0;
+                if tx.send(batch).await.is_err() {
+                    // The writes stopped (their error is the one reported).
+                    return Ok((expected, 0));
                 }
             }
         }
     }
-    if expected != batches {
-        bail!("cycle {cycle} ended after {expected} batches, but {batches} were announced");
+}
+
+/// The write half of [`receive`]: each checked batch into the layers, and every
+/// FLUSH_EVERY_BYTES or FLUSH_EVERY a checkpoint (flush + resume mark). Returns the batches applied (from
+/// the first of the cycle) and the data bytes written.
+#[allow(clippy::too_many_arguments)]
+async fn apply_batches(
+    shared: &Arc<Shared>,
+    rel: &ReplicationRow,
+    announced: &Announced<'_>,
+    target: &Target,
+    layers: &mut Layers,
+    staging: &mut Staging,
+    mut rx: tokio::sync::mpsc::Receiver<ExtentBatch>,
+    timing: &mut ApplyTiming,
+) -> anyhow::Result<(u64, u64)> {
+    let mut applied = staging.next_batch;
+    let mut unflushed = 0u64;
+    let mut data_bytes = 0u64;
+    let mut flushed_at = Instant::now();
+    while let Some(batch) = rx.recv().await {
+        let t = Instant::now();
+        layers.write(&batch).await?;
+        timing.apply += t.elapsed();
+        data_bytes += batch.data_bytes();
+        unflushed += batch.data_bytes().max(1);
+        applied += 1;
+        shared.set_progress(rel.vm_id, "applying", data_bytes, announced.bytes);
+        if unflushed >= FLUSH_EVERY_BYTES || flushed_at.elapsed() >= FLUSH_EVERY {
+            let t = Instant::now();
+            staging::checkpoint(layers, staging, &target.vm_dir, applied).await?;
+            flushed_at = Instant::now();
+            timing.checkpoint += flushed_at - t;
+            unflushed = 0;
+        }
     }
-    // A streamed cycle starts at batch 0: what arrived is its whole size.
-    if streamed && data_bytes != bytes {
-        bail!("cycle {cycle} carried {data_bytes} data bytes, but {bytes} were announced");
-    }
-    Ok(bytes)
+    Ok((applied, data_bytes))
 }
 
 /// Where the replica's time for a cycle went (its profile, logged as "cycle applied"):
@@ -193,12 +272,12 @@ pub(super) struct ApplyTiming {
 /// Checks that every extent of a batch is for a replicated disk and within its size.
 fn check_extents(
     batch: &ExtentBatch,
-    layers: &Layers,
+    replicated: &[usize],
     disk_sizes: &[(usize, u64)],
 ) -> anyhow::Result<()> {
     for ext in &batch.extents {
         let disk = ext.disk as usize;
-        if !layers.contains(disk) {
+        if !replicated.contains(&disk) {
             bail!("extent for disk {disk}, which is not replicated");
         }
         let size = disk_sizes
