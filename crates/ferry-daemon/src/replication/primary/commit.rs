@@ -1,0 +1,140 @@
+//! The commit stage, once the replica has committed a cycle's point: the point is recorded
+//! here, and only then go the change-tracking generations before it, the extra ranges it
+//! carried, and its spool (ADR 0004 decision 3: until then they are kept, so that a cycle
+//! lost before its commit is folded into the next point). A cycle whose spool is damaged
+//! is abandoned here instead, its changes left to the next capture.
+
+use ferry_qemu::cbt;
+use ferry_qemu::process::disk_node;
+use ferry_store::{ReplicationRow, VmRow};
+use tracing::{info, warn};
+
+use super::generations::{generation_name, generations_on, set_generation};
+use super::spool::{spool_dir, spool_paths};
+use super::{disks, vm_row, Pending};
+use crate::replication::Shared;
+
+/// The point exists on the replica: record it, drop what it made obsolete (the older
+/// change-tracking generations, the extra ranges it carried), then forget the spool.
+pub(super) async fn record_replicated(
+    shared: &Shared,
+    rel: &ReplicationRow,
+    vm: &VmRow,
+    p: &Pending,
+) -> anyhow::Result<()> {
+    // (The spool's generation too: a crash between writing the spool's description and
+    // recording the generation must not leave the store behind the bitmaps.)
+    if let Some(before) =
+        shared
+            .store
+            .record_shipped(rel.vm_id, p.cycle, p.taken_at, p.generation, &p.kind)?
+    {
+        let after = shared
+            .store
+            .replication(rel.vm_id)?
+            .map(|r| r.state)
+            .unwrap_or(before);
+        if before != after {
+            shared.events.emit_id(
+                rel.vm_id,
+                "replication_state",
+                &format!("{before} -> {after}"),
+            );
+        }
+    }
+    drop_old_generations(shared, rel, vm, p).await;
+    let (spool_path, meta_path) = spool_paths(&spool_dir(shared, rel.vm_id), p.cycle);
+    let _ = std::fs::remove_file(meta_path);
+    let _ = std::fs::remove_file(spool_path);
+    info!(vm = %vm.spec.name, cycle = p.cycle, kind = %p.kind, bytes = p.spool_bytes, "cycle replicated");
+    if p.kind == "resync" {
+        shared.events.emit(
+            &vm.spec.name,
+            "resync_finished",
+            &format!(
+                "resynchronization finished: {} bytes differed and were sent, of {} compared",
+                p.data_bytes, p.dirty_bytes
+            ),
+        );
+    }
+    Ok(())
+}
+
+/// The replica has committed the point of `p`: the generations before `p.generation` go,
+/// and so do the extra ranges the point carried (if nobody added others since). Until now
+/// they were kept so that a cycle lost before its commit (a spool lost with the host, a
+/// transfer that cannot resume) is folded into the next one. A failure here costs only a
+/// larger next point: whatever is left is folded into the current generation by the next
+/// capture.
+async fn drop_old_generations(shared: &Shared, rel: &ReplicationRow, vm: &VmRow, p: &Pending) {
+    let _vm_lock = shared.vms.lock_vm(&vm.spec.name).await;
+    let extra_key = crate::replication::failover::reverse_extra_key(rel.vm_id);
+    if !p.extra.is_empty() {
+        let now: Vec<(usize, u64, u64)> = shared
+            .store
+            .setting(&extra_key)
+            .ok()
+            .flatten()
+            .and_then(|v| serde_json::from_str(&v).ok())
+            .unwrap_or_default();
+        if now == p.extra {
+            let _ = shared.store.delete_setting(&extra_key);
+        }
+    }
+    let disks = disks(shared, vm, rel);
+    let obsolete = |name: &str| {
+        name.strip_prefix("ferry-r")
+            .and_then(|g| g.parse::<i64>().ok())
+            .is_some_and(|g| g < p.generation)
+    };
+    let result: anyhow::Result<()> = async {
+        if let Some(qmp) = shared.vms.live_qmp(&vm.spec.name) {
+            let nodes: Vec<String> = disks.iter().map(|(i, _, _)| disk_node(*i)).collect();
+            for (node, names) in generations_on(&qmp, &nodes).await? {
+                for name in names.iter().filter(|n| obsolete(n)) {
+                    cbt::remove_generation(&qmp, &[node.as_str()], name).await?;
+                }
+            }
+        } else {
+            for (_, image, _) in &disks {
+                for b in cbt::offline_bitmaps(&shared.cfg.qemu_img, image).await? {
+                    if obsolete(&b.name) {
+                        cbt::remove_bitmap_offline(&shared.cfg.qemu_img, image, &b.name).await?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+    .await;
+    if let Err(e) = result {
+        warn!(vm = %vm.spec.name, error = %format!("{e:#}"), "the generations before the committed point could not be removed; the next capture folds them in");
+    }
+}
+
+/// Gives up a captured cycle whose spool is damaged: its files go, and the change tracking
+/// kept for it until the replica's commit makes the next capture carry its changes (a
+/// delta folds the old generation into the new one; a resynchronization compares again).
+/// An initial copy starts again from scratch.
+pub(super) async fn abandon_pending(shared: &Shared, rel: &ReplicationRow, p: &Pending) {
+    warn!(cycle = p.cycle, kind = %p.kind, "abandoning a captured cycle whose spool is damaged");
+    let (spool_path, meta_path) = spool_paths(&spool_dir(shared, rel.vm_id), p.cycle);
+    let _ = std::fs::remove_file(meta_path);
+    let _ = std::fs::remove_file(spool_path);
+    if p.kind == "initial" {
+        if let Ok(vm) = vm_row(shared, rel.vm_id) {
+            let _vm_lock = shared.vms.lock_vm(&vm.spec.name).await;
+            let disks = disks(shared, &vm, rel);
+            let name = generation_name(p.generation);
+            if let Some(qmp) = shared.vms.live_qmp(&vm.spec.name) {
+                let nodes: Vec<String> = disks.iter().map(|(i, _, _)| disk_node(*i)).collect();
+                let _ = cbt::remove_generation(&qmp, &nodes, &name).await;
+            } else {
+                for (_, image, _) in &disks {
+                    let _ = cbt::remove_bitmap_offline(&shared.cfg.qemu_img, image, &name).await;
+                }
+            }
+        }
+        set_generation(shared, rel.vm_id, 0);
+    }
+}

@@ -1,0 +1,151 @@
+//! Change-tracking generations: a `ferry-r<N>` dirty bitmap on every replicated disk per
+//! generation. A capture reads generation N and starts N+1; N is dropped only once the
+//! replica has committed the point (`commit`). A capture whose outcome was not recorded
+//! leaves stray generations, which are folded into the newest, and that one adopted.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::bail;
+use ferry_qemu::cbt;
+
+use crate::replication::Shared;
+
+/// The name of dirty-bitmap generation `n` of a VM's relationship (one per VM).
+pub fn generation_name(n: i64) -> String {
+    format!("ferry-r{n}")
+}
+
+/// Returns the generation holding every change since the last point, after folding stray
+/// generations into it: older strays merge into the current one; a newer one (a capture
+/// started it and its outcome was not recorded) absorbs every other and is adopted.
+pub(super) async fn reconcile_generations(
+    qmp: &ferry_qemu::qmp::Qmp,
+    nodes: &[String],
+    current: i64,
+) -> anyhow::Result<i64> {
+    let found = generations_on(qmp, nodes).await?;
+    let on_node = |node: &str| -> Vec<i64> {
+        found
+            .iter()
+            .find(|(n, _)| n == node)
+            .map(|(_, names)| {
+                names
+                    .iter()
+                    .filter_map(|n| n.strip_prefix("ferry-r").and_then(|g| g.parse().ok()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let newest = nodes
+        .iter()
+        .flat_map(|n| on_node(n))
+        .max()
+        .unwrap_or(current)
+        .max(current);
+    let target = generation_name(newest);
+    for node in nodes {
+        for g in on_node(node).into_iter().filter(|g| *g != newest) {
+            cbt::rollback_generation(qmp, &[node.as_str()], &generation_name(g), &target).await?;
+        }
+    }
+    Ok(newest)
+}
+
+/// [`reconcile_generations`] for a VM that is off, on its images.
+pub(super) async fn reconcile_offline(
+    qemu_img: &Path,
+    images: &[PathBuf],
+    current: i64,
+) -> anyhow::Result<i64> {
+    let mut newest = current;
+    let mut all = Vec::new();
+    for image in images {
+        let found: Vec<(i64, bool)> = cbt::offline_bitmaps(qemu_img, image)
+            .await?
+            .into_iter()
+            // An in-use (inconsistent) generation is left to the capture, which asks for a
+            // resynchronization.
+            .filter(|b| !b.in_use())
+            .filter_map(|b| {
+                let g = b.name.strip_prefix("ferry-r")?.parse().ok()?;
+                Some((g, b.flags.iter().any(|f| f == "auto")))
+            })
+            .collect();
+        newest = found
+            .iter()
+            .map(|f| f.0)
+            .max()
+            .unwrap_or(newest)
+            .max(newest);
+        all.push((image, found));
+    }
+    let target = generation_name(newest);
+    for (image, found) in all {
+        for (g, _) in found.iter().filter(|f| f.0 != newest) {
+            let source = generation_name(*g);
+            let mut cmd = tokio::process::Command::new(qemu_img);
+            cmd.args(["bitmap", "--merge", &source, "-b"])
+                .arg(image)
+                .args(["-F", "qcow2", "-f", "qcow2"])
+                .arg(image)
+                .arg(&target);
+            let out = cmd.output().await?;
+            if !out.status.success() {
+                bail!(
+                    "cannot fold change-tracking generation {source} into {target} of {}: {}",
+                    image.display(),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            }
+            cbt::remove_bitmap_offline(qemu_img, image, &source).await?;
+        }
+        // The adopted generation must record once QEMU opens the image.
+        if found.iter().any(|f| f.0 == newest && !f.1) {
+            let out = tokio::process::Command::new(qemu_img)
+                .args(["bitmap", "--enable", "-f", "qcow2"])
+                .arg(image)
+                .arg(&target)
+                .output()
+                .await?;
+            if !out.status.success() {
+                bail!(
+                    "cannot enable change-tracking generation {target} of {}: {}",
+                    image.display(),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            }
+        }
+    }
+    Ok(newest)
+}
+
+/// The change-tracking generations (`ferry-r<N>` bitmaps) on each of `nodes`.
+pub(super) async fn generations_on(
+    qmp: &ferry_qemu::qmp::Qmp,
+    nodes: &[String],
+) -> anyhow::Result<Vec<(String, Vec<String>)>> {
+    let infos = qmp
+        .execute(&ferry_qemu::qmp::QueryNamedBlockNodes { flat: Some(true) })
+        .await?;
+    Ok(nodes
+        .iter()
+        .map(|node| {
+            let names = infos
+                .iter()
+                .find(|n| &n.node_name == node)
+                .map(|info| {
+                    info.dirty_bitmaps
+                        .iter()
+                        .filter_map(|b| b.name.clone())
+                        .filter(|n| n.starts_with("ferry-r"))
+                        .collect()
+                })
+                .unwrap_or_default();
+            (node.clone(), names)
+        })
+        .collect())
+}
+
+pub(super) fn set_generation(shared: &Shared, vm_id: i64, generation: i64) {
+    let _ = shared.store.set_generation(vm_id, generation);
+}
