@@ -54,10 +54,24 @@ impl Layers {
                 ExtentKind::Data(d) if e.disk as usize == *disk => Some((e.offset, d.as_ref())),
                 _ => None,
             });
-            w.client().write_many(data, Default::default()).await?;
+            let storage = w.image.parent().map(Path::to_path_buf).unwrap_or_default();
+            let full = |e: ferry_nbd::NbdError| {
+                if e.to_string().contains("ENOSPC") {
+                    anyhow::anyhow!(
+                        "the replica storage has no space left (writing disk {disk}'s layer): free space in {} or move the replica storage; the primary keeps tracking and retries",
+                        storage.display()
+                    )
+                } else {
+                    e.into()
+                }
+            };
+            w.client()
+                .write_many(data, Default::default())
+                .await
+                .map_err(full)?;
             for e in batch.extents.iter().filter(|e| e.disk as usize == *disk) {
                 if let ExtentKind::Zeroes(n) = &e.kind {
-                    w.client().write_zeroes(e.offset, *n).await?;
+                    w.client().write_zeroes(e.offset, *n).await.map_err(full)?;
                 }
             }
         }
@@ -95,6 +109,8 @@ struct LayerWriter {
     child: Child,
     client: Option<NbdClient>,
     socket: PathBuf,
+    /// The layer written (for messages).
+    image: PathBuf,
 }
 
 impl LayerWriter {
@@ -118,6 +134,7 @@ impl LayerWriter {
             child,
             client: None,
             socket,
+            image: image.to_path_buf(),
         };
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {
