@@ -8,7 +8,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{anyhow, bail};
-use ferry_wire::{BatchBuilder, EncodedFrame, Extent, ExtentBatch, SpoolWriter};
+use ferry_wire::{
+    BatchBuilder, EncodedFrame, Extent, ExtentBatch, FrameEncoder, FrameKind, SpoolWriter,
+};
 
 use super::read::ReadTiming;
 
@@ -19,10 +21,15 @@ const BATCH_PAYLOAD: usize = 1 << 20;
 /// cycle larger than the spool's free space) the shipper only, waiting for it.
 pub(super) struct Emitter<'t> {
     builder: BatchBuilder,
-    spool: SpoolWriter,
+    encoder: FrameEncoder,
+    /// The spool's writer runs in its own task, so that writing a frame overlaps reading
+    /// and encoding the next; it gets each frame through this queue.
+    spool: Option<(
+        tokio::sync::mpsc::Sender<EncodedFrame>,
+        tokio::task::JoinHandle<anyhow::Result<()>>,
+    )>,
     tap: Option<&'t mut Tap>,
     compress: bool,
-    wire_only: bool,
     frames: u64,
     bytes: u64,
     timing: ReadTiming,
@@ -35,12 +42,16 @@ impl<'t> Emitter<'t> {
         compress: bool,
         wire_only: bool,
     ) -> Self {
+        let spool = (!wire_only).then(|| {
+            let (tx, rx) = tokio::sync::mpsc::channel(SPOOL_QUEUE);
+            (tx, tokio::spawn(write_spool(spool, rx)))
+        });
         Emitter {
             builder: BatchBuilder::new(0, BATCH_PAYLOAD),
+            encoder: FrameEncoder::new(),
             spool,
             tap,
             compress,
-            wire_only,
             frames: 0,
             bytes: 0,
             timing: ReadTiming::default(),
@@ -73,9 +84,15 @@ impl<'t> Emitter<'t> {
         if let Some(b) = self.builder.finish() {
             self.emit(&b).await?;
         }
-        // Not fsynced: the generation that produced it stays until the replica has committed
-        // the point, so a lost spool costs a re-read, never data (ADR 0004 decision 3).
-        self.spool.finish_unsynced().await?;
+        // The spool is complete once its writer has written every frame.
+        if let Some((tx, writer)) = self.spool.take() {
+            drop(tx);
+            let t = Instant::now();
+            writer
+                .await
+                .map_err(|e| anyhow!("the spool's writer stopped: {e}"))??;
+            self.timing.spool += t.elapsed();
+        }
         if let Some(t) = self.tap.as_deref() {
             t.progress.total.store(self.bytes, Ordering::Relaxed);
         }
@@ -84,27 +101,56 @@ impl<'t> Emitter<'t> {
 
     async fn emit(&mut self, batch: &ExtentBatch) -> anyhow::Result<()> {
         let started = Instant::now();
-        let frame = self.spool.encode_batch_frame(batch, self.compress)?;
+        let frame = self
+            .encoder
+            .encode(FrameKind::ExtentBatch, &batch.encode()?, self.compress)?;
         let encoded = Instant::now();
         self.timing.encode += encoded - started;
         let len = frame.wire_len() as u64;
-        if self.wire_only {
-            let tap = self.tap.as_deref_mut().ok_or_else(|| {
-                anyhow!("a cycle larger than the spool's free space has no stream")
-            })?;
-            tap.send(frame).await?;
-            self.timing.wait += encoded.elapsed();
-        } else {
-            self.spool.append_encoded(&frame).await?;
-            self.timing.spool += encoded.elapsed();
-            if let Some(t) = self.tap.as_deref_mut() {
-                t.frame(frame);
+        match &self.spool {
+            None => {
+                let tap = self.tap.as_deref_mut().ok_or_else(|| {
+                    anyhow!("a cycle larger than the spool's free space has no stream")
+                })?;
+                tap.send(frame).await?;
+                self.timing.wait += encoded.elapsed();
+            }
+            Some((tx, _)) => {
+                if let Some(t) = self.tap.as_deref_mut() {
+                    t.frame(frame.clone());
+                }
+                if tx.send(frame).await.is_err() {
+                    // The writer failed: its error says why.
+                    let (_, writer) = self.spool.take().expect("the spool's writer");
+                    writer
+                        .await
+                        .map_err(|e| anyhow!("the spool's writer stopped: {e}"))??;
+                    bail!("the spool's writer stopped");
+                }
+                self.timing.spool += encoded.elapsed();
             }
         }
         self.frames += 1;
         self.bytes += len;
         Ok(())
     }
+}
+
+/// Frames encoded ahead of the spool's writer (about 1 MiB each).
+const SPOOL_QUEUE: usize = 8;
+
+/// The spool's writer: appends each frame in order, then completes the file. Not fsynced:
+/// the generation that produced it stays until the replica has committed the point, so a
+/// lost spool costs a re-read, never data (ADR 0004 decision 3).
+async fn write_spool(
+    mut spool: SpoolWriter,
+    mut frames: tokio::sync::mpsc::Receiver<EncodedFrame>,
+) -> anyhow::Result<()> {
+    while let Some(frame) = frames.recv().await {
+        spool.append_encoded(&frame).await?;
+    }
+    spool.finish_unsynced().await?;
+    Ok(())
 }
 
 /// What a capture tells the shipper streaming its cycle.

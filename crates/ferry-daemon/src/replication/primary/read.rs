@@ -296,7 +296,9 @@ fn wire_only(spool_bound: u64, spool_path: &Path, tap: Option<&Tap>) -> anyhow::
 
 /// Reads a disk's ranges, READ_AHEAD pieces at a time with the NBD requests pipelined.
 /// Data that reads as zeros goes as a zero extent (an initial copy skips it: the replica
-/// starts from zeros).
+/// starts from zeros). The NBD reads run in their own task, up to READ_WINDOWS windows
+/// ahead of this one, which turns what they read into frames: reading and framing (zero
+/// checks, checksums, compression, the spool, the shipper) overlap.
 async fn read_pieces(
     r: &mut Reading<'_, '_>,
     scope: Scope,
@@ -304,34 +306,18 @@ async fn read_pieces(
 ) -> anyhow::Result<()> {
     let Mapped {
         source: s,
-        mut client,
+        client,
         ranges,
         ..
     } = disk;
     let pieces = pieces(s, ranges)?;
-    for window in pieces.chunks(READ_AHEAD) {
-        let mut bufs: Vec<Vec<u8>> = window
-            .iter()
-            .map(|&(_, n, zero)| {
-                if zero {
-                    Vec::new()
-                } else {
-                    vec![0u8; n as usize]
-                }
-            })
-            .collect();
+    let (tx, mut rx) = tokio::sync::mpsc::channel(READ_WINDOWS);
+    let reader = tokio::spawn(read_windows(client, pieces, tx));
+    loop {
         let t = Instant::now();
-        client
-            .read_many(
-                window
-                    .iter()
-                    .zip(bufs.iter_mut())
-                    .filter(|((_, _, zero), _)| !zero)
-                    .map(|((pos, _, _), buf)| (*pos, buf.as_mut_slice())),
-            )
-            .await?;
+        let Some(window) = rx.recv().await else { break };
         r.nbd += t.elapsed();
-        for (&(pos, n, zero), buf) in window.iter().zip(bufs) {
+        for (pos, n, zero, buf) in window {
             let ext = if zero {
                 Extent::zeroes(s.disk as u16, pos, n)
             } else if buf.iter().all(|&b| b == 0) {
@@ -348,6 +334,55 @@ async fn read_pieces(
             r.out.push(ext).await?;
         }
         r.progress("reading");
+    }
+    // The reads ended: all of them, or at the first error (which is the cause).
+    reader
+        .await
+        .map_err(|e| anyhow::anyhow!("the read of disk {} stopped: {e}", s.disk))?
+}
+
+/// Windows of reads the framing may lag behind (each READ_AHEAD pieces of at most
+/// READ_CHUNK: 16 MiB of memory in all).
+const READ_WINDOWS: usize = 2;
+
+/// A read piece: (offset, length, reported as zeros, data).
+type ReadPiece = (u64, u64, bool, Vec<u8>);
+
+/// The NBD half of [`read_pieces`]: reads the pieces READ_AHEAD at a time (pipelined) and
+/// hands each window over; stops when the framing stops taking them.
+async fn read_windows(
+    mut client: NbdClient,
+    pieces: Vec<(u64, u64, bool)>,
+    tx: tokio::sync::mpsc::Sender<Vec<ReadPiece>>,
+) -> anyhow::Result<()> {
+    for window in pieces.chunks(READ_AHEAD) {
+        let mut bufs: Vec<Vec<u8>> = window
+            .iter()
+            .map(|&(_, n, zero)| {
+                if zero {
+                    Vec::new()
+                } else {
+                    vec![0u8; n as usize]
+                }
+            })
+            .collect();
+        client
+            .read_many(
+                window
+                    .iter()
+                    .zip(bufs.iter_mut())
+                    .filter(|((_, _, zero), _)| !zero)
+                    .map(|((pos, _, _), buf)| (*pos, buf.as_mut_slice())),
+            )
+            .await?;
+        let read = window
+            .iter()
+            .zip(bufs)
+            .map(|(&(pos, n, zero), buf)| (pos, n, zero, buf))
+            .collect();
+        if tx.send(read).await.is_err() {
+            break;
+        }
     }
     let _ = client.disconnect().await;
     Ok(())

@@ -16,6 +16,7 @@ use super::staging::Staging;
 use crate::replication::{qemu_nbd_path, Shared};
 
 /// The layers of the cycle being received, open for writing, by disk.
+#[derive(Default)]
 pub(super) struct Layers {
     writers: HashMap<usize, LayerWriter>,
 }

@@ -125,24 +125,30 @@ async fn receive<R: AsyncRead + Unpin>(
         .filter(|d| layers.contains(*d))
         .collect();
     let (tx, rx) = tokio::sync::mpsc::channel(APPLY_QUEUE);
-    let mut read_timing = ApplyTiming::default();
-    let (read, applied) = tokio::join!(
-        read_batches(
-            reader,
-            announced,
-            target,
-            &replicated,
-            first,
-            tx,
-            &mut read_timing
-        ),
-        apply_batches(shared, rel, announced, target, layers, staging, rx, timing),
-    );
-    timing.receive = read_timing.receive;
-    timing.decode = read_timing.decode;
+    // The writes run in their own task (on another core than the reads, decryption and
+    // checks), holding the layers and the staging until they are done.
+    let writing = Writing {
+        shared: shared.clone(),
+        vm_id: rel.vm_id,
+        bytes: announced.bytes,
+        vm_dir: target.vm_dir.clone(),
+        layers: std::mem::take(layers),
+        staging: staging.clone(),
+        timing: ApplyTiming::default(),
+        result: Ok((0, 0)),
+    };
+    let writes = tokio::spawn(apply_batches(writing, rx));
+    let read = read_batches(reader, announced, target, &replicated, first, tx, timing).await;
+    let mut writing = writes
+        .await
+        .map_err(|e| anyhow!("the writes of cycle {cycle} stopped: {e}"))?;
+    *layers = std::mem::take(&mut writing.layers);
+    *staging = writing.staging.clone();
+    timing.apply = writing.timing.apply;
+    timing.checkpoint = writing.timing.checkpoint;
     // A failed read is the cause; the writes only stopped because of it.
     let (batches, bytes) = read?;
-    let (applied, data_bytes) = applied?;
+    let (applied, data_bytes) = writing.result?;
     if applied != batches {
         bail!("cycle {cycle} ended after {applied} batches, but {batches} were announced");
     }
@@ -218,41 +224,53 @@ async fn read_batches<R: AsyncRead + Unpin>(
     }
 }
 
-/// The write half of [`receive`]: each checked batch into the layers, and every
-/// FLUSH_EVERY_BYTES or FLUSH_EVERY a checkpoint (flush + resume mark). Returns the batches applied (from
-/// the first of the cycle) and the data bytes written.
-#[allow(clippy::too_many_arguments)]
+/// The write half of [`receive`], with what it owns while it runs; its outcome is the
+/// batches applied (from the first of the cycle) and the data bytes written.
+struct Writing {
+    shared: Arc<Shared>,
+    vm_id: i64,
+    /// The cycle's announced data bytes (for progress).
+    bytes: u64,
+    vm_dir: PathBuf,
+    layers: Layers,
+    staging: Staging,
+    timing: ApplyTiming,
+    result: anyhow::Result<(u64, u64)>,
+}
+
+/// Writes each checked batch into the layers, and every FLUSH_EVERY_BYTES or FLUSH_EVERY
+/// a checkpoint (flush + resume mark). Stops at the first failure, or when the reads end.
 async fn apply_batches(
-    shared: &Arc<Shared>,
-    rel: &ReplicationRow,
-    announced: &Announced<'_>,
-    target: &Target,
-    layers: &mut Layers,
-    staging: &mut Staging,
+    mut w: Writing,
     mut rx: tokio::sync::mpsc::Receiver<ExtentBatch>,
-    timing: &mut ApplyTiming,
-) -> anyhow::Result<(u64, u64)> {
-    let mut applied = staging.next_batch;
+) -> Writing {
+    let mut applied = w.staging.next_batch;
     let mut unflushed = 0u64;
     let mut data_bytes = 0u64;
     let mut flushed_at = Instant::now();
-    while let Some(batch) = rx.recv().await {
-        let t = Instant::now();
-        layers.write(&batch).await?;
-        timing.apply += t.elapsed();
-        data_bytes += batch.data_bytes();
-        unflushed += batch.data_bytes().max(1);
-        applied += 1;
-        shared.set_progress(rel.vm_id, "applying", data_bytes, announced.bytes);
-        if unflushed >= FLUSH_EVERY_BYTES || flushed_at.elapsed() >= FLUSH_EVERY {
+    let result = async {
+        while let Some(batch) = rx.recv().await {
             let t = Instant::now();
-            staging::checkpoint(layers, staging, &target.vm_dir, applied).await?;
-            flushed_at = Instant::now();
-            timing.checkpoint += flushed_at - t;
-            unflushed = 0;
+            w.layers.write(&batch).await?;
+            w.timing.apply += t.elapsed();
+            data_bytes += batch.data_bytes();
+            unflushed += batch.data_bytes().max(1);
+            applied += 1;
+            w.shared
+                .set_progress(w.vm_id, "applying", data_bytes, w.bytes);
+            if unflushed >= FLUSH_EVERY_BYTES || flushed_at.elapsed() >= FLUSH_EVERY {
+                let t = Instant::now();
+                staging::checkpoint(&mut w.layers, &mut w.staging, &w.vm_dir, applied).await?;
+                flushed_at = Instant::now();
+                w.timing.checkpoint += flushed_at - t;
+                unflushed = 0;
+            }
         }
+        Ok::<_, anyhow::Error>((applied, data_bytes))
     }
-    Ok((applied, data_bytes))
+    .await;
+    w.result = result;
+    w
 }
 
 /// Where the replica's time for a cycle went (its profile, logged as "cycle applied"):
