@@ -181,8 +181,15 @@ impl ExtentBatch {
 
     /// Encode to a frame payload.
     pub fn encode(&self) -> Result<Bytes> {
-        self.validate()?;
         let mut buf = BytesMut::with_capacity(self.encoded_len());
+        self.encode_into(&mut buf)?;
+        Ok(buf.freeze())
+    }
+
+    /// Encode to a frame payload appended to `buf` (which may already hold a frame
+    /// header: see `FrameEncoder::encode_batch`).
+    pub fn encode_into(&self, buf: &mut impl BufMut) -> Result<()> {
+        self.validate()?;
         buf.put_u64_le(self.seq);
         buf.put_u32_le(self.extents.len() as u32);
         for e in &self.extents {
@@ -201,7 +208,7 @@ impl ExtentBatch {
                 }
             }
         }
-        Ok(buf.freeze())
+        Ok(())
     }
 
     /// Decode and validate a frame payload. Data extents share `payload`'s

@@ -842,3 +842,27 @@ fn errors_are_one_line() {
         assert!(!s.contains('\n') && !s.is_empty(), "{s}");
     }
 }
+
+#[test]
+fn a_batch_frame_encoded_in_one_copy_is_the_same_frame() {
+    for seq in [0u64, 7, 1 << 40] {
+        let batch = sample_batch(seq);
+        for compress in [false, true] {
+            let two_steps = FrameEncoder::new()
+                .encode(FrameKind::ExtentBatch, &batch.encode().unwrap(), compress)
+                .unwrap();
+            let one_copy = FrameEncoder::new().encode_batch(&batch, compress).unwrap();
+            assert_eq!(one_copy, two_steps, "seq {seq}, compress {compress}");
+        }
+    }
+    // Over the frame limit: refused, as `encode` refuses the payload.
+    let big = ExtentBatch {
+        seq: 1,
+        extents: vec![Extent::data(0, 0, Bytes::from(vec![7u8; 4096]))],
+    };
+    let err = FrameEncoder::new()
+        .with_max_frame(1024)
+        .encode_batch(&big, false)
+        .unwrap_err();
+    assert!(matches!(err, WireError::TooLarge { .. }), "{err}");
+}

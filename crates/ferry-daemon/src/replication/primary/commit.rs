@@ -116,8 +116,27 @@ async fn drop_old_generations(shared: &Shared, rel: &ReplicationRow, vm: &VmRow,
 /// kept for it until the replica's commit makes the next capture carry its changes (a
 /// delta folds the old generation into the new one; a resynchronization compares again).
 /// An initial copy starts again from scratch.
+fn abandoned_key(vm_id: i64) -> String {
+    format!("abandoned_cycle:{vm_id}")
+}
+
+/// The cycle number this primary last gave up (see [`abandon_pending`]), if any.
+pub(super) fn abandoned(shared: &Shared, vm_id: i64) -> Option<i64> {
+    shared
+        .store
+        .setting(&abandoned_key(vm_id))
+        .ok()
+        .flatten()
+        .and_then(|v| v.parse().ok())
+}
+
 pub(super) async fn abandon_pending(shared: &Shared, rel: &ReplicationRow, p: &Pending) {
     warn!(cycle = p.cycle, kind = %p.kind, "abandoning a captured cycle whose spool is damaged");
+    // Remembered for a replica that does not say which capture its last cycle came from:
+    // if it still commits this one, the next capture of the number must go on top.
+    let _ = shared
+        .store
+        .set_setting(&abandoned_key(rel.vm_id), &p.cycle.to_string());
     let (spool_path, meta_path) = spool_paths(&spool_dir(shared, rel.vm_id), p.cycle);
     let _ = std::fs::remove_file(meta_path);
     let _ = std::fs::remove_file(spool_path);

@@ -88,7 +88,7 @@ pub(super) async fn compare(
             if hashes::hash(&buf) == theirs[i] {
                 continue;
             }
-            if buf.iter().all(|&b| b == 0) {
+            if super::read::is_zero(&buf) {
                 Extent::zeroes(s.disk as u16, offset, len)
             } else {
                 r.data_bytes += len;

@@ -8,9 +8,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{anyhow, bail};
-use ferry_wire::{
-    BatchBuilder, EncodedFrame, Extent, ExtentBatch, FrameEncoder, FrameKind, SpoolWriter,
-};
+use ferry_wire::{BatchBuilder, EncodedFrame, Extent, ExtentBatch, FrameEncoder, SpoolWriter};
 
 use super::read::ReadTiming;
 
@@ -101,9 +99,7 @@ impl<'t> Emitter<'t> {
 
     async fn emit(&mut self, batch: &ExtentBatch) -> anyhow::Result<()> {
         let started = Instant::now();
-        let frame = self
-            .encoder
-            .encode(FrameKind::ExtentBatch, &batch.encode()?, self.compress)?;
+        let frame = self.encoder.encode_batch(batch, self.compress)?;
         let encoded = Instant::now();
         self.timing.encode += encoded - started;
         let len = frame.wire_len() as u64;
@@ -133,6 +129,15 @@ impl<'t> Emitter<'t> {
         self.frames += 1;
         self.bytes += len;
         Ok(())
+    }
+}
+
+impl Drop for Emitter<'_> {
+    /// A capture that failed stops its spool's writer (the spool is deleted anyway).
+    fn drop(&mut self) {
+        if let Some((_, writer)) = self.spool.take() {
+            writer.abort();
+        }
     }
 }
 

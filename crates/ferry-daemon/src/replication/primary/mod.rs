@@ -227,15 +227,23 @@ fn record_failed_cycle(shared: &Shared, rel: &ReplicationRow, started_ms: i64, e
         ok: false,
         error: Some(msg.clone()),
     });
+    // The state as it is now: the cycle may have moved it (a resynchronization started
+    // against an earlier initial copy the replica holds).
+    let now = shared
+        .store
+        .replication(rel.vm_id)
+        .ok()
+        .flatten()
+        .map_or(rel.state, |r| r.state);
     let state = if e.downcast_ref::<ResyncRequired>().is_some() {
         ReplicationState::ResynchronizationRequired
     } else if matches!(
-        rel.state,
+        now,
         ReplicationState::InitialReplicationInProgress
             | ReplicationState::Resynchronizing
             | ReplicationState::WaitingForInitialReplication
     ) {
-        rel.state
+        now
     } else {
         ReplicationState::Error
     };

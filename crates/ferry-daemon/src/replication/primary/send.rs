@@ -8,9 +8,10 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail};
+use ferry_domain::ReplicationState;
 use ferry_store::ReplicationRow;
 use ferry_wire::{EncodedFrame, FrameReader, FrameWriter, SpoolReader};
-use tracing::info;
+use tracing::{info, warn};
 
 use super::commit::{abandon_pending, record_replicated};
 use super::session::next_control;
@@ -61,7 +62,11 @@ pub(super) async fn stream_ship(
         protocol,
         ..
     } = handshake(shared, &vm, rel).await?;
-    let superseded = last_cycle == cycle && superseded(last_capture, capture);
+    let superseded = last_cycle == cycle && superseded(shared, rel, cycle, last_capture, capture);
+    if superseded && kind == "initial" {
+        let _ = writer.shutdown().await;
+        return Err(earlier_initial(shared, rel, cycle, taken_at, rel.generation + 1).await);
+    }
     if protocol < 3 || (last_cycle >= cycle && !superseded) {
         // Dropping `rx` stops the stream; the capture goes on into the spool.
         let _ = writer.shutdown().await;
@@ -213,10 +218,59 @@ async fn end_stream(
     Ok(p)
 }
 
-/// Whether the replica's last cycle came from another capture than `capture` (of the same
-/// cycle number: one this primary gave up, whose end still reached the replica).
-fn superseded(last_capture: Option<u64>, capture: u64) -> bool {
-    capture != 0 && last_capture.is_some_and(|c| c != capture)
+/// Whether the replica's cycle `cycle` came from another capture than `capture` (one this
+/// primary gave up, whose end still reached the replica). A replica that does not say its
+/// last capture (older than `Welcome::last_capture`) is taken at its word unless this
+/// primary gave that cycle number up.
+fn superseded(
+    shared: &Shared,
+    rel: &ReplicationRow,
+    cycle: i64,
+    last_capture: Option<u64>,
+    capture: u64,
+) -> bool {
+    match last_capture {
+        Some(c) => capture != 0 && c != capture,
+        None => super::commit::abandoned(shared, rel.vm_id) == Some(cycle),
+    }
+}
+
+/// The replica committed an earlier *initial* copy as cycle `cycle` (one this primary gave
+/// up). An initial copy skips what reads as zeros, so another one cannot go on top of it:
+/// the replica's copy is taken as that cycle, and a resynchronization (a comparison by
+/// hashes, which also sends zeros where they differ) brings it to this disk. Returns the
+/// error that ends this attempt.
+async fn earlier_initial(
+    shared: &Shared,
+    rel: &ReplicationRow,
+    cycle: i64,
+    taken_at: i64,
+    generation: i64,
+) -> anyhow::Error {
+    if let Some(p) = pending(shared, rel.vm_id).filter(|p| p.cycle == cycle) {
+        let (spool, meta) = spool_paths(&spool_dir(shared, rel.vm_id), p.cycle);
+        let _ = std::fs::remove_file(meta);
+        let _ = std::fs::remove_file(spool);
+    }
+    let recorded = shared
+        .store
+        .record_shipped(rel.vm_id, cycle, taken_at, generation, "initial")
+        .and_then(|_| {
+            shared
+                .store
+                .set_replication_state(rel.vm_id, ReplicationState::Resynchronizing, None)
+        });
+    if let Err(e) = recorded {
+        return anyhow!("cannot record the replica's earlier initial copy: {e}");
+    }
+    warn!(
+        cycle,
+        "the replica holds an earlier initial copy of this cycle: resynchronizing against it"
+    );
+    anyhow!(
+        "replica server {} holds an earlier initial copy (cycle {cycle}) from a transfer this primary gave up: resynchronizing against it (by comparison) instead of copying again",
+        rel.partner_name
+    )
 }
 
 /// Gives a captured cycle the number `cycle` (its spool renamed, its description
@@ -261,7 +315,13 @@ pub(super) async fn ship(
         ..
     } = handshake(shared, &vm, rel).await?;
     let renumbered;
-    let p = if last_cycle == p.cycle && superseded(last_capture, p.capture) {
+    let superseded =
+        last_cycle == p.cycle && superseded(shared, rel, p.cycle, last_capture, p.capture);
+    if superseded && p.kind == "initial" {
+        let _ = writer.shutdown().await;
+        return Err(earlier_initial(shared, rel, p.cycle, p.taken_at, p.generation).await);
+    }
+    let p = if superseded {
         renumbered = renumber(shared, rel, p, last_cycle + 1)?;
         &renumbered
     } else {
