@@ -149,7 +149,20 @@ fn health_follows_real_conditions_and_statistics_events_metrics_agree() {
         Duration::from_secs(30),
         || status(&a, "app")["last_cycle"].as_i64().unwrap() > cycle,
     );
-    let before_reset = health(&a, "app");
+    // The cycle's row (which health reads) is recorded just after the store's last
+    // cycle moves: wait for it, then health must have left Critical.
+    let before_reset = wait_health_where(
+        &a,
+        "app",
+        "the successful cycle counted",
+        Duration::from_secs(30),
+        |h| {
+            h["details"].as_array().is_some_and(|d| {
+                !d.iter()
+                    .any(|x| x.as_str().unwrap_or("").contains("is in error"))
+            })
+        },
+    );
     assert_ne!(before_reset["health"], "critical", "{before_reset}");
 
     // Statistics against the cycles the store recorded in the same window.

@@ -22,6 +22,11 @@ pub(super) async fn record_replicated(
     vm: &VmRow,
     p: &Pending,
 ) -> anyhow::Result<()> {
+    // The replica has the point: the older generations go first, so that the store says
+    // the cycle is replicated only once everything of it is done but its own row (which
+    // the caller records at once: health reads those rows). A crash in between leaves
+    // the cycle pending, and the next attempt finds it on the replica and records it.
+    drop_old_generations(shared, rel, vm, p).await;
     // (The spool's generation too: a crash between writing the spool's description and
     // recording the generation must not leave the store behind the bitmaps.)
     if let Some(before) =
@@ -42,7 +47,6 @@ pub(super) async fn record_replicated(
             );
         }
     }
-    drop_old_generations(shared, rel, vm, p).await;
     let (spool_path, meta_path) = spool_paths(&spool_dir(shared, rel.vm_id), p.cycle);
     let _ = std::fs::remove_file(meta_path);
     let _ = std::fs::remove_file(spool_path);
