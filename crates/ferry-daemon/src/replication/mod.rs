@@ -197,7 +197,13 @@ pub struct Shared {
     point_locks: Mutex<HashMap<i64, Arc<tokio::sync::Mutex<()>>>>,
     /// When an application-consistent point was last attempted, per VM (UNIX s).
     pub(crate) app_consistent_tried: Mutex<HashMap<i64, i64>>,
+    /// Frames (about 1 MiB each) that all streaming cycles together may hold in memory
+    /// while their links catch up; beyond it a capture's frames wait in its spool.
+    pub(crate) stream_budget: Arc<tokio::sync::Semaphore>,
 }
+
+/// The memory all streaming cycles of a host may queue together, in frames of about 1 MiB.
+pub(crate) const STREAM_BUDGET_FRAMES: usize = 160;
 
 impl Shared {
     /// The engine's shared state.
@@ -232,6 +238,7 @@ impl Shared {
             pinned: Mutex::new(HashMap::new()),
             point_locks: Mutex::new(HashMap::new()),
             app_consistent_tried: Mutex::new(HashMap::new()),
+            stream_budget: Arc::new(tokio::sync::Semaphore::new(STREAM_BUDGET_FRAMES)),
         })
     }
 

@@ -168,8 +168,9 @@ pub(crate) enum StreamItem {
         app_consistent: bool,
         capture: u64,
     },
-    /// The next batch, as written to the spool.
-    Frame(EncodedFrame),
+    /// The next batch, and its share of the host's streaming budget (none for a cycle
+    /// streamed without a spool, which waits for the link instead).
+    Frame(EncodedFrame, Option<tokio::sync::OwnedSemaphorePermit>),
 }
 
 /// A capture's end of the stream. Frames go to the shipper while it keeps up; from the
@@ -179,6 +180,8 @@ pub(crate) struct Tap {
     tx: tokio::sync::mpsc::Sender<StreamItem>,
     open: bool,
     progress: Arc<StreamProgress>,
+    /// The host's budget of queued frames (`Shared::stream_budget`).
+    budget: Arc<tokio::sync::Semaphore>,
 }
 
 /// How much a streamed cycle holds, for the shipper's progress: the read's estimate (the
@@ -204,11 +207,13 @@ impl Tap {
     pub(super) fn new(
         tx: tokio::sync::mpsc::Sender<StreamItem>,
         progress: Arc<StreamProgress>,
+        budget: Arc<tokio::sync::Semaphore>,
     ) -> Self {
         Tap {
             tx,
             open: true,
             progress,
+            budget,
         }
     }
 
@@ -241,16 +246,26 @@ impl Tap {
 
     /// Hands the shipper a frame that is not spooled, waiting for room in the queue.
     pub(super) async fn send(&mut self, frame: EncodedFrame) -> anyhow::Result<()> {
-        if !self.open || self.tx.send(StreamItem::Frame(frame)).await.is_err() {
+        if !self.open || self.tx.send(StreamItem::Frame(frame, None)).await.is_err() {
             bail!("the stream to the replica server ended while a cycle too large for the spool's free space was read (a replica older than protocol 3 needs that space: free space in the spool's directory or move data_dir)");
         }
         Ok(())
     }
 
-    /// Hands the shipper a spooled frame if it has room; from the first it has none, it
-    /// gets no more (the rest is in the spool).
+    /// Hands the shipper a spooled frame if it has room (in its queue and in the host's
+    /// budget); from the first it has none, it gets no more (the rest is in the spool).
     pub(super) fn frame(&mut self, frame: EncodedFrame) {
-        if self.open && self.tx.try_send(StreamItem::Frame(frame)).is_err() {
+        if !self.open {
+            return;
+        }
+        let sent = match self.budget.clone().try_acquire_owned() {
+            Ok(permit) => self
+                .tx
+                .try_send(StreamItem::Frame(frame, Some(permit)))
+                .is_ok(),
+            Err(_) => false,
+        };
+        if !sent {
             self.open = false;
         }
     }

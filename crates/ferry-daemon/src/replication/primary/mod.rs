@@ -65,9 +65,12 @@ pub use remove::remove_tracking;
 pub use session::{handshake, reverse_key, send_planned_failover, Session};
 pub use spool::{discard_spool, pending, Pending};
 
-/// Frames a capture may queue for the shipper streaming them (about 1 MiB each): beyond
-/// that the link is slower than the read, and the rest waits in the spool.
-const STREAM_QUEUE_FRAMES: usize = 32;
+/// Frames a capture may queue for the shipper streaming them (about 1 MiB each), within
+/// the host's budget for all of them (`Shared::stream_budget`): beyond that the link is
+/// slower than the read, and the rest waits in the spool. At 32 a 256 MiB cycle on this
+/// project's test machine re-sent a quarter of its bytes from the spool; at 96 almost none
+/// (docs/BENCHMARKS.md).
+const STREAM_QUEUE_FRAMES: usize = 96;
 
 /// The initial copy was exported and the replica has not imported it yet (not a failure).
 #[derive(Debug, thiserror::Error)]
@@ -287,7 +290,7 @@ async fn capture_and_stream(
     // far as the link keeps up (the rest is shipped from the spool once read).
     let (tx, rx) = tokio::sync::mpsc::channel(STREAM_QUEUE_FRAMES);
     let progress = Arc::new(StreamProgress::default());
-    let tap = Tap::new(tx, progress.clone());
+    let tap = Tap::new(tx, progress.clone(), shared.stream_budget.clone());
     let (captured, streamed) = tokio::join!(
         capture::capture(shared, rel, Some(tap)),
         send::stream_ship(shared, rel, rx, &progress)

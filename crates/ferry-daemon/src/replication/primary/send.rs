@@ -148,7 +148,8 @@ async fn stream_frames(
                 continue;
             }
         };
-        let StreamItem::Frame(frame) = item else {
+        // The frame's share of the host's budget goes once it is sent (end of this turn).
+        let StreamItem::Frame(frame, _budget) = item else {
             bail!("the capture began cycle {cycle} twice");
         };
         let t = Instant::now();
