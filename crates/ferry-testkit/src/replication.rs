@@ -112,3 +112,49 @@ pub fn compare_images(a: &Path, b: &Path) -> Result<(), String> {
         Err(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 }
+
+/// Suspends replication of `vm` on `a` and waits until no cycle is in flight and the
+/// replica `b`'s retention (which merges old points away just after it acknowledges one)
+/// has settled, so the point layers read next are stable.
+pub fn quiesce(a: &Host, b: &Host, vm: &str) {
+    a.ferry_ok(&["replication", "suspend", vm]);
+    wait_for(
+        "the cycle in flight to end",
+        Duration::from_secs(120),
+        || status(a, vm)["progress"].is_null(),
+    );
+    let mut last = points(b, vm);
+    wait_for(
+        "the replica's retention to settle",
+        Duration::from_secs(60),
+        || {
+            std::thread::sleep(Duration::from_millis(500));
+            let now = points(b, vm);
+            let settled = now == last;
+            last = now;
+            settled
+        },
+    );
+}
+
+/// Every recovery point of `vm` on `b` is an exact prefix of the writes of a test guest
+/// (`seed`, `span` blocks); returns the newest one's last write.
+pub fn verify_points(b: &Host, vm: &str, seed: u64, span: u64) -> u64 {
+    let mut last = 0;
+    for p in points(b, vm) {
+        let data = read_image(&layer(&p));
+        last = crate::guest::verify_prefix(&data, seed, span)
+            .unwrap_or_else(|e| panic!("recovery point {p} is not a prefix of the writes: {e}"))
+            .last_seq;
+    }
+    last
+}
+
+/// [`verify_points`] with replication quiesced (no cycle, so no retention merge, runs while
+/// the layers are read), then resumed.
+pub fn verify_quiesced(a: &Host, b: &Host, vm: &str, seed: u64, span: u64) -> u64 {
+    quiesce(a, b, vm);
+    let last = verify_points(b, vm, seed, span);
+    a.ferry_ok(&["replication", "resume", vm]);
+    last
+}

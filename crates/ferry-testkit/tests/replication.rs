@@ -10,7 +10,8 @@ use std::time::Duration;
 use ferry_testkit::guest::{parse_console, verify_prefix, GuestWorkload};
 use ferry_testkit::host::Host;
 use ferry_testkit::replication::{
-    compare_images, enable_replica_server, free_port, layer, points, read_image, status, wait_for,
+    compare_images, enable_replica_server, free_port, layer, points, quiesce, read_image, status,
+    wait_for,
 };
 use serde_json::Value;
 
@@ -31,31 +32,6 @@ fn verify_point(point: &Value) -> u64 {
         Ok(v) => v.last_seq,
         Err(e) => panic!("recovery point {point} is not a prefix of the guest's writes: {e}"),
     }
-}
-
-/// Suspends replication and waits until no cycle is in flight, so the replica's point
-/// layers are stable while the test reads them.
-fn quiesce(a: &Host, b: &Host, vm: &str) {
-    a.ferry_ok(&["replication", "suspend", vm]);
-    wait_for(
-        "the cycle in flight to end",
-        Duration::from_secs(60),
-        || status(a, vm)["progress"].is_null(),
-    );
-    // The replica merges old points away (retention) just after it acknowledges a point:
-    // wait until its list stops changing, so the layers read next still exist.
-    let mut last = points(b, vm);
-    wait_for(
-        "the replica's retention to settle",
-        Duration::from_secs(60),
-        || {
-            std::thread::sleep(Duration::from_millis(500));
-            let now = points(b, vm);
-            let settled = now == last;
-            last = now;
-            settled
-        },
-    );
 }
 
 fn digest(data: &[u8]) -> u64 {

@@ -11,17 +11,27 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use ferry_testkit::guest::{parse_console, verify_prefix, GuestWorkload};
+use ferry_testkit::guest::{parse_console, GuestWorkload};
 use ferry_testkit::host::{pid_alive, Host};
 use ferry_testkit::link::Link;
 use ferry_testkit::replication::{
-    compare_images, enable_replica_server_at, free_port, layer, points, read_image, status,
+    self, compare_images, enable_replica_server_at, free_port, layer, points, quiesce, status,
     wait_for,
 };
 use ferry_testkit::tmpfs::Tmpfs;
 
 const SEED: u64 = 777;
 const SPAN: u64 = 4096; // the guest writes the first 16 MiB; 48 MiB of random data follow
+
+/// Every point is an exact prefix of this test guest's writes (see
+/// `ferry_testkit::replication::verify_points`).
+fn verify_points(b: &Host, vm: &str) -> u64 {
+    replication::verify_points(b, vm, SEED, SPAN)
+}
+
+fn verify_quiesced(a: &Host, b: &Host, vm: &str) -> u64 {
+    replication::verify_quiesced(a, b, vm, SEED, SPAN)
+}
 
 /// Waits until the primary is sending and at least `percent` through.
 fn wait_sending(a: &Host, vm: &str, percent: u64) {
@@ -33,52 +43,6 @@ fn wait_sending(a: &Host, vm: &str, percent: u64) {
             p["phase"] == "sending" && p["percent"].as_u64().unwrap_or(0) >= percent
         },
     );
-}
-
-/// Every recovery point on the replica is an exact prefix of the guest's writes; returns
-/// the newest one's last write.
-fn verify_points(b: &Host, vm: &str) -> u64 {
-    let mut last = 0;
-    for p in points(b, vm) {
-        let data = read_image(&layer(&p));
-        last = verify_prefix(&data, SEED, SPAN)
-            .unwrap_or_else(|e| panic!("recovery point {p} is not a prefix of the writes: {e}"))
-            .last_seq;
-    }
-    last
-}
-
-/// Suspends replication and waits until no cycle is in flight.
-fn quiesce(a: &Host, b: &Host, vm: &str) {
-    a.ferry_ok(&["replication", "suspend", vm]);
-    wait_for(
-        "the cycle in flight to end",
-        Duration::from_secs(120),
-        || status(a, vm)["progress"].is_null(),
-    );
-    // The replica merges old points away (retention) just after it acknowledges one: wait
-    // until its list stops changing, so the layers read next still exist.
-    let mut last = points(b, vm);
-    wait_for(
-        "the replica's retention to settle",
-        Duration::from_secs(60),
-        || {
-            std::thread::sleep(Duration::from_millis(500));
-            let now = points(b, vm);
-            let settled = now == last;
-            last = now;
-            settled
-        },
-    );
-}
-
-/// [`verify_points`] with replication suspended (no cycle, so no retention merge, runs
-/// while the layers are read), then resumed.
-fn verify_quiesced(a: &Host, b: &Host, vm: &str) -> u64 {
-    quiesce(a, b, vm);
-    let last = verify_points(b, vm);
-    a.ferry_ok(&["replication", "resume", vm]);
-    last
 }
 
 fn sh(cmd: &str) {

@@ -12,58 +12,29 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use ferry_testkit::guest::{parse_console, verify_prefix, GuestWorkload};
+use ferry_testkit::guest::{parse_console, GuestWorkload};
 use ferry_testkit::host::{pid_alive, Host};
 use ferry_testkit::link::Link;
 use ferry_testkit::replication::{
-    compare_images, enable_replica_server_at, free_port, layer, points, read_image, status,
-    wait_for,
+    self, compare_images, enable_replica_server_at, free_port, layer, points, status, wait_for,
 };
 
 const SEED: u64 = 4242;
 const SPAN: u64 = 4096; // 16 MiB of 4 KiB blocks
+
+/// Every point is an exact prefix of this test guest's writes (see
+/// `ferry_testkit::replication::verify_points`).
+fn verify_points(b: &Host, vm: &str) -> u64 {
+    replication::verify_points(b, vm, SEED, SPAN)
+}
+
+fn verify_quiesced(a: &Host, b: &Host, vm: &str) -> u64 {
+    replication::verify_quiesced(a, b, vm, SEED, SPAN)
+}
+
 /// While a fault is staged the link is this slow, so that a cycle of the guest's writes
 /// (100-300 KiB dirty in 5 s under TCG) is on the wire for seconds; then full speed again.
 const SLOW_LINK: u64 = 16 << 10;
-
-/// Every recovery point on the replica is an exact prefix of the guest's writes; returns
-/// the newest one's last write.
-fn verify_points(b: &Host, vm: &str) -> u64 {
-    let mut last = 0;
-    for p in points(b, vm) {
-        let data = read_image(&layer(&p));
-        last = verify_prefix(&data, SEED, SPAN)
-            .unwrap_or_else(|e| panic!("recovery point {p} is not a prefix of the writes: {e}"))
-            .last_seq;
-    }
-    last
-}
-
-/// Suspends replication, waits until no cycle is in flight and the replica's retention has
-/// settled, checks every point, and resumes. Returns the newest point's last write.
-fn verify_quiesced(a: &Host, b: &Host, vm: &str) -> u64 {
-    a.ferry_ok(&["replication", "suspend", vm]);
-    wait_for(
-        "the cycle in flight to end",
-        Duration::from_secs(120),
-        || status(a, vm)["progress"].is_null(),
-    );
-    let mut last = points(b, vm);
-    wait_for(
-        "the replica's retention to settle",
-        Duration::from_secs(60),
-        || {
-            std::thread::sleep(Duration::from_millis(500));
-            let now = points(b, vm);
-            let settled = now == last;
-            last = now;
-            settled
-        },
-    );
-    let newest = verify_points(b, vm);
-    a.ferry_ok(&["replication", "resume", vm]);
-    newest
-}
 
 /// Slows `link` and waits until a delta cycle after `after` is being sent, at least
 /// `percent` through. Returns that cycle's number.

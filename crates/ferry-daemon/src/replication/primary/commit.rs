@@ -4,14 +4,12 @@
 //! lost before its commit is folded into the next point). A cycle whose spool is damaged
 //! is abandoned here instead, its changes left to the next capture.
 
-use ferry_qemu::cbt;
-use ferry_qemu::process::disk_node;
 use ferry_store::{ReplicationRow, VmRow};
 use tracing::{info, warn};
 
-use super::generations::{generation_name, generations_on, set_generation};
+use super::generations::{generation_name, remove_generations, set_generation};
 use super::spool::{spool_dir, spool_paths};
-use super::{disks, vm_row, Pending};
+use super::{vm_row, Pending};
 use crate::replication::Shared;
 
 /// The point exists on the replica: record it, drop what it made obsolete (the older
@@ -85,41 +83,16 @@ async fn drop_old_generations(shared: &Shared, rel: &ReplicationRow, vm: &VmRow,
             let _ = shared.store.delete_setting(&extra_key);
         }
     }
-    let disks = disks(shared, vm, rel);
     let obsolete = |name: &str| {
         name.strip_prefix("ferry-r")
             .and_then(|g| g.parse::<i64>().ok())
             .is_some_and(|g| g < p.generation)
     };
-    let result: anyhow::Result<()> = async {
-        if let Some(qmp) = shared.vms.live_qmp(&vm.spec.name) {
-            let nodes: Vec<String> = disks.iter().map(|(i, _, _)| disk_node(*i)).collect();
-            for (node, names) in generations_on(&qmp, &nodes).await? {
-                for name in names.iter().filter(|n| obsolete(n)) {
-                    cbt::remove_generation(&qmp, &[node.as_str()], name).await?;
-                }
-            }
-        } else {
-            for (_, image, _) in &disks {
-                for b in cbt::offline_bitmaps(&shared.cfg.qemu_img, image).await? {
-                    if obsolete(&b.name) {
-                        cbt::remove_bitmap_offline(&shared.cfg.qemu_img, image, &b.name).await?;
-                    }
-                }
-            }
-        }
-        Ok(())
-    }
-    .await;
-    if let Err(e) = result {
+    if let Err(e) = remove_generations(shared, vm, rel, obsolete).await {
         warn!(vm = %vm.spec.name, error = %format!("{e:#}"), "the generations before the committed point could not be removed; the next capture folds them in");
     }
 }
 
-/// Gives up a captured cycle whose spool is damaged: its files go, and the change tracking
-/// kept for it until the replica's commit makes the next capture carry its changes (a
-/// delta folds the old generation into the new one; a resynchronization compares again).
-/// An initial copy starts again from scratch.
 fn abandoned_key(vm_id: i64) -> String {
     format!("abandoned_cycle:{vm_id}")
 }
@@ -134,6 +107,10 @@ pub(super) fn abandoned(shared: &Shared, vm_id: i64) -> Option<i64> {
         .and_then(|v| v.parse().ok())
 }
 
+/// Gives up a captured cycle whose spool is damaged: its files go, and the change tracking
+/// kept for it until the replica's commit makes the next capture carry its changes (a
+/// delta folds the old generation into the new one; a resynchronization compares again).
+/// An initial copy starts again from scratch.
 pub(super) async fn abandon_pending(shared: &Shared, rel: &ReplicationRow, p: &Pending) {
     warn!(cycle = p.cycle, kind = %p.kind, "abandoning a captured cycle whose spool is damaged");
     // Remembered for a replica that does not say which capture its last cycle came from:
@@ -147,16 +124,8 @@ pub(super) async fn abandon_pending(shared: &Shared, rel: &ReplicationRow, p: &P
     if p.kind == "initial" {
         if let Ok(vm) = vm_row(shared, rel.vm_id) {
             let _vm_lock = shared.vms.lock_vm(&vm.spec.name).await;
-            let disks = disks(shared, &vm, rel);
             let name = generation_name(p.generation);
-            if let Some(qmp) = shared.vms.live_qmp(&vm.spec.name) {
-                let nodes: Vec<String> = disks.iter().map(|(i, _, _)| disk_node(*i)).collect();
-                let _ = cbt::remove_generation(&qmp, &nodes, &name).await;
-            } else {
-                for (_, image, _) in &disks {
-                    let _ = cbt::remove_bitmap_offline(&shared.cfg.qemu_img, image, &name).await;
-                }
-            }
+            let _ = remove_generations(shared, &vm, rel, |n| n == name).await;
         }
         set_generation(shared, rel.vm_id, 0);
     }

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::bail;
 use ferry_qemu::cbt;
+use ferry_qemu::process::disk_node;
 
 use crate::replication::Shared;
 
@@ -148,6 +149,51 @@ pub(super) async fn generations_on(
 
 pub(super) fn set_generation(shared: &Shared, vm_id: i64, generation: i64) {
     let _ = shared.store.set_generation(vm_id, generation);
+}
+
+/// Removes the generations `which` picks from a VM's replicated disks: through QMP while
+/// it runs, on its images while it is off. Goes on past a failure and returns the first.
+pub(super) async fn remove_generations(
+    shared: &Shared,
+    vm: &ferry_store::VmRow,
+    rel: &ferry_store::ReplicationRow,
+    which: impl Fn(&str) -> bool,
+) -> anyhow::Result<()> {
+    let disks = super::disks(shared, vm, rel);
+    let mut first: Option<anyhow::Error> = None;
+    let mut note = |r: Result<(), cbt::CbtError>| {
+        if let Err(e) = r {
+            first.get_or_insert(e.into());
+        }
+    };
+    if let Some(qmp) = shared.vms.live_qmp(&vm.spec.name) {
+        let nodes: Vec<String> = disks.iter().map(|(i, _, _)| disk_node(*i)).collect();
+        for (node, names) in generations_on(&qmp, &nodes).await? {
+            for name in names.iter().filter(|n| which(n)) {
+                note(
+                    cbt::remove_generation(&qmp, &[node.as_str()], name)
+                        .await
+                        .map(drop),
+                );
+            }
+        }
+    } else {
+        for (_, image, _) in &disks {
+            match cbt::offline_bitmaps(&shared.cfg.qemu_img, image).await {
+                Ok(bitmaps) => {
+                    for b in bitmaps.iter().filter(|b| which(&b.name)) {
+                        note(
+                            cbt::remove_bitmap_offline(&shared.cfg.qemu_img, image, &b.name)
+                                .await
+                                .map(drop),
+                        );
+                    }
+                }
+                Err(e) => note(Err(e)),
+            }
+        }
+    }
+    first.map_or(Ok(()), Err)
 }
 
 #[cfg(test)]

@@ -84,6 +84,7 @@ pub(super) fn target(
 /// Receives the cycle's frames up to its `CycleEnd`, applying each batch into `layers`
 /// and checkpointing `staging` as it goes; the cycle's size (a streamed cycle says it at
 /// its end). The replica VM's progress shows meanwhile.
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn frames<R: AsyncRead + Unpin>(
     shared: &Arc<Shared>,
     rel: &ReplicationRow,
@@ -94,69 +95,55 @@ pub(super) async fn frames<R: AsyncRead + Unpin>(
     staging: &mut Staging,
     timing: &mut ApplyTiming,
 ) -> anyhow::Result<u64> {
-    let result = receive(
-        shared, rel, reader, announced, target, layers, staging, timing,
-    )
+    let result = async {
+        let cycle = announced.cycle;
+        let first = staging.next_batch;
+        shared.set_progress(rel.vm_id, "applying", 0, announced.bytes);
+        // Two stages at once: frames are read and checked while the batches before them are
+        // written, through a short queue (its memory: APPLY_QUEUE batches of at most 8 MiB).
+        let replicated: Vec<usize> = target
+            .disk_sizes
+            .iter()
+            .map(|d| d.0)
+            .filter(|d| layers.contains(*d))
+            .collect();
+        let (tx, rx) = tokio::sync::mpsc::channel(APPLY_QUEUE);
+        // The writes run in their own task (on another core than the reads, decryption and
+        // checks), holding the layers and the staging until they are done.
+        let writing = Writing {
+            shared: shared.clone(),
+            vm_id: rel.vm_id,
+            bytes: announced.bytes,
+            vm_dir: target.vm_dir.clone(),
+            layers: std::mem::take(layers),
+            staging: staging.clone(),
+            timing: ApplyTiming::default(),
+            result: Ok((0, 0)),
+        };
+        let writes = tokio::spawn(apply_batches(writing, rx));
+        let read = read_batches(reader, announced, target, &replicated, first, tx, timing).await;
+        let mut writing = writes
+            .await
+            .map_err(|e| anyhow!("the writes of cycle {cycle} stopped: {e}"))?;
+        *layers = std::mem::take(&mut writing.layers);
+        *staging = writing.staging.clone();
+        timing.apply = writing.timing.apply;
+        timing.checkpoint = writing.timing.checkpoint;
+        // A failed read is the cause; the writes only stopped because of it.
+        let (batches, bytes) = read?;
+        let (applied, data_bytes) = writing.result?;
+        if applied != batches {
+            bail!("cycle {cycle} ended after {applied} batches, but {batches} were announced");
+        }
+        // A streamed cycle starts at batch 0: what arrived is its whole size.
+        if announced.streamed && data_bytes != bytes {
+            bail!("cycle {cycle} carried {data_bytes} data bytes, but {bytes} were announced");
+        }
+        Ok(bytes)
+    }
     .await;
     shared.clear_progress(rel.vm_id);
     result
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn receive<R: AsyncRead + Unpin>(
-    shared: &Arc<Shared>,
-    rel: &ReplicationRow,
-    reader: &mut FrameReader<R>,
-    announced: &Announced<'_>,
-    target: &Target,
-    layers: &mut Layers,
-    staging: &mut Staging,
-    timing: &mut ApplyTiming,
-) -> anyhow::Result<u64> {
-    let cycle = announced.cycle;
-    let first = staging.next_batch;
-    shared.set_progress(rel.vm_id, "applying", 0, announced.bytes);
-    // Two stages at once: frames are read and checked while the batches before them are
-    // written, through a short queue (its memory: APPLY_QUEUE batches of at most 8 MiB).
-    let replicated: Vec<usize> = target
-        .disk_sizes
-        .iter()
-        .map(|d| d.0)
-        .filter(|d| layers.contains(*d))
-        .collect();
-    let (tx, rx) = tokio::sync::mpsc::channel(APPLY_QUEUE);
-    // The writes run in their own task (on another core than the reads, decryption and
-    // checks), holding the layers and the staging until they are done.
-    let writing = Writing {
-        shared: shared.clone(),
-        vm_id: rel.vm_id,
-        bytes: announced.bytes,
-        vm_dir: target.vm_dir.clone(),
-        layers: std::mem::take(layers),
-        staging: staging.clone(),
-        timing: ApplyTiming::default(),
-        result: Ok((0, 0)),
-    };
-    let writes = tokio::spawn(apply_batches(writing, rx));
-    let read = read_batches(reader, announced, target, &replicated, first, tx, timing).await;
-    let mut writing = writes
-        .await
-        .map_err(|e| anyhow!("the writes of cycle {cycle} stopped: {e}"))?;
-    *layers = std::mem::take(&mut writing.layers);
-    *staging = writing.staging.clone();
-    timing.apply = writing.timing.apply;
-    timing.checkpoint = writing.timing.checkpoint;
-    // A failed read is the cause; the writes only stopped because of it.
-    let (batches, bytes) = read?;
-    let (applied, data_bytes) = writing.result?;
-    if applied != batches {
-        bail!("cycle {cycle} ended after {applied} batches, but {batches} were announced");
-    }
-    // A streamed cycle starts at batch 0: what arrived is its whole size.
-    if announced.streamed && data_bytes != bytes {
-        bail!("cycle {cycle} carried {data_bytes} data bytes, but {bytes} were announced");
-    }
-    Ok(bytes)
 }
 
 /// Batches read ahead of the writes: enough to keep the link and the disk busy at once.
