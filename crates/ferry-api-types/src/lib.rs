@@ -773,3 +773,5 @@ pub struct VmImportRequest {
     #[serde(default)]
     pub name: Option<String>,
 }
+
+pub mod cluster;
