@@ -1,6 +1,7 @@
 //! `ferry`: the command-line interface to ferryd, local (unix socket) or remote (TLS).
 
 mod checkpoint;
+mod cluster;
 mod console;
 mod failover;
 mod hosts;
@@ -93,6 +94,9 @@ enum Command {
     /// Checkpoints of a VM: create, list, apply, rename, delete, export.
     #[command(subcommand)]
     Checkpoint(checkpoint::CheckpointCmd),
+    /// Failover clusters: create, join, status, leave (Pacemaker/Corosync, shared storage).
+    #[command(subcommand)]
+    Cluster(cluster::ClusterCmd),
     /// The event log: replication state and health changes, errors, resyncs.
     Events {
         /// Only this VM's events.
@@ -306,6 +310,18 @@ enum VmCmd {
         /// The PNG file to write (replaced if it exists).
         file: PathBuf,
     },
+    /// Highly available VMs in a cluster: enable, disable.
+    #[command(subcommand)]
+    Ha(cluster::HaCmd),
+    /// Live-migrate a running VM to another node of its cluster (shared storage; the guest
+    /// keeps running, replication goes on from there).
+    Migrate {
+        /// The VM.
+        vm: String,
+        /// The node to move it to.
+        #[arg(long)]
+        to: String,
+    },
     /// Delete a VM that is off, with its disks.
     Delete {
         /// The VM.
@@ -339,6 +355,12 @@ fn main() -> ExitCode {
     // SAFETY: called first thing in main, before any thread exists.
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+    // Pacemaker runs the OCF agent as `ferry ocf-agent ACTION` with OCF_RESKEY_* set: its
+    // exit code is the OCF result, not ferry's usual 0/1.
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("ocf-agent") {
+        return ExitCode::from(cluster::ocf_agent(&args[2..]) as u8);
     }
     let cli = Cli::parse();
     let out = Output::new(cli.output);
@@ -469,6 +491,7 @@ async fn run(cli: Cli, out: &Output) -> anyhow::Result<()> {
         Command::Replication(cmd) => replication::replication(&client, cmd, out).await?,
         Command::Failover(cmd) => failover::failover(&client, cmd, out).await?,
         Command::Checkpoint(cmd) => checkpoint::checkpoint(&client, cmd, out).await?,
+        Command::Cluster(cmd) => cluster::cluster(&client, cmd, out).await?,
         Command::Events { vm, follow, last } => {
             replication::events(&client, vm.as_deref(), follow, last, out).await?
         }
@@ -512,6 +535,8 @@ pub(crate) fn vm_path(name: &str, suffix: &str) -> String {
 async fn vm(client: &Client, cmd: VmCmd, out: &Output) -> anyhow::Result<()> {
     let action = |reply: ActionReply| out.action(&reply);
     match cmd {
+        VmCmd::Ha(cmd) => cluster::ha(client, cmd, out).await?,
+        VmCmd::Migrate { vm, to } => cluster::migrate(client, &vm, &to, out).await?,
         VmCmd::Create {
             name,
             cpus,

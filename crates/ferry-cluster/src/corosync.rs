@@ -65,9 +65,14 @@ fn seed_cib(cib: &Path, cfg: &ClusterConfig) -> Result<(), ClusterError> {
     let empty = run(Command::new("cibadmin").arg("--empty"))?;
     std::fs::write(&tmp, empty).map_err(|e| ClusterError::io("write", &tmp, e))?;
     for (name, value) in pacemaker::CLUSTER_PROPERTIES {
-        run(Command::new("crm_attribute")
-            .env("CIB_file", &tmp)
-            .args(["-t", "crm_config", "-n", name, "-v", value]))?;
+        run(Command::new("crm_attribute").env("CIB_file", &tmp).args([
+            "-t",
+            "crm_config",
+            "-n",
+            name,
+            "-v",
+            value,
+        ]))?;
     }
     for (i, dev) in cfg.fence.iter().enumerate() {
         run(Command::new("cibadmin")
@@ -88,7 +93,13 @@ fn set_mode(path: &Path, mode: u32) -> Result<(), ClusterError> {
 
 /// Refuses early when the stack is not installed.
 pub fn require_tools() -> Result<(), ClusterError> {
-    for tool in ["corosync", "pacemakerd", "crm_mon", "cibadmin", "crm_attribute"] {
+    for tool in [
+        "corosync",
+        "pacemakerd",
+        "crm_mon",
+        "cibadmin",
+        "crm_attribute",
+    ] {
         if which(tool).is_none() {
             return Err(ClusterError::Missing(format!(
                 "{tool} is not installed; install the cluster stack: apt-get install corosync pacemaker pacemaker-cli-utils"
@@ -144,14 +155,22 @@ pub fn start_stack() -> Result<(), ClusterError> {
         run(Command::new("systemctl").args(["start", "corosync", "pacemaker"]))?;
         return Ok(());
     }
-    for d in ["/run/crm", "/run/resource-agents", "/var/log/pacemaker", "/var/log/corosync"] {
+    for d in [
+        "/run/crm",
+        "/run/resource-agents",
+        "/var/log/pacemaker",
+        "/var/log/corosync",
+    ] {
         let _ = std::fs::create_dir_all(d);
     }
     let _ = Command::new("chown")
         .args(["hacluster:haclient", "/run/crm", "/var/log/pacemaker"])
         .status();
     if running_here("corosync").is_empty() {
-        spawn_detached(Command::new("corosync").arg("-f"), "/var/log/corosync/corosync.out")?;
+        spawn_detached(
+            Command::new("corosync").arg("-f"),
+            "/var/log/corosync/corosync.out",
+        )?;
     }
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
@@ -242,12 +261,17 @@ fn spawn_detached(cmd: &mut Command, log: &str) -> Result<(), ClusterError> {
     }
     let status = setsid
         .stdin(Stdio::null())
-        .stdout(out.try_clone().map_err(|e| ClusterError::io("open", Path::new(log), e))?)
+        .stdout(
+            out.try_clone()
+                .map_err(|e| ClusterError::io("open", Path::new(log), e))?,
+        )
         .stderr(out)
         .status()
         .map_err(|e| ClusterError::Tool(format!("cannot start {program:?}: {e}")))?;
     if !status.success() {
-        return Err(ClusterError::Tool(format!("cannot start {program:?}: {status}")));
+        return Err(ClusterError::Tool(format!(
+            "cannot start {program:?}: {status}"
+        )));
     }
     Ok(())
 }

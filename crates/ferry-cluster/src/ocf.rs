@@ -122,6 +122,8 @@ mod tests {
         ] {
             assert!(actions.contains(&a), "{a}");
         }
-        assert!(agent_script(Path::new("/usr/bin/ferry")).contains("exec '/usr/bin/ferry' ocf-agent"));
+        assert!(
+            agent_script(Path::new("/usr/bin/ferry")).contains("exec '/usr/bin/ferry' ocf-agent")
+        );
     }
 }

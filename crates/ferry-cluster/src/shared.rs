@@ -265,13 +265,19 @@ impl SharedDir {
             .cluster_dir()
             .join("nodes")
             .join(format!("{}.json", rec.name));
-        write_atomic(&path, &serde_json::to_vec_pretty(rec).expect("serializable"))
+        write_atomic(
+            &path,
+            &serde_json::to_vec_pretty(rec).expect("serializable"),
+        )
     }
 
     /// How to reach node `name`'s ferryd.
     pub fn node_record(&self, name: &str) -> Result<NodeRecord, ClusterError> {
         check_word("node name", name)?;
-        let path = self.cluster_dir().join("nodes").join(format!("{name}.json"));
+        let path = self
+            .cluster_dir()
+            .join("nodes")
+            .join(format!("{name}.json"));
         let bytes = std::fs::read(&path).map_err(|_| {
             ClusterError::Missing(format!(
                 "node {name} has not joined the cluster yet (no {})",
@@ -290,9 +296,9 @@ impl SharedDir {
     pub fn vm(&self, vm: &str) -> Result<Option<VmEntry>, ClusterError> {
         let path = self.vm_entry_path(vm);
         match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
-                ClusterError::Invalid(format!("{} is damaged: {e}", path.display()))
-            }),
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|e| ClusterError::Invalid(format!("{} is damaged: {e}", path.display()))),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(ClusterError::io("read", &path, e)),
         }
@@ -413,7 +419,11 @@ mod tests {
         assert!(cfg().validate().is_ok());
         let mut c = cfg();
         c.fence.clear();
-        assert!(c.validate().unwrap_err().to_string().contains("needs fencing"));
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("needs fencing"));
         let mut c = cfg();
         c.nodes[1].address = "10.0.0.1".into();
         assert!(c.validate().unwrap_err().to_string().contains("twice"));

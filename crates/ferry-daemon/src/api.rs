@@ -13,6 +13,10 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use ferry_api_types::cluster::{
+    AgentReply, AgentRequest, ClusterCreateRequest, ClusterJoinRequest, ClusterReply,
+    ClusterStatus, HaRequest,
+};
 use ferry_api_types::{
     ActionReply, ConsoleLog, EnableReplicationRequest, EventInfo, ExecReply, ExecRequest,
     ImportRequest, RecoveryPointInfo, ReplicaServerInfo, ReplicaServerSetRequest,
@@ -24,6 +28,7 @@ use serde::Deserialize;
 use tracing::warn;
 
 use crate::checkpoints::Checkpoints;
+use crate::cluster;
 use crate::error::ApiFailure;
 use crate::replication;
 use crate::vms::{VmManager, DEFAULT_SHUTDOWN_TIMEOUT};
@@ -119,6 +124,11 @@ pub fn router(state: Shared) -> Router {
             "/v1/vms/{name}/replication/{action}",
             post(replication_request),
         )
+        .route("/v1/cluster", get(cluster_status).post(cluster_create))
+        .route("/v1/cluster/join", post(cluster_join))
+        .route("/v1/cluster/leave", post(cluster_leave))
+        .route("/v1/cluster/agent", post(cluster_agent))
+        .route("/v1/vms/{name}/ha", post(vm_ha))
         .fallback(|| async { ApiFailure::not_found("no such API endpoint".to_owned()) })
         .layer(axum::extract::DefaultBodyLimit::max(
             crate::limits::MAX_BODY,
@@ -293,7 +303,10 @@ async fn create_vm(
     body: Result<Json<VmCreateRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Result<(StatusCode, Json<VmInfo>), ApiFailure> {
     let Json(req) = body.map_err(|e| ApiFailure::invalid(e.body_text()))?;
-    Ok((StatusCode::CREATED, Json(s.vms.create(req).await?)))
+    let name = req.name.clone();
+    let info = s.vms.create(req).await?;
+    cluster::record_vm(&s.replication, &name);
+    Ok((StatusCode::CREATED, Json(info)))
 }
 
 async fn show_vm(State(s): State<Shared>, Path(name): Path<String>) -> ApiResult<VmInfo> {
@@ -306,7 +319,9 @@ async fn set_vm(
     body: Result<Json<VmSetRequest>, axum::extract::rejection::JsonRejection>,
 ) -> ApiResult<VmInfo> {
     let Json(req) = body.map_err(|e| ApiFailure::invalid(e.body_text()))?;
-    Ok(Json(s.vms.set(&name, req).await?))
+    let info = s.vms.set(&name, req).await?;
+    cluster::record_vm(&s.replication, &name);
+    Ok(Json(info))
 }
 
 async fn exec_vm(
@@ -319,10 +334,12 @@ async fn exec_vm(
 }
 
 async fn delete_vm(State(s): State<Shared>, Path(name): Path<String>) -> ApiResult<ActionReply> {
+    cluster::refuse_if_ha(&s.replication, &name, "deleted")?;
     Ok(Json(s.vms.delete(&name).await?))
 }
 
 async fn start_vm(State(s): State<Shared>, Path(name): Path<String>) -> ApiResult<ActionReply> {
+    cluster::refuse_if_ha(&s.replication, &name, "started")?;
     let reply = s.vms.start(&name).await?;
     replication::reip::on_start(&s.replication, &name);
     Ok(Json(reply))
@@ -333,6 +350,7 @@ async fn shutdown_vm(
     Path(name): Path<String>,
     body: Option<Json<ShutdownRequest>>,
 ) -> ApiResult<ActionReply> {
+    cluster::refuse_if_ha(&s.replication, &name, "shut down")?;
     let timeout = body
         .and_then(|Json(b)| b.timeout_s)
         .map(Duration::from_secs)
@@ -341,6 +359,7 @@ async fn shutdown_vm(
 }
 
 async fn stop_vm(State(s): State<Shared>, Path(name): Path<String>) -> ApiResult<ActionReply> {
+    cluster::refuse_if_ha(&s.replication, &name, "stopped")?;
     Ok(Json(s.vms.stop(&name).await?))
 }
 
@@ -876,4 +895,47 @@ async fn checkpoint_action(
             )))
         }
     })
+}
+
+async fn cluster_status(State(s): State<Shared>) -> ApiResult<ClusterStatus> {
+    Ok(Json(cluster::status(&s.replication).await?))
+}
+
+async fn cluster_create(
+    State(s): State<Shared>,
+    body: Result<Json<ClusterCreateRequest>, axum::extract::rejection::JsonRejection>,
+) -> ApiResult<ClusterStatus> {
+    let Json(req) = body.map_err(|e| ApiFailure::invalid(e.body_text()))?;
+    Ok(Json(cluster::create(&s.replication, req).await?))
+}
+
+async fn cluster_join(
+    State(s): State<Shared>,
+    body: Result<Json<ClusterJoinRequest>, axum::extract::rejection::JsonRejection>,
+) -> ApiResult<ClusterStatus> {
+    let Json(req) = body.map_err(|e| ApiFailure::invalid(e.body_text()))?;
+    Ok(Json(cluster::join(&s.replication, req).await?))
+}
+
+async fn cluster_leave(State(s): State<Shared>) -> ApiResult<ClusterReply> {
+    Ok(Json(cluster::leave(&s.replication).await?))
+}
+
+async fn cluster_agent(
+    State(s): State<Shared>,
+    body: Result<Json<AgentRequest>, axum::extract::rejection::JsonRejection>,
+) -> ApiResult<AgentReply> {
+    let Json(req) = body.map_err(|e| ApiFailure::invalid(e.body_text()))?;
+    Ok(Json(cluster::agent(&s.replication, req).await))
+}
+
+async fn vm_ha(
+    State(s): State<Shared>,
+    Path(name): Path<String>,
+    body: Result<Json<HaRequest>, axum::extract::rejection::JsonRejection>,
+) -> ApiResult<ClusterReply> {
+    let Json(req) = body.map_err(|e| ApiFailure::invalid(e.body_text()))?;
+    Ok(Json(
+        cluster::set_ha(&s.replication, &name, req.enabled).await?,
+    ))
 }

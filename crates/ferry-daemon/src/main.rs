@@ -3,6 +3,7 @@
 
 mod api;
 mod checkpoints;
+mod cluster;
 mod config;
 mod error;
 mod identity;
@@ -140,6 +141,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     let replication =
         replication::Shared::new(cfg.clone(), store.clone(), identity.clone(), vms.clone());
     replication::start(&replication).await?;
+    cluster::boot(&replication).await;
 
     let restart = Arc::new(tokio::sync::Notify::new());
     let state = Arc::new(api::AppState {

@@ -32,6 +32,8 @@ pub struct Host {
     child: Option<Child>,
     /// Its certificate is issued by the test CA (else ferryd makes a self-signed one).
     ca_issued: bool,
+    /// A command ferryd runs under (e.g. `nsenter` into a cluster node's namespaces).
+    launcher: Vec<String>,
 }
 
 /// What a `ferry` invocation did.
@@ -142,6 +144,33 @@ impl Host {
             log,
             child: None,
             ca_issued: false,
+            launcher: Vec::new(),
+        }
+    }
+
+    /// A host whose ferryd runs under `launcher` (a cluster node's `nsenter …`), with its
+    /// config already written in `dir`: `socket` is where the admin socket appears outside
+    /// the node, `tls_addr` where the node listens.
+    pub fn in_namespaces(
+        name: &str,
+        dir: tempfile::TempDir,
+        socket: PathBuf,
+        tls_addr: String,
+        vm_storage: PathBuf,
+        launcher: Vec<String>,
+    ) -> Self {
+        Self {
+            name: name.to_owned(),
+            config: dir.path().join("ferryd.toml"),
+            data_dir: dir.path().join("data"),
+            log: dir.path().join("ferryd.log"),
+            dir,
+            vm_storage,
+            socket,
+            tls_addr,
+            child: None,
+            ca_issued: false,
+            launcher,
         }
     }
 
@@ -154,7 +183,16 @@ impl Host {
             .append(true)
             .open(&self.log)
             .expect("open log");
-        let child = Command::new(bin_dir().join("ferryd"))
+        let ferryd = bin_dir().join("ferryd");
+        let mut cmd = match self.launcher.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(&ferryd);
+                c
+            }
+            None => Command::new(&ferryd),
+        };
+        let child = cmd
             .arg("--config")
             .arg(&self.config)
             .env("FERRY_LOG", "info,ferry=debug")
@@ -199,6 +237,14 @@ impl Host {
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
         let status = child.wait().expect("wait ferryd");
         status.code().unwrap_or(-1)
+    }
+
+    /// Forgets a ferryd that was killed from outside (a fenced node), reaping it.
+    pub fn reap(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 
     /// SIGKILL (a crash) and wait.

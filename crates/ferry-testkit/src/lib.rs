@@ -2,6 +2,7 @@
 //! and logs ([`host`]), the verifiable test guest's host-side model ([`guest`]), and
 //! cleanup of every process a test started, even when the test fails (Drop guards).
 
+pub mod cluster;
 pub mod debian;
 pub mod guest;
 pub mod host;

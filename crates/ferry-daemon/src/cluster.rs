@@ -1,0 +1,471 @@
+//! This host as a node of a failover cluster (crate `ferry-cluster` for the stack itself):
+//! creating, joining and leaving it, its status, making VMs highly available, and what the
+//! OCF agent asks when Pacemaker starts, stops, monitors or migrates a VM here.
+//!
+//! A node's membership is one setting in its store (the shared directory); everything else
+//! about the cluster is on the shared directory, where every node reads it.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_api_types::cluster::{
+    AgentReply, AgentRequest, ClusterCreateRequest, ClusterJoinRequest, ClusterNodeStatus,
+    ClusterReply, ClusterStatus, ClusterVmStatus,
+};
+use ferry_api_types::VmState;
+use ferry_cluster::ocf::rc;
+use ferry_cluster::shared::{ClusterConfig, NodeRecord, SharedDir, VmEntry, DEFAULT_TOKEN_MS};
+use ferry_cluster::{corosync, ocf, pacemaker, resource_id, vm_of_resource, ClusterError};
+use ferry_domain::{VmName, VmSpec};
+use tracing::{info, warn};
+
+use crate::error::ApiFailure;
+use crate::replication::Shared;
+
+/// The store setting that makes this host a cluster node: the shared directory.
+const SHARED_DIR_KEY: &str = "cluster.shared_dir";
+
+impl From<ClusterError> for ApiFailure {
+    fn from(e: ClusterError) -> Self {
+        match e {
+            ClusterError::Invalid(m) => ApiFailure::invalid(m),
+            ClusterError::Missing(m) => ApiFailure::conflict(m),
+            ClusterError::Tool(m) | ClusterError::Io(m) => ApiFailure::internal(m),
+        }
+    }
+}
+
+/// Runs a blocking cluster call off the async threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ClusterError> + Send + 'static,
+) -> Result<T, ApiFailure> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiFailure::internal(format!("cluster call panicked: {e}")))?
+        .map_err(ApiFailure::from)
+}
+
+/// The shared directory, if this host is a cluster node.
+pub fn membership(s: &Shared) -> Option<SharedDir> {
+    let dir = s.store.setting(SHARED_DIR_KEY).ok().flatten()?;
+    SharedDir::open(Path::new(&dir)).ok()
+}
+
+fn member(s: &Shared) -> Result<SharedDir, ApiFailure> {
+    membership(s).ok_or_else(|| {
+        ApiFailure::conflict(format!(
+            "{} is not a cluster node; create a cluster (ferry cluster create) or join one (ferry cluster join)",
+            s.cfg.name
+        ))
+    })
+}
+
+/// The `ferry` CLI the OCF agent runs: beside ferryd.
+fn ferry_cli() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(|d| d.join("ferry")))
+        .unwrap_or_else(|| PathBuf::from("/usr/bin/ferry"))
+}
+
+/// At ferryd's start: a cluster node brings its cluster stack up (as systemd would with
+/// the units enabled), so that a rebooted node rejoins.
+pub async fn boot(s: &Arc<Shared>) {
+    let Some(shared) = membership(s) else { return };
+    let r = blocking(move || {
+        ocf::install_agent(&ferry_cli())?;
+        let cfg = shared.config()?;
+        corosync::configure_node(&shared, &cfg)?;
+        corosync::start_stack()
+    })
+    .await;
+    match r {
+        Ok(()) => info!("cluster stack started"),
+        Err(e) => warn!(error = %e.message, "cannot start the cluster stack"),
+    }
+}
+
+/// Checks that this host can be the node `cfg` names it, then configures and starts it.
+async fn become_node(
+    s: &Arc<Shared>,
+    shared: SharedDir,
+    cfg: ClusterConfig,
+) -> Result<ClusterStatus, ApiFailure> {
+    let name = s.cfg.name.clone();
+    let Some(node) = cfg.node(&name).cloned() else {
+        return Err(ApiFailure::invalid(format!(
+            "this host is {name:?}, which is not a node of cluster {} ({}); its ferryd name must be one of them",
+            cfg.name,
+            cfg.nodes
+                .iter()
+                .map(|n| n.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    };
+    let vms = shared.vms_dir();
+    if canonical(&s.cfg.vm_storage) != canonical(&vms) {
+        return Err(ApiFailure::invalid(format!(
+            "a cluster node keeps its VMs on the shared storage: set vm_storage = \"{}\" in ferryd's config and restart ferryd (it is {})",
+            vms.display(),
+            s.cfg.vm_storage.display()
+        )));
+    }
+    let record = NodeRecord {
+        name: name.clone(),
+        api: format!("{}:{}", node.address, s.cfg.tls_listen.port()),
+        fingerprint: s.identity.fingerprint.clone(),
+    };
+    let sh = shared.clone();
+    blocking(move || {
+        corosync::require_tools()?;
+        ocf::install_agent(&ferry_cli())?;
+        sh.set_node_record(&record)?;
+        corosync::configure_node(&sh, &cfg)?;
+        corosync::start_stack()
+    })
+    .await?;
+    s.store
+        .set_setting(SHARED_DIR_KEY, &shared.root().display().to_string())?;
+    info!(shared = %shared.root().display(), "this host is a cluster node");
+    status(s).await
+}
+
+fn canonical(p: &Path) -> PathBuf {
+    std::fs::canonicalize(p).unwrap_or_else(|_| p.to_owned())
+}
+
+/// `ferry cluster create`.
+pub async fn create(
+    s: &Arc<Shared>,
+    req: ClusterCreateRequest,
+) -> Result<ClusterStatus, ApiFailure> {
+    if let Some(m) = membership(s) {
+        return Err(ApiFailure::conflict(format!(
+            "this host is already a node of the cluster on {}; leave it first (ferry cluster leave)",
+            m.root().display()
+        )));
+    }
+    let shared = SharedDir::open(Path::new(&req.shared_dir))?;
+    let cfg = ClusterConfig {
+        name: req.name,
+        nodes: req.nodes,
+        fence: req.fence,
+        token_ms: req.token_ms.unwrap_or(DEFAULT_TOKEN_MS),
+    };
+    cfg.validate()?;
+    if cfg.node(&s.cfg.name).is_none() {
+        return Err(ApiFailure::invalid(format!(
+            "this host ({}) is not among the nodes given; add --node {}=ADDRESS",
+            s.cfg.name, s.cfg.name
+        )));
+    }
+    for f in &cfg.fence {
+        if corosync::which(&f.agent).is_none() {
+            return Err(ApiFailure::invalid(format!(
+                "fence agent {} is not installed on this node (apt-get install fence-agents, or the agent your fencing hardware needs)",
+                f.agent
+            )));
+        }
+    }
+    let sh = shared.clone();
+    let c = cfg.clone();
+    blocking(move || sh.create(&c)).await?;
+    info!(cluster = %cfg.name, "cluster created");
+    become_node(s, shared, cfg).await
+}
+
+/// `ferry cluster join`.
+pub async fn join(s: &Arc<Shared>, req: ClusterJoinRequest) -> Result<ClusterStatus, ApiFailure> {
+    if let Some(m) = membership(s) {
+        if m.root() != Path::new(&req.shared_dir) {
+            return Err(ApiFailure::conflict(format!(
+                "this host is already a node of the cluster on {}; leave it first (ferry cluster leave)",
+                m.root().display()
+            )));
+        }
+    }
+    let shared = SharedDir::open(Path::new(&req.shared_dir))?;
+    let cfg = shared.config()?;
+    become_node(s, shared, cfg).await
+}
+
+/// `ferry cluster leave`: this node goes to standby (Pacemaker moves its HA VMs away),
+/// stops its cluster stack and forgets the cluster. It is never fenced for it: it leaves
+/// cleanly.
+pub async fn leave(s: &Arc<Shared>) -> Result<ClusterReply, ApiFailure> {
+    let shared = member(s)?;
+    let name = s.cfg.name.clone();
+    let n = name.clone();
+    blocking(move || pacemaker::set_standby(&n, true)).await?;
+    // Wait until no VM resource is active here.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(600);
+    loop {
+        let st = blocking(pacemaker::status).await?;
+        let here = st.resources.iter().any(|r| {
+            vm_of_resource(&r.id).is_some() && r.active && r.nodes.iter().any(|n| *n == name)
+        });
+        if !here {
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(ApiFailure::internal(
+                "this node's VMs did not move away in 10 min; see `ferry cluster status`".into(),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    blocking(|| corosync::stop_stack(Duration::from_secs(120))).await?;
+    s.store.delete_setting(SHARED_DIR_KEY)?;
+    info!(shared = %shared.root().display(), "left the cluster");
+    Ok(ClusterReply {
+        message: format!(
+            "{name} left the cluster: its VMs run on the other nodes; `ferry cluster join --shared {}` brings it back",
+            shared.root().display()
+        ),
+    })
+}
+
+/// `ferry cluster status`.
+pub async fn status(s: &Arc<Shared>) -> Result<ClusterStatus, ApiFailure> {
+    let shared = member(s)?;
+    let sh = shared.clone();
+    let (cfg, inventory) = blocking(move || Ok((sh.config()?, sh.vms()?))).await?;
+    let stack = blocking(pacemaker::status).await;
+    let (stack, stack_error) = match stack {
+        Ok(st) => (st, None),
+        Err(e) => (Default::default(), Some(e.message)),
+    };
+    let nodes = cfg
+        .nodes
+        .iter()
+        .map(|n| {
+            let st = stack.nodes.iter().find(|m| m.name == n.name);
+            ClusterNodeStatus {
+                name: n.name.clone(),
+                address: n.address.clone(),
+                online: st.is_some_and(|m| m.online),
+                standby: st.is_some_and(|m| m.standby),
+                unclean: st.is_some_and(|m| m.unclean),
+                dc: st.is_some_and(|m| m.dc),
+            }
+        })
+        .collect();
+    let vms = inventory
+        .into_iter()
+        .map(|(name, entry)| {
+            let rsc = stack
+                .resources
+                .iter()
+                .find(|r| vm_of_resource(&r.id) == Some(name.as_str()));
+            let (node, state) = match rsc {
+                Some(r) if r.failed => (r.nodes.first().cloned(), "failed"),
+                Some(r) if r.role == "Migrating" => (r.nodes.first().cloned(), "migrating"),
+                Some(r) if r.active => (r.nodes.first().cloned(), "started"),
+                Some(_) if stack_error.is_none() => (None, "unplaced"),
+                _ => {
+                    let owner = shared.owner(&name);
+                    let state = if owner.is_some() {
+                        "started"
+                    } else {
+                        "stopped"
+                    };
+                    (owner, state)
+                }
+            };
+            ClusterVmStatus {
+                name,
+                ha: entry.ha,
+                node,
+                state: state.to_owned(),
+            }
+        })
+        .collect();
+    Ok(ClusterStatus {
+        name: cfg.name,
+        shared_dir: shared.root().display().to_string(),
+        this_node: s.cfg.name.clone(),
+        quorate: stack.quorate,
+        dc: stack.dc,
+        nodes,
+        vms,
+        fencing: stack.fencing,
+        stack_error,
+    })
+}
+
+/// After a VM is created or changed on a cluster node: its spec goes to the inventory, so
+/// any node can run it.
+pub fn record_vm(s: &Shared, name: &str) {
+    let Some(shared) = membership(s) else { return };
+    let r = (|| -> Result<(), ApiFailure> {
+        let (_, row) = s.vms.get(name)?;
+        let ha = shared.vm(name)?.is_some_and(|e| e.ha);
+        let spec = serde_json::to_value(&row.spec)
+            .map_err(|e| ApiFailure::internal(format!("cannot encode the spec: {e}")))?;
+        shared.set_vm(name, &VmEntry { spec, ha })?;
+        Ok(())
+    })();
+    if let Err(e) = r {
+        warn!(vm = name, error = %e.message, "cannot record the VM in the cluster's inventory");
+    }
+}
+
+/// Whether the VM is highly available (the cluster, not the user, starts and stops it).
+pub fn is_ha(s: &Shared, name: &str) -> bool {
+    membership(s)
+        .and_then(|sh| sh.vm(name).ok().flatten())
+        .is_some_and(|e| e.ha)
+}
+
+/// Refuses a direct start, stop or delete of an HA VM.
+pub fn refuse_if_ha(s: &Shared, name: &str, op: &str) -> Result<(), ApiFailure> {
+    if is_ha(s, name) {
+        return Err(ApiFailure::conflict(format!(
+            "VM {name} is highly available: the cluster decides where it runs, so it cannot be {op} directly; move it with `ferry vm migrate {name} --to NODE`, or make it an ordinary VM first with `ferry vm ha disable {name}`"
+        )));
+    }
+    Ok(())
+}
+
+/// `ferry vm ha enable|disable VM`.
+pub async fn set_ha(
+    s: &Arc<Shared>,
+    name: &str,
+    enabled: bool,
+) -> Result<ClusterReply, ApiFailure> {
+    let shared = member(s)?;
+    let vm = VmName::new(name).map_err(|e| ApiFailure::invalid(e.to_string()))?;
+    let id = resource_id(vm.as_str())?;
+    let Some(mut entry) = shared.vm(vm.as_str())? else {
+        return Err(ApiFailure::not_found(format!(
+            "VM {vm} is not in the cluster's inventory (create it on a cluster node, or run this on the node that has it)"
+        )));
+    };
+    if entry.ha == enabled {
+        return Ok(ClusterReply {
+            message: format!(
+                "VM {vm} is already {}",
+                if enabled {
+                    "highly available"
+                } else {
+                    "an ordinary VM"
+                }
+            ),
+        });
+    }
+    if enabled {
+        let xml = pacemaker::vm_resource_xml(vm.as_str())?;
+        entry.ha = true;
+        shared.set_vm(vm.as_str(), &entry)?;
+        if let Err(e) = blocking(move || pacemaker::create_resource(&xml)).await {
+            entry.ha = false;
+            shared.set_vm(vm.as_str(), &entry)?;
+            return Err(e);
+        }
+        info!(vm = %vm, "highly available");
+        Ok(ClusterReply {
+            message: format!(
+                "VM {vm} is highly available: the cluster keeps it running on one of its nodes"
+            ),
+        })
+    } else {
+        blocking(move || pacemaker::delete_resource(&id)).await?;
+        entry.ha = false;
+        shared.set_vm(vm.as_str(), &entry)?;
+        info!(vm = %vm, "no longer highly available");
+        Ok(ClusterReply {
+            message: format!("VM {vm} is an ordinary VM again; it keeps running where it is"),
+        })
+    }
+}
+
+/// Makes the local store's row of a cluster VM match the inventory (the VM may have been
+/// created or changed on another node).
+fn adopt(s: &Shared, shared: &SharedDir, name: &str) -> Result<(), ApiFailure> {
+    let entry = shared.vm(name)?.ok_or_else(|| {
+        ApiFailure::not_found(format!("VM {name} is not in the cluster's inventory"))
+    })?;
+    let spec: VmSpec = serde_json::from_value(entry.spec).map_err(|e| {
+        ApiFailure::invalid(format!("the inventory's spec of VM {name} is damaged: {e}"))
+    })?;
+    let vm = VmName::new(name).map_err(|e| ApiFailure::invalid(e.to_string()))?;
+    match s.store.get_vm(&vm) {
+        Ok(row) if row.spec == spec => Ok(()),
+        Ok(row) => Ok(s.store.set_vm_spec(row.id, &spec)?),
+        Err(ferry_store::StoreError::NotFound(_)) => {
+            s.store.insert_vm(&spec, crate::replication::now_unix())?;
+            info!(vm = name, "adopted from the cluster's inventory");
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// What the OCF agent asks: Pacemaker's action on a VM on this node.
+pub async fn agent(s: &Arc<Shared>, req: AgentRequest) -> AgentReply {
+    let reply = |rc: i32, message: String| AgentReply { rc, message };
+    let Some(shared) = membership(s) else {
+        return reply(
+            rc::ERR_INSTALLED,
+            format!("{} is not a cluster node", s.cfg.name),
+        );
+    };
+    if VmName::new(&req.vm).is_err() {
+        return reply(rc::ERR_CONFIGURED, format!("bad VM name {:?}", req.vm));
+    }
+    let vm = req.vm.as_str();
+    let state = s.vms.get(vm).map(|(_, row)| row.state).ok();
+    let running = matches!(state, Some(VmState::Running | VmState::Paused));
+    let r: Result<AgentReply, ApiFailure> = async {
+        match req.action.as_str() {
+            "monitor" => Ok(if running {
+                reply(rc::SUCCESS, format!("{vm} runs here"))
+            } else {
+                reply(rc::NOT_RUNNING, format!("{vm} does not run here"))
+            }),
+            "start" => {
+                if running {
+                    return Ok(reply(rc::SUCCESS, format!("{vm} already runs here")));
+                }
+                adopt(s, &shared, vm)?;
+                s.vms.start(vm).await?;
+                let _ = shared.set_owner(vm, Some(&s.cfg.name));
+                info!(vm, "started by the cluster");
+                Ok(reply(rc::SUCCESS, format!("{vm} started")))
+            }
+            "stop" => {
+                if state.is_none() || state == Some(VmState::Off) {
+                    return Ok(reply(rc::SUCCESS, format!("{vm} is not running here")));
+                }
+                let timeout = Duration::from_secs(req.shutdown_timeout_s.unwrap_or(60));
+                let after = s.vms.shutdown(vm, timeout).await;
+                if !matches!(after, Ok(ref a) if a.state == VmState::Off) {
+                    s.vms.stop(vm).await?;
+                }
+                if shared.owner(vm).as_deref() == Some(s.cfg.name.as_str()) {
+                    let _ = shared.set_owner(vm, None);
+                }
+                info!(vm, "stopped by the cluster");
+                Ok(reply(rc::SUCCESS, format!("{vm} stopped")))
+            }
+            "migrate_to" | "migrate_from" => Ok(reply(
+                rc::ERR_UNIMPLEMENTED,
+                "live migration is not available on this node".into(),
+            )),
+            other => Ok(reply(
+                rc::ERR_UNIMPLEMENTED,
+                format!("unknown action {other:?}"),
+            )),
+        }
+    }
+    .await;
+    match r {
+        Ok(r) => r,
+        Err(e) => {
+            warn!(vm, action = %req.action, error = %e.message, "cluster action failed");
+            reply(rc::ERR_GENERIC, e.message)
+        }
+    }
+}

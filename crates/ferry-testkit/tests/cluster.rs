@@ -1,0 +1,357 @@
+//! Failover clusters: three real nodes (Corosync, Pacemaker, ferryd each, in their own
+//! namespaces), real fencing (fence_netns SIGKILLs a node's every process), shared storage,
+//! and the writing test guest as a highly available VM. One cluster serves every
+//! assertion, in order: forming it, status in text and JSON, refusals, HA enable, a node
+//! crash (the VM restarts elsewhere within 30 s, never on two nodes, its disk an exact
+//! prefix of its writes), a partition (the cut-off node is fenced, the VM restarts once),
+//! and leaving.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ferry_testkit::cluster::TestCluster;
+use ferry_testkit::guest::{parse_console, verify_prefix, GuestWorkload};
+use ferry_testkit::replication::{read_image, wait_for};
+
+const SEED: u64 = 4242;
+const SPAN: u64 = 2048;
+
+/// Watches, every 50 ms, on how many nodes a QEMU of `vm` runs; remembers the most.
+struct TwoCopiesWatch {
+    stop: Arc<AtomicBool>,
+    seen: Arc<Mutex<Vec<Vec<String>>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl TwoCopiesWatch {
+    fn start(cluster: &TestCluster, vm: &str) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let prefix = cluster.prefix.clone();
+        let nodes: Vec<(usize, String)> = cluster
+            .nodes
+            .iter()
+            .map(|n| (n.index, n.name.clone()))
+            .collect();
+        let needle = format!("{}/vms/{vm}/", cluster.shared.display());
+        let (s, v) = (stop.clone(), seen.clone());
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                let mut on = Vec::new();
+                for (i, name) in &nodes {
+                    let out = std::process::Command::new("ip")
+                        .args(["netns", "pids", &format!("{prefix}-n{i}")])
+                        .output()
+                        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                        .unwrap_or_default();
+                    let here = out.split_whitespace().any(|p| {
+                        std::fs::read(format!("/proc/{p}/cmdline"))
+                            .map(|c| {
+                                let c = String::from_utf8_lossy(&c);
+                                c.contains("qemu-system") && c.contains(&needle)
+                            })
+                            .unwrap_or(false)
+                            && ferry_testkit::host::pid_alive(p.parse().unwrap_or(0))
+                    });
+                    if here {
+                        on.push(name.clone());
+                    }
+                }
+                if on.len() > 1 {
+                    v.lock().unwrap().push(on);
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        Self {
+            stop,
+            seen,
+            thread: Some(thread),
+        }
+    }
+
+    fn finish(mut self) -> Vec<Vec<String>> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.take().unwrap().join().unwrap();
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+/// Waits until the cluster says the VM runs on a node other than `not`, and a QEMU of it
+/// really runs there; returns the node and how long it took.
+fn wait_moved(
+    c: &TestCluster,
+    ask: &str,
+    vm: &str,
+    not: &str,
+    since: Instant,
+) -> (String, Duration) {
+    let deadline = since + Duration::from_secs(30);
+    loop {
+        let st = c.status(ask);
+        let node = st["vms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == vm)
+            .and_then(|v| v["node"].as_str().map(str::to_owned));
+        if let Some(node) = node {
+            if node != not && c.qemu_nodes(vm) == vec![node.clone()] {
+                return (node, since.elapsed());
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{vm} did not run on another node than {not} within 30 s: {st:#}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The guest's disk as raw bytes, read while a QEMU may hold it (shared read).
+fn disk_now(c: &TestCluster, vm: &str) -> Vec<u8> {
+    read_image(&c.shared.join("vms").join(vm).join("disk0.qcow2"))
+}
+
+#[test]
+fn a_cluster_restarts_a_writing_ha_guest_on_a_survivor_after_a_crash_and_a_partition() {
+    let mut c = TestCluster::new(3);
+    let t0 = Instant::now();
+
+    // Refusals first: no fencing, a node list without this host, a wrong vm_storage.
+    let n1 = &c.node("node1").host;
+    let shared = c.shared.display().to_string();
+    let err = n1.ferry_err(&[
+        "cluster",
+        "create",
+        "c1",
+        "--shared",
+        &shared,
+        "--node",
+        "node1=10.0.0.1",
+        "--node",
+        "node2=10.0.0.2",
+        "--fence",
+        "fence_nonexistent",
+    ]);
+    assert!(
+        err.contains("fence agent fence_nonexistent is not installed"),
+        "{err}"
+    );
+    let err = n1.ferry_err(&[
+        "cluster",
+        "create",
+        "c1",
+        "--shared",
+        &shared,
+        "--node",
+        "nodeX=10.0.0.1",
+        "--node",
+        "nodeY=10.0.0.2",
+        "--fence",
+        "fence_netns",
+    ]);
+    assert!(err.contains("not among the nodes"), "{err}");
+    let err = n1.ferry_err(&["cluster", "status"]);
+    assert!(err.contains("not a cluster node"), "{err}");
+    assert!(
+        !c.shared.join("cluster").exists(),
+        "a refused create must leave nothing behind"
+    );
+
+    // 1. Form the cluster: create on node1, join on node2 and node3.
+    c.form("c1");
+    let formed = t0.elapsed();
+    let st = c.status("node2");
+    assert_eq!(st["name"], "c1");
+    assert_eq!(st["quorate"], true);
+    assert_eq!(st["nodes"].as_array().unwrap().len(), 3);
+    let text = c.node("node3").host.ferry_ok(&["cluster", "status"]);
+    assert!(
+        text.contains("Cluster c1") && text.contains("quorate"),
+        "{text}"
+    );
+    assert!(text.contains("node2") && text.contains("online"), "{text}");
+    // Joining twice is harmless; another cluster's create is refused.
+    c.node("node2")
+        .host
+        .ferry_ok(&["cluster", "join", "--shared", &shared]);
+    let err = c.node("node2").host.ferry_err(&[
+        "cluster",
+        "create",
+        "c2",
+        "--shared",
+        &shared,
+        "--node",
+        "node2=10.0.0.2",
+        "--node",
+        "node3=10.0.0.3",
+        "--fence",
+        "fence_netns",
+    ]);
+    assert!(err.contains("already a node"), "{err}");
+
+    // 2. A writing guest, created on node1, made highly available.
+    let n1 = &c.node("node1").host;
+    n1.create_guest_vm(
+        "app",
+        GuestWorkload {
+            seed: SEED,
+            start: 1,
+            span_blocks: SPAN,
+        },
+        0.02,
+        &["--memory", "256M", "--disk", "16M", "--no-vnc"],
+    );
+    let st = c.status("node3");
+    assert_eq!(st["vms"][0]["name"], "app", "{st:#}");
+    assert_eq!(st["vms"][0]["ha"], false);
+    assert_eq!(st["vms"][0]["state"], "stopped");
+    let r = n1.ferry_ok(&["vm", "ha", "enable", "app"]);
+    assert!(r.contains("highly available"), "{r}");
+    let watch = TwoCopiesWatch::start(&c, "app");
+    // The cluster starts it somewhere.
+    let mut owner = String::new();
+    wait_for(
+        "app started by the cluster",
+        Duration::from_secs(60),
+        || {
+            let nodes = c.qemu_nodes("app");
+            if nodes.len() == 1 {
+                owner = nodes[0].clone();
+                true
+            } else {
+                false
+            }
+        },
+    );
+    let oh = &c.node(&owner).host;
+    oh.wait_console("app", Duration::from_secs(60), "guest writes", |t| {
+        parse_console(t).last_wrote_seq.unwrap_or(0) >= 20
+    });
+    // Direct lifecycle operations of an HA VM are refused with what to do instead.
+    let err = oh.ferry_err(&["vm", "stop", "app"]);
+    assert!(
+        err.contains("highly available") && err.contains("ferry vm migrate"),
+        "{err}"
+    );
+    let err = oh.ferry_err(&["vm", "delete", "app"]);
+    assert!(err.contains("highly available"), "{err}");
+    let st = c.status(&owner);
+    let vm = &st["vms"][0];
+    assert_eq!(
+        (vm["ha"].clone(), vm["state"].clone()),
+        (true.into(), "started".into()),
+        "{st:#}"
+    );
+    assert_eq!(vm["node"], owner.as_str());
+
+    // 3. Crash the owner: every process of the node dies at once.
+    let crashed = owner.clone();
+    let ask = c
+        .nodes
+        .iter()
+        .find(|n| n.name != crashed)
+        .unwrap()
+        .name
+        .clone();
+    let since = Instant::now();
+    c.crash(&crashed);
+    // The disk as the crash left it: an exact prefix of the guest's writes (read before the
+    // guest boots again elsewhere and starts its sequence over).
+    let at_crash = verify_prefix(&disk_now(&c, "app"), SEED, SPAN)
+        .unwrap_or_else(|e| panic!("disk after the crash: {e}"));
+    assert!(at_crash.last_seq >= 20, "{at_crash:?}");
+    let (new_owner, crash_failover) = wait_moved(&c, &ask, "app", &crashed, since);
+    eprintln!("crash: app runs on {new_owner} {crash_failover:?} after {crashed} died");
+    let st = c.status(&ask);
+    let fenced: Vec<_> = st["fencing"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["target"] == crashed.as_str() && f["status"] == "success")
+        .collect();
+    assert_eq!(fenced.len(), 1, "the crashed node is fenced once: {st:#}");
+    let text = c.node(&ask).host.ferry_ok(&["cluster", "status"]);
+    assert!(
+        text.contains("Fencing history") && text.contains(&crashed),
+        "{text}"
+    );
+    c.node(&new_owner).host.wait_console(
+        "app",
+        Duration::from_secs(60),
+        "guest writes again",
+        |t| parse_console(t).last_wrote_seq.unwrap_or(0) >= 5,
+    );
+    c.reboot(&crashed);
+    // Stickiness: the VM stays where it is when the crashed node returns.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(c.qemu_nodes("app"), vec![new_owner.clone()]);
+
+    // 4. Partition: cut the owner off the cluster network. It loses quorum and stops the
+    // VM, the majority fences it, then starts the VM once.
+    let cut = new_owner.clone();
+    let ask = c.nodes.iter().find(|n| n.name != cut).unwrap().name.clone();
+    let fenced_before = c.status(&ask)["fencing"].as_array().unwrap().len();
+    let since = Instant::now();
+    c.set_link(&cut, false);
+    let (after_partition, partition_failover) = wait_moved(&c, &ask, "app", &cut, since);
+    eprintln!(
+        "partition: app runs on {after_partition} {partition_failover:?} after {cut} was cut off"
+    );
+    let st = c.status(&ask);
+    let fences = st["fencing"].as_array().unwrap();
+    assert_eq!(fences.len(), fenced_before + 1, "{st:#}");
+    assert_eq!(fences.last().unwrap()["target"], cut.as_str());
+    wait_for(
+        "the cut-off node fenced (no process left)",
+        Duration::from_secs(30),
+        || c.node_pids(c.node(&cut).index).is_empty(),
+    );
+    c.set_link(&cut, true);
+    c.reboot(&cut);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        c.qemu_nodes("app"),
+        vec![after_partition.clone()],
+        "restarted once, stays put"
+    );
+    let copies = watch.finish();
+    assert!(
+        copies.is_empty(),
+        "the VM ran on two nodes at once: {copies:?}"
+    );
+
+    // 5. Leave: a node without the VM leaves cleanly (never fenced for it).
+    let leaver = c
+        .nodes
+        .iter()
+        .find(|n| n.name != after_partition)
+        .unwrap()
+        .name
+        .clone();
+    let r = c.node(&leaver).host.ferry_ok(&["cluster", "leave"]);
+    assert!(r.contains("left the cluster"), "{r}");
+    let err = c.node(&leaver).host.ferry_err(&["cluster", "status"]);
+    assert!(err.contains("not a cluster node"), "{err}");
+    let st = c.status(&after_partition);
+    let node = st["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == leaver.as_str())
+        .unwrap();
+    assert_eq!(node["online"], false);
+    assert_eq!(st["quorate"], true, "two of three keep quorum: {st:#}");
+    assert_eq!(
+        st["fencing"].as_array().unwrap().len(),
+        fenced_before + 1,
+        "a node that leaves is not fenced"
+    );
+    eprintln!(
+        "figures: formed in {formed:?}; crash failover {crash_failover:?}; partition failover {partition_failover:?}"
+    );
+    let _ = PathBuf::new();
+}
