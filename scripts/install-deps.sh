@@ -7,7 +7,8 @@
 # server; Prometheus with promtool for the shipped rules and the scrape test; grub-mkrescue
 # with BIOS and EFI GRUB, xorriso and mtools to build the bootable test ISO; openssl for the
 # CA recipe); and what the real Debian guest (guest/debian/build.sh) and its UEFI install
-# test need: mmdebstrap, squashfs-tools, sfdisk and e2fsck. Does nothing when all is in place.
+# test need: mmdebstrap, squashfs-tools, sfdisk and e2fsck; Corosync and Pacemaker for the
+# failover-cluster test. Does nothing when all is in place.
 set -euo pipefail
 
 need_apt=0
@@ -18,7 +19,8 @@ for f in /bin/busybox /usr/sbin/modinfo /usr/bin/cpio /usr/bin/flock /usr/bin/nb
   /usr/bin/chromium /usr/bin/chromedriver /usr/bin/openssl /usr/bin/prometheus /usr/bin/promtool \
   /usr/share/OVMF/OVMF_CODE_4M.fd /usr/bin/grub-mkrescue \
   /usr/lib/grub/i386-pc/boot.img /usr/lib/grub/x86_64-efi/linux.mod /usr/bin/xorriso /usr/bin/mformat \
-  /usr/bin/mmdebstrap /usr/bin/mksquashfs /sbin/sfdisk /sbin/e2fsck; do
+  /usr/bin/mmdebstrap /usr/bin/mksquashfs /sbin/sfdisk /sbin/e2fsck \
+  /usr/sbin/corosync /usr/sbin/pacemakerd /usr/sbin/crm_mon /usr/sbin/cibadmin; do
   [ -e "$f" ] || need_apt=1
 done
 ls /boot/vmlinuz-* >/dev/null 2>&1 || need_apt=1
@@ -43,6 +45,9 @@ if [ "$need_apt" = 1 ]; then
   # Binary-only grub packages: they do not touch this machine's own boot loader.
   apt-get install -y -qq --no-install-recommends mmdebstrap squashfs-tools grub-common \
     grub-pc-bin grub-efi-amd64-bin xorriso mtools ovmf fdisk e2fsprogs >/dev/null
+  # The Linux HA stack for failover clusters (the cluster test runs three nodes of it in
+  # network namespaces): Corosync, Pacemaker and its command-line tools.
+  apt-get install -y -qq --no-install-recommends corosync pacemaker pacemaker-cli-utils >/dev/null
   # Prometheus and promtool only (not the node exporter it recommends, a daemon the tests
   # do not need).
   apt-get install -y -qq --no-install-recommends prometheus >/dev/null

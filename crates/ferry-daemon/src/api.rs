@@ -15,7 +15,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use ferry_api_types::cluster::{
     AgentReply, AgentRequest, ClusterCreateRequest, ClusterJoinRequest, ClusterReply,
-    ClusterStatus, HaRequest,
+    ClusterStatus, HaRequest, IncomingReply, IncomingRequest, MigrateReply, MigrateRequest,
 };
 use ferry_api_types::{
     ActionReply, ConsoleLog, EnableReplicationRequest, EventInfo, ExecReply, ExecRequest,
@@ -129,6 +129,8 @@ pub fn router(state: Shared) -> Router {
         .route("/v1/cluster/leave", post(cluster_leave))
         .route("/v1/cluster/agent", post(cluster_agent))
         .route("/v1/vms/{name}/ha", post(vm_ha))
+        .route("/v1/vms/{name}/migrate", post(vm_migrate))
+        .route("/v1/cluster/incoming", post(cluster_incoming))
         .fallback(|| async { ApiFailure::not_found("no such API endpoint".to_owned()) })
         .layer(axum::extract::DefaultBodyLimit::max(
             crate::limits::MAX_BODY,
@@ -139,15 +141,23 @@ pub fn router(state: Shared) -> Router {
 /// The router for the TLS port: every request needs `Authorization: Bearer <token>`.
 pub fn tls_router(state: Shared) -> Router {
     let tokens = state.tokens.clone();
+    let engine = state.replication.clone();
     router(state).layer(axum::middleware::from_fn(move |req: Request, next: Next| {
         let tokens = tokens.clone();
+        let engine = engine.clone();
         async move {
-            let ok = req
+            let given = req
                 .headers()
                 .get(header::AUTHORIZATION)
                 .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "))
-                .is_some_and(|given| tokens.accepts(given, replication::now_unix()));
+                .and_then(|v| v.strip_prefix("Bearer "));
+            // Cluster nodes call each other's node-to-node endpoint with the cluster's
+            // node token, which grants nothing else.
+            let ok = given.is_some_and(|given| {
+                tokens.accepts(given, replication::now_unix())
+                    || (req.uri().path() == "/v1/cluster/incoming"
+                        && cluster::is_node_token(&engine, given))
+            });
             if ok {
                 next.run(req).await
             } else {
@@ -938,4 +948,21 @@ async fn vm_ha(
     Ok(Json(
         cluster::set_ha(&s.replication, &name, req.enabled).await?,
     ))
+}
+
+async fn vm_migrate(
+    State(s): State<Shared>,
+    Path(name): Path<String>,
+    body: Result<Json<MigrateRequest>, axum::extract::rejection::JsonRejection>,
+) -> ApiResult<MigrateReply> {
+    let Json(req) = body.map_err(|e| ApiFailure::invalid(e.body_text()))?;
+    Ok(Json(cluster::migrate(&s.replication, &name, &req.to).await?))
+}
+
+async fn cluster_incoming(
+    State(s): State<Shared>,
+    body: Result<Json<IncomingRequest>, axum::extract::rejection::JsonRejection>,
+) -> ApiResult<IncomingReply> {
+    let Json(req) = body.map_err(|e| ApiFailure::invalid(e.body_text()))?;
+    Ok(Json(cluster::incoming(&s.replication, req).await?))
 }

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use ferry_api_types::cluster::{
     AgentReply, AgentRequest, ClusterCreateRequest, ClusterJoinRequest, ClusterNodeStatus,
-    ClusterReply, ClusterStatus, ClusterVmStatus,
+    ClusterReply, ClusterStatus, ClusterVmStatus, IncomingReply, IncomingRequest, MigrateReply,
 };
 use ferry_api_types::VmState;
 use ferry_cluster::ocf::rc;
@@ -450,10 +450,42 @@ pub async fn agent(s: &Arc<Shared>, req: AgentRequest) -> AgentReply {
                 info!(vm, "stopped by the cluster");
                 Ok(reply(rc::SUCCESS, format!("{vm} stopped")))
             }
-            "migrate_to" | "migrate_from" => Ok(reply(
-                rc::ERR_UNIMPLEMENTED,
-                "live migration is not available on this node".into(),
-            )),
+            "migrate_to" => {
+                let Some(target) = req.target.as_deref() else {
+                    return Ok(reply(rc::ERR_CONFIGURED, "migrate_to without a target".into()));
+                };
+                let outcome = migrate_to(s, &shared, vm, target).await?;
+                Ok(reply(
+                    rc::SUCCESS,
+                    format!(
+                        "{vm} migrated to {target} (downtime {} ms)",
+                        outcome.downtime_ms.unwrap_or(0)
+                    ),
+                ))
+            }
+            "migrate_from" => {
+                let rx = s.cluster_incoming.lock().expect("incoming").remove(vm);
+                let Some(mut rx) = rx else {
+                    return Ok(if running {
+                        reply(rc::SUCCESS, format!("{vm} runs here"))
+                    } else {
+                        reply(rc::ERR_GENERIC, format!("no migration of {vm} arrived here"))
+                    });
+                };
+                let done = tokio::time::timeout(Duration::from_secs(110), rx.wait_for(Option::is_some))
+                    .await
+                    .map_err(|_| ApiFailure::internal(format!("the migration of {vm} did not finish in time")))?
+                    .map_err(|_| ApiFailure::internal("the migration watcher ended".into()))?
+                    .clone();
+                match done {
+                    Some(Ok(())) => {
+                        let _ = shared.set_owner(vm, Some(&s.cfg.name));
+                        Ok(reply(rc::SUCCESS, format!("{vm} arrived and runs here")))
+                    }
+                    Some(Err(e)) => Ok(reply(rc::ERR_GENERIC, format!("the migration of {vm} failed: {e}"))),
+                    None => Ok(reply(rc::ERR_GENERIC, "no result".into())),
+                }
+            }
             other => Ok(reply(
                 rc::ERR_UNIMPLEMENTED,
                 format!("unknown action {other:?}"),
@@ -468,4 +500,160 @@ pub async fn agent(s: &Arc<Shared>, req: AgentRequest) -> AgentReply {
             reply(rc::ERR_GENERIC, e.message)
         }
     }
+}
+
+/// What the last live migration of a VM cost, kept beside its disks.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct LastMigration {
+    from: String,
+    to: String,
+    downtime_ms: Option<u64>,
+    total_ms: u64,
+}
+
+/// Live-migrates `vm` from this node to `target`: the target's ferryd (reached over TLS with
+/// the cluster's node token, its certificate pinned from its node record) starts the VM as
+/// a migration target, then QEMU sends it over the cluster network.
+async fn migrate_to(
+    s: &Arc<Shared>,
+    shared: &SharedDir,
+    vm: &str,
+    target: &str,
+) -> Result<ferry_qemu::migration::MigrationOutcome, ApiFailure> {
+    let sh = shared.clone();
+    let t = target.to_owned();
+    let (rec, token) = blocking(move || Ok((sh.node_record(&t)?, sh.token()?))).await?;
+    let client = ferry_client::Client::new(ferry_client::Endpoint::Tls {
+        addr: rec.api.clone(),
+        fingerprint: rec.fingerprint.clone(),
+        token,
+    });
+    let reply: IncomingReply = client
+        .post(
+            "/v1/cluster/incoming",
+            &IncomingRequest {
+                vm: vm.to_owned(),
+                source: s.cfg.name.clone(),
+                replication: None,
+            },
+        )
+        .await
+        .map_err(|e| ApiFailure::internal(format!("node {target} cannot receive {vm}: {e}")))?;
+    let listen: std::net::SocketAddr = reply.listen.parse().map_err(|_| {
+        ApiFailure::internal(format!("node {target} answered a bad address {:?}", reply.listen))
+    })?;
+    let outcome = s.vms.migrate_out(vm, listen).await?;
+    let last = LastMigration {
+        from: s.cfg.name.clone(),
+        to: target.to_owned(),
+        downtime_ms: outcome.downtime_ms,
+        total_ms: outcome.total_ms,
+    };
+    let _ = ferry_cluster::shared::write_atomic(
+        &shared.vms_dir().join(vm).join("last-migration.json"),
+        &serde_json::to_vec(&last).expect("serializable"),
+    );
+    let _ = shared.set_owner(vm, Some(target));
+    Ok(outcome)
+}
+
+/// `POST /v1/cluster/incoming` (from another node): start `vm` here as a migration target.
+pub async fn incoming(s: &Arc<Shared>, req: IncomingRequest) -> Result<IncomingReply, ApiFailure> {
+    let shared = member(s)?;
+    let cfg = shared.config()?;
+    let me = cfg.node(&s.cfg.name).ok_or_else(|| {
+        ApiFailure::conflict(format!("{} is not in the cluster's node list", s.cfg.name))
+    })?;
+    let ip: std::net::IpAddr = me
+        .address
+        .parse()
+        .map_err(|_| ApiFailure::internal(format!("bad node address {}", me.address)))?;
+    adopt(s, &shared, &req.vm)?;
+    let (listen, rx) = s.vms.incoming(&req.vm, ip).await?;
+    s.cluster_incoming
+        .lock()
+        .expect("incoming")
+        .insert(req.vm.clone(), rx);
+    info!(vm = %req.vm, from = %req.source, %listen, "receiving a live migration");
+    Ok(IncomingReply {
+        listen: listen.to_string(),
+    })
+}
+
+/// Whether `token` is the cluster's node token (accepted by the TLS API for node-to-node
+/// calls only).
+pub fn is_node_token(s: &Shared, token: &str) -> bool {
+    membership(s)
+        .and_then(|sh| sh.token().ok())
+        .is_some_and(|t| !t.is_empty() && ring::constant_time::verify_slices_are_equal(t.as_bytes(), token.as_bytes()).is_ok())
+}
+
+/// `ferry vm migrate VM --to NODE`: Pacemaker moves the HA VM (it calls the agent's
+/// migrate_to on the VM's node and migrate_from on the target), and the preference the
+/// move leaves is dropped once the VM runs there.
+pub async fn migrate(s: &Arc<Shared>, vm: &str, to: &str) -> Result<MigrateReply, ApiFailure> {
+    let shared = member(s)?;
+    let cfg = shared.config()?;
+    if cfg.node(to).is_none() {
+        return Err(ApiFailure::invalid(format!(
+            "{to} is not a node of cluster {}",
+            cfg.name
+        )));
+    }
+    if !is_ha(s, vm) {
+        return Err(ApiFailure::conflict(format!(
+            "VM {vm} is not highly available; make it so first (ferry vm ha enable {vm}): the cluster moves it"
+        )));
+    }
+    let id = resource_id(vm)?;
+    let before = shared.owner(vm);
+    if before.as_deref() == Some(to) {
+        return Err(ApiFailure::conflict(format!("VM {vm} already runs on {to}")));
+    }
+    let last_path = shared.vms_dir().join(vm).join("last-migration.json");
+    let _ = std::fs::remove_file(&last_path);
+    let (i, t) = (id.clone(), to.to_owned());
+    blocking(move || pacemaker::move_resource(&i, &t)).await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(600);
+    let result = loop {
+        let st = blocking(pacemaker::status).await?;
+        if let Some(r) = st.resources.iter().find(|r| r.id == id) {
+            if r.active && r.role == "Started" && r.nodes == [to.to_owned()] {
+                break Ok(());
+            }
+            if r.failed {
+                break Err(ApiFailure::qemu(format!(
+                    "the cluster could not move {vm} to {to}; see `ferry cluster status` and the nodes' logs"
+                )));
+            }
+        }
+        if tokio::time::Instant::now() > deadline {
+            break Err(ApiFailure::internal(format!(
+                "{vm} did not arrive on {to} in 10 min"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let i = id.clone();
+    let _ = blocking(move || pacemaker::clear_move(&i)).await;
+    result?;
+    let last: Option<LastMigration> = std::fs::read(&last_path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
+    let (downtime_ms, total_ms) = match &last {
+        Some(l) if l.to == to => (l.downtime_ms, Some(l.total_ms)),
+        _ => (None, None),
+    };
+    Ok(MigrateReply {
+        message: match (downtime_ms, total_ms) {
+            (Some(d), Some(t)) => format!(
+                "VM {vm} moved live to {to} in {:.1} s; the guest paused for {d} ms",
+                t as f64 / 1000.0
+            ),
+            _ => format!("VM {vm} runs on {to} now"),
+        },
+        node: to.to_owned(),
+        downtime_ms,
+        total_ms,
+    })
 }

@@ -21,7 +21,7 @@ use ferry_domain::{
 use ferry_qemu::hardware::{self, Hardware, Uefi};
 use ferry_qemu::process::{self, disk_node, Accel, NicArg, NicBackend, QemuCommand};
 use ferry_qemu::qmp::{self, Qmp};
-use ferry_qemu::{img, qcow2};
+use ferry_qemu::{img, migration, qcow2};
 use ferry_store::{Store, StoreError, VmRow};
 use ring::rand::SecureRandom;
 use tokio::sync::watch;
@@ -902,6 +902,17 @@ impl VmManager {
     }
 
     async fn spawn(&self, row: &VmRow, loadvm: Option<&str>) -> Result<(u32, Qmp), ApiFailure> {
+        self.spawn_as(row, loadvm, false).await
+    }
+
+    /// Starts QEMU for the VM: normally, from a snapshot (`loadvm`), or as the target of a
+    /// live migration (`incoming`).
+    async fn spawn_as(
+        &self,
+        row: &VmRow,
+        loadvm: Option<&str>,
+        incoming: bool,
+    ) -> Result<(u32, Qmp), ApiFailure> {
         let paths = self.runtime_paths(row.id);
         let dir = self.vm_dir(&row.spec.name);
         // A VM made by replication (its disks live in the replica storage) may not have its
@@ -959,6 +970,7 @@ impl VmManager {
             pidfile: paths.pidfile.clone(),
             agent_socket: Some(paths.agent.clone()),
             loadvm: loadvm.map(str::to_owned),
+            incoming,
             vnc_socket: row.spec.vnc.then(|| paths.vnc.clone()),
         };
         let pid = process::spawn_daemonized(&cmd)
@@ -973,6 +985,95 @@ impl VmManager {
                 )))
             }
         }
+    }
+
+    /// Starts the VM here as the target of a live migration: QEMU with the VM's hardware
+    /// waits for the stream on `listen_ip` (a free port). Returns where it listens, and a
+    /// receiver that says once the guest runs here (or why not).
+    pub async fn incoming(
+        self: &Arc<Self>,
+        name: &str,
+        listen_ip: std::net::IpAddr,
+    ) -> Result<(std::net::SocketAddr, watch::Receiver<Option<Result<(), String>>>), ApiFailure>
+    {
+        let (vm, _) = self.row(name)?;
+        let _guard = self.lock_vm(&vm).await;
+        let row = self.store.get_vm(&vm)?;
+        if row.state != VmState::Off {
+            return Err(ApiFailure::conflict(format!(
+                "VM {vm} is {} here; a migration target must be off",
+                row.state
+            )));
+        }
+        self.transition(&row, Operation::Start)?;
+        let (pid, qmp) = match self.spawn_as(&row, None, true).await {
+            Ok(p) => p,
+            Err(e) => {
+                self.store.set_runtime(&vm, VmState::Off, None, None)?;
+                return Err(e);
+            }
+        };
+        let listen = match migration::prepare_incoming(&qmp, (listen_ip, 0).into()).await {
+            Ok(a) => a,
+            Err(e) => {
+                let _ = process::signal(pid, libc::SIGKILL);
+                self.store.set_runtime(&vm, VmState::Off, None, None)?;
+                return Err(ApiFailure::qemu(format!("cannot receive a migration: {e}")));
+            }
+        };
+        self.store
+            .set_runtime(&vm, VmState::Running, Some(pid), Some(now_unix()))?;
+        self.store.set_last_error(&vm, None)?;
+        self.track(&vm, pid, qmp.clone());
+        let (tx, rx) = watch::channel(None);
+        tokio::spawn(async move {
+            let r = migration::wait_incoming_done(&qmp, Duration::from_secs(600))
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string());
+            let _ = tx.send(Some(r));
+        });
+        info!(vm = %vm, %listen, "waiting for the live migration");
+        Ok((listen, rx))
+    }
+
+    /// Live-migrates the running VM to the QEMU waiting at `target` (see
+    /// [`VmManager::incoming`] on the other node); on success this node's QEMU quits and
+    /// the VM is off here. Under the VM's lock, so no replication capture (whose fleecing
+    /// point would hold the dirty bitmaps) runs meanwhile.
+    pub async fn migrate_out(
+        &self,
+        name: &str,
+        target: std::net::SocketAddr,
+    ) -> Result<migration::MigrationOutcome, ApiFailure> {
+        let (vm, _) = self.row(name)?;
+        let inst = {
+            let _guard = self.lock_vm(&vm).await;
+            let inst = self.live(&vm)?;
+            let outcome =
+                migration::migrate(&inst.qmp, target, migration::MigrateOptions::default(), |p| {
+                    tracing::debug!(vm = %vm, status = ?p.status, sent = p.ram_transferred, remaining = p.ram_remaining, "migrating");
+                })
+                .await
+                .map_err(|e| ApiFailure::qemu(format!("live migration of {vm} failed: {e}")))?;
+            let row = self.store.get_vm(&vm)?;
+            self.transition(&row, Operation::Stop)?;
+            info!(vm = %vm, %target, total_ms = outcome.total_ms, downtime_ms = ?outcome.downtime_ms, "live migration done");
+            (inst, outcome)
+        };
+        let (inst, outcome) = inst;
+        if inst.qmp.quit().await.is_err() {
+            let _ = process::signal(inst.pid, libc::SIGKILL);
+        }
+        let mut exited = inst.exited.clone();
+        if tokio::time::timeout(QUIT_TIMEOUT, exited.wait_for(|e| *e))
+            .await
+            .is_err()
+        {
+            let _ = process::signal(inst.pid, libc::SIGKILL);
+            let _ = tokio::time::timeout(QUIT_TIMEOUT, exited.wait_for(|e| *e)).await;
+        }
+        Ok(outcome)
     }
 
     /// The QEMU hardware of a spec. An ISO that is gone (e.g. a VM failed over to a host

@@ -4,9 +4,8 @@
 //! assertion, in order: forming it, status in text and JSON, refusals, HA enable, a node
 //! crash (the VM restarts elsewhere within 30 s, never on two nodes, its disk an exact
 //! prefix of its writes), a partition (the cut-off node is fenced, the VM restarts once),
-//! and leaving.
+//! a live migration under writes (the same boot goes on, no write lost), and leaving.
 
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -108,6 +107,16 @@ fn wait_moved(
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// How many successful fencings of `node` a status shows.
+fn fences_of(st: &serde_json::Value, node: &str) -> usize {
+    st["fencing"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["target"] == node && f["status"] == "success")
+        .count()
 }
 
 /// The guest's disk as raw bytes, read while a QEMU may hold it (shared read).
@@ -279,11 +288,15 @@ fn a_cluster_restarts_a_writing_ha_guest_on_a_survivor_after_a_crash_and_a_parti
         text.contains("Fencing history") && text.contains(&crashed),
         "{text}"
     );
+    // The console log is the VM's, on the shared storage: the new boot's lines follow.
+    let old_len = std::fs::metadata(c.shared.join("vms/app/console.log"))
+        .map(|m| m.len() as usize)
+        .unwrap_or(0);
     c.node(&new_owner).host.wait_console(
         "app",
         Duration::from_secs(60),
-        "guest writes again",
-        |t| parse_console(t).last_wrote_seq.unwrap_or(0) >= 5,
+        "the restarted guest writes",
+        |t| parse_console(t.get(old_len..).unwrap_or("")).last_wrote_seq.unwrap_or(0) >= 5,
     );
     c.reboot(&crashed);
     // Stickiness: the VM stays where it is when the crashed node returns.
@@ -294,7 +307,7 @@ fn a_cluster_restarts_a_writing_ha_guest_on_a_survivor_after_a_crash_and_a_parti
     // VM, the majority fences it, then starts the VM once.
     let cut = new_owner.clone();
     let ask = c.nodes.iter().find(|n| n.name != cut).unwrap().name.clone();
-    let fenced_before = c.status(&ask)["fencing"].as_array().unwrap().len();
+    let fenced_before = fences_of(&c.status(&ask), &cut);
     let since = Instant::now();
     c.set_link(&cut, false);
     let (after_partition, partition_failover) = wait_moved(&c, &ask, "app", &cut, since);
@@ -302,9 +315,7 @@ fn a_cluster_restarts_a_writing_ha_guest_on_a_survivor_after_a_crash_and_a_parti
         "partition: app runs on {after_partition} {partition_failover:?} after {cut} was cut off"
     );
     let st = c.status(&ask);
-    let fences = st["fencing"].as_array().unwrap();
-    assert_eq!(fences.len(), fenced_before + 1, "{st:#}");
-    assert_eq!(fences.last().unwrap()["target"], cut.as_str());
+    assert_eq!(fences_of(&st, &cut), fenced_before + 1, "fenced once: {st:#}");
     wait_for(
         "the cut-off node fenced (no process left)",
         Duration::from_secs(30),
@@ -318,25 +329,62 @@ fn a_cluster_restarts_a_writing_ha_guest_on_a_survivor_after_a_crash_and_a_parti
         vec![after_partition.clone()],
         "restarted once, stays put"
     );
-    let copies = watch.finish();
-    assert!(
-        copies.is_empty(),
-        "the VM ran on two nodes at once: {copies:?}"
-    );
 
-    // 5. Leave: a node without the VM leaves cleanly (never fenced for it).
-    let leaver = c
+    // 5. Live migration under writes: the guest keeps its sequence (no reboot), loses no
+    // write, and never runs on two nodes.
+    let from = after_partition.clone();
+    let to = c
         .nodes
         .iter()
-        .find(|n| n.name != after_partition)
+        .find(|n| n.name != from)
         .unwrap()
         .name
         .clone();
+    let before = parse_console(&c.node(&from).host.console("app"))
+        .last_wrote_seq
+        .unwrap_or(0);
+    let err = c.node(&from).host.ferry_err(&["vm", "migrate", "app", "--to", "node9"]);
+    assert!(err.contains("not a node"), "{err}");
+    let reply = c
+        .node(&from)
+        .host
+        .ferry_json(&["vm", "migrate", "app", "--to", &to]);
+    assert_eq!(reply["node"], to.as_str(), "{reply:#}");
+    let downtime_ms = reply["downtime_ms"].as_u64().expect("QEMU reports the downtime");
+    let total_ms = reply["total_ms"].as_u64().unwrap();
+    eprintln!("live migration {from} -> {to}: downtime {downtime_ms} ms, total {total_ms} ms");
+    assert_eq!(c.qemu_nodes("app"), vec![to.clone()]);
+    let st = c.status(&to);
+    assert_eq!(st["vms"][0]["node"], to.as_str(), "{st:#}");
+    // The same boot goes on writing past where it was (a restarted guest would start over).
+    let th = &c.node(&to).host;
+    th.wait_console("app", Duration::from_secs(60), "writes go on after the move", |t| {
+        parse_console(t).last_wrote_seq.unwrap_or(0) >= before + 30
+    });
+    // Stop it (no longer HA, then powered off) and check the disk: one unbroken sequence.
+    th.ferry_ok(&["vm", "ha", "disable", "app"]);
+    assert_eq!(c.qemu_nodes("app"), vec![to.clone()], "disabling HA leaves it running");
+    th.ferry_ok(&["vm", "stop", "app"]);
+    let v = verify_prefix(&disk_now(&c, "app"), SEED, SPAN)
+        .unwrap_or_else(|e| panic!("disk after the live migration: {e}"));
+    assert!(v.last_seq >= before + 30, "{v:?} (before the move: {before})");
+    let copies = watch.finish();
+    assert!(copies.is_empty(), "the VM ran on two nodes at once: {copies:?}");
+
+    // 6. Leave: a node without the VM leaves cleanly (never fenced for it).
+    let leaver = c
+        .nodes
+        .iter()
+        .find(|n| n.name != to)
+        .unwrap()
+        .name
+        .clone();
+    let leaver_fenced = fences_of(&c.status(&to), &leaver);
     let r = c.node(&leaver).host.ferry_ok(&["cluster", "leave"]);
     assert!(r.contains("left the cluster"), "{r}");
     let err = c.node(&leaver).host.ferry_err(&["cluster", "status"]);
     assert!(err.contains("not a cluster node"), "{err}");
-    let st = c.status(&after_partition);
+    let st = c.status(&to);
     let node = st["nodes"]
         .as_array()
         .unwrap()
@@ -346,12 +394,11 @@ fn a_cluster_restarts_a_writing_ha_guest_on_a_survivor_after_a_crash_and_a_parti
     assert_eq!(node["online"], false);
     assert_eq!(st["quorate"], true, "two of three keep quorum: {st:#}");
     assert_eq!(
-        st["fencing"].as_array().unwrap().len(),
-        fenced_before + 1,
-        "a node that leaves is not fenced"
+        fences_of(&st, &leaver),
+        leaver_fenced,
+        "a node that leaves is not fenced: {st:#}"
     );
     eprintln!(
-        "figures: formed in {formed:?}; crash failover {crash_failover:?}; partition failover {partition_failover:?}"
+        "figures: formed in {formed:?}; crash failover {crash_failover:?}; partition failover {partition_failover:?}; migration downtime {downtime_ms} ms of {total_ms} ms"
     );
-    let _ = PathBuf::new();
 }

@@ -200,7 +200,13 @@ pub struct Shared {
     /// Frames (about 1 MiB each) that all streaming cycles together may hold in memory
     /// while their links catch up; beyond it a capture's frames wait in its spool.
     pub(crate) stream_budget: Arc<tokio::sync::Semaphore>,
+    /// Live migrations arriving on this cluster node, by VM: says once the guest runs here
+    /// (what the OCF agent's migrate_from waits for).
+    pub(crate) cluster_incoming: Mutex<HashMap<String, IncomingDone>>,
 }
+
+/// The outcome of a live migration arriving here: `None` while it runs.
+pub(crate) type IncomingDone = tokio::sync::watch::Receiver<Option<Result<(), String>>>;
 
 /// The memory all streaming cycles of a host may queue together, in frames of about 1 MiB.
 pub(crate) const STREAM_BUDGET_FRAMES: usize = 160;
@@ -238,6 +244,7 @@ impl Shared {
             pinned: Mutex::new(HashMap::new()),
             point_locks: Mutex::new(HashMap::new()),
             app_consistent_tried: Mutex::new(HashMap::new()),
+            cluster_incoming: Mutex::new(HashMap::new()),
             stream_budget: Arc::new(tokio::sync::Semaphore::new(STREAM_BUDGET_FRAMES)),
         })
     }
