@@ -959,6 +959,7 @@ impl VmManager {
             pidfile: paths.pidfile.clone(),
             agent_socket: Some(paths.agent.clone()),
             loadvm: loadvm.map(str::to_owned),
+            incoming: false,
             vnc_socket: row.spec.vnc.then(|| paths.vnc.clone()),
         };
         let pid = process::spawn_daemonized(&cmd)
