@@ -10,6 +10,8 @@
 //!   of a VM that is off, and what differs between an image and one of its snapshots.
 //! - [`cbt`] is changed-block tracking: dirty-bitmap generations, fleecing
 //!   points exported over NBD, and the offline helpers for a VM that is off.
+//! - [`migration`] is live migration between two QEMUs on shared storage,
+//!   carrying the dirty bitmaps along.
 //!
 //! The crate targets QEMU 7.2 (Debian bookworm) and is deliberately tolerant
 //! of newer versions: replies are decoded leniently and unknown fields ignored.
@@ -18,6 +20,7 @@ pub mod agent;
 pub mod cbt;
 pub mod hardware;
 pub mod img;
+pub mod migration;
 pub mod process;
 pub mod qcow2;
 pub mod qmp;

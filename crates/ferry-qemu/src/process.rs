@@ -266,6 +266,14 @@ pub struct QemuCommand {
     /// starts with `-loadvm TAG -S`, so the vCPUs wait for `cont` (the caller re-arms
     /// change tracking first).
     pub loadvm: Option<String>,
+    /// Start as the target of a live migration (`-incoming defer`): QEMU opens the disks
+    /// inactive (it neither writes them nor takes the write lock, so the source may keep
+    /// them open on shared storage), does not run the guest, and waits for
+    /// `migrate-incoming` (see [`crate::migration::prepare_incoming`]). Everything else
+    /// must equal the source's command line (same hardware, node names and devices).
+    /// Without `-S`, QEMU starts the guest by itself once the migration completes if it
+    /// ran on the source. Can't be combined with [`loadvm`](Self::loadvm).
+    pub incoming: bool,
     /// Machine type, firmware, disk buses, CD drive, boot order, RNG.
     pub hardware: Hardware,
 }
@@ -281,6 +289,13 @@ impl QemuCommand {
         }
         if self.memory_mib == 0 {
             return Err(invalid("memory size", "0", "a VM needs memory"));
+        }
+        if let (true, Some(tag)) = (self.incoming, &self.loadvm) {
+            return Err(invalid(
+                "snapshot to resume",
+                tag,
+                "a migration target gets its state from the source, not from a snapshot",
+            ));
         }
 
         let mut paths: Vec<(String, &Path)> = vec![
@@ -447,6 +462,11 @@ impl QemuCommand {
         if let Some(tag) = &self.loadvm {
             a.push2("-loadvm", tag);
             a.push("-S");
+        }
+        if self.incoming {
+            // `defer`: the listening address comes later over QMP, after the migration
+            // capabilities are set (dirty-bitmaps must be on before the stream starts).
+            a.push2("-incoming", "defer");
         }
         a.0
     }
@@ -913,6 +933,7 @@ mod tests {
             vnc_socket: None,
             agent_socket: None,
             loadvm: None,
+            incoming: false,
             hardware: Hardware::default(),
             console_log: "/var/log/ferry/web1-console.log".into(),
             pidfile: "/run/ferry/web1/qemu.pid".into(),
@@ -1029,6 +1050,23 @@ mod tests {
         ));
         cmd.vnc_socket = Some("/run/a,b.vnc".into());
         assert!(cmd.validate().is_err());
+    }
+
+    #[test]
+    fn args_incoming_only_adds_incoming_defer() {
+        let mut cmd = sample();
+        let normal = argv(&cmd);
+        cmd.incoming = true;
+        let args = argv(&cmd);
+        assert_eq!(args[..normal.len()], normal[..]);
+        assert_eq!(args[normal.len()..], ["-incoming", "defer"]);
+        cmd.validate().unwrap();
+        cmd.loadvm = Some("cp-1".into());
+        let err = cmd.validate().unwrap_err();
+        assert!(
+            matches!(err, ProcessError::InvalidSetting { .. }),
+            "{err:?}"
+        );
     }
 
     #[test]

@@ -153,6 +153,7 @@ async fn start_vm(dir: &Path, disk: &Path, interval: Option<&str>) -> Vm {
         vnc_socket: None,
         agent_socket: None,
         loadvm: None,
+        incoming: false,
         hardware: Default::default(),
     };
     let pid = process::spawn_daemonized(&cmd).await.unwrap();

@@ -56,6 +56,7 @@ fn command(dir: &Path, name: &str, disks: Vec<PathBuf>) -> QemuCommand {
         vnc_socket: None,
         agent_socket: None,
         loadvm: None,
+        incoming: false,
         hardware: Default::default(),
     }
 }
