@@ -956,7 +956,9 @@ async fn vm_migrate(
     body: Result<Json<MigrateRequest>, axum::extract::rejection::JsonRejection>,
 ) -> ApiResult<MigrateReply> {
     let Json(req) = body.map_err(|e| ApiFailure::invalid(e.body_text()))?;
-    Ok(Json(cluster::migrate(&s.replication, &name, &req.to).await?))
+    Ok(Json(
+        cluster::migrate(&s.replication, &name, &req.to).await?,
+    ))
 }
 
 async fn cluster_incoming(

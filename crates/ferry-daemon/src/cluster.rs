@@ -452,7 +452,10 @@ pub async fn agent(s: &Arc<Shared>, req: AgentRequest) -> AgentReply {
             }
             "migrate_to" => {
                 let Some(target) = req.target.as_deref() else {
-                    return Ok(reply(rc::ERR_CONFIGURED, "migrate_to without a target".into()));
+                    return Ok(reply(
+                        rc::ERR_CONFIGURED,
+                        "migrate_to without a target".into(),
+                    ));
                 };
                 let outcome = migrate_to(s, &shared, vm, target).await?;
                 Ok(reply(
@@ -469,20 +472,31 @@ pub async fn agent(s: &Arc<Shared>, req: AgentRequest) -> AgentReply {
                     return Ok(if running {
                         reply(rc::SUCCESS, format!("{vm} runs here"))
                     } else {
-                        reply(rc::ERR_GENERIC, format!("no migration of {vm} arrived here"))
+                        reply(
+                            rc::ERR_GENERIC,
+                            format!("no migration of {vm} arrived here"),
+                        )
                     });
                 };
-                let done = tokio::time::timeout(Duration::from_secs(110), rx.wait_for(Option::is_some))
-                    .await
-                    .map_err(|_| ApiFailure::internal(format!("the migration of {vm} did not finish in time")))?
-                    .map_err(|_| ApiFailure::internal("the migration watcher ended".into()))?
-                    .clone();
+                let done =
+                    tokio::time::timeout(Duration::from_secs(110), rx.wait_for(Option::is_some))
+                        .await
+                        .map_err(|_| {
+                            ApiFailure::internal(format!(
+                                "the migration of {vm} did not finish in time"
+                            ))
+                        })?
+                        .map_err(|_| ApiFailure::internal("the migration watcher ended".into()))?
+                        .clone();
                 match done {
                     Some(Ok(())) => {
                         let _ = shared.set_owner(vm, Some(&s.cfg.name));
                         Ok(reply(rc::SUCCESS, format!("{vm} arrived and runs here")))
                     }
-                    Some(Err(e)) => Ok(reply(rc::ERR_GENERIC, format!("the migration of {vm} failed: {e}"))),
+                    Some(Err(e)) => Ok(reply(
+                        rc::ERR_GENERIC,
+                        format!("the migration of {vm} failed: {e}"),
+                    )),
                     None => Ok(reply(rc::ERR_GENERIC, "no result".into())),
                 }
             }
@@ -540,7 +554,10 @@ async fn migrate_to(
         .await
         .map_err(|e| ApiFailure::internal(format!("node {target} cannot receive {vm}: {e}")))?;
     let listen: std::net::SocketAddr = reply.listen.parse().map_err(|_| {
-        ApiFailure::internal(format!("node {target} answered a bad address {:?}", reply.listen))
+        ApiFailure::internal(format!(
+            "node {target} answered a bad address {:?}",
+            reply.listen
+        ))
     })?;
     let outcome = s.vms.migrate_out(vm, listen).await?;
     let last = LastMigration {
@@ -585,7 +602,9 @@ pub async fn incoming(s: &Arc<Shared>, req: IncomingRequest) -> Result<IncomingR
 pub fn is_node_token(s: &Shared, token: &str) -> bool {
     membership(s)
         .and_then(|sh| sh.token().ok())
-        .is_some_and(|t| !t.is_empty() && ring::constant_time::verify_slices_are_equal(t.as_bytes(), token.as_bytes()).is_ok())
+        .is_some_and(|t| {
+            !t.is_empty() && crate::identity::constant_time_eq(t.as_bytes(), token.as_bytes())
+        })
 }
 
 /// `ferry vm migrate VM --to NODE`: Pacemaker moves the HA VM (it calls the agent's
@@ -608,7 +627,9 @@ pub async fn migrate(s: &Arc<Shared>, vm: &str, to: &str) -> Result<MigrateReply
     let id = resource_id(vm)?;
     let before = shared.owner(vm);
     if before.as_deref() == Some(to) {
-        return Err(ApiFailure::conflict(format!("VM {vm} already runs on {to}")));
+        return Err(ApiFailure::conflict(format!(
+            "VM {vm} already runs on {to}"
+        )));
     }
     let last_path = shared.vms_dir().join(vm).join("last-migration.json");
     let _ = std::fs::remove_file(&last_path);

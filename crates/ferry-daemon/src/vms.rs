@@ -994,8 +994,13 @@ impl VmManager {
         self: &Arc<Self>,
         name: &str,
         listen_ip: std::net::IpAddr,
-    ) -> Result<(std::net::SocketAddr, watch::Receiver<Option<Result<(), String>>>), ApiFailure>
-    {
+    ) -> Result<
+        (
+            std::net::SocketAddr,
+            watch::Receiver<Option<Result<(), String>>>,
+        ),
+        ApiFailure,
+    > {
         let (vm, _) = self.row(name)?;
         let _guard = self.lock_vm(&vm).await;
         let row = self.store.get_vm(&vm)?;
