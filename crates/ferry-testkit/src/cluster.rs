@@ -292,6 +292,33 @@ impl TestCluster {
         }
     }
 
+    /// Connects this machine's own network namespace to the cluster network (a veth on
+    /// the nodes' bridge, address `.254`), so that processes of the test (a console, the
+    /// CLI over TLS) reach the nodes' TLS APIs. Returns the address given to this side.
+    pub fn reach_from_host(&self) -> String {
+        let subnet = self.nodes[0]
+            .address
+            .rsplit_once('.')
+            .map(|(net, _)| net.to_owned())
+            .expect("node address");
+        let ip = format!("{subnet}.254");
+        sh(&format!(
+            "ip link add {p}-h type veth peer name sw-h netns {p}-sw
+             ip -n {p}-sw link set sw-h master br0 up
+             ip addr add {ip}/24 dev {p}-h; ip link set {p}-h up",
+            p = self.prefix
+        ));
+        ip
+    }
+
+    /// `https://ADDR:PORT`, certificate fingerprint and API token of node `name`'s ferryd
+    /// (reachable after [`TestCluster::reach_from_host`]).
+    pub fn node_credentials(&self, name: &str) -> (String, String, String) {
+        let n = self.node(name);
+        let (token, fp) = n.host.credentials();
+        (format!("https://{}", n.host.tls_addr), fp, token)
+    }
+
     /// `ferry --output json cluster status` asked on node `name`.
     pub fn status(&self, name: &str) -> serde_json::Value {
         self.node(name).host.ferry_json(&["cluster", "status"])
@@ -427,8 +454,8 @@ impl Drop for TestCluster {
             ));
         }
         script.push_str(&format!(
-            "ip netns del {}-sw 2>/dev/null || true\nwhile mountpoint -q {w}/ns; do umount {w}/ns || break; done\n",
-            self.prefix
+            "ip link del {p}-h 2>/dev/null || true\nip netns del {p}-sw 2>/dev/null || true\nwhile mountpoint -q {w}/ns; do umount {w}/ns || break; done\n",
+            p = self.prefix
         ));
         let _ = Command::new("sh").arg("-c").arg(&script).status();
     }
