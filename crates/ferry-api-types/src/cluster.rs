@@ -132,6 +132,11 @@ pub struct ClusterStatus {
     pub vms: Vec<ClusterVmStatus>,
     /// Fencing history, oldest first.
     pub fencing: Vec<FenceEvent>,
+    /// The certificate fingerprint the cluster's VMs replicate with (one primary identity
+    /// for every node): replica servers authorize `--allow NAME=FINGERPRINT` with the
+    /// cluster's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replication_fingerprint: Option<String>,
     /// Set when the cluster stack does not answer on this node (then only the
     /// configuration is shown).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -331,17 +331,34 @@ impl SharedDir {
         Ok(out)
     }
 
-    /// Records which node runs the VM (`None`: none).
+    /// Records which node runs the VM (`None`: none). The last node that ran it is kept
+    /// apart (`last-owner`): it replicates the VM while it is off.
     pub fn set_owner(&self, vm: &str, node: Option<&str>) -> Result<(), ClusterError> {
         let path = self.vms_dir().join(vm).join("owner");
         match node {
-            Some(n) => write_atomic(&path, n.as_bytes()),
+            Some(n) => {
+                write_atomic(&self.vms_dir().join(vm).join("last-owner"), n.as_bytes())?;
+                write_atomic(&path, n.as_bytes())
+            }
             None => match std::fs::remove_file(&path) {
                 Ok(()) => Ok(()),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
                 Err(e) => Err(ClusterError::io("remove", &path, e)),
             },
         }
+    }
+
+    /// The node that ran the VM last (running it or not).
+    pub fn last_owner(&self, vm: &str) -> Option<String> {
+        std::fs::read_to_string(self.vms_dir().join(vm).join("last-owner"))
+            .ok()
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+    }
+
+    /// The cluster's own certificate and key (one primary identity for every node).
+    pub fn identity_dir(&self) -> PathBuf {
+        self.cluster_dir().join("identity")
     }
 
     /// The node that last said it runs the VM.

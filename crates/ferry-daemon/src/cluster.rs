@@ -72,6 +72,7 @@ fn ferry_cli() -> PathBuf {
 /// At ferryd's start: a cluster node brings its cluster stack up (as systemd would with
 /// the units enabled), so that a rebooted node rejoins.
 pub async fn boot(s: &Arc<Shared>) {
+    spawn_exporter(s);
     let Some(shared) = membership(s) else { return };
     let r = blocking(move || {
         ocf::install_agent(&ferry_cli())?;
@@ -172,6 +173,12 @@ pub async fn create(
     let sh = shared.clone();
     let c = cfg.clone();
     blocking(move || sh.create(&c)).await?;
+    // The cluster's own certificate: its VMs replicate as the cluster from any node.
+    let dir = shared.identity_dir();
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| ApiFailure::internal(format!("cannot create {}: {e}", dir.display())))?;
+    crate::identity::Identity::load_or_create(&dir, &cfg.name)
+        .map_err(|e| ApiFailure::internal(format!("cannot make the cluster's certificate: {e}")))?;
     info!(cluster = %cfg.name, "cluster created");
     become_node(s, shared, cfg).await
 }
@@ -292,6 +299,7 @@ pub async fn status(s: &Arc<Shared>) -> Result<ClusterStatus, ApiFailure> {
         vms,
         fencing: stack.fencing,
         stack_error,
+        replication_fingerprint: cluster_identity(s, &shared).map(|i| i.fingerprint.clone()),
     })
 }
 
@@ -383,7 +391,7 @@ pub async fn set_ha(
 
 /// Makes the local store's row of a cluster VM match the inventory (the VM may have been
 /// created or changed on another node).
-fn adopt(s: &Shared, shared: &SharedDir, name: &str) -> Result<(), ApiFailure> {
+fn adopt(s: &Arc<Shared>, shared: &SharedDir, name: &str) -> Result<(), ApiFailure> {
     let entry = shared.vm(name)?.ok_or_else(|| {
         ApiFailure::not_found(format!("VM {name} is not in the cluster's inventory"))
     })?;
@@ -391,16 +399,20 @@ fn adopt(s: &Shared, shared: &SharedDir, name: &str) -> Result<(), ApiFailure> {
         ApiFailure::invalid(format!("the inventory's spec of VM {name} is damaged: {e}"))
     })?;
     let vm = VmName::new(name).map_err(|e| ApiFailure::invalid(e.to_string()))?;
-    match s.store.get_vm(&vm) {
-        Ok(row) if row.spec == spec => Ok(()),
-        Ok(row) => Ok(s.store.set_vm_spec(row.id, &spec)?),
-        Err(ferry_store::StoreError::NotFound(_)) => {
-            s.store.insert_vm(&spec, crate::replication::now_unix())?;
-            info!(vm = name, "adopted from the cluster's inventory");
-            Ok(())
+    let vm_id = match s.store.get_vm(&vm) {
+        Ok(row) if row.spec == spec => row.id,
+        Ok(row) => {
+            s.store.set_vm_spec(row.id, &spec)?;
+            row.id
         }
-        Err(e) => Err(e.into()),
-    }
+        Err(ferry_store::StoreError::NotFound(_)) => {
+            let row = s.store.insert_vm(&spec, crate::replication::now_unix())?;
+            info!(vm = name, "adopted from the cluster's inventory");
+            row.id
+        }
+        Err(e) => return Err(e.into()),
+    };
+    import_relationship(s, shared, name, vm_id)
 }
 
 /// What the OCF agent asks: Pacemaker's action on a VM on this node.
@@ -429,7 +441,13 @@ pub async fn agent(s: &Arc<Shared>, req: AgentRequest) -> AgentReply {
                 if running {
                     return Ok(reply(rc::SUCCESS, format!("{vm} already runs here")));
                 }
+                // The owner file still naming another node: that node died with the VM
+                // (a clean stop or a migration hands it over).
+                let failed_node = shared.owner(vm).filter(|o| *o != s.cfg.name);
                 adopt(s, &shared, vm)?;
+                if let Some(node) = failed_node {
+                    resync_after_failure(s, vm, &node)?;
+                }
                 s.vms.start(vm).await?;
                 let _ = shared.set_owner(vm, Some(&s.cfg.name));
                 info!(vm, "started by the cluster");
@@ -445,6 +463,9 @@ pub async fn agent(s: &Arc<Shared>, req: AgentRequest) -> AgentReply {
                     s.vms.stop(vm).await?;
                 }
                 if shared.owner(vm).as_deref() == Some(s.cfg.name.as_str()) {
+                    if let Err(e) = export_relationship(s, &shared, vm) {
+                        warn!(vm, error = %e.message, "cannot export the replication state");
+                    }
                     let _ = shared.set_owner(vm, None);
                 }
                 info!(vm, "stopped by the cluster");
@@ -491,6 +512,9 @@ pub async fn agent(s: &Arc<Shared>, req: AgentRequest) -> AgentReply {
                 match done {
                     Some(Ok(())) => {
                         let _ = shared.set_owner(vm, Some(&s.cfg.name));
+                        if let Ok((_, row)) = s.vms.get(vm) {
+                            import_relationship(s, &shared, vm, row.id)?;
+                        }
                         Ok(reply(rc::SUCCESS, format!("{vm} arrived and runs here")))
                     }
                     Some(Err(e)) => Ok(reply(
@@ -559,7 +583,18 @@ async fn migrate_to(
             reply.listen
         ))
     })?;
+    // A cycle under way finishes first (its capture holds the VM's bitmaps; its commit
+    // moves the relationship on), so the target takes the relationship as it stands.
+    if let Ok((_, row)) = s.vms.get(vm) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+        while s.cycle_busy(row.id) && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
     let outcome = s.vms.migrate_out(vm, listen).await?;
+    if let Err(e) = export_relationship(s, shared, vm) {
+        warn!(vm, error = %e.message, "cannot export the replication state");
+    }
     let last = LastMigration {
         from: s.cfg.name.clone(),
         to: target.to_owned(),
@@ -677,4 +712,239 @@ pub async fn migrate(s: &Arc<Shared>, vm: &str, to: &str) -> Result<MigrateReply
         downtime_ms,
         total_ms,
     })
+}
+
+/// A replicated VM restarted here after its node failed: its QEMU died with the node, and
+/// with it the change tracking since the last saved bitmap, so the next cycle compares
+/// both sides by chunk hashes (as `ferry replication resume --resync` would) instead of
+/// waiting for an administrator, and replication goes on without a new initial copy.
+fn resync_after_failure(s: &Arc<Shared>, vm: &str, node: &str) -> Result<(), ApiFailure> {
+    use ferry_domain::ReplicationState as St;
+    let (name, row) = s.vms.get(vm)?;
+    let Some(rel) = s.store.replication(row.id)? else {
+        return Ok(());
+    };
+    if rel.role != ferry_domain::Role::Primary
+        || !matches!(
+            rel.state,
+            St::Replicating | St::Error | St::ResynchronizationRequired
+        )
+    {
+        return Ok(());
+    }
+    s.store
+        .set_replication_state(row.id, St::Resynchronizing, None)?;
+    s.events.emit(
+        &name,
+        "replication_state",
+        &format!(
+            "{} -> {} (restarted on {} after node {node} failed)",
+            rel.state,
+            St::Resynchronizing,
+            s.cfg.name
+        ),
+    );
+    s.events.emit(
+        &name,
+        "resync_started",
+        "resynchronization started: both sides are compared by chunk hashes",
+    );
+    s.kick(row.id).notify_one();
+    Ok(())
+}
+
+/// The identity a VM replicates with, and the name it gives the replica: the cluster's for
+/// a VM of the cluster's inventory (whichever node runs it, the replica sees one primary),
+/// else this host's own.
+pub fn replication_identity(s: &Shared, vm: &str) -> (Arc<crate::identity::Identity>, String) {
+    if let Some(shared) = membership(s) {
+        if shared.vm(vm).ok().flatten().is_some() {
+            if let (Some(id), Ok(cfg)) = (cluster_identity(s, &shared), shared.config()) {
+                return (id, cfg.name);
+            }
+        }
+    }
+    (s.identity.clone(), s.cfg.name.clone())
+}
+
+fn cluster_identity(s: &Shared, shared: &SharedDir) -> Option<Arc<crate::identity::Identity>> {
+    let dir = shared.identity_dir();
+    let mut cached = s.cluster_identity.lock().expect("cluster identity");
+    if let Some((d, id)) = cached.as_ref() {
+        if *d == dir {
+            return Some(id.clone());
+        }
+    }
+    if !dir.join("host.crt").exists() {
+        return None;
+    }
+    let name = shared.config().ok()?.name;
+    match crate::identity::Identity::load_or_create(&dir, &name) {
+        Ok(id) => {
+            let id = Arc::new(id);
+            *cached = Some((dir, id.clone()));
+            Some(id)
+        }
+        Err(e) => {
+            warn!(error = %e, "cannot load the cluster's certificate");
+            None
+        }
+    }
+}
+
+/// Whether this node runs the VM's replication cycles: always for a VM of its own; for a
+/// cluster VM, only on the node running it, or, while it is off, on the node that ran it
+/// last (a node it left must not read its disks).
+pub fn replicates_here(s: &Shared, vm_id: i64) -> bool {
+    let Some(shared) = membership(s) else {
+        return true;
+    };
+    let Ok(Some(row)) = s.store.vm_by_id(vm_id) else {
+        return true;
+    };
+    let name = row.spec.name.as_str();
+    if shared.vm(name).ok().flatten().is_none() {
+        return true;
+    }
+    let me = s.cfg.name.as_str();
+    match shared.owner(name) {
+        Some(owner) => owner == me,
+        None => shared.last_owner(name).is_none_or(|l| l == me),
+    }
+}
+
+/// A primary relationship as the shared directory carries it between nodes.
+#[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+struct RelationshipExport {
+    partner_name: String,
+    partner_addr: String,
+    partner_fingerprint: String,
+    settings: ferry_domain::replication::ReplicationSettings,
+    state: String,
+    generation: i64,
+    last_cycle: i64,
+    last_point_at: Option<i64>,
+    last_error: Option<String>,
+    created_at: i64,
+}
+
+fn relationship_path(shared: &SharedDir, vm: &str) -> PathBuf {
+    shared.vms_dir().join(vm).join("replication.json")
+}
+
+/// Writes the VM's primary relationship to the shared directory (when it changed), so the
+/// node that runs the VM next goes on with it: same cycle numbers, same bitmaps.
+fn export_relationship(s: &Shared, shared: &SharedDir, vm: &str) -> Result<(), ApiFailure> {
+    let name = VmName::new(vm).map_err(|e| ApiFailure::invalid(e.to_string()))?;
+    let row = s.store.get_vm(&name)?;
+    let path = relationship_path(shared, vm);
+    let Some(rel) = s.store.replication(row.id)? else {
+        // Replication removed here: nobody goes on with it.
+        let _ = std::fs::remove_file(&path);
+        return Ok(());
+    };
+    if rel.role != ferry_domain::Role::Primary {
+        return Ok(());
+    }
+    let export = RelationshipExport {
+        partner_name: rel.partner_name,
+        partner_addr: rel.partner_addr,
+        partner_fingerprint: rel.partner_fingerprint,
+        settings: rel.settings,
+        state: rel.state.as_str().to_owned(),
+        generation: rel.generation,
+        last_cycle: rel.last_cycle,
+        last_point_at: rel.last_point_at,
+        last_error: rel.last_error,
+        created_at: rel.created_at,
+    };
+    let bytes = serde_json::to_vec_pretty(&export).expect("serializable");
+    if std::fs::read(&path).ok().as_deref() != Some(&bytes[..]) {
+        ferry_cluster::shared::write_atomic(&path, &bytes)?;
+    }
+    Ok(())
+}
+
+/// Takes the VM's primary relationship from the shared directory into this node's store
+/// (unless this node's own is newer) and starts its replication task here.
+fn import_relationship(
+    s: &Arc<Shared>,
+    shared: &SharedDir,
+    vm: &str,
+    vm_id: i64,
+) -> Result<(), ApiFailure> {
+    let path = relationship_path(shared, vm);
+    let Ok(bytes) = std::fs::read(&path) else {
+        return Ok(());
+    };
+    let e: RelationshipExport = serde_json::from_slice(&bytes)
+        .map_err(|err| ApiFailure::internal(format!("{} is damaged: {err}", path.display())))?;
+    let state = e
+        .state
+        .parse()
+        .map_err(|err: String| ApiFailure::internal(format!("{}: {err}", path.display())))?;
+    let rel = ferry_store::ReplicationRow {
+        vm_id,
+        role: ferry_domain::Role::Primary,
+        partner_name: e.partner_name,
+        partner_addr: e.partner_addr,
+        partner_fingerprint: e.partner_fingerprint,
+        settings: e.settings,
+        state,
+        generation: e.generation,
+        last_cycle: e.last_cycle,
+        last_point_at: e.last_point_at,
+        last_error: e.last_error,
+        created_at: e.created_at,
+    };
+    match s.store.replication(vm_id)? {
+        None => s.store.insert_replication(&rel)?,
+        Some(mine) if mine.last_cycle > rel.last_cycle => return Ok(()),
+        Some(mine) if mine == rel => {}
+        Some(_) => s.store.update_replication(&rel)?,
+    }
+    info!(
+        vm,
+        cycle = rel.last_cycle,
+        "replication taken over from the cluster's inventory"
+    );
+    s.spawn_primary(vm_id);
+    s.kick(vm_id).notify_one();
+    Ok(())
+}
+
+/// The relationships of the cluster VMs this node replicates go to the shared directory at
+/// each replication event (a cycle replicated, suspended, resumed, …) and every 2 s.
+pub fn spawn_exporter(s: &Arc<Shared>) {
+    let s = s.clone();
+    let changed = s.events.cluster_changed.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                _ = changed.notified() => {}
+            }
+            let Some(shared) = membership(&s) else {
+                continue;
+            };
+            let Ok(rels) = s.store.list_replications() else {
+                continue;
+            };
+            for rel in rels {
+                if rel.role != ferry_domain::Role::Primary || !replicates_here(&s, rel.vm_id) {
+                    continue;
+                }
+                let Ok(Some(row)) = s.store.vm_by_id(rel.vm_id) else {
+                    continue;
+                };
+                let name = row.spec.name.to_string();
+                if shared.vm(&name).ok().flatten().is_none() {
+                    continue;
+                }
+                if let Err(e) = export_relationship(&s, &shared, &name) {
+                    warn!(vm = %name, error = %e.message, "cannot export the replication state");
+                }
+            }
+        }
+    });
 }

@@ -35,8 +35,11 @@ pub struct TestCluster {
     pub prefix: String,
     /// The shared storage.
     pub shared: PathBuf,
-    /// The nodes (dropped before `work`, which holds their directories).
+    /// The nodes (dropped before `work`, which holds their directories): the first
+    /// `members` form the cluster, the others are standalone hosts on its network.
     pub nodes: Vec<Node>,
+    /// How many nodes [`TestCluster::form`] puts in the cluster.
+    pub members: usize,
     /// Working directory (pins, fence state, overlay, the nodes' directories).
     pub work: tempfile::TempDir,
 }
@@ -58,6 +61,13 @@ impl TestCluster {
     /// Makes `n` nodes' namespaces and starts their ferryd (not yet in a cluster). Needs
     /// root and the cluster stack (scripts/install-deps.sh installs it).
     pub fn new(n: usize) -> Self {
+        Self::with_standalone(n, 0)
+    }
+
+    /// `members` cluster nodes plus `standalone` hosts on the same network that keep their
+    /// VMs on their own storage (e.g. a replica server outside the cluster).
+    pub fn with_standalone(members: usize, standalone: usize) -> Self {
+        let n = members + standalone;
         for tool in [
             "corosync",
             "pacemakerd",
@@ -101,6 +111,7 @@ impl TestCluster {
             work,
             shared: shared.clone(),
             nodes: Vec::new(),
+            members,
         };
         for i in 1..=n {
             let name = format!("node{i}");
@@ -149,12 +160,17 @@ impl TestCluster {
                 .tempdir_in(&d)
                 .expect("node tempdir");
             let tls_addr = format!("{address}:{NODE_API_PORT}");
+            let vm_storage = if i <= members {
+                shared.join("vms")
+            } else {
+                node_dir.path().join("vms")
+            };
             std::fs::write(
                 node_dir.path().join("ferryd.toml"),
                 format!(
-                    "name = \"{name}\"\ndata_dir = \"{}/data\"\nvm_storage = \"{}/vms\"\nadmin_socket = \"/run/ferry/ferryd.sock\"\ntls_listen = \"{tls_addr}\"\naccel = \"tcg\"\nfile_roots = [\"/tmp\", \"{}\"]\n",
+                    "name = \"{name}\"\ndata_dir = \"{}/data\"\nvm_storage = \"{}\"\nadmin_socket = \"/run/ferry/ferryd.sock\"\ntls_listen = \"{tls_addr}\"\naccel = \"tcg\"\nfile_roots = [\"/tmp\", \"{}\"]\n",
                     node_dir.path().display(),
-                    shared.display(),
+                    vm_storage.display(),
                     crate::repo_root().display()
                 ),
             )
@@ -165,7 +181,7 @@ impl TestCluster {
                 node_dir,
                 d.join("run-ferry/ferryd.sock"),
                 tls_addr,
-                shared.join("vms"),
+                vm_storage,
                 launcher,
             );
             cluster.nodes.push(Node {
@@ -253,13 +269,13 @@ impl TestCluster {
             "--fence".to_owned(),
             self.fence_option(),
         ];
-        for n in &self.nodes {
+        for n in &self.nodes[..self.members] {
             args.push("--node".into());
             args.push(format!("{}={}", n.name, n.address));
         }
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         self.nodes[0].host.ferry_ok(&args);
-        for n in &self.nodes[1..] {
+        for n in &self.nodes[1..self.members] {
             n.host.ferry_ok(&["cluster", "join", "--shared", &shared]);
         }
         self.wait_all_online(Duration::from_secs(90));
@@ -270,7 +286,7 @@ impl TestCluster {
     pub fn wait_all_online(&self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         loop {
-            let ok = self.nodes.iter().all(|n| {
+            let ok = self.nodes[..self.members].iter().all(|n| {
                 let r = n.host.ferry(&["--output", "json", "cluster", "status"]);
                 let Ok(v) = serde_json::from_str::<serde_json::Value>(&r.stdout) else {
                     return false;

@@ -425,3 +425,174 @@ fn a_cluster_restarts_a_writing_ha_guest_on_a_survivor_after_a_crash_and_a_parti
         "figures: formed in {formed:?}; crash failover {crash_failover:?}; partition failover {partition_failover:?}; migration downtime {downtime_ms} ms of {total_ms} ms"
     );
 }
+
+/// The replica's points of `vm` newer than cycle `after`: (cycle, kind).
+fn new_points(replica: &ferry_testkit::host::Host, vm: &str, after: i64) -> Vec<(i64, String)> {
+    ferry_testkit::replication::points(replica, vm)
+        .iter()
+        .map(|p| {
+            (
+                p["cycle"].as_i64().unwrap(),
+                p["kind"].as_str().unwrap().to_owned(),
+            )
+        })
+        .filter(|(c, _)| *c > after)
+        .collect()
+}
+
+#[test]
+fn a_replicated_ha_vm_keeps_replicating_as_the_cluster_after_a_move_and_a_node_crash() {
+    // Three cluster nodes and a standalone replica server (node4) on the same network.
+    let mut c = TestCluster::with_standalone(3, 1);
+    c.form("c1");
+    let st = c.status("node1");
+    let cluster_fp = st["replication_fingerprint"]
+        .as_str()
+        .expect("the cluster's replication identity")
+        .to_owned();
+    let replica = &c.node("node4").host;
+    let storage = replica.dir.path().join("replicas");
+    let port = "7444";
+    replica.ferry_ok(&[
+        "replica-server",
+        "set",
+        "--enable",
+        "--port",
+        port,
+        "--allow",
+        &format!("c1={cluster_fp}"),
+        "--storage",
+        storage.to_str().unwrap(),
+    ]);
+    let replica_fp = replica.ferry_json(&["server", "show"])["fingerprint"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let replica_addr = format!("{}:{port}", c.node("node4").address);
+
+    let n1 = &c.node("node1").host;
+    n1.create_guest_vm(
+        "app",
+        GuestWorkload {
+            seed: SEED,
+            start: 1,
+            span_blocks: SPAN,
+        },
+        0.05,
+        &["--memory", "256M", "--disk", "16M", "--no-vnc"],
+    );
+    n1.ferry_ok(&["vm", "ha", "enable", "app"]);
+    let mut owner = String::new();
+    wait_for(
+        "app started by the cluster",
+        Duration::from_secs(60),
+        || {
+            let nodes = c.qemu_nodes("app");
+            owner = nodes.first().cloned().unwrap_or_default();
+            nodes.len() == 1
+        },
+    );
+    let oh = &c.node(&owner).host;
+    oh.wait_console("app", Duration::from_secs(60), "guest writes", |t| {
+        parse_console(t).last_wrote_seq.unwrap_or(0) >= 5
+    });
+    oh.ferry_ok(&[
+        "replication",
+        "enable",
+        "app",
+        "--to",
+        &replica_addr,
+        "--replica-fingerprint",
+        &replica_fp,
+        "--interval",
+        "3s",
+        "--recovery-points",
+        "24",
+        "--point-spacing",
+        "1s",
+        "--wait",
+    ]);
+    wait_for(
+        "a delta point after the initial copy",
+        Duration::from_secs(90),
+        || new_points(replica, "app", 0).len() >= 2,
+    );
+    // One primary identity: the replica knows the VM's primary as the cluster.
+    let rs = ferry_testkit::replication::status(replica, "app");
+    assert_eq!(rs["partner"], "c1", "{rs:#}");
+
+    // Live migration: the next cycles come from the new node, deltas only.
+    let to = c
+        .nodes
+        .iter()
+        .take(3)
+        .find(|n| n.name != owner)
+        .unwrap()
+        .name
+        .clone();
+    oh.ferry_ok(&["vm", "migrate", "app", "--to", &to]);
+    let moved_at = new_points(replica, "app", 0)
+        .iter()
+        .map(|p| p.0)
+        .max()
+        .unwrap();
+    wait_for(
+        "two cycles from the new node",
+        Duration::from_secs(90),
+        || new_points(replica, "app", moved_at).len() >= 2,
+    );
+    let after_move = new_points(replica, "app", moved_at);
+    assert!(
+        after_move.iter().all(|(_, k)| k == "delta"),
+        "after a live migration only deltas: {after_move:?}"
+    );
+    let th = &c.node(&to).host;
+    let ps = ferry_testkit::replication::status(th, "app");
+    assert_eq!(ps["role"], "primary", "{ps:#}");
+    assert_eq!(ps["partner"], "node4", "{ps:#}");
+    // Every point so far (one boot of the guest) is an exact prefix of its writes.
+    ferry_testkit::replication::verify_quiesced(th, replica, "app", SEED, SPAN);
+
+    // The new node dies: the VM restarts on a survivor, which resynchronizes by hash
+    // comparison (QEMU was killed with the disk) and goes on; no new initial copy.
+    let before_crash = new_points(replica, "app", 0)
+        .iter()
+        .map(|p| p.0)
+        .max()
+        .unwrap();
+    let since = Instant::now();
+    c.crash(&to);
+    let replica = &c.node("node4").host;
+    let ask = c
+        .nodes
+        .iter()
+        .take(3)
+        .find(|n| n.name != to)
+        .unwrap()
+        .name
+        .clone();
+    let (survivor, _) = wait_moved(&c, &ask, "app", &to, since);
+    wait_for(
+        "replication going on from the survivor",
+        Duration::from_secs(120),
+        || {
+            new_points(replica, "app", before_crash)
+                .iter()
+                .any(|(_, k)| k == "delta")
+        },
+    );
+    let after_crash = new_points(replica, "app", before_crash);
+    assert!(
+        after_crash
+            .iter()
+            .all(|(_, k)| k == "delta" || k == "resync"),
+        "no new initial copy after a node crash: {after_crash:?}"
+    );
+    assert!(
+        after_crash.iter().any(|(_, k)| k == "resync"),
+        "QEMU died with its node: the survivor resynchronizes first: {after_crash:?}"
+    );
+    let ps = ferry_testkit::replication::status(&c.node(&survivor).host, "app");
+    assert_eq!(ps["state"], "replicating", "{ps:#}");
+    eprintln!("replication: points after the move {after_move:?}, after the crash {after_crash:?}");
+}

@@ -61,6 +61,9 @@ pub struct Events {
     store: Arc<Store>,
     /// Woken by every event but health changes: the health watcher re-evaluates at once.
     pub(crate) changed: Arc<tokio::sync::Notify>,
+    /// Woken by every event but health changes too: a cluster node exports the changed
+    /// relationship to the shared directory at once.
+    pub(crate) cluster_changed: Arc<tokio::sync::Notify>,
 }
 
 /// Stable codes of event kinds (as Hyper-V's event ids), and their default severity.
@@ -166,6 +169,7 @@ impl Events {
         }
         if kind != "health_changed" {
             self.changed.notify_one();
+            self.cluster_changed.notify_one();
         }
     }
 }
@@ -203,6 +207,8 @@ pub struct Shared {
     /// Live migrations arriving on this cluster node, by VM: says once the guest runs here
     /// (what the OCF agent's migrate_from waits for).
     pub(crate) cluster_incoming: Mutex<HashMap<String, IncomingDone>>,
+    /// The cluster's replication identity, once loaded (its directory, the identity).
+    pub(crate) cluster_identity: Mutex<Option<(std::path::PathBuf, Arc<Identity>)>>,
 }
 
 /// The outcome of a live migration arriving here: `None` while it runs.
@@ -228,6 +234,7 @@ impl Shared {
         let events = Events {
             store: store.clone(),
             changed: Arc::new(tokio::sync::Notify::new()),
+            cluster_changed: Arc::new(tokio::sync::Notify::new()),
         };
         Arc::new(Self {
             cfg,
@@ -245,6 +252,7 @@ impl Shared {
             point_locks: Mutex::new(HashMap::new()),
             app_consistent_tried: Mutex::new(HashMap::new()),
             cluster_incoming: Mutex::new(HashMap::new()),
+            cluster_identity: Mutex::new(None),
             stream_budget: Arc::new(tokio::sync::Semaphore::new(STREAM_BUDGET_FRAMES)),
         })
     }
@@ -265,6 +273,11 @@ impl Shared {
                 percent,
             },
         );
+    }
+
+    /// Whether a cycle of the relationship is under way (it shows progress).
+    pub fn cycle_busy(&self, vm_id: i64) -> bool {
+        self.progress.lock().expect("progress").contains_key(&vm_id)
     }
 
     /// Clears a relationship's progress.

@@ -49,6 +49,8 @@ pub(super) async fn record_replicated(
     let _ = std::fs::remove_file(meta_path);
     let _ = std::fs::remove_file(spool_path);
     info!(vm = %vm.spec.name, cycle = p.cycle, kind = %p.kind, bytes = p.spool_bytes, "cycle replicated");
+    // A cluster node hands the moved-on relationship to the shared directory now.
+    shared.events.cluster_changed.notify_one();
     if p.kind == "resync" {
         shared.events.emit(
             &vm.spec.name,

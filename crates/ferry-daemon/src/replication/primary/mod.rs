@@ -118,7 +118,11 @@ pub async fn run(shared: Arc<Shared>, vm_id: i64) {
         }
         let awaiting_import = rel.state == ReplicationState::WaitingForInitialReplication
             && matches!(rel.settings.initial, InitialMethod::Export(_));
-        if rel.state.runs_cycles() || awaiting_import {
+        // A cluster VM replicates from the node that runs it (or ran it last), never from
+        // a node it left.
+        if (rel.state.runs_cycles() || awaiting_import)
+            && crate::cluster::replicates_here(&shared, vm_id)
+        {
             run_cycle(&shared, &rel).await;
         }
         let rel = match shared.store.replication(vm_id) {

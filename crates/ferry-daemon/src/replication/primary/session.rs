@@ -58,12 +58,14 @@ pub async fn handshake(
         crate::replication::rotation::successor(&shared.store, &rel.partner_fingerprint);
     let mut pins = vec![rel.partner_fingerprint.as_str()];
     pins.extend(successor.as_deref());
-    let tls = peer::connect_any(&shared.identity, &rel.partner_addr, &pins).await?;
+    // A cluster's VM replicates as the cluster, whichever node runs it.
+    let (identity, me) = crate::cluster::replication_identity(shared, vm.spec.name.as_str());
+    let tls = peer::connect_any(&identity, &rel.partner_addr, &pins).await?;
     let presented = peer::server_fingerprint(&tls).unwrap_or_default();
     if presented != rel.partner_fingerprint {
         crate::replication::rotation::adopt(&shared.store, &presented);
     }
-    let next_fp = shared.identity.next();
+    let next_fp = identity.next();
     let (r, w) = tokio::io::split(tls);
     let mut reader = FrameReader::new(r);
     let mut writer = FrameWriter::new(w);
@@ -77,7 +79,7 @@ pub async fn handshake(
         .write_control(&Msg::Hello {
             protocol: MIN_PROTOCOL,
             max_protocol: Some(PROTOCOL),
-            primary: shared.cfg.name.clone(),
+            primary: me.clone(),
             spec: vm.spec.clone(),
             disks,
             settings: rel.settings.clone(),
@@ -138,7 +140,7 @@ pub async fn handshake(
             rel.partner_name,
             // The replica refuses an unknown certificate before the greeting tells it this
             // host's name: its advice names the entry to add as NAME; fill it in.
-            reason.replace("--allow NAME=", &format!("--allow {}=", shared.cfg.name))
+            reason.replace("--allow NAME=", &format!("--allow {me}="))
         ),
         other => bail!("unexpected answer from the replica server: {other:?}"),
     }
