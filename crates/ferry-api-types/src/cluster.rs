@@ -11,6 +11,8 @@
 //! | POST | `/v1/vms/{name}/migrate` | [`MigrateRequest`] → [`MigrateReply`] |
 //! | POST | `/v1/cluster/agent` | [`AgentRequest`] → [`AgentReply`] (the OCF agent's calls) |
 //! | POST | `/v1/cluster/incoming` | [`IncomingRequest`] → [`IncomingReply`] (node to node) |
+//! | GET | `/v1/cluster/broker` | → [`BrokerStatus`] |
+//! | POST | `/v1/cluster/broker` | [`BrokerSetRequest`] → [`BrokerStatus`] |
 
 use std::collections::BTreeMap;
 
@@ -137,6 +139,9 @@ pub struct ClusterStatus {
     /// cluster's name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replication_fingerprint: Option<String>,
+    /// The Replica Broker, if the cluster has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub broker: Option<BrokerStatus>,
     /// Set when the cluster stack does not answer on this node (then only the
     /// configuration is shown).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -223,4 +228,47 @@ pub struct IncomingRequest {
 pub struct IncomingReply {
     /// `IP:PORT`.
     pub listen: String,
+}
+
+/// `POST /v1/cluster/broker`: the cluster's Replica Broker, a cluster role with its own
+/// name, floating address and certificate that holds the replica-server settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerSetRequest {
+    /// Enable (true) or remove (false) the Broker.
+    pub enable: bool,
+    /// Its floating IP address on the cluster's network (needed to enable).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    /// The address's prefix length; default 24.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix_len: Option<u8>,
+    /// The Broker's API port (TLS); default 7445. Its replication port is set with
+    /// `replica-server set --port` on the Broker.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_port: Option<u16>,
+    /// Its name (what primaries see); default `CLUSTER-broker`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+/// The Replica Broker as configured and where it runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BrokerStatus {
+    /// Its name.
+    pub name: String,
+    /// Its floating address.
+    pub address: String,
+    /// Its TLS API, `IP:PORT`.
+    pub api: String,
+    /// Its certificate's fingerprint (primaries pin it).
+    pub fingerprint: String,
+    /// The file holding its API token (on the shared directory).
+    pub token_file: String,
+    /// Its admin socket on the node that runs it.
+    pub admin_socket: String,
+    /// The node running it now.
+    pub node: Option<String>,
+    /// `started`, `stopped` or `failed`.
+    pub state: String,
 }

@@ -6,8 +6,9 @@ use std::collections::BTreeMap;
 use anyhow::{bail, Context};
 use clap::Subcommand;
 use ferry_api_types::cluster::{
-    AgentReply, AgentRequest, ClusterCreateRequest, ClusterJoinRequest, ClusterReply,
-    ClusterStatus, FenceDeviceSpec, HaRequest, MigrateReply, MigrateRequest, NodeSpec,
+    AgentReply, AgentRequest, BrokerSetRequest, BrokerStatus, ClusterCreateRequest,
+    ClusterJoinRequest, ClusterReply, ClusterStatus, FenceDeviceSpec, HaRequest, MigrateReply,
+    MigrateRequest, NodeSpec,
 };
 use ferry_client::{Client, Endpoint};
 
@@ -48,6 +49,36 @@ pub enum ClusterCmd {
     Status,
     /// Leave the cluster cleanly: this node's HA VMs move to the others first.
     Leave,
+}
+
+#[derive(Subcommand)]
+pub enum BrokerCmd {
+    /// Create (--enable) or remove (--disable) the cluster's Replica Broker: a cluster
+    /// role with its own name, floating address and certificate, where primaries replicate
+    /// to. Then configure it as a replica server through its own API (`replica-server set`
+    /// with `--host` pointing at it, or its admin socket on the node running it).
+    Set {
+        /// Create it.
+        #[arg(long, conflicts_with = "disable")]
+        enable: bool,
+        /// Remove it (its data stays on the shared directory).
+        #[arg(long)]
+        disable: bool,
+        /// Its floating IP address on the cluster network.
+        #[arg(long)]
+        address: Option<String>,
+        /// The address's prefix length.
+        #[arg(long, default_value_t = 24)]
+        prefix: u8,
+        /// Its API port (TLS).
+        #[arg(long, default_value_t = 7445)]
+        api_port: u16,
+        /// Its name, what primaries see; default CLUSTER-broker.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// The Broker: name, address, certificate, where it runs.
+    Show,
 }
 
 #[derive(Subcommand)]
@@ -145,6 +176,50 @@ pub async fn cluster(client: &Client, cmd: ClusterCmd, out: &Output) -> anyhow::
     Ok(())
 }
 
+pub async fn broker(client: &Client, cmd: BrokerCmd, out: &Output) -> anyhow::Result<()> {
+    let b: BrokerStatus = match cmd {
+        BrokerCmd::Set {
+            enable,
+            disable,
+            address,
+            prefix,
+            api_port,
+            name,
+        } => {
+            if !enable && !disable {
+                bail!("give --enable (with --address IP) or --disable");
+            }
+            out.progress("configuring the Replica Broker…");
+            client
+                .post(
+                    "/v1/cluster/broker",
+                    &BrokerSetRequest {
+                        enable,
+                        address,
+                        prefix_len: Some(prefix),
+                        api_port: Some(api_port),
+                        name,
+                    },
+                )
+                .await?
+        }
+        BrokerCmd::Show => client.get("/v1/cluster/broker").await?,
+    };
+    if !out.json(&b) {
+        println!("Replica Broker {} ({})", b.name, b.state);
+        println!("  address      {}", b.address);
+        println!("  API          https://{}", b.api);
+        println!("  fingerprint  {}", b.fingerprint);
+        println!("  token file   {}", b.token_file);
+        println!(
+            "  runs on      {} (admin socket {} there)",
+            b.node.as_deref().unwrap_or("-"),
+            b.admin_socket
+        );
+    }
+    Ok(())
+}
+
 pub async fn ha(client: &Client, cmd: HaCmd, out: &Output) -> anyhow::Result<()> {
     let (vm, enabled) = match cmd {
         HaCmd::Enable { vm } => (vm, true),
@@ -235,6 +310,9 @@ fn print_status(st: &ClusterStatus, out: &Output) {
 /// `OCF_RESKEY_*`; the exit code is the OCF result. Each action asks the node's ferryd.
 pub fn ocf_agent(args: &[String]) -> i32 {
     use ferry_cluster::ocf::rc;
+    if args.first().map(String::as_str) == Some("broker") {
+        return broker_agent(args.get(1).map(String::as_str).unwrap_or(""));
+    }
     let action = args.first().map(String::as_str).unwrap_or("");
     let env = |k: &str| std::env::var(format!("OCF_RESKEY_{k}")).ok();
     match action {
@@ -298,6 +376,123 @@ pub fn ocf_agent(args: &[String]) -> i32 {
         Err(e) => {
             eprintln!("ocf:ferry:vm {action} {}: {e:#}", req.vm);
             rc::ERR_GENERIC
+        }
+    }
+}
+
+/// `ocf:ferry:broker`: runs the Replica Broker's ferryd on this node (its config, store and
+/// certificate on the shared directory; its address is the group's IPaddr2, started first).
+fn broker_agent(action: &str) -> i32 {
+    use ferry_cluster::ocf::rc;
+    let env = |k: &str| std::env::var(format!("OCF_RESKEY_{k}")).ok();
+    if action == "meta-data" {
+        print!("{}", ferry_cluster::ocf::BROKER_META_DATA);
+        return rc::SUCCESS;
+    }
+    let Some(config) = env("config") else {
+        eprintln!("ocf:ferry:broker: the resource has no 'config' parameter");
+        return rc::ERR_CONFIGURED;
+    };
+    let ferryd = env("ferryd").unwrap_or_else(|| "/usr/sbin/ferryd".to_owned());
+    let socket = "/run/ferry/broker.sock";
+    let pids = || ferry_cluster::corosync::processes_here("ferryd", &config);
+    let answers = || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("tokio runtime");
+        let client = Client::new(Endpoint::Unix(socket.into()));
+        runtime
+            .block_on(async {
+                tokio::time::timeout(
+                    std::time::Duration::from_secs(5),
+                    client.get::<serde_json::Value>("/v1/server"),
+                )
+                .await
+            })
+            .is_ok_and(|r| r.is_ok())
+    };
+    match action {
+        "validate-all" => {
+            if !std::path::Path::new(&config).is_file() {
+                eprintln!(
+                    "ocf:ferry:broker: {config} is missing (is the shared directory mounted?)"
+                );
+                return rc::ERR_INSTALLED;
+            }
+            rc::SUCCESS
+        }
+        "monitor" => match (pids().is_empty(), answers()) {
+            (true, _) => rc::NOT_RUNNING,
+            (false, true) => rc::SUCCESS,
+            (false, false) => {
+                eprintln!("ocf:ferry:broker: its ferryd runs but does not answer on {socket}");
+                rc::ERR_GENERIC
+            }
+        },
+        "start" => {
+            if !pids().is_empty() && answers() {
+                return rc::SUCCESS;
+            }
+            let log = std::path::Path::new(&config).with_file_name(format!(
+                "ferryd-{}.log",
+                std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .unwrap_or_default()
+                    .trim()
+            ));
+            let mut cmd = std::process::Command::new(&ferryd);
+            cmd.arg("--config").arg(&config);
+            if let Err(e) =
+                ferry_cluster::corosync::spawn_detached(&mut cmd, &log.display().to_string())
+            {
+                eprintln!("ocf:ferry:broker: {e}");
+                return rc::ERR_GENERIC;
+            }
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(80);
+            while std::time::Instant::now() < deadline {
+                if answers() {
+                    eprintln!("ocf:ferry:broker: started");
+                    return rc::SUCCESS;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
+            eprintln!(
+                "ocf:ferry:broker: ferryd did not answer in 80 s; see {}",
+                log.display()
+            );
+            rc::ERR_GENERIC
+        }
+        "stop" => {
+            for sig in [libc::SIGTERM, libc::SIGKILL] {
+                for pid in pids() {
+                    // SAFETY: kill(2) on the Broker's ferryd, found in /proc just now.
+                    unsafe { libc::kill(pid as i32, sig) };
+                }
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+                while !pids().is_empty() && std::time::Instant::now() < deadline {
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+                if pids().is_empty() {
+                    break;
+                }
+            }
+            // The VMs it started (failovers, test failovers) go with it: the Broker's data
+            // moves to another node, which must be the only one to use it.
+            let data = std::path::Path::new(&config).with_file_name("data");
+            let needle = data.display().to_string();
+            for pid in ferry_cluster::corosync::processes_here("qemu-system-x86", &needle) {
+                // SAFETY: kill(2) on a QEMU of the Broker's, found in /proc just now.
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            }
+            if pids().is_empty() {
+                rc::SUCCESS
+            } else {
+                rc::ERR_GENERIC
+            }
+        }
+        other => {
+            eprintln!("ocf:ferry:broker: action {other:?} is not implemented");
+            rc::ERR_UNIMPLEMENTED
         }
     }
 }

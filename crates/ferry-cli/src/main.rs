@@ -97,6 +97,9 @@ enum Command {
     /// Failover clusters: create, join, status, leave (Pacemaker/Corosync, shared storage).
     #[command(subcommand)]
     Cluster(cluster::ClusterCmd),
+    /// A cluster's Replica Broker: the replica server of the whole cluster.
+    #[command(subcommand, name = "replica-broker")]
+    ReplicaBroker(cluster::BrokerCmd),
     /// The event log: replication state and health changes, errors, resyncs.
     Events {
         /// Only this VM's events.
@@ -492,6 +495,7 @@ async fn run(cli: Cli, out: &Output) -> anyhow::Result<()> {
         Command::Failover(cmd) => failover::failover(&client, cmd, out).await?,
         Command::Checkpoint(cmd) => checkpoint::checkpoint(&client, cmd, out).await?,
         Command::Cluster(cmd) => cluster::cluster(&client, cmd, out).await?,
+        Command::ReplicaBroker(cmd) => cluster::broker(&client, cmd, out).await?,
         Command::Events { vm, follow, last } => {
             replication::events(&client, vm.as_deref(), follow, last, out).await?
         }

@@ -148,6 +148,18 @@ pub fn running_here(comm: &str) -> Vec<u32> {
     out
 }
 
+/// Processes named `comm` in this process's namespaces whose command line holds `needle`.
+pub fn processes_here(comm: &str, needle: &str) -> Vec<u32> {
+    running_here(comm)
+        .into_iter()
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).contains(needle))
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
 /// Starts Corosync, waits until it answers, then Pacemaker; nothing if they run.
 pub fn start_stack() -> Result<(), ClusterError> {
     require_tools()?;
@@ -243,9 +255,9 @@ fn running_like(prefix: &str) -> Vec<u32> {
     .collect()
 }
 
-/// Starts `cmd` in its own session, not a child of ferryd (`setsid -f` forks): the stack
+/// Starts `cmd` in its own session, not a child of the caller (`setsid -f` forks): the stack
 /// outlives ferryd, as it would under systemd.
-fn spawn_detached(cmd: &mut Command, log: &str) -> Result<(), ClusterError> {
+pub fn spawn_detached(cmd: &mut Command, log: &str) -> Result<(), ClusterError> {
     let out = std::fs::OpenOptions::new()
         .create(true)
         .append(true)

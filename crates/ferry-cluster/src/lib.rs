@@ -74,6 +74,11 @@ pub(crate) fn xml_escape(s: &str) -> String {
     out
 }
 
+/// Checks a name that appears in Ferry's and Corosync's configuration files.
+pub fn check_name(s: &str) -> Result<(), ClusterError> {
+    check_word("name", s)
+}
+
 /// A name or option key: what may appear in ids and config files unquoted.
 pub(crate) fn check_word(what: &str, s: &str) -> Result<(), ClusterError> {
     let ok = !s.is_empty()

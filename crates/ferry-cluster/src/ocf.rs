@@ -65,20 +65,54 @@ pub const META_DATA: &str = r#"<?xml version="1.0"?>
 </resource-agent>
 "#;
 
-/// The agent script: it execs `ferry ocf-agent` with Pacemaker's arguments.
-pub fn agent_script(ferry_cli: &Path) -> String {
+/// The meta-data of `ocf:ferry:broker`, the Replica Broker's ferryd.
+pub const BROKER_META_DATA: &str = r#"<?xml version="1.0"?>
+<!DOCTYPE resource-agent SYSTEM "ra-api-1.dtd">
+<resource-agent name="broker" version="1.0">
+  <version>1.1</version>
+  <longdesc lang="en">The Replica Broker of a Ferry cluster: a ferryd of its own (its store, certificate and replica storage on the shared directory) serving replication at the Broker's floating address. Grouped after the address (ocf:heartbeat:IPaddr2).</longdesc>
+  <shortdesc lang="en">Ferry Replica Broker</shortdesc>
+  <parameters>
+    <parameter name="config" unique="1" required="1">
+      <longdesc lang="en">The Broker ferryd's configuration file on the shared directory.</longdesc>
+      <shortdesc lang="en">ferryd config</shortdesc>
+      <content type="string"/>
+    </parameter>
+    <parameter name="ferryd" unique="0" required="0">
+      <longdesc lang="en">The ferryd program.</longdesc>
+      <shortdesc lang="en">ferryd</shortdesc>
+      <content type="string" default="/usr/sbin/ferryd"/>
+    </parameter>
+  </parameters>
+  <actions>
+    <action name="start" timeout="90s"/>
+    <action name="stop" timeout="60s"/>
+    <action name="monitor" timeout="20s" interval="5s" depth="0"/>
+    <action name="meta-data" timeout="5s"/>
+    <action name="validate-all" timeout="5s"/>
+  </actions>
+</resource-agent>
+"#;
+
+/// An agent script: it execs `ferry ocf-agent [KIND]` with Pacemaker's arguments.
+pub fn agent_script(ferry_cli: &Path, kind: &str) -> String {
+    let arg = if kind == "vm" {
+        String::new()
+    } else {
+        format!(" {kind}")
+    };
     format!(
-        "#!/bin/sh\n# ocf:ferry:vm - Ferry's OCF resource agent for highly available VMs.\n# Installed by ferryd (ferry cluster create/join); the logic is in `ferry ocf-agent`.\nexec '{}' ocf-agent \"$@\"\n",
+        "#!/bin/sh\n# ocf:ferry:{kind} - Ferry's OCF resource agent (installed by ferryd: ferry cluster create/join).\n# The logic is in `ferry ocf-agent`.\nexec '{}' ocf-agent{arg} \"$@\"\n",
         ferry_cli.display()
     )
 }
 
-/// The agent's path.
+/// The VM agent's path.
 pub fn agent_path() -> PathBuf {
     Path::new(OCF_ROOT).join("ferry").join("vm")
 }
 
-/// Installs (or refreshes) the agent so that it runs `ferry_cli`.
+/// Installs (or refreshes) the agents (`vm`, `broker`) so that they run `ferry_cli`.
 pub fn install_agent(ferry_cli: &Path) -> Result<(), ClusterError> {
     use std::os::unix::fs::PermissionsExt;
     if !ferry_cli.is_file() {
@@ -87,12 +121,15 @@ pub fn install_agent(ferry_cli: &Path) -> Result<(), ClusterError> {
             ferry_cli.display()
         )));
     }
-    let path = agent_path();
-    let dir = path.parent().expect("has a parent");
-    std::fs::create_dir_all(dir).map_err(|e| ClusterError::io("create", dir, e))?;
-    write_atomic(&path, agent_script(ferry_cli).as_bytes())?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))
-        .map_err(|e| ClusterError::io("chmod", &path, e))
+    let dir = Path::new(OCF_ROOT).join("ferry");
+    std::fs::create_dir_all(&dir).map_err(|e| ClusterError::io("create", &dir, e))?;
+    for kind in ["vm", "broker"] {
+        let path = dir.join(kind);
+        write_atomic(&path, agent_script(ferry_cli, kind).as_bytes())?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))
+            .map_err(|e| ClusterError::io("chmod", &path, e))?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -122,8 +159,10 @@ mod tests {
         ] {
             assert!(actions.contains(&a), "{a}");
         }
-        assert!(
-            agent_script(Path::new("/usr/bin/ferry")).contains("exec '/usr/bin/ferry' ocf-agent")
-        );
+        assert!(agent_script(Path::new("/usr/bin/ferry"), "vm")
+            .contains("exec '/usr/bin/ferry' ocf-agent \"$@\""));
+        assert!(agent_script(Path::new("/usr/bin/ferry"), "broker")
+            .contains("exec '/usr/bin/ferry' ocf-agent broker \"$@\""));
+        roxmltree::Document::parse_with_options(BROKER_META_DATA, opts).unwrap();
     }
 }

@@ -75,6 +75,59 @@ pub fn vm_resource_xml(vm: &str) -> Result<String, ClusterError> {
     ))
 }
 
+/// The Broker's resource group: its floating address (`ocf:heartbeat:IPaddr2`), then its
+/// ferryd (`ocf:ferry:broker`), kept together and started in that order.
+pub fn broker_group_xml(address: &str, prefix_len: u8, config: &str, ferryd: &str) -> String {
+    let (address, config, ferryd) = (xml_escape(address), xml_escape(config), xml_escape(ferryd));
+    format!(
+        "<group id=\"{BROKER_GROUP}\">\
+<primitive id=\"broker-ip\" class=\"ocf\" provider=\"heartbeat\" type=\"IPaddr2\">\
+<instance_attributes id=\"broker-ip-ia\"><nvpair id=\"broker-ip-ip\" name=\"ip\" value=\"{address}\"/>\
+<nvpair id=\"broker-ip-mask\" name=\"cidr_netmask\" value=\"{prefix_len}\"/></instance_attributes>\
+<operations><op id=\"broker-ip-monitor\" name=\"monitor\" interval=\"5s\" timeout=\"20s\"/></operations></primitive>\
+<primitive id=\"broker\" class=\"ocf\" provider=\"ferry\" type=\"broker\">\
+<instance_attributes id=\"broker-ia\"><nvpair id=\"broker-config\" name=\"config\" value=\"{config}\"/>\
+<nvpair id=\"broker-ferryd\" name=\"ferryd\" value=\"{ferryd}\"/></instance_attributes>\
+<meta_attributes id=\"broker-meta\"><nvpair id=\"broker-stick\" name=\"resource-stickiness\" value=\"100\"/></meta_attributes>\
+<operations><op id=\"broker-start\" name=\"start\" interval=\"0\" timeout=\"90s\"/>\
+<op id=\"broker-stop\" name=\"stop\" interval=\"0\" timeout=\"60s\"/>\
+<op id=\"broker-monitor\" name=\"monitor\" interval=\"5s\" timeout=\"20s\"/></operations></primitive></group>"
+    )
+}
+
+/// The Broker's group id.
+pub const BROKER_GROUP: &str = "ferry-broker";
+
+/// Removes the Broker's group (its ferryd stops, its address goes away).
+pub fn delete_broker_group() -> Result<(), ClusterError> {
+    // Stopped first: with stop-orphan-resources off, a deleted running group would stay.
+    let _ = run(Command::new("crm_resource").args([
+        "-r",
+        BROKER_GROUP,
+        "--meta",
+        "-p",
+        "target-role",
+        "-v",
+        "Stopped",
+    ]));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while std::time::Instant::now() < deadline {
+        let active = status()
+            .map(|st| {
+                st.resources
+                    .iter()
+                    .any(|r| (r.id == "broker" || r.id == "broker-ip") && r.active)
+            })
+            .unwrap_or(false);
+        if !active {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+    let xml = format!("<group id=\"{BROKER_GROUP}\"/>");
+    run(Command::new("cibadmin").args(["-D", "-o", "resources", "-X", &xml])).map(drop)
+}
+
 /// Adds a resource to the live CIB.
 pub fn create_resource(xml: &str) -> Result<(), ClusterError> {
     run(Command::new("cibadmin").args(["-C", "-o", "resources", "-X", xml])).map(drop)

@@ -124,6 +124,20 @@ impl ClusterConfig {
     }
 }
 
+/// The Replica Broker: a ferryd of its own, run by Pacemaker on one node at a time with a
+/// floating address, its data on the shared directory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BrokerConfig {
+    /// Its name.
+    pub name: String,
+    /// Its floating address.
+    pub address: String,
+    /// The address's prefix length.
+    pub prefix_len: u8,
+    /// Its TLS API port.
+    pub api_port: u16,
+}
+
 /// A node's ferryd as the other nodes reach it (for live migration).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeRecord {
@@ -354,6 +368,41 @@ impl SharedDir {
             .ok()
             .map(|s| s.trim().to_owned())
             .filter(|s| !s.is_empty())
+    }
+
+    /// The Replica Broker's directory: its ferryd's config, data (store, certificate,
+    /// token) and VMs.
+    pub fn broker_dir(&self) -> PathBuf {
+        self.root.join("broker")
+    }
+
+    /// The Broker's configuration, if it was set up.
+    pub fn broker(&self) -> Result<Option<BrokerConfig>, ClusterError> {
+        let path = self.broker_dir().join("broker.json");
+        match std::fs::read(&path) {
+            Ok(b) => serde_json::from_slice(&b)
+                .map(Some)
+                .map_err(|e| ClusterError::Invalid(format!("{} is damaged: {e}", path.display()))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(ClusterError::io("read", &path, e)),
+        }
+    }
+
+    /// Writes (or with `None` removes) the Broker's configuration.
+    pub fn set_broker(&self, cfg: Option<&BrokerConfig>) -> Result<(), ClusterError> {
+        let path = self.broker_dir().join("broker.json");
+        match cfg {
+            Some(c) => {
+                std::fs::create_dir_all(self.broker_dir())
+                    .map_err(|e| ClusterError::io("create", &self.broker_dir(), e))?;
+                write_atomic(&path, &serde_json::to_vec_pretty(c).expect("serializable"))
+            }
+            None => match std::fs::remove_file(&path) {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(ClusterError::io("remove", &path, e)),
+            },
+        }
     }
 
     /// The cluster's own certificate and key (one primary identity for every node).

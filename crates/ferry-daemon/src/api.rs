@@ -14,8 +14,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use ferry_api_types::cluster::{
-    AgentReply, AgentRequest, ClusterCreateRequest, ClusterJoinRequest, ClusterReply,
-    ClusterStatus, HaRequest, IncomingReply, IncomingRequest, MigrateReply, MigrateRequest,
+    AgentReply, AgentRequest, BrokerSetRequest, BrokerStatus, ClusterCreateRequest,
+    ClusterJoinRequest, ClusterReply, ClusterStatus, HaRequest, IncomingReply, IncomingRequest,
+    MigrateReply, MigrateRequest,
 };
 use ferry_api_types::{
     ActionReply, ConsoleLog, EnableReplicationRequest, EventInfo, ExecReply, ExecRequest,
@@ -131,6 +132,7 @@ pub fn router(state: Shared) -> Router {
         .route("/v1/vms/{name}/ha", post(vm_ha))
         .route("/v1/vms/{name}/migrate", post(vm_migrate))
         .route("/v1/cluster/incoming", post(cluster_incoming))
+        .route("/v1/cluster/broker", get(broker_show).post(broker_set))
         .fallback(|| async { ApiFailure::not_found("no such API endpoint".to_owned()) })
         .layer(axum::extract::DefaultBodyLimit::max(
             crate::limits::MAX_BODY,
@@ -967,4 +969,16 @@ async fn cluster_incoming(
 ) -> ApiResult<IncomingReply> {
     let Json(req) = body.map_err(|e| ApiFailure::invalid(e.body_text()))?;
     Ok(Json(cluster::incoming(&s.replication, req).await?))
+}
+
+async fn broker_show(State(s): State<Shared>) -> ApiResult<BrokerStatus> {
+    Ok(Json(cluster::broker(&s.replication).await?))
+}
+
+async fn broker_set(
+    State(s): State<Shared>,
+    body: Result<Json<BrokerSetRequest>, axum::extract::rejection::JsonRejection>,
+) -> ApiResult<BrokerStatus> {
+    let Json(req) = body.map_err(|e| ApiFailure::invalid(e.body_text()))?;
+    Ok(Json(cluster::set_broker(&s.replication, req).await?))
 }

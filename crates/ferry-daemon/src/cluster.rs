@@ -10,12 +10,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_api_types::cluster::{
-    AgentReply, AgentRequest, ClusterCreateRequest, ClusterJoinRequest, ClusterNodeStatus,
-    ClusterReply, ClusterStatus, ClusterVmStatus, IncomingReply, IncomingRequest, MigrateReply,
+    AgentReply, AgentRequest, BrokerSetRequest, BrokerStatus, ClusterCreateRequest,
+    ClusterJoinRequest, ClusterNodeStatus, ClusterReply, ClusterStatus, ClusterVmStatus,
+    IncomingReply, IncomingRequest, MigrateReply,
 };
 use ferry_api_types::VmState;
 use ferry_cluster::ocf::rc;
-use ferry_cluster::shared::{ClusterConfig, NodeRecord, SharedDir, VmEntry, DEFAULT_TOKEN_MS};
+use ferry_cluster::shared::{
+    BrokerConfig, ClusterConfig, NodeRecord, SharedDir, VmEntry, DEFAULT_TOKEN_MS,
+};
 use ferry_cluster::{corosync, ocf, pacemaker, resource_id, vm_of_resource, ClusterError};
 use ferry_domain::{VmName, VmSpec};
 use tracing::{info, warn};
@@ -240,7 +243,7 @@ pub async fn status(s: &Arc<Shared>) -> Result<ClusterStatus, ApiFailure> {
     let sh = shared.clone();
     let (cfg, inventory) = blocking(move || Ok((sh.config()?, sh.vms()?))).await?;
     let stack = blocking(pacemaker::status).await;
-    let (stack, stack_error) = match stack {
+    let (stack, stack_error): (pacemaker::StackStatus, _) = match stack {
         Ok(st) => (st, None),
         Err(e) => (Default::default(), Some(e.message)),
     };
@@ -289,6 +292,7 @@ pub async fn status(s: &Arc<Shared>) -> Result<ClusterStatus, ApiFailure> {
             }
         })
         .collect();
+    let broker = broker_of(&shared, &stack);
     Ok(ClusterStatus {
         name: cfg.name,
         shared_dir: shared.root().display().to_string(),
@@ -297,6 +301,7 @@ pub async fn status(s: &Arc<Shared>) -> Result<ClusterStatus, ApiFailure> {
         dc: stack.dc,
         nodes,
         vms,
+        broker,
         fencing: stack.fencing,
         stack_error,
         replication_fingerprint: cluster_identity(s, &shared).map(|i| i.fingerprint.clone()),
@@ -947,4 +952,166 @@ pub fn spawn_exporter(s: &Arc<Shared>) {
             }
         }
     });
+}
+
+/// The Broker's admin socket on the node that runs it.
+pub const BROKER_SOCKET: &str = "/run/ferry/broker.sock";
+
+/// The Broker as configured and as Pacemaker runs it.
+fn broker_of(shared: &SharedDir, stack: &pacemaker::StackStatus) -> Option<BrokerStatus> {
+    let cfg = shared.broker().ok().flatten()?;
+    let data = shared.broker_dir().join("data");
+    let fingerprint = std::fs::read(data.join("host.crt"))
+        .ok()
+        .and_then(|pem| {
+            rustls_pemfile::certs(&mut pem.as_slice())
+                .next()
+                .and_then(Result::ok)
+        })
+        .map(|c| ferry_client::fingerprint(&c))
+        .unwrap_or_default();
+    let rsc = stack.resources.iter().find(|r| r.id == "broker");
+    let (node, state) = match rsc {
+        Some(r) if r.failed => (r.nodes.first().cloned(), "failed"),
+        Some(r) if r.active => (r.nodes.first().cloned(), "started"),
+        _ => (None, "stopped"),
+    };
+    Some(BrokerStatus {
+        name: cfg.name,
+        api: format!("{}:{}", cfg.address, cfg.api_port),
+        address: cfg.address,
+        fingerprint,
+        token_file: data.join("api.token").display().to_string(),
+        admin_socket: BROKER_SOCKET.to_owned(),
+        node,
+        state: state.to_owned(),
+    })
+}
+
+/// `ferry replica-broker set`: makes (or removes) the cluster's Replica Broker, a
+/// Pacemaker group of a floating address and a ferryd of its own whose store, certificate
+/// and replicas live on the shared directory, so that whichever node runs it, primaries
+/// find the same replica server with the same recovery points.
+pub async fn set_broker(
+    s: &Arc<Shared>,
+    req: BrokerSetRequest,
+) -> Result<BrokerStatus, ApiFailure> {
+    let shared = member(s)?;
+    let cluster = shared.config()?;
+    if !req.enable {
+        let Some(mut removed) = broker_of(&shared, &Default::default()) else {
+            return Err(ApiFailure::conflict(format!(
+                "cluster {} has no Replica Broker",
+                cluster.name
+            )));
+        };
+        blocking(pacemaker::delete_broker_group).await?;
+        shared.set_broker(None)?;
+        info!("Replica Broker removed; its data stays in the shared directory's broker/");
+        removed.state = "removed".to_owned();
+        return Ok(removed);
+    }
+    if let Some(b) = shared.broker()? {
+        return Err(ApiFailure::conflict(format!(
+            "cluster {} already has a Replica Broker ({} at {}); remove it first with --disable",
+            cluster.name, b.name, b.address
+        )));
+    }
+    let address = req.address.ok_or_else(|| {
+        ApiFailure::invalid("--address IP is needed: the Broker's floating address".into())
+    })?;
+    let ip: std::net::IpAddr = address
+        .parse()
+        .map_err(|_| ApiFailure::invalid(format!("{address:?} is not an IP address")))?;
+    if cluster.nodes.iter().any(|n| n.address == address) {
+        return Err(ApiFailure::invalid(format!(
+            "{address} is a node's address; the Broker needs an address of its own"
+        )));
+    }
+    let prefix_len = req.prefix_len.unwrap_or(24);
+    if prefix_len == 0 || prefix_len > if ip.is_ipv4() { 32 } else { 128 } {
+        return Err(ApiFailure::invalid(format!(
+            "prefix length {prefix_len} is out of range"
+        )));
+    }
+    let api_port = req.api_port.unwrap_or(7445);
+    let name = req
+        .name
+        .unwrap_or_else(|| format!("{}-broker", cluster.name));
+    ferry_cluster::check_name(&name).map_err(ApiFailure::from)?;
+    let cfg = BrokerConfig {
+        name: name.clone(),
+        address: address.clone(),
+        prefix_len,
+        api_port,
+    };
+    let dir = shared.broker_dir();
+    let data = dir.join("data");
+    std::fs::create_dir_all(&data)
+        .map_err(|e| ApiFailure::internal(format!("cannot create {}: {e}", data.display())))?;
+    // Its certificate now, so its fingerprint can be pinned before it first runs.
+    crate::identity::Identity::load_or_create(&data, &name)
+        .map_err(|e| ApiFailure::internal(format!("cannot make the Broker's certificate: {e}")))?;
+    let accel = match s.cfg.accel {
+        crate::config::AccelChoice::Auto => "auto",
+        crate::config::AccelChoice::Kvm => "kvm",
+        crate::config::AccelChoice::Tcg => "tcg",
+    };
+    let mut roots: Vec<String> = s
+        .cfg
+        .file_roots
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect();
+    roots.push(shared.root().display().to_string());
+    let roots = roots
+        .iter()
+        .map(|r| format!("{r:?}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let toml = format!(
+        "# The Replica Broker's ferryd (written by `ferry replica-broker set`; Pacemaker runs it).\n\
+name = {name:?}\ndata_dir = {:?}\nvm_storage = {:?}\nadmin_socket = {BROKER_SOCKET:?}\n\
+tls_listen = \"{}\"\naccel = \"{accel}\"\nfile_roots = [{roots}]\n",
+        data.display().to_string(),
+        dir.join("vms").display().to_string(),
+        std::net::SocketAddr::new(ip, api_port),
+    );
+    let config = dir.join("ferryd.toml");
+    ferry_cluster::shared::write_atomic(&config, toml.as_bytes())?;
+    shared.set_broker(Some(&cfg))?;
+    let ferryd = std::env::current_exe()
+        .map_err(|e| ApiFailure::internal(format!("cannot find ferryd: {e}")))?;
+    let xml = pacemaker::broker_group_xml(
+        &address,
+        prefix_len,
+        &config.display().to_string(),
+        &ferryd.display().to_string(),
+    );
+    if let Err(e) = blocking(move || pacemaker::create_resource(&xml)).await {
+        shared.set_broker(None)?;
+        return Err(e);
+    }
+    info!(broker = %name, %address, "Replica Broker created");
+    // Wait (briefly) until it runs, so the reply says where.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let st = blocking(pacemaker::status).await?;
+        let b = broker_of(&shared, &st).expect("just configured");
+        if b.state == "started" || tokio::time::Instant::now() > deadline {
+            return Ok(b);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// `ferry replica-broker show`.
+pub async fn broker(s: &Arc<Shared>) -> Result<BrokerStatus, ApiFailure> {
+    let shared = member(s)?;
+    let st = blocking(pacemaker::status).await.unwrap_or_default();
+    broker_of(&shared, &st).ok_or_else(|| {
+        ApiFailure::not_found(
+            "this cluster has no Replica Broker; create one with `ferry replica-broker set --enable --address IP`".into(),
+        )
+    })
 }

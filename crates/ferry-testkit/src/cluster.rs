@@ -40,6 +40,9 @@ pub struct TestCluster {
     pub nodes: Vec<Node>,
     /// How many nodes [`TestCluster::form`] puts in the cluster.
     pub members: usize,
+    /// Each cluster of nodes: which nodes (indexes into `nodes`) and its shared directory
+    /// (the first is `shared`).
+    pub groups: Vec<(std::ops::Range<usize>, PathBuf)>,
     /// Working directory (pins, fence state, overlay, the nodes' directories).
     pub work: tempfile::TempDir,
 }
@@ -67,7 +70,14 @@ impl TestCluster {
     /// `members` cluster nodes plus `standalone` hosts on the same network that keep their
     /// VMs on their own storage (e.g. a replica server outside the cluster).
     pub fn with_standalone(members: usize, standalone: usize) -> Self {
-        let n = members + standalone;
+        Self::with_groups(&[members], standalone)
+    }
+
+    /// Several clusters' nodes on one network, each group with a shared directory of its
+    /// own (`shared`, `shared-2`, …), then `standalone` hosts.
+    pub fn with_groups(sizes: &[usize], standalone: usize) -> Self {
+        let members = sizes[0];
+        let n = sizes.iter().sum::<usize>() + standalone;
         for tool in [
             "corosync",
             "pacemakerd",
@@ -112,7 +122,19 @@ impl TestCluster {
             shared: shared.clone(),
             nodes: Vec::new(),
             members,
+            groups: Vec::new(),
         };
+        let mut start = 0;
+        for (g, size) in sizes.iter().enumerate() {
+            let dir = if g == 0 {
+                shared.clone()
+            } else {
+                w.join(format!("shared-{}", g + 1))
+            };
+            std::fs::create_dir_all(dir.join("vms")).expect("shared dir");
+            cluster.groups.push((start..start + size, dir));
+            start += size;
+        }
         for i in 1..=n {
             let name = format!("node{i}");
             let address = format!("{subnet}.{i}");
@@ -160,10 +182,9 @@ impl TestCluster {
                 .tempdir_in(&d)
                 .expect("node tempdir");
             let tls_addr = format!("{address}:{NODE_API_PORT}");
-            let vm_storage = if i <= members {
-                shared.join("vms")
-            } else {
-                node_dir.path().join("vms")
+            let vm_storage = match cluster.groups.iter().find(|(r, _)| r.contains(&(i - 1))) {
+                Some((_, dir)) => dir.join("vms"),
+                None => node_dir.path().join("vms"),
             };
             std::fs::write(
                 node_dir.path().join("ferryd.toml"),
@@ -259,7 +280,13 @@ impl TestCluster {
     /// `ferry cluster create` on node 1 and `join` on the others; waits until every node
     /// is online in a quorate partition.
     pub fn form(&self, name: &str) {
-        let shared = self.shared.display().to_string();
+        self.form_group(0, name);
+    }
+
+    /// Forms cluster number `g` of [`TestCluster::with_groups`] as `name`.
+    pub fn form_group(&self, g: usize, name: &str) {
+        let (range, dir) = self.groups[g].clone();
+        let shared = dir.display().to_string();
         let mut args = vec![
             "cluster".to_owned(),
             "create".to_owned(),
@@ -269,24 +296,30 @@ impl TestCluster {
             "--fence".to_owned(),
             self.fence_option(),
         ];
-        for n in &self.nodes[..self.members] {
+        for n in &self.nodes[range.clone()] {
             args.push("--node".into());
             args.push(format!("{}={}", n.name, n.address));
         }
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        self.nodes[0].host.ferry_ok(&args);
-        for n in &self.nodes[1..self.members] {
+        self.nodes[range.start].host.ferry_ok(&args);
+        for n in &self.nodes[range.start + 1..range.end] {
             n.host.ferry_ok(&["cluster", "join", "--shared", &shared]);
         }
-        self.wait_all_online(Duration::from_secs(90));
+        self.wait_group_online(g, Duration::from_secs(90));
     }
 
     /// Waits until `ferry cluster status` on every running node shows all nodes online
     /// and quorum.
     pub fn wait_all_online(&self, timeout: Duration) {
+        self.wait_group_online(0, timeout);
+    }
+
+    /// [`TestCluster::wait_all_online`] for cluster number `g`.
+    pub fn wait_group_online(&self, g: usize, timeout: Duration) {
+        let range = self.groups[g].0.clone();
         let deadline = Instant::now() + timeout;
         loop {
-            let ok = self.nodes[..self.members].iter().all(|n| {
+            let ok = self.nodes[range.clone()].iter().all(|n| {
                 let r = n.host.ferry(&["--output", "json", "cluster", "status"]);
                 let Ok(v) = serde_json::from_str::<serde_json::Value>(&r.stdout) else {
                     return false;
@@ -302,7 +335,7 @@ impl TestCluster {
             assert!(
                 Instant::now() < deadline,
                 "the cluster did not come up in {timeout:?}:\n{}",
-                self.on(1, &["crm_mon", "-1"])
+                self.on(range.start + 1, &["crm_mon", "-1"])
             );
             std::thread::sleep(Duration::from_millis(250));
         }
@@ -411,7 +444,12 @@ impl TestCluster {
         self.node_mut(name).host.reap();
         self.fresh_run(i);
         self.node_mut(name).host.launch();
-        self.wait_all_online(Duration::from_secs(90));
+        let g = self
+            .groups
+            .iter()
+            .position(|(r, _)| r.contains(&(i - 1)))
+            .expect("a cluster node");
+        self.wait_group_online(g, Duration::from_secs(90));
     }
 }
 

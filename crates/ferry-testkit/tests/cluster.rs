@@ -596,3 +596,237 @@ fn a_replicated_ha_vm_keeps_replicating_as_the_cluster_after_a_move_and_a_node_c
     assert_eq!(ps["state"], "replicating", "{ps:#}");
     eprintln!("replication: points after the move {after_move:?}, after the crash {after_crash:?}");
 }
+
+/// `ferry ARGS` against the Replica Broker's ferryd on the node that runs it now.
+fn on_broker(c: &TestCluster, ask: &str, args: &[&str]) -> serde_json::Value {
+    let st = c.status(ask);
+    let node = st["broker"]["node"]
+        .as_str()
+        .unwrap_or_else(|| panic!("the Broker runs nowhere: {st:#}"))
+        .to_owned();
+    let n = c.node(&node);
+    let socket = c
+        .work
+        .path()
+        .join(format!("node{}/run-ferry/broker.sock", n.index));
+    let mut all = vec!["--output", "json"];
+    all.extend_from_slice(args);
+    let r = n
+        .host
+        .ferry_with(&all, &[("FERRY_SOCKET", socket.to_str().unwrap())]);
+    assert_eq!(
+        r.code, 0,
+        "ferry {args:?} on the Broker ({node}): {}",
+        r.stderr
+    );
+    serde_json::from_str(&r.stdout).unwrap_or_else(|e| panic!("{e}: {}", r.stdout))
+}
+
+/// The Broker's points of `vm`: (cycle, kind), or none while it is moving.
+fn broker_points(c: &TestCluster, ask: &str, vm: &str) -> Vec<(i64, String)> {
+    let st = c.status(ask);
+    if st["broker"]["state"] != "started" {
+        return Vec::new();
+    }
+    let n = c.node(st["broker"]["node"].as_str().unwrap());
+    let socket = c
+        .work
+        .path()
+        .join(format!("node{}/run-ferry/broker.sock", n.index));
+    let r = n.host.ferry_with(
+        &["--output", "json", "replication", "points", vm],
+        &[("FERRY_SOCKET", socket.to_str().unwrap())],
+    );
+    serde_json::from_str::<serde_json::Value>(&r.stdout)
+        .ok()
+        .and_then(|v| v.as_array().cloned())
+        .unwrap_or_default()
+        .iter()
+        .map(|p| {
+            (
+                p["cycle"].as_i64().unwrap(),
+                p["kind"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn a_cluster_replicates_to_a_replica_clusters_broker_which_survives_its_node() {
+    // Cluster "pa" (nodes 1-3) replicates to cluster "rb" (nodes 4-6) through rb's Broker.
+    let mut c = TestCluster::with_groups(&[3, 3], 0);
+    c.form_group(0, "pa");
+    c.form_group(1, "rb");
+    let subnet = c.nodes[0].address.rsplit_once('.').unwrap().0.to_owned();
+    let broker_ip = format!("{subnet}.100");
+    let n4 = &c.node("node4").host;
+    let err = n4.ferry_err(&["replica-broker", "set", "--enable"]);
+    assert!(err.contains("--address"), "{err}");
+    let b = n4.ferry_json(&["replica-broker", "set", "--enable", "--address", &broker_ip]);
+    assert_eq!(b["state"], "started", "{b:#}");
+    assert_eq!(b["name"], "rb-broker");
+    let broker_fp = b["fingerprint"].as_str().unwrap().to_owned();
+    let text = c.node("node5").host.ferry_ok(&["replica-broker", "show"]);
+    assert!(
+        text.contains("rb-broker") && text.contains(&broker_ip),
+        "{text}"
+    );
+    let err = n4.ferry_err(&["replica-broker", "set", "--enable", "--address", &broker_ip]);
+    assert!(err.contains("already has a Replica Broker"), "{err}");
+    // The Broker holds the replica-server settings: pa's identity, storage on rb's shared dir.
+    let pa_fp = c.status("node1")["replication_fingerprint"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let storage = c.groups[1].1.join("broker/replicas");
+    on_broker(
+        &c,
+        "node4",
+        &[
+            "replica-server",
+            "set",
+            "--enable",
+            "--port",
+            "7444",
+            "--allow",
+            &format!("pa={pa_fp}"),
+            "--storage",
+            storage.to_str().unwrap(),
+        ],
+    );
+
+    // A writing HA guest on pa, replicated to the Broker's address.
+    let n1 = &c.node("node1").host;
+    n1.create_guest_vm(
+        "app",
+        GuestWorkload {
+            seed: SEED,
+            start: 1,
+            span_blocks: SPAN,
+        },
+        0.05,
+        &["--memory", "256M", "--disk", "16M", "--no-vnc"],
+    );
+    n1.ferry_ok(&["vm", "ha", "enable", "app"]);
+    let mut owner = String::new();
+    wait_for(
+        "app started by the cluster",
+        Duration::from_secs(60),
+        || {
+            let nodes = c.qemu_nodes("app");
+            owner = nodes.first().cloned().unwrap_or_default();
+            nodes.len() == 1
+        },
+    );
+    let oh = &c.node(&owner).host;
+    oh.wait_console("app", Duration::from_secs(60), "guest writes", |t| {
+        parse_console(t).last_wrote_seq.unwrap_or(0) >= 5
+    });
+    oh.ferry_ok(&[
+        "replication",
+        "enable",
+        "app",
+        "--to",
+        &format!("{broker_ip}:7444"),
+        "--replica-fingerprint",
+        &broker_fp,
+        "--interval",
+        "2s",
+        "--recovery-points",
+        "24",
+        "--point-spacing",
+        "1s",
+        "--wait",
+    ]);
+    wait_for("deltas on the Broker", Duration::from_secs(90), || {
+        broker_points(&c, "node4", "app").len() >= 3
+    });
+    let rs = on_broker(&c, "node4", &["replication", "status", "app"]);
+    assert_eq!(rs["partner"], "pa", "{rs:#}");
+    assert_eq!(rs["role"], "replica");
+
+    // Kill the node running the Broker: rb fences it and starts the Broker (address,
+    // ferryd, store, replicas) on another node; replication goes on with deltas.
+    let broker_node = c.status("node4")["broker"]["node"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let ask = ["node4", "node5", "node6"]
+        .into_iter()
+        .find(|n| *n != broker_node)
+        .unwrap()
+        .to_owned();
+    let last = broker_points(&c, &ask, "app")
+        .iter()
+        .map(|p| p.0)
+        .max()
+        .unwrap();
+    let killed_at = Instant::now();
+    c.crash(&broker_node);
+    let mut lag = Duration::ZERO;
+    wait_for(
+        "a new point through the moved Broker",
+        Duration::from_secs(120),
+        || {
+            let new: Vec<_> = broker_points(&c, &ask, "app")
+                .into_iter()
+                .filter(|p| p.0 > last)
+                .collect();
+            lag = killed_at.elapsed();
+            !new.is_empty()
+        },
+    );
+    let st = c.status(&ask);
+    let moved_to = st["broker"]["node"].as_str().unwrap().to_owned();
+    assert_ne!(moved_to, broker_node, "{st:#}");
+    assert_eq!(fences_of(&st, &broker_node), 1, "{st:#}");
+    let after: Vec<_> = broker_points(&c, &ask, "app")
+        .into_iter()
+        .filter(|p| p.0 > last)
+        .collect();
+    assert!(
+        after.iter().all(|(_, k)| k == "delta"),
+        "no new initial copy after the Broker moved: {after:?}"
+    );
+    eprintln!(
+        "Broker moved {broker_node} -> {moved_to}; first point through it {lag:?} after the node died"
+    );
+
+    // Failover operations against the replica cluster: a test failover boots a point
+    // on the Broker, then an unplanned failover (the primary cluster "lost").
+    on_broker(&c, &ask, &["failover", "test", "app"]);
+    let bn = c.node(&moved_to);
+    let socket = c
+        .work
+        .path()
+        .join(format!("node{}/run-ferry/broker.sock", bn.index));
+    let sock = socket.to_str().unwrap();
+    wait_for("the test VM writes", Duration::from_secs(90), || {
+        let r = bn.host.ferry_with(
+            &["vm", "console", "app-test", "--log"],
+            &[("FERRY_SOCKET", sock)],
+        );
+        parse_console(&r.stdout).last_wrote_seq.unwrap_or(0) >= 1
+    });
+    on_broker(&c, &ask, &["failover", "stop-test", "app"]);
+    // Unplanned failover: stop the primary's replication first (pa is "gone").
+    c.node(&owner)
+        .host
+        .ferry_ok(&["replication", "suspend", "app"]);
+    on_broker(
+        &c,
+        &ask,
+        &["failover", "start", "app", "--start", "--force"],
+    );
+    wait_for("the failed-over VM writes", Duration::from_secs(90), || {
+        let r = bn.host.ferry_with(
+            &["vm", "console", "app", "--log"],
+            &[("FERRY_SOCKET", sock)],
+        );
+        parse_console(&r.stdout).last_wrote_seq.unwrap_or(0) >= 1
+    });
+    let vm = on_broker(&c, &ask, &["vm", "show", "app"]);
+    assert_eq!(vm["state"], "running", "{vm:#}");
+    on_broker(&c, &ask, &["failover", "complete", "app"]);
+    eprintln!("figures: broker failover replication lag {lag:?}");
+}
