@@ -657,10 +657,26 @@ fn cluster_section(i: usize, c: &crate::hosts::ClusterView<'_>) -> String {
         dir = esc(&st.shared_dir),
         this = esc(&st.this_node),
         ans = if answering.is_empty() { "none".into() } else { answering.join(", ") },
-        sil = if silent.is_empty() {
+        // The errors of configured nodes are in the nodes' table.
+        sil = if c.silent.is_empty() {
             String::new()
         } else {
-            format!(" · <span class=\"error\">not answering: {}</span>", silent.join(", "))
+            let names: Vec<String> = c
+                .silent
+                .iter()
+                .zip(&silent)
+                .map(|(v, with_error)| {
+                    if st.nodes.iter().any(|n| n.name == v.row.name) {
+                        esc(&v.row.name)
+                    } else {
+                        with_error.clone()
+                    }
+                })
+                .collect();
+            format!(
+                r#" · <span class="error">not answering: {}</span>"#,
+                names.join(", ")
+            )
         },
     ));
     if let Some(e) = &st.stack_error {
