@@ -212,7 +212,7 @@ fn the_console_shows_a_cluster_once_and_alerts_when_a_node_is_fenced() {
     assert_eq!(br.count(&fence_row), 1, "{}", br.source());
     assert_eq!(br.text(&format!("{fence_row} .fence-status")), "success");
     assert!(br
-        .text(&format!("#clusters tr[data-cluster='c1'] .last-fencing"))
+        .text("#clusters tr[data-cluster='c1'] .last-fencing")
         .starts_with(&crashed));
     assert_eq!(
         br.text("#clusters tr[data-cluster='c1'] .nodes-online"),
