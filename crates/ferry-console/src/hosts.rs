@@ -1,13 +1,15 @@
 //! The hosts the console manages and the poller: every poll interval (or at once when an
 //! action asks for it) each host's TLS API is read — server, VMs, relationships and their
-//! health — into an in-memory [`Fleet`] snapshot for the pages; the figures are appended
-//! to the store's history, new recovery points are recorded as cycles, and the alerter
-//! runs on what was seen.
+//! health, and whether it is a failover cluster node (`GET /v1/cluster`) — into an
+//! in-memory [`Fleet`] snapshot for the pages; the figures are appended to the store's
+//! history, new recovery points are recorded as cycles, and the alerter runs on what was
+//! seen. Hosts that are nodes of one cluster are grouped into one [`ClusterView`].
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use ferry_api_types::cluster::{ClusterStatus, FenceEvent};
 use ferry_api_types::{
     RecoveryPointInfo, ReplicaServerInfo, ReplicationHealthInfo, ReplicationInfo, ServerInfo,
     VmInfo,
@@ -15,7 +17,9 @@ use ferry_api_types::{
 use ferry_client::{Client, Endpoint};
 use tokio::sync::{Notify, RwLock};
 
-use crate::alerts::rules::{Observations, RelationshipObservation, StorageObservation};
+use crate::alerts::rules::{
+    cluster_id, ClusterObservation, Observations, RelationshipObservation, StorageObservation,
+};
 use crate::alerts::Alerter;
 use crate::store::{CycleRow, HostRow, SampleRow, Store};
 
@@ -63,6 +67,13 @@ pub struct HostView {
     pub health: Vec<ReplicationHealthInfo>,
     /// Its replica-server role (with its storage's free space).
     pub replica_server: Option<ReplicaServerInfo>,
+    /// Its failover cluster as it sees it; `None`: not a cluster node (or unknown).
+    pub cluster: Option<ClusterStatus>,
+    /// Why its cluster status could not be read although the host answered.
+    pub cluster_error: Option<String>,
+    /// The cluster (identity, name) it was last seen a node of: kept while the host does
+    /// not answer, so that an unreachable node still shows under its cluster.
+    pub last_cluster: Option<(String, String)>,
 }
 
 impl HostView {
@@ -82,6 +93,89 @@ impl HostView {
 pub struct Fleet {
     /// The hosts.
     pub hosts: BTreeMap<i64, HostView>,
+}
+
+/// One failover cluster, made of the answers of every managed host that is a node of it.
+#[derive(Debug)]
+pub struct ClusterView<'a> {
+    /// `NAME@SHARED_DIR`.
+    pub id: String,
+    /// The cluster's name.
+    pub name: String,
+    /// The answer shown: a quorate node's (the designated controller's if it is managed),
+    /// else any node's whose stack answers, else any node's. `None` while no node answers.
+    pub status: Option<&'a ClusterStatus>,
+    /// Managed hosts that are nodes of it and answered, with what each said.
+    pub answering: Vec<&'a HostView>,
+    /// Managed hosts known to be nodes of it that do not answer now.
+    pub silent: Vec<&'a HostView>,
+    /// The fencing history of every answer merged, oldest first.
+    pub fencing: Vec<FenceEvent>,
+}
+
+impl ClusterView<'_> {
+    /// The managed host named `node`, if the console manages it.
+    pub fn host_of(&self, node: &str) -> Option<&HostView> {
+        self.answering
+            .iter()
+            .chain(&self.silent)
+            .find(|v| v.row.name == node)
+            .copied()
+    }
+}
+
+impl Fleet {
+    /// The clusters the managed hosts are nodes of, by name.
+    pub fn clusters(&self) -> Vec<ClusterView<'_>> {
+        let mut map: BTreeMap<String, ClusterView<'_>> = BTreeMap::new();
+        for v in self.hosts.values() {
+            let Some((id, name)) = v.last_cluster.clone() else {
+                continue;
+            };
+            let c = map.entry(id.clone()).or_insert_with(|| ClusterView {
+                id,
+                name,
+                status: None,
+                answering: Vec::new(),
+                silent: Vec::new(),
+                fencing: Vec::new(),
+            });
+            match &v.cluster {
+                Some(_) if v.error.is_none() => c.answering.push(v),
+                _ => c.silent.push(v),
+            }
+        }
+        for c in map.values_mut() {
+            let rank = |st: &ClusterStatus| {
+                (
+                    st.stack_error.is_none(),
+                    st.quorate,
+                    st.dc.as_deref() == Some(st.this_node.as_str()),
+                )
+            };
+            c.status = c
+                .answering
+                .iter()
+                .filter_map(|v| v.cluster.as_ref())
+                .max_by_key(|st| rank(st));
+            let mut events: Vec<FenceEvent> = Vec::new();
+            for e in c
+                .answering
+                .iter()
+                .filter_map(|v| v.cluster.as_ref())
+                .flat_map(|st| &st.fencing)
+            {
+                if !events.contains(e) {
+                    events.push(e.clone());
+                }
+            }
+            events.sort_by(|a, b| a.completed.cmp(&b.completed));
+            c.fencing = events;
+        }
+        let mut out: Vec<ClusterView<'_>> = map.into_values().collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name).then(a.id.cmp(&b.id)));
+        out
+    }
 }
 
 /// How long the history is kept.
@@ -165,6 +259,12 @@ impl Poller {
                     last_test_failover_at: h.last_test_failover_at,
                 });
             }
+            if let Some(st) = v.cluster.as_ref().filter(|_| v.error.is_none()) {
+                obs.clusters.push(ClusterObservation {
+                    host: v.row.name.clone(),
+                    status: st.clone(),
+                });
+            }
             if let Some(rs) = v.replica_server.as_ref().filter(|rs| rs.config.enabled) {
                 for s in &rs.storage {
                     obs.storage.push(StorageObservation {
@@ -183,7 +283,15 @@ impl Poller {
             let mut fleet = self.fleet.write().await;
             let ids: BTreeSet<i64> = views.iter().map(|v| v.row.id).collect();
             fleet.hosts.retain(|id, _| ids.contains(id));
-            for v in views {
+            for mut v in views {
+                // A host that does not answer (or whose cluster status could not be read)
+                // stays under the cluster it was last seen in.
+                if v.error.is_some() || v.cluster_error.is_some() {
+                    v.last_cluster = fleet
+                        .hosts
+                        .get(&v.row.id)
+                        .and_then(|old| old.last_cluster.clone());
+                }
                 fleet.hosts.insert(v.row.id, v);
             }
         }
@@ -298,6 +406,9 @@ pub async fn poll_host(row: HostRow, now: i64) -> HostView {
         replication: Vec::new(),
         health: Vec::new(),
         replica_server: None,
+        cluster: None,
+        cluster_error: None,
+        last_cluster: None,
     };
     match tokio::time::timeout(Duration::from_secs(20), read).await {
         Ok(Ok((server, vms, replication, health, replica_server))) => {
@@ -310,7 +421,30 @@ pub async fn poll_host(row: HostRow, now: i64) -> HostView {
         Ok(Err(e)) => view.error = Some(error_chain(&e)),
         Err(_) => view.error = Some("no answer in 20 s".into()),
     }
+    if view.error.is_none() {
+        // Its own request and time limit: a cluster stack that is slow to answer does not
+        // make the host unreachable.
+        let read = c.get::<ClusterStatus>("/v1/cluster");
+        match tokio::time::timeout(Duration::from_secs(20), read).await {
+            Ok(Ok(st)) => {
+                view.last_cluster = Some((cluster_id(&st), st.name.clone()));
+                view.cluster = Some(st);
+            }
+            Ok(Err(e)) if standalone(&e) => {}
+            Ok(Err(e)) => view.cluster_error = Some(error_chain(&e)),
+            Err(_) => view.cluster_error = Some("no answer in 20 s".into()),
+        }
+    }
     view
+}
+
+/// Whether `GET /v1/cluster` failed because the host is not a cluster node: 409 "conflict"
+/// ("… is not a cluster node …"), or 404 from a ferryd older than clusters.
+fn standalone(e: &ferry_client::ClientError) -> bool {
+    matches!(
+        e,
+        ferry_client::ClientError::Api { status: 409, error } if error.code == "conflict"
+    ) || matches!(e, ferry_client::ClientError::Api { status: 404, .. })
 }
 
 /// An error and its causes on one line.
@@ -331,6 +465,82 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn view(id: i64, name: &str, cluster: Option<(&str, &str, bool, &[&str])>) -> HostView {
+        let status = cluster.map(|(cname, dir, quorate, fenced)| ClusterStatus {
+            name: cname.into(),
+            shared_dir: dir.into(),
+            this_node: name.into(),
+            quorate,
+            dc: None,
+            nodes: Vec::new(),
+            vms: Vec::new(),
+            fencing: fenced
+                .iter()
+                .map(|t| FenceEvent {
+                    target: (*t).into(),
+                    action: "reboot".into(),
+                    status: "success".into(),
+                    delegate: Some("node1".into()),
+                    completed: Some("2026-01-01 10:00:00Z".into()),
+                })
+                .collect(),
+            stack_error: None,
+        });
+        HostView {
+            row: HostRow {
+                id,
+                name: name.into(),
+                url: String::new(),
+                fingerprint: String::new(),
+                token: String::new(),
+            },
+            polled_at: 1,
+            error: None,
+            server: None,
+            vms: Vec::new(),
+            replication: Vec::new(),
+            health: Vec::new(),
+            replica_server: None,
+            last_cluster: status.as_ref().map(|s| (cluster_id(s), s.name.clone())),
+            cluster: status,
+            cluster_error: None,
+        }
+    }
+
+    #[test]
+    fn nodes_of_one_cluster_make_one_item() {
+        let mut fleet = Fleet::default();
+        // c1's three nodes: node3 does not answer now (its last known cluster is kept),
+        // node2 has no quorum; a second cluster also named c1 on other storage; a host
+        // that is no cluster node.
+        fleet
+            .hosts
+            .insert(1, view(1, "node1", Some(("c1", "/srv/a", true, &["n4"]))));
+        fleet
+            .hosts
+            .insert(2, view(2, "node2", Some(("c1", "/srv/a", false, &["n4"]))));
+        let mut silent = view(3, "node3", Some(("c1", "/srv/a", true, &[])));
+        silent.cluster = None;
+        silent.error = Some("connection refused".into());
+        fleet.hosts.insert(3, silent);
+        fleet
+            .hosts
+            .insert(4, view(4, "other", Some(("c1", "/srv/b", true, &[]))));
+        fleet.hosts.insert(5, view(5, "alone", None));
+        let clusters = fleet.clusters();
+        assert_eq!(clusters.len(), 2);
+        let a = clusters.iter().find(|c| c.id == "c1@/srv/a").unwrap();
+        let names = |v: &[&HostView]| v.iter().map(|v| v.row.name.clone()).collect::<Vec<_>>();
+        assert_eq!(names(&a.answering), ["node1", "node2"]);
+        assert_eq!(names(&a.silent), ["node3"]);
+        // The quorate node's answer is shown; the same fencing reported twice is one.
+        assert_eq!(a.status.unwrap().this_node, "node1");
+        assert_eq!(a.fencing.len(), 1);
+        assert!(a.host_of("node3").is_some() && a.host_of("n4").is_none());
+        let b = clusters.iter().find(|c| c.id == "c1@/srv/b").unwrap();
+        assert_eq!(names(&b.answering), ["other"]);
+    }
 
     #[test]
     fn host_urls() {

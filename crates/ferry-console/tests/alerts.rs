@@ -8,84 +8,18 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::smtp::{smtp_certificates, SmtpServer};
 use common::{free_port, host_form, start_guest, wait_until, Console};
 use ferry_testkit::host::Host;
 use ferry_testkit::link::Link;
 use ferry_testkit::replication::{enable_replica_server_at, status, wait_for};
 use serde_json::Value;
-
-/// The SMTP server process; killed on Drop.
-struct SmtpServer {
-    child: Child,
-    mails: Arc<Mutex<Vec<Value>>>,
-}
-
-impl Drop for SmtpServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl SmtpServer {
-    fn start(port: u16, cert: &str, key: &str) -> Self {
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/smtp_server.py");
-        // Debian's python3: aiosmtpd comes from its package (scripts/install-deps.sh).
-        let mut child = Command::new("/usr/bin/python3")
-            .arg(script)
-            .args([&port.to_string(), cert, key, "ferry", "mail-secret"])
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("/usr/bin/python3");
-        let stdout = child.stdout.take().unwrap();
-        let mails = Arc::new(Mutex::new(Vec::new()));
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let m = mails.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if line == "READY" {
-                    let _ = ready_tx.send(());
-                } else if let Ok(v) = serde_json::from_str::<Value>(&line) {
-                    m.lock().unwrap().push(v);
-                }
-            }
-        });
-        ready_rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("aiosmtpd did not start (python3-aiosmtpd from scripts/install-deps.sh)");
-        Self { child, mails }
-    }
-
-    fn subjects(&self) -> Vec<String> {
-        self.mails
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|m| m["subject"].as_str().unwrap_or_default().to_owned())
-            .collect()
-    }
-
-    fn wait_subject(&self, what: &str, timeout: Duration) -> Value {
-        wait_until(&format!("a mail {what:?}"), timeout, || {
-            self.subjects().iter().any(|s| s.contains(what))
-        });
-        self.mails
-            .lock()
-            .unwrap()
-            .iter()
-            .find(|m| m["subject"].as_str().unwrap_or_default().contains(what))
-            .cloned()
-            .unwrap()
-    }
-}
 
 /// An HTTP server that records every JSON document POSTed to it and answers 200, or, while
 /// `refuse` is set, records nothing and answers 503 (a receiver that is down).
@@ -152,19 +86,8 @@ fn count(hooks: &Arc<Mutex<Vec<Value>>>, event: &str, rule: &str) -> usize {
 fn alerts_mail_and_webhook_once_when_replication_is_cut_and_once_when_it_is_restored() {
     // The SMTP server's certificate, from a CA the console is told to trust.
     let tls = tempfile::tempdir().unwrap();
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let leaf_key = rcgen::KeyPair::generate().unwrap();
-    let leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
-        .unwrap()
-        .signed_by(&leaf_key, &ca, &ca_key)
-        .unwrap();
     let path = |n: &str| tls.path().join(n).to_str().unwrap().to_owned();
-    std::fs::write(path("ca.pem"), ca.pem()).unwrap();
-    std::fs::write(path("cert.pem"), leaf.pem()).unwrap();
-    std::fs::write(path("key.pem"), leaf_key.serialize_pem()).unwrap();
+    smtp_certificates(tls.path());
     let smtp_port = free_port();
     let smtp = SmtpServer::start(smtp_port, &path("cert.pem"), &path("key.pem"));
     let (hook_addr, hooks, refuse) = webhook_receiver();

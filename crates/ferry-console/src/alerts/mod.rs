@@ -106,7 +106,7 @@ impl Alerter {
         let present = rules::conditions(obs, &settings.rules, now);
         let transitions = self.engine.lock().await.step(
             present,
-            &obs.reachable,
+            &obs.observed(),
             i64::from(settings.rules.debounce_s),
             now,
         );
@@ -222,6 +222,9 @@ fn rule_name(s: &str) -> &'static str {
         "failover_not_reversed",
         "test_failover_age",
         "storage_free",
+        "cluster_quorum",
+        "node_fenced",
+        "ha_vm_unplaced",
     ]
     .into_iter()
     .find(|r| *r == s)

@@ -9,6 +9,16 @@
 //! One relationship is one alert even though both of its hosts report it: conditions are
 //! keyed by rule, primary, replica and VM.
 //!
+//! A failover cluster is one item however many of its nodes the console manages: its
+//! conditions are keyed by the cluster (name and shared directory), and any node of it that
+//! answers decides them (the engine sees the pseudo-host `cluster:NAME@DIR` as observed, see
+//! [`Observations::observed`]). A fencing is an event, not a lasting condition: its alert
+//! starts at once (no hold) when the console first sees the newest successful fencing of a
+//! node in the cluster's history while that node is not back, and clears (after the
+//! debounce) when the node is online in the cluster again — or when a newer fencing of the
+//! same node supersedes it, which is then its own alert. A fencing the console sees only
+//! after the node is back (a poll interval longer than a reboot) is not announced.
+//!
 //! ```mermaid
 //! stateDiagram-v2
 //!     [*] --> Pending: condition seen
@@ -21,6 +31,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use ferry_api_types::cluster::ClusterStatus;
 use serde::{Deserialize, Serialize};
 
 /// The rules an operator chose (stored in the console's store, edited on the alerts page).
@@ -43,6 +54,12 @@ pub struct RuleSettings {
     pub test_failover_max_age_days: u32,
     /// Alert when a replica storage location has less than this percent free (0 = off).
     pub storage_free_min_percent: u32,
+    /// Alert when a node of a failover cluster reports that the cluster has no quorum.
+    pub cluster_quorum: bool,
+    /// Alert when a cluster node was fenced (once per fencing).
+    pub node_fenced: bool,
+    /// Alert when a highly available VM cannot be placed (`unplaced`) or has `failed`.
+    pub ha_vm_unplaced: bool,
     /// Seconds a condition must hold before it alerts, and be gone before it clears.
     pub debounce_s: u32,
 }
@@ -58,6 +75,9 @@ impl Default for RuleSettings {
             host_unreachable: true,
             test_failover_max_age_days: 30,
             storage_free_min_percent: 10,
+            cluster_quorum: true,
+            node_fenced: true,
+            ha_vm_unplaced: true,
             debounce_s: 60,
         }
     }
@@ -85,9 +105,37 @@ impl RuleSettings {
     }
 }
 
+/// The rules about failover clusters, with how many `|`-separated fields their keys hold
+/// before the cluster's identity (`rule:FIELD|…|NAME@DIR`).
+const CLUSTER_RULES: [(&str, usize); 3] = [
+    ("cluster_quorum", 0),
+    ("node_fenced", 3),
+    ("ha_vm_unplaced", 1),
+];
+
+/// The identity of a cluster: its name and shared directory (two clusters may share a
+/// name, never a directory).
+pub fn cluster_id(st: &ClusterStatus) -> String {
+    format!("{}@{}", st.name, st.shared_dir)
+}
+
+/// The pseudo-host that stands for "a node of this cluster answered": conditions about a
+/// cluster are decided by it (see [`Observations::observed`]).
+pub fn cluster_host(cluster_id: &str) -> String {
+    format!("cluster:{cluster_id}")
+}
+
 /// The hosts whose answers decide a stored alert after a console restart: both servers of a
-/// relationship (from its key, `rule:primary>replica:vm`), else the alert's host.
+/// relationship (from its key, `rule:primary>replica:vm`), the cluster of a cluster rule,
+/// else the alert's host.
 pub fn hosts_of_key(key: &str, host: &str) -> Vec<String> {
+    if let Some((rule, rest)) = key.split_once(':') {
+        if let Some((_, fields)) = CLUSTER_RULES.iter().find(|(r, _)| *r == rule) {
+            if let Some(id) = rest.splitn(fields + 1, '|').nth(*fields) {
+                return vec![cluster_host(id)];
+            }
+        }
+    }
     let relationship = key
         .split_once(':')
         .filter(|(rule, _)| !matches!(*rule, "host_unreachable" | "storage_free"))
@@ -139,6 +187,15 @@ pub struct StorageObservation {
     pub total_bytes: u64,
 }
 
+/// What a cluster node said about its cluster (`GET /v1/cluster`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClusterObservation {
+    /// The console host that answered (a node of the cluster).
+    pub host: String,
+    /// Its answer.
+    pub status: ClusterStatus,
+}
+
 /// What one poll saw.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Observations {
@@ -150,6 +207,25 @@ pub struct Observations {
     pub relationships: Vec<RelationshipObservation>,
     /// Replica storage locations of reachable replica servers.
     pub storage: Vec<StorageObservation>,
+    /// The cluster status of every reachable host that is a cluster node.
+    pub clusters: Vec<ClusterObservation>,
+}
+
+impl Observations {
+    /// What answered: the reachable hosts, and the pseudo-host of each cluster of which a
+    /// node answered with its cluster stack running (only such an answer can say that a
+    /// cluster condition is gone).
+    pub fn observed(&self) -> BTreeSet<String> {
+        let mut o = self.reachable.clone();
+        for c in self
+            .clusters
+            .iter()
+            .filter(|c| c.status.stack_error.is_none())
+        {
+            o.insert(cluster_host(&cluster_id(&c.status)));
+        }
+        o
+    }
 }
 
 /// A condition found now.
@@ -223,6 +299,7 @@ pub fn conditions(obs: &Observations, rules: &RuleSettings, now: i64) -> Vec<Con
             );
         }
     }
+    cluster_conditions(obs, rules, &mut out);
     for r in &obs.relationships {
         let mut add = |rule: &'static str, message: String, hold_s: i64| {
             let key = format!("{rule}:{}>{}:{}", r.primary, r.replica, r.vm);
@@ -353,6 +430,142 @@ pub fn conditions(obs: &Observations, rules: &RuleSettings, now: i64) -> Vec<Con
         }
     }
     out.into_values().collect()
+}
+
+/// The conditions of failover clusters: every node's answer is grouped by cluster; answers
+/// of nodes whose cluster stack does not answer say nothing and are left out.
+fn cluster_conditions(
+    obs: &Observations,
+    rules: &RuleSettings,
+    out: &mut BTreeMap<String, Condition>,
+) {
+    let debounce = i64::from(rules.debounce_s);
+    let mut by_cluster: BTreeMap<String, Vec<&ClusterStatus>> = BTreeMap::new();
+    for c in obs
+        .clusters
+        .iter()
+        .filter(|c| c.status.stack_error.is_none())
+    {
+        by_cluster
+            .entry(cluster_id(&c.status))
+            .or_default()
+            .push(&c.status);
+    }
+    for (id, views) in by_cluster {
+        let name = views[0].name.clone();
+        let hosts = vec![cluster_host(&id)];
+        let mut add = |key: String,
+                       rule: &'static str,
+                       host: String,
+                       vm: Option<String>,
+                       message: String,
+                       hold_s: i64| {
+            out.insert(
+                key.clone(),
+                Condition {
+                    key,
+                    rule,
+                    host,
+                    hosts: hosts.clone(),
+                    vm,
+                    message,
+                    hold_s,
+                },
+            );
+        };
+        // Where the nodes disagree, the quorate ones (the partition that runs the cluster)
+        // say where VMs run and which nodes are members.
+        let quorate: Vec<&ClusterStatus> = views.iter().copied().filter(|v| v.quorate).collect();
+        let best = if quorate.is_empty() {
+            views.clone()
+        } else {
+            quorate
+        };
+        if rules.cluster_quorum {
+            let lost: Vec<&ClusterStatus> = views.iter().copied().filter(|v| !v.quorate).collect();
+            if let Some(first) = lost.first() {
+                let online = first.nodes.iter().filter(|n| n.online).count();
+                let who: Vec<&str> = lost.iter().map(|v| v.this_node.as_str()).collect();
+                add(
+                    format!("cluster_quorum:{id}"),
+                    "cluster_quorum",
+                    name.clone(),
+                    None,
+                    format!(
+                        "Cluster {name} has no quorum as {} {} it ({online} of {} nodes online): a partition without quorum stops its VMs and starts or moves none",
+                        who.join(", "),
+                        if who.len() == 1 { "sees" } else { "see" },
+                        first.nodes.len()
+                    ),
+                    debounce,
+                );
+            }
+        }
+        if rules.node_fenced {
+            // The newest successful fencing of each node, as any node's history has it.
+            let mut newest: BTreeMap<&str, &ferry_api_types::cluster::FenceEvent> = BTreeMap::new();
+            for e in views
+                .iter()
+                .flat_map(|v| &v.fencing)
+                .filter(|e| e.status == "success")
+            {
+                let slot = newest.entry(e.target.as_str()).or_insert(e);
+                if e.completed > slot.completed {
+                    *slot = e;
+                }
+            }
+            for (target, e) in newest {
+                let back = best.iter().any(|v| {
+                    v.nodes
+                        .iter()
+                        .any(|n| n.name == target && n.online && !n.unclean)
+                });
+                if back {
+                    continue;
+                }
+                let completed = e.completed.as_deref().unwrap_or("-");
+                add(
+                    format!("node_fenced:{target}|{}|{completed}|{id}", e.action),
+                    "node_fenced",
+                    target.to_owned(),
+                    None,
+                    format!(
+                        "Node {target} of cluster {name} was fenced ({}) by {} at {completed}: the cluster restarts its highly available VMs on the other nodes. This alert clears when {target} is back online in the cluster",
+                        e.action,
+                        e.delegate.as_deref().unwrap_or("an unknown node"),
+                    ),
+                    0,
+                );
+            }
+        }
+        if rules.ha_vm_unplaced {
+            let mut seen = BTreeSet::new();
+            for vm in best.iter().flat_map(|v| &v.vms) {
+                if !vm.ha || !seen.insert(vm.name.as_str()) {
+                    continue;
+                }
+                let why = match vm.state.as_str() {
+                    "unplaced" => "no node can run it (unplaced)".to_owned(),
+                    "failed" => format!(
+                        "it failed on {} (Pacemaker could not start, monitor or stop it there)",
+                        vm.node.as_deref().unwrap_or("its node")
+                    ),
+                    _ => continue,
+                };
+                add(
+                    format!("ha_vm_unplaced:{}|{id}", vm.name),
+                    "ha_vm_unplaced",
+                    name.clone(),
+                    Some(vm.name.clone()),
+                    format!(
+                        "Highly available VM {} of cluster {name} does not run: {why}",
+                        vm.name
+                    ),
+                    debounce,
+                );
+            }
+        }
+    }
 }
 
 /// Start or clear of one alert.
@@ -507,6 +720,7 @@ mod tests {
             unreachable: BTreeMap::new(),
             relationships: rels,
             storage: Vec::new(),
+            clusters: Vec::new(),
         }
     }
 
@@ -527,7 +741,7 @@ mod tests {
         let mut out = Vec::new();
         for (now, o) in polls {
             let c = conditions(o, rules, *now);
-            for t in e.step(c, &o.reachable, i64::from(rules.debounce_s), *now) {
+            for t in e.step(c, &o.observed(), i64::from(rules.debounce_s), *now) {
                 let k = if t.kind == TransitionKind::Start {
                     "start"
                 } else {
@@ -787,6 +1001,345 @@ mod tests {
         let mut e = Engine::with_active(c.clone().into_iter().map(|c| (c, 0)));
         assert!(e.step(c, &o.reachable, 0, 10).is_empty());
         assert_eq!(e.active().count(), 1);
+    }
+
+    use ferry_api_types::cluster::{ClusterNodeStatus, ClusterVmStatus, FenceEvent};
+
+    /// What `this` node of cluster c1 (node1..node3) says: `online` nodes, quorum, VMs,
+    /// fencing history.
+    fn node_says(
+        this: &str,
+        online: &[&str],
+        quorate: bool,
+        vms: &[(&str, bool, Option<&str>, &str)],
+        fencing: &[(&str, &str, &str)],
+    ) -> ClusterObservation {
+        ClusterObservation {
+            host: this.into(),
+            status: ClusterStatus {
+                name: "c1".into(),
+                shared_dir: "/srv/shared".into(),
+                this_node: this.into(),
+                quorate,
+                dc: Some(online[0].into()),
+                nodes: ["node1", "node2", "node3"]
+                    .iter()
+                    .map(|n| ClusterNodeStatus {
+                        name: (*n).into(),
+                        address: "10.0.0.1".into(),
+                        online: online.contains(n),
+                        standby: false,
+                        unclean: false,
+                        dc: *n == online[0],
+                    })
+                    .collect(),
+                vms: vms
+                    .iter()
+                    .map(|(name, ha, node, state)| ClusterVmStatus {
+                        name: (*name).into(),
+                        ha: *ha,
+                        node: node.map(Into::into),
+                        state: (*state).into(),
+                    })
+                    .collect(),
+                fencing: fencing
+                    .iter()
+                    .map(|(target, status, completed)| FenceEvent {
+                        target: (*target).into(),
+                        action: "reboot".into(),
+                        status: (*status).into(),
+                        delegate: Some("node1".into()),
+                        completed: Some((*completed).into()),
+                    })
+                    .collect(),
+                stack_error: None,
+            },
+        }
+    }
+
+    /// A poll in which these nodes answered.
+    fn cluster_poll(says: Vec<ClusterObservation>) -> Observations {
+        Observations {
+            reachable: says.iter().map(|c| c.host.clone()).collect(),
+            clusters: says,
+            ..Observations::default()
+        }
+    }
+
+    #[test]
+    fn a_cluster_without_quorum_is_one_alert_and_clears_when_quorate_again() {
+        let r = rules(10);
+        let all = ["node1", "node2", "node3"];
+        let whole = || {
+            cluster_poll(vec![
+                node_says("node1", &all, true, &[], &[]),
+                node_says("node2", &all, true, &[], &[]),
+            ])
+        };
+        // node2 and node3 died: node1 alone has no quorum (node2 does not answer).
+        let alone = || cluster_poll(vec![node_says("node1", &["node1"], false, &[], &[])]);
+        let c = conditions(&alone(), &r, 0);
+        assert_eq!(c.len(), 1, "{c:?}");
+        assert_eq!(c[0].key, "cluster_quorum:c1@/srv/shared");
+        assert_eq!(c[0].host, "c1");
+        assert!(
+            c[0].message
+                .contains("no quorum as node1 sees it (1 of 3 nodes online)"),
+            "{}",
+            c[0].message
+        );
+        let t = run(
+            &r,
+            &[
+                (0, whole()),
+                (10, alone()),
+                (15, alone()), // a short loss sends nothing
+                (20, alone()), // held 10 s: start
+                (30, alone()),
+                (40, whole()),
+                (45, whole()),
+                (50, whole()), // gone 10 s: clear
+            ],
+        );
+        assert_eq!(
+            t,
+            vec![
+                (20, "start", "cluster_quorum"),
+                (50, "clear", "cluster_quorum")
+            ]
+        );
+        // Two nodes of the same cluster reporting it make one alert.
+        let two = cluster_poll(vec![
+            node_says("node1", &["node1"], false, &[], &[]),
+            node_says("node2", &["node2"], false, &[], &[]),
+        ]);
+        let c = conditions(&two, &r, 0);
+        assert_eq!(c.len(), 1, "{c:?}");
+        assert!(
+            c[0].message.contains("as node1, node2 see it"),
+            "{}",
+            c[0].message
+        );
+        // No answer from the cluster (node1 unreachable too): the alert stays.
+        let mut gone = Observations::default();
+        gone.unreachable.insert("node1".into(), "refused".into());
+        let t = run(
+            &r,
+            &[(0, alone()), (10, alone()), (20, gone.clone()), (100, gone)],
+        );
+        assert_eq!(
+            t,
+            vec![
+                (10, "start", "cluster_quorum"),
+                (100, "start", "host_unreachable")
+            ]
+        );
+        // Nor does a node whose cluster stack does not answer decide anything.
+        let mut dead_stack = alone();
+        dead_stack.clusters[0].status.stack_error = Some("crm_mon: connection refused".into());
+        assert!(conditions(&dead_stack, &r, 0).is_empty());
+        assert!(!dead_stack.observed().contains("cluster:c1@/srv/shared"));
+        let t = run(
+            &r,
+            &[
+                (0, alone()),
+                (10, alone()),
+                (20, dead_stack.clone()),
+                (100, dead_stack),
+            ],
+        );
+        assert_eq!(t, vec![(10, "start", "cluster_quorum")]);
+    }
+
+    #[test]
+    fn a_fencing_alerts_once_at_once_and_clears_when_the_node_is_back() {
+        let r = rules(10);
+        let all = ["node1", "node2", "node3"];
+        let two = ["node1", "node3"];
+        let fenced = [("node2", "success", "2026-01-01 10:00:00Z")];
+        // Both survivors report the fencing: one alert, started at first sight.
+        let after = || {
+            cluster_poll(vec![
+                node_says("node1", &two, true, &[], &fenced),
+                node_says("node3", &two, true, &[], &fenced),
+            ])
+        };
+        let back = || cluster_poll(vec![node_says("node1", &all, true, &[], &fenced)]);
+        let c = conditions(&after(), &r, 0);
+        assert_eq!(c.len(), 1, "{c:?}");
+        assert_eq!(c[0].rule, "node_fenced");
+        assert_eq!(c[0].host, "node2");
+        assert_eq!(
+            c[0].key,
+            "node_fenced:node2|reboot|2026-01-01 10:00:00Z|c1@/srv/shared"
+        );
+        assert!(
+            c[0].message.starts_with(
+                "Node node2 of cluster c1 was fenced (reboot) by node1 at 2026-01-01 10:00:00Z"
+            ),
+            "{}",
+            c[0].message
+        );
+        let before = || cluster_poll(vec![node_says("node1", &all, true, &[], &[])]);
+        let t = run(
+            &r,
+            &[
+                (0, before()),
+                (2, after()), // start at once: a fencing is an event
+                (4, after()),
+                (30, after()),
+                (40, back()), // node2 rejoined
+                (50, back()), // gone 10 s: clear
+                (60, back()),
+            ],
+        );
+        assert_eq!(
+            t,
+            vec![(2, "start", "node_fenced"), (50, "clear", "node_fenced")]
+        );
+        // A fencing already over when first seen (the node is back) is not announced, nor
+        // is a failed one (Pacemaker retries; the node stays unclean).
+        let t = run(&r, &[(0, back()), (10, back())]);
+        assert!(t.is_empty(), "{t:?}");
+        let failed = cluster_poll(vec![node_says(
+            "node1",
+            &two,
+            true,
+            &[],
+            &[("node2", "failed", "2026-01-01 10:00:00Z")],
+        )]);
+        assert!(conditions(&failed, &r, 0).is_empty());
+        // node2 fenced again later, while the first alert is over: a new alert, and only
+        // the newest fencing counts (the old one does not come back).
+        let again = [
+            ("node2", "success", "2026-01-01 10:00:00Z"),
+            ("node2", "success", "2026-01-02 08:00:00Z"),
+        ];
+        let later = || cluster_poll(vec![node_says("node1", &two, true, &[], &again)]);
+        let c = conditions(&later(), &r, 0);
+        assert_eq!(c.len(), 1, "{c:?}");
+        assert!(c[0].key.contains("2026-01-02 08:00:00Z"), "{}", c[0].key);
+        let t = run(
+            &r,
+            &[(0, after()), (40, back()), (50, back()), (60, later())],
+        );
+        assert_eq!(
+            t,
+            vec![
+                (0, "start", "node_fenced"),
+                (50, "clear", "node_fenced"),
+                (60, "start", "node_fenced")
+            ]
+        );
+        // Turned off: nothing.
+        let off = RuleSettings {
+            node_fenced: false,
+            ..rules(10)
+        };
+        assert!(conditions(&after(), &off, 0).is_empty());
+    }
+
+    #[test]
+    fn an_ha_vm_that_cannot_be_placed_alerts_after_the_hold() {
+        let r = rules(10);
+        let all = ["node1", "node2", "node3"];
+        let vms = |state: &str, node: Option<&'static str>| {
+            cluster_poll(vec![node_says(
+                "node1",
+                &all,
+                true,
+                &[
+                    ("app", true, node, state),
+                    ("scratch", false, None, "stopped"),
+                ],
+                &[],
+            )])
+        };
+        let c = conditions(&vms("unplaced", None), &r, 0);
+        assert_eq!(c.len(), 1, "a stopped VM that is not HA is no alert: {c:?}");
+        assert_eq!(c[0].rule, "ha_vm_unplaced");
+        assert_eq!(c[0].vm.as_deref(), Some("app"));
+        assert_eq!(c[0].key, "ha_vm_unplaced:app|c1@/srv/shared");
+        assert!(
+            c[0].message.contains("no node can run it"),
+            "{}",
+            c[0].message
+        );
+        let c = conditions(&vms("failed", Some("node3")), &r, 0);
+        assert!(
+            c[0].message.contains("it failed on node3"),
+            "{}",
+            c[0].message
+        );
+        for ok in ["started", "migrating"] {
+            assert!(
+                conditions(&vms(ok, Some("node1")), &r, 0).is_empty(),
+                "{ok}"
+            );
+        }
+        // A failover's few seconds without a node send nothing; a lasting one alerts once.
+        let t = run(
+            &r,
+            &[
+                (0, vms("started", Some("node1"))),
+                (2, vms("unplaced", None)),
+                (6, vms("started", Some("node2"))),
+                (20, vms("unplaced", None)),
+                (25, vms("failed", Some("node2"))),
+                (30, vms("unplaced", None)), // held 10 s (unplaced or failed): start
+                (40, vms("started", Some("node3"))),
+                (50, vms("started", Some("node3"))),
+            ],
+        );
+        assert_eq!(
+            t,
+            vec![
+                (30, "start", "ha_vm_unplaced"),
+                (50, "clear", "ha_vm_unplaced")
+            ]
+        );
+        // A node cut off from the others (no quorum, its VMs stopped) does not say where VMs
+        // run: the quorate partition does.
+        let split = cluster_poll(vec![
+            node_says(
+                "node1",
+                &["node1", "node2"],
+                true,
+                &[("app", true, Some("node2"), "started")],
+                &[],
+            ),
+            node_says(
+                "node3",
+                &["node3"],
+                false,
+                &[("app", true, None, "unplaced")],
+                &[],
+            ),
+        ]);
+        let rules_only_vm = RuleSettings {
+            cluster_quorum: false,
+            ..rules(10)
+        };
+        assert!(conditions(&split, &rules_only_vm, 0).is_empty());
+    }
+
+    #[test]
+    fn stored_cluster_alerts_are_decided_by_their_cluster() {
+        assert_eq!(
+            hosts_of_key("cluster_quorum:c1@/srv/shared", "c1"),
+            ["cluster:c1@/srv/shared"]
+        );
+        assert_eq!(
+            hosts_of_key(
+                "node_fenced:node2|reboot|2026-01-01 10:00:00Z|c1@/srv/a|b",
+                "node2"
+            ),
+            ["cluster:c1@/srv/a|b"]
+        );
+        assert_eq!(
+            hosts_of_key("ha_vm_unplaced:app|c1@/srv/shared", "c1"),
+            ["cluster:c1@/srv/shared"]
+        );
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! | `/` | fleet replication dashboard |
 //! | `/hosts` | hosts: add (URL, fingerprint, token), remove, reachability |
 //! | `/vms` | every VM of every host, state and replication health |
+//! | `/clusters` | failover clusters: quorum, nodes, where VMs run, fencing history |
 //! | `/hosts/{id}/vms/{vm}` | a VM: overview, actions, replication tab, enable wizard |
 //! | `/hosts/{id}/vms/{vm}/connect` | a VM's screen, keyboard and mouse (noVNC) |
 //! | `/alerts` | active and past alerts, rules and channels |
@@ -139,6 +140,7 @@ pub fn router(state: Shared) -> Router {
         .route("/status", get(wizard::fleet_status))
         .route("/hosts/{id}/vms/{vm}/confirm", get(wizard::confirm_page))
         .route("/vms", get(pages::vms))
+        .route("/clusters", get(pages::clusters))
         .route("/hosts/{id}/vms/{vm}", get(pages::vm_page))
         .route("/hosts/{id}/vms/{vm}/action", post(pages::vm_action))
         .route("/hosts/{id}/vms/{vm}/connect", get(connect::connect_page))
@@ -529,7 +531,7 @@ pub fn refreshing(html: String, secs: u32) -> String {
 pub fn layout(title: &str, user: Option<&str>, body: &str) -> String {
     let nav = match user {
         Some(u) => format!(
-            r#"<a href="/">Dashboard</a><a href="/hosts">Hosts</a><a href="/vms">VMs</a><a href="/alerts">Alerts</a><form method="post" action="/logout"><span>{}</span> <button type="submit" id="logout">Log out</button></form>"#,
+            r#"<a href="/">Dashboard</a><a href="/hosts">Hosts</a><a href="/vms">VMs</a><a href="/clusters">Clusters</a><a href="/alerts">Alerts</a><form method="post" action="/logout"><span>{}</span> <button type="submit" id="logout">Log out</button></form>"#,
             esc(u)
         ),
         None => String::new(),

@@ -293,7 +293,7 @@ pub async fn hosts(
     let mut body = flash(&f);
     // The page holds the add-host form: only the status fragment reloads itself.
     body.push_str(&super::wizard::fleet_frame());
-    body.push_str(r#"<table id="hosts"><tr><th>Host</th><th>URL</th><th>Fingerprint (pinned)</th><th>Status</th><th>Version</th><th>Accel</th><th>VMs</th><th>Replica storage free</th><th></th></tr>"#);
+    body.push_str(r#"<table id="hosts"><tr><th>Host</th><th>URL</th><th>Fingerprint (pinned)</th><th>Status</th><th>Version</th><th>Accel</th><th>VMs</th><th>Cluster</th><th>Replica storage free</th><th></th></tr>"#);
     for h in &rows {
         let v = fleet.hosts.get(&h.id);
         let (status, version, accel, vms) = match v {
@@ -344,8 +344,12 @@ pub async fn hosts(
         } else {
             storage.join("<br>")
         };
+        let cluster = match v.and_then(|v| v.last_cluster.as_ref()) {
+            Some((_, name)) => format!(r#"<a href="/clusters">{}</a>"#, esc(name)),
+            None => "-".into(),
+        };
         body.push_str(&format!(
-            r#"<tr data-host="{name}"><td>{name}</td><td>{url}</td><td><code>{fp}</code></td><td class="status">{status}</td><td>{version}</td><td>{accel}</td><td>{vms}</td><td class="storage">{storage}</td><td><a href="/hosts/{id}/create-vm" class="create-vm">New VM…</a> <form method="post" action="/hosts/{id}/remove" class="inline"><button type="submit">Remove</button></form></td></tr>"#,
+            r#"<tr data-host="{name}"><td>{name}</td><td>{url}</td><td><code>{fp}</code></td><td class="status">{status}</td><td>{version}</td><td>{accel}</td><td>{vms}</td><td class="cluster">{cluster}</td><td class="storage">{storage}</td><td><a href="/hosts/{id}/create-vm" class="create-vm">New VM…</a> <form method="post" action="/hosts/{id}/remove" class="inline"><button type="submit">Remove</button></form></td></tr>"#,
             name = esc(&h.name),
             url = esc(&h.url),
             fp = esc(&h.fingerprint),
@@ -486,6 +490,282 @@ pub async fn vms(
         LIST_REFRESH_S,
     ))
     .into_response()
+}
+
+// ---- clusters ----------------------------------------------------------------------------
+
+/// A coloured badge with `label`, of the class `normal`, `warning`, `critical` or `unknown`.
+fn badge(class: &str, label: &str) -> String {
+    format!(r#"<span class="health {class}">{}</span>"#, esc(label))
+}
+
+fn node_badge(n: &ferry_api_types::cluster::ClusterNodeStatus) -> String {
+    if n.unclean {
+        badge("critical", "UNCLEAN (lost, not fenced yet)")
+    } else if !n.online {
+        badge("critical", "OFFLINE")
+    } else if n.standby {
+        badge("warning", "STANDBY")
+    } else {
+        badge("normal", "ONLINE")
+    }
+}
+
+fn vm_state_badge(vm: &ferry_api_types::cluster::ClusterVmStatus) -> String {
+    let class = match vm.state.as_str() {
+        "started" => "normal",
+        "migrating" => "warning",
+        "failed" | "unplaced" => "critical",
+        _ => "unknown",
+    };
+    badge(class, &vm.state)
+}
+
+/// What the Replica Broker column and section show: the Broker (the role that lets
+/// replication follow a cluster's VMs from node to node) has no API yet.
+const BROKER_NOT_CONFIGURED: &str = "not configured";
+
+/// `GET /clusters`: every failover cluster the managed hosts are nodes of, each shown once
+/// however many of its nodes are managed: quorum, designated controller, nodes, where each
+/// VM runs, the fencing history, and the hosts that are not cluster nodes.
+pub async fn clusters(
+    State(s): State<Shared>,
+    Extension(user): Extension<User>,
+    Query(f): Query<Flash>,
+) -> Response {
+    let fleet = s.poller.fleet.read().await;
+    let clusters = fleet.clusters();
+    let mut body = flash(&f);
+    if clusters.is_empty() {
+        body.push_str(r#"<p id="no-clusters">None of the managed hosts is a failover cluster node (<code>ferry cluster create</code> / <code>ferry cluster join</code> on the hosts, then add them here).</p>"#);
+    } else {
+        body.push_str(r#"<table id="clusters"><tr><th>Cluster</th><th>Quorum</th><th>Designated controller</th><th>Nodes online</th><th>HA VMs running</th><th>Last fencing</th><th>Replica Broker</th></tr>"#);
+        for (i, c) in clusters.iter().enumerate() {
+            let (quorum, dc, online, ha) = match c.status {
+                Some(st) if st.stack_error.is_none() => (
+                    if st.quorate {
+                        badge("normal", "QUORATE")
+                    } else {
+                        badge("critical", "NO QUORUM")
+                    },
+                    esc(st.dc.as_deref().unwrap_or("-")),
+                    format!(
+                        "{}/{}",
+                        st.nodes.iter().filter(|n| n.online).count(),
+                        st.nodes.len()
+                    ),
+                    format!(
+                        "{}/{}",
+                        st.vms
+                            .iter()
+                            .filter(|v| v.ha && v.state == "started")
+                            .count(),
+                        st.vms.iter().filter(|v| v.ha).count()
+                    ),
+                ),
+                _ => (
+                    badge("unknown", "UNKNOWN"),
+                    "-".into(),
+                    "-".into(),
+                    "-".into(),
+                ),
+            };
+            let last = c
+                .fencing
+                .iter()
+                .rev()
+                .find(|e| e.status == "success")
+                .map(|e| {
+                    format!(
+                        "{} ({})",
+                        esc(&e.target),
+                        esc(e.completed.as_deref().unwrap_or("-"))
+                    )
+                })
+                .unwrap_or_else(|| "-".into());
+            body.push_str(&format!(
+                r##"<tr data-cluster="{name}"><td><a href="#cluster-{i}">{name}</a></td><td class="quorum">{quorum}</td><td class="dc">{dc}</td><td class="nodes-online">{online}</td><td>{ha}</td><td class="last-fencing">{last}</td><td class="broker">{BROKER_NOT_CONFIGURED}</td></tr>"##,
+                name = esc(&c.name),
+            ));
+        }
+        body.push_str("</table>");
+    }
+    for (i, c) in clusters.iter().enumerate() {
+        body.push_str(&cluster_section(i, c));
+    }
+    let standalone: Vec<String> = fleet
+        .hosts
+        .values()
+        .filter(|v| v.last_cluster.is_none())
+        .map(|v| {
+            let state = if v.error.is_some() {
+                " (unreachable)"
+            } else if v.polled_at == 0 {
+                " (not polled yet)"
+            } else {
+                ""
+            };
+            format!("{}{state}", esc(&v.row.name))
+        })
+        .collect();
+    body.push_str(&format!(
+        r#"<h2>Hosts that are not cluster nodes</h2><p id="standalone">{}</p>"#,
+        if standalone.is_empty() {
+            "none".to_string()
+        } else {
+            standalone.join(", ")
+        }
+    ));
+    Html(super::refreshing(
+        page("Failover clusters", &user, body).0,
+        LIST_REFRESH_S,
+    ))
+    .into_response()
+}
+
+/// One cluster's section of the clusters page.
+fn cluster_section(i: usize, c: &crate::hosts::ClusterView<'_>) -> String {
+    let mut b = format!(
+        r#"<section class="cluster" id="cluster-{i}" data-cluster="{name}"><h2>Cluster {name}</h2>"#,
+        name = esc(&c.name)
+    );
+    let answering: Vec<String> = c.answering.iter().map(|v| esc(&v.row.name)).collect();
+    let silent: Vec<String> = c
+        .silent
+        .iter()
+        .map(|v| {
+            format!(
+                "{} ({})",
+                esc(&v.row.name),
+                esc(v
+                    .error
+                    .as_deref()
+                    .or(v.cluster_error.as_deref())
+                    .unwrap_or("not polled yet"))
+            )
+        })
+        .collect();
+    let Some(st) = c.status else {
+        b.push_str(&format!(
+            r#"<p class="error cluster-silent">No node of this cluster answers: {}</p></section>"#,
+            silent.join(", ")
+        ));
+        return b;
+    };
+    b.push_str(&format!(
+        r#"<p class="cluster-info">Shared storage <code>{dir}</code> · shown as <b class="seen-from">{this}</b> sees it · managed nodes answering: {ans}{sil}</p>"#,
+        dir = esc(&st.shared_dir),
+        this = esc(&st.this_node),
+        ans = if answering.is_empty() { "none".into() } else { answering.join(", ") },
+        // The errors of configured nodes are in the nodes' table.
+        sil = if c.silent.is_empty() {
+            String::new()
+        } else {
+            let names: Vec<String> = c
+                .silent
+                .iter()
+                .zip(&silent)
+                .map(|(v, with_error)| {
+                    if st.nodes.iter().any(|n| n.name == v.row.name) {
+                        esc(&v.row.name)
+                    } else {
+                        with_error.clone()
+                    }
+                })
+                .collect();
+            format!(
+                r#" · <span class="error">not answering: {}</span>"#,
+                names.join(", ")
+            )
+        },
+    ));
+    if let Some(e) = &st.stack_error {
+        b.push_str(&format!(
+            r#"<p class="error stack-error">The cluster stack does not answer on {}: {} (only the configuration is shown)</p>"#,
+            esc(&st.this_node),
+            esc(e)
+        ));
+    }
+    b.push_str(&format!(
+        r#"<p>Quorum: <span class="quorum">{}</span> · designated controller: <b class="dc">{}</b></p>"#,
+        if st.stack_error.is_some() {
+            badge("unknown", "UNKNOWN")
+        } else if st.quorate {
+            badge("normal", "QUORATE")
+        } else {
+            badge("critical", "NO QUORUM")
+        },
+        esc(st.dc.as_deref().unwrap_or("-"))
+    ));
+    b.push_str(r#"<h3>Nodes</h3><table class="cluster-nodes"><tr><th>Node</th><th>Address</th><th>State</th><th>Role</th><th>Console host</th></tr>"#);
+    for n in &st.nodes {
+        let host = match c.host_of(&n.name) {
+            None => "not added to this console".to_string(),
+            Some(v) => match &v.error {
+                Some(e) => format!(r#"<span class="error">unreachable</span>: {}"#, esc(e)),
+                None => "reachable".into(),
+            },
+        };
+        b.push_str(&format!(
+            r#"<tr data-node="{name}"><td>{name}</td><td>{addr}</td><td class="node-state">{state}</td><td class="node-role">{role}</td><td class="node-host">{host}</td></tr>"#,
+            name = esc(&n.name),
+            addr = esc(&n.address),
+            state = node_badge(n),
+            role = if n.dc { "designated controller" } else { "" },
+        ));
+    }
+    b.push_str("</table>");
+    b.push_str(r#"<h3>Virtual machines</h3><table class="cluster-vms"><tr><th>VM</th><th>Highly available</th><th>Owner node</th><th>State</th></tr>"#);
+    if st.vms.is_empty() {
+        b.push_str(r#"<tr><td colspan="4">no VM on the shared storage</td></tr>"#);
+    }
+    for vm in &st.vms {
+        // The VM's page on the node that runs it, when the console manages that node.
+        let name = match vm
+            .node
+            .as_deref()
+            .and_then(|n| c.host_of(n))
+            .filter(|h| h.error.is_none())
+        {
+            Some(h) => format!(
+                r#"<a href="{}">{}</a>"#,
+                vm_url(h.row.id, &vm.name),
+                esc(&vm.name)
+            ),
+            None => esc(&vm.name),
+        };
+        b.push_str(&format!(
+            r#"<tr data-vm="{vm}"><td>{name}</td><td class="vm-ha">{ha}</td><td class="vm-node">{node}</td><td class="vm-state">{state}</td></tr>"#,
+            vm = esc(&vm.name),
+            ha = if vm.ha { "yes" } else { "no" },
+            node = esc(vm.node.as_deref().unwrap_or("-")),
+            state = vm_state_badge(vm),
+        ));
+    }
+    b.push_str("</table>");
+    b.push_str(r#"<h3>Fencing history</h3><table class="cluster-fencing"><tr><th>Completed (UTC)</th><th>Node fenced</th><th>Action</th><th>Result</th><th>Fenced by</th></tr>"#);
+    if c.fencing.is_empty() {
+        b.push_str(r#"<tr><td colspan="5">no fencing</td></tr>"#);
+    }
+    for e in c.fencing.iter().rev() {
+        b.push_str(&format!(
+            r#"<tr data-target="{target}"><td>{at}</td><td class="fence-target">{target}</td><td>{action}</td><td class="fence-status">{status}</td><td>{by}</td></tr>"#,
+            at = esc(e.completed.as_deref().unwrap_or("-")),
+            target = esc(&e.target),
+            action = esc(&e.action),
+            status = if e.status == "success" {
+                badge("normal", "success")
+            } else {
+                badge("critical", &e.status)
+            },
+            by = esc(e.delegate.as_deref().unwrap_or("-")),
+        ));
+    }
+    b.push_str("</table>");
+    b.push_str(&format!(
+        r#"<h3>Replica Broker</h3><p class="broker">{BROKER_NOT_CONFIGURED}</p></section>"#
+    ));
+    b
 }
 
 /// `GET /hosts/{id}/vms/{vm}`: overview or (`?tab=replication`) the replication tab.
@@ -1423,6 +1703,9 @@ pub async fn alerts(
 <label><input type="checkbox" name="host_unreachable"{hu}> host unreachable</label>
 <label>No test failover in <input name="test_failover_max_age_days" type="number" min="0" value="{tf}"> days (0: off)</label>
 <label>Replica storage under <input name="storage_free_min_percent" type="number" min="0" max="100" value="{sf}"> % free (0: off)</label>
+<label><input type="checkbox" name="cluster_quorum"{cq}> a failover cluster has no quorum</label>
+<label><input type="checkbox" name="node_fenced"{nf}> a cluster node was fenced (once per fencing; clears when the node is back)</label>
+<label><input type="checkbox" name="ha_vm_unplaced"{hv}> a highly available VM cannot be placed or has failed</label>
 <label>A condition alerts after holding, and clears after being gone, for <input name="debounce_s" type="number" min="0" value="{db}"> s</label></fieldset>
 <fieldset><legend>E-mail (SMTP)</legend>
 <label>Server <input name="smtp_host" value="{sh}"> port <input name="smtp_port" type="number" value="{sp}"></label>
@@ -1444,6 +1727,9 @@ pub async fn alerts(
         hu = chk(r.host_unreachable),
         tf = r.test_failover_max_age_days,
         sf = r.storage_free_min_percent,
+        cq = chk(r.cluster_quorum),
+        nf = chk(r.node_fenced),
+        hv = chk(r.ha_vm_unplaced),
         db = r.debounce_s,
         sh = esc(&c.smtp_host),
         sp = c.smtp_port,
@@ -1497,6 +1783,9 @@ pub async fn save_alert_settings(
                     "test failover days",
                 )?,
                 storage_free_min_percent: num("storage_free_min_percent", "free space percent")?,
+                cluster_quorum: checked(&f, "cluster_quorum"),
+                node_fenced: checked(&f, "node_fenced"),
+                ha_vm_unplaced: checked(&f, "ha_vm_unplaced"),
                 debounce_s: num("debounce_s", "debounce")?,
             },
             channels: delivery::ChannelSettings {

@@ -1,9 +1,11 @@
 //! What the console's integration tests share: a real `ferry-console` process with its
 //! own directory and a user, a small HTTP/1.1 client (for the console's forms, and for
-//! chromedriver's WebDriver protocol), and a WebDriver session on Debian's headless
-//! Chromium. Everything is killed on Drop.
+//! chromedriver's WebDriver protocol), a WebDriver session on Debian's headless Chromium,
+//! and a real SMTP server ([`smtp`]). Everything is killed on Drop.
 
 #![allow(dead_code)]
+
+pub mod smtp;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
