@@ -521,9 +521,27 @@ fn vm_state_badge(vm: &ferry_api_types::cluster::ClusterVmStatus) -> String {
     badge(class, &vm.state)
 }
 
-/// What the Replica Broker column and section show: the Broker (the role that lets
-/// replication follow a cluster's VMs from node to node) has no API yet.
-const BROKER_NOT_CONFIGURED: &str = "not configured";
+/// What the Replica Broker column and section show: the Broker's name, address, state and
+/// node, or that the cluster has none.
+fn broker_cell(st: Option<&ferry_api_types::cluster::ClusterStatus>) -> String {
+    match st.and_then(|s| s.broker.as_ref()) {
+        Some(b) => format!(
+            "{} at {} {} on {}",
+            esc(&b.name),
+            esc(&b.address),
+            badge(
+                if b.state == "started" {
+                    "normal"
+                } else {
+                    "critical"
+                },
+                &b.state
+            ),
+            esc(b.node.as_deref().unwrap_or("-"))
+        ),
+        None => "not configured".to_owned(),
+    }
+}
 
 /// `GET /clusters`: every failover cluster the managed hosts are nodes of, each shown once
 /// however many of its nodes are managed: quorum, designated controller, nodes, where each
@@ -584,8 +602,9 @@ pub async fn clusters(
                 })
                 .unwrap_or_else(|| "-".into());
             body.push_str(&format!(
-                r##"<tr data-cluster="{name}"><td><a href="#cluster-{i}">{name}</a></td><td class="quorum">{quorum}</td><td class="dc">{dc}</td><td class="nodes-online">{online}</td><td>{ha}</td><td class="last-fencing">{last}</td><td class="broker">{BROKER_NOT_CONFIGURED}</td></tr>"##,
+                r##"<tr data-cluster="{name}"><td><a href="#cluster-{i}">{name}</a></td><td class="quorum">{quorum}</td><td class="dc">{dc}</td><td class="nodes-online">{online}</td><td>{ha}</td><td class="last-fencing">{last}</td><td class="broker">{broker}</td></tr>"##,
                 name = esc(&c.name),
+                broker = broker_cell(c.status),
             ));
         }
         body.push_str("</table>");
@@ -763,7 +782,8 @@ fn cluster_section(i: usize, c: &crate::hosts::ClusterView<'_>) -> String {
     }
     b.push_str("</table>");
     b.push_str(&format!(
-        r#"<h3>Replica Broker</h3><p class="broker">{BROKER_NOT_CONFIGURED}</p></section>"#
+        r#"<h3>Replica Broker</h3><p class="broker">{}</p></section>"#,
+        broker_cell(c.status)
     ));
     b
 }
