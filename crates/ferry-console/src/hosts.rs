@@ -486,6 +486,8 @@ mod tests {
                 })
                 .collect(),
             stack_error: None,
+            replication_fingerprint: None,
+            broker: None,
         });
         HostView {
             row: HostRow {

@@ -1053,6 +1053,8 @@ mod tests {
                     })
                     .collect(),
                 stack_error: None,
+                replication_fingerprint: None,
+                broker: None,
             },
         }
     }
