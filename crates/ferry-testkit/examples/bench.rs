@@ -35,6 +35,11 @@
 //!   missed cycles, target 0 (1 per VM allowed for phase); each ferryd's CPU (from /proc)
 //!   over the window vs the target 10 % of one core, its CPU per cycle, and its peak RSS;
 //!   the time the 100 initial copies took is reported.
+//! - `cluster`    (10) failover clusters on a real 3-node cluster (plus a 3-node replica
+//!   cluster) in network namespaces with real fencing: node death to the HA guest running
+//!   elsewhere vs a Pacemaker Dummy resource in the same crash, target <= 15 s; live-migration
+//!   downtime, target <= 300 ms; replication lag across a Replica Broker failover vs the
+//!   Broker's own restart (bench/cluster.rs).
 //!
 //! The binaries (`ferryd`, `ferry`, `ferry-tls-baseline`) are taken from the profile
 //! directory this example was built into (`target/debug` unless `--release`), or from
@@ -51,6 +56,9 @@ use serde_json::Value;
 // Benchmark 9 (`scale`) in its own file: it is long, and shares this file's helpers.
 #[path = "bench/scale.rs"]
 mod scale;
+// Benchmark 10 (`cluster`): failover clusters, on the test harness's namespaced cluster.
+#[path = "bench/cluster.rs"]
+mod cluster;
 
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
@@ -1100,6 +1108,7 @@ const BENCHES: &[(&str, &str, Bench)] = &[
     ("wan", "7", bench_wan),
     ("cpu", "8", bench_cpu),
     ("scale", "9", scale::bench_scale),
+    ("cluster", "10", cluster::bench_cluster),
 ];
 
 fn main() {
