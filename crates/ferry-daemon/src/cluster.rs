@@ -772,6 +772,14 @@ pub fn replication_identity(s: &Shared, vm: &str) -> (Arc<crate::identity::Ident
     (s.identity.clone(), s.cfg.name.clone())
 }
 
+/// The certificate this host's replica server presents: the cluster's on a cluster node
+/// (reverse replication of a cluster VM pins it), else the host's.
+pub fn replica_server_identity(s: &Shared) -> Arc<crate::identity::Identity> {
+    membership(s)
+        .and_then(|shared| cluster_identity(s, &shared))
+        .unwrap_or_else(|| s.identity.clone())
+}
+
 fn cluster_identity(s: &Shared, shared: &SharedDir) -> Option<Arc<crate::identity::Identity>> {
     let dir = shared.identity_dir();
     let mut cached = s.cluster_identity.lock().expect("cluster identity");

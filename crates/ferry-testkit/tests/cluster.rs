@@ -692,6 +692,8 @@ fn a_cluster_replicates_to_a_replica_clusters_broker_which_survives_its_node() {
             &format!("pa={pa_fp}"),
             "--storage",
             storage.to_str().unwrap(),
+            "--allow-primary-start",
+            "yes",
         ],
     );
 
@@ -736,6 +738,40 @@ fn a_cluster_replicates_to_a_replica_clusters_broker_which_survives_its_node() {
         "24",
         "--point-spacing",
         "1s",
+        "--wait",
+    ]);
+    // A second HA guest, for a planned failover with reverse replication later.
+    n1.create_guest_vm(
+        "web",
+        GuestWorkload {
+            seed: SEED + 1,
+            start: 1,
+            span_blocks: SPAN,
+        },
+        0.2,
+        &["--memory", "256M", "--disk", "16M", "--no-vnc"],
+    );
+    n1.ferry_ok(&["vm", "ha", "enable", "web"]);
+    let mut web_owner = String::new();
+    wait_for(
+        "web started by the cluster",
+        Duration::from_secs(60),
+        || {
+            let nodes = c.qemu_nodes("web");
+            web_owner = nodes.first().cloned().unwrap_or_default();
+            nodes.len() == 1
+        },
+    );
+    c.node(&web_owner).host.ferry_ok(&[
+        "replication",
+        "enable",
+        "web",
+        "--to",
+        &format!("{broker_ip}:7444"),
+        "--replica-fingerprint",
+        &broker_fp,
+        "--interval",
+        "5s",
         "--wait",
     ]);
     wait_for("deltas on the Broker", Duration::from_secs(90), || {
@@ -828,5 +864,39 @@ fn a_cluster_replicates_to_a_replica_clusters_broker_which_survives_its_node() {
     let vm = on_broker(&c, &ask, &["vm", "show", "app"]);
     assert_eq!(vm["state"], "running", "{vm:#}");
     on_broker(&c, &ask, &["failover", "complete", "app"]);
+
+    // Planned failover of web to the replica cluster, zero data loss, then reverse
+    // replication from the Broker back to the primary cluster's node.
+    let wo = &c.node(&web_owner).host;
+    let reverse_storage = c.shared.join("reverse");
+    wo.ferry_ok(&[
+        "replica-server",
+        "set",
+        "--enable",
+        "--port",
+        "7444",
+        "--allow",
+        &format!("rb-broker={broker_fp}"),
+        "--storage",
+        reverse_storage.to_str().unwrap(),
+    ]);
+    let err = wo.ferry_err(&["vm", "stop", "web"]);
+    assert!(err.contains("highly available"), "{err}");
+    wo.ferry_ok(&["vm", "ha", "disable", "web"]);
+    wo.ferry_ok(&["vm", "stop", "web"]);
+    let out = wo.ferry_ok(&["failover", "planned", "web", "--start", "--reverse"]);
+    eprintln!("{out}");
+    let vm = on_broker(&c, &ask, &["vm", "show", "web"]);
+    assert_eq!(vm["state"], "running", "{vm:#}");
+    wait_for(
+        "reverse cycles into the primary cluster",
+        Duration::from_secs(120),
+        || {
+            let st = ferry_testkit::replication::status(wo, "web");
+            st["role"] == "replica" && st["last_cycle"].as_i64().unwrap_or(0) >= 1
+        },
+    );
+    let rs = on_broker(&c, &ask, &["replication", "status", "web"]);
+    assert_eq!(rs["role"], "primary", "{rs:#}");
     eprintln!("figures: broker failover replication lag {lag:?}");
 }

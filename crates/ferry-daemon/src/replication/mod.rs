@@ -901,7 +901,9 @@ pub fn replica_server_info(shared: &Shared) -> ReplicaServerInfo {
     let storage = paths.into_iter().filter_map(storage_space).collect();
     ReplicaServerInfo {
         name: shared.cfg.name.clone(),
-        fingerprint: shared.identity.fingerprint.clone(),
+        fingerprint: crate::cluster::replica_server_identity(shared)
+            .fingerprint
+            .clone(),
         listening: shared.replica.listening.lock().expect("listening").clone(),
         config,
         storage,

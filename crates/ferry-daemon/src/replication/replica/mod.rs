@@ -152,7 +152,10 @@ pub async fn apply_config(shared: &Arc<Shared>) -> anyhow::Result<()> {
 }
 
 async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
-    let acceptor = match peer::replica_acceptor(&shared.identity) {
+    // A cluster node's replica server answers as the cluster: reverse replication comes
+    // back to the identity the cluster's VMs replicated with.
+    let identity = crate::cluster::replica_server_identity(&shared);
+    let acceptor = match peer::replica_acceptor(&identity) {
         Ok(a) => a,
         Err(e) => {
             warn!(error = %e, "replica server TLS setup failed");
