@@ -189,7 +189,7 @@ impl TestCluster {
             std::fs::write(
                 node_dir.path().join("ferryd.toml"),
                 format!(
-                    "name = \"{name}\"\ndata_dir = \"{}/data\"\nvm_storage = \"{}\"\nadmin_socket = \"/run/ferry/ferryd.sock\"\ntls_listen = \"{tls_addr}\"\naccel = \"tcg\"\nfile_roots = [\"/tmp\", \"{}\"]\n",
+                    "name = \"{name}\"\ndata_dir = \"{}/data\"\nvm_storage = \"{}\"\nadmin_socket = \"/run/ferry/ferryd.sock\"\ntls_listen = \"{tls_addr}\"\naccel = \"tcg\"\nfile_roots = [\"/tmp\", \"{}\", \"/var/cache/ferry-debian\"]\n",
                     node_dir.path().display(),
                     vm_storage.display(),
                     crate::repo_root().display()

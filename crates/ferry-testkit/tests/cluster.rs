@@ -900,3 +900,126 @@ fn a_cluster_replicates_to_a_replica_clusters_broker_which_survives_its_node() {
     assert_eq!(rs["role"], "primary", "{rs:#}");
     eprintln!("figures: broker failover replication lag {lag:?}");
 }
+
+/// `ferry vm exec VM -- ARGS` until the guest's agent answers; its stdout.
+fn guest_exec(
+    host: &ferry_testkit::host::Host,
+    vm: &str,
+    args: &[&str],
+    timeout: Duration,
+) -> String {
+    let mut all = vec!["vm", "exec", vm, "--timeout", "120", "--"];
+    all.extend_from_slice(args);
+    let mut out = String::new();
+    wait_for("the guest agent", timeout, || {
+        let r = host.ferry(&all);
+        out = r.stdout.clone();
+        r.code == 0
+    });
+    out
+}
+
+#[test]
+fn the_real_debian_guest_moves_live_between_nodes_and_restarts_after_a_crash() {
+    let disk = ferry_testkit::debian::debian_image()
+        .installed_disk()
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let mut c = TestCluster::new(3);
+    c.form("c1");
+    let n1 = &c.node("node1").host;
+    n1.ferry_ok(&[
+        "vm",
+        "create",
+        "deb",
+        "--memory",
+        "1024M",
+        "--firmware",
+        "uefi",
+        "--machine",
+        "q35",
+        "--disk",
+        disk.to_str().unwrap(),
+        "--no-vnc",
+    ]);
+    n1.ferry_ok(&["vm", "ha", "enable", "deb"]);
+    let mut owner = String::new();
+    wait_for(
+        "deb started by the cluster",
+        Duration::from_secs(60),
+        || {
+            let nodes = c.qemu_nodes("deb");
+            owner = nodes.first().cloned().unwrap_or_default();
+            nodes.len() == 1
+        },
+    );
+    // Booted to multi-user, with its agent answering.
+    let state = guest_exec(
+        &c.node(&owner).host,
+        "deb",
+        &["/usr/bin/systemctl", "is-system-running", "--wait"],
+        Duration::from_secs(400),
+    );
+    assert!(
+        state.contains("running") || state.contains("degraded"),
+        "{state}"
+    );
+    let boot_id = guest_exec(
+        &c.node(&owner).host,
+        "deb",
+        &["/bin/cat", "/proc/sys/kernel/random/boot_id"],
+        Duration::from_secs(60),
+    );
+
+    // Live migration of a UEFI q35 guest (its NVRAM on the shared storage too): the same
+    // boot goes on, and its agent answers on the new node.
+    let to = c
+        .nodes
+        .iter()
+        .find(|n| n.name != owner)
+        .unwrap()
+        .name
+        .clone();
+    let r = c
+        .node(&owner)
+        .host
+        .ferry_json(&["vm", "migrate", "deb", "--to", &to]);
+    eprintln!(
+        "Debian guest {owner} -> {to}: downtime {} ms, total {} ms",
+        r["downtime_ms"], r["total_ms"]
+    );
+    assert_eq!(c.qemu_nodes("deb"), vec![to.clone()]);
+    let after = guest_exec(
+        &c.node(&to).host,
+        "deb",
+        &["/bin/cat", "/proc/sys/kernel/random/boot_id"],
+        Duration::from_secs(60),
+    );
+    assert_eq!(after, boot_id, "a live migration does not reboot the guest");
+
+    // Its node dies: the guest boots again on a survivor and reaches multi-user.
+    let since = Instant::now();
+    c.crash(&to);
+    let ask = c.nodes.iter().find(|n| n.name != to).unwrap().name.clone();
+    let (survivor, took) = wait_moved(&c, &ask, "deb", &to, since);
+    eprintln!("Debian guest restarted on {survivor} {took:?} after {to} died");
+    let state = guest_exec(
+        &c.node(&survivor).host,
+        "deb",
+        &["/usr/bin/systemctl", "is-system-running", "--wait"],
+        Duration::from_secs(400),
+    );
+    assert!(
+        state.contains("running") || state.contains("degraded"),
+        "{state}"
+    );
+    let rebooted = guest_exec(
+        &c.node(&survivor).host,
+        "deb",
+        &["/bin/cat", "/proc/sys/kernel/random/boot_id"],
+        Duration::from_secs(60),
+    );
+    assert_ne!(
+        rebooted, boot_id,
+        "after its node died the guest booted again"
+    );
+}
