@@ -1899,3 +1899,44 @@ pub async fn test_alert(State(s): State<Shared>) -> Response {
         back("/alerts", Err(failed.join("; ")))
     }
 }
+
+#[cfg(test)]
+mod broker_tests {
+    use super::broker_cell;
+    use ferry_api_types::cluster::{BrokerStatus, ClusterStatus};
+
+    #[test]
+    fn the_broker_cell_shows_the_broker_or_that_there_is_none() {
+        let mut st = ClusterStatus {
+            name: "rb".into(),
+            shared_dir: "/srv/c".into(),
+            this_node: "node4".into(),
+            quorate: true,
+            dc: None,
+            nodes: vec![],
+            vms: vec![],
+            fencing: vec![],
+            stack_error: None,
+            replication_fingerprint: None,
+            broker: None,
+        };
+        assert_eq!(broker_cell(Some(&st)), "not configured");
+        assert_eq!(broker_cell(None), "not configured");
+        st.broker = Some(BrokerStatus {
+            name: "rb-broker".into(),
+            address: "10.0.0.100".into(),
+            api: "10.0.0.100:7445".into(),
+            fingerprint: "AB".into(),
+            token_file: "/srv/c/broker/data/api.token".into(),
+            admin_socket: "/run/ferry/broker.sock".into(),
+            node: Some("node5".into()),
+            state: "started".into(),
+        });
+        let cell = broker_cell(Some(&st));
+        assert!(
+            cell.contains("rb-broker") && cell.contains("10.0.0.100"),
+            "{cell}"
+        );
+        assert!(cell.contains("started") && cell.contains("node5"), "{cell}");
+    }
+}
