@@ -480,11 +480,17 @@ fn broker_agent(action: &str) -> i32 {
             // moves to another node, which must be the only one to use it.
             let data = std::path::Path::new(&config).with_file_name("data");
             let needle = data.display().to_string();
-            for pid in ferry_cluster::corosync::processes_here("qemu-system-x86", &needle) {
-                // SAFETY: kill(2) on a QEMU of the Broker's, found in /proc just now.
-                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            // (comm is cut to 15 characters: "qemu-system-x86_64" reads "qemu-system-x86")
+            let qemus = || ferry_cluster::corosync::processes_here("qemu-system-x86", &needle);
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+            while !qemus().is_empty() && std::time::Instant::now() < deadline {
+                for pid in qemus() {
+                    // SAFETY: kill(2) on a QEMU of the Broker's, found in /proc just now.
+                    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
             }
-            if pids().is_empty() {
+            if pids().is_empty() && qemus().is_empty() {
                 rc::SUCCESS
             } else {
                 rc::ERR_GENERIC

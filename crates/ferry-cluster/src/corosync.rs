@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::pacemaker;
-use crate::shared::{write_atomic, ClusterConfig, SharedDir};
+use crate::shared::{write_atomic, write_atomic_mode, ClusterConfig, SharedDir};
 use crate::ClusterError;
 
 /// Corosync's configuration directory.
@@ -46,12 +46,22 @@ pub fn configure_node(shared: &SharedDir, cfg: &ClusterConfig) -> Result<(), Clu
     write_atomic(&dir.join("corosync.conf"), corosync_conf(cfg).as_bytes())?;
     let key = std::fs::read(shared.authkey_path())
         .map_err(|e| ClusterError::io("read", &shared.authkey_path(), e))?;
-    let key_path = dir.join("authkey");
-    write_atomic(&key_path, &key)?;
-    set_mode(&key_path, 0o400)?;
+    write_atomic_mode(&dir.join("authkey"), &key, 0o400)?;
+    // A CIB left by another cluster would win the first sync with its higher epoch (its
+    // resources back): a node seeds a fresh one for each cluster it joins.
     let cib = Path::new(CIB_DIR).join("cib.xml");
-    if !cib.exists() {
+    let marker = Path::new(CIB_DIR).join("ferry-cluster");
+    let seeded_for = std::fs::read_to_string(&marker).unwrap_or_default();
+    if !cib.exists() || seeded_for.trim() != cfg.name {
+        if let Ok(rd) = std::fs::read_dir(CIB_DIR) {
+            for ent in rd.flatten() {
+                if ent.file_name().to_string_lossy().starts_with("cib") {
+                    let _ = std::fs::remove_file(ent.path());
+                }
+            }
+        }
         seed_cib(&cib, cfg)?;
+        write_atomic(&marker, cfg.name.as_bytes())?;
     }
     Ok(())
 }
@@ -62,8 +72,20 @@ fn seed_cib(cib: &Path, cfg: &ClusterConfig) -> Result<(), ClusterError> {
     let dir = cib.parent().expect("cib.xml has a parent");
     std::fs::create_dir_all(dir).map_err(|e| ClusterError::io("create", dir, e))?;
     let tmp = dir.join("cib.xml.ferry-seed");
+    let _ = std::fs::remove_file(&tmp);
     let empty = run(Command::new("cibadmin").arg("--empty"))?;
-    std::fs::write(&tmp, empty).map_err(|e| ClusterError::io("write", &tmp, e))?;
+    // 0600 from the start: the fence devices' passwords go in.
+    {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .and_then(|mut f| f.write_all(empty.as_bytes()))
+            .map_err(|e| ClusterError::io("write", &tmp, e))?;
+    }
     for (name, value) in pacemaker::CLUSTER_PROPERTIES {
         run(Command::new("crm_attribute").env("CIB_file", &tmp).args([
             "-t",

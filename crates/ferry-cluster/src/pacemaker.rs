@@ -62,16 +62,18 @@ pub fn fence_device_xml(i: usize, dev: &FenceDeviceSpec, cfg: &ClusterConfig) ->
 pub fn vm_resource_xml(vm: &str) -> Result<String, ClusterError> {
     let id = resource_id(vm)?;
     let name = xml_escape(vm);
+    // Children's ids put their kind first ("ia.vm-web"), so that no VM's resource id
+    // ("vm-web-ia") can equal another VM's child id.
     Ok(format!(
         "<primitive id=\"{id}\" class=\"ocf\" provider=\"ferry\" type=\"vm\">\
-<instance_attributes id=\"{id}-ia\"><nvpair id=\"{id}-vm\" name=\"vm\" value=\"{name}\"/></instance_attributes>\
-<meta_attributes id=\"{id}-meta\"><nvpair id=\"{id}-stick\" name=\"resource-stickiness\" value=\"100\"/>\
-<nvpair id=\"{id}-migrate\" name=\"allow-migrate\" value=\"true\"/></meta_attributes>\
-<operations><op id=\"{id}-start\" name=\"start\" interval=\"0\" timeout=\"120s\"/>\
-<op id=\"{id}-stop\" name=\"stop\" interval=\"0\" timeout=\"120s\"/>\
-<op id=\"{id}-monitor\" name=\"monitor\" interval=\"5s\" timeout=\"30s\"/>\
-<op id=\"{id}-migrate_to\" name=\"migrate_to\" interval=\"0\" timeout=\"600s\"/>\
-<op id=\"{id}-migrate_from\" name=\"migrate_from\" interval=\"0\" timeout=\"120s\"/></operations></primitive>"
+<instance_attributes id=\"ia.{id}\"><nvpair id=\"ia.vm.{id}\" name=\"vm\" value=\"{name}\"/></instance_attributes>\
+<meta_attributes id=\"meta.{id}\"><nvpair id=\"meta.stick.{id}\" name=\"resource-stickiness\" value=\"100\"/>\
+<nvpair id=\"meta.migrate.{id}\" name=\"allow-migrate\" value=\"true\"/></meta_attributes>\
+<operations><op id=\"op.start.{id}\" name=\"start\" interval=\"0\" timeout=\"120s\"/>\
+<op id=\"op.stop.{id}\" name=\"stop\" interval=\"0\" timeout=\"120s\"/>\
+<op id=\"op.monitor.{id}\" name=\"monitor\" interval=\"5s\" timeout=\"30s\"/>\
+<op id=\"op.migrate_to.{id}\" name=\"migrate_to\" interval=\"0\" timeout=\"600s\"/>\
+<op id=\"op.migrate_from.{id}\" name=\"migrate_from\" interval=\"0\" timeout=\"120s\"/></operations></primitive>"
     ))
 }
 

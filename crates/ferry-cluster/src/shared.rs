@@ -233,8 +233,9 @@ impl SharedDir {
         write_secret(&self.authkey_path(), &random_bytes(256)?)?;
         let token = hex(&random_bytes(32)?);
         write_secret(&dir.join("token"), token.as_bytes())?;
+        // It holds the fence devices' passwords.
         let json = serde_json::to_vec_pretty(cfg).expect("serializable");
-        write_atomic(&self.config_path(), &json)
+        write_atomic_mode(&self.config_path(), &json, 0o600)
     }
 
     /// The configuration.
@@ -258,9 +259,10 @@ impl SharedDir {
 
     /// Replaces the configuration (a node left).
     pub fn set_config(&self, cfg: &ClusterConfig) -> Result<(), ClusterError> {
-        write_atomic(
+        write_atomic_mode(
             &self.config_path(),
             &serde_json::to_vec_pretty(cfg).expect("serializable"),
+            0o600,
         )
     }
 
@@ -422,8 +424,28 @@ impl SharedDir {
 /// Writes through a temporary file and a rename, so a reader on another node never sees
 /// half a file.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ClusterError> {
-    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
-    std::fs::write(&tmp, bytes).map_err(|e| ClusterError::io("write", &tmp, e))?;
+    write_atomic_mode(path, bytes, 0o644)
+}
+
+/// [`write_atomic`] with the file's permissions set when it is created (secrets: 0600).
+pub fn write_atomic_mode(path: &Path, bytes: &[u8], mode: u32) -> Result<(), ClusterError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    // Unique across the nodes writing the shared directory (their pids may be equal).
+    let suffix: String = random_bytes(6)?
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let tmp = path.with_extension(format!("tmp.{suffix}"));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(|e| ClusterError::io("write", &tmp, e))?;
+    f.write_all(bytes)
+        .and_then(|()| f.sync_all())
+        .map_err(|e| ClusterError::io("write", &tmp, e))?;
     std::fs::rename(&tmp, path).map_err(|e| ClusterError::io("write", path, e))
 }
 

@@ -331,6 +331,7 @@ async fn set_vm(
     body: Result<Json<VmSetRequest>, axum::extract::rejection::JsonRejection>,
 ) -> ApiResult<VmInfo> {
     let Json(req) = body.map_err(|e| ApiFailure::invalid(e.body_text()))?;
+    cluster::before_local_op(&s.replication, &name, "change")?;
     let info = s.vms.set(&name, req).await?;
     cluster::record_vm(&s.replication, &name);
     Ok(Json(info))
@@ -347,12 +348,20 @@ async fn exec_vm(
 
 async fn delete_vm(State(s): State<Shared>, Path(name): Path<String>) -> ApiResult<ActionReply> {
     cluster::refuse_if_ha(&s.replication, &name, "deleted")?;
+    cluster::before_local_op(&s.replication, &name, "delete")?;
     Ok(Json(s.vms.delete(&name).await?))
 }
 
 async fn start_vm(State(s): State<Shared>, Path(name): Path<String>) -> ApiResult<ActionReply> {
     cluster::refuse_if_ha(&s.replication, &name, "started")?;
-    let reply = s.vms.start(&name).await?;
+    cluster::before_local_op(&s.replication, &name, "start")?;
+    let reply = match s.vms.start(&name).await {
+        Ok(r) => r,
+        Err(e) => {
+            cluster::after_local_stop(&s.replication, &name);
+            return Err(e);
+        }
+    };
     replication::reip::on_start(&s.replication, &name);
     Ok(Json(reply))
 }
@@ -363,16 +372,22 @@ async fn shutdown_vm(
     body: Option<Json<ShutdownRequest>>,
 ) -> ApiResult<ActionReply> {
     cluster::refuse_if_ha(&s.replication, &name, "shut down")?;
+    cluster::before_local_op(&s.replication, &name, "shut down")?;
     let timeout = body
         .and_then(|Json(b)| b.timeout_s)
         .map(Duration::from_secs)
         .unwrap_or(DEFAULT_SHUTDOWN_TIMEOUT);
-    Ok(Json(s.vms.shutdown(&name, timeout).await?))
+    let reply = s.vms.shutdown(&name, timeout).await?;
+    cluster::after_local_stop(&s.replication, &name);
+    Ok(Json(reply))
 }
 
 async fn stop_vm(State(s): State<Shared>, Path(name): Path<String>) -> ApiResult<ActionReply> {
     cluster::refuse_if_ha(&s.replication, &name, "stopped")?;
-    Ok(Json(s.vms.stop(&name).await?))
+    cluster::before_local_op(&s.replication, &name, "stop")?;
+    let reply = s.vms.stop(&name).await?;
+    cluster::after_local_stop(&s.replication, &name);
+    Ok(Json(reply))
 }
 
 async fn pause_vm(State(s): State<Shared>, Path(name): Path<String>) -> ApiResult<ActionReply> {

@@ -133,6 +133,21 @@ async fn become_node(
     s.store
         .set_setting(SHARED_DIR_KEY, &shared.root().display().to_string())?;
     info!(shared = %shared.root().display(), "this host is a cluster node");
+    // A node that left went to standby; joining again makes it host VMs again (once its
+    // Pacemaker is connected).
+    tokio::spawn(async move {
+        for _ in 0..120 {
+            let n = name.clone();
+            if blocking(move || pacemaker::set_standby(&n, false))
+                .await
+                .is_ok()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        warn!("could not take this node out of standby; run `crm_attribute -t nodes -N NODE -n standby -v off`");
+    });
     status(s).await
 }
 
@@ -325,6 +340,40 @@ pub fn record_vm(s: &Shared, name: &str) {
     }
 }
 
+/// Before a user's start, stop, set or delete of a VM of the cluster's inventory on this
+/// node: refused when another node runs it (this node's row of it may be stale); a start
+/// records this node as its owner first, so no other node replicates it meanwhile.
+pub fn before_local_op(s: &Shared, name: &str, op: &str) -> Result<(), ApiFailure> {
+    let Some(shared) = membership(s) else {
+        return Ok(());
+    };
+    let vm = VmName::new(name).map_err(|e| ApiFailure::invalid(e.to_string()))?;
+    if shared.vm(vm.as_str())?.is_none() {
+        return Ok(());
+    }
+    if let Some(owner) = shared.owner(vm.as_str()) {
+        if owner != s.cfg.name {
+            return Err(ApiFailure::conflict(format!(
+                "VM {vm} runs on node {owner}: {op} it there"
+            )));
+        }
+    }
+    if op == "start" {
+        shared.set_owner(vm.as_str(), Some(&s.cfg.name))?;
+    }
+    Ok(())
+}
+
+/// After a user's stop or shutdown of a cluster VM here: no node runs it now.
+pub fn after_local_stop(s: &Shared, name: &str) {
+    let Some(shared) = membership(s) else { return };
+    if shared.owner(name).as_deref() == Some(s.cfg.name.as_str())
+        && matches!(local_state(s, name), Ok(Some(VmState::Off)))
+    {
+        let _ = shared.set_owner(name, None);
+    }
+}
+
 /// Whether the VM is highly available (the cluster, not the user, starts and stops it).
 pub fn is_ha(s: &Shared, name: &str) -> bool {
     membership(s)
@@ -433,14 +482,24 @@ pub async fn agent(s: &Arc<Shared>, req: AgentRequest) -> AgentReply {
         return reply(rc::ERR_CONFIGURED, format!("bad VM name {:?}", req.vm));
     }
     let vm = req.vm.as_str();
-    let state = s.vms.get(vm).map(|(_, row)| row.state).ok();
+    // Only a VM this node does not know, or knows as off with no QEMU left, is "not
+    // running": Pacemaker starts it elsewhere on that word, so anything unsure is an error
+    // (and Pacemaker fences this node rather than risk two copies).
+    let state = match local_state(s, vm) {
+        Ok(st) => st,
+        Err(e) => return reply(rc::ERR_GENERIC, e.message),
+    };
     let running = matches!(state, Some(VmState::Running | VmState::Paused));
     let r: Result<AgentReply, ApiFailure> = async {
         match req.action.as_str() {
-            "monitor" => Ok(if running {
-                reply(rc::SUCCESS, format!("{vm} runs here"))
-            } else {
-                reply(rc::NOT_RUNNING, format!("{vm} does not run here"))
+            "monitor" => Ok(match state {
+                Some(VmState::Running | VmState::Paused) => {
+                    reply(rc::SUCCESS, format!("{vm} runs here"))
+                }
+                None | Some(VmState::Off) => {
+                    reply(rc::NOT_RUNNING, format!("{vm} does not run here"))
+                }
+                Some(other) => reply(rc::ERR_GENERIC, format!("{vm} is {other} here")),
             }),
             "start" => {
                 if running {
@@ -453,8 +512,9 @@ pub async fn agent(s: &Arc<Shared>, req: AgentRequest) -> AgentReply {
                 if let Some(node) = failed_node {
                     resync_after_failure(s, vm, &node)?;
                 }
+                // The owner first: from this moment no other node replicates the VM.
+                shared.set_owner(vm, Some(&s.cfg.name))?;
                 s.vms.start(vm).await?;
-                let _ = shared.set_owner(vm, Some(&s.cfg.name));
                 info!(vm, "started by the cluster");
                 Ok(reply(rc::SUCCESS, format!("{vm} started")))
             }
@@ -466,6 +526,16 @@ pub async fn agent(s: &Arc<Shared>, req: AgentRequest) -> AgentReply {
                 let after = s.vms.shutdown(vm, timeout).await;
                 if !matches!(after, Ok(ref a) if a.state == VmState::Off) {
                     s.vms.stop(vm).await?;
+                }
+                // Success only once QEMU is really gone (one stuck in I/O on the shared
+                // storage survives SIGKILL): otherwise Pacemaker must fence this node.
+                if let Some(st) = local_state(s, vm)? {
+                    if st != VmState::Off {
+                        return Ok(reply(
+                            rc::ERR_GENERIC,
+                            format!("{vm} did not stop here (it is {st}); fence this node"),
+                        ));
+                    }
                 }
                 if shared.owner(vm).as_deref() == Some(s.cfg.name.as_str()) {
                     if let Err(e) = export_relationship(s, &shared, vm) {
@@ -495,14 +565,11 @@ pub async fn agent(s: &Arc<Shared>, req: AgentRequest) -> AgentReply {
             "migrate_from" => {
                 let rx = s.cluster_incoming.lock().expect("incoming").remove(vm);
                 let Some(mut rx) = rx else {
-                    return Ok(if running {
-                        reply(rc::SUCCESS, format!("{vm} runs here"))
-                    } else {
-                        reply(
-                            rc::ERR_GENERIC,
-                            format!("no migration of {vm} arrived here"),
-                        )
-                    });
+                    // No migration this ferryd received: nothing vouches for the guest.
+                    return Ok(reply(
+                        rc::ERR_GENERIC,
+                        format!("no migration of {vm} arrived here"),
+                    ));
                 };
                 let done =
                     tokio::time::timeout(Duration::from_secs(110), rx.wait_for(Option::is_some))
@@ -542,6 +609,22 @@ pub async fn agent(s: &Arc<Shared>, req: AgentRequest) -> AgentReply {
             warn!(vm, action = %req.action, error = %e.message, "cluster action failed");
             reply(rc::ERR_GENERIC, e.message)
         }
+    }
+}
+
+/// The VM's state here: `None` if this node does not know it; `Off` only if its QEMU is
+/// gone too.
+fn local_state(s: &Shared, vm: &str) -> Result<Option<VmState>, ApiFailure> {
+    let name = VmName::new(vm).map_err(|e| ApiFailure::invalid(e.to_string()))?;
+    match s.store.get_vm(&name) {
+        Ok(row) => {
+            if row.state == VmState::Off && row.pid.is_some_and(ferry_qemu::process::pid_alive) {
+                return Ok(Some(VmState::Stopping));
+            }
+            Ok(Some(row.state))
+        }
+        Err(ferry_store::StoreError::NotFound(_)) => Ok(None),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -590,13 +673,22 @@ async fn migrate_to(
     })?;
     // A cycle under way finishes first (its capture holds the VM's bitmaps; its commit
     // moves the relationship on), so the target takes the relationship as it stands.
-    if let Ok((_, row)) = s.vms.get(vm) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-        while s.cycle_busy(row.id) && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+    // No new cycle starts from now on (the flag), and the one under way ends first.
+    let (_, row) = s.vms.get(vm)?;
+    s.cluster_migrating
+        .lock()
+        .expect("migrating")
+        .insert(row.id);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while s.cycle_busy(row.id) && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let outcome = s.vms.migrate_out(vm, listen).await?;
+    let outcome = s.vms.migrate_out(vm, listen).await;
+    s.cluster_migrating
+        .lock()
+        .expect("migrating")
+        .remove(&row.id);
+    let outcome = outcome?;
     if let Err(e) = export_relationship(s, shared, vm) {
         warn!(vm, error = %e.message, "cannot export the replication state");
     }
@@ -616,6 +708,7 @@ async fn migrate_to(
 
 /// `POST /v1/cluster/incoming` (from another node): start `vm` here as a migration target.
 pub async fn incoming(s: &Arc<Shared>, req: IncomingRequest) -> Result<IncomingReply, ApiFailure> {
+    VmName::new(&req.vm).map_err(|e| ApiFailure::invalid(e.to_string()))?;
     let shared = member(s)?;
     let cfg = shared.config()?;
     let me = cfg.node(&s.cfg.name).ok_or_else(|| {
@@ -651,6 +744,7 @@ pub fn is_node_token(s: &Shared, token: &str) -> bool {
 /// migrate_to on the VM's node and migrate_from on the target), and the preference the
 /// move leaves is dropped once the VM runs there.
 pub async fn migrate(s: &Arc<Shared>, vm: &str, to: &str) -> Result<MigrateReply, ApiFailure> {
+    VmName::new(vm).map_err(|e| ApiFailure::invalid(e.to_string()))?;
     let shared = member(s)?;
     let cfg = shared.config()?;
     if cfg.node(to).is_none() {
@@ -816,8 +910,18 @@ pub fn replicates_here(s: &Shared, vm_id: i64) -> bool {
         return true;
     };
     let name = row.spec.name.as_str();
-    if shared.vm(name).ok().flatten().is_none() {
-        return true;
+    match shared.vm(name) {
+        Ok(None) => return true,
+        Ok(Some(_)) => {}
+        // The inventory unreadable: not sure the VM is still ours.
+        Err(_) => return false,
+    }
+    if s.cluster_migrating
+        .lock()
+        .expect("migrating")
+        .contains(&vm_id)
+    {
+        return false;
     }
     let me = s.cfg.name.as_str();
     match shared.owner(name) {

@@ -209,6 +209,8 @@ pub struct Shared {
     pub(crate) cluster_incoming: Mutex<HashMap<String, IncomingDone>>,
     /// The cluster's replication identity, once loaded (its directory, the identity).
     pub(crate) cluster_identity: Mutex<Option<(std::path::PathBuf, Arc<Identity>)>>,
+    /// Cluster VMs being live-migrated away: no new replication cycle starts.
+    pub(crate) cluster_migrating: Mutex<std::collections::HashSet<i64>>,
 }
 
 /// The outcome of a live migration arriving here: `None` while it runs.
@@ -253,6 +255,7 @@ impl Shared {
             app_consistent_tried: Mutex::new(HashMap::new()),
             cluster_incoming: Mutex::new(HashMap::new()),
             cluster_identity: Mutex::new(None),
+            cluster_migrating: Mutex::new(Default::default()),
             stream_budget: Arc::new(tokio::sync::Semaphore::new(STREAM_BUDGET_FRAMES)),
         })
     }
