@@ -198,6 +198,9 @@ pub struct AgentRequest {
     /// `stop`: seconds the guest has to shut down before it is powered off.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shutdown_timeout_s: Option<u64>,
+    /// Pacemaker's timeout of this operation (ms): the work must end well before it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
 }
 
 /// The OCF exit code the agent returns, with a line for Pacemaker's log.

@@ -356,6 +356,7 @@ pub fn ocf_agent(args: &[String]) -> i32 {
         vm,
         target: env("CRM_meta_migrate_target"),
         shutdown_timeout_s: env("shutdown_timeout").and_then(|t| t.parse().ok()),
+        timeout_ms: env("CRM_meta_timeout").and_then(|t| t.parse().ok()),
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

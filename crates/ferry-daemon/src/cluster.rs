@@ -553,7 +553,14 @@ pub async fn agent(s: &Arc<Shared>, req: AgentRequest) -> AgentReply {
                         "migrate_to without a target".into(),
                     ));
                 };
-                let outcome = migrate_to(s, &shared, vm, target).await?;
+                // Everything must end before Pacemaker gives up on the operation (it would
+                // then stop the VM on both nodes while the migration goes on).
+                let budget = req
+                    .timeout_ms
+                    .map(|ms| Duration::from_millis(ms.saturating_sub(30_000)))
+                    .unwrap_or(Duration::from_secs(570))
+                    .max(Duration::from_secs(30));
+                let outcome = migrate_to(s, &shared, vm, target, budget).await?;
                 Ok(reply(
                     rc::SUCCESS,
                     format!(
@@ -645,7 +652,9 @@ async fn migrate_to(
     shared: &SharedDir,
     vm: &str,
     target: &str,
+    budget: Duration,
 ) -> Result<ferry_qemu::migration::MigrationOutcome, ApiFailure> {
+    let started = tokio::time::Instant::now();
     let sh = shared.clone();
     let t = target.to_owned();
     let (rec, token) = blocking(move || Ok((sh.node_record(&t)?, sh.token()?))).await?;
@@ -679,11 +688,14 @@ async fn migrate_to(
         .lock()
         .expect("migrating")
         .insert(row.id);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    let deadline = started + budget / 4;
     while s.cycle_busy(row.id) && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let outcome = s.vms.migrate_out(vm, listen).await;
+    let left = budget
+        .saturating_sub(started.elapsed())
+        .max(Duration::from_secs(10));
+    let outcome = s.vms.migrate_out(vm, listen, left).await;
     s.cluster_migrating
         .lock()
         .expect("migrating")
@@ -1161,9 +1173,18 @@ pub async fn set_broker(
     let data = dir.join("data");
     std::fs::create_dir_all(&data)
         .map_err(|e| ApiFailure::internal(format!("cannot create {}: {e}", data.display())))?;
-    // Its certificate now, so its fingerprint can be pinned before it first runs.
+    // Its certificate is the cluster's: the one identity the cluster's VMs replicate with
+    // and its nodes' replica servers answer with, so that a replica (or a primary
+    // reversing to this cluster) knows the cluster by the Broker's certificate. Copied
+    // now, so it can be pinned before the Broker first runs.
+    let ident = shared.identity_dir();
+    for f in ["host.crt", "host.key"] {
+        let bytes = std::fs::read(ident.join(f))
+            .map_err(|e| ApiFailure::internal(format!("cannot read the cluster's {f}: {e}")))?;
+        ferry_cluster::shared::write_atomic_mode(&data.join(f), &bytes, 0o600)?;
+    }
     crate::identity::Identity::load_or_create(&data, &name)
-        .map_err(|e| ApiFailure::internal(format!("cannot make the Broker's certificate: {e}")))?;
+        .map_err(|e| ApiFailure::internal(format!("cannot load the Broker's certificate: {e}")))?;
     let accel = match s.cfg.accel {
         crate::config::AccelChoice::Auto => "auto",
         crate::config::AccelChoice::Kvm => "kvm",

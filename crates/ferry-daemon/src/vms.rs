@@ -1050,13 +1050,18 @@ impl VmManager {
         &self,
         name: &str,
         target: std::net::SocketAddr,
+        timeout: Duration,
     ) -> Result<migration::MigrationOutcome, ApiFailure> {
         let (vm, _) = self.row(name)?;
         let inst = {
             let _guard = self.lock_vm(&vm).await;
             let inst = self.live(&vm)?;
+            let opts = migration::MigrateOptions {
+                timeout,
+                ..Default::default()
+            };
             let outcome =
-                migration::migrate(&inst.qmp, target, migration::MigrateOptions::default(), |p| {
+                migration::migrate(&inst.qmp, target, opts, |p| {
                     tracing::debug!(vm = %vm, status = ?p.status, sent = p.ram_transferred, remaining = p.ram_remaining, "migrating");
                 })
                 .await

@@ -666,6 +666,13 @@ fn a_cluster_replicates_to_a_replica_clusters_broker_which_survives_its_node() {
     assert_eq!(b["state"], "started", "{b:#}");
     assert_eq!(b["name"], "rb-broker");
     let broker_fp = b["fingerprint"].as_str().unwrap().to_owned();
+    // One identity for the cluster: the Broker's certificate is the one rb's VMs would
+    // replicate with and its nodes' replica servers answer with.
+    assert_eq!(
+        c.status("node5")["replication_fingerprint"],
+        broker_fp.as_str(),
+        "the Broker has the cluster's certificate"
+    );
     let text = c.node("node5").host.ferry_ok(&["replica-broker", "show"]);
     assert!(
         text.contains("rb-broker") && text.contains(&broker_ip),
