@@ -182,6 +182,9 @@ pub struct MigrateReply {
     pub downtime_ms: Option<u64>,
     /// The whole migration (ms).
     pub total_ms: Option<u64>,
+    /// The migration stream was mutual TLS (the cluster's migration certificates).
+    #[serde(default)]
+    pub encrypted: bool,
 }
 
 /// `POST /v1/cluster/agent`: what the OCF resource agent asks its node's ferryd.

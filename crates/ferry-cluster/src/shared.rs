@@ -407,6 +407,11 @@ impl SharedDir {
         }
     }
 
+    /// The live-migration CA and the nodes' migration certificate (QEMU's TLS needs a CA).
+    pub fn migration_dir(&self) -> PathBuf {
+        self.cluster_dir().join("migration")
+    }
+
     /// The cluster's own certificate and key (one primary identity for every node).
     pub fn identity_dir(&self) -> PathBuf {
         self.cluster_dir().join("identity")

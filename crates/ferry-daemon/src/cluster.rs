@@ -191,6 +191,7 @@ pub async fn create(
     let sh = shared.clone();
     let c = cfg.clone();
     blocking(move || sh.create(&c)).await?;
+    make_migration_certs(&shared, &cfg.name)?;
     // The cluster's own certificate: its VMs replicate as the cluster from any node.
     let dir = shared.identity_dir();
     std::fs::create_dir_all(&dir)
@@ -635,6 +636,86 @@ fn local_state(s: &Shared, vm: &str) -> Result<Option<VmState>, ApiFailure> {
     }
 }
 
+/// The cluster's live-migration CA and the certificate every node presents to it (QEMU's
+/// TLS verifies against a CA; the nodes' own certificates are self-signed).
+fn make_migration_certs(shared: &SharedDir, cluster: &str) -> Result<(), ApiFailure> {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+        KeyUsagePurpose,
+    };
+    let fail = |e: rcgen::Error| {
+        ApiFailure::internal(format!("cannot make the migration certificates: {e}"))
+    };
+    let dir = shared.migration_dir();
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| ApiFailure::internal(format!("cannot create {}: {e}", dir.display())))?;
+    let ca_key = KeyPair::generate().map_err(fail)?;
+    let mut ca = CertificateParams::new(Vec::<String>::new()).map_err(fail)?;
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    ca.distinguished_name
+        .push(DnType::CommonName, format!("{cluster} live-migration CA"));
+    let ca_cert = ca.self_signed(&ca_key).map_err(fail)?;
+    let key = KeyPair::generate().map_err(fail)?;
+    let mut leaf = CertificateParams::new(vec![cluster.to_owned()]).map_err(fail)?;
+    leaf.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    leaf.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    leaf.distinguished_name.push(DnType::CommonName, cluster);
+    let cert = leaf.signed_by(&key, &ca_cert, &ca_key).map_err(fail)?;
+    ferry_cluster::shared::write_atomic(&dir.join("ca-cert.pem"), ca_cert.pem().as_bytes())?;
+    ferry_cluster::shared::write_atomic(&dir.join("cert.pem"), cert.pem().as_bytes())?;
+    ferry_cluster::shared::write_atomic_mode(
+        &dir.join("key.pem"),
+        key.serialize_pem().as_bytes(),
+        0o600,
+    )?;
+    Ok(())
+}
+
+/// QEMU's credentials directory for this node's end of a migration, from the cluster's
+/// migration certificates (`None` for a cluster made without them: plain TCP).
+fn migration_tls(
+    s: &Shared,
+    shared: &SharedDir,
+    end: ferry_qemu::migration::TlsEnd,
+) -> Result<Option<ferry_qemu::migration::MigrationTls>, ApiFailure> {
+    let src = shared.migration_dir();
+    if !src.join("ca-cert.pem").is_file() {
+        return Ok(None);
+    }
+    let (sub, prefix) = match end {
+        ferry_qemu::migration::TlsEnd::Target => ("server", "server"),
+        ferry_qemu::migration::TlsEnd::Source => ("client", "client"),
+    };
+    let dir = s.cfg.data_dir.join("migration-tls").join(sub);
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| ApiFailure::internal(format!("cannot create {}: {e}", dir.display())))?;
+    let read = |f: &str| {
+        std::fs::read(src.join(f))
+            .map_err(|e| ApiFailure::internal(format!("cannot read the cluster's {f}: {e}")))
+    };
+    ferry_cluster::shared::write_atomic(&dir.join("ca-cert.pem"), &read("ca-cert.pem")?)?;
+    ferry_cluster::shared::write_atomic(
+        &dir.join(format!("{prefix}-cert.pem")),
+        &read("cert.pem")?,
+    )?;
+    ferry_cluster::shared::write_atomic_mode(
+        &dir.join(format!("{prefix}-key.pem")),
+        &read("key.pem")?,
+        0o600,
+    )?;
+    Ok(Some(ferry_qemu::migration::MigrationTls {
+        dir,
+        hostname: shared.config()?.name,
+    }))
+}
+
 /// What the last live migration of a VM cost, kept beside its disks.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 struct LastMigration {
@@ -642,6 +723,8 @@ struct LastMigration {
     to: String,
     downtime_ms: Option<u64>,
     total_ms: u64,
+    #[serde(default)]
+    encrypted: bool,
 }
 
 /// Live-migrates `vm` from this node to `target`: the target's ferryd (reached over TLS with
@@ -695,7 +778,8 @@ async fn migrate_to(
     let left = budget
         .saturating_sub(started.elapsed())
         .max(Duration::from_secs(10));
-    let outcome = s.vms.migrate_out(vm, listen, left).await;
+    let tls = migration_tls(s, shared, ferry_qemu::migration::TlsEnd::Source)?;
+    let outcome = s.vms.migrate_out(vm, listen, left, tls.as_ref()).await;
     s.cluster_migrating
         .lock()
         .expect("migrating")
@@ -709,6 +793,7 @@ async fn migrate_to(
         to: target.to_owned(),
         downtime_ms: outcome.downtime_ms,
         total_ms: outcome.total_ms,
+        encrypted: tls.is_some(),
     };
     let _ = ferry_cluster::shared::write_atomic(
         &shared.vms_dir().join(vm).join("last-migration.json"),
@@ -731,7 +816,8 @@ pub async fn incoming(s: &Arc<Shared>, req: IncomingRequest) -> Result<IncomingR
         .parse()
         .map_err(|_| ApiFailure::internal(format!("bad node address {}", me.address)))?;
     adopt(s, &shared, &req.vm)?;
-    let (listen, rx) = s.vms.incoming(&req.vm, ip).await?;
+    let tls = migration_tls(s, &shared, ferry_qemu::migration::TlsEnd::Target)?;
+    let (listen, rx) = s.vms.incoming(&req.vm, ip, tls.as_ref()).await?;
     s.cluster_incoming
         .lock()
         .expect("incoming")
@@ -807,9 +893,9 @@ pub async fn migrate(s: &Arc<Shared>, vm: &str, to: &str) -> Result<MigrateReply
     let last: Option<LastMigration> = std::fs::read(&last_path)
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok());
-    let (downtime_ms, total_ms) = match &last {
-        Some(l) if l.to == to => (l.downtime_ms, Some(l.total_ms)),
-        _ => (None, None),
+    let (downtime_ms, total_ms, encrypted) = match &last {
+        Some(l) if l.to == to => (l.downtime_ms, Some(l.total_ms), l.encrypted),
+        _ => (None, None, false),
     };
     Ok(MigrateReply {
         message: match (downtime_ms, total_ms) {
@@ -822,6 +908,7 @@ pub async fn migrate(s: &Arc<Shared>, vm: &str, to: &str) -> Result<MigrateReply
         node: to.to_owned(),
         downtime_ms,
         total_ms,
+        encrypted,
     })
 }
 

@@ -994,6 +994,7 @@ impl VmManager {
         self: &Arc<Self>,
         name: &str,
         listen_ip: std::net::IpAddr,
+        tls: Option<&migration::MigrationTls>,
     ) -> Result<
         (
             std::net::SocketAddr,
@@ -1018,7 +1019,13 @@ impl VmManager {
                 return Err(e);
             }
         };
-        let listen = match migration::prepare_incoming(&qmp, (listen_ip, 0).into()).await {
+        let prepared = async {
+            if let Some(tls) = tls {
+                migration::use_tls(&qmp, migration::TlsEnd::Target, tls).await?;
+            }
+            migration::prepare_incoming(&qmp, (listen_ip, 0).into()).await
+        };
+        let listen = match prepared.await {
             Ok(a) => a,
             Err(e) => {
                 let _ = process::signal(pid, libc::SIGKILL);
@@ -1051,6 +1058,7 @@ impl VmManager {
         name: &str,
         target: std::net::SocketAddr,
         timeout: Duration,
+        tls: Option<&migration::MigrationTls>,
     ) -> Result<migration::MigrationOutcome, ApiFailure> {
         let (vm, _) = self.row(name)?;
         let inst = {
@@ -1060,6 +1068,15 @@ impl VmManager {
                 timeout,
                 ..Default::default()
             };
+            if let Some(tls) = tls {
+                migration::use_tls(&inst.qmp, migration::TlsEnd::Source, tls)
+                    .await
+                    .map_err(|e| {
+                        ApiFailure::qemu(format!(
+                            "cannot set up TLS for the migration of {vm}: {e}"
+                        ))
+                    })?;
+            }
             let outcome =
                 migration::migrate(&inst.qmp, target, opts, |p| {
                     tracing::debug!(vm = %vm, status = ?p.status, sent = p.ram_transferred, remaining = p.ram_remaining, "migrating");

@@ -369,6 +369,8 @@ fn a_cluster_restarts_a_writing_ha_guest_on_a_survivor_after_a_crash_and_a_parti
         .host
         .ferry_json(&["vm", "migrate", "app", "--to", &to]);
     assert_eq!(reply["node"], to.as_str(), "{reply:#}");
+    // Guest memory crossed the cluster network in mutual TLS (the cluster's migration CA).
+    assert_eq!(reply["encrypted"], true, "{reply:#}");
     let downtime_ms = reply["downtime_ms"]
         .as_u64()
         .expect("QEMU reports the downtime");
