@@ -277,4 +277,18 @@ pub struct BrokerStatus {
     pub node: Option<String>,
     /// `started`, `stopped` or `failed`.
     pub state: String,
+    /// The replica VMs it placed, and the node holding each.
+    #[serde(default)]
+    pub replicas: Vec<BrokerReplica>,
+}
+
+/// A replica VM the Replica Broker placed on a node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BrokerReplica {
+    /// The VM.
+    pub vm: String,
+    /// The node holding its replica (and its recovery points on the shared directory).
+    pub node: String,
+    /// The last cycle that node committed.
+    pub last_cycle: i64,
 }

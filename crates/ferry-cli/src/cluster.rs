@@ -216,6 +216,14 @@ pub async fn broker(client: &Client, cmd: BrokerCmd, out: &Output) -> anyhow::Re
             b.node.as_deref().unwrap_or("-"),
             b.admin_socket
         );
+        if b.replicas.is_empty() {
+            println!("  replicas     none placed yet");
+        } else {
+            println!("  replicas     (each held by a node; run failovers there)");
+            for r in &b.replicas {
+                println!("    {:<20} on {:<16} cycle {}", r.vm, r.node, r.last_cycle);
+            }
+        }
     }
     Ok(())
 }

@@ -952,13 +952,19 @@ fn resync_after_failure(s: &Arc<Shared>, vm: &str, node: &str) -> Result<(), Api
 }
 
 /// The identity a VM replicates with, and the name it gives the replica: the cluster's for
-/// a VM of the cluster's inventory (whichever node runs it, the replica sees one primary),
-/// else this host's own.
+/// a VM of the cluster's inventory (whichever node runs it, the replica sees one primary)
+/// or a replica its Broker placed here, else this host's own.
 pub fn replication_identity(s: &Shared, vm: &str) -> (Arc<crate::identity::Identity>, String) {
     if let Some(shared) = membership(s) {
-        if shared.vm(vm).ok().flatten().is_some() {
+        // A VM of the inventory, or a replica the Broker placed here (replicating back
+        // after a failover): the cluster's, named as its Broker when it has one (what
+        // the other site authorizes, as Hyper-V's primaries authorize a Broker's name).
+        let ours = shared.vm(vm).ok().flatten().is_some()
+            || crate::broker::placement(&shared, vm).as_deref() == Some(s.cfg.name.as_str());
+        if ours {
             if let (Some(id), Ok(cfg)) = (cluster_identity(s, &shared), shared.config()) {
-                return (id, cfg.name);
+                let name = shared.broker().ok().flatten().map_or(cfg.name, |b| b.name);
+                return (id, name);
             }
         }
     }
@@ -1143,6 +1149,7 @@ pub fn spawn_exporter(s: &Arc<Shared>) {
             let Some(shared) = membership(&s) else {
                 continue;
             };
+            crate::broker::node_tick(&s).await;
             let Ok(rels) = s.store.list_replications() else {
                 continue;
             };
@@ -1196,6 +1203,7 @@ fn broker_of(shared: &SharedDir, stack: &pacemaker::StackStatus) -> Option<Broke
         admin_socket: BROKER_SOCKET.to_owned(),
         node,
         state: state.to_owned(),
+        replicas: crate::broker::replicas(shared),
     })
 }
 
@@ -1292,10 +1300,11 @@ pub async fn set_broker(
     let toml = format!(
         "# The Replica Broker's ferryd (written by `ferry replica-broker set`; Pacemaker runs it).\n\
 name = {name:?}\ndata_dir = {:?}\nvm_storage = {:?}\nadmin_socket = {BROKER_SOCKET:?}\n\
-tls_listen = \"{}\"\naccel = \"{accel}\"\nfile_roots = [{roots}]\n",
+tls_listen = \"{}\"\naccel = \"{accel}\"\nfile_roots = [{roots}]\nbroker_for = {:?}\n",
         data.display().to_string(),
         dir.join("vms").display().to_string(),
         std::net::SocketAddr::new(ip, api_port),
+        shared.root().display().to_string(),
     );
     let config = dir.join("ferryd.toml");
     ferry_cluster::shared::write_atomic(&config, toml.as_bytes())?;

@@ -16,6 +16,7 @@
 //! replication_bandwidth_schedule = ["08:00-18:00=10M", "22:00-06:00=unlimited"]
 //! file_roots = ["/srv/ferry"]          # the only folders the API reads or writes files in
 //! failover_ip_wait_s = 600             # how long a failed-over guest has to answer its agent
+//! broker_for = "/srv/cluster"          # this ferryd is the Replica Broker of that cluster
 //! ```
 
 use std::net::SocketAddr;
@@ -72,6 +73,9 @@ struct RawConfig {
     file_roots: Option<Vec<PathBuf>>,
     /// Seconds a failed-over guest has to boot until its agent answers, for re-IP.
     failover_ip_wait_s: Option<u64>,
+    /// The shared directory of the cluster whose Replica Broker this ferryd is (written by
+    /// `ferry replica-broker set`).
+    broker_for: Option<PathBuf>,
 }
 
 /// Where the API may read and write files when the config does not say: the API token is
@@ -110,6 +114,9 @@ pub struct Config {
     pub file_roots: Vec<PathBuf>,
     /// How long a failed-over guest has to boot until its agent answers, for re-IP.
     pub failover_ip_wait: std::time::Duration,
+    /// This ferryd is the Replica Broker of the cluster on this shared directory: it places
+    /// replica VMs on the cluster's nodes and redirects primaries there.
+    pub broker_for: Option<PathBuf>,
 }
 
 /// Why the configuration was refused.
@@ -285,7 +292,11 @@ impl Config {
             // TCG boots of a real distribution take minutes on a loaded host.
             s => std::time::Duration::from_secs(s.unwrap_or(600)),
         };
+        if let Some(b) = &raw.broker_for {
+            absolute("broker_for", b)?;
+        }
         Ok(Self {
+            broker_for: raw.broker_for,
             failover_ip_wait,
             file_roots,
             replication_bandwidth_limit,

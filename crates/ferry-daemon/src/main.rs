@@ -2,6 +2,7 @@
 //! a unix socket and the remote API over TLS.
 
 mod api;
+mod broker;
 mod checkpoints;
 mod cluster;
 mod config;

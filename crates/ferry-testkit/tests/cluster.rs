@@ -624,35 +624,6 @@ fn on_broker(c: &TestCluster, ask: &str, args: &[&str]) -> serde_json::Value {
     serde_json::from_str(&r.stdout).unwrap_or_else(|e| panic!("{e}: {}", r.stdout))
 }
 
-/// The Broker's points of `vm`: (cycle, kind), or none while it is moving.
-fn broker_points(c: &TestCluster, ask: &str, vm: &str) -> Vec<(i64, String)> {
-    let st = c.status(ask);
-    if st["broker"]["state"] != "started" {
-        return Vec::new();
-    }
-    let n = c.node(st["broker"]["node"].as_str().unwrap());
-    let socket = c
-        .work
-        .path()
-        .join(format!("node{}/run-ferry/broker.sock", n.index));
-    let r = n.host.ferry_with(
-        &["--output", "json", "replication", "points", vm],
-        &[("FERRY_SOCKET", socket.to_str().unwrap())],
-    );
-    serde_json::from_str::<serde_json::Value>(&r.stdout)
-        .ok()
-        .and_then(|v| v.as_array().cloned())
-        .unwrap_or_default()
-        .iter()
-        .map(|p| {
-            (
-                p["cycle"].as_i64().unwrap(),
-                p["kind"].as_str().unwrap().to_owned(),
-            )
-        })
-        .collect()
-}
-
 #[test]
 fn a_cluster_replicates_to_a_replica_clusters_broker_which_survives_its_node() {
     // Cluster "pa" (nodes 1-3) replicates to cluster "rb" (nodes 4-6) through rb's Broker.
@@ -783,99 +754,155 @@ fn a_cluster_replicates_to_a_replica_clusters_broker_which_survives_its_node() {
         "5s",
         "--wait",
     ]);
-    wait_for("deltas on the Broker", Duration::from_secs(90), || {
-        broker_points(&c, "node4", "app").len() >= 3
+    // The Broker placed each replica on a node (the one holding fewest) and sent the
+    // primary there: the node keeps the replica, the Broker keeps none.
+    let mut app_node = String::new();
+    let mut web_node = String::new();
+    wait_for("both replicas placed", Duration::from_secs(90), || {
+        app_node = holder(&c, "node5", "app").unwrap_or_default();
+        web_node = holder(&c, "node5", "web").unwrap_or_default();
+        !app_node.is_empty() && !web_node.is_empty()
     });
-    let rs = on_broker(&c, "node4", &["replication", "status", "app"]);
+    assert_ne!(
+        app_node, web_node,
+        "the Broker spreads replicas over its nodes"
+    );
+    wait_for("deltas on app's node", Duration::from_secs(90), || {
+        node_points(&c, &app_node, "app").len() >= 3
+    });
+    let rs = ferry_testkit::replication::status(&c.node(&app_node).host, "app");
     assert_eq!(rs["partner"], "pa", "{rs:#}");
     assert_eq!(rs["role"], "replica");
-
-    // Kill the node running the Broker: rb fences it and starts the Broker (address,
-    // ferryd, store, replicas) on another node; replication goes on with deltas.
     let broker_node = c.status("node4")["broker"]["node"]
         .as_str()
         .unwrap()
         .to_owned();
+    let bn = c.node(&broker_node);
+    let broker_sock = c
+        .work
+        .path()
+        .join(format!("node{}/run-ferry/broker.sock", bn.index));
+    let r = bn.host.ferry_with(
+        &["replication", "status", "app"],
+        &[("FERRY_SOCKET", broker_sock.to_str().unwrap())],
+    );
+    assert!(
+        r.code != 0 && r.stderr.contains(&format!("held by node {app_node}")),
+        "the Broker keeps no replica and says where it is: {}",
+        r.stderr
+    );
+    let text = c.node("node5").host.ferry_ok(&["replica-broker", "show"]);
+    assert!(text.contains("app") && text.contains(&app_node), "{text}");
+
+    // Kill the node holding app's replica (mid-cycle: cycles run every 2 s): rb fences it,
+    // the primary cannot reach it and asks the Broker again (itself moved if it ran
+    // there), which places the replica on a survivor; that node takes the recovery points
+    // over from the shared directory and replication goes on with deltas.
     let ask = ["node4", "node5", "node6"]
         .into_iter()
-        .find(|n| *n != broker_node)
+        .find(|n| *n != app_node)
         .unwrap()
         .to_owned();
-    let last = broker_points(&c, &ask, "app")
+    let last = node_points(&c, &app_node, "app")
         .iter()
         .map(|p| p.0)
         .max()
         .unwrap();
     let killed_at = Instant::now();
-    c.crash(&broker_node);
+    c.crash(&app_node);
     let mut lag = Duration::ZERO;
+    let mut moved_to = String::new();
     wait_for(
-        "a new point through the moved Broker",
+        "a new point on the node app's replica moved to",
         Duration::from_secs(120),
         || {
-            let new: Vec<_> = broker_points(&c, &ask, "app")
-                .into_iter()
-                .filter(|p| p.0 > last)
-                .collect();
+            moved_to = holder(&c, &ask, "app").unwrap_or_default();
+            if moved_to.is_empty() || moved_to == app_node {
+                return false;
+            }
             lag = killed_at.elapsed();
-            !new.is_empty()
+            node_points(&c, &moved_to, "app").iter().any(|p| p.0 > last)
         },
     );
     let st = c.status(&ask);
-    let moved_to = st["broker"]["node"].as_str().unwrap().to_owned();
-    assert_ne!(moved_to, broker_node, "{st:#}");
-    assert_eq!(fences_of(&st, &broker_node), 1, "{st:#}");
-    let after: Vec<_> = broker_points(&c, &ask, "app")
-        .into_iter()
-        .filter(|p| p.0 > last)
-        .collect();
+    assert_eq!(fences_of(&st, &app_node), 1, "{st:#}");
+    let points = node_points(&c, &moved_to, "app");
+    assert!(
+        points.iter().any(|p| p.0 <= last),
+        "the earlier points came along: {points:?}"
+    );
+    let after: Vec<_> = points.iter().filter(|p| p.0 > last).collect();
     assert!(
         after.iter().all(|(_, k)| k == "delta"),
-        "no new initial copy after the Broker moved: {after:?}"
+        "no new initial copy after the replica moved: {after:?}"
     );
     eprintln!(
-        "Broker moved {broker_node} -> {moved_to}; first point through it {lag:?} after the node died"
+        "replica of app moved {app_node} -> {moved_to}; first point there {lag:?} after the node died"
     );
 
-    // Failover operations against the replica cluster: a test failover boots a point
-    // on the Broker, then an unplanned failover (the primary cluster "lost").
-    on_broker(&c, &ask, &["failover", "test", "app"]);
-    let bn = c.node(&moved_to);
-    let socket = c
-        .work
-        .path()
-        .join(format!("node{}/run-ferry/broker.sock", bn.index));
-    let sock = socket.to_str().unwrap();
+    // The dead node boots again. It forgets the replica it no longer holds: its stale
+    // rows would otherwise have it clean up, as leftovers, the layers the new node wrote
+    // (the test failover below boots the newest point, so they must all be there).
+    c.reboot(&app_node);
+    let r = c
+        .node(&app_node)
+        .host
+        .ferry(&["replication", "status", "app"]);
+    assert!(
+        r.code != 0 && r.stderr.contains("no VM named"),
+        "{app_node} forgot the moved replica: {} {}",
+        r.stdout,
+        r.stderr
+    );
+    assert_eq!(holder(&c, &ask, "app").as_deref(), Some(moved_to.as_str()));
+    // A primary that greets a node not holding its replica is sent to the Broker, which
+    // places it on the node holding fewest and sends it there.
+    let n1 = &c.node("node1").host;
+    n1.ferry_ok(&[
+        "vm", "create", "db", "--memory", "64M", "--disk", "8M", "--no-vnc",
+    ]);
+    let app_node_addr = c.node(&app_node).address.clone();
+    n1.ferry_ok(&[
+        "replication",
+        "enable",
+        "db",
+        "--to",
+        &format!("{app_node_addr}:7444"),
+        "--replica-fingerprint",
+        &broker_fp,
+        "--wait",
+    ]);
+    let db_node = holder(&c, &ask, "db").expect("db placed");
+    assert_ne!(db_node, moved_to, "placed on a node holding fewest");
+    assert_ne!(db_node, web_node, "placed on a node holding fewest");
+    assert_eq!(node_points(&c, &db_node, "db").len(), 1);
+
+    // Failover operations against the replica cluster, on the node holding the replica:
+    // a test failover boots a point, then an unplanned failover (pa "lost").
+    let mh = &c.node(&moved_to).host;
+    mh.ferry_ok(&["failover", "test", "app"]);
     wait_for("the test VM writes", Duration::from_secs(90), || {
-        let r = bn.host.ferry_with(
-            &["vm", "console", "app-test", "--log"],
-            &[("FERRY_SOCKET", sock)],
-        );
+        let r = mh.ferry(&["vm", "console", "app-test", "--log"]);
         parse_console(&r.stdout).last_wrote_seq.unwrap_or(0) >= 1
     });
-    on_broker(&c, &ask, &["failover", "stop-test", "app"]);
+    mh.ferry_ok(&["failover", "stop-test", "app"]);
     // Unplanned failover: stop the primary's replication first (pa is "gone").
     c.node(&owner)
         .host
         .ferry_ok(&["replication", "suspend", "app"]);
-    on_broker(
-        &c,
-        &ask,
-        &["failover", "start", "app", "--start", "--force"],
-    );
+    mh.ferry_ok(&["failover", "start", "app", "--start", "--force"]);
     wait_for("the failed-over VM writes", Duration::from_secs(90), || {
-        let r = bn.host.ferry_with(
-            &["vm", "console", "app", "--log"],
-            &[("FERRY_SOCKET", sock)],
-        );
+        let r = mh.ferry(&["vm", "console", "app", "--log"]);
         parse_console(&r.stdout).last_wrote_seq.unwrap_or(0) >= 1
     });
-    let vm = on_broker(&c, &ask, &["vm", "show", "app"]);
+    let vm = mh.ferry_json(&["vm", "show", "app"]);
     assert_eq!(vm["state"], "running", "{vm:#}");
-    on_broker(&c, &ask, &["failover", "complete", "app"]);
+    mh.ferry_ok(&["failover", "complete", "app"]);
 
-    // Planned failover of web to the replica cluster, zero data loss, then reverse
-    // replication from the Broker back to the primary cluster's node.
+    // Planned failover of web to the replica cluster, zero data loss (the primary greets
+    // the Broker, which sends it to web's node), then reverse replication from that node
+    // back to the primary cluster's node, as the replica cluster's Broker.
+    let web_node = holder(&c, &ask, "web").unwrap();
     let wo = &c.node(&web_owner).host;
     let reverse_storage = c.shared.join("reverse");
     wo.ferry_ok(&[
@@ -895,7 +922,8 @@ fn a_cluster_replicates_to_a_replica_clusters_broker_which_survives_its_node() {
     wo.ferry_ok(&["vm", "stop", "web"]);
     let out = wo.ferry_ok(&["failover", "planned", "web", "--start", "--reverse"]);
     eprintln!("{out}");
-    let vm = on_broker(&c, &ask, &["vm", "show", "web"]);
+    let wh = &c.node(&web_node).host;
+    let vm = wh.ferry_json(&["vm", "show", "web"]);
     assert_eq!(vm["state"], "running", "{vm:#}");
     wait_for(
         "reverse cycles into the primary cluster",
@@ -905,9 +933,47 @@ fn a_cluster_replicates_to_a_replica_clusters_broker_which_survives_its_node() {
             st["role"] == "replica" && st["last_cycle"].as_i64().unwrap_or(0) >= 1
         },
     );
-    let rs = on_broker(&c, &ask, &["replication", "status", "web"]);
+    let rs = ferry_testkit::replication::status(wh, "web");
     assert_eq!(rs["role"], "primary", "{rs:#}");
+    let back = ferry_testkit::replication::status(wo, "web");
+    assert_eq!(back["partner"], "rb-broker", "{back:#}");
     eprintln!("figures: broker failover replication lag {lag:?}");
+}
+
+/// The node the Replica Broker placed `vm`'s replica on, as `ferry replica-broker show`
+/// on node `ask` says.
+fn holder(c: &TestCluster, ask: &str, vm: &str) -> Option<String> {
+    let r = c
+        .node(ask)
+        .host
+        .ferry(&["--output", "json", "replica-broker", "show"]);
+    let b: serde_json::Value = serde_json::from_str(&r.stdout).ok()?;
+    b["replicas"]
+        .as_array()?
+        .iter()
+        .find(|x| x["vm"] == vm)
+        .and_then(|x| x["node"].as_str())
+        .map(str::to_owned)
+}
+
+/// A node's recovery points of `vm`: (cycle, kind); none while it does not answer.
+fn node_points(c: &TestCluster, node: &str, vm: &str) -> Vec<(i64, String)> {
+    let r = c
+        .node(node)
+        .host
+        .ferry(&["--output", "json", "replication", "points", vm]);
+    serde_json::from_str::<serde_json::Value>(&r.stdout)
+        .ok()
+        .and_then(|v| v.as_array().cloned())
+        .unwrap_or_default()
+        .iter()
+        .map(|p| {
+            (
+                p["cycle"].as_i64().unwrap(),
+                p["kind"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
 }
 
 /// `ferry vm exec VM -- ARGS` until the guest's agent answers; its stdout.

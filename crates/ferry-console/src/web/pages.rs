@@ -526,7 +526,7 @@ fn vm_state_badge(vm: &ferry_api_types::cluster::ClusterVmStatus) -> String {
 fn broker_cell(st: Option<&ferry_api_types::cluster::ClusterStatus>) -> String {
     match st.and_then(|s| s.broker.as_ref()) {
         Some(b) => format!(
-            "{} at {} {} on {}",
+            "{} at {} {} on {}{}",
             esc(&b.name),
             esc(&b.address),
             badge(
@@ -537,7 +537,20 @@ fn broker_cell(st: Option<&ferry_api_types::cluster::ClusterStatus>) -> String {
                 },
                 &b.state
             ),
-            esc(b.node.as_deref().unwrap_or("-"))
+            esc(b.node.as_deref().unwrap_or("-")),
+            // Where the Broker placed each replica VM.
+            if b.replicas.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "; replicas: {}",
+                    b.replicas
+                        .iter()
+                        .map(|r| format!("{} on {}", esc(&r.vm), esc(&r.node)))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            }
         ),
         None => "not configured".to_owned(),
     }
@@ -1931,8 +1944,14 @@ mod broker_tests {
             admin_socket: "/run/ferry/broker.sock".into(),
             node: Some("node5".into()),
             state: "started".into(),
+            replicas: vec![ferry_api_types::cluster::BrokerReplica {
+                vm: "app".into(),
+                node: "node6".into(),
+                last_cycle: 4,
+            }],
         });
         let cell = broker_cell(Some(&st));
+        assert!(cell.contains("app on node6"), "{cell}");
         assert!(
             cell.contains("rb-broker") && cell.contains("10.0.0.100"),
             "{cell}"

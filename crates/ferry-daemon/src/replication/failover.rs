@@ -180,7 +180,7 @@ pub async fn start(
     // mapping gives for the primary's bridge (for that primary, or for any), else this
     // host's default bridge; a NIC with neither is left out rather than attached to a
     // bridge the primary named.
-    let map = super::replica::load_config(&shared.store).bridge_map;
+    let map = super::replica::config_for(shared, spec.name.as_str()).bridge_map;
     let mut left_out = Vec::new();
     spec.nics.retain_mut(|n| {
         let NicKind::Bridge(from) = &n.kind else {

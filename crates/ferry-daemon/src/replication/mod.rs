@@ -211,6 +211,9 @@ pub struct Shared {
     pub(crate) cluster_identity: Mutex<Option<(std::path::PathBuf, Arc<Identity>)>>,
     /// Cluster VMs being live-migrated away: no new replication cycle starts.
     pub(crate) cluster_migrating: Mutex<std::collections::HashSet<i64>>,
+    /// Where a replica cluster's Broker redirected each VM's replication (`address:port`
+    /// of the node holding its replica), until that node stops answering or redirects back.
+    pub(crate) redirects: Mutex<HashMap<i64, String>>,
 }
 
 /// The outcome of a live migration arriving here: `None` while it runs.
@@ -256,6 +259,7 @@ impl Shared {
             cluster_incoming: Mutex::new(HashMap::new()),
             cluster_identity: Mutex::new(None),
             cluster_migrating: Mutex::new(Default::default()),
+            redirects: Mutex::new(HashMap::new()),
             stream_budget: Arc::new(tokio::sync::Semaphore::new(STREAM_BUDGET_FRAMES)),
         })
     }
@@ -426,6 +430,9 @@ pub async fn start(shared: &Arc<Shared>) -> anyhow::Result<()> {
             shared.pin(rel.vm_id, point);
         }
     }
+    // Before staged cycles are recovered (which removes layers no point of this node
+    // references): replicas a Broker moved to another node are that node's now.
+    crate::broker::release_moved(shared);
     let staged = replica::recover_staging(&shared.store)?;
     shared
         .replica
@@ -434,6 +441,12 @@ pub async fn start(shared: &Arc<Shared>) -> anyhow::Result<()> {
         .expect("staging")
         .extend(staged);
     replica::apply_config(shared).await?;
+    if let Err(e) = crate::broker::publish(shared) {
+        warn!(
+            error = format!("{e:#}"),
+            "the Replica Broker's nodes cannot see its settings"
+        );
+    }
     for rel in relationships {
         if rel.role == Role::Primary {
             shared.spawn_primary(rel.vm_id);
@@ -444,8 +457,20 @@ pub async fn start(shared: &Arc<Shared>) -> anyhow::Result<()> {
 
 fn vm_of(shared: &Shared, name: &str) -> Result<(VmName, ferry_store::VmRow), ApiFailure> {
     let vm = VmName::new(name).map_err(|e| ApiFailure::invalid(e.to_string()))?;
-    let row = shared.store.get_vm(&vm)?;
-    Ok((vm, row))
+    match shared.store.get_vm(&vm) {
+        Ok(row) => Ok((vm, row)),
+        // On a Replica Broker: the replica lives on the node the Broker placed it on.
+        Err(e) => match crate::broker::brokered_cluster(shared)
+            .and_then(|c| crate::broker::placement(&c, vm.as_str()))
+        {
+            Some(node) if matches!(e, ferry_store::StoreError::NotFound(_)) => {
+                Err(ApiFailure::not_found(format!(
+                    "the replica of {vm} is held by node {node} of this cluster (the Replica Broker placed it there): run this on {node}"
+                )))
+            }
+            _ => Err(e.into()),
+        },
+    }
 }
 
 pub(crate) fn rel_of(
@@ -955,6 +980,7 @@ pub async fn replica_server_set(
             .cfg
             .allowed_path("storage", p)
             .map_err(ApiFailure::invalid)?;
+        crate::broker::check_storage(shared, p).map_err(ApiFailure::invalid)?;
         std::fs::create_dir_all(p)
             .map_err(|e| ApiFailure::invalid(format!("cannot use storage {s}: {e}")))?;
         Ok(s.to_owned())
@@ -1072,5 +1098,7 @@ pub async fn replica_server_set(
         let _ = replica::apply_config(shared).await;
         return Err(ApiFailure::invalid(format!("{e:#}")));
     }
+    // A Replica Broker's nodes authorize its primaries with these settings.
+    crate::broker::publish(shared).map_err(|e| ApiFailure::internal(format!("{e:#}")))?;
     Ok(replica_server_info(shared))
 }

@@ -28,12 +28,15 @@ use serde::{Deserialize, Serialize};
 /// - 3: a streamed cycle (`CycleBegin::streamed`): batches are sent while the primary still
 ///   reads them, so their number and data bytes come at the end (`CycleEnd::batches`,
 ///   `CycleEnd::bytes`). Sent only to a replica that answered protocol 3.
+/// - 4: a cluster's Replica Broker answers a greeting with `Redirect` (the node that holds
+///   the replica VM), and a node that no longer holds it redirects back to the Broker.
+///   Sent only to a primary whose Hello says it speaks 4.
 ///
 /// Negotiation: a primary's Hello says the oldest version it speaks (`protocol`, which a
 /// version-1 replica checks) and the newest (`max_protocol`); the replica answers the
 /// version both speak in its Welcome. Every field added since version 1 has a default, so
 /// a peer one version apart reads what it knows and ignores the rest.
-pub const PROTOCOL: u32 = 3;
+pub const PROTOCOL: u32 = 4;
 /// The oldest protocol version this build still speaks.
 pub const MIN_PROTOCOL: u32 = 1;
 
@@ -158,6 +161,16 @@ pub enum Msg {
     BootFileStored {
         /// Its role.
         role: String,
+    },
+    /// Replica → primary, instead of `Welcome` (protocol 4): the replica VM is kept by
+    /// another server of this replica cluster; greet that one (same certificate: the
+    /// cluster's). A Broker names the node it placed the VM on; a node that no longer
+    /// holds it names the Broker.
+    Redirect {
+        /// The server's name (a node's, or the Broker's).
+        node: String,
+        /// Its replication `address:port`.
+        address: String,
     },
     /// Replica → primary: refused, with the reason (also logged on the replica).
     Refused {
@@ -329,8 +342,9 @@ mod tests {
         assert_eq!(negotiate(1, None), Ok(1)); // a version-1 primary
         assert_eq!(negotiate(1, Some(2)), Ok(2)); // a version-2 primary
         assert_eq!(negotiate(1, Some(3)), Ok(3));
-        assert_eq!(negotiate(1, Some(4)), Ok(3)); // a newer primary speaks ours
-        assert!(negotiate(4, Some(5)).unwrap_err().contains("upgrade ferry"));
+        assert_eq!(negotiate(1, Some(4)), Ok(4));
+        assert_eq!(negotiate(1, Some(5)), Ok(4)); // a newer primary speaks ours
+        assert!(negotiate(5, Some(6)).unwrap_err().contains("upgrade ferry"));
     }
 
     /// What a version-1 replica parses of this build's Hello: its own type, as it was.
@@ -438,5 +452,23 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_brokers_redirect_is_version_4_and_names_the_node() {
+        // A version-3 primary agrees on 3 (so a Broker refuses it rather than redirect
+        // what it cannot follow); a version-4 one on 4.
+        assert_eq!(negotiate(1, Some(3)).unwrap(), 3);
+        assert_eq!(negotiate(1, Some(4)).unwrap(), 4);
+        let r = Msg::Redirect {
+            node: "node5".into(),
+            address: "10.0.0.5:7444".into(),
+        };
+        let text = serde_json::to_string(&r).unwrap();
+        assert_eq!(
+            text,
+            r#"{"type":"redirect","node":"node5","address":"10.0.0.5:7444"}"#
+        );
+        assert_eq!(serde_json::from_str::<Msg>(&text).unwrap(), r);
     }
 }

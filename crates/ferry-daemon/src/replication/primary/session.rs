@@ -60,42 +60,80 @@ pub async fn handshake(
     pins.extend(successor.as_deref());
     // A cluster's VM replicates as the cluster, whichever node runs it.
     let (identity, me) = crate::cluster::replication_identity(shared, vm.spec.name.as_str());
-    let tls = peer::connect_any(&identity, &rel.partner_addr, &pins).await?;
-    let presented = peer::server_fingerprint(&tls).unwrap_or_default();
+    let next_fp = identity.next();
+    let hello = Msg::Hello {
+        protocol: MIN_PROTOCOL,
+        max_protocol: Some(PROTOCOL),
+        primary: me.clone(),
+        spec: vm.spec.clone(),
+        disks,
+        settings: rel.settings.clone(),
+        last_cycle: rel.last_cycle,
+        reverse: shared
+            .store
+            .setting(&reverse_key(rel.vm_id))
+            .ok()
+            .flatten()
+            .is_some(),
+        reverse_resync: rel.state == ReplicationState::Resynchronizing,
+        boot_files: boot.iter().map(|(m, _)| m.clone()).collect(),
+        next_fingerprint: next_fp.clone(),
+    };
+    // A replica cluster's Broker redirects to the node that holds the replica VM; that
+    // node is greeted directly until it fails or sends the primary back to the Broker
+    // (the replica VM moved). Every server of that cluster has the cluster's certificate.
+    let mut target = redirected(shared, rel.vm_id).unwrap_or_else(|| rel.partner_addr.clone());
+    // Where the target came from: the redirect remembered from an earlier session (which
+    // may be stale: asking the Broker again is the cure), or the Broker just now.
+    let mut sent_by: Option<String> = None;
+    let mut hops = 0;
+    let (mut reader, mut writer, presented, answer) = loop {
+        let greeted = greet(shared, rel, &identity, &pins, &target, &hello).await;
+        match greeted {
+            Err(e) if target != rel.partner_addr && sent_by.is_none() => {
+                tracing::info!(vm = %vm.spec.name, node = %target, error = format!("{e:#}"), "the replica cluster's node does not answer; asking its Broker again");
+                forget_redirect(shared, rel.vm_id);
+                target = rel.partner_addr.clone();
+            }
+            Err(e) => {
+                forget_redirect(shared, rel.vm_id);
+                return Err(match sent_by {
+                    Some(node) => e.context(format!(
+                        "replica server {} sent this primary to its node {node} ({target}), which does not answer (a node that just died is replaced once the cluster has fenced it)",
+                        rel.partner_name
+                    )),
+                    None => e,
+                });
+            }
+            Ok((.., Msg::Redirect { node, address })) if hops < 3 => {
+                hops += 1;
+                sent_by = Some(node.clone());
+                tracing::debug!(vm = %vm.spec.name, %node, %address, "redirected");
+                if address == rel.partner_addr {
+                    forget_redirect(shared, rel.vm_id);
+                } else {
+                    shared
+                        .redirects
+                        .lock()
+                        .expect("redirects")
+                        .insert(rel.vm_id, address.clone());
+                }
+                target = address;
+            }
+            Ok((.., Msg::Redirect { .. })) => {
+                forget_redirect(shared, rel.vm_id);
+                bail!(
+                    "replica server {} redirected this primary in a circle: check its Replica Broker (`ferry replica-broker show` there)",
+                    rel.partner_name
+                )
+            }
+            Ok(x) => break x,
+        }
+    };
     if presented != rel.partner_fingerprint {
         crate::replication::rotation::adopt(&shared.store, &presented);
     }
-    let next_fp = identity.next();
-    let (r, w) = tokio::io::split(tls);
-    let mut reader = FrameReader::new(r);
-    let mut writer = FrameWriter::new(w);
-    if let Some(l) = shared.limiter(rel) {
-        writer.add_limiter(l);
-    }
-    if let Some(l) = shared.host_limiter.clone() {
-        writer.add_limiter(l);
-    }
-    writer
-        .write_control(&Msg::Hello {
-            protocol: MIN_PROTOCOL,
-            max_protocol: Some(PROTOCOL),
-            primary: me.clone(),
-            spec: vm.spec.clone(),
-            disks,
-            settings: rel.settings.clone(),
-            last_cycle: rel.last_cycle,
-            reverse: shared
-                .store
-                .setting(&reverse_key(rel.vm_id))
-                .ok()
-                .flatten()
-                .is_some(),
-            reverse_resync: rel.state == ReplicationState::Resynchronizing,
-            boot_files: boot.iter().map(|(m, _)| m.clone()).collect(),
-            next_fingerprint: next_fp.clone(),
-        })
-        .await?;
-    match next_control(&mut reader, peer::CONNECT_TIMEOUT).await? {
+    match answer {
         Msg::Welcome {
             protocol,
             replica,
@@ -144,6 +182,53 @@ pub async fn handshake(
         ),
         other => bail!("unexpected answer from the replica server: {other:?}"),
     }
+}
+
+/// The node a replica cluster's Broker last redirected this VM's replication to.
+fn redirected(shared: &Shared, vm_id: i64) -> Option<String> {
+    shared
+        .redirects
+        .lock()
+        .expect("redirects")
+        .get(&vm_id)
+        .cloned()
+}
+
+fn forget_redirect(shared: &Shared, vm_id: i64) {
+    shared.redirects.lock().expect("redirects").remove(&vm_id);
+}
+
+type Framed = (
+    FrameReader<tokio::io::ReadHalf<peer::PeerStream>>,
+    FrameWriter<tokio::io::WriteHalf<peer::PeerStream>>,
+    String,
+    Msg,
+);
+
+/// One greeting: connects to `address` (mutual TLS, pinned), sends the Hello, and reads
+/// the answer, with the streams and the certificate the server presented.
+async fn greet(
+    shared: &Shared,
+    rel: &ReplicationRow,
+    identity: &crate::identity::Identity,
+    pins: &[&str],
+    address: &str,
+    hello: &Msg,
+) -> anyhow::Result<Framed> {
+    let tls = peer::connect_any(identity, address, pins).await?;
+    let presented = peer::server_fingerprint(&tls).unwrap_or_default();
+    let (r, w) = tokio::io::split(tls);
+    let mut reader = FrameReader::new(r);
+    let mut writer = FrameWriter::new(w);
+    if let Some(l) = shared.limiter(rel) {
+        writer.add_limiter(l);
+    }
+    if let Some(l) = shared.host_limiter.clone() {
+        writer.add_limiter(l);
+    }
+    writer.write_control(hello).await?;
+    let answer = next_control(&mut reader, peer::CONNECT_TIMEOUT).await?;
+    Ok((reader, writer, presented, answer))
 }
 
 impl Session {

@@ -107,6 +107,10 @@ pub(super) fn record_point(
         }
     }
     shared.store.set_vm_spec(rel.vm_id, &spec)?;
+    // On a replica cluster's node: the next node to hold this replica starts from here,
+    // written before the primary hears the cycle was committed.
+    crate::broker::hold(shared, rel.vm_id)
+        .map_err(|e| anyhow!("cannot record the point on the shared directory: {e:#}"))?;
     shared.events.emit(
         &target.vm.spec.name,
         "recovery_point_added",
@@ -117,7 +121,7 @@ pub(super) fn record_point(
 }
 
 /// Where the capture of a replica VM's last committed cycle is kept.
-pub(super) fn last_capture_key(vm_id: i64) -> String {
+pub fn last_capture_key(vm_id: i64) -> String {
     format!("replica_last_capture:{vm_id}")
 }
 

@@ -56,6 +56,7 @@ use super::proto::Msg;
 use super::Shared;
 use crate::peer;
 
+pub use commit::last_capture_key;
 pub use import::import_initial;
 pub use remove::remove_replica;
 pub use retention::apply_retention;
@@ -114,9 +115,30 @@ pub fn load_config(store: &Store) -> ReplicaServerConfig {
         })
 }
 
+/// The settings that govern replica VM `vm` here: the Replica Broker's for a replica it
+/// placed on this node (its storage, network mapping, limits, whether primaries may start
+/// VMs), else this host's own.
+pub fn config_for(shared: &Shared, vm: &str) -> ReplicaServerConfig {
+    match crate::broker::published(shared) {
+        Some((cluster, p))
+            if crate::broker::placement(&cluster, vm).as_deref()
+                == Some(shared.cfg.name.as_str()) =>
+        {
+            p.config
+        }
+        _ => load_config(&shared.store),
+    }
+}
+
 /// Starts or stops the listener to match the stored configuration.
 pub async fn apply_config(shared: &Arc<Shared>) -> anyhow::Result<()> {
-    let cfg = load_config(&shared.store);
+    let mut cfg = load_config(&shared.store);
+    // A node of a cluster with a Replica Broker holds the replicas the Broker places
+    // here: it listens on the Broker's port, where the Broker sends primaries.
+    if let Some((_, p)) = crate::broker::published(shared) {
+        cfg.enabled = true;
+        cfg.port = p.config.port;
+    }
     let server = &shared.replica;
     if let Some(stop) = server.stop.lock().expect("stop").take() {
         let _ = stop.send(true);
@@ -201,12 +223,18 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, mut stop: watch
                             super::rotation::adopt(&shared.store, &fp);
                             // Decided on the certificate alone, before anything the peer
                             // sends is read or buffered.
+                            let chain = peer::peer_chain(&tls);
                             let admitted = admit(
                                 &load_config(&shared.store),
                                 &shared.cfg.name,
                                 &fp,
-                                &peer::peer_chain(&tls),
-                            );
+                                &chain,
+                            )
+                            .or_else(|own| match crate::broker::node_config(&shared) {
+                                // A primary of the cluster's Broker, redirected here.
+                                Some((broker, cfg)) => admit(&cfg, &broker, &fp, &chain).map_err(|_| own),
+                                None => Err(own),
+                            });
                             let (r, w) = tokio::io::split(tls);
                             let result = match admitted {
                                 Ok(via_ca) => session::session(&shared, r, w, &fp, via_ca, from.ip().to_string()).await,

@@ -8,7 +8,6 @@ use ferry_api_types::ReplicaServerConfig;
 use ferry_domain::VmName;
 use tracing::warn;
 
-use super::load_config;
 use crate::replication::Shared;
 
 /// Removes a replica VM's relationship, recovery points and files.
@@ -40,7 +39,9 @@ pub fn remove_replica(shared: &Arc<Shared>, vm: &VmName) -> anyhow::Result<()> {
     }
     dirs.sort();
     dirs.dedup();
-    let cfg = load_config(&shared.store);
+    let cfg = super::config_for(shared, row.spec.name.as_str());
+    // A replica the Broker placed here is gone for the whole cluster.
+    crate::broker::forget(shared, vm.as_str());
     let others: Vec<PathBuf> = shared
         .store
         .list_vms()?

@@ -13,7 +13,6 @@ use ferry_domain::{DiskSpec, ReplicationState, Role, VmSpec};
 use ferry_store::ReplicationRow;
 use tracing::info;
 
-use super::load_config;
 use crate::replication::proto::DiskMeta;
 use crate::replication::{now_unix, Shared};
 
@@ -97,8 +96,9 @@ fn check_limits(
     fingerprint: &str,
     storage: &Path,
     disks: &[DiskMeta],
+    vm: &str,
 ) -> Result<(), String> {
-    let cfg = load_config(&shared.store);
+    let cfg = super::config_for(shared, vm);
     let me = &shared.cfg.name;
     let replicas: Vec<(ferry_store::VmRow, ReplicationRow)> = shared
         .store
@@ -182,7 +182,14 @@ pub(super) fn replica_for(
             "the primary sent a disk list that does not match its VM and exclusions".into(),
         );
     }
-    check_limits(shared, primary, fingerprint, storage, disks)?;
+    check_limits(
+        shared,
+        primary,
+        fingerprint,
+        storage,
+        disks,
+        spec.name.as_str(),
+    )?;
     let dir = storage.join(spec.name.as_str());
     if settings.initial == InitialMethod::Existing {
         for d in disks {

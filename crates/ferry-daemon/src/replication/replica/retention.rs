@@ -41,6 +41,8 @@ pub async fn apply_retention(shared: &Arc<Shared>, vm_id: i64) -> anyhow::Result
         let above = points.get(pos + 2).cloned();
         // 1. The dropped point stops existing before its layer's content changes.
         shared.store.delete_point(id)?;
+        // A replica cluster's next node must never build on a point that is gone.
+        crate::broker::hold(shared, vm_id)?;
         for (disk, layer) in &dropped.layers {
             let Some((_, next_layer)) = next.layers.iter().find(|(d, _)| d == disk).cloned() else {
                 continue;
@@ -61,6 +63,8 @@ pub async fn apply_retention(shared: &Arc<Shared>, vm_id: i64) -> anyhow::Result
                 l.1 = layer.clone();
             }
             shared.store.set_point_layers(next.id, &layers)?;
+            // Before the old layer goes (step 5): the next node reads the merged one.
+            crate::broker::hold(shared, vm_id)?;
             // 4. The layer above (if any) now backs onto the merged layer: same content.
             if let Some(above) = &above {
                 if let Some((_, above_layer)) = above.layers.iter().find(|(d, _)| d == disk) {

@@ -39,6 +39,14 @@ struct Hello {
     next_fingerprint: Option<String>,
 }
 
+/// How a greeting is answered, unless refused.
+enum Decision {
+    /// Welcomed here.
+    Welcome(Box<Accepted>),
+    /// Sent to another server of this replica cluster (see `broker`).
+    Redirect { node: String, address: String },
+}
+
 /// A greeting this replica accepted: what its `Welcome` is made of.
 struct Accepted {
     protocol: u32,
@@ -79,7 +87,13 @@ where
     let mut writer = FrameWriter::new(w);
     let hello = read_hello(&mut reader, &mut writer).await?;
     reader.set_max_frame(ferry_wire::MAX_FRAME);
-    let mut session = welcome(shared, &mut writer, hello, fingerprint, via_ca, &from_ip).await?;
+    let Some(mut session) =
+        welcome(shared, &mut writer, hello, fingerprint, via_ca, &from_ip).await?
+    else {
+        // Redirected to another server of this replica cluster.
+        let _ = writer.shutdown().await;
+        return Ok(());
+    };
     serve(shared, &mut reader, &mut writer, &mut session).await
 }
 
@@ -137,7 +151,8 @@ where
 }
 
 /// Answers the greeting: `Welcome`, with where this replica stands (its last cycle, a
-/// staged cycle to resume, the boot files it lacks), or `Refused` with the reason.
+/// staged cycle to resume, the boot files it lacks), `Redirect` to the server of this
+/// replica cluster that holds the VM (`None`), or `Refused` with the reason.
 async fn welcome<'a, W: AsyncWrite + Unpin>(
     shared: &Arc<Shared>,
     writer: &mut FrameWriter<W>,
@@ -145,9 +160,15 @@ async fn welcome<'a, W: AsyncWrite + Unpin>(
     fingerprint: &'a str,
     via_ca: bool,
     from_ip: &str,
-) -> anyhow::Result<Session<'a>> {
+) -> anyhow::Result<Option<Session<'a>>> {
     let accepted = match accept(shared, &hello, fingerprint, via_ca, from_ip).await {
-        Ok(a) => a,
+        Ok(Decision::Welcome(a)) => *a,
+        Ok(Decision::Redirect { node, address }) => {
+            writer
+                .write_control(&Msg::Redirect { node, address })
+                .await?;
+            return Ok(None);
+        }
         Err(reason) => return refuse(writer, reason).await,
     };
     let vm_id = accepted.rel.vm_id;
@@ -197,7 +218,7 @@ async fn welcome<'a, W: AsyncWrite + Unpin>(
             next_fingerprint: next_fp.clone(),
         })
         .await?;
-    Ok(Session {
+    Ok(Some(Session {
         fingerprint,
         vm_id,
         spec: hello.spec,
@@ -207,7 +228,7 @@ async fn welcome<'a, W: AsyncWrite + Unpin>(
         incoming_boot_file: None,
         next_fp,
         _one_session: one_session,
-    })
+    }))
 }
 
 /// Decides on a greeting: the protocol both speak, the primary authorized by its
@@ -220,7 +241,7 @@ async fn accept(
     fingerprint: &str,
     via_ca: bool,
     from_ip: &str,
-) -> Result<Accepted, String> {
+) -> Result<Decision, String> {
     let Hello {
         protocol,
         max_protocol,
@@ -235,11 +256,24 @@ async fn accept(
         next_fingerprint,
     } = hello;
     let protocol = crate::replication::proto::negotiate(*protocol, *max_protocol)?;
-    let cfg = load_config(&shared.store);
-    let (storage, _trust_group) = authorize(&cfg, &shared.cfg.name, primary, fingerprint, via_ca)
-        .inspect_err(|_| {
-        warn!(%primary, %fingerprint, "refused an unauthorized primary");
-    })?;
+    // A primary of a replica cluster's Broker: the node the Broker placed its VM on
+    // holds the replica; any other server of the cluster sends it there.
+    let brokered = crate::broker::node_answer(shared, primary, fingerprint, via_ca, &spec.name);
+    let storage = match brokered {
+        Some(Ok(crate::broker::NodeAnswer::Here(storage))) => storage,
+        Some(Ok(crate::broker::NodeAnswer::Elsewhere { node, address })) => {
+            return Ok(Decision::Redirect { node, address })
+        }
+        Some(Err(reason)) => return Err(reason),
+        None => {
+            let cfg = load_config(&shared.store);
+            authorize(&cfg, &shared.cfg.name, primary, fingerprint, via_ca)
+                .inspect_err(|_| {
+                    warn!(%primary, %fingerprint, "refused an unauthorized primary");
+                })?
+                .0
+        }
+    };
     // Everything the primary says about its VM is checked against this host's rules
     // before anything is stored or created.
     if let Err(reason) = check_hello(spec, disks, settings, boot_files) {
@@ -253,6 +287,19 @@ async fn accept(
     }
     // Authenticated by its current certificate: its announced successor is trusted next.
     crate::replication::rotation::learn(&shared.store, fingerprint, next_fingerprint.as_deref());
+    // A Replica Broker keeps no replica itself: it places the VM on a node of its
+    // cluster, and the primary greets that node.
+    if crate::broker::brokered_cluster(shared).is_some() {
+        if protocol < 4 {
+            return Err(format!(
+                "{} is a replica cluster's Broker, which sends primaries to the node holding the replica (protocol 4); {primary} speaks up to {protocol}: upgrade ferry there",
+                shared.cfg.name
+            ));
+        }
+        let name = spec.name.to_string();
+        let (node, address) = tokio::task::block_in_place(|| crate::broker::place(shared, &name))?;
+        return Ok(Decision::Redirect { node, address });
+    }
     let mut extra = Vec::new();
     if *reverse {
         extra = become_replica(
@@ -296,12 +343,12 @@ async fn accept(
             spec.name, shared.cfg.name, rel.last_cycle, shared.cfg.name
         ));
     }
-    Ok(Accepted {
+    Ok(Decision::Welcome(Box::new(Accepted {
         protocol,
         storage,
         extra,
         rel,
-    })
+    })))
 }
 
 /// Serves a welcomed primary's messages until it hangs up.
@@ -388,7 +435,8 @@ async fn planned_failover(
         }
     } else {
         // Starting a VM here is this host's decision, not the primary's.
-        let may_start = start && load_config(&shared.store).allow_primary_start;
+        let may_start =
+            start && super::config_for(shared, s.spec.name.as_str()).allow_primary_start;
         let held_back = if start && !may_start {
             format!(
                 "; {} was not started: {} does not let primaries start VMs (start it there with `ferry vm start {}`, or allow it with `ferry replica-server set --allow-primary-start yes`)",

@@ -1,0 +1,472 @@
+//! The Replica Broker's placement and redirection (Hyper-V's "initial placement" and
+//! "redirection"), and a cluster node's side of them.
+//!
+//! Primaries know a replica cluster by its Broker's address. The Broker authorizes a
+//! primary's greeting with its replica-server settings, places the replica VM on a node
+//! that is online (the one holding fewest), and answers `Redirect` with that node; the
+//! primary then greets the node, which keeps the replica VM in its own store and its
+//! recovery points on the shared directory. When that node dies the primary cannot reach
+//! it, asks the Broker again, and the Broker places the VM on a surviving node, which takes
+//! the replica over from what the dead node last committed: replication goes on with
+//! deltas, without a new initial copy.
+//!
+//! Everything the Broker and the nodes share is on the cluster's shared directory, under
+//! `broker/`:
+//! - `replica-server.json`: the Broker's replica-server settings (authorization, storage
+//!   on the shared directory) and its replication address, published by the Broker
+//!   whenever they change (Hyper-V's central configuration); nodes authorize the Broker's
+//!   primaries with them.
+//! - `placement/VM`: the node holding VM's replica.
+//! - `held/VM.json`: the replica VM as its node last committed it (spec, relationship,
+//!   recovery points). Written before the primary hears a cycle was committed, and after
+//!   every retention step, so the next node never builds on a point that is gone.
+
+use std::path::{Path, PathBuf};
+
+use ferry_api_types::cluster::BrokerReplica;
+use ferry_api_types::ReplicaServerConfig;
+use ferry_cluster::pacemaker;
+use ferry_cluster::shared::{write_atomic, SharedDir};
+use ferry_domain::{ReplicationState, Role, VmName, VmSpec};
+use ferry_store::{PointRow, ReplicationRow, StoreError};
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+use crate::replication::replica::{authorize, load_config};
+use crate::replication::Shared;
+
+/// What the Broker publishes for the nodes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Published {
+    /// The Broker's name.
+    pub broker: String,
+    /// Its replication `address:port` (nodes send primaries of VMs they no longer hold
+    /// back there).
+    pub address: String,
+    /// Its replica-server settings.
+    pub config: ReplicaServerConfig,
+}
+
+/// A replica VM as the node holding it last committed it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Held {
+    node: String,
+    spec: VmSpec,
+    partner_name: String,
+    partner_addr: String,
+    partner_fingerprint: String,
+    settings: ferry_domain::replication::ReplicationSettings,
+    state: String,
+    last_cycle: i64,
+    last_point_at: Option<i64>,
+    created_at: i64,
+    points: Vec<PointRow>,
+    last_capture: Option<u64>,
+}
+
+fn published_path(shared: &SharedDir) -> PathBuf {
+    shared.broker_dir().join("replica-server.json")
+}
+
+fn placement_path(shared: &SharedDir, vm: &str) -> PathBuf {
+    shared.broker_dir().join("placement").join(vm)
+}
+
+fn held_path(shared: &SharedDir, vm: &str) -> PathBuf {
+    shared.broker_dir().join("held").join(format!("{vm}.json"))
+}
+
+/// The cluster whose Broker this ferryd is.
+pub fn brokered_cluster(s: &Shared) -> Option<SharedDir> {
+    SharedDir::open(s.cfg.broker_for.as_deref()?).ok()
+}
+
+/// On the Broker: publishes its replica-server settings for the nodes.
+pub fn publish(s: &Shared) -> anyhow::Result<()> {
+    let Some(shared) = brokered_cluster(s) else {
+        return Ok(());
+    };
+    let config = load_config(&s.store);
+    let p = Published {
+        broker: s.cfg.name.clone(),
+        address: format!("{}:{}", s.cfg.tls_listen.ip(), config.port),
+        config,
+    };
+    let bytes = serde_json::to_vec_pretty(&p).expect("serializable");
+    write_atomic(&published_path(&shared), &bytes)
+        .map_err(|e| anyhow::anyhow!("cannot publish the Broker's settings: {e}"))?;
+    Ok(())
+}
+
+/// On the Broker: a replica storage must be on the shared directory, where every node
+/// can hold the replicas.
+pub fn check_storage(s: &Shared, dir: &Path) -> Result<(), String> {
+    let Some(shared) = brokered_cluster(s) else {
+        return Ok(());
+    };
+    if dir.starts_with(shared.root()) {
+        Ok(())
+    } else {
+        Err(format!(
+            "the Replica Broker's storage must be on the cluster's shared directory ({}), where every node can hold the replicas",
+            shared.root().display()
+        ))
+    }
+}
+
+/// The Broker's published settings, on a node of a cluster that has a Broker.
+pub fn published(s: &Shared) -> Option<(SharedDir, Published)> {
+    let shared = crate::cluster::membership(s)?;
+    shared.broker().ok().flatten()?;
+    let bytes = std::fs::read(published_path(&shared)).ok()?;
+    let p = serde_json::from_slice(&bytes).ok()?;
+    Some((shared, p))
+}
+
+/// The node holding VM's replica.
+pub fn placement(shared: &SharedDir, vm: &str) -> Option<String> {
+    std::fs::read_to_string(placement_path(shared, vm))
+        .ok()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+}
+
+/// Every placed replica VM, with its node and the last cycle its node committed.
+pub fn replicas(shared: &SharedDir) -> Vec<BrokerReplica> {
+    let Ok(dir) = std::fs::read_dir(shared.broker_dir().join("placement")) else {
+        return Vec::new();
+    };
+    let mut out: Vec<BrokerReplica> = dir
+        .flatten()
+        .filter_map(|e| {
+            let vm = e.file_name().to_str()?.to_owned();
+            if vm.contains(".tmp.") {
+                return None;
+            }
+            let node = placement(shared, &vm)?;
+            let last_cycle = std::fs::read(held_path(shared, &vm))
+                .ok()
+                .and_then(|b| serde_json::from_slice::<Held>(&b).ok())
+                .map_or(0, |h| h.last_cycle);
+            Some(BrokerReplica {
+                vm,
+                node,
+                last_cycle,
+            })
+        })
+        .collect();
+    out.sort_by(|a, b| a.vm.cmp(&b.vm));
+    out
+}
+
+/// On the Broker: the node that holds (or now gets) VM's replica, and its replication
+/// address. A VM stays on its node while that node is a member of the cluster; otherwise
+/// it goes to the online node holding fewest replicas.
+pub fn place(s: &Shared, vm: &str) -> Result<(String, String), String> {
+    let shared = brokered_cluster(s).ok_or("this ferryd is not a Replica Broker")?;
+    let cluster = shared.config().map_err(|e| e.to_string())?;
+    let stack = pacemaker::status().map_err(|e| e.to_string())?;
+    let online: Vec<&pacemaker::NodeState> = stack
+        .nodes
+        .iter()
+        .filter(|n| n.online && !n.unclean)
+        .collect();
+    let port = load_config(&s.store).port;
+    let current = placement(&shared, vm);
+    let node = match current {
+        Some(n) if online.iter().any(|o| o.name == n) => n,
+        _ => {
+            let taken = replicas(&shared);
+            let chosen = online
+                .iter()
+                .filter(|n| !n.standby)
+                .min_by_key(|n| (taken.iter().filter(|r| r.node == n.name).count(), &n.name))
+                .ok_or_else(|| {
+                    format!(
+                        "replica cluster {} has no node online to hold the replica of {vm}: bring a node back (ferry cluster status)",
+                        cluster.name
+                    )
+                })?
+                .name
+                .clone();
+            let path = placement_path(&shared, vm);
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+            }
+            write_atomic(&path, chosen.as_bytes()).map_err(|e| e.to_string())?;
+            let msg = match &current {
+                Some(old) => format!(
+                    "the replica of {vm} moves from node {old} (not a cluster member now) to node {chosen}"
+                ),
+                None => format!("the replica of {vm} is placed on node {chosen}"),
+            };
+            info!(vm, node = %chosen, "{msg}");
+            s.events.emit_with(vm, "replica_placed", "info", &msg);
+            chosen
+        }
+    };
+    let address = cluster
+        .node(&node)
+        .map(|n| n.address.clone())
+        .ok_or_else(|| format!("node {node} is not in the cluster's configuration"))?;
+    Ok((node.clone(), format!("{address}:{port}")))
+}
+
+/// On a node, for a greeting whose primary the Broker's settings authorize.
+pub enum NodeAnswer {
+    /// This node holds the replica: it goes into this storage.
+    Here(PathBuf),
+    /// Another node (or the Broker) does: the primary is sent there.
+    Elsewhere {
+        /// Its name.
+        node: String,
+        /// Its replication address.
+        address: String,
+    },
+}
+
+/// On a node: whether a primary's greeting for `vm` is the Broker's business here, and
+/// then whether this node holds the replica (taken over from the node that held it before,
+/// if that node died). `None`: the Broker's settings do not authorize this primary (the
+/// node's own replica-server settings decide).
+pub fn node_answer(
+    s: &Shared,
+    primary: &str,
+    fingerprint: &str,
+    via_ca: bool,
+    vm: &VmName,
+) -> Option<Result<NodeAnswer, String>> {
+    let (shared, p) = published(s)?;
+    let (storage, _) = authorize(&p.config, &p.broker, primary, fingerprint, via_ca).ok()?;
+    Some(match placement(&shared, vm.as_str()) {
+        Some(n) if n == s.cfg.name => take_over(s, &shared, vm).map(|()| NodeAnswer::Here(storage)),
+        _ => Ok(NodeAnswer::Elsewhere {
+            node: p.broker,
+            address: p.address,
+        }),
+    })
+}
+
+/// The certificate-level admission of a node for the Broker's primaries (see
+/// `replica::admit`).
+pub fn node_config(s: &Shared) -> Option<(String, ReplicaServerConfig)> {
+    published(s).map(|(_, p)| (p.broker, p.config))
+}
+
+/// Makes this node's store hold the replica VM as the shared directory says its last
+/// node committed it, unless this node's own copy is as new.
+fn take_over(s: &Shared, shared: &SharedDir, vm: &VmName) -> Result<(), String> {
+    let path = held_path(shared, vm.as_str());
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        // Not replicated yet: the greeting creates the replica VM here.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+    };
+    let held: Held = serde_json::from_slice(&bytes)
+        .map_err(|e| format!("{} is damaged: {e}", path.display()))?;
+    let store_err = |e: StoreError| format!("cannot take over the replica of {vm}: {e}");
+    let state: ReplicationState = held.state.parse()?;
+    let rel_for = |vm_id: i64| ReplicationRow {
+        vm_id,
+        role: Role::Replica,
+        partner_name: held.partner_name.clone(),
+        partner_addr: held.partner_addr.clone(),
+        partner_fingerprint: held.partner_fingerprint.clone(),
+        settings: held.settings.clone(),
+        state,
+        generation: 0,
+        last_cycle: held.last_cycle,
+        last_point_at: held.last_point_at,
+        last_error: None,
+        created_at: held.created_at,
+    };
+    let vm_id = match s.store.get_vm(vm) {
+        Ok(row) => {
+            let mine = s.store.replication(row.id).map_err(store_err)?;
+            match mine {
+                Some(m) if m.role == Role::Replica => {
+                    let points = s.store.list_points(row.id).map_err(store_err)?;
+                    let same = |a: &[PointRow], b: &[PointRow]| {
+                        a.len() == b.len()
+                            && a.iter()
+                                .zip(b)
+                                .all(|(x, y)| x.cycle == y.cycle && x.layers == y.layers)
+                    };
+                    if m.last_cycle > held.last_cycle
+                        || (m.last_cycle == held.last_cycle
+                            && m.state == state
+                            && same(&points, &held.points))
+                    {
+                        return Ok(());
+                    }
+                    for p in points {
+                        s.store.delete_point(p.id).map_err(store_err)?;
+                    }
+                    s.store.set_vm_spec(row.id, &held.spec).map_err(store_err)?;
+                    s.store
+                        .update_replication(&rel_for(row.id))
+                        .map_err(store_err)?;
+                    row.id
+                }
+                _ => {
+                    return Err(format!(
+                        "node {} has a VM of its own named {vm}, so it cannot hold this replica: rename or remove that VM there",
+                        s.cfg.name
+                    ))
+                }
+            }
+        }
+        Err(StoreError::NotFound(_)) => {
+            let row = s
+                .store
+                .insert_vm(&held.spec, crate::replication::now_unix())
+                .map_err(store_err)?;
+            s.store
+                .insert_replication(&rel_for(row.id))
+                .map_err(store_err)?;
+            row.id
+        }
+        Err(e) => return Err(store_err(e)),
+    };
+    let rel = rel_for(vm_id);
+    for p in &held.points {
+        let mut p = p.clone();
+        p.vm_id = vm_id;
+        s.store.commit_point(&p, &rel).map_err(store_err)?;
+    }
+    if let Some(c) = held.last_capture {
+        let _ = s.store.set_setting(
+            &crate::replication::replica::last_capture_key(vm_id),
+            &c.to_string(),
+        );
+    }
+    info!(vm = %vm, from = %held.node, cycle = held.last_cycle, "took over the replica the Broker placed here");
+    s.events.emit(
+        vm,
+        "replica_placed",
+        &format!(
+            "took over the replica of {vm} from node {} at cycle {}",
+            held.node, held.last_cycle
+        ),
+    );
+    Ok(())
+}
+
+/// On a node: writes the replica VM `vm_id` to the shared directory when the Broker
+/// placed it here, so the node that holds it next starts from exactly this. Called
+/// before a cycle's commit is acknowledged and after each retention step.
+pub fn hold(s: &Shared, vm_id: i64) -> anyhow::Result<()> {
+    let Some(shared) = crate::cluster::membership(s) else {
+        return Ok(());
+    };
+    let Some(row) = s.store.vm_by_id(vm_id)? else {
+        return Ok(());
+    };
+    let name = row.spec.name.to_string();
+    if placement(&shared, &name).as_deref() != Some(s.cfg.name.as_str()) {
+        return Ok(());
+    }
+    let Some(rel) = s.store.replication(vm_id)? else {
+        return Ok(());
+    };
+    if rel.role != Role::Replica {
+        return Ok(());
+    }
+    let held = Held {
+        node: s.cfg.name.clone(),
+        spec: row.spec,
+        partner_name: rel.partner_name,
+        partner_addr: rel.partner_addr,
+        partner_fingerprint: rel.partner_fingerprint,
+        settings: rel.settings,
+        state: rel.state.as_str().to_owned(),
+        last_cycle: rel.last_cycle,
+        last_point_at: rel.last_point_at,
+        created_at: rel.created_at,
+        points: s.store.list_points(vm_id)?,
+        last_capture: s
+            .store
+            .setting(&crate::replication::replica::last_capture_key(vm_id))?
+            .and_then(|v| v.parse().ok()),
+    };
+    let path = held_path(&shared, &name);
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let bytes = serde_json::to_vec_pretty(&held).expect("serializable");
+    if std::fs::read(&path).ok().as_deref() != Some(&bytes[..]) {
+        write_atomic(&path, &bytes)?;
+    }
+    Ok(())
+}
+
+/// On the node holding it: a removed replica is no longer placed anywhere, so enabling
+/// replication again starts anew.
+pub fn forget(s: &Shared, vm: &str) {
+    let Some(shared) = crate::cluster::membership(s) else {
+        return;
+    };
+    if placement(&shared, vm).as_deref() == Some(s.cfg.name.as_str()) {
+        let _ = std::fs::remove_file(held_path(&shared, vm));
+        let _ = std::fs::remove_file(placement_path(&shared, vm));
+        info!(vm, "the Broker's placement of this replica is removed");
+    }
+}
+
+/// On a node at startup: forgets (in its store only) the replicas the Broker placed here
+/// once and has since moved to another node. Their files are that node's now; keeping
+/// the stale rows would make this node clean up layers it no longer knows of.
+pub fn release_moved(s: &Shared) {
+    let Some(shared) = crate::cluster::membership(s) else {
+        return;
+    };
+    let Ok(rels) = s.store.list_replications() else {
+        return;
+    };
+    for rel in rels.into_iter().filter(|r| r.role == Role::Replica) {
+        let Ok(Some(row)) = s.store.vm_by_id(rel.vm_id) else {
+            continue;
+        };
+        match placement(&shared, row.spec.name.as_str()) {
+            Some(node) if node != s.cfg.name => {
+                info!(vm = %row.spec.name, %node, "the Broker moved this replica to another node; forgetting it here");
+                if let Err(e) = s.store.delete_vm(&row.spec.name) {
+                    warn!(vm = %row.spec.name, error = %e, "cannot forget a moved replica");
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// On a node, every few seconds: listens for the Broker's primaries once the Broker has
+/// published its settings, and writes the replicas held here to the shared directory.
+pub async fn node_tick(s: &std::sync::Arc<Shared>) {
+    let Some((_, p)) = published(s) else {
+        return;
+    };
+    let want = std::net::SocketAddr::new(s.cfg.tls_listen.ip(), p.config.port).to_string();
+    let listening = s.replica.listening.lock().expect("listening").clone();
+    if listening.as_deref() != Some(want.as_str()) {
+        if let Err(e) = crate::replication::replica::apply_config(s).await {
+            warn!(
+                error = format!("{e:#}"),
+                "cannot listen for the Replica Broker's primaries"
+            );
+        }
+    }
+    let Ok(rels) = s.store.list_replications() else {
+        return;
+    };
+    for rel in rels.into_iter().filter(|r| r.role == Role::Replica) {
+        if let Err(e) = hold(s, rel.vm_id) {
+            warn!(
+                vm_id = rel.vm_id,
+                error = format!("{e:#}"),
+                "cannot write a held replica to the shared directory"
+            );
+        }
+    }
+}
