@@ -160,8 +160,8 @@ pub fn replicas(shared: &SharedDir) -> Vec<BrokerReplica> {
 }
 
 /// On the Broker: the node that holds (or now gets) VM's replica, and its replication
-/// address. A VM stays on its node while that node is a member of the cluster; otherwise
-/// it goes to the online node holding fewest replicas.
+/// address. A VM stays on its node while that node is a member of the cluster; once the
+/// node is out (and fenced) it goes to the online node holding fewest replicas.
 pub fn place(s: &Shared, vm: &str) -> Result<(String, String), String> {
     let shared = brokered_cluster(s).ok_or("this ferryd is not a Replica Broker")?;
     let cluster = shared.config().map_err(|e| e.to_string())?;
@@ -173,6 +173,14 @@ pub fn place(s: &Shared, vm: &str) -> Result<(String, String), String> {
         .collect();
     let port = load_config(&s.store).port;
     let current = placement(&shared, vm);
+    // Fencing first: a node lost but not yet fenced may still write the replica's files.
+    if let Some(n) = &current {
+        if stack.nodes.iter().any(|x| &x.name == n && x.unclean) {
+            return Err(format!(
+                "node {n}, which holds the replica of {vm}, is lost and not yet fenced: the replica moves once it is (seconds; see `ferry cluster status`)"
+            ));
+        }
+    }
     let node = match current {
         Some(n) if online.iter().any(|o| o.name == n) => n,
         _ => {
@@ -358,6 +366,10 @@ fn take_over(s: &Shared, shared: &SharedDir, vm: &VmName) -> Result<(), String> 
 /// placed it here, so the node that holds it next starts from exactly this. Called
 /// before a cycle's commit is acknowledged and after each retention step.
 pub fn hold(s: &Shared, vm_id: i64) -> anyhow::Result<()> {
+    // One writer at a time: a slower writer's older snapshot must never land after a
+    // newer one (the point a primary was told of would be missing on the next node).
+    static ONE_WRITER: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = ONE_WRITER.lock().unwrap_or_else(|e| e.into_inner());
     let Some(shared) = crate::cluster::membership(s) else {
         return Ok(());
     };
@@ -469,4 +481,69 @@ pub async fn node_tick(s: &std::sync::Arc<Shared>) {
             );
         }
     }
+    // Replicas the Broker moved here while no primary greets (the primary site is down:
+    // exactly when a failover on this cluster is needed) are taken over now. Only those
+    // this node has no row of: one it has is brought up to date by its primary's next
+    // greeting, under that VM's session lock.
+    let Some((shared, _)) = published(s) else {
+        return;
+    };
+    for r in replicas(&shared) {
+        if r.node != s.cfg.name {
+            continue;
+        }
+        let Ok(vm) = VmName::new(&r.vm) else {
+            continue;
+        };
+        if matches!(s.store.get_vm(&vm), Err(StoreError::NotFound(_))) {
+            if let Err(e) = take_over(s, &shared, &vm) {
+                warn!(vm = %vm, error = %e, "cannot take over a replica the Broker placed here");
+            }
+        }
+    }
+}
+
+/// On the Broker, every few seconds: a replica whose node left the cluster (died, was
+/// fenced, left) is placed on another node at once, so that it can be failed over even
+/// while its primary is gone.
+pub fn spawn_watcher(s: &std::sync::Arc<Shared>) {
+    if s.cfg.broker_for.is_none() {
+        return;
+    }
+    let s = s.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+            let s2 = s.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                let Some(shared) = brokered_cluster(&s2) else {
+                    return;
+                };
+                let placed = replicas(&shared);
+                if placed.is_empty() {
+                    return;
+                }
+                // Only a quorate view decides that a node is gone.
+                let Ok(stack) = pacemaker::status() else {
+                    return;
+                };
+                if !stack.quorate {
+                    return;
+                }
+                for r in placed {
+                    // Offline and fenced (or left cleanly): never while it may still write.
+                    let gone = !stack
+                        .nodes
+                        .iter()
+                        .any(|n| n.name == r.node && (n.online || n.unclean));
+                    if gone {
+                        if let Err(e) = place(&s2, &r.vm) {
+                            warn!(vm = %r.vm, error = %e, "cannot move a replica off a lost node");
+                        }
+                    }
+                }
+            })
+            .await;
+        }
+    });
 }

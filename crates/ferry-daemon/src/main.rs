@@ -143,6 +143,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         replication::Shared::new(cfg.clone(), store.clone(), identity.clone(), vms.clone());
     replication::start(&replication).await?;
     cluster::boot(&replication).await;
+    broker::spawn_watcher(&replication);
 
     let restart = Arc::new(tokio::sync::Notify::new());
     let state = Arc::new(api::AppState {

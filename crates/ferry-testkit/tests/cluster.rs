@@ -876,6 +876,40 @@ fn a_cluster_replicates_to_a_replica_clusters_broker_which_survives_its_node() {
     assert_ne!(db_node, moved_to, "placed on a node holding fewest");
     assert_ne!(db_node, web_node, "placed on a node holding fewest");
     assert_eq!(node_points(&c, &db_node, "db").len(), 1);
+    // The primary site is gone (db's replication stops) and then db's node dies too: the
+    // Broker moves the replica by itself once the node is fenced, the new node takes it
+    // over, and it can be failed over there.
+    c.node("node1")
+        .host
+        .ferry_ok(&["replication", "suspend", "db"]);
+    c.crash(&db_node);
+    let ask2 = ["node4", "node5", "node6"]
+        .into_iter()
+        .find(|n| *n != db_node)
+        .unwrap()
+        .to_owned();
+    let mut db_moved = String::new();
+    wait_for(
+        "db's replica moved with no primary greeting",
+        Duration::from_secs(90),
+        || {
+            db_moved = holder(&c, &ask2, "db").unwrap_or_default();
+            !db_moved.is_empty()
+                && db_moved != db_node
+                && node_points(&c, &db_moved, "db").len() == 1
+        },
+    );
+    let st = c.status(&ask2);
+    assert_eq!(
+        fences_of(&st, &db_node),
+        2,
+        "fenced before the move: {st:#}"
+    );
+    let dh = &c.node(&db_moved).host;
+    dh.ferry_ok(&["failover", "start", "db", "--force"]);
+    let st = ferry_testkit::replication::status(dh, "db");
+    assert_eq!(st["state"], "failed_over_waiting_completion", "{st:#}");
+    c.reboot(&db_node);
 
     // Failover operations against the replica cluster, on the node holding the replica:
     // a test failover boots a point, then an unplanned failover (pa "lost").
