@@ -22,6 +22,7 @@
 //!   every retention step, so the next node never builds on a point that is gone.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use ferry_api_types::cluster::BrokerReplica;
 use ferry_api_types::ReplicaServerConfig;
@@ -165,35 +166,78 @@ pub fn replicas(shared: &SharedDir) -> Vec<BrokerReplica> {
 pub fn place(s: &Shared, vm: &str) -> Result<(String, String), String> {
     let shared = brokered_cluster(s).ok_or("this ferryd is not a Replica Broker")?;
     let cluster = shared.config().map_err(|e| e.to_string())?;
-    let stack = pacemaker::status().map_err(|e| e.to_string())?;
-    let online: Vec<&pacemaker::NodeState> = stack
-        .nodes
-        .iter()
-        .filter(|n| n.online && !n.unclean)
-        .collect();
     let port = load_config(&s.store).port;
     let current = placement(&shared, vm);
-    // Fencing first: a node lost but not yet fenced may still write the replica's files.
-    if let Some(n) = &current {
-        if stack.nodes.iter().any(|x| &x.name == n && x.unclean) {
-            return Err(format!(
-                "node {n}, which holds the replica of {vm}, is lost and not yet fenced: the replica moves once it is (seconds; see `ferry cluster status`)"
-            ));
-        }
-    }
+    let member = |st: &pacemaker::StackStatus, name: &str| {
+        st.nodes
+            .iter()
+            .any(|n| n.name == name && n.online && !n.unclean)
+    };
+    // The common case answers from the recent view: the replica stays on its node.
+    let recent = stack_view()?;
+    let unclean = |st: &pacemaker::StackStatus, name: &str| {
+        st.nodes.iter().any(|x| x.name == name && x.unclean)
+    };
+    let not_fenced = |n: &str| {
+        format!(
+            "node {n}, which holds the replica of {vm}, is lost and not yet fenced: the replica moves once it is (seconds; see `ferry cluster status`)"
+        )
+    };
     let node = match current {
-        Some(n) if online.iter().any(|o| o.name == n) => n,
+        Some(n) if member(&recent, &n) => n,
+        // Fencing first: a node lost but not yet fenced may still write the replica's
+        // files. (Answered from the recent view: asking Pacemaker now may take seconds.)
+        Some(n) if unclean(&recent, &n) => return Err(not_fenced(&n)),
         _ => {
+            // Placing or moving a replica takes a fresh, quorate view.
+            let stack = refresh_view()?;
+            if !stack.quorate {
+                return Err(format!(
+                    "replica cluster {} has no quorum here: no replica is placed until it has (see `ferry cluster status`)",
+                    cluster.name
+                ));
+            }
+            if let Some(n) = &current {
+                if member(&stack, n) {
+                    return Ok((n.clone(), node_address(&cluster, n, port)?));
+                }
+                if unclean(&stack, n) {
+                    return Err(not_fenced(n));
+                }
+            }
+            // Fewest replicas first; like Hyper-V's Broker, only a node whose replica
+            // server answers (its ferryd listens on the Broker's port).
             let taken = replicas(&shared);
-            let chosen = online
+            let mut candidates: Vec<&pacemaker::NodeState> = stack
+                .nodes
                 .iter()
-                .filter(|n| !n.standby)
-                .min_by_key(|n| (taken.iter().filter(|r| r.node == n.name).count(), &n.name))
+                .filter(|n| n.online && !n.unclean && !n.standby)
+                .collect();
+            candidates
+                .sort_by_key(|n| (taken.iter().filter(|r| r.node == n.name).count(), &n.name));
+            let answers = |name: &str| {
+                node_address(&cluster, name, port)
+                    .ok()
+                    .and_then(|a| a.parse().ok())
+                    .is_some_and(|addr: std::net::SocketAddr| {
+                        std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok()
+                    })
+            };
+            let chosen = candidates
+                .iter()
+                .find(|n| answers(&n.name))
                 .ok_or_else(|| {
-                    format!(
-                        "replica cluster {} has no node online to hold the replica of {vm}: bring a node back (ferry cluster status)",
-                        cluster.name
-                    )
+                    if candidates.is_empty() {
+                        format!(
+                            "replica cluster {} has no node online to hold the replica of {vm}: bring a node back (ferry cluster status)",
+                            cluster.name
+                        )
+                    } else {
+                        format!(
+                            "no node of replica cluster {} accepts replication on port {port} yet (a node's ferryd listens there within seconds of the Broker's `replica-server set`): try again shortly, or check the nodes' ferryd",
+                            cluster.name
+                        )
+                    }
                 })?
                 .name
                 .clone();
@@ -214,11 +258,42 @@ pub fn place(s: &Shared, vm: &str) -> Result<(String, String), String> {
             chosen
         }
     };
-    let address = cluster
-        .node(&node)
-        .map(|n| n.address.clone())
-        .ok_or_else(|| format!("node {node} is not in the cluster's configuration"))?;
-    Ok((node.clone(), format!("{address}:{port}")))
+    let address = node_address(&cluster, &node, port)?;
+    Ok((node, address))
+}
+
+/// A node's replication address: its cluster address and the Broker's port.
+fn node_address(
+    cluster: &ferry_cluster::shared::ClusterConfig,
+    node: &str,
+    port: u16,
+) -> Result<String, String> {
+    cluster
+        .node(node)
+        .map(|n| format!("{}:{port}", n.address))
+        .ok_or_else(|| format!("node {node} is not in the cluster's configuration"))
+}
+
+/// The Broker's view of the cluster, refreshed every second by its watcher: asking
+/// Pacemaker while a node is being lost can take many seconds, which a primary's greeting
+/// must not wait for (it would time out and retry only a cycle later).
+static VIEW: std::sync::Mutex<Option<(std::time::Instant, pacemaker::StackStatus)>> =
+    std::sync::Mutex::new(None);
+
+/// The freshest view (at most 15 s old), else Pacemaker asked now.
+fn stack_view() -> Result<pacemaker::StackStatus, String> {
+    if let Some((at, st)) = VIEW.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+        if at.elapsed() < Duration::from_secs(15) {
+            return Ok(st.clone());
+        }
+    }
+    refresh_view()
+}
+
+fn refresh_view() -> Result<pacemaker::StackStatus, String> {
+    let st = pacemaker::status().map_err(|e| e.to_string())?;
+    *VIEW.lock().unwrap_or_else(|e| e.into_inner()) = Some((std::time::Instant::now(), st.clone()));
+    Ok(st)
 }
 
 /// On a node, for a greeting whose primary the Broker's settings authorize.
@@ -503,7 +578,7 @@ pub async fn node_tick(s: &std::sync::Arc<Shared>) {
     }
 }
 
-/// On the Broker, every few seconds: a replica whose node left the cluster (died, was
+/// On the Broker, every second: a replica whose node left the cluster (died, was
 /// fenced, left) is placed on another node at once, so that it can be failed over even
 /// while its primary is gone.
 pub fn spawn_watcher(s: &std::sync::Arc<Shared>) {
@@ -513,20 +588,17 @@ pub fn spawn_watcher(s: &std::sync::Arc<Shared>) {
     let s = s.clone();
     tokio::spawn(async move {
         loop {
-            tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
             let s2 = s.clone();
             let _ = tokio::task::spawn_blocking(move || {
                 let Some(shared) = brokered_cluster(&s2) else {
                     return;
                 };
-                let placed = replicas(&shared);
-                if placed.is_empty() {
-                    return;
-                }
-                // Only a quorate view decides that a node is gone.
-                let Ok(stack) = pacemaker::status() else {
+                let Ok(stack) = refresh_view() else {
                     return;
                 };
+                let placed = replicas(&shared);
+                // Only a quorate view decides that a node is gone.
                 if !stack.quorate {
                     return;
                 }

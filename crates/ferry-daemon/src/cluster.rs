@@ -1322,16 +1322,44 @@ tls_listen = \"{}\"\naccel = \"{accel}\"\nfile_roots = [{roots}]\nbroker_for = {
         return Err(e);
     }
     info!(broker = %name, %address, "Replica Broker created");
-    // Wait (briefly) until it runs, so the reply says where.
+    // Wait (briefly) until it runs, so the reply says where, and until the online nodes
+    // listen on its port (they hold the replicas it places).
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         let st = blocking(pacemaker::status).await?;
         let b = broker_of(&shared, &st).expect("just configured");
-        if b.state == "started" || tokio::time::Instant::now() > deadline {
+        let ready = b.state == "started" && {
+            let (shared, st) = (shared.clone(), st.clone());
+            tokio::task::spawn_blocking(move || nodes_listen(&shared, &st))
+                .await
+                .unwrap_or(false)
+        };
+        if ready || tokio::time::Instant::now() > deadline {
             return Ok(b);
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+}
+
+/// Whether every online node's replica server answers on the port the Broker published.
+fn nodes_listen(shared: &SharedDir, st: &pacemaker::StackStatus) -> bool {
+    let Ok(bytes) = std::fs::read(shared.broker_dir().join("replica-server.json")) else {
+        return false;
+    };
+    let Ok(p) = serde_json::from_slice::<crate::broker::Published>(&bytes) else {
+        return false;
+    };
+    let Ok(cluster) = shared.config() else {
+        return false;
+    };
+    st.nodes.iter().filter(|n| n.online).all(|n| {
+        cluster
+            .node(&n.name)
+            .and_then(|c| format!("{}:{}", c.address, p.config.port).parse().ok())
+            .is_some_and(|addr: std::net::SocketAddr| {
+                std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok()
+            })
+    })
 }
 
 /// `ferry replica-broker show`.

@@ -184,8 +184,11 @@ async fn run_cycle_in_span(shared: &Arc<Shared>, rel: &ReplicationRow) {
     // The guest shut down under the cycle (an administrator preparing a planned failover
     // does exactly this): not a replication error. The capture that lost its QEMU left its
     // change-tracking generation on the disk, which the offline capture adopts, so the
-    // cycle runs again at once from the stopped VM's disks.
-    if result.is_err() && was_running && vm_went_off(shared, rel.vm_id).await {
+    // cycle runs again at once from the stopped VM's disks. Only a capture that failed
+    // can mean that: when the cycle is captured and only its sending failed (the replica
+    // is unreachable), waiting to see whether the VM goes off would only delay the retry.
+    let captured = pending(shared, rel.vm_id).is_some();
+    if result.is_err() && was_running && !captured && vm_went_off(shared, rel.vm_id).await {
         info!("the VM stopped during the cycle: captured again from its disks");
         // From the store again: the failed attempt may have recorded a cycle.
         if let Ok(Some(fresh)) = shared.store.replication(rel.vm_id) {
