@@ -401,10 +401,14 @@ pub async fn set_ha(
     let shared = member(s)?;
     let vm = VmName::new(name).map_err(|e| ApiFailure::invalid(e.to_string()))?;
     let id = resource_id(vm.as_str())?;
-    let Some(mut entry) = shared.vm(vm.as_str())? else {
-        return Err(ApiFailure::not_found(format!(
-            "VM {vm} is not in the cluster's inventory (create it on a cluster node, or run this on the node that has it)"
-        )));
+    let mut entry = match shared.vm(vm.as_str())? {
+        Some(e) => e,
+        None if enabled => into_inventory(s, &shared, &vm)?,
+        None => {
+            return Err(ApiFailure::not_found(format!(
+                "VM {vm} is not in the cluster's inventory (run this on the node that has it)"
+            )))
+        }
     };
     if entry.ha == enabled {
         return Ok(ClusterReply {
@@ -442,6 +446,49 @@ pub async fn set_ha(
             message: format!("VM {vm} is an ordinary VM again; it keeps running where it is"),
         })
     }
+}
+
+/// `ha enable` of a VM this node has that is not in the inventory yet (one made before
+/// the node joined, or a replica the Broker placed here and that was failed over): it
+/// joins the inventory, if its disks are on the shared directory and it is not a replica
+/// still receiving replication.
+fn into_inventory(s: &Shared, shared: &SharedDir, vm: &VmName) -> Result<VmEntry, ApiFailure> {
+    let row = s.store.get_vm(vm)?;
+    if let Some(rel) = s.store.replication(row.id)? {
+        use ferry_domain::ReplicationState as St;
+        let failed_over = matches!(rel.state, St::FailedOver | St::FailedOverWaitingCompletion);
+        if rel.role == ferry_domain::Role::Replica && !failed_over {
+            return Err(ApiFailure::conflict(format!(
+                "VM {vm} is a replica receiving replication: fail it over first (ferry failover start {vm})"
+            )));
+        }
+    }
+    if let Some(d) = row
+        .spec
+        .disks
+        .iter()
+        .find(|d| !Path::new(&d.file).starts_with(shared.root()))
+    {
+        return Err(ApiFailure::invalid(format!(
+            "VM {vm}'s disk {} is not on the cluster's shared directory ({}), so no other node could run it",
+            d.file,
+            shared.root().display()
+        )));
+    }
+    record_vm(s, vm.as_str());
+    let entry = shared.vm(vm.as_str())?.ok_or_else(|| {
+        ApiFailure::internal(format!(
+            "VM {vm} could not be recorded in the cluster's inventory"
+        ))
+    })?;
+    if local_state(s, vm.as_str())?.is_some_and(|st| st != VmState::Off) {
+        shared.set_owner(vm.as_str(), Some(&s.cfg.name))?;
+    }
+    // A failed-over replica the Broker placed here is the cluster's VM now, not a replica
+    // for the Broker to move.
+    crate::broker::forget(s, vm.as_str());
+    info!(vm = %vm, "recorded in the cluster's inventory");
+    Ok(entry)
 }
 
 /// Makes the local store's row of a cluster VM match the inventory (the VM may have been

@@ -932,6 +932,55 @@ fn a_cluster_replicates_to_a_replica_clusters_broker_which_survives_its_node() {
     let vm = mh.ferry_json(&["vm", "show", "app"]);
     assert_eq!(vm["state"], "running", "{vm:#}");
     mh.ferry_ok(&["failover", "complete", "app"]);
+    // Made highly available on the replica cluster, the failed-over VM is the cluster's
+    // now (no longer a replica the Broker moves), and a crash of its node restarts it
+    // on another node.
+    let err = c
+        .node(&holder(&c, &moved_to, "web").unwrap())
+        .host
+        .ferry_err(&["vm", "ha", "enable", "web"]);
+    assert!(err.contains("fail it over first"), "{err}");
+    mh.ferry_ok(&["vm", "ha", "enable", "app"]);
+    let other = ["node4", "node5", "node6"]
+        .into_iter()
+        .find(|n| *n != moved_to)
+        .unwrap()
+        .to_owned();
+    assert_eq!(
+        holder(&c, &other, "app"),
+        None,
+        "{}",
+        mh.ferry_ok(&["replica-broker", "show"])
+    );
+    let since = Instant::now();
+    c.crash(&moved_to);
+    let mut restarted = String::new();
+    wait_for(
+        "the failed-over VM restarted on another node",
+        Duration::from_secs(60),
+        || {
+            let st = c.status(&other);
+            restarted = st["vms"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|v| v["name"] == "app")
+                .and_then(|v| v["node"].as_str())
+                .unwrap_or_default()
+                .to_owned();
+            !restarted.is_empty() && restarted != moved_to
+        },
+    );
+    let rh = &c.node(&restarted).host;
+    wait_for("the restarted VM writes", Duration::from_secs(90), || {
+        let r = rh.ferry(&["vm", "console", "app", "--log"]);
+        parse_console(&r.stdout).last_wrote_seq.unwrap_or(0) >= 1
+    });
+    eprintln!(
+        "failed-over app restarted on {restarted} {:?} after {moved_to} died",
+        since.elapsed()
+    );
+    c.reboot(&moved_to);
 
     // Planned failover of web to the replica cluster, zero data loss (the primary greets
     // the Broker, which sends it to web's node), then reverse replication from that node
