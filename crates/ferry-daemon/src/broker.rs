@@ -164,6 +164,10 @@ pub fn replicas(shared: &SharedDir) -> Vec<BrokerReplica> {
 /// address. A VM stays on its node while that node is a member of the cluster; once the
 /// node is out (and fenced) it goes to the online node holding fewest replicas.
 pub fn place(s: &Shared, vm: &str) -> Result<(String, String), String> {
+    // One decision at a time (greetings and the watcher): a replica is never placed on
+    // two nodes at once.
+    static ONE_PLACEMENT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = ONE_PLACEMENT.lock().unwrap_or_else(|e| e.into_inner());
     let shared = brokered_cluster(s).ok_or("this ferryd is not a Replica Broker")?;
     let cluster = shared.config().map_err(|e| e.to_string())?;
     let port = load_config(&s.store).port;
@@ -309,26 +313,52 @@ pub enum NodeAnswer {
     },
 }
 
+/// The store setting that marks a replica as the Broker's (placed on this node once):
+/// its files are on the shared directory, and only while the Broker places it here may
+/// this node write them.
+fn held_key(vm_id: i64) -> String {
+    format!("broker_held:{vm_id}")
+}
+
+/// Whether replica VM `vm_id` is one the Broker placed on this node (now or before).
+pub fn is_brokers(s: &Shared, vm_id: i64) -> bool {
+    s.store.setting(&held_key(vm_id)).ok().flatten().is_some()
+}
+
 /// On a node: whether a primary's greeting for `vm` is the Broker's business here, and
 /// then whether this node holds the replica (taken over from the node that held it before,
 /// if that node died). `None`: the Broker's settings do not authorize this primary (the
-/// node's own replica-server settings decide).
-pub fn node_answer(
+/// node's own replica-server settings decide). `broker_via_ca`: how the Broker's settings
+/// admitted the primary's certificate (`None`: they did not).
+pub async fn node_answer(
     s: &Shared,
     primary: &str,
     fingerprint: &str,
-    via_ca: bool,
+    broker_via_ca: Option<bool>,
     vm: &VmName,
 ) -> Option<Result<NodeAnswer, String>> {
+    let via_ca = broker_via_ca?;
     let (shared, p) = published(s)?;
     let (storage, _) = authorize(&p.config, &p.broker, primary, fingerprint, via_ca).ok()?;
     Some(match placement(&shared, vm.as_str()) {
-        Some(n) if n == s.cfg.name => take_over(s, &shared, vm).map(|()| NodeAnswer::Here(storage)),
+        Some(n) if n == s.cfg.name => take_over(s, &shared, vm)
+            .await
+            .map(|()| NodeAnswer::Here(storage)),
         _ => Ok(NodeAnswer::Elsewhere {
             node: p.broker,
             address: p.address,
         }),
     })
+}
+
+/// On a node, once a greeting the Broker sent here created or found the replica: it is
+/// marked as the Broker's, and what this node holds is on the shared directory before
+/// the primary hears anything (a cycle committed just before a failed write, say).
+pub fn held_here(s: &Shared, vm_id: i64) -> Result<(), String> {
+    s.store
+        .set_setting(&held_key(vm_id), "1")
+        .map_err(|e| e.to_string())?;
+    hold(s, vm_id).map_err(|e| format!("{e:#}"))
 }
 
 /// The certificate-level admission of a node for the Broker's primaries (see
@@ -337,9 +367,14 @@ pub fn node_config(s: &Shared) -> Option<(String, ReplicaServerConfig)> {
     published(s).map(|(_, p)| (p.broker, p.config))
 }
 
+/// One takeover at a time on this node (a greeting and the periodic check).
+static TAKE_OVER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Makes this node's store hold the replica VM as the shared directory says its last
-/// node committed it, unless this node's own copy is as new.
-fn take_over(s: &Shared, shared: &SharedDir, vm: &VmName) -> Result<(), String> {
+/// node committed it, unless this node's own copy is as new. Under the VM's point lock,
+/// so no retention merge is half done here, and in one store transaction.
+async fn take_over(s: &Shared, shared: &SharedDir, vm: &VmName) -> Result<(), String> {
+    let _one = TAKE_OVER.lock().await;
     let path = held_path(shared, vm.as_str());
     let bytes = match std::fs::read(&path) {
         Ok(b) => b,
@@ -351,8 +386,8 @@ fn take_over(s: &Shared, shared: &SharedDir, vm: &VmName) -> Result<(), String> 
         .map_err(|e| format!("{} is damaged: {e}", path.display()))?;
     let store_err = |e: StoreError| format!("cannot take over the replica of {vm}: {e}");
     let state: ReplicationState = held.state.parse()?;
-    let rel_for = |vm_id: i64| ReplicationRow {
-        vm_id,
+    let rel = ReplicationRow {
+        vm_id: 0,
         role: Role::Replica,
         partner_name: held.partner_name.clone(),
         partner_addr: held.partner_addr.clone(),
@@ -365,66 +400,64 @@ fn take_over(s: &Shared, shared: &SharedDir, vm: &VmName) -> Result<(), String> 
         last_error: None,
         created_at: held.created_at,
     };
-    let vm_id = match s.store.get_vm(vm) {
-        Ok(row) => {
-            let mine = s.store.replication(row.id).map_err(store_err)?;
-            match mine {
-                Some(m) if m.role == Role::Replica => {
-                    let points = s.store.list_points(row.id).map_err(store_err)?;
-                    let same = |a: &[PointRow], b: &[PointRow]| {
-                        a.len() == b.len()
-                            && a.iter()
-                                .zip(b)
-                                .all(|(x, y)| x.cycle == y.cycle && x.layers == y.layers)
-                    };
-                    if m.last_cycle > held.last_cycle
-                        || (m.last_cycle == held.last_cycle
-                            && m.state == state
-                            && same(&points, &held.points))
-                    {
-                        return Ok(());
-                    }
-                    for p in points {
-                        s.store.delete_point(p.id).map_err(store_err)?;
-                    }
-                    s.store.set_vm_spec(row.id, &held.spec).map_err(store_err)?;
-                    s.store
-                        .update_replication(&rel_for(row.id))
-                        .map_err(store_err)?;
-                    row.id
-                }
-                _ => {
-                    return Err(format!(
-                        "node {} has a VM of its own named {vm}, so it cannot hold this replica: rename or remove that VM there",
-                        s.cfg.name
-                    ))
-                }
-            }
-        }
-        Err(StoreError::NotFound(_)) => {
-            let row = s
-                .store
-                .insert_vm(&held.spec, crate::replication::now_unix())
-                .map_err(store_err)?;
-            s.store
-                .insert_replication(&rel_for(row.id))
-                .map_err(store_err)?;
-            row.id
-        }
+    let existing = match s.store.get_vm(vm) {
+        Ok(row) => Some(row),
+        Err(StoreError::NotFound(_)) => None,
         Err(e) => return Err(store_err(e)),
     };
-    let rel = rel_for(vm_id);
-    for p in &held.points {
-        let mut p = p.clone();
-        p.vm_id = vm_id;
-        s.store.commit_point(&p, &rel).map_err(store_err)?;
+    let _points = match &existing {
+        Some(row) => Some(s.lock_points(row.id).await),
+        None => None,
+    };
+    if let Some(row) = &existing {
+        let mine = s.store.replication(row.id).map_err(store_err)?;
+        // Only a replica this node held for the Broker before is replaced: a VM of the
+        // node's own with the same name is not the Broker's to overwrite.
+        let brokers = is_brokers(s, row.id)
+            && mine.as_ref().is_some_and(|m| {
+                m.role == Role::Replica
+                    && m.settings.relationship_id == held.settings.relationship_id
+            });
+        if !brokers {
+            return Err(format!(
+                "node {} has a VM of its own named {vm}, so it cannot hold this replica: rename or remove that VM there",
+                s.cfg.name
+            ));
+        }
+        let m = mine.expect("checked");
+        let points = s.store.list_points(row.id).map_err(store_err)?;
+        let same = points.len() == held.points.len()
+            && points
+                .iter()
+                .zip(&held.points)
+                .all(|(x, y)| x.cycle == y.cycle && x.layers == y.layers);
+        if m.last_cycle == held.last_cycle && m.state == state && same {
+            return Ok(());
+        }
     }
-    if let Some(c) = held.last_capture {
-        let _ = s.store.set_setting(
+    let vm_id = s
+        .store
+        .adopt_replica(
+            existing.as_ref().map(|r| r.id),
+            &held.spec,
+            &rel,
+            &held.points,
+            crate::replication::now_unix(),
+        )
+        .map_err(store_err)?;
+    s.store
+        .set_setting(&held_key(vm_id), "1")
+        .map_err(store_err)?;
+    match held.last_capture {
+        Some(c) => s.store.set_setting(
             &crate::replication::replica::last_capture_key(vm_id),
             &c.to_string(),
-        );
+        ),
+        None => s
+            .store
+            .delete_setting(&crate::replication::replica::last_capture_key(vm_id)),
     }
+    .map_err(store_err)?;
     info!(vm = %vm, from = %held.node, cycle = held.last_cycle, "took over the replica the Broker placed here");
     s.events.emit(
         vm,
@@ -439,20 +472,32 @@ fn take_over(s: &Shared, shared: &SharedDir, vm: &VmName) -> Result<(), String> 
 
 /// On a node: writes the replica VM `vm_id` to the shared directory when the Broker
 /// placed it here, so the node that holds it next starts from exactly this. Called
-/// before a cycle's commit is acknowledged and after each retention step.
+/// before a cycle's commit is acknowledged and after each retention step. A replica of
+/// the Broker's that is no longer placed here fails: this node must not acknowledge a
+/// cycle another node will not have.
 pub fn hold(s: &Shared, vm_id: i64) -> anyhow::Result<()> {
     // One writer at a time: a slower writer's older snapshot must never land after a
     // newer one (the point a primary was told of would be missing on the next node).
     static ONE_WRITER: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _one = ONE_WRITER.lock().unwrap_or_else(|e| e.into_inner());
+    let brokers = is_brokers(s, vm_id);
     let Some(shared) = crate::cluster::membership(s) else {
+        if brokers {
+            anyhow::bail!("this node is no longer a cluster node, so it cannot hold a replica of the Replica Broker's");
+        }
         return Ok(());
     };
     let Some(row) = s.store.vm_by_id(vm_id)? else {
         return Ok(());
     };
     let name = row.spec.name.to_string();
-    if placement(&shared, &name).as_deref() != Some(s.cfg.name.as_str()) {
+    let here = placement(&shared, &name).as_deref() == Some(s.cfg.name.as_str());
+    if !here {
+        if brokers {
+            anyhow::bail!(
+                "the Replica Broker placed the replica of {name} on another node (see `ferry replica-broker show`)"
+            );
+        }
         return Ok(());
     }
     let Some(rel) = s.store.replication(vm_id)? else {
@@ -482,15 +527,44 @@ pub fn hold(s: &Shared, vm_id: i64) -> anyhow::Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
+    let before = std::fs::read(&path).ok();
+    if let Some(old) = before
+        .as_deref()
+        .and_then(|b| serde_json::from_slice::<Held>(b).ok())
+    {
+        // Never back: a newer snapshot of the same relationship is another node's.
+        if old.settings.relationship_id == held.settings.relationship_id
+            && old.last_cycle > held.last_cycle
+        {
+            anyhow::bail!(
+                "node {} holds the replica of {name} at cycle {}, newer than this node's {}",
+                old.node,
+                old.last_cycle,
+                held.last_cycle
+            );
+        }
+    }
     let bytes = serde_json::to_vec_pretty(&held).expect("serializable");
-    if std::fs::read(&path).ok().as_deref() != Some(&bytes[..]) {
+    if before.as_deref() != Some(&bytes[..]) {
         write_atomic(&path, &bytes)?;
     }
     Ok(())
 }
 
-/// On the node holding it: a removed replica is no longer placed anywhere, so enabling
-/// replication again starts anew.
+/// Whether this node may delete replica VM `vm_id`'s files: always for its own replicas;
+/// for the Broker's, only while the Broker places it here (else they are another node's).
+pub fn owns_files(s: &Shared, vm_id: i64, vm: &str) -> bool {
+    if !is_brokers(s, vm_id) {
+        return true;
+    }
+    crate::cluster::membership(s)
+        .and_then(|shared| placement(&shared, vm))
+        .as_deref()
+        == Some(s.cfg.name.as_str())
+}
+
+/// On the node holding it: a removed replica, or one that became this node's own VM (a
+/// failover and reverse replication, or `ha enable`), is no longer placed anywhere.
 pub fn forget(s: &Shared, vm: &str) {
     let Some(shared) = crate::cluster::membership(s) else {
         return;
@@ -500,11 +574,17 @@ pub fn forget(s: &Shared, vm: &str) {
         let _ = std::fs::remove_file(placement_path(&shared, vm));
         info!(vm, "the Broker's placement of this replica is removed");
     }
+    if let Ok(name) = VmName::new(vm) {
+        if let Ok(row) = s.store.get_vm(&name) {
+            let _ = s.store.delete_setting(&held_key(row.id));
+        }
+    }
 }
 
-/// On a node at startup: forgets (in its store only) the replicas the Broker placed here
-/// once and has since moved to another node. Their files are that node's now; keeping
-/// the stale rows would make this node clean up layers it no longer knows of.
+/// On a node (at startup, before staged cycles are recovered, and every few seconds):
+/// forgets, in its store only, the Broker's replicas it held once and that the Broker has
+/// since placed on another node. Their files are that node's now; keeping the stale rows
+/// would make this node clean up layers it no longer knows of, or serve a stale copy.
 pub fn release_moved(s: &Shared) {
     let Some(shared) = crate::cluster::membership(s) else {
         return;
@@ -513,14 +593,23 @@ pub fn release_moved(s: &Shared) {
         return;
     };
     for rel in rels.into_iter().filter(|r| r.role == Role::Replica) {
+        if !is_brokers(s, rel.vm_id) {
+            continue;
+        }
         let Ok(Some(row)) = s.store.vm_by_id(rel.vm_id) else {
             continue;
         };
         match placement(&shared, row.spec.name.as_str()) {
             Some(node) if node != s.cfg.name => {
                 info!(vm = %row.spec.name, %node, "the Broker moved this replica to another node; forgetting it here");
-                if let Err(e) = s.store.delete_vm(&row.spec.name) {
-                    warn!(vm = %row.spec.name, error = %e, "cannot forget a moved replica");
+                s.replica.staging.lock().expect("staging").remove(&row.id);
+                match s.store.delete_vm(&row.spec.name) {
+                    Ok(()) => {
+                        let _ = s.store.delete_setting(&held_key(row.id));
+                    }
+                    Err(e) => {
+                        warn!(vm = %row.spec.name, error = %e, "cannot forget a moved replica")
+                    }
                 }
             }
             _ => {}
@@ -529,9 +618,10 @@ pub fn release_moved(s: &Shared) {
 }
 
 /// On a node, every few seconds: listens for the Broker's primaries once the Broker has
-/// published its settings, and writes the replicas held here to the shared directory.
+/// published its settings, writes the replicas held here to the shared directory, takes
+/// over those the Broker moved here, and forgets those it moved away.
 pub async fn node_tick(s: &std::sync::Arc<Shared>) {
-    let Some((_, p)) = published(s) else {
+    let Some((shared, p)) = published(s) else {
         return;
     };
     let want = std::net::SocketAddr::new(s.cfg.tls_listen.ip(), p.config.port).to_string();
@@ -544,25 +634,7 @@ pub async fn node_tick(s: &std::sync::Arc<Shared>) {
             );
         }
     }
-    let Ok(rels) = s.store.list_replications() else {
-        return;
-    };
-    for rel in rels.into_iter().filter(|r| r.role == Role::Replica) {
-        if let Err(e) = hold(s, rel.vm_id) {
-            warn!(
-                vm_id = rel.vm_id,
-                error = format!("{e:#}"),
-                "cannot write a held replica to the shared directory"
-            );
-        }
-    }
-    // Replicas the Broker moved here while no primary greets (the primary site is down:
-    // exactly when a failover on this cluster is needed) are taken over now. Only those
-    // this node has no row of: one it has is brought up to date by its primary's next
-    // greeting, under that VM's session lock.
-    let Some((shared, _)) = published(s) else {
-        return;
-    };
+    release_moved(s);
     for r in replicas(&shared) {
         if r.node != s.cfg.name {
             continue;
@@ -570,10 +642,25 @@ pub async fn node_tick(s: &std::sync::Arc<Shared>) {
         let Ok(vm) = VmName::new(&r.vm) else {
             continue;
         };
-        if matches!(s.store.get_vm(&vm), Err(StoreError::NotFound(_))) {
-            if let Err(e) = take_over(s, &shared, &vm) {
-                warn!(vm = %vm, error = %e, "cannot take over a replica the Broker placed here");
+        match s.store.get_vm(&vm) {
+            // Moved here while no primary greets (the primary site is down: exactly when
+            // a failover on this cluster is needed).
+            Err(StoreError::NotFound(_)) => {
+                if let Err(e) = take_over(s, &shared, &vm).await {
+                    warn!(vm = %vm, error = %e, "cannot take over a replica the Broker placed here");
+                }
             }
+            Ok(row) => match s.store.replication(row.id) {
+                Ok(Some(rel)) if rel.role == Role::Replica => {
+                    if let Err(e) = hold(s, row.id) {
+                        warn!(vm = %vm, error = format!("{e:#}"), "cannot write a held replica to the shared directory");
+                    }
+                }
+                // Reversed (this node's VM replicates now) or replication removed.
+                Ok(_) => forget(s, vm.as_str()),
+                Err(_) => {}
+            },
+            Err(_) => {}
         }
     }
 }

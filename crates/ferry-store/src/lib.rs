@@ -45,7 +45,7 @@ const MIGRATIONS: &[&str] = &[
 ];
 
 /// The encoding version of `vms.spec` (JSON of [`VmSpec`]).
-const SPEC_VERSION: i64 = 1;
+pub(crate) const SPEC_VERSION: i64 = 1;
 
 /// What went wrong in the store.
 #[derive(Debug, thiserror::Error)]
@@ -348,12 +348,12 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use ferry_domain::{Boot, DiskSpec};
 
     use super::*;
 
-    fn spec(name: &str) -> VmSpec {
+    pub(crate) fn spec(name: &str) -> VmSpec {
         VmSpec {
             name: VmName::new(name).unwrap(),
             cpus: 2,

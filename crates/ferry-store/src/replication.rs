@@ -265,6 +265,86 @@ impl Store {
         }
     }
 
+    /// Makes this store hold a replica exactly as another host committed it, in one
+    /// transaction (a crash leaves the old rows or the new ones, never a relationship
+    /// without its points): the VM (created, or row `existing` given this spec), its
+    /// relationship (`rel.vm_id` is ignored) and its recovery points, the old ones dropped.
+    /// Returns the VM's id.
+    pub fn adopt_replica(
+        &self,
+        existing: Option<i64>,
+        spec: &ferry_domain::VmSpec,
+        rel: &ReplicationRow,
+        points: &[PointRow],
+        now: i64,
+    ) -> Result<i64, StoreError> {
+        let json = serde_json::to_string(spec).expect("VmSpec serializes");
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let vm_id = match existing {
+            Some(id) => {
+                tx.execute(
+                    "UPDATE vms SET spec = ?2, spec_version = ?3 WHERE id = ?1",
+                    params![id, json, crate::SPEC_VERSION],
+                )?;
+                tx.execute("DELETE FROM recovery_points WHERE vm_id = ?1", [id])?;
+                tx.execute("DELETE FROM replications WHERE vm_id = ?1", [id])?;
+                id
+            }
+            None => {
+                tx.execute(
+                    "INSERT INTO vms (name, spec_version, spec, state, created_at) VALUES (?1, ?2, ?3, 'off', ?4)",
+                    params![spec.name.as_str(), crate::SPEC_VERSION, json, now],
+                )
+                .map_err(|e| match e {
+                    rusqlite::Error::SqliteFailure(f, _)
+                        if f.code == rusqlite::ErrorCode::ConstraintViolation =>
+                    {
+                        StoreError::Duplicate(spec.name.to_string())
+                    }
+                    e => e.into(),
+                })?;
+                tx.last_insert_rowid()
+            }
+        };
+        tx.execute(
+            &format!(
+                "INSERT INTO replications ({COLS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12)"
+            ),
+            params![
+                vm_id,
+                rel.role.as_str(),
+                rel.partner_name,
+                rel.partner_addr,
+                rel.partner_fingerprint,
+                serde_json::to_string(&rel.settings).expect("settings serialize"),
+                rel.state.as_str(),
+                rel.generation,
+                rel.last_cycle,
+                rel.last_point_at,
+                rel.last_error,
+                rel.created_at
+            ],
+        )?;
+        for p in points {
+            tx.execute(
+                "INSERT INTO recovery_points (vm_id, cycle, taken_at, applied_at, kind, layers, bytes, consistency) VALUES (?1,?2,?3,?4,?5,?6,?7,?8)",
+                params![
+                    vm_id,
+                    p.cycle,
+                    p.taken_at,
+                    p.applied_at,
+                    p.kind,
+                    serde_json::to_string(&p.layers).expect("layers serialize"),
+                    p.bytes,
+                    p.consistency
+                ],
+            )?;
+        }
+        tx.commit()?;
+        Ok(vm_id)
+    }
+
     /// Writes every field of an existing relationship.
     pub fn update_replication(&self, r: &ReplicationRow) -> Result<(), StoreError> {
         self.conn().execute(
@@ -768,5 +848,51 @@ mod tests {
         store.delete_replication(vm_id).unwrap();
         assert!(store.replication(vm_id).unwrap().is_none());
         assert!(store.list_points(vm_id).unwrap().is_empty());
+    }
+
+    #[test]
+    fn an_adopted_replica_replaces_the_old_rows_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("f.db")).unwrap();
+        let spec = crate::tests::spec("app");
+        let point = |cycle: i64| PointRow {
+            id: 0,
+            vm_id: 0,
+            cycle,
+            taken_at: 100 + cycle,
+            applied_at: 100 + cycle,
+            kind: "delta".into(),
+            layers: vec![(0, format!("/s/app/disk0.c{cycle}.qcow2"))],
+            bytes: 1,
+            consistency: "crash".into(),
+        };
+        let mut r = rel(0);
+        r.role = Role::Replica;
+        r.last_cycle = 2;
+        let id = store
+            .adopt_replica(None, &spec, &r, &[point(1), point(2)], 5)
+            .unwrap();
+        assert_eq!(store.replication(id).unwrap().unwrap().last_cycle, 2);
+        assert_eq!(store.list_points(id).unwrap().len(), 2);
+        // A second adoption with the same name but no row given is refused, changing nothing.
+        assert!(matches!(
+            store.adopt_replica(None, &spec, &r, &[point(1)], 5),
+            Err(StoreError::Duplicate(_))
+        ));
+        assert_eq!(store.list_points(id).unwrap().len(), 2);
+        // Adopted again over the row: the old points go, the new ones are all there.
+        r.last_cycle = 4;
+        let again = store
+            .adopt_replica(Some(id), &spec, &r, &[point(3), point(4)], 5)
+            .unwrap();
+        assert_eq!(again, id);
+        let cycles: Vec<i64> = store
+            .list_points(id)
+            .unwrap()
+            .iter()
+            .map(|p| p.cycle)
+            .collect();
+        assert_eq!(cycles, vec![3, 4]);
+        assert_eq!(store.replication(id).unwrap().unwrap().last_cycle, 4);
     }
 }

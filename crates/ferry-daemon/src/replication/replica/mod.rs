@@ -82,7 +82,7 @@ pub struct ReplicaServer {
     /// Where the listener listens.
     pub listening: Mutex<Option<String>>,
     /// Cycles partly received, by local VM id.
-    pub(super) staging: Mutex<HashMap<i64, Staging>>,
+    pub(crate) staging: Mutex<HashMap<i64, Staging>>,
     /// One session per VM at a time.
     sessions: Mutex<HashMap<i64, Arc<tokio::sync::Mutex<()>>>>,
     /// Certificates refused lately, and when (throttles their events).
@@ -224,17 +224,21 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, mut stop: watch
                             // Decided on the certificate alone, before anything the peer
                             // sends is read or buffered.
                             let chain = peer::peer_chain(&tls);
-                            let admitted = admit(
+                            let own = admit(
                                 &load_config(&shared.store),
                                 &shared.cfg.name,
                                 &fp,
                                 &chain,
-                            )
-                            .or_else(|own| match crate::broker::node_config(&shared) {
-                                // A primary of the cluster's Broker, redirected here.
-                                Some((broker, cfg)) => admit(&cfg, &broker, &fp, &chain).map_err(|_| own),
-                                None => Err(own),
-                            });
+                            );
+                            // Or a primary of the cluster's Broker, redirected here: each
+                            // configuration's admission is kept apart (its own CA).
+                            let brokers = crate::broker::node_config(&shared)
+                                .map(|(broker, cfg)| admit(&cfg, &broker, &fp, &chain));
+                            let admitted = match (own, brokers) {
+                                (Ok(o), b) => Ok(Admission { own: Some(o), broker: b.and_then(Result::ok) }),
+                                (Err(_), Some(Ok(b))) => Ok(Admission { own: None, broker: Some(b) }),
+                                (Err(e), _) => Err(e),
+                            };
                             let (r, w) = tokio::io::split(tls);
                             let result = match admitted {
                                 Ok(via_ca) => session::session(&shared, r, w, &fp, via_ca, from.ip().to_string()).await,
@@ -252,6 +256,18 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, mut stop: watch
         }
     }
     info!("replica server stopped listening");
+}
+
+/// How a peer's certificate was admitted, per configuration (see [`admit`]): `Some(true)`
+/// issued by that configuration's trusted CA, `Some(false)` listed by fingerprint, `None`
+/// not admitted by it. This host's own replica-server settings and, on a node of a cluster
+/// with a Replica Broker, the Broker's: each authorizes only with its own admission.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Admission {
+    /// By this host's own settings.
+    pub own: Option<bool>,
+    /// By the Replica Broker's.
+    pub broker: Option<bool>,
 }
 
 /// The most a greeting (`Hello`) may take on the wire: a VM spec, its disks and settings

@@ -20,8 +20,14 @@ pub fn remove_replica(shared: &Arc<Shared>, vm: &VmName) -> anyhow::Result<()> {
         .lock()
         .expect("staging")
         .remove(&row.id);
+    // A replica of the Broker's that it placed on another node since: its files are that
+    // node's; only this node's rows go.
+    let files_ours = crate::broker::owns_files(shared, row.id, vm.as_str());
     shared.store.delete_replication(row.id)?;
     shared.store.delete_vm(vm)?;
+    if !files_ours {
+        return Ok(());
+    }
     let mut dirs = Vec::new();
     for p in &points {
         for (_, l) in &p.layers {

@@ -76,7 +76,7 @@ pub(super) async fn session<R, W>(
     r: R,
     w: W,
     fingerprint: &str,
-    via_ca: bool,
+    via_ca: super::Admission,
     from_ip: String,
 ) -> anyhow::Result<()>
 where
@@ -158,7 +158,7 @@ async fn welcome<'a, W: AsyncWrite + Unpin>(
     writer: &mut FrameWriter<W>,
     hello: Hello,
     fingerprint: &'a str,
-    via_ca: bool,
+    via_ca: super::Admission,
     from_ip: &str,
 ) -> anyhow::Result<Option<Session<'a>>> {
     let accepted = match accept(shared, &hello, fingerprint, via_ca, from_ip).await {
@@ -239,7 +239,7 @@ async fn accept(
     shared: &Arc<Shared>,
     hello: &Hello,
     fingerprint: &str,
-    via_ca: bool,
+    via_ca: super::Admission,
     from_ip: &str,
 ) -> Result<Decision, String> {
     let Hello {
@@ -258,20 +258,34 @@ async fn accept(
     let protocol = crate::replication::proto::negotiate(*protocol, *max_protocol)?;
     // A primary of a replica cluster's Broker: the node the Broker placed its VM on
     // holds the replica; any other server of the cluster sends it there.
-    let brokered = crate::broker::node_answer(shared, primary, fingerprint, via_ca, &spec.name);
+    let brokered =
+        crate::broker::node_answer(shared, primary, fingerprint, via_ca.broker, &spec.name).await;
+    let placed_here = matches!(brokered, Some(Ok(crate::broker::NodeAnswer::Here(_))));
     let storage = match brokered {
         Some(Ok(crate::broker::NodeAnswer::Here(storage))) => storage,
         Some(Ok(crate::broker::NodeAnswer::Elsewhere { node, address })) => {
-            return Ok(Decision::Redirect { node, address })
+            if protocol < 4 {
+                return Err(format!(
+                    "{} does not hold the replica of {}: its Replica Broker {node} ({address}) places it; {primary} speaks protocol {protocol} and cannot be redirected: upgrade ferry there",
+                    shared.cfg.name, spec.name
+                ));
+            }
+            return Ok(Decision::Redirect { node, address });
         }
         Some(Err(reason)) => return Err(reason),
         None => {
             let cfg = load_config(&shared.store);
-            authorize(&cfg, &shared.cfg.name, primary, fingerprint, via_ca)
-                .inspect_err(|_| {
-                    warn!(%primary, %fingerprint, "refused an unauthorized primary");
-                })?
-                .0
+            authorize(
+                &cfg,
+                &shared.cfg.name,
+                primary,
+                fingerprint,
+                via_ca.own.unwrap_or(false),
+            )
+            .inspect_err(|_| {
+                warn!(%primary, %fingerprint, "refused an unauthorized primary");
+            })?
+            .0
         }
     };
     // Everything the primary says about its VM is checked against this host's rules
@@ -332,6 +346,11 @@ async fn accept(
             &storage,
         )
     })?;
+    // A replica the Broker placed here: marked as the Broker's, and on the shared
+    // directory before the primary hears where this node stands.
+    if placed_here {
+        crate::broker::held_here(shared, rel.vm_id)?;
+    }
     // Both sides must agree on where they are: equal, or the replica one ahead (its answer
     // to the last cycle was lost). Anything else means the relationship was re-created on
     // one side, and applying deltas would build on the wrong base.
@@ -554,7 +573,11 @@ where
         return fail(writer, reason).await;
     }
     if cycle == rel.last_cycle {
-        // Already committed: the primary did not hear the answer last time.
+        // Already committed: the primary did not hear the answer last time. A replica
+        // of the Broker's is on the shared directory first (the write may be what failed).
+        if let Err(e) = crate::broker::hold(shared, rel.vm_id) {
+            return fail(writer, format!("{e:#}")).await;
+        }
         let point = shared
             .store
             .list_points(rel.vm_id)?
