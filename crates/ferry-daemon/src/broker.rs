@@ -375,6 +375,18 @@ static TAKE_OVER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 /// so no retention merge is half done here, and in one store transaction.
 async fn take_over(s: &Shared, shared: &SharedDir, vm: &VmName) -> Result<(), String> {
     let _one = TAKE_OVER.lock().await;
+    let store_err = |e: StoreError| format!("cannot take over the replica of {vm}: {e}");
+    let existing = match s.store.get_vm(vm) {
+        Ok(row) => Some(row),
+        Err(StoreError::NotFound(_)) => None,
+        Err(e) => return Err(store_err(e)),
+    };
+    // The snapshot is read under the point lock: read before it, it may be one a retention
+    // merge on this very node has since moved past (its layer deleted).
+    let _points = match &existing {
+        Some(row) => Some(s.lock_points(row.id).await),
+        None => None,
+    };
     let path = held_path(shared, vm.as_str());
     let bytes = match std::fs::read(&path) {
         Ok(b) => b,
@@ -384,7 +396,6 @@ async fn take_over(s: &Shared, shared: &SharedDir, vm: &VmName) -> Result<(), St
     };
     let held: Held = serde_json::from_slice(&bytes)
         .map_err(|e| format!("{} is damaged: {e}", path.display()))?;
-    let store_err = |e: StoreError| format!("cannot take over the replica of {vm}: {e}");
     let state: ReplicationState = held.state.parse()?;
     let rel = ReplicationRow {
         vm_id: 0,
@@ -400,15 +411,6 @@ async fn take_over(s: &Shared, shared: &SharedDir, vm: &VmName) -> Result<(), St
         last_error: None,
         created_at: held.created_at,
     };
-    let existing = match s.store.get_vm(vm) {
-        Ok(row) => Some(row),
-        Err(StoreError::NotFound(_)) => None,
-        Err(e) => return Err(store_err(e)),
-    };
-    let _points = match &existing {
-        Some(row) => Some(s.lock_points(row.id).await),
-        None => None,
-    };
     if let Some(row) = &existing {
         let mine = s.store.replication(row.id).map_err(store_err)?;
         // Only a replica this node held for the Broker before is replaced: a VM of the
@@ -423,6 +425,11 @@ async fn take_over(s: &Shared, shared: &SharedDir, vm: &VmName) -> Result<(), St
                 "node {} has a VM of its own named {vm}, so it cannot hold this replica: rename or remove that VM there",
                 s.cfg.name
             ));
+        }
+        // Written by this node: its own store is the truth (a change since, such as a
+        // failover's state, is written out within seconds, never taken back).
+        if held.node == s.cfg.name {
+            return Ok(());
         }
         let m = mine.expect("checked");
         let points = s.store.list_points(row.id).map_err(store_err)?;

@@ -423,6 +423,9 @@ impl TestCluster {
             std::thread::sleep(Duration::from_millis(100));
         }
         assert!(self.node_pids(i).is_empty(), "{name} still has processes");
+        // A machine without power answers nothing on the network: not even a reset, nor
+        // for an address it held (the Broker's, which a survivor takes over).
+        sh(&format!("ip -n {}-n{i} link set eth0 down", self.prefix));
         self.node_mut(name).host.reap();
     }
 
@@ -442,6 +445,13 @@ impl TestCluster {
         let i = self.node(name).index;
         assert!(self.node_pids(i).is_empty(), "{name} is still running");
         self.node_mut(name).host.reap();
+        // Boots with its own address only (a floating address it held is gone) and its
+        // network up.
+        let address = self.node(name).address.clone();
+        sh(&format!(
+            "ip -n {p}-n{i} addr flush dev eth0 && ip -n {p}-n{i} addr add {address}/24 dev eth0 && ip -n {p}-n{i} link set eth0 up",
+            p = self.prefix
+        ));
         self.fresh_run(i);
         self.node_mut(name).host.launch();
         let g = self

@@ -482,7 +482,16 @@ fn cluster_conditions(
             quorate
         };
         if rules.cluster_quorum {
-            let lost: Vec<&ClusterStatus> = views.iter().copied().filter(|v| !v.quorate).collect();
+            // A node that sees a majority of the nodes online but no quorum yet is joining
+            // (Corosync forms the membership a moment later): not a lost quorum.
+            let lost: Vec<&ClusterStatus> = views
+                .iter()
+                .copied()
+                .filter(|v| {
+                    let online = v.nodes.iter().filter(|n| n.online).count();
+                    !v.quorate && online * 2 <= v.nodes.len()
+                })
+                .collect();
             if let Some(first) = lost.first() {
                 let online = first.nodes.iter().filter(|n| n.online).count();
                 let who: Vec<&str> = lost.iter().map(|v| v.this_node.as_str()).collect();
@@ -1122,6 +1131,10 @@ mod tests {
             "{}",
             c[0].message
         );
+        // A node rejoining sees every node online before Corosync gives it quorum: not
+        // a lost quorum.
+        let joining = cluster_poll(vec![node_says("node2", &all, false, &[], &[])]);
+        assert!(conditions(&joining, &r, 0).is_empty());
         // No answer from the cluster (node1 unreachable too): the alert stays.
         let mut gone = Observations::default();
         gone.unreachable.insert("node1".into(), "refused".into());
