@@ -88,7 +88,10 @@ pub async fn handshake(
     let mut sent_by: Option<String> = None;
     let mut hops = 0;
     let (mut reader, mut writer, presented, answer) = loop {
-        let greeted = greet(shared, rel, &identity, &pins, &target, &hello).await;
+        // A replica cluster's node gets a short time to answer: a dead one is silent,
+        // and asking its Broker again is cheap.
+        let limit = (target != rel.partner_addr).then_some(NODE_CONNECT_TIMEOUT);
+        let greeted = greet(shared, rel, &identity, &pins, &target, &hello, limit).await;
         match greeted {
             Err(e) if target != rel.partner_addr && sent_by.is_none() => {
                 tracing::info!(vm = %vm.spec.name, node = %target, error = format!("{e:#}"), "the replica cluster's node does not answer; asking its Broker again");
@@ -205,8 +208,13 @@ type Framed = (
     Msg,
 );
 
-/// One greeting: connects to `address` (mutual TLS, pinned), sends the Hello, and reads
-/// the answer, with the streams and the certificate the server presented.
+/// How long a node of a replica cluster (where its Broker sent this primary) has to
+/// accept the connection and finish the TLS handshake.
+const NODE_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// One greeting: connects to `address` (mutual TLS, pinned; within `limit` if given), sends
+/// the Hello, and reads the answer, with the streams and the certificate the server
+/// presented.
 async fn greet(
     shared: &Shared,
     rel: &ReplicationRow,
@@ -214,8 +222,15 @@ async fn greet(
     pins: &[&str],
     address: &str,
     hello: &Msg,
+    limit: Option<Duration>,
 ) -> anyhow::Result<Framed> {
-    let tls = peer::connect_any(identity, address, pins).await?;
+    let connect = peer::connect_any(identity, address, pins);
+    let tls = match limit {
+        Some(limit) => tokio::time::timeout(limit, connect).await.map_err(|_| {
+            anyhow!("the replica server at {address} did not answer within {limit:?}")
+        })??,
+        None => connect.await?,
+    };
     let presented = peer::server_fingerprint(&tls).unwrap_or_default();
     let (r, w) = tokio::io::split(tls);
     let mut reader = FrameReader::new(r);
