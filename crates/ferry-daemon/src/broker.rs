@@ -119,9 +119,35 @@ pub fn check_storage(s: &Shared, dir: &Path) -> Result<(), String> {
 pub fn published(s: &Shared) -> Option<(SharedDir, Published)> {
     let shared = crate::cluster::membership(s)?;
     shared.broker().ok().flatten()?;
-    let bytes = std::fs::read(published_path(&shared)).ok()?;
-    let p = serde_json::from_slice(&bytes).ok()?;
+    let p = read_published(&shared)?;
     Some((shared, p))
+}
+
+fn read_published(shared: &SharedDir) -> Option<Published> {
+    let bytes = std::fs::read(published_path(shared)).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+/// Whether node `name`'s replica server accepts connections on `port`.
+fn node_listens(cluster: &ferry_cluster::shared::ClusterConfig, name: &str, port: u16) -> bool {
+    node_address(cluster, name, port)
+        .ok()
+        .and_then(|a| a.parse().ok())
+        .is_some_and(|addr: std::net::SocketAddr| {
+            std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok()
+        })
+}
+
+/// Whether every online node listens on the port the Broker published (they hold the
+/// replicas it places).
+pub fn nodes_listen(shared: &SharedDir, st: &pacemaker::StackStatus) -> bool {
+    let (Some(p), Ok(cluster)) = (read_published(shared), shared.config()) else {
+        return false;
+    };
+    st.nodes
+        .iter()
+        .filter(|n| n.online)
+        .all(|n| node_listens(&cluster, &n.name, p.config.port))
 }
 
 /// The node holding VM's replica.
@@ -219,17 +245,9 @@ pub fn place(s: &Shared, vm: &str) -> Result<(String, String), String> {
                 .collect();
             candidates
                 .sort_by_key(|n| (taken.iter().filter(|r| r.node == n.name).count(), &n.name));
-            let answers = |name: &str| {
-                node_address(&cluster, name, port)
-                    .ok()
-                    .and_then(|a| a.parse().ok())
-                    .is_some_and(|addr: std::net::SocketAddr| {
-                        std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok()
-                    })
-            };
             let chosen = candidates
                 .iter()
-                .find(|n| answers(&n.name))
+                .find(|n| node_listens(&cluster, &n.name, port))
                 .ok_or_else(|| {
                     if candidates.is_empty() {
                         format!(

@@ -1377,7 +1377,7 @@ tls_listen = \"{}\"\naccel = \"{accel}\"\nfile_roots = [{roots}]\nbroker_for = {
         let b = broker_of(&shared, &st).expect("just configured");
         let ready = b.state == "started" && {
             let (shared, st) = (shared.clone(), st.clone());
-            tokio::task::spawn_blocking(move || nodes_listen(&shared, &st))
+            tokio::task::spawn_blocking(move || crate::broker::nodes_listen(&shared, &st))
                 .await
                 .unwrap_or(false)
         };
@@ -1386,27 +1386,6 @@ tls_listen = \"{}\"\naccel = \"{accel}\"\nfile_roots = [{roots}]\nbroker_for = {
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-}
-
-/// Whether every online node's replica server answers on the port the Broker published.
-fn nodes_listen(shared: &SharedDir, st: &pacemaker::StackStatus) -> bool {
-    let Ok(bytes) = std::fs::read(shared.broker_dir().join("replica-server.json")) else {
-        return false;
-    };
-    let Ok(p) = serde_json::from_slice::<crate::broker::Published>(&bytes) else {
-        return false;
-    };
-    let Ok(cluster) = shared.config() else {
-        return false;
-    };
-    st.nodes.iter().filter(|n| n.online).all(|n| {
-        cluster
-            .node(&n.name)
-            .and_then(|c| format!("{}:{}", c.address, p.config.port).parse().ok())
-            .is_some_and(|addr: std::net::SocketAddr| {
-                std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok()
-            })
-    })
 }
 
 /// `ferry replica-broker show`.

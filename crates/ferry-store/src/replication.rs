@@ -219,30 +219,60 @@ fn decode_rel(c: [Option<String>; 12]) -> Result<ReplicationRow, StoreError> {
     })
 }
 
+/// Inserts relationship `r` for VM `vm_id`.
+fn insert_relationship(
+    tx: &rusqlite::Transaction<'_>,
+    r: &ReplicationRow,
+    vm_id: i64,
+) -> rusqlite::Result<usize> {
+    tx.execute(
+        &format!(
+            "INSERT INTO replications ({COLS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12)"
+        ),
+        params![
+            vm_id,
+            r.role.as_str(),
+            r.partner_name,
+            r.partner_addr,
+            r.partner_fingerprint,
+            serde_json::to_string(&r.settings).expect("settings serialize"),
+            r.state.as_str(),
+            r.generation,
+            r.last_cycle,
+            r.last_point_at,
+            r.last_error,
+            r.created_at
+        ],
+    )
+}
+
+/// Inserts recovery point `p` of VM `vm_id` (a new id).
+fn insert_point(
+    tx: &rusqlite::Transaction<'_>,
+    p: &PointRow,
+    vm_id: i64,
+) -> rusqlite::Result<usize> {
+    tx.execute(
+        "INSERT INTO recovery_points (vm_id, cycle, taken_at, applied_at, kind, layers, bytes, consistency) VALUES (?1,?2,?3,?4,?5,?6,?7,?8)",
+        params![
+            vm_id,
+            p.cycle,
+            p.taken_at,
+            p.applied_at,
+            p.kind,
+            serde_json::to_string(&p.layers).expect("layers serialize"),
+            p.bytes,
+            p.consistency
+        ],
+    )
+}
+
 impl Store {
     /// Records a new relationship; refuses a second one for the same VM.
     pub fn insert_replication(&self, r: &ReplicationRow) -> Result<(), StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        let res = tx.execute(
-            &format!(
-                "INSERT INTO replications ({COLS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12)"
-            ),
-            params![
-                r.vm_id,
-                r.role.as_str(),
-                r.partner_name,
-                r.partner_addr,
-                r.partner_fingerprint,
-                serde_json::to_string(&r.settings).expect("settings serialize"),
-                r.state.as_str(),
-                r.generation,
-                r.last_cycle,
-                r.last_point_at,
-                r.last_error,
-                r.created_at
-            ],
-        );
+        let res = insert_relationship(&tx, r, r.vm_id);
         match res {
             Err(rusqlite::Error::SqliteFailure(e, _))
                 if e.code == rusqlite::ErrorCode::ConstraintViolation =>
@@ -307,39 +337,9 @@ impl Store {
                 tx.last_insert_rowid()
             }
         };
-        tx.execute(
-            &format!(
-                "INSERT INTO replications ({COLS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12)"
-            ),
-            params![
-                vm_id,
-                rel.role.as_str(),
-                rel.partner_name,
-                rel.partner_addr,
-                rel.partner_fingerprint,
-                serde_json::to_string(&rel.settings).expect("settings serialize"),
-                rel.state.as_str(),
-                rel.generation,
-                rel.last_cycle,
-                rel.last_point_at,
-                rel.last_error,
-                rel.created_at
-            ],
-        )?;
+        insert_relationship(&tx, rel, vm_id)?;
         for p in points {
-            tx.execute(
-                "INSERT INTO recovery_points (vm_id, cycle, taken_at, applied_at, kind, layers, bytes, consistency) VALUES (?1,?2,?3,?4,?5,?6,?7,?8)",
-                params![
-                    vm_id,
-                    p.cycle,
-                    p.taken_at,
-                    p.applied_at,
-                    p.kind,
-                    serde_json::to_string(&p.layers).expect("layers serialize"),
-                    p.bytes,
-                    p.consistency
-                ],
-            )?;
+            insert_point(&tx, p, vm_id)?;
         }
         tx.commit()?;
         Ok(vm_id)
@@ -500,19 +500,7 @@ impl Store {
     pub fn commit_point(&self, p: &PointRow, rel: &ReplicationRow) -> Result<i64, StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        tx.execute(
-            "INSERT INTO recovery_points (vm_id, cycle, taken_at, applied_at, kind, layers, bytes, consistency) VALUES (?1,?2,?3,?4,?5,?6,?7,?8)",
-            params![
-                p.vm_id,
-                p.cycle,
-                p.taken_at,
-                p.applied_at,
-                p.kind,
-                serde_json::to_string(&p.layers).expect("layers serialize"),
-                p.bytes,
-                p.consistency
-            ],
-        )?;
+        insert_point(&tx, p, p.vm_id)?;
         let id = tx.last_insert_rowid();
         tx.execute(
             "UPDATE replications SET state=?2, last_cycle=?3, last_point_at=?4, last_error=NULL WHERE vm_id=?1",
