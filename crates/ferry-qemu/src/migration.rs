@@ -425,6 +425,19 @@ pub async fn migrate(
         progress(MigrationProgress::from_info(status, &info, start.elapsed()));
         match status {
             MigrationStatus::Completed => {
+                // QEMU 7.2 can say "completed" a moment before it has filled in the
+                // times (total and downtime 0): read them again, briefly.
+                let mut info = info;
+                for _ in 0..25 {
+                    if info.total_time_ms.unwrap_or(0) > 0 {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    info = qmp
+                        .execute(&QueryMigrate)
+                        .await
+                        .map_err(qmp_err(QueryMigrate::NAME))?;
+                }
                 let ram = info.ram.unwrap_or_default();
                 let outcome = MigrationOutcome {
                     total_ms: info

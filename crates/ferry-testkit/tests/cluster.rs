@@ -589,13 +589,15 @@ fn a_replicated_ha_vm_keeps_replicating_as_the_cluster_after_a_move_and_a_node_c
         .name
         .clone();
     let (survivor, _) = wait_moved(&c, &ask, "app", &to, since);
+    // A cycle the dead node had sent in full may still land as a delta; the survivor's
+    // own cycles are a resync, then deltas.
     wait_for(
         "replication going on from the survivor",
         Duration::from_secs(120),
         || {
-            new_points(replica, "app", before_crash)
-                .iter()
-                .any(|(_, k)| k == "delta")
+            let points = new_points(replica, "app", before_crash);
+            let resync = points.iter().find(|(_, k)| k == "resync").map(|p| p.0);
+            resync.is_some_and(|r| points.iter().any(|(c, k)| k == "delta" && *c > r))
         },
     );
     let after_crash = new_points(replica, "app", before_crash);
